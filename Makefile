@@ -1,0 +1,49 @@
+# Two commands on a fresh machine: `make run` (the main job) and `make test` (what CI runs).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The CPU build of torch; installed first so no dependency can pull a multi-GB CUDA build.
+# On a GPU machine: make TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+TORCH ?= torch==2.13.0
+
+.PHONY: run install install-test test test-all lint format bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet $(TORCH)
+	$(BIN)/python -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
+
+run: install
+	$(BIN)/sorai pull
+	$(BIN)/sorai chat
+
+lint: install-test
+	$(BIN)/ruff check sorai tests benchmarks
+	$(BIN)/ruff format --check sorai tests benchmarks
+
+format: install-test
+	$(BIN)/ruff format sorai tests benchmarks
+	$(BIN)/ruff check --fix sorai tests benchmarks
+
+test: lint
+	$(BIN)/python -m pytest -m "not slow" -q
+
+test-all: lint
+	$(BIN)/python -m pytest -q
+
+bench: install-test
+	$(BIN)/python benchmarks/bench_generate.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -1,0 +1,93 @@
+"""Single-stream decode speed: sorai vs transformers `generate`, same model, prompt and settings.
+
+    python benchmarks/bench_generate.py [--model smollm2-135m-instruct] [--tokens 128]
+
+Decode tokens/s is (N - 1) / (time(N new tokens) - time(1 new token)), so prefill and
+start-up cost cancel out for both sides. Runs interleave sorai and transformers and keep each
+side's best, since a shared machine's noise only ever slows a run down.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+
+import sorai
+from sorai import hub
+
+PROMPT = [{"role": "user", "content": "Write a long story about a lighthouse keeper and a cat."}]
+
+
+def load_reference(path: Path, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM
+
+    if path.is_dir():
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    return model.eval()
+
+
+def time_sorai(llm: sorai.LLM, ids: list[int], n: int) -> float:
+    started = time.perf_counter()
+    out = llm.generate(ids, max_tokens=n, temperature=0, ignore_eos=True)
+    elapsed = time.perf_counter() - started
+    assert out.completion_tokens == n, out.completion_tokens
+    return elapsed
+
+
+def time_reference(ref, ids: list[int], n: int) -> float:
+    input_ids = torch.tensor([ids])
+    started = time.perf_counter()
+    with torch.inference_mode():
+        out = ref.generate(
+            input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            pad_token_id=0,
+        )
+    elapsed = time.perf_counter() - started
+    assert out.shape[1] - len(ids) == n
+    return elapsed
+
+
+def decode_rate(timer, n: int, repeats: int) -> float:
+    best_short = min(timer(1) for _ in range(repeats))
+    best_long = min(timer(n) for _ in range(repeats))
+    return (n - 1) / (best_long - best_short)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=hub.DEFAULT_MODEL)
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dtypes", default="float32,bfloat16")
+    args = parser.parse_args()
+
+    path = hub.resolve(args.model, progress=print)
+    print(f"model {args.model}, {args.tokens} new tokens, greedy, torch threads "
+          f"{torch.get_num_threads()}")
+    for dtype_name in args.dtypes.split(","):
+        dtype = getattr(torch, dtype_name)
+        llm = sorai.load(path, dtype=dtype)
+        ref = load_reference(path, dtype)
+        ids = llm.tokenizer.encode_chat(PROMPT)
+        time_sorai(llm, ids, 8)  # warm-up: first calls pay for allocator and kernel set-up
+        time_reference(ref, ids, 8)
+        ours = decode_rate(partial(time_sorai, llm, ids), args.tokens, args.repeats)
+        theirs = decode_rate(partial(time_reference, ref, ids), args.tokens, args.repeats)
+        print(
+            f"{dtype_name:9s} sorai {ours:7.1f} tok/s   transformers {theirs:7.1f} tok/s   "
+            f"ratio {ours / theirs:.2f}x"
+        )
+        del llm, ref
+
+
+if __name__ == "__main__":
+    main()

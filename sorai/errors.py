@@ -1,0 +1,27 @@
+"""Error types users can catch; every message names the bad value and what would be accepted."""
+
+from __future__ import annotations
+
+
+class SoraiError(Exception):
+    """Base class of every error sorai raises on bad input or a bad environment."""
+
+
+class ModelNotFoundError(SoraiError, LookupError):
+    """A model name that is neither a known model nor an existing path."""
+
+
+class ModelFormatError(SoraiError, ValueError):
+    """A model file or directory that cannot be read (corrupt, truncated, missing parts)."""
+
+
+class ContextLengthError(SoraiError, ValueError):
+    """A prompt (plus the tokens asked for) that does not fit the model's context window."""
+
+
+class SamplingError(SoraiError, ValueError):
+    """A sampling parameter outside its valid range."""
+
+
+class HubError(SoraiError, RuntimeError):
+    """A model could not be fetched into the cache or failed its checksum."""

@@ -1,0 +1,171 @@
+"""Single-stream generation: the object `sorai.load` returns (generate, chat and their streams).
+
+One request at a time over a contiguous KV cache; the serving engine batches many.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from sorai.errors import ContextLengthError
+from sorai.model.kv_cache import ContiguousKVCache
+from sorai.model.tokenizer import IncrementalDetokenizer, Tokenizer
+from sorai.model.transformer import Transformer
+from sorai.sampling import SamplingParams, SequenceState, StopStringMatcher, process_logits, sample
+
+# Long prompts are prefilled in chunks so activations stay small whatever the prompt length.
+PREFILL_CHUNK = 512
+
+Messages = Sequence[dict[str, Any]]
+
+
+@dataclass
+class Delta:
+    """One step of a stream: new text (may be empty), its token, and why the stream ended."""
+
+    text: str
+    token_id: int | None = None
+    finish_reason: str | None = None  # "stop" or "length" on the last delta
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    finish_reason: str
+    timings: dict[str, float] = field(default_factory=dict)  # seconds: prefill, decode
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+class LLM:
+    """A loaded model and tokenizer, ready to generate."""
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, name: str = "") -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.name = name
+
+    @property
+    def context_length(self) -> int:
+        return self.model.config.max_position_embeddings
+
+    def params(self, sampling: SamplingParams | None = None, **options: Any) -> SamplingParams:
+        """SamplingParams from keyword options (unknown names and bad values raise)."""
+        if sampling is not None and options:
+            raise TypeError("pass either a SamplingParams or keyword options, not both")
+        return sampling or SamplingParams.from_options(options)
+
+    def encode_prompt(self, prompt: str | Sequence[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt, add_special_tokens=True)
+        return list(prompt)
+
+    # -- public API: whole results ------------------------------------------------------------
+
+    def generate(self, prompt: str | Sequence[int], **options: Any) -> Completion:
+        """Continue `prompt` (text, or token ids) and return the whole completion."""
+        return self._collect(self.encode_prompt(prompt), self.params(**options))
+
+    def chat(self, messages: Messages, **options: Any) -> Completion:
+        """Answer the conversation `messages` ([{"role": ..., "content": ...}, ...])."""
+        return self._collect(self.tokenizer.encode_chat(messages), self.params(**options))
+
+    # -- public API: streams of text pieces ---------------------------------------------------
+
+    def generate_stream(self, prompt: str | Sequence[int], **options: Any) -> Iterator[str]:
+        ids, params = self.encode_prompt(prompt), self.params(**options)
+        return (d.text for d in self.stream_deltas(ids, params) if d.text)
+
+    def chat_stream(self, messages: Messages, **options: Any) -> Iterator[str]:
+        ids, params = self.tokenizer.encode_chat(messages), self.params(**options)
+        return (d.text for d in self.stream_deltas(ids, params) if d.text)
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    def check_length(self, prompt_ids: Sequence[int]) -> None:
+        if not prompt_ids:
+            raise ContextLengthError("the prompt is empty: give at least one token")
+        if len(prompt_ids) >= self.context_length:
+            raise ContextLengthError(
+                f"the prompt is {len(prompt_ids)} tokens but {self.name or 'the model'} has a "
+                f"context window of {self.context_length} tokens (room is needed for at least "
+                "one new token); shorten the prompt"
+            )
+
+    def stream_deltas(self, prompt_ids: Sequence[int], params: SamplingParams) -> Iterator[Delta]:
+        """Generate token by token. The last delta carries finish_reason."""
+        self.check_length(prompt_ids)
+        # max_tokens is capped by the room left in the context window (finish_reason "length").
+        budget = min(params.max_tokens, self.context_length - len(prompt_ids))
+        config, model = self.model.config, self.model
+        cache = ContiguousKVCache(
+            config.num_hidden_layers,
+            1,
+            config.num_key_value_heads,
+            config.head_dim,
+            len(prompt_ids) + budget,
+            dtype=model.dtype,
+            device=model.device,
+        )
+        state = SequenceState(
+            params,
+            prompt_ids,
+            config.vocab_size,
+            eos_token_ids=self.tokenizer.eos_token_ids,
+            device=model.device,
+        )
+        detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_ids=prompt_ids)
+        stopper = StopStringMatcher(params.stop)
+        finish_reason = "length"
+        with torch.inference_mode():
+            ids = torch.tensor(prompt_ids, device=model.device)
+            for start in range(0, len(ids), PREFILL_CHUNK):
+                chunk = ids[start : start + PREFILL_CHUNK]
+                positions = torch.arange(start, start + len(chunk), device=model.device)
+                logits = model(chunk[None], positions, cache, last_only=True)[:, -1]
+            position = len(prompt_ids)
+            for _ in range(budget):
+                token = sample(process_logits(logits.float(), [state]), [state])
+                token_id = int(token)
+                state.append(token_id)
+                if token_id in state.stop_token_ids:
+                    finish_reason = "stop"
+                    break
+                text, stopped = stopper.feed(detokenizer.add(token_id))
+                yield Delta(text, token_id)
+                if stopped:
+                    finish_reason = "stop"
+                    break
+                positions = torch.tensor([position], device=model.device)
+                logits = model(token.view(1, 1), positions, cache)[:, -1]
+                position += 1
+        tail = ""
+        if not stopper.stopped:
+            tail, _ = stopper.feed(detokenizer.flush())
+            tail += stopper.flush()
+        yield Delta(tail, None, finish_reason)
+
+    def _collect(self, prompt_ids: list[int], params: SamplingParams) -> Completion:
+        pieces, token_ids = [], []
+        started = time.perf_counter()
+        first_token_at = None
+        finish_reason = "length"
+        for delta in self.stream_deltas(prompt_ids, params):
+            if first_token_at is None:
+                first_token_at = time.perf_counter()
+            pieces.append(delta.text)
+            if delta.token_id is not None:
+                token_ids.append(delta.token_id)
+            finish_reason = delta.finish_reason or finish_reason
+        ended = time.perf_counter()
+        timings = {"prefill": (first_token_at or ended) - started, "total": ended - started}
+        return Completion("".join(pieces), token_ids, len(prompt_ids), finish_reason, timings)

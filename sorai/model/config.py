@@ -1,0 +1,106 @@
+"""ModelConfig: the shape of a Llama-family transformer, from HF config.json or GGUF metadata."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sorai.errors import ModelFormatError
+
+# Architectures that are the same network up to the options below.
+SUPPORTED_ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+}
+
+
+@dataclass
+class ModelConfig:
+    """Everything the transformer needs to be built; field names follow HF's config.json."""
+
+    model_type: str = "llama"
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 32
+    head_dim: int = 0  # 0: hidden_size // num_attention_heads
+    max_position_embeddings: int = 2048
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None
+    attention_bias: bool = False  # bias on q, k, v and o (Llama); Qwen2 has q, k, v bias always
+    mlp_bias: bool = False
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.head_dim == 0:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ModelFormatError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})"
+            )
+
+    @property
+    def qkv_bias(self) -> bool:
+        return self.attention_bias or self.model_type == "qwen2"
+
+    @property
+    def o_proj_bias(self) -> bool:
+        return self.attention_bias and self.model_type != "qwen2"
+
+    @classmethod
+    def from_hf_dict(cls, raw: dict[str, Any]) -> ModelConfig:
+        model_type = raw.get("model_type", "llama")
+        if model_type not in SUPPORTED_ARCHITECTURES:
+            supported = ", ".join(sorted(SUPPORTED_ARCHITECTURES))
+            raise ModelFormatError(
+                f"model_type {model_type!r} is not supported; supported: {supported}"
+            )
+        required = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers"]
+        missing = [key for key in required + ["num_attention_heads"] if key not in raw]
+        if missing:
+            raise ModelFormatError(f"config.json lacks {', '.join(missing)}")
+        # Newer transformers keep theta and scaling together under rope_parameters.
+        rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+        rope_theta = raw.get("rope_theta", rope.get("rope_theta", 10000.0))
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        rope_scaling = None if rope_type == "default" else {**rope, "rope_type": rope_type}
+        if rope_scaling is not None:
+            rope_scaling.pop("rope_theta", None)
+        names = {f for f in cls.__dataclass_fields__ if f not in ("extra", "rope_scaling")}
+        kwargs = {key: raw[key] for key in names if raw.get(key) is not None}
+        kwargs.setdefault("num_key_value_heads", raw["num_attention_heads"])
+        kwargs["rope_theta"] = float(rope_theta)
+        kwargs["rope_scaling"] = rope_scaling
+        kwargs["extra"] = {k: v for k, v in raw.items() if k not in names}
+        return cls(**kwargs)
+
+    @classmethod
+    def from_file(cls, path: Path) -> ModelConfig:
+        try:
+            raw = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ModelFormatError(f"{path.parent} has no config.json") from None
+        except json.JSONDecodeError as e:
+            raise ModelFormatError(f"{path}: line {e.lineno}: invalid JSON: {e.msg}") from None
+        return cls.from_hf_dict(raw)
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """config.json content that transformers reads back as the same model."""
+        out = {k: v for k, v in asdict(self).items() if k not in ("extra",)}
+        out = {**self.extra, **out}
+        if self.rope_scaling is None:
+            out.pop("rope_scaling")
+        out.pop("rope_parameters", None)
+        out["architectures"] = [SUPPORTED_ARCHITECTURES[self.model_type]]
+        out.setdefault("hidden_act", "silu")
+        return out

@@ -1,0 +1,197 @@
+"""The one transformer: the Llama family (Llama 2/3, SmolLM, Qwen2, Mistral) in plain PyTorch.
+
+Parallelism is applied from outside: blocks live in a ModuleDict keyed "0".."N-1", and the
+embedding, final norm and head may be None, so a pipeline stage is this model with parts deleted.
+Module names follow Hugging Face (`layers.0.self_attn.q_proj`), so checkpoints and adapters map
+one to one.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from sorai.errors import ModelFormatError
+from sorai.model.config import ModelConfig
+from sorai.model.kv_cache import KVCache
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Normalise in float32 whatever the weights' dtype, as the reference does.
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_inv_freq(config: ModelConfig) -> Tensor:
+    """Inverse frequencies of the rotary embedding, with the config's scaling applied."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (
+        config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)
+    )
+    scaling = config.rope_scaling
+    if not scaling:
+        return inv_freq
+    kind = scaling.get("rope_type", "default")
+    if kind == "linear":
+        return inv_freq / scaling["factor"]
+    if kind == "llama3":
+        factor = scaling["factor"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        # Long wavelengths are stretched by `factor`, short ones kept, the band between blended.
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        blended = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        return torch.where(medium, blended, scaled)
+    raise ModelFormatError(
+        f"rope scaling type {kind!r} is not supported; supported: default, linear, llama3"
+    )
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.n_heads = config.num_attention_heads
+        self.n_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        dim, q_dim = config.hidden_size, self.n_heads * self.head_dim
+        kv_dim = self.n_kv_heads * self.head_dim
+        self.q_proj = nn.Linear(dim, q_dim, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(dim, kv_dim, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(dim, kv_dim, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(q_dim, dim, bias=config.o_proj_bias)
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], cache: KVCache | None) -> Tensor:
+        batch, seq, _ = x.shape
+        # Head counts come from the weights, not the config, so a tensor-parallel shard
+        # (fewer heads per rank) runs through the same code.
+        q = self.q_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
+        cos, sin = rope
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        if cache is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=seq > 1, enable_gqa=True)
+        else:
+            k, v, mask = cache.update(self.layer, k, v)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        dim, hidden, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gate_proj = nn.Linear(dim, hidden, bias=bias)
+        self.up_proj = nn.Linear(dim, hidden, bias=bias)
+        self.down_proj = nn.Linear(hidden, dim, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], cache: KVCache | None) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    """Token ids (or a previous stage's hidden states) in; logits (or hidden states) out."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens: nn.Embedding | None = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleDict(
+            {str(i): Block(config, i) for i in range(config.num_hidden_layers)}
+        )
+        self.norm: RMSNorm | None = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head: nn.Linear | None = nn.Linear(
+            config.hidden_size, config.vocab_size, bias=False
+        )
+        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings and self.embed_tokens and self.lm_head:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def rope(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """cos and sin for `positions` ([T]), shaped [T, head_dim] to broadcast over heads."""
+        freqs = positions.float()[:, None] * self.inv_freq.float()[None, :]
+        angles = torch.cat((freqs, freqs), dim=-1)
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+    def forward(
+        self,
+        tokens: Tensor,
+        positions: Tensor | None = None,
+        cache: KVCache | None = None,
+        last_only: bool = False,
+    ) -> Tensor:
+        """tokens: [B, T] ids (or [B, T, hidden] states when there is no embedding).
+
+        positions: [T] absolute positions (default 0..T-1). last_only: project only the last
+        position to logits, which is all that generation needs after a prefill.
+        """
+        x = self.embed_tokens(tokens) if self.embed_tokens is not None else tokens
+        if positions is None:
+            positions = torch.arange(x.shape[1], device=x.device)
+        rope = self.rope(positions, x.dtype)
+        if cache is not None:
+            cache.begin(positions)
+        for block in self.layers.values():
+            x = block(x, rope, cache)
+        if self.norm is not None:
+            if last_only:
+                x = x[:, -1:]
+            x = self.norm(x)
+        if self.lm_head is not None:
+            x = self.lm_head(x)
+        return x
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def init_weights(self, std: float = 0.02) -> None:
+        """Random initialisation for training from scratch and for tests."""
+        for name, param in self.named_parameters():
+            if name.endswith("norm.weight"):
+                nn.init.ones_(param)
+            elif name.endswith("bias"):
+                nn.init.zeros_(param)
+            else:
+                nn.init.normal_(param, std=std)

@@ -1,0 +1,15 @@
+"""Shared fixtures: the embedded default model, pulled once into the test cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sorai import hub
+
+
+@pytest.fixture(scope="session")
+def default_gguf() -> Path:
+    """The embedded default model's .gguf file (pulled into $SORAI_HOME on first use)."""
+    return hub.resolve(hub.DEFAULT_MODEL, progress=print)
