@@ -71,8 +71,10 @@ def main() -> None:
     args = parser.parse_args()
 
     path = hub.resolve(args.model, progress=print)
-    print(f"model {args.model}, {args.tokens} new tokens, greedy, torch threads "
-          f"{torch.get_num_threads()}")
+    print(
+        f"model {args.model}, {args.tokens} new tokens, greedy, torch threads "
+        f"{torch.get_num_threads()}"
+    )
     for dtype_name in args.dtypes.split(","):
         dtype = getattr(torch, dtype_name)
         llm = sorai.load(path, dtype=dtype)
