@@ -34,11 +34,14 @@ class RMSNorm(nn.Module):
 
 
 def rope_inv_freq(config: ModelConfig) -> Tensor:
-    """Inverse frequencies of the rotary embedding, with the config's scaling applied."""
+    """Inverse frequencies of the rotary embedding, with the config's scaling applied.
+
+    Always computed on the CPU, even while a model is built on the meta device: it is not in
+    checkpoints, so it must hold real values, and meta-device math imports torch's compiler.
+    """
     dim = config.head_dim
-    inv_freq = 1.0 / (
-        config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)
-    )
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim
+    inv_freq = 1.0 / (config.rope_theta**exponents)
     scaling = config.rope_scaling
     if not scaling:
         return inv_freq
@@ -129,7 +132,14 @@ class Transformer(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.embed_tokens: nn.Embedding | None = nn.Embedding(config.vocab_size, config.hidden_size)
+        # Built from an empty weight: models are made on the meta device and then loaded, and
+        # nn.Embedding's own random init there imports half of torch's compiler stack (~2 s).
+        # init_weights() gives a fresh model its values.
+        self.embed_tokens: nn.Embedding | None = nn.Embedding(
+            config.vocab_size,
+            config.hidden_size,
+            _weight=torch.empty(config.vocab_size, config.hidden_size),
+        )
         self.layers = nn.ModuleDict(
             {str(i): Block(config, i) for i in range(config.num_hidden_layers)}
         )

@@ -14,7 +14,7 @@ from torch import Tensor
 from sorai.errors import ModelFormatError
 from sorai.model.config import ModelConfig
 from sorai.model.gguf import GGUFFile
-from sorai.model.transformer import Transformer, rope_inv_freq
+from sorai.model.transformer import Transformer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SHARD_BYTES = 4 << 30
@@ -96,8 +96,6 @@ def build_model(
         raise ModelFormatError(f"{source}: missing weights {', '.join(missing[:3])}{more}")
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
-    # Buffers are not in the checkpoint: the one built on the meta device is made for real here.
-    model.inv_freq = rope_inv_freq(config)
     return model.eval().requires_grad_(False)
 
 
