@@ -5,9 +5,11 @@ One request at a time over a contiguous KV cache; the serving engine batches man
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,6 +18,7 @@ from sorai.errors import ContextLengthError
 from sorai.model.kv_cache import ContiguousKVCache
 from sorai.model.tokenizer import IncrementalDetokenizer, Tokenizer
 from sorai.model.transformer import Transformer
+from sorai.model.weights import save_hf_dir
 from sorai.sampling import SamplingParams, SequenceState, StopStringMatcher, process_logits, sample
 
 # Long prompts are prefilled in chunks so activations stay small whatever the prompt length.
@@ -68,6 +71,11 @@ class LLM:
         if isinstance(prompt, str):
             return self.tokenizer.encode(prompt, add_special_tokens=True)
         return list(prompt)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the model as a Hugging Face directory (safetensors, config, tokenizer)."""
+        save_hf_dir(self.model, Path(path))
+        self.tokenizer.save(Path(path))
 
     # -- public API: whole results ------------------------------------------------------------
 

@@ -375,6 +375,30 @@ class Tokenizer:
             chat_templates=cls._read_chat_templates(path, config),
         )
 
+    def save(self, path: Path) -> None:
+        """Write a Hugging Face tokenizer directory that from_dir (and transformers) read back."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.backend.save(str(path / "tokenizer.json"))
+        config: dict[str, Any] = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "add_bos_token": self.add_bos_token,
+            **self._special_tokens,
+        }
+        if self.eos_token is not None:
+            config["eos_token"] = self.eos_token
+        (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        for name, template in self._chat_templates.items():
+            target = path / "chat_template.jinja"
+            if name != "default":
+                target = path / "additional_chat_templates" / f"{name}.jinja"
+                target.parent.mkdir(exist_ok=True)
+            target.write_text(template, encoding="utf-8")
+        generation = {"eos_token_id": list(self.eos_token_ids)}
+        if self.bos_token_id is not None:
+            generation["bos_token_id"] = self.bos_token_id
+        (path / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+
     @staticmethod
     def _read_chat_templates(path: Path, config: dict[str, Any]) -> dict[str, str]:
         # Priority as in transformers: chat_template.jinja, then chat_template.json, then the
