@@ -1,0 +1,269 @@
+"""`sorai` on the command line: real subprocesses of the console script on the real default model.
+
+Runs that load the model cost ~10 s each, so the generate and chat runs happen once per module
+(fixtures) and several tests read their output.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import sorai
+from sorai import hub
+
+# The console script installed next to the interpreter running the tests (the project venv);
+# `python -m sorai.cli` is the same entry point where the script is missing.
+_SCRIPT = Path(sys.executable).with_name("sorai")
+SORAI = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "sorai.cli"]
+
+FRANCE = "What is the capital of France?"
+GREEDY = ["--temperature", "0", "--max-tokens", "20"]
+STATS = re.compile(r"^\[(\d+) prompt tokens, (\d+) generated in ")
+
+
+def run_sorai(
+    *args: str, stdin: str | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*SORAI, *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        env=env,
+        timeout=300,
+    )
+
+
+def assert_user_error(result: subprocess.CompletedProcess[str]) -> str:
+    """Exit 2 with exactly one `sorai: error: ...` line on stderr; returns that line."""
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("sorai: error: ")
+    return lines[0]
+
+
+# ---- generate ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def france_generate(default_gguf: Path) -> subprocess.CompletedProcess[str]:
+    """The acceptance command, run once."""
+    return run_sorai("generate", "--chat", FRANCE, "--max-tokens", "20", "--temperature", "0")
+
+
+def test_generate_chat_answers_paris_and_exits_0(
+    france_generate: subprocess.CompletedProcess[str],
+) -> None:
+    assert france_generate.returncode == 0, france_generate.stderr
+    assert any("Paris" in line for line in france_generate.stdout.splitlines())
+
+
+def test_generate_prints_nothing_on_stderr_when_not_verbose(
+    france_generate: subprocess.CompletedProcess[str],
+) -> None:
+    assert france_generate.stderr == ""
+
+
+# ---- user errors: exit 2, one line, no traceback -------------------------------------------
+
+
+def _truncated_gguf(tmp_path: Path, default_gguf: Path) -> Path:
+    path = tmp_path / "truncated.gguf"
+    with open(default_gguf, "rb") as f:
+        path.write_bytes(f.read(1 << 20))
+    return path
+
+
+def _text_file_named_gguf(tmp_path: Path, default_gguf: Path) -> Path:
+    path = tmp_path / "x.gguf"
+    path.write_text("this is plain text, not a model\n")
+    return path
+
+
+def _hf_dir_without_config(tmp_path: Path, default_gguf: Path) -> Path:
+    path = tmp_path / "hf-model"
+    path.mkdir()
+    (path / "tokenizer.json").write_text("{}")
+    return path
+
+
+@pytest.mark.parametrize(
+    ("make_model", "expected"),
+    [
+        (_truncated_gguf, ["truncated.gguf", "unreadable GGUF file"]),
+        (_text_file_named_gguf, ["x.gguf", "not a GGUF file"]),
+        (_hf_dir_without_config, ["hf-model", "config.json"]),
+    ],
+    ids=["truncated-gguf", "text-file-named-gguf", "hf-dir-without-config"],
+)
+def test_unreadable_model_is_a_one_line_user_error(
+    tmp_path: Path, default_gguf: Path, make_model, expected: list[str]
+) -> None:
+    model = make_model(tmp_path, default_gguf)
+    line = assert_user_error(run_sorai("generate", "hi", "-m", str(model), "-v"))
+    for fragment in expected:
+        assert fragment in line
+
+
+# With -v a completed load prints "loaded ... in N s" on stderr, so a one-line stderr under -v
+# also shows these errors are raised before the model is loaded.
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["-m", "no-such-model"], ["'no-such-model'", hub.DEFAULT_MODEL]),
+        (["--temperature", "-0.5"], ["temperature", "-0.5"]),
+        (["--top-p", "1.5"], ["top_p", "1.5"]),
+    ],
+    ids=["unknown-model", "negative-temperature", "top-p-above-1"],
+)
+def test_bad_argument_is_a_one_line_user_error_before_loading(
+    default_gguf: Path, args: list[str], expected: list[str]
+) -> None:
+    line = assert_user_error(run_sorai("generate", "hi", "-v", *args))
+    for fragment in expected:
+        assert fragment in line
+
+
+def test_prompt_longer_than_context_is_a_one_line_user_error(default_gguf: Path) -> None:
+    prompt = "hello " * 9000  # ~9000 tokens; the default model's context window is 8192
+    line = assert_user_error(run_sorai("generate", "-", stdin=prompt))
+    assert "context window of 8192 tokens" in line
+    prompt_tokens = re.search(r"the prompt is (\d+) tokens", line)
+    assert prompt_tokens is not None
+    assert int(prompt_tokens.group(1)) > 8192
+
+
+# ---- version, models, help (no model load) -------------------------------------------------
+
+
+def test_version_prints_name_and_version() -> None:
+    result = run_sorai("--version")
+    assert result.returncode == 0
+    assert result.stdout == f"sorai {sorai.__version__}\n"
+
+
+def test_no_verb_prints_help_and_exits_2() -> None:
+    result = run_sorai()
+    assert result.returncode == 2
+    assert result.stdout.startswith("usage: sorai")
+    for verb in ("chat", "generate", "pull", "models"):
+        assert verb in result.stdout
+
+
+def test_models_lists_the_default_model_with_its_cached_path(default_gguf: Path) -> None:
+    result = run_sorai("models")
+    assert result.returncode == 0, result.stderr
+    rows = [line for line in result.stdout.splitlines() if line.startswith(hub.DEFAULT_MODEL)]
+    assert len(rows) == 1
+    assert str(default_gguf) in rows[0]
+
+
+def test_models_says_not_pulled_in_an_empty_cache(tmp_path: Path) -> None:
+    env = {**os.environ, "SORAI_HOME": str(tmp_path)}
+    result = run_sorai("models", env=env)
+    assert result.returncode == 0, result.stderr
+    rows = [line for line in result.stdout.splitlines() if line.startswith(hub.DEFAULT_MODEL)]
+    assert len(rows) == 1
+    assert f"not pulled (sorai pull {hub.DEFAULT_MODEL})" in rows[0]
+    assert f"cache: {tmp_path}" in result.stdout
+
+
+# ---- chat through piped stdin --------------------------------------------------------------
+
+CHAT_INPUT = (
+    "\n".join(
+        [
+            "/help",
+            FRANCE,  # answer 0
+            "/reset",
+            FRANCE,  # answer 1: same prompt again, the history is gone
+            "/system You are a pirate.",
+            FRANCE,  # answer 2: shorter system prompt than the template's default, no history
+            "Hello",  # answer 3: carries answer 2's turn as history
+            "/bogus",
+        ]
+    )
+    + "\n"
+)
+
+
+@pytest.fixture(scope="module")
+def chat_session(default_gguf: Path) -> subprocess.CompletedProcess[str]:
+    return run_sorai("chat", *GREEDY, "-v", stdin=CHAT_INPUT)
+
+
+@pytest.fixture(scope="module")
+def chat_prompt_tokens(chat_session: subprocess.CompletedProcess[str]) -> list[int]:
+    """Prompt size of each answer, from the -v stats lines."""
+    counts = [
+        int(m.group(1)) for line in chat_session.stderr.splitlines() if (m := STATS.match(line))
+    ]
+    assert len(counts) == 4, chat_session.stderr
+    return counts
+
+
+def test_chat_answers_piped_questions_and_exits_0_at_eof(
+    chat_session: subprocess.CompletedProcess[str],
+) -> None:
+    assert chat_session.returncode == 0, chat_session.stderr
+    assert "Traceback" not in chat_session.stderr
+    assert "Paris" in chat_session.stdout.splitlines()[0]
+
+
+def test_chat_prints_no_prompt_when_stdin_is_not_a_terminal(
+    chat_session: subprocess.CompletedProcess[str],
+) -> None:
+    assert ">>>" not in chat_session.stdout
+    assert "chatting with" not in chat_session.stderr
+
+
+def test_chat_help_lists_the_commands(chat_session: subprocess.CompletedProcess[str]) -> None:
+    for command in ("/reset", "/system TEXT", "/help", "/exit"):
+        assert re.search(rf"^\s+{re.escape(command)}\s", chat_session.stderr, re.M), command
+
+
+def test_chat_first_answer_matches_generate_chat(
+    chat_session: subprocess.CompletedProcess[str],
+    france_generate: subprocess.CompletedProcess[str],
+) -> None:
+    # Both greedy over the same single-turn conversation.
+    assert chat_session.stdout.splitlines()[0] == france_generate.stdout.splitlines()[0]
+
+
+def test_chat_reset_forgets_the_conversation(
+    chat_session: subprocess.CompletedProcess[str], chat_prompt_tokens: list[int]
+) -> None:
+    assert "(conversation cleared)" in chat_session.stderr
+    assert chat_prompt_tokens[1] == chat_prompt_tokens[0]
+    answers = chat_session.stdout.splitlines()
+    assert answers[1] == answers[0]
+
+
+def test_chat_system_replaces_the_system_prompt_and_starts_over(
+    chat_session: subprocess.CompletedProcess[str], chat_prompt_tokens: list[int]
+) -> None:
+    assert "(system prompt set; conversation cleared)" in chat_session.stderr
+    # Without history, "You are a pirate." makes the prompt shorter than the template's default
+    # system prompt ("You are a helpful AI assistant named SmolLM, trained by Hugging Face").
+    assert chat_prompt_tokens[2] < chat_prompt_tokens[0]
+
+
+def test_chat_keeps_earlier_turns_in_the_prompt(chat_prompt_tokens: list[int]) -> None:
+    # "Hello" is shorter than the question, so only the previous turn makes this prompt longer.
+    assert chat_prompt_tokens[3] > chat_prompt_tokens[2]
+
+
+def test_chat_unknown_command_is_reported_and_skipped(
+    chat_session: subprocess.CompletedProcess[str],
+) -> None:
+    assert "unknown command /bogus; /help lists them" in chat_session.stderr
+    assert chat_session.returncode == 0
