@@ -29,10 +29,14 @@ def __getattr__(name: str):
 
 def load(
     model: str | os.PathLike = "smollm2-135m-instruct",
-    dtype: str | torch.dtype = "float32",
+    dtype: str | torch.dtype | None = None,
     progress: Callable[[str], None] | None = None,
+    device: str | torch.device | None = None,
 ) -> LLM:
     """Load a known model name (pulled on first use), an HF directory or a .gguf file.
+
+    device defaults to the GPU when there is one, else the CPU; dtype to bfloat16 on a GPU and
+    float32 on the CPU.
 
     >>> llm = sorai.load()
     >>> llm.chat([{"role": "user", "content": "Hi!"}], max_tokens=20).text
@@ -43,5 +47,5 @@ def load(
     from sorai.model.loader import load_model
 
     path = hub.resolve(model, progress=progress)
-    transformer, tokenizer = load_model(path, dtype)
+    transformer, tokenizer = load_model(path, dtype, device)
     return LLM(transformer, tokenizer, name=os.fspath(model))

@@ -33,7 +33,13 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
         default=os.environ.get("SORAI_MODEL", hub.DEFAULT_MODEL),
         help="a known model name, an HF directory or a .gguf file (default: %(default)s)",
     )
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "bfloat16"],
+        help="default: bfloat16 on a GPU, float32 on the CPU",
+    )
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: auto)")
 
 
 def _add_sampling_args(parser: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -70,9 +76,10 @@ def _sampling_options(args: argparse.Namespace) -> dict[str, Any]:
 
 def _load(args: argparse.Namespace):
     started = time.perf_counter()
-    llm = sorai.load(args.model, dtype=args.dtype, progress=_say)
+    llm = sorai.load(args.model, dtype=args.dtype, progress=_say, device=args.device)
     if args.verbose:
-        _say(f"loaded {args.model} ({args.dtype}) in {time.perf_counter() - started:.1f}s")
+        where = f"{llm.model.dtype}".removeprefix("torch.") + f" on {llm.model.device}"
+        _say(f"loaded {args.model} ({where}) in {time.perf_counter() - started:.1f}s")
     return llm
 
 

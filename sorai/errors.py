@@ -23,5 +23,9 @@ class SamplingError(SoraiError, ValueError):
     """A sampling parameter outside its valid range."""
 
 
+class DeviceError(SoraiError, ValueError):
+    """A device that is malformed or not present on this machine."""
+
+
 class HubError(SoraiError, RuntimeError):
     """A model could not be fetched into the cache or failed its checksum."""

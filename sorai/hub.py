@@ -69,7 +69,7 @@ def _manifest_path(name: str) -> Path:
 
 def cached_path(name: str) -> Path | None:
     """The cached file of a known model if it is present and matches its recorded checksum."""
-    source = KNOWN_MODELS[name]
+    source = _known(name)
     path = model_dir(name) / source.filename
     try:
         manifest = json.loads(_manifest_path(name).read_text())
