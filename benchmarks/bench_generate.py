@@ -3,13 +3,14 @@
     python benchmarks/bench_generate.py [--model smollm2-135m-instruct] [--tokens 128]
 
 Decode tokens/s is (N - 1) / (time(N new tokens) - time(1 new token)), so prefill and
-start-up cost cancel out for both sides. Runs interleave sorai and transformers and keep each
-side's best, since a shared machine's noise only ever slows a run down.
+start-up cost cancel out for both sides. Rounds alternate sorai and transformers and the
+medians are printed, so noise on a shared machine hits both sides alike.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from functools import partial
 from pathlib import Path
@@ -56,17 +57,25 @@ def time_reference(ref, ids: list[int], n: int) -> float:
     return elapsed
 
 
-def decode_rate(timer, n: int, repeats: int) -> float:
-    best_short = min(timer(1) for _ in range(repeats))
-    best_long = min(timer(n) for _ in range(repeats))
-    return (n - 1) / (best_long - best_short)
+def decode_rate(timer, n: int) -> float:
+    return (n - 1) / (timer(n) - timer(1))
+
+
+def compare(llm: sorai.LLM, ref, ids: list[int], n: int, rounds: int) -> tuple[float, float, float]:
+    """Median decode rates of both sides and median per-round ratio, rounds interleaved."""
+    ours, theirs = [], []
+    for _ in range(rounds):
+        ours.append(decode_rate(partial(time_sorai, llm, ids), n))
+        theirs.append(decode_rate(partial(time_reference, ref, ids), n))
+    ratios = [a / b for a, b in zip(ours, theirs, strict=True)]
+    return statistics.median(ours), statistics.median(theirs), statistics.median(ratios)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=hub.DEFAULT_MODEL)
     parser.add_argument("--tokens", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--dtypes", default="float32,bfloat16")
     args = parser.parse_args()
 
@@ -82,11 +91,10 @@ def main() -> None:
         ids = llm.tokenizer.encode_chat(PROMPT)
         time_sorai(llm, ids, 8)  # warm-up: first calls pay for allocator and kernel set-up
         time_reference(ref, ids, 8)
-        ours = decode_rate(partial(time_sorai, llm, ids), args.tokens, args.repeats)
-        theirs = decode_rate(partial(time_reference, ref, ids), args.tokens, args.repeats)
+        ours, theirs, ratio = compare(llm, ref, ids, args.tokens, args.rounds)
         print(
             f"{dtype_name:9s} sorai {ours:7.1f} tok/s   transformers {theirs:7.1f} tok/s   "
-            f"ratio {ours / theirs:.2f}x"
+            f"ratio {ratio:.2f}x"
         )
         del llm, ref
 

@@ -114,20 +114,12 @@ class LLM:
         self.check_length(prompt_ids)
         # max_tokens is capped by the room left in the context window (finish_reason "length").
         budget = min(params.max_tokens, self.context_length - len(prompt_ids))
-        config, model = self.model.config, self.model
-        cache = ContiguousKVCache(
-            config.num_hidden_layers,
-            1,
-            config.num_key_value_heads,
-            config.head_dim,
-            len(prompt_ids) + budget,
-            dtype=model.dtype,
-            device=model.device,
-        )
+        model = self.model
+        cache = ContiguousKVCache.for_model(model, len(prompt_ids) + budget)
         state = SequenceState(
             params,
             prompt_ids,
-            config.vocab_size,
+            model.config.vocab_size,
             eos_token_ids=self.tokenizer.eos_token_ids,
             device=model.device,
         )

@@ -53,6 +53,22 @@ class ContiguousKVCache:
         self._end = 0
         self._mask: Tensor | None = None
 
+    @classmethod
+    def for_model(
+        cls, model: torch.nn.Module, max_len: int, batch_size: int = 1
+    ) -> ContiguousKVCache:
+        """A cache shaped for `model` (a Transformer), in its dtype and on its device."""
+        config = model.config
+        return cls(
+            config.num_hidden_layers,
+            batch_size,
+            config.num_key_value_heads,
+            config.head_dim,
+            max_len,
+            dtype=model.dtype,
+            device=model.device,
+        )
+
     def begin(self, positions: Tensor) -> None:
         """Prepare for a step whose tokens sit at `positions` (1-D, increasing, contiguous)."""
         start, end = int(positions[0]), int(positions[-1]) + 1

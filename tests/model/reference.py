@@ -60,15 +60,7 @@ def reference_greedy(reference, prompt: torch.Tensor, n: int) -> list[int]:
 
 def sorai_greedy(model: Transformer, prompt: torch.Tensor, n: int, chunk: int = 0) -> list[int]:
     """Greedy decoding over a ContiguousKVCache; `chunk` > 0 prefills in chunks of that size."""
-    config = model.config
-    cache = ContiguousKVCache(
-        config.num_hidden_layers,
-        1,
-        config.num_key_value_heads,
-        config.head_dim,
-        len(prompt) + n,
-        dtype=model.dtype,
-    )
+    cache = ContiguousKVCache.for_model(model, len(prompt) + n)
     chunk = chunk or len(prompt)
     out = []
     with torch.inference_mode():
