@@ -12,7 +12,7 @@ from typing import Any
 
 import sorai
 from sorai import hub
-from sorai.errors import SoraiError
+from sorai.errors import ContextLengthError, SoraiError
 
 EXIT_USAGE = 2
 
@@ -37,7 +37,7 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dtype",
         default=None,
-        choices=["float32", "bfloat16"],
+        choices=["float32", "bfloat16", "float16"],
         help="default: bfloat16 on a GPU, float32 on the CPU",
     )
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: auto)")
@@ -55,6 +55,10 @@ def _add_sampling_args(parser: argparse.ArgumentParser, max_tokens: int) -> None
     group.add_argument("--frequency-penalty", type=float, default=None)
     group.add_argument("--seed", type=int, default=None)
     group.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    group.add_argument("--min-tokens", type=int, default=None)
+    group.add_argument(
+        "--ignore-eos", action="store_true", default=None, help="keep going past end-of-text"
+    )
 
 
 SAMPLING_FLAGS = (
@@ -68,6 +72,8 @@ SAMPLING_FLAGS = (
     "frequency_penalty",
     "seed",
     "stop",
+    "min_tokens",
+    "ignore_eos",
 )
 
 
@@ -172,7 +178,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
             print()
             _say("(stopped)")
             continue
-        except SoraiError as e:  # e.g. the conversation outgrew the context: say so, keep going
+        except ContextLengthError as e:
+            _say(f"error: {e}\n(/reset starts a new conversation)")
+            continue
+        except SoraiError as e:
             _say(f"error: {e}")
             continue
         history += [messages[-1], {"role": "assistant", "content": answer}]

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from sorai.errors import ContextLengthError
+from sorai.errors import ContextLengthError, SoraiError
 from sorai.model.kv_cache import ContiguousKVCache
 from sorai.model.tokenizer import IncrementalDetokenizer, Tokenizer
 from sorai.model.transformer import Transformer
@@ -42,7 +42,8 @@ class Completion:
     token_ids: list[int]
     prompt_tokens: int
     finish_reason: str
-    timings: dict[str, float] = field(default_factory=dict)  # seconds: prefill, decode
+    # seconds: "prefill" (until the first token), "total"
+    timings: dict[str, float] = field(default_factory=dict)
 
     @property
     def completion_tokens(self) -> int:
@@ -59,7 +60,7 @@ class LLM:
 
     @property
     def context_length(self) -> int:
-        return self.model.config.max_position_embeddings
+        return self.model.config.context_length
 
     def params(self, sampling: SamplingParams | None = None, **options: Any) -> SamplingParams:
         """SamplingParams from keyword options (unknown names and bad values raise)."""
@@ -68,8 +69,16 @@ class LLM:
         return sampling or SamplingParams.from_options(options)
 
     def encode_prompt(self, prompt: str | Sequence[int]) -> list[int]:
+        """Text is tokenized (with BOS where the model wants one); token ids are checked."""
         if isinstance(prompt, str):
             return self.tokenizer.encode(prompt, add_special_tokens=True)
+        vocab = self.model.config.vocab_size
+        if isinstance(prompt, (bytes, bytearray)) or not isinstance(prompt, Sequence):
+            raise SoraiError(f"a prompt is a string or a list of token ids, got {prompt!r:.60}")
+        bad = [t for t in prompt if not isinstance(t, int) or isinstance(t, bool)]
+        bad += [t for t in prompt if isinstance(t, int) and not 0 <= t < vocab]
+        if bad:
+            raise SoraiError(f"prompt token ids must be integers in [0, {vocab}), got {bad[0]!r}")
         return list(prompt)
 
     def save(self, path: str | os.PathLike) -> None:
@@ -115,7 +124,9 @@ class LLM:
         # max_tokens is capped by the room left in the context window (finish_reason "length").
         budget = min(params.max_tokens, self.context_length - len(prompt_ids))
         model = self.model
-        cache = ContiguousKVCache.for_model(model, len(prompt_ids) + budget)
+        cache = ContiguousKVCache.for_model(
+            model, len(prompt_ids) + budget, initial_len=len(prompt_ids) + min(budget, 256)
+        )
         state = SequenceState(
             params,
             prompt_ids,

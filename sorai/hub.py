@@ -172,6 +172,8 @@ def _known(name: str) -> ModelSource:
 def resolve(name_or_path: str | os.PathLike, progress: Callable[[str], None] | None = None) -> Path:
     """Turn a model argument into a local path, pulling a known model on first use."""
     text = os.fspath(name_or_path)
+    if not text.strip():
+        raise ModelNotFoundError("the model name is empty; give a known name or a path")
     if text in KNOWN_MODELS:
         return pull(text, progress=progress)
     path = Path(text).expanduser()

@@ -132,9 +132,10 @@ class SamplingParams:
         if not _is_real(value):
             raise SamplingError(f"{name} must be a number, got {type(value).__name__} {value!r}")
         value = float(value)
-        # NaN fails every range comparison silently, so it needs its own check.
-        if math.isnan(value):
-            raise SamplingError(f"{name} must be a number, got nan")
+        # NaN fails every range comparison silently, and inf passes some (temperature=inf
+        # turns masked logits into NaN), so both need their own check.
+        if not math.isfinite(value):
+            raise SamplingError(f"{name} must be a finite number, got {value!r}")
         object.__setattr__(self, name, value)
 
     @property

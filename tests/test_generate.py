@@ -9,7 +9,7 @@ import torch
 
 import sorai
 import sorai.generate
-from sorai.errors import ContextLengthError, SamplingError
+from sorai.errors import ContextLengthError, SamplingError, SoraiError
 from sorai.generate import LLM, Completion
 from sorai.sampling import SamplingParams
 
@@ -205,3 +205,29 @@ def test_prefill_chunk_size_does_not_change_the_output(
     monkeypatch.setattr(sorai.generate, "PREFILL_CHUNK", 31)
     small_chunks = llm.generate(long_prompt, **LONG_GREEDY)
     assert small_chunks.token_ids == long_greedy.token_ids
+
+
+@pytest.mark.parametrize(
+    "messages",
+    [
+        [{"role": "user", "content": 5}],
+        [{"role": "user"}],
+        "What is the capital of France?",
+        [["user", "hello"]],
+    ],
+    ids=["non-string-content", "missing-content", "a-bare-string", "not-dicts"],
+)
+def test_malformed_messages_raise_sorai_error(llm: LLM, messages) -> None:
+    with pytest.raises(SoraiError, match="render|messages"):
+        llm.chat(messages, max_tokens=2)
+
+
+@pytest.mark.parametrize("prompt", [[10**6], [-1], ["a"], [True], None, b"hi"], ids=repr)
+def test_malformed_token_id_prompts_raise_sorai_error(llm: LLM, prompt) -> None:
+    with pytest.raises(SoraiError, match="prompt"):
+        llm.generate(prompt, max_tokens=2)
+
+
+def test_infinite_temperature_is_refused(llm: LLM) -> None:
+    with pytest.raises(SamplingError, match="temperature must be a finite number"):
+        llm.generate("Hi", temperature=float("inf"), max_tokens=2)

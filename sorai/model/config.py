@@ -17,6 +17,17 @@ SUPPORTED_ARCHITECTURES = {
 }
 
 
+_POSITIVE_INTS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "max_position_embeddings",
+)
+
+
 @dataclass
 class ModelConfig:
     """Everything the transformer needs to be built; field names follow HF's config.json."""
@@ -41,6 +52,13 @@ class ModelConfig:
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
+        for name in _POSITIVE_INTS:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ModelFormatError(f"config {name} must be an integer >= 1, got {value!r}")
+        if not isinstance(self.rope_theta, (int, float)) or self.rope_theta <= 0:
+            theta = self.rope_theta
+            raise ModelFormatError(f"config rope_theta must be a number > 0, got {theta!r}")
         if self.head_dim == 0:
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.num_attention_heads % self.num_key_value_heads:
@@ -48,6 +66,20 @@ class ModelConfig:
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                 f"num_key_value_heads ({self.num_key_value_heads})"
             )
+
+    @property
+    def context_length(self) -> int:
+        """Positions the model can attend over exactly as trained.
+
+        Sliding-window attention (Mistral v0.1, Qwen2 with use_sliding_window) is not
+        implemented; within the window it equals full attention, so the context stops there.
+        """
+        window = self.extra.get("sliding_window")
+        if self.model_type == "qwen2" and not self.extra.get("use_sliding_window"):
+            window = None
+        if isinstance(window, int) and 0 < window < self.max_position_embeddings:
+            return window
+        return self.max_position_embeddings
 
     @property
     def qkv_bias(self) -> bool:
@@ -71,7 +103,7 @@ class ModelConfig:
             raise ModelFormatError(f"config.json lacks {', '.join(missing)}")
         # Newer transformers keep theta and scaling together under rope_parameters.
         rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
-        rope_theta = raw.get("rope_theta", rope.get("rope_theta", 10000.0))
+        rope_theta = raw.get("rope_theta") or rope.get("rope_theta") or 10000.0
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         rope_scaling = None if rope_type == "default" else {**rope, "rope_type": rope_type}
         if rope_scaling is not None:
@@ -79,7 +111,7 @@ class ModelConfig:
         names = {f for f in cls.__dataclass_fields__ if f not in ("extra", "rope_scaling")}
         kwargs = {key: raw[key] for key in names if raw.get(key) is not None}
         kwargs.setdefault("num_key_value_heads", raw["num_attention_heads"])
-        kwargs["rope_theta"] = float(rope_theta)
+        kwargs["rope_theta"] = rope_theta
         kwargs["rope_scaling"] = rope_scaling
         kwargs["extra"] = {k: v for k, v in raw.items() if k not in names}
         return cls(**kwargs)

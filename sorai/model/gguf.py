@@ -104,11 +104,17 @@ class GGUFFile:
             }
         except (KeyError, TypeError) as e:
             raise ModelFormatError(f"{self.path}: GGUF metadata lacks {e}") from None
-        if self._get("rope.scaling.type") == "linear":
-            raw["rope_scaling"] = {
-                "rope_type": "linear",
-                "factor": self._get("rope.scaling.factor"),
-            }
+        scaling = self._get("rope.scaling.type", "none")
+        if scaling == "linear":
+            factor = self._get("rope.scaling.factor")
+            if not isinstance(factor, (int, float)) or factor <= 0:
+                raise ModelFormatError(f"{self.path}: linear rope scaling without a factor")
+            raw["rope_scaling"] = {"rope_type": "linear", "factor": float(factor)}
+        elif scaling != "none":
+            raise ModelFormatError(
+                f"{self.path}: rope scaling type {scaling!r} is not supported; "
+                "supported: none, linear (and llama3 via rope_freqs)"
+            )
         return ModelConfig.from_hf_dict(raw)
 
     def rope_freq_factors(self) -> Tensor | None:

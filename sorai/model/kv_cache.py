@@ -5,6 +5,7 @@ The serving engine brings a paged cache behind the same interface, so one model 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Protocol
 
 import torch
@@ -22,13 +23,15 @@ class KVCache(Protocol):
         """Store this step's keys and values ([B, n_kv_heads, T, head_dim]) for `layer`.
 
         Returns every key and value the step's queries may attend to, and a boolean attention
-        mask ([T, S] or broadcastable, True = attend); None means every query sees every key.
+        mask (broadcastable to [B, heads, T, S], True = attend). None means plain causal with
+        the last query seeing every returned key: for T == S that is SDPA's is_causal, for
+        T == 1 no mask at all; both let SDPA pick its fused kernels.
         """
         ...
 
 
 class ContiguousKVCache:
-    """One preallocated [B, n_kv_heads, max_len, head_dim] buffer per layer.
+    """One [B, n_kv_heads, length, head_dim] buffer per layer, grown on demand up to max_len.
 
     Call `begin(positions)` before each forward; `positions` are the absolute positions of the
     step's tokens, shared across the batch (single-stream generation and equal-length batches).
@@ -36,50 +39,77 @@ class ContiguousKVCache:
 
     def __init__(
         self,
-        num_layers: int,
+        layers: Iterable[int],
         batch_size: int,
         num_kv_heads: int,
         head_dim: int,
         max_len: int,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        initial_len: int | None = None,
     ) -> None:
-        shape = (batch_size, num_kv_heads, max_len, head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        # Start small and double: a model with a 128k context would otherwise zero-fill tens
+        # of GB before its first token.
+        capacity = min(max_len, initial_len or max_len)
+        shape = (batch_size, num_kv_heads, capacity, head_dim)
+        # Keyed by layer index, so a pipeline stage holding some layers caches only those.
+        self.keys = {i: torch.zeros(shape, dtype=dtype, device=device) for i in layers}
+        self.values = {i: torch.zeros(shape, dtype=dtype, device=device) for i in layers}
         self.max_len = max_len
-        self._positions = torch.zeros(0, dtype=torch.long, device=device)
         self._start = 0
         self._end = 0
+        self._valid = 0  # positions below this hold keys and values
         self._mask: Tensor | None = None
 
     @classmethod
     def for_model(
-        cls, model: torch.nn.Module, max_len: int, batch_size: int = 1
+        cls,
+        model: torch.nn.Module,
+        max_len: int,
+        batch_size: int = 1,
+        initial_len: int | None = None,
     ) -> ContiguousKVCache:
-        """A cache shaped for `model` (a Transformer), in its dtype and on its device."""
-        config = model.config
+        """A cache shaped for `model` (a Transformer, whole or a tensor/pipeline shard)."""
+        blocks = model.layers
+        attention = next(iter(blocks.values())).self_attn
+        # Heads are counted from the weights: a tensor-parallel shard holds fewer of them.
+        num_kv_heads = attention.k_proj.weight.shape[0] // attention.head_dim
         return cls(
-            config.num_hidden_layers,
+            [int(i) for i in blocks],
             batch_size,
-            config.num_key_value_heads,
-            config.head_dim,
+            num_kv_heads,
+            attention.head_dim,
             max_len,
             dtype=model.dtype,
             device=model.device,
+            initial_len=initial_len,
         )
 
     def begin(self, positions: Tensor) -> None:
         """Prepare for a step whose tokens sit at `positions` (1-D, increasing, contiguous)."""
         start, end = int(positions[0]), int(positions[-1]) + 1
+        if start > self._valid:
+            raise ValueError(f"step starts at position {start} but the cache holds {self._valid}")
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions, step needs {end}")
-        self._positions, self._start, self._end = positions, start, end
-        if end - start == 1:
-            self._mask = None  # one query at the newest position sees the whole prefix
+        self._grow(end)
+        self._start, self._end, self._valid = start, end, end
+        if end - start == 1 or start == 0:
+            self._mask = None
         else:
             keys = torch.arange(end, device=positions.device)
             self._mask = keys[None, :] <= positions[:, None]
+
+    def _grow(self, needed: int) -> None:
+        capacity = next(iter(self.keys.values())).shape[2]
+        if needed <= capacity:
+            return
+        capacity = min(self.max_len, max(needed, 2 * capacity))
+        for buffers in (self.keys, self.values):
+            for layer, old in buffers.items():
+                new = old.new_zeros(*old.shape[:2], capacity, old.shape[3])
+                new[:, :, : old.shape[2]] = old
+                buffers[layer] = new
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
         self.keys[layer][:, :, self._start : self._end] = k
@@ -93,8 +123,8 @@ class ContiguousKVCache:
     @property
     def length(self) -> int:
         """How many positions hold valid keys and values."""
-        return self._end
+        return self._valid
 
     def truncate(self, length: int) -> None:
         """Forget positions from `length` on (reuse a shared prefix, or roll back)."""
-        self._end = min(self._end, length)
+        self._valid = min(self._valid, length)

@@ -653,6 +653,11 @@ class Tokenizer:
         **extra: Any,
     ) -> str:
         """Render `messages` with the model's chat template, as transformers does."""
+        if isinstance(messages, (str, bytes)) or not all(isinstance(m, dict) for m in messages):
+            raise SoraiError(
+                'messages must be a list of {"role": ..., "content": ...} dicts, '
+                f"got {messages!r:.60}"
+            )
         template = self._template_for(tools)
         variables: dict[str, Any] = dict(self._special_tokens)
         variables.update(
@@ -667,6 +672,13 @@ class Tokenizer:
         except jinja2.TemplateError as exc:
             raise SoraiError(
                 f"model {self.name}: chat template failed to render ({_first_line(exc)})"
+            ) from exc
+        except (TypeError, ValueError, KeyError, AttributeError) as exc:
+            # Templates do string arithmetic on message fields: a non-string content lands here.
+            raise SoraiError(
+                f"model {self.name}: chat template could not render these messages "
+                f"({type(exc).__name__}: {_first_line(exc)}); each message needs a string "
+                "'role' and a string 'content'"
             ) from exc
 
     def encode_chat(

@@ -94,11 +94,14 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if cache is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=seq > 1, enable_gqa=True)
-        else:
+        mask = None
+        if cache is not None:
             k, v, mask = cache.update(self.layer, k, v)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        # mask None: causal with the last query seeing every key (see KVCache.update).
+        causal = mask is None and seq > 1
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True
+        )
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
 
 

@@ -14,7 +14,7 @@ from torch import Tensor
 from sorai.errors import ModelFormatError
 from sorai.model.config import ModelConfig
 from sorai.model.gguf import GGUFFile
-from sorai.model.transformer import Transformer
+from sorai.model.transformer import Transformer, rope_inv_freq
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SHARD_BYTES = 4 << 30
@@ -114,6 +114,12 @@ def load_gguf(gguf: GGUFFile, dtype: torch.dtype) -> Transformer:
 
 def save_hf_dir(model: Transformer, path: Path, shard_bytes: int = SHARD_BYTES) -> None:
     """Write config.json and model*.safetensors (sharded with an index above shard_bytes)."""
+    if not torch.equal(model.inv_freq.cpu(), rope_inv_freq(model.config)):
+        # e.g. a Llama 3.1 GGUF's rope_freqs: config.json has no way to say it exactly.
+        raise ModelFormatError(
+            "this model's rotary frequencies come from its GGUF file (rope_freqs) and cannot "
+            "be written to config.json; saving it would change the model"
+        )
     path.mkdir(parents=True, exist_ok=True)
     config = model.config.to_hf_dict()
     config["torch_dtype"] = str(model.dtype).removeprefix("torch.")

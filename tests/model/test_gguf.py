@@ -14,7 +14,7 @@ from gguf.quants import quantize
 from sorai.errors import ModelFormatError
 from sorai.model.gguf import GGUFFile, unpermute_qk
 from sorai.model.loader import load_model
-from sorai.model.weights import load_gguf, load_hf_dir
+from sorai.model.weights import load_gguf, load_hf_dir, save_hf_dir
 
 from .reference import load_reference, write_hf_checkpoint
 
@@ -179,3 +179,29 @@ def test_corrupt_config_json_names_file_and_line(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text('{\n  "vocab_size": 32,\n  oops\n}\n')
     with pytest.raises(ModelFormatError, match=r"config.json: line 3"):
         load_hf_dir(tmp_path, torch.float32)
+
+
+def test_unsupported_gguf_rope_scaling_is_refused(checkpoint: Path, tmp_path: Path) -> None:
+    import gguf
+
+    path = tmp_path / "yarn.gguf"
+    writer = GGUFWriter(path, "llama")
+    writer.add_block_count(1)
+    writer.add_embedding_length(64)
+    writer.add_feed_forward_length(128)
+    writer.add_head_count(4)
+    writer.add_vocab_size(32)
+    writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ModelFormatError, match="rope scaling type 'yarn' is not supported"):
+        GGUFFile(path).config()
+
+
+def test_saving_a_model_with_gguf_rope_freqs_is_refused(checkpoint: Path, tmp_path: Path) -> None:
+    model = load_hf_dir(checkpoint, torch.float32)
+    model.inv_freq = model.inv_freq / 2  # what load_gguf does with a rope_freqs tensor
+    with pytest.raises(ModelFormatError, match="rope_freqs"):
+        save_hf_dir(model, tmp_path / "out")
