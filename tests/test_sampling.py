@@ -68,12 +68,12 @@ def test_negative_top_k_is_rejected_with_range():
 
 
 def test_nan_temperature_is_rejected():
-    with pytest.raises(SamplingError, match=r"temperature must be a number, got nan"):
+    with pytest.raises(SamplingError, match=r"temperature must be a finite number, got nan"):
         SamplingParams(temperature=float("nan"))
 
 
 def test_nan_top_p_is_rejected():
-    with pytest.raises(SamplingError, match=r"top_p must be a number, got nan"):
+    with pytest.raises(SamplingError, match=r"top_p must be a finite number, got nan"):
         SamplingParams(top_p=float("nan"))
 
 
