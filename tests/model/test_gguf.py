@@ -205,3 +205,26 @@ def test_saving_a_model_with_gguf_rope_freqs_is_refused(checkpoint: Path, tmp_pa
     model.inv_freq = model.inv_freq / 2  # what load_gguf does with a rope_freqs tensor
     with pytest.raises(ModelFormatError, match="rope_freqs"):
         save_hf_dir(model, tmp_path / "out")
+
+
+def test_second_open_reads_the_index_not_the_file_header(
+    checkpoint: Path, tmp_path: Path, monkeypatch
+) -> None:
+    import gguf
+
+    path = write_gguf(checkpoint, tmp_path / "model.gguf", QType.Q8_0)
+    first = logits(load_gguf(GGUFFile(path), torch.float32), IDS)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("GGUFReader used although the index is current")
+
+    monkeypatch.setattr(gguf, "GGUFReader", refuse)
+    assert torch.equal(logits(load_gguf(GGUFFile(path), torch.float32), IDS), first)
+
+
+def test_a_rewritten_file_is_read_afresh(checkpoint: Path, tmp_path: Path) -> None:
+    path = write_gguf(checkpoint, tmp_path / "model.gguf", QType.Q8_0)
+    GGUFFile(path)
+    write_gguf(checkpoint, path, QType.F32)  # same path, new size and mtime
+    reread = GGUFFile(path)
+    assert {info.qtype for info in reread.tensor_infos} == {int(QType.F32)}
