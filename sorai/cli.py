@@ -46,8 +46,12 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
 def _add_sampling_args(parser: argparse.ArgumentParser, max_tokens: int) -> None:
     group = parser.add_argument_group("sampling")
     group.add_argument("-n", "--max-tokens", type=int, default=max_tokens)
-    group.add_argument("-t", "--temperature", type=float, default=None, help="0 = greedy")
-    group.add_argument("--top-p", type=float, default=None)
+    # The API's defaults are OpenAI's (temperature 1, top_p 1); at the terminal, as in Ollama,
+    # a little less randomness reads much better, small models most of all.
+    group.add_argument(
+        "-t", "--temperature", type=float, default=0.7, help="0 = greedy (default: %(default)s)"
+    )
+    group.add_argument("--top-p", type=float, default=0.9, help="(default: %(default)s)")
     group.add_argument("--top-k", type=int, default=None)
     group.add_argument("--min-p", type=float, default=None)
     group.add_argument("--repetition-penalty", type=float, default=None)

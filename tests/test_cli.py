@@ -267,3 +267,11 @@ def test_chat_unknown_command_is_reported_and_skipped(
 ) -> None:
     assert "unknown command /bogus; /help lists them" in chat_session.stderr
     assert chat_session.returncode == 0
+
+
+@pytest.mark.parametrize("verb", [["chat"], ["generate", "hi"]])
+def test_terminal_sampling_defaults_are_tempered(verb: list[str]) -> None:
+    from sorai.cli import build_parser
+
+    args = build_parser().parse_args(verb)
+    assert (args.temperature, args.top_p) == (0.7, 0.9)
