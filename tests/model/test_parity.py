@@ -129,3 +129,16 @@ def test_default_model_saved_as_hf_directory_matches_transformers(default_pair, 
     with torch.inference_mode():
         diff = (load_reference(tmp_path)(ids).logits - ours(ids)).abs().max().item()
     assert diff < 1e-4
+
+
+def test_inference_layout_from_load_model_keeps_the_logits(default_pair, default_gguf) -> None:
+    from sorai.model.loader import load_model
+
+    ours, reference = default_pair
+    relaid, _ = load_model(default_gguf, "float32", "cpu")
+    assert not relaid.layers["0"].mlp.up_proj.weight.is_contiguous()  # the layout did change
+    ids = prompt(64, vocab=49152)[None]
+    with torch.inference_mode():
+        diff = (relaid(ids)[0, -1] - reference(ids).logits[0, -1]).abs().max().item()
+    assert diff < 1e-4
+    assert sorai_greedy(relaid, ids[0], 32) == reference_greedy(reference, ids[0], 32)
