@@ -75,10 +75,11 @@ class LLM:
         vocab = self.model.config.vocab_size
         if isinstance(prompt, (bytes, bytearray)) or not isinstance(prompt, Sequence):
             raise SoraiError(f"a prompt is a string or a list of token ids, got {prompt!r:.60}")
-        bad = [t for t in prompt if not isinstance(t, int) or isinstance(t, bool)]
-        bad += [t for t in prompt if isinstance(t, int) and not 0 <= t < vocab]
-        if bad:
-            raise SoraiError(f"prompt token ids must be integers in [0, {vocab}), got {bad[0]!r}")
+        for token in prompt:
+            if not isinstance(token, int) or isinstance(token, bool) or not 0 <= token < vocab:
+                raise SoraiError(
+                    f"prompt token ids must be integers in [0, {vocab}), got {token!r}"
+                )
         return list(prompt)
 
     def save(self, path: str | os.PathLike) -> None:

@@ -74,10 +74,13 @@ def use_column_major_weights(model: Transformer) -> None:
     """
     relaid: dict[int, nn.Parameter] = {}
     for module in model.modules():
-        if isinstance(module, nn.Linear) and module.weight.dtype == torch.float32:
-            weight = module.weight
-            if id(weight) not in relaid:
-                column_major = weight.detach().t().contiguous().t()
-                relaid[id(weight)] = nn.Parameter(column_major, requires_grad=weight.requires_grad)
+        weight = getattr(module, "weight", None)
+        if isinstance(module, nn.Linear) and weight.dtype == torch.float32:
+            column_major = weight.detach().t().contiguous().t()
+            relaid[id(weight)] = nn.Parameter(column_major, requires_grad=weight.requires_grad)
+    # Every module holding a relaid weight gets the new one, so a tied embedding still shares
+    # the head's (largest) matrix instead of handing it back its old layout.
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, nn.Parameter) and id(weight) in relaid:
             module.weight = relaid[id(weight)]
-    model.tie_weights()  # a tied embedding shares the relaid head weight again

@@ -137,6 +137,8 @@ def test_inference_layout_from_load_model_keeps_the_logits(default_pair, default
     ours, reference = default_pair
     relaid, _ = load_model(default_gguf, "float32", "cpu")
     assert not relaid.layers["0"].mlp.up_proj.weight.is_contiguous()  # the layout did change
+    assert not relaid.lm_head.weight.is_contiguous()  # the tied head too, still shared
+    assert relaid.lm_head.weight is relaid.embed_tokens.weight
     ids = prompt(64, vocab=49152)[None]
     with torch.inference_mode():
         diff = (relaid(ids)[0, -1] - reference(ids).logits[0, -1]).abs().max().item()
