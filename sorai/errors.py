@@ -29,3 +29,11 @@ class DeviceError(SoraiError, ValueError):
 
 class HubError(SoraiError, RuntimeError):
     """A model could not be fetched into the cache or failed its checksum."""
+
+
+class QueueFullError(SoraiError, RuntimeError):
+    """The engine's waiting queue is full; retry later (HTTP 429)."""
+
+
+class EngineDeadError(SoraiError, RuntimeError):
+    """The engine stopped after an internal failure and serves no more requests (HTTP 503)."""

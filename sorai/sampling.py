@@ -26,6 +26,8 @@ __all__ = [
 # Temperatures below this are treated as greedy (as vLLM does): dividing float32 logits by a
 # near-zero temperature overflows to inf and the softmax turns into NaN.
 _GREEDY_EPS = 1e-5
+MAX_N = 128
+MAX_LOGPROBS = 20  # OpenAI's top_logprobs limit
 # torch.Generator.manual_seed accepts any value that fits in 64 bits unsigned.
 _SEED_LIMIT = 2**64
 
@@ -37,6 +39,32 @@ def _is_int(value: Any) -> bool:
 
 def _is_real(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _normalise_logit_bias(bias: Any) -> tuple[tuple[int, float], ...]:
+    """{token id (int or numeric string, as JSON sends it): bias} -> sorted ((id, bias), ...)."""
+    if bias is None:
+        return ()
+    items = bias.items() if isinstance(bias, Mapping) else bias
+    try:
+        pairs = list(items)
+    except TypeError:
+        raise SamplingError(f"logit_bias must map token ids to numbers, got {bias!r:.80}") from None
+    out: dict[int, float] = {}
+    for pair in pairs:
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise SamplingError(f"logit_bias must map token ids to numbers, got {bias!r:.80}")
+        key, value = pair
+        if isinstance(key, str) and key.strip().lstrip("-").isdigit():
+            key = int(key)
+        if not _is_int(key) or key < 0:
+            raise SamplingError(f"logit_bias keys must be token ids (integers >= 0), got {key!r}")
+        if not _is_real(value) or not math.isfinite(value) or not -100 <= value <= 100:
+            raise SamplingError(
+                f"logit_bias values must be numbers in [-100, 100], got {value!r} for token {key}"
+            )
+        out[key] = float(value)
+    return tuple(sorted(out.items()))
 
 
 @dataclass(frozen=True)
@@ -58,6 +86,11 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     min_tokens: int = 0
+    n: int = 1  # completions per prompt; they share the prompt's KV blocks
+    # None: no logprobs; k >= 0: the sampled token's logprob plus the k most likely tokens'.
+    logprobs: int | None = None
+    # token id -> bias added to its logit before sampling (OpenAI: -100 bans, 100 forces).
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
         # Normalise first (frozen, hence object.__setattr__), then validate the normalised values.
@@ -86,6 +119,7 @@ class SamplingParams:
                 f"stop_token_ids must be a list of token ids, got {type(ids).__name__} {ids!r}"
             )
         object.__setattr__(self, "stop_token_ids", ids)
+        object.__setattr__(self, "logit_bias", _normalise_logit_bias(self.logit_bias))
 
         for name in ("temperature", "top_p", "min_p", "repetition_penalty"):
             self._check_real(name)
@@ -122,6 +156,14 @@ class SamplingParams:
             raise SamplingError(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
         if not _is_int(self.min_tokens) or self.min_tokens < 0:
             raise SamplingError(f"min_tokens must be an integer >= 0, got {self.min_tokens!r}")
+        if not _is_int(self.n) or not 1 <= self.n <= MAX_N:
+            raise SamplingError(f"n must be an integer in [1, {MAX_N}], got {self.n!r}")
+        if self.logprobs is not None and (
+            not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS
+        ):
+            raise SamplingError(
+                f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}"
+            )
         if self.min_tokens > self.max_tokens:
             raise SamplingError(
                 f"min_tokens must be <= max_tokens ({self.max_tokens}), got {self.min_tokens!r}"
@@ -273,6 +315,17 @@ def process_logits(logits: Tensor, states: Sequence[SequenceState]) -> Tensor:
     # One copy up front: every later stage may then work in place.
     logits = logits.to(torch.float32, copy=True)
     params = [s.params for s in states]
+
+    for i, p in enumerate(params):
+        if p.logit_bias:
+            ids, values = zip(*p.logit_bias, strict=True)
+            index = torch.tensor(ids, dtype=torch.long, device=device)
+            if int(index.max()) >= logits.shape[1]:
+                raise SamplingError(
+                    f"logit_bias names token {int(index.max())}, past the vocabulary "
+                    f"({logits.shape[1]} tokens)"
+                )
+            logits[i].index_add_(0, index, torch.tensor(values, device=device))
 
     rows = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0]
     if rows:
