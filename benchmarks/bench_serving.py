@@ -1,0 +1,875 @@
+"""Online serving: sorai's server vs llama-cpp-python's server (and transformers), same work.
+
+    python benchmarks/bench_serving.py [--concurrency 1,4,16,64] [--max-tokens 64]
+        [--peers sorai,llama-cpp,transformers] [--sorai-url URL] [--llama-cpp-url URL]
+        [--no-llama-cpp] [--json out.json]
+
+Peers, run one after another (never two servers at once, so they do not share the cores):
+
+- sorai: `sorai serve --model M` on a free loopback port (or `--sorai-url` for a running one);
+- llama-cpp-python: `python -m llama_cpp.server` on the same GGUF file, from its own venv
+  (default ~/.cache/sorai/bench-venv, created and built from source on first use: slow on
+  a small machine; `--no-llama-cpp` skips it; `--llama-cpp-url` uses a running one);
+- transformers: `generate` on the same GGUF in float32, one stream, greedy: decode tokens/s as
+  in bench_generate.py ((N - 1) / (time(N tokens) - time(1 token)), median of rounds).
+
+Workload: the same fixed set of chat prompts for every server (built here with a fixed seed,
+~30-300 prompt tokens), temperature 0, `--max-tokens` each, every request streamed with
+`stream_options.include_usage`. Each concurrency level keeps C requests in flight until it has
+sent `--requests` (default max(8, 2*C)) or `--level-time` seconds have passed (then in-flight
+requests are cut: their tokens still count toward tokens/s, they count in no latency).
+
+Per request: TTFT (request sent -> first content chunk), TPOT ((e2e - TTFT) / (tokens - 1)),
+ITL (gaps between content chunks), e2e. Output tokens are the server's `usage.completion_tokens`
+(the count of content chunks where a server sends no usage), since not every peer can be told to
+ignore EOS. Per level: output tokens/s = all output tokens / wall time of the level.
+
+The HTTP client is a small asyncio HTTP/1.1 + SSE reader over the standard library: on a 2-core
+machine a heavier client would take CPU from the server it measures, and it stamps each chunk
+as its bytes arrive. It talks to loopback addresses only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import ipaddress
+import json
+import os
+import random
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from sorai import hub
+
+SORAI = "sorai"
+LLAMA_CPP = "llama-cpp"
+TRANSFORMERS = "transformers"
+ALL_PEERS = (SORAI, LLAMA_CPP, TRANSFORMERS)
+DEFAULT_BENCH_VENV = Path("~/.cache/sorai/bench-venv").expanduser()
+
+# Goals from the serving issue.
+GOAL_THROUGHPUT_RATIO = 3.0  # sorai output tok/s at concurrency 16 vs llama-cpp-python's
+GOAL_TTFT_S = 1.1  # sorai mean TTFT at concurrency 16
+GOAL_DECODE_RATIO = 3.0  # sorai single-stream decode tok/s vs transformers fp32
+GOAL_CONCURRENCY = 16
+
+
+# ----------------------------------------------------------------------------------------------
+# Workload
+
+
+TOPICS = [
+    "photosynthesis", "the French Revolution", "black holes", "compound interest",
+    "the water cycle", "plate tectonics", "the immune system", "machine learning",
+    "the Roman Empire", "climate change", "the printing press", "vaccines", "volcanoes",
+    "the stock market", "renewable energy", "the human brain", "DNA replication", "jazz music",
+    "the Silk Road", "quantum computing", "honeybees", "the Great Wall of China", "inflation",
+    "the Moon landing", "coral reefs", "public key cryptography", "the Industrial Revolution",
+    "sleep", "electric cars", "the Olympic Games", "tea", "earthquakes", "the internet",
+    "Shakespeare", "rainforests", "the periodic table", "bread baking", "supply and demand",
+    "the solar system", "ancient Egypt",
+]  # fmt: skip
+
+TASKS = [
+    "What is {t}? Answer in a few sentences.",
+    "Explain {t} to a ten-year-old.",
+    "Give me three interesting facts about {t}.",
+    "Why does {t} matter today?",
+    "Write a short paragraph about {t}.",
+    "What are the most common misconceptions about {t}?",
+    "Summarise the history of {t} in simple words.",
+    "How would you teach {t} in a one-hour class?",
+    "List the key ideas someone should know about {t}.",
+    "Compare {t} with something from everyday life.",
+]
+
+CONTEXT_SENTENCES = [
+    "I am preparing a short presentation for my colleagues next week.",
+    "Most of them have no background in science or history.",
+    "They enjoy concrete examples more than abstract definitions.",
+    "Last time I spoke for too long, so this time I want to be brief.",
+    "Please avoid jargon unless you explain it right away.",
+    "A few people in the audience are quite sceptical and like to ask hard questions.",
+    "I would also like one surprising detail that people will remember.",
+    "If there is a common mistake people make about this topic, point it out.",
+    "We meet in a small room with a whiteboard but no projector.",
+    "The talk is part of a series where everyone teaches something they find interesting.",
+    "My own background is in accounting, so I am learning this topic myself.",
+    "I read a couple of articles already but they contradicted each other.",
+    "Feel free to use an analogy if it makes the idea easier to grasp.",
+    "Keep in mind that some listeners are not native English speakers.",
+    "I want the structure to be clear: an opening, the main point and a short close.",
+    "Numbers are fine, but only a few and only if they are memorable.",
+]
+
+
+def build_prompts(count: int = 64, seed: int = 0) -> list[list[dict[str, str]]]:
+    """`count` chat conversations, the same for a given seed: a question after some context."""
+    rng = random.Random(seed)
+    prompts = []
+    for _ in range(count):
+        topic = TOPICS[rng.randrange(len(TOPICS))]
+        question = TASKS[rng.randrange(len(TASKS))].format(t=topic)
+        # 0-16 sentences of context: prompts of ~35 to ~300 tokens with the chat template.
+        n_context = rng.randint(0, len(CONTEXT_SENTENCES))
+        context = " ".join(rng.sample(CONTEXT_SENTENCES, n_context))
+        content = f"{context} {question}".strip()
+        prompts.append([{"role": "user", "content": content}])
+    return prompts
+
+
+# ----------------------------------------------------------------------------------------------
+# HTTP client: asyncio streams, HTTP/1.1, one connection per request, SSE lines as they come
+
+
+def check_loopback(url: str) -> str:
+    """The base URL without a trailing "/" or "/v1"; refuses anything but a loopback host."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if parts.scheme != "http":
+        raise SystemExit(f"bench_serving: {url}: only plain http:// URLs are supported")
+    loopback = host == "localhost"
+    with contextlib.suppress(ValueError):
+        loopback = loopback or ipaddress.ip_address(host).is_loopback
+    if not loopback:
+        raise SystemExit(f"bench_serving: {url}: this benchmark only talks to loopback addresses")
+    base = url.rstrip("/")
+    return base.removesuffix("/v1")
+
+
+class HTTPError(Exception):
+    pass
+
+
+async def _request(
+    url: str, method: str, body: dict[str, Any] | None
+) -> tuple[int, asyncio.StreamReader, asyncio.StreamWriter, dict[str, str]]:
+    parts = urlsplit(url)
+    port = parts.port or 80
+    reader, writer = await asyncio.open_connection(parts.hostname, port, limit=1 << 20)
+    payload = json.dumps(body).encode() if body is not None else b""
+    head = (
+        f"{method} {parts.path or '/'} HTTP/1.1\r\nHost: {parts.hostname}:{port}\r\n"
+        "Connection: close\r\nAccept: text/event-stream, application/json\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
+    )
+    writer.write(head.encode() + payload)
+    await writer.drain()
+    status_line = await reader.readline()
+    try:
+        status = int(status_line.split()[1])
+    except (IndexError, ValueError):
+        writer.close()
+        raise HTTPError(f"bad status line {status_line!r}") from None
+    headers = {}
+    while (line := await reader.readline()) not in (b"\r\n", b"\n", b""):
+        name, _, value = line.decode("latin-1").partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return status, reader, writer, headers
+
+
+async def _body(reader: asyncio.StreamReader, headers: dict[str, str]) -> AsyncIterator[bytes]:
+    if "chunked" in headers.get("transfer-encoding", "").lower():
+        while True:
+            size = int((await reader.readline()).split(b";")[0].strip() or b"0", 16)
+            if size == 0:
+                while (await reader.readline()) not in (b"\r\n", b"\n", b""):
+                    pass
+                return
+            yield (await reader.readexactly(size + 2))[:-2]
+    elif "content-length" in headers:
+        yield await reader.readexactly(int(headers["content-length"]))
+    else:
+        while data := await reader.read(1 << 16):
+            yield data
+
+
+async def get_json(url: str) -> tuple[int, Any]:
+    status, reader, writer, headers = await _request(url, "GET", None)
+    try:
+        data = b"".join([chunk async for chunk in _body(reader, headers)])
+    finally:
+        writer.close()
+    try:
+        return status, json.loads(data)
+    except ValueError:
+        return status, data.decode(errors="replace")
+
+
+@dataclass
+class RequestResult:
+    index: int
+    prompt_tokens: int = 0
+    output_tokens: int = 0  # usage.completion_tokens, else content chunks
+    chunks: int = 0  # content chunks received
+    usage_reported: bool = False
+    ttft: float | None = None
+    e2e: float = 0.0
+    itls: list[float] = field(default_factory=list)
+    finished: bool = False
+    error: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.finished and not self.error
+
+    @property
+    def tpot(self) -> float | None:
+        if not self.ok or self.ttft is None or self.output_tokens < 2:
+            return None
+        return (self.e2e - self.ttft) / (self.output_tokens - 1)
+
+
+async def stream_chat(base: str, body: dict[str, Any], result: RequestResult) -> None:
+    """POST /v1/chat/completions with stream=True; fills `result` as chunks arrive."""
+    started = time.perf_counter()
+    last = started
+    try:
+        status, reader, writer, headers = await _request(
+            base + "/v1/chat/completions", "POST", body
+        )
+    except (OSError, HTTPError) as exc:
+        result.error = f"connect: {exc}"
+        result.finished = True
+        return
+    try:
+        if status != 200:
+            data = b"".join([chunk async for chunk in _body(reader, headers)])
+            result.error = f"HTTP {status}: {data[:300].decode(errors='replace')}"
+            return
+        pending = b""
+        async for data in _body(reader, headers):
+            now = time.perf_counter()
+            pending += data
+            *lines, pending = pending.split(b"\n")
+            for raw in lines:
+                line = raw.strip()
+                if not line.startswith(b"data:"):
+                    continue
+                payload = line[5:].strip()
+                if payload == b"[DONE]":
+                    continue
+                event = json.loads(payload)
+                if "error" in event:
+                    result.error = str(event["error"])[:300]
+                    continue
+                usage = event.get("usage")
+                if usage:
+                    result.usage_reported = True
+                    result.prompt_tokens = usage.get("prompt_tokens", 0)
+                    result.output_tokens = usage.get("completion_tokens", 0)
+                for choice in event.get("choices") or []:
+                    if (choice.get("delta") or {}).get("content"):
+                        result.chunks += 1
+                        if result.ttft is None:
+                            result.ttft = now - started
+                        else:
+                            result.itls.append(now - last)
+                        last = now
+        if not result.usage_reported:
+            result.output_tokens = result.chunks
+        result.e2e = time.perf_counter() - started
+        result.finished = True
+    except (OSError, HTTPError, ValueError, asyncio.IncompleteReadError) as exc:
+        result.error = f"{type(exc).__name__}: {exc}"
+        result.finished = True
+    finally:
+        writer.close()
+
+
+def request_body(
+    model_id: str, messages: list[dict[str, str]], max_tokens: int, ignore_eos: bool
+) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "model": model_id,
+        "messages": messages,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    if ignore_eos:
+        body["ignore_eos"] = True
+    return body
+
+
+# ----------------------------------------------------------------------------------------------
+# One concurrency level, and its summary
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Linear-interpolated percentile (q in 0..100), as numpy's default."""
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    pos = (len(ordered) - 1) * q / 100
+    low = int(pos)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
+
+
+def mean(values: Sequence[float]) -> float:
+    return statistics.fmean(values) if values else float("nan")
+
+
+@dataclass
+class LevelSummary:
+    peer: str
+    concurrency: int
+    sent: int
+    completed: int
+    errors: int
+    cut: int
+    wall_s: float
+    output_tokens: int
+    output_tok_s: float
+    mean_prompt_tokens: float
+    ttft_mean: float
+    ttft_p50: float
+    ttft_p99: float
+    tpot_mean: float
+    itl_mean: float
+    e2e_mean: float
+    decode_tok_s: float  # sum(tokens - 1) / sum(e2e - TTFT): per-stream decode speed
+    usage_reported: bool
+    first_error: str = ""
+
+
+def summarize(
+    peer: str, concurrency: int, results: list[RequestResult], wall: float
+) -> LevelSummary:
+    ok = [r for r in results if r.ok]
+    cut = [r for r in results if not r.finished]
+    errors = [r for r in results if r.finished and not r.ok]
+    tokens = sum(r.output_tokens for r in ok) + sum(r.chunks for r in cut)
+    ttfts = [r.ttft for r in ok if r.ttft is not None]
+    tpots = [t for r in ok if (t := r.tpot) is not None]
+    itls = [gap for r in ok for gap in r.itls]
+    decoding = [r for r in ok if r.tpot is not None]
+    decode_tokens = sum(r.output_tokens - 1 for r in decoding)
+    decode_time = sum(r.e2e - (r.ttft or 0.0) for r in decoding)
+    return LevelSummary(
+        peer=peer,
+        concurrency=concurrency,
+        sent=len(results),
+        completed=len(ok),
+        errors=len(errors),
+        cut=len(cut),
+        wall_s=wall,
+        output_tokens=tokens,
+        output_tok_s=tokens / wall if wall > 0 else float("nan"),
+        mean_prompt_tokens=mean([r.prompt_tokens for r in ok if r.usage_reported]),
+        ttft_mean=mean(ttfts),
+        ttft_p50=percentile(ttfts, 50),
+        ttft_p99=percentile(ttfts, 99),
+        tpot_mean=mean(tpots),
+        itl_mean=mean(itls),
+        e2e_mean=mean([r.e2e for r in ok]),
+        decode_tok_s=decode_tokens / decode_time if decode_time > 0 else float("nan"),
+        usage_reported=bool(ok) and all(r.usage_reported for r in ok),
+        first_error=errors[0].error if errors else "",
+    )
+
+
+async def run_level(
+    base: str,
+    bodies: Sequence[dict[str, Any]],
+    concurrency: int,
+    n_requests: int,
+    time_limit: float,
+) -> tuple[list[RequestResult], float]:
+    """Keep `concurrency` requests in flight until n_requests are sent or time runs out."""
+    results: list[RequestResult] = []
+    started = time.perf_counter()
+    deadline = started + time_limit
+
+    async def worker() -> None:
+        while len(results) < n_requests and time.perf_counter() < deadline:
+            result = RequestResult(index=len(results))
+            results.append(result)
+            await stream_chat(base, bodies[result.index % len(bodies)], result)
+
+    tasks = [asyncio.create_task(worker()) for _ in range(concurrency)]
+    _, pending = await asyncio.wait(tasks, timeout=time_limit)
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    return results, time.perf_counter() - started
+
+
+async def model_id_of(base: str, fallback: str) -> str:
+    """The first model id the server lists (servers differ in what name they accept)."""
+    with contextlib.suppress(OSError, HTTPError, ValueError, KeyError, IndexError, TypeError):
+        status, data = await get_json(base + "/v1/models")
+        if status == 200:
+            return data["data"][0]["id"]
+    return fallback
+
+
+async def bench_server(
+    peer: str, base: str, args: argparse.Namespace, summaries: list[LevelSummary]
+) -> None:
+    """Warm the server with one request, then run each level; appends to `summaries`."""
+    model_id = await model_id_of(base, args.model)
+    prompts = build_prompts(args.prompts, args.seed)
+    bodies = [request_body(model_id, p, args.max_tokens, args.ignore_eos) for p in prompts]
+    warm = RequestResult(index=-1)
+    await stream_chat(base, bodies[0], warm)
+    if not warm.ok:
+        raise HTTPError(f"warm-up request failed: {warm.error or 'no content'}")
+    if not warm.usage_reported:
+        print(f"  {peer}: no usage in the stream; counting content chunks as tokens")
+    for concurrency in args.concurrency:
+        n_requests = args.requests or max(8, 2 * concurrency)
+        print(f"  {peer}: concurrency {concurrency}, {n_requests} requests ...", flush=True)
+        results, wall = await run_level(base, bodies, concurrency, n_requests, args.level_time)
+        summary = summarize(peer, concurrency, results, wall)
+        summaries.append(summary)
+        print(
+            f"  {peer}: concurrency {concurrency}: {summary.output_tok_s:.1f} output tok/s, "
+            f"mean TTFT {fmt(summary.ttft_mean)} s, {summary.completed}/{summary.sent} done "
+            f"in {wall:.1f} s" + (f", {summary.cut} cut at the time limit" if summary.cut else ""),
+            flush=True,
+        )
+        if summary.first_error:
+            print(f"  {peer}: {summary.errors} errors, first: {summary.first_error}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Server processes
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def http_status(url: str) -> int | None:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except (OSError, ValueError):
+        return None
+
+
+class Server:
+    """A server subprocess in its own session, so it and its children die together."""
+
+    def __init__(self, name: str, command: list[str], base: str, ready_path: str) -> None:
+        self.name, self.command, self.base, self.ready_path = name, command, base, ready_path
+        self.log = tempfile.NamedTemporaryFile(  # noqa: SIM115 - lives as long as the server
+            prefix=f"bench-{name}-", suffix=".log", delete=False
+        )
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float) -> None:
+        print(f"  starting {self.name}: {' '.join(self.command)}  (log {self.log.name})")
+        self.process = subprocess.Popen(
+            self.command,
+            stdin=subprocess.DEVNULL,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        started = time.monotonic()
+        while time.monotonic() - started < timeout:
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"{self.name} exited with code {self.process.returncode}:\n{self.tail()}"
+                )
+            if http_status(self.base + self.ready_path) == 200:
+                print(f"  {self.name} ready in {time.monotonic() - started:.1f} s at {self.base}")
+                return
+            time.sleep(0.5)
+        raise RuntimeError(f"{self.name} not ready after {timeout:.0f} s:\n{self.tail()}")
+
+    def tail(self, lines: int = 20) -> str:
+        with contextlib.suppress(ValueError):
+            self.log.flush()
+        text = Path(self.log.name).read_text(errors="replace")
+        return "\n".join(text.splitlines()[-lines:])
+
+    def stop(self) -> None:
+        self.log.close()
+        if self.process is None or self.process.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+
+@contextlib.contextmanager
+def running(server: Server, timeout: float) -> Iterator[str]:
+    try:
+        server.start(timeout)
+        yield server.base
+    finally:
+        server.stop()
+
+
+def sorai_command(args: argparse.Namespace, port: int) -> list[str]:
+    script = Path(sys.executable).with_name("sorai")
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "sorai.cli"]
+    command += ["serve", "--model", args.model, "--host", "127.0.0.1", "--port", str(port)]
+    if args.dtype:
+        command += ["--dtype", args.dtype]
+    return command
+
+
+def llama_cpp_python(venv: Path) -> Path | None:
+    """The venv's interpreter once llama_cpp.server imports there; installs it on first use."""
+    python = venv / "bin" / "python"
+    check = [str(python), "-c", "import llama_cpp, llama_cpp.server"]
+    if python.exists() and subprocess.run(check, capture_output=True).returncode == 0:
+        return python
+    log = venv.with_name(venv.name + "-install.log")
+    print(
+        f"  llama-cpp-python: installing into {venv} (built from source with cmake; this can "
+        f"take many minutes on a small machine; log {log})",
+        flush=True,
+    )
+    venv.parent.mkdir(parents=True, exist_ok=True)
+    steps = [
+        [sys.executable, "-m", "venv", str(venv)],
+        [str(python), "-m", "pip", "install", "--upgrade", "pip"],
+        [str(python), "-m", "pip", "install", "-v", "llama-cpp-python[server]"],
+    ]
+    env = dict(os.environ)
+    env.setdefault("CMAKE_ARGS", "-DGGML_NATIVE=ON")
+    started = time.monotonic()
+    next_note = started + 30
+    with open(log, "w") as out:
+        for step in steps:
+            process = subprocess.Popen(step, stdout=out, stderr=subprocess.STDOUT, env=env)
+            try:
+                while process.poll() is None:
+                    time.sleep(1)
+                    if time.monotonic() >= next_note:
+                        next_note += 30
+                        elapsed = time.monotonic() - started
+                        print(f"  llama-cpp-python: installing ({elapsed:.0f} s) {progress(log)}")
+            finally:
+                if process.poll() is None:
+                    process.terminate()
+                    process.wait()
+            if process.returncode != 0:
+                tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
+                print(f"  llama-cpp-python: install failed ({' '.join(step)}):\n{tail}")
+                return None
+    if subprocess.run(check, capture_output=True).returncode != 0:
+        print("  llama-cpp-python: installed but llama_cpp.server does not import")
+        return None
+    print(f"  llama-cpp-python: installed in {time.monotonic() - started:.0f} s")
+    return python
+
+
+def progress(log: Path) -> str:
+    """The build step ("[34/193]") or the last line of the install log."""
+    lines = log.read_text(errors="replace").splitlines()
+    for line in reversed(lines[-50:]):
+        step = line.strip().split(" ", 1)[0]
+        if step.startswith("[") and step.endswith("]") and "/" in step:
+            return f"build step {step}"
+    return lines[-1].strip()[:80] if lines else ""
+
+
+def llama_cpp_command(python: Path, gguf: Path, port: int, threads: int) -> list[str]:
+    return [
+        str(python), "-m", "llama_cpp.server", "--model", str(gguf),
+        "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048",
+        "--n_threads", str(threads), "--n_threads_batch", str(threads),
+    ]  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------
+# transformers: single-stream decode tokens/s in float32
+
+
+def bench_transformers(path: Path, args: argparse.Namespace) -> float:
+    """Decode tok/s of transformers `generate`, fp32, greedy, on the median-length prompt.
+
+    (N - 1) / (median time(N new tokens) - median time(1 new token)) over `--rounds`, with
+    N = `--decode-tokens`, as in bench_generate.py: prefill and start-up cost cancel out.
+    """
+    import torch
+    from transformers.utils import logging as transformers_logging
+
+    from sorai.model.gguf import GGUFFile
+    from sorai.model.tokenizer import Tokenizer
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_generate import load_reference, time_reference
+
+    transformers_logging.disable_progress_bar()
+    if path.is_dir():
+        tokenizer = Tokenizer.from_dir(path)
+    else:
+        tokenizer = Tokenizer.from_gguf_metadata(GGUFFile(path).metadata)
+    prompts = [tokenizer.encode_chat(p) for p in build_prompts(args.prompts, args.seed)]
+    ids = sorted(prompts, key=len)[len(prompts) // 2]
+    ref = load_reference(path, torch.float32)
+    n = args.decode_tokens
+    print(f"  transformers: prompt {len(ids)} tokens, {n} new tokens, float32", flush=True)
+    time_reference(ref, ids, 8)  # warm-up
+    short, long = [], []
+    for _ in range(args.rounds):
+        short.append(time_reference(ref, ids, 1))
+        long.append(time_reference(ref, ids, n))
+    spent = statistics.median(long) - statistics.median(short)
+    rate = (n - 1) / spent if spent > 0 else float("nan")
+    print(f"  transformers: {rate:.1f} tok/s decode ({args.rounds} rounds)", flush=True)
+    return rate
+
+
+# ----------------------------------------------------------------------------------------------
+# Report
+
+
+def fmt(value: float, digits: int = 3) -> str:
+    return "-" if value != value else f"{value:.{digits}f}"  # NaN -> "-"
+
+
+def print_table(summaries: list[LevelSummary]) -> None:
+    header = (
+        f"{'peer':10s} {'conc':>4s} {'reqs':>7s} {'out tok':>7s} {'tok/s':>7s} "
+        f"{'TTFT mean':>9s} {'p50':>6s} {'p99':>6s} {'TPOT ms':>7s} {'ITL ms':>6s} "
+        f"{'e2e s':>6s} {'prompt':>6s}"
+    )
+    print(header)
+    print("-" * len(header))
+    for s in summaries:
+        reqs = f"{s.completed}/{s.sent}"
+        print(
+            f"{s.peer:10s} {s.concurrency:4d} {reqs:>7s} {s.output_tokens:7d} "
+            f"{fmt(s.output_tok_s, 1):>7s} {fmt(s.ttft_mean):>9s} {fmt(s.ttft_p50):>6s} "
+            f"{fmt(s.ttft_p99):>6s} {fmt(s.tpot_mean * 1000, 1):>7s} "
+            f"{fmt(s.itl_mean * 1000, 1):>6s} {fmt(s.e2e_mean, 2):>6s} "
+            f"{fmt(s.mean_prompt_tokens, 0):>6s}"
+        )
+
+
+def goal_line(name: str, value: float | None, target: str, met: bool | None) -> str:
+    verdict = "n/a (peer not measured)" if met is None else ("MET" if met else "NOT MET")
+    shown = "-" if value is None else f"{value:.2f}"
+    return f"  {name:52s} {shown:>8s}  goal {target:8s} {verdict}"
+
+
+def report(
+    summaries: list[LevelSummary], transformers_tok_s: float | None, levels: Sequence[int]
+) -> dict[str, Any]:
+    by = {(s.peer, s.concurrency): s for s in summaries}
+    print()
+    print_table(summaries)
+    print()
+    print("sorai / llama-cpp-python, aggregate output tok/s:")
+    ratios: dict[str, float] = {}
+    for c in levels:
+        ours, theirs = by.get((SORAI, c)), by.get((LLAMA_CPP, c))
+        if ours and theirs and theirs.output_tok_s > 0:
+            ratios[str(c)] = ours.output_tok_s / theirs.output_tok_s
+            print(
+                f"  concurrency {c:3d}: {ours.output_tok_s:7.1f} / {theirs.output_tok_s:7.1f} "
+                f"= {ratios[str(c)]:.2f}x"
+            )
+    if not ratios:
+        print("  n/a (both peers are needed)")
+    single = by.get((SORAI, 1))
+    decode_ratio = None
+    if single and transformers_tok_s and transformers_tok_s > 0:
+        decode_ratio = single.decode_tok_s / transformers_tok_s
+        print(
+            f"sorai single-stream decode {single.decode_tok_s:.1f} tok/s / transformers fp32 "
+            f"{transformers_tok_s:.1f} tok/s = {decode_ratio:.2f}x"
+        )
+    ours16 = by.get((SORAI, GOAL_CONCURRENCY))
+    ratio16 = ratios.get(str(GOAL_CONCURRENCY))
+    ttft16 = ours16.ttft_mean if ours16 else None
+    goals = {
+        "throughput_ratio_c16": (
+            ratio16,
+            None if ratio16 is None else ratio16 >= GOAL_THROUGHPUT_RATIO,
+        ),
+        "ttft_mean_c16_s": (ttft16, None if ttft16 is None else ttft16 < GOAL_TTFT_S),
+        "decode_ratio_vs_transformers": (
+            decode_ratio,
+            None if decode_ratio is None else decode_ratio >= GOAL_DECODE_RATIO,
+        ),
+    }
+    print()
+    print("Goals:")
+    print(
+        goal_line(
+            f"output tok/s at concurrency {GOAL_CONCURRENCY}, sorai / llama-cpp-python",
+            goals["throughput_ratio_c16"][0],
+            f">= {GOAL_THROUGHPUT_RATIO:g}x",
+            goals["throughput_ratio_c16"][1],
+        )
+    )
+    print(
+        goal_line(
+            f"sorai mean TTFT at concurrency {GOAL_CONCURRENCY} (s)",
+            goals["ttft_mean_c16_s"][0],
+            f"< {GOAL_TTFT_S:g} s",
+            goals["ttft_mean_c16_s"][1],
+        )
+    )
+    print(
+        goal_line(
+            "sorai single-stream decode / transformers fp32",
+            goals["decode_ratio_vs_transformers"][0],
+            f">= {GOAL_DECODE_RATIO:g}x",
+            goals["decode_ratio_vs_transformers"][1],
+        )
+    )
+    return {
+        "levels": [dataclasses.asdict(s) for s in summaries],
+        "transformers_fp32_decode_tok_s": transformers_tok_s,
+        "sorai_over_llama_cpp_tok_s": ratios,
+        "sorai_decode_over_transformers": decode_ratio,
+        "goals": {name: {"value": v, "met": m} for name, (v, m) in goals.items()},
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default=hub.DEFAULT_MODEL)
+    parser.add_argument("--dtype", default=None, help="passed to `sorai serve --dtype`")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--concurrency", default="1,4,16,64", help="comma-separated levels")
+    parser.add_argument(
+        "--requests", type=int, default=0, help="requests per level (default max(8, 2*C))"
+    )
+    parser.add_argument("--level-time", type=float, default=120.0, help="seconds per level")
+    parser.add_argument("--prompts", type=int, default=64, help="distinct prompts")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the prompt set")
+    parser.add_argument("--peers", default=",".join(ALL_PEERS))
+    parser.add_argument("--sorai-url", default=None, help="use this running sorai server")
+    parser.add_argument("--llama-cpp-url", default=None, help="use this running llama.cpp server")
+    parser.add_argument("--no-llama-cpp", action="store_true", help="skip llama-cpp-python")
+    parser.add_argument("--bench-venv", type=Path, default=DEFAULT_BENCH_VENV)
+    parser.add_argument(
+        "--llama-cpp-threads", type=int, default=os.cpu_count() or 1, help="(default: all cores)"
+    )
+    parser.add_argument(
+        "--ignore-eos", action="store_true", help="send ignore_eos (not every server takes it)"
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="transformers timing rounds")
+    parser.add_argument(
+        "--decode-tokens", type=int, default=128, help="transformers: new tokens per round"
+    )
+    parser.add_argument("--startup-timeout", type=float, default=600.0)
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = parser.parse_args(argv)
+    args.concurrency = [int(c) for c in args.concurrency.split(",") if c.strip()]
+    args.peers = [p.strip() for p in args.peers.split(",") if p.strip()]
+    unknown = set(args.peers) - set(ALL_PEERS)
+    if unknown:
+        parser.error(f"unknown peers {sorted(unknown)}; choose from {','.join(ALL_PEERS)}")
+    if args.sorai_url:
+        args.sorai_url = check_loopback(args.sorai_url)
+    if args.llama_cpp_url:
+        args.llama_cpp_url = check_loopback(args.llama_cpp_url)
+    if args.no_llama_cpp and LLAMA_CPP in args.peers:
+        args.peers.remove(LLAMA_CPP)
+    return args
+
+
+def without_nan(value: Any) -> Any:
+    """`value` with NaN floats as None, so the JSON file is standard JSON."""
+    if isinstance(value, float) and value != value:
+        return None
+    if isinstance(value, dict):
+        return {k: without_nan(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [without_nan(v) for v in value]
+    return value
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    # SIGTERM and SIGHUP end the run like Ctrl-C does: the servers are stopped on the way out.
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _interrupt)
+    path = hub.resolve(args.model, progress=print)
+    print(
+        f"model {args.model} ({path.name}), max_tokens {args.max_tokens}, temperature 0, "
+        f"concurrency {args.concurrency}, peers {','.join(args.peers)}, {os.cpu_count()} cores"
+    )
+    summaries: list[LevelSummary] = []
+    transformers_tok_s = None
+    try:
+        if SORAI in args.peers:
+            print(f"{SORAI}:")
+            try:
+                if args.sorai_url:
+                    asyncio.run(bench_server(SORAI, args.sorai_url, args, summaries))
+                else:
+                    port = free_port()
+                    base = f"http://127.0.0.1:{port}"
+                    server = Server(SORAI, sorai_command(args, port), base, "/health")
+                    with running(server, args.startup_timeout):
+                        asyncio.run(bench_server(SORAI, base, args, summaries))
+            except (RuntimeError, HTTPError, OSError) as exc:
+                print(f"  {SORAI}: skipped: {exc}")
+        if LLAMA_CPP in args.peers:
+            print("llama-cpp-python:")
+            try:
+                if args.llama_cpp_url:
+                    asyncio.run(bench_server(LLAMA_CPP, args.llama_cpp_url, args, summaries))
+                elif path.suffix != ".gguf":
+                    print(f"  {LLAMA_CPP}: skipped: {path} is not a GGUF file")
+                elif python := llama_cpp_python(args.bench_venv):
+                    port = free_port()
+                    base = f"http://127.0.0.1:{port}"
+                    command = llama_cpp_command(python, path, port, args.llama_cpp_threads)
+                    with running(Server(LLAMA_CPP, command, base, "/v1/models"), 300):
+                        asyncio.run(bench_server(LLAMA_CPP, base, args, summaries))
+                else:
+                    print(f"  {LLAMA_CPP}: skipped (not installed)")
+            except (RuntimeError, HTTPError, OSError) as exc:
+                print(f"  {LLAMA_CPP}: skipped: {exc}")
+        if TRANSFORMERS in args.peers:
+            print("transformers:")
+            transformers_tok_s = bench_transformers(path, args)
+    except KeyboardInterrupt:
+        print("\ninterrupted; servers stopped; results so far:")
+    results = report(summaries, transformers_tok_s, args.concurrency)
+    if args.json:
+        args.json.write_text(json.dumps(without_nan(results), indent=2) + "\n")
+        print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
