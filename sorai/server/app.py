@@ -1,0 +1,54 @@
+"""The FastAPI app: routes, error handlers, auth and body-size middleware, engine lifecycle."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
+
+from fastapi import FastAPI
+
+import sorai
+from sorai.server import chat, completions, routes
+from sorai.server.auth import APIKeyMiddleware
+from sorai.server.body import BodyLimitMiddleware
+from sorai.server.errors import install_error_handlers
+from sorai.server.state import ServerSettings, ServerState
+
+if TYPE_CHECKING:
+    from sorai.engine.async_engine import AsyncEngine
+
+
+def create_app(engine: AsyncEngine, settings: ServerSettings | None = None) -> FastAPI:
+    """An app serving `engine`; the app starts the engine on startup and stops it on shutdown."""
+    settings = settings or ServerSettings()
+    state = ServerState(engine, settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await engine.start()
+        try:
+            yield
+        finally:
+            # In-flight requests get shutdown_timeout seconds, then the rest are aborted.
+            await engine.stop(timeout=settings.shutdown_timeout)
+
+    # No /docs: the handlers read their bodies themselves (for 400s instead of 422s), so the
+    # generated schema would be empty; OpenAI's own API reference describes these routes.
+    app = FastAPI(
+        title="sorai",
+        version=sorai.__version__,
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
+    app.state.sorai = state
+    install_error_handlers(app)
+    app.include_router(chat.router)
+    app.include_router(completions.router)
+    app.include_router(routes.router)
+    # Added last = runs first: a request without a valid key is refused before its body is read.
+    app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
+    app.add_middleware(APIKeyMiddleware, keys=settings.api_keys)
+    return app

@@ -1,0 +1,159 @@
+"""POST /v1/chat/completions."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter
+from starlette.requests import Request
+from starlette.responses import Response
+
+from sorai.server.body import read_json
+from sorai.server.logprobs import TokenText, chat_logprobs
+from sorai.server.protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatLogprobs,
+    DeltaMessage,
+)
+from sorai.server.responses import (
+    DONE,
+    EventStream,
+    UsageTally,
+    aborted,
+    guarded,
+    json_response,
+    new_id,
+    sse,
+)
+from sorai.server.runner import Generation, unless_disconnected
+from sorai.server.state import get_state
+
+router = APIRouter()
+
+
+class _Reply:
+    """One chat request's identity and options, shared by the streamed and whole answers."""
+
+    def __init__(self, body: ChatCompletionRequest, model: str, n: int, token_text: TokenText):
+        self.id = new_id("chatcmpl")
+        self.created = int(time.time())
+        self.model = model
+        self.n = n
+        self.logprobs = bool(body.logprobs)
+        self.include_usage = body.include_usage
+        self.token_text = token_text
+
+    def logprobs_of(self, entries: list | None) -> ChatLogprobs | None:
+        if not self.logprobs:
+            return None
+        return ChatLogprobs(content=chat_logprobs(entries or [], self.token_text))
+
+
+@router.post("/v1/chat/completions")
+async def create_chat_completion(request: Request) -> Response:
+    arrival = time.perf_counter()
+    state = get_state(request)
+    body = await read_json(request, ChatCompletionRequest)
+    body.check()
+    model = state.resolve_model(body.model)
+    engine = state.engine
+    prompt_ids = engine.tokenizer.encode_chat(body.template_messages())
+    params = body.sampling_params(len(prompt_ids), engine.context_length)
+    reply = _Reply(body, model, params.n, state.token_text)
+    generation = Generation(state, [(prompt_ids, params)], reply.id, arrival)
+    generation.check()
+    await unless_disconnected(request, generation.start())
+    if body.stream:
+        return EventStream(guarded(_stream(reply, generation)), on_close=generation.close)
+    try:
+        return await unless_disconnected(request, _collect(reply, generation))
+    finally:
+        await generation.close()
+
+
+async def _collect(reply: _Reply, generation: Generation) -> Response:
+    texts: list[list[str]] = [[] for _ in range(reply.n)]
+    logprobs: list[list] = [[] for _ in range(reply.n)]
+    finish: list[str | None] = [None] * reply.n
+    tally = UsageTally(1)
+    async for i, output in generation.outputs():
+        tally.add(i, output)
+        for delta in output.choices:
+            texts[delta.index].append(delta.text)
+            if delta.logprobs:
+                logprobs[delta.index] += delta.logprobs
+            if delta.finish_reason is not None:
+                finish[delta.index] = delta.finish_reason
+    if "abort" in finish or None in finish:
+        raise aborted()
+    choices = [
+        ChatChoice(
+            index=j,
+            message=AssistantMessage(content="".join(texts[j])),
+            logprobs=reply.logprobs_of(logprobs[j]),
+            finish_reason=finish[j],
+        )
+        for j in range(reply.n)
+    ]
+    return json_response(
+        ChatCompletionResponse(
+            id=reply.id,
+            created=reply.created,
+            model=reply.model,
+            choices=choices,
+            usage=tally.usage(),
+        )
+    )
+
+
+async def _stream(reply: _Reply, generation: Generation) -> AsyncIterator[str]:
+    # `usage` is null on every chunk but the last when the client asked for usage, and absent
+    # otherwise, as in OpenAI's stream.
+    exclude = None if reply.include_usage else {"usage"}
+
+    def chunk(choices: list[ChatChunkChoice]) -> str:
+        return sse(
+            ChatCompletionChunk(
+                id=reply.id, created=reply.created, model=reply.model, choices=choices
+            ),
+            exclude=exclude,
+        )
+
+    for j in range(reply.n):
+        yield chunk([ChatChunkChoice(index=j, delta=DeltaMessage(role="assistant", content=""))])
+    tally = UsageTally(1)
+    async for i, output in generation.outputs():
+        tally.add(i, output)
+        for delta in output.choices:
+            if delta.finish_reason == "abort":
+                raise aborted()
+            logprobs = reply.logprobs_of(delta.logprobs) if delta.logprobs else None
+            if not delta.text and delta.finish_reason is None and logprobs is None:
+                continue  # e.g. the first bytes of a character still being held back
+            yield chunk(
+                [
+                    ChatChunkChoice(
+                        index=delta.index,
+                        delta=DeltaMessage(content=delta.text or None),
+                        logprobs=logprobs,
+                        finish_reason=delta.finish_reason,
+                    )
+                ]
+            )
+    if reply.include_usage:
+        yield sse(
+            ChatCompletionChunk(
+                id=reply.id,
+                created=reply.created,
+                model=reply.model,
+                choices=[],
+                usage=tally.usage(),
+            )
+        )
+    yield DONE

@@ -1,0 +1,430 @@
+"""The OpenAI API's request and response bodies (pydantic v2), and request -> engine inputs.
+
+Requests are validated strictly (no "5" for 5, no true for 1) and ignore fields they do not
+know, as OpenAI's do. The extra sampling fields that vLLM accepts (top_k, min_p,
+repetition_penalty, min_tokens, stop_token_ids, ignore_eos) sit at the top level, where the
+openai client's `extra_body` puts them. Ranges are checked by SamplingParams, whose messages
+name the field.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
+
+from sorai.sampling import SamplingParams
+from sorai.server.errors import bad_request
+
+# Completions' legacy default, as in OpenAI's API (chat uses the rest of the context window).
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16
+
+Role = Literal["system", "developer", "user", "assistant"]
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+
+class _Response(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# -- requests --------------------------------------------------------------------------------
+
+
+class StreamOptions(_Request):
+    include_usage: bool | None = None
+
+
+class ContentPart(_Request):
+    type: str
+    text: str | None = None
+
+    @model_validator(mode="after")
+    def _text_only(self) -> ContentPart:
+        if self.type != "text":
+            raise ValueError(
+                f"content parts of type {self.type!r} are not supported; "
+                'send text parts ({"type": "text", "text": ...})'
+            )
+        if self.text is None:
+            raise ValueError('a text content part needs a "text" string')
+        return self
+
+
+class ChatMessage(_Request):
+    role: Role
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+    @model_validator(mode="after")
+    def _content_present(self) -> ChatMessage:
+        # Only an assistant turn may omit content (OpenAI allows it next to tool calls).
+        if self.content is None and self.role != "assistant":
+            raise ValueError(f"a {self.role} message needs 'content'")
+        return self
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        # Joined with newlines, as vLLM does for text-only models.
+        return "\n".join(part.text or "" for part in self.content)
+
+    def for_template(self) -> dict[str, str]:
+        # "developer" is OpenAI's newer name for the system role; templates know "system".
+        role = "system" if self.role == "developer" else self.role
+        return {"role": role, "content": self.text()}
+
+
+class _SamplingFields(_Request):
+    """Fields both endpoints share, OpenAI's and the vLLM extras."""
+
+    model: str | None = None
+    n: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    logit_bias: dict[str, float] | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    # vLLM extras
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    min_tokens: int | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool | None = None
+
+    def _check_stream_options(self) -> None:
+        if self.stream_options is not None and not self.stream:
+            raise bad_request(
+                "stream_options is only allowed when stream is true", param="stream_options"
+            )
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+    def _sampling(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
+        top_k = self.top_k
+        if top_k == -1:  # vLLM's spelling of "off"
+            top_k = 0
+        return SamplingParams.from_options(
+            {
+                "max_tokens": max_tokens,
+                "temperature": self.temperature,
+                "top_p": self.top_p,
+                "top_k": top_k,
+                "min_p": self.min_p,
+                "repetition_penalty": self.repetition_penalty,
+                "presence_penalty": self.presence_penalty,
+                "frequency_penalty": self.frequency_penalty,
+                "seed": self.seed,
+                "stop": self.stop,
+                "stop_token_ids": self.stop_token_ids,
+                "ignore_eos": self.ignore_eos,
+                "min_tokens": self.min_tokens,
+                "n": self.n,
+                "logprobs": logprobs,
+                "logit_bias": self.logit_bias,
+            }
+        )
+
+
+def _remaining(prompt_len: int, context_length: int) -> int:
+    # At least 1, so a prompt that fills the window fails the engine's length check with the
+    # numbers in its message rather than as a max_tokens error.
+    return max(1, context_length - prompt_len)
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[ChatMessage]
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    logprobs: bool | None = False
+    top_logprobs: int | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    response_format: dict[str, Any] | None = None
+
+    @field_validator("messages")
+    @classmethod
+    def _not_empty(cls, messages: list[ChatMessage]) -> list[ChatMessage]:
+        if not messages:
+            raise ValueError("messages must hold at least one message")
+        return messages
+
+    def check(self) -> None:
+        """OpenAI's cross-field rules, and features this server refuses rather than ignores."""
+        self._check_stream_options()
+        if self.top_logprobs is not None and not self.logprobs:
+            raise bad_request("top_logprobs requires logprobs to be true", param="top_logprobs")
+        if self.tools:
+            raise bad_request("tools are not supported by this server", param="tools")
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            raise bad_request(
+                f"response_format {self.response_format.get('type')!r} is not supported; "
+                "only 'text' is",
+                param="response_format",
+            )
+
+    def template_messages(self) -> list[dict[str, str]]:
+        return [m.for_template() for m in self.messages]
+
+    def sampling_params(self, prompt_len: int, context_length: int) -> SamplingParams:
+        requested = self.max_completion_tokens
+        if requested is None:
+            requested = self.max_tokens
+        if requested is None:
+            requested = _remaining(prompt_len, context_length)
+        logprobs = (self.top_logprobs or 0) if self.logprobs else None
+        return self._sampling(requested, logprobs)
+
+
+PromptInput = str | list[str] | list[int] | list[list[int]]
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: PromptInput
+    max_tokens: int | None = COMPLETIONS_DEFAULT_MAX_TOKENS
+    logprobs: int | None = None
+    echo: bool | None = False
+    best_of: int | None = None
+    suffix: str | None = None
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt_shape(cls, prompt: Any) -> Any:
+        # Checked by hand: pydantic's union errors ("Input should be a valid string" five
+        # times) do not tell a user what a prompt may be.
+        shape = (
+            "a prompt is a string, a list of strings, a list of token ids or a list of lists "
+            "of token ids"
+        )
+        if isinstance(prompt, str):
+            return prompt
+        if not isinstance(prompt, list) or not prompt:
+            raise ValueError(f"{shape}; got {_short(prompt)}")
+        if all(isinstance(p, str) for p in prompt):
+            return prompt
+        if all(_is_int(t) for t in prompt):
+            return prompt
+        if all(isinstance(p, list) and p and all(_is_int(t) for t in p) for p in prompt):
+            return prompt
+        raise ValueError(f"{shape} (none empty); got {_short(prompt)}")
+
+    def check(self) -> None:
+        self._check_stream_options()
+        if self.best_of is not None and self.best_of != (self.n or 1):
+            raise bad_request("best_of is not supported (only best_of == n)", param="best_of")
+        if self.suffix:
+            raise bad_request("suffix is not supported by this server", param="suffix")
+        if self.echo and self.logprobs is not None:
+            raise bad_request(
+                "echo with logprobs is not supported (prompt logprobs are not computed)",
+                param="echo",
+            )
+
+    def prompts(self) -> list[str | list[int]]:
+        """One entry per engine request: a text or a token-id list."""
+        prompt = self.prompt
+        if isinstance(prompt, str):
+            return [prompt]
+        if all(_is_int(t) for t in prompt):
+            return [list(prompt)]
+        return list(prompt)
+
+    def sampling_params(self, prompt_len: int, context_length: int) -> SamplingParams:
+        requested = self.max_tokens
+        if requested is None:
+            requested = _remaining(prompt_len, context_length)
+        return self._sampling(requested, self.logprobs)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+class TokenizeRequest(_Request):
+    """vLLM's /tokenize: either a prompt or chat messages."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool | None = None
+    add_generation_prompt: bool = True
+
+    @model_validator(mode="after")
+    def _one_input(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of 'prompt' or 'messages'")
+        return self
+
+
+class DetokenizeRequest(_Request):
+    model: str | None = None
+    tokens: list[int]
+
+
+# -- responses -------------------------------------------------------------------------------
+
+
+class PromptTokensDetails(_Response):
+    cached_tokens: int = 0
+
+
+class Usage(_Response):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
+
+
+def make_usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> Usage:
+    return Usage(
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        total_tokens=prompt_tokens + completion_tokens,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens),
+    )
+
+
+class TopLogprob(_Response):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(_Response):
+    content: list[ChatTokenLogprob] | None
+    refusal: list[ChatTokenLogprob] | None = None
+
+
+class AssistantMessage(_Response):
+    role: Literal["assistant"] = "assistant"
+    content: str | None
+    refusal: str | None = None
+
+
+class ChatChoice(_Response):
+    index: int
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None
+
+
+class ChatCompletionResponse(_Response):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    system_fingerprint: str | None = None
+
+
+class DeltaMessage(_Response):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_unset(self, handler: Any) -> dict[str, Any]:
+        # A delta lists only what it carries: {"content": "x"}, or {} on the closing chunk.
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class ChatChunkChoice(_Response):
+    index: int
+    delta: DeltaMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(_Response):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    system_fingerprint: str | None = None
+    usage: Usage | None = None
+
+
+class CompletionLogprobs(_Response):
+    tokens: list[str] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+    text_offset: list[int] = Field(default_factory=list)
+
+
+class CompletionChoice(_Response):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None
+
+
+class CompletionResponse(_Response):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+    system_fingerprint: str | None = None
+
+
+class CompletionChunk(_Response):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    system_fingerprint: str | None = None
+    usage: Usage | None = None
+
+
+class ModelCard(_Response):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "sorai"
+    max_model_len: int
+
+
+class ModelList(_Response):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class TokenizeResponse(_Response):
+    tokens: list[int]
+    count: int
+    max_model_len: int
+
+
+class DetokenizeResponse(_Response):
+    prompt: str

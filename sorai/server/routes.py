@@ -1,0 +1,90 @@
+"""The small endpoints: /v1/models, /health, /metrics, /tokenize, /detokenize."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from sorai.server.body import read_json
+from sorai.server.errors import bad_request, engine_unavailable
+from sorai.server.metrics import CONTENT_TYPE
+from sorai.server.protocol import (
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ModelCard,
+    ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
+)
+from sorai.server.responses import json_response
+from sorai.server.state import get_state
+
+router = APIRouter()
+
+
+@router.get("/v1/models")
+async def list_models(request: Request) -> Response:
+    state = get_state(request)
+    cards = [
+        ModelCard(id=name, created=state.created, max_model_len=state.engine.context_length)
+        for name in state.model_names
+    ]
+    return json_response(ModelList(data=cards))
+
+
+@router.get("/v1/models/{model:path}")
+async def get_model(request: Request, model: str) -> Response:
+    state = get_state(request)
+    name = state.resolve_model(model)
+    return json_response(
+        ModelCard(id=name, created=state.created, max_model_len=state.engine.context_length)
+    )
+
+
+@router.get("/health")
+async def health(request: Request) -> Response:
+    if get_state(request).engine.dead:
+        return engine_unavailable().response()
+    return JSONResponse({"status": "ok"})
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    return Response(get_state(request).metrics.render(), media_type=CONTENT_TYPE)
+
+
+@router.post("/tokenize")
+async def tokenize(request: Request) -> Response:
+    state = get_state(request)
+    body = await read_json(request, TokenizeRequest)
+    state.resolve_model(body.model)
+    tokenizer = state.engine.tokenizer
+    if body.messages is not None:
+        # Chat templates write their own BOS, so no special tokens are added by default.
+        text = tokenizer.apply_chat_template(
+            [m.for_template() for m in body.messages],
+            add_generation_prompt=body.add_generation_prompt,
+        )
+        add_special = bool(body.add_special_tokens)
+    else:
+        text = body.prompt or ""
+        add_special = body.add_special_tokens is not False
+    tokens = tokenizer.encode(text, add_special_tokens=add_special)
+    return json_response(
+        TokenizeResponse(
+            tokens=tokens, count=len(tokens), max_model_len=state.engine.context_length
+        )
+    )
+
+
+@router.post("/detokenize")
+async def detokenize(request: Request) -> Response:
+    state = get_state(request)
+    body = await read_json(request, DetokenizeRequest)
+    state.resolve_model(body.model)
+    vocab = state.engine.vocab_size
+    bad = next((t for t in body.tokens if not 0 <= t < vocab), None)
+    if bad is not None:
+        raise bad_request(f"token ids must be in [0, {vocab}), got {bad}", "tokens")
+    return json_response(DetokenizeResponse(prompt=state.engine.tokenizer.decode(body.tokens)))

@@ -1,0 +1,59 @@
+"""What every handler needs: the engine, the server's settings and its metrics."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from starlette.requests import Request
+
+from sorai.server.auth import APIKeys
+from sorai.server.body import DEFAULT_MAX_BODY_BYTES
+from sorai.server.errors import APIError
+from sorai.server.logprobs import TokenText
+from sorai.server.metrics import ServerMetrics
+
+if TYPE_CHECKING:
+    from sorai.engine.async_engine import AsyncEngine
+
+
+@dataclass
+class ServerSettings:
+    # Names clients may send as `model` (besides the engine's own name); the first is the one
+    # /v1/models lists first.
+    served_model_names: tuple[str, ...] = ()
+    api_keys: APIKeys = field(default_factory=APIKeys)
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    # Seconds in-flight requests get to finish at shutdown before they are aborted.
+    shutdown_timeout: float = 10.0
+
+
+class ServerState:
+    def __init__(self, engine: AsyncEngine, settings: ServerSettings) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.metrics = ServerMetrics(engine.stats)
+        self.token_text = TokenText(engine.tokenizer)
+        self.created = int(time.time())
+        names = list(settings.served_model_names) or [engine.model_name]
+        self.model_names: tuple[str, ...] = tuple(dict.fromkeys(names))
+        self._accepted = frozenset(self.model_names) | {engine.model_name}
+
+    def resolve_model(self, requested: str | None) -> str:
+        """The name to answer with; 404 for a model this server does not serve."""
+        if not requested:
+            return self.model_names[0]
+        if requested not in self._accepted:
+            raise APIError(
+                404,
+                f"the model {requested!r} does not exist; this server serves "
+                + ", ".join(repr(n) for n in self.model_names),
+                param="model",
+                code="model_not_found",
+            )
+        return requested
+
+
+def get_state(request: Request) -> ServerState:
+    return request.app.state.sorai
