@@ -117,7 +117,7 @@ def describe_validation_error(exc: ValidationError | RequestValidationError) -> 
         if part != "body" and not (isinstance(part, str) and ("[" in part or part in _TYPES))
     ]
     param = ".".join(loc) or None
-    message = first.get("msg", "invalid value")
+    message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
     if first.get("type") == "missing":
         text = f"missing required parameter '{param}'"
     elif param:

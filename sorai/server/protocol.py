@@ -45,25 +45,35 @@ class StreamOptions(_Request):
 
 
 class ContentPart(_Request):
-    type: str
-    text: str | None = None
+    type: Literal["text"]
+    text: str
 
-    @model_validator(mode="after")
-    def _text_only(self) -> ContentPart:
-        if self.type != "text":
-            raise ValueError(
-                f"content parts of type {self.type!r} are not supported; "
-                'send text parts ({"type": "text", "text": ...})'
-            )
-        if self.text is None:
-            raise ValueError('a text content part needs a "text" string')
-        return self
+
+_CONTENT_SHAPE = 'content is a string or a list of text parts ({"type": "text", "text": ...})'
 
 
 class ChatMessage(_Request):
     role: Role
     content: str | list[ContentPart] | None = None
     name: str | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _content_shape(cls, content: Any) -> Any:
+        # By hand, for one clear message instead of pydantic's per-union-member errors.
+        if content is None or isinstance(content, str):
+            return content
+        if not isinstance(content, list):
+            raise ValueError(f"{_CONTENT_SHAPE}; got {_short(content)}")
+        for part in content:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind != "text":
+                raise ValueError(
+                    f"content parts of type {kind!r} are not supported; {_CONTENT_SHAPE}"
+                )
+            if not isinstance(part.get("text"), str):
+                raise ValueError(f"a text content part needs a 'text' string; {_CONTENT_SHAPE}")
+        return content
 
     @model_validator(mode="after")
     def _content_present(self) -> ChatMessage:

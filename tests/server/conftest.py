@@ -1,0 +1,79 @@
+"""Servers for the API tests: real uvicorn on a free loopback port, in a background thread.
+
+`live` serves the real default model through the real AsyncEngine (loaded once per session);
+`fake` serves a scripted FakeEngine that can be told to refuse or abort requests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+
+from sorai import hub
+from sorai.model.gguf import GGUFFile
+from sorai.model.tokenizer import Tokenizer
+from sorai.server.app import create_app
+from sorai.server.auth import APIKeys
+from sorai.server.state import ServerSettings
+from tests.server.fake_engine import FakeEngine
+from tests.server.harness import ServerThread
+
+API_KEY = "sk-test-0123456789"
+
+
+class Served:
+    def __init__(self, engine, thread: ServerThread) -> None:
+        self.engine = engine
+        self.thread = thread
+        self.url = thread.url
+        self.model = engine.model_name
+
+    def client(self, api_key: str = API_KEY, **options) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=api_key, max_retries=0, **options)
+
+    def async_client(self, api_key: str = API_KEY) -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(base_url=self.url + "/v1", api_key=api_key, max_retries=0)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {API_KEY}"}
+
+
+@pytest.fixture(scope="session")
+def tokenizer(default_gguf: Path) -> Tokenizer:
+    return Tokenizer.from_gguf_metadata(GGUFFile(default_gguf).metadata)
+
+
+@pytest.fixture(scope="module")
+def fake(tokenizer: Tokenizer) -> Iterator[Served]:
+    engine = FakeEngine(tokenizer)
+    settings = ServerSettings(
+        served_model_names=("fake-model", "fake-alias"),
+        api_keys=APIKeys([API_KEY, "second-key"]),
+        max_body_bytes=64 * 1024,
+    )
+    thread = ServerThread(create_app(engine, settings)).start()
+    yield Served(engine, thread)
+    thread.stop()
+
+
+@pytest.fixture
+def fake_engine(fake: Served) -> Iterator[FakeEngine]:
+    """The fake server's engine, reset to answer normally after each test."""
+    yield fake.engine
+    engine = fake.engine
+    engine.dead, engine.refuse, engine.abort_after, engine.step_delay = False, None, None, 0.0
+
+
+@pytest.fixture(scope="session")
+def live(default_gguf: Path) -> Iterator[Served]:
+    from sorai.engine.async_engine import AsyncEngine
+
+    engine = AsyncEngine.from_model(hub.DEFAULT_MODEL)  # default_gguf: pulled already
+    settings = ServerSettings(api_keys=APIKeys([API_KEY]))
+    thread = ServerThread(create_app(engine, settings)).start()
+    yield Served(engine, thread)
+    thread.stop()
