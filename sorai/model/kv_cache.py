@@ -1,6 +1,8 @@
 """The KV-cache interface attention talks to, and the contiguous cache used by `generate`.
 
 The serving engine brings a paged cache behind the same interface, so one model serves both.
+A cache owns attention over what it stores: a contiguous cache runs one SDPA call, a paged one
+gathers each sequence's blocks, and each picks the kernels that suit its layout and device.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from collections.abc import Iterable
 from typing import Protocol
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -19,15 +22,21 @@ class KVCache(Protocol):
         """Called once per forward with the absolute positions ([T]) of the step's tokens."""
         ...
 
-    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Store this step's keys and values ([B, n_kv_heads, T, head_dim]) for `layer`.
-
-        Returns every key and value the step's queries may attend to, and a boolean attention
-        mask (broadcastable to [B, heads, T, S], True = attend). None means plain causal with
-        the last query seeing every returned key: for T == S that is SDPA's is_causal, for
-        T == 1 no mask at all; both let SDPA pick its fused kernels.
-        """
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """Store this step's keys and values ([B, n_kv_heads, T, head_dim]) for `layer` and
+        return the attention of queries q ([B, n_heads, T, head_dim]) over everything each
+        query may see, shaped like q."""
         ...
+
+
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+    """SDPA with grouped KV heads. mask None means causal with the last query seeing every
+    key: for T == S that is SDPA's is_causal, for T == 1 no mask at all; both let SDPA pick
+    its fused kernels."""
+    causal = mask is None and q.shape[2] > 1
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=q.shape[1] != k.shape[1]
+    )
 
 
 class ContiguousKVCache:
@@ -111,7 +120,12 @@ class ContiguousKVCache:
                 new[:, :, : old.shape[2]] = old
                 buffers[layer] = new
 
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        return causal_attention(q, *self.update(layer, k, v))
+
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Store k, v; return every key and value the step may see and the boolean mask
+        (True = attend; None = plain causal, see causal_attention)."""
         self.keys[layer][:, :, self._start : self._end] = k
         self.values[layer][:, :, self._start : self._end] = v
         return (

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from sorai.errors import ModelFormatError
 from sorai.model.config import ModelConfig
-from sorai.model.kv_cache import KVCache
+from sorai.model.kv_cache import KVCache, causal_attention
 
 
 class RMSNorm(nn.Module):
@@ -94,14 +94,7 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        mask = None
-        if cache is not None:
-            k, v, mask = cache.update(self.layer, k, v)
-        # mask None: causal with the last query seeing every key (see KVCache.update).
-        causal = mask is None and seq > 1
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True
-        )
+        out = causal_attention(q, k, v) if cache is None else cache.attend(self.layer, q, k, v)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
 
 
@@ -170,11 +163,14 @@ class Transformer(nn.Module):
         positions: Tensor | None = None,
         cache: KVCache | None = None,
         last_only: bool = False,
+        logit_indices: Tensor | None = None,
     ) -> Tensor:
         """tokens: [B, T] ids (or [B, T, hidden] states when there is no embedding).
 
         positions: [T] absolute positions (default 0..T-1). last_only: project only the last
         position to logits, which is all that generation needs after a prefill.
+        logit_indices: project only these positions (of T), as the engine does for a batch
+        of sequences flattened into one row.
         """
         x = self.embed_tokens(tokens) if self.embed_tokens is not None else tokens
         if positions is None:
@@ -187,6 +183,8 @@ class Transformer(nn.Module):
         if self.norm is not None:
             if last_only:
                 x = x[:, -1:]
+            elif logit_indices is not None:
+                x = x[:, logit_indices]
             x = self.norm(x)
         if self.lm_head is not None:
             x = self.lm_head(x)

@@ -1,0 +1,16 @@
+"""The inference engine: continuous batching over a paged, prefix-cached KV cache."""
+
+from sorai.engine.async_engine import AsyncEngine
+from sorai.engine.config import EngineConfig
+from sorai.engine.llm_engine import LLMEngine
+from sorai.engine.outputs import ChoiceDelta, EngineStats, RequestOutput, TokenLogprob
+
+__all__ = [
+    "AsyncEngine",
+    "ChoiceDelta",
+    "EngineConfig",
+    "EngineStats",
+    "LLMEngine",
+    "RequestOutput",
+    "TokenLogprob",
+]

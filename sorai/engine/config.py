@@ -1,0 +1,32 @@
+"""Engine knobs: the KV-cache geometry and the scheduler's budgets."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sorai.errors import SoraiError
+
+
+@dataclass
+class EngineConfig:
+    block_size: int = 16  # tokens per KV block
+    # KV blocks to allocate; None sizes the cache from kv_cache_gib.
+    num_blocks: int | None = None
+    kv_cache_gib: float = 1.0
+    max_num_seqs: int = 32  # sequences in the running batch at once
+    max_num_batched_tokens: int = 512  # tokens (prefill + decode) in one forward
+    max_waiting: int = 256  # queued requests beyond which new ones are refused
+    enable_prefix_caching: bool = True
+    max_model_len: int | None = None  # None: the model's context window
+
+    def __post_init__(self) -> None:
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise SoraiError(f"engine {name} must be an integer >= 1, got {value!r}")
+        if self.num_blocks is not None and self.num_blocks < 2:
+            raise SoraiError(f"engine num_blocks must be >= 2, got {self.num_blocks!r}")
+        if self.kv_cache_gib <= 0:
+            raise SoraiError(f"engine kv_cache_gib must be > 0, got {self.kv_cache_gib!r}")
+        if self.max_waiting < 0:
+            raise SoraiError(f"engine max_waiting must be >= 0, got {self.max_waiting!r}")

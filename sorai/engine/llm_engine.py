@@ -1,0 +1,222 @@
+"""LLMEngine: add requests, step the batch, collect per-request outputs; abort at any time.
+
+Single-threaded by design: AsyncEngine drives it from one thread, and tests drive it directly.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence as Seq
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from sorai.engine.block_manager import BlockPool
+from sorai.engine.config import EngineConfig
+from sorai.engine.outputs import EngineStats, RequestOutput, TokenLogprob
+from sorai.engine.paged_cache import PagedKVCache
+from sorai.engine.runner import ModelRunner
+from sorai.engine.scheduler import Scheduler
+from sorai.engine.sequence import Request, Sequence, Status
+from sorai.errors import ContextLengthError, SamplingError, SoraiError
+from sorai.model.tokenizer import Tokenizer
+from sorai.model.transformer import Transformer
+from sorai.sampling import SamplingParams, process_logits, sample
+
+
+class LLMEngine:
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer: Tokenizer,
+        config: EngineConfig | None = None,
+        name: str = "",
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config or EngineConfig()
+        self.model_name = name
+        cfg = self.config
+        attention = next(iter(model.layers.values())).self_attn
+        num_kv_heads = attention.k_proj.weight.shape[0] // attention.head_dim
+        per_block = PagedKVCache.bytes_per_block(
+            len(model.layers), cfg.block_size, num_kv_heads, attention.head_dim, model.dtype
+        )
+        num_blocks = cfg.num_blocks or max(2, int(cfg.kv_cache_gib * 2**30 // per_block))
+        self.cache = PagedKVCache(
+            [int(i) for i in model.layers],
+            num_blocks,
+            cfg.block_size,
+            num_kv_heads,
+            attention.head_dim,
+            model.dtype,
+            model.device,
+        )
+        self.pool = BlockPool(num_blocks, cfg.enable_prefix_caching)
+        self.scheduler = Scheduler(cfg, self.pool, cfg.block_size)
+        self.runner = ModelRunner(model, self.cache)
+        self.vocab_size = model.config.vocab_size
+        # One sequence must fit in the cache on its own, or it could never be scheduled.
+        self.context_length = min(
+            cfg.max_model_len or model.config.context_length,
+            model.config.context_length,
+            num_blocks * cfg.block_size,
+        )
+        self.requests: dict[str, Request] = {}
+        self._aborts: set[str] = set()
+        self.generation_tokens = 0
+        self.steps = 0
+
+    @classmethod
+    def from_model(
+        cls,
+        model: str | os.PathLike = "smollm2-135m-instruct",
+        dtype: str | torch.dtype | None = None,
+        device: str | torch.device | None = None,
+        config: EngineConfig | None = None,
+    ) -> LLMEngine:
+        """Load a known model name, an HF directory or a .gguf file (as sorai.load does)."""
+        import sorai
+
+        llm = sorai.load(model, dtype=dtype, device=device)
+        return cls(llm.model, llm.tokenizer, config, name=llm.name or Path(str(model)).name)
+
+    # -- requests -------------------------------------------------------------------------
+
+    def check_request(self, prompt_ids: Seq[int], params: SamplingParams) -> None:
+        """Raise the error a user should see for this request, before it is queued."""
+        if not prompt_ids:
+            raise ContextLengthError("the prompt is empty: give at least one token")
+        for token in prompt_ids:
+            if not isinstance(token, int) or isinstance(token, bool):
+                raise SoraiError(f"prompt token ids must be integers, got {token!r}")
+            if not 0 <= token < self.vocab_size:
+                raise SoraiError(
+                    f"prompt token id {token} is outside the vocabulary [0, {self.vocab_size})"
+                )
+        total = len(prompt_ids) + params.max_tokens
+        if total > self.context_length:
+            raise ContextLengthError(
+                f"this model's maximum context length is {self.context_length} tokens, but "
+                f"{total} were requested ({len(prompt_ids)} in the prompt + {params.max_tokens}"
+                " for the completion); shorten the prompt or lower max_tokens"
+            )
+        for token, _ in params.logit_bias:
+            if token >= self.vocab_size:
+                raise SamplingError(
+                    f"logit_bias names token {token}, outside the vocabulary [0, {self.vocab_size})"
+                )
+
+    def add_request(
+        self, request_id: str, prompt_ids: Seq[int], params: SamplingParams | None = None
+    ) -> None:
+        params = params or SamplingParams()
+        if request_id in self.requests:
+            raise SoraiError(f"request id {request_id!r} is already in use")
+        self.check_request(prompt_ids, params)
+        request = Request.create(
+            request_id,
+            list(prompt_ids),
+            params,
+            self.tokenizer,
+            self.vocab_size,
+            max_len=len(prompt_ids) + params.max_tokens,
+            arrival=time.monotonic(),
+            device=self.model.device,
+        )
+        self.requests[request_id] = request
+        for seq in request.sequences:
+            self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> None:
+        """Cancel a request; its blocks are freed at the start of the next step."""
+        if request_id in self.requests:
+            self._aborts.add(request_id)
+
+    def has_work(self) -> bool:
+        return bool(self.requests)
+
+    # -- the step -------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Schedule, run one forward, sample, and report what changed."""
+        outputs = self._apply_aborts()
+        sched = self.scheduler.schedule()
+        if sched.scheduled:
+            seqs, logits = self.runner.execute(sched.scheduled)
+            self.scheduler.after_step(sched)
+            if seqs:
+                self._sample(seqs, logits)
+            self.steps += 1
+        touched = {id(s.request): s.request for s, _ in sched.scheduled}
+        for request in touched.values():
+            for seq in request.sequences:
+                if seq.finished and seq.status is not Status.FINISHED:
+                    self.scheduler.finish(seq)
+            outputs.append(self._output(request))
+        return [o for o in outputs if o.choices or o.finished]
+
+    def _sample(self, seqs: list[Sequence], logits: Tensor) -> None:
+        states = [s.state for s in seqs]
+        tokens = sample(process_logits(logits, states), states)
+        top = max((s.request.params.logprobs or 0) for s in seqs)
+        want = [s.request.params.logprobs is not None for s in seqs]
+        logprob_rows: list[TokenLogprob | None] = [None] * len(seqs)
+        if any(want):
+            logprobs = torch.log_softmax(logits.float(), dim=-1)
+            chosen = logprobs.gather(1, tokens[:, None])[:, 0].tolist()
+            top_values, top_ids = (
+                logprobs.topk(top, dim=-1) if top else (logprobs[:, :0], tokens[:, None][:, :0])
+            )
+            top_values, top_ids = top_values.tolist(), top_ids.tolist()
+        token_list = tokens.tolist()
+        for i, seq in enumerate(seqs):
+            if want[i]:
+                k = seq.request.params.logprobs or 0
+                alternatives = list(zip(top_ids[i][:k], top_values[i][:k], strict=True))
+                logprob_rows[i] = TokenLogprob(token_list[i], chosen[i], alternatives)
+            seq.append(token_list[i], logprob_rows[i])
+        self.generation_tokens += len(seqs)
+
+    def _output(self, request: Request) -> RequestOutput:
+        choices = [d for s in request.sequences if (d := s.take_delta()) is not None]
+        finished = request.finished
+        if finished:
+            del self.requests[request.request_id]
+        return RequestOutput(
+            request.request_id,
+            choices,
+            prompt_tokens=len(request.prompt_ids),
+            cached_tokens=request.cached_tokens,
+            finished=finished,
+        )
+
+    def _apply_aborts(self) -> list[RequestOutput]:
+        outputs = []
+        for request_id in self._aborts:
+            request = self.requests.get(request_id)
+            if request is None:
+                continue
+            for seq in request.sequences:
+                seq.abort()
+                self.scheduler.finish(seq)
+            outputs.append(self._output(request))
+        self._aborts.clear()
+        return outputs
+
+    def stats(self) -> EngineStats:
+        s = self.scheduler.stats
+        return EngineStats(
+            running=len(self.scheduler.running),
+            waiting=len(self.scheduler.waiting),
+            kv_blocks_total=self.pool.num_blocks,
+            kv_blocks_used=self.pool.num_used,
+            prefix_cache_queries=s.prefix_cache_queries,
+            prefix_cache_hits=s.prefix_cache_hits,
+            preemptions=s.preemptions,
+            prompt_tokens=s.prompt_tokens,
+            generation_tokens=self.generation_tokens,
+            steps=self.steps,
+        )

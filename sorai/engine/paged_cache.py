@@ -1,0 +1,120 @@
+"""The paged KV cache: fixed-size blocks in one slot array per layer, and attention over it.
+
+Every sequence in a step is flattened into one row of tokens, decodes first, then prefill
+chunks. Each layer writes the step's keys and values into their slots first and attends
+second, so a sequence may read blocks another sequence writes in the same step (that is how
+prefix-cache hits on blocks still being computed stay correct).
+
+Attention runs in groups: all one-token queries together (gathered through the block tables,
+padded to the longest context and masked), then each multi-token chunk on its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from sorai.model.kv_cache import causal_attention
+
+
+@dataclass
+class Chunk:
+    """A prefill chunk: queries [start, start+length) of the flat row, at positions
+    [context, context+length) of its sequence."""
+
+    start: int
+    length: int
+    context: int  # tokens of this sequence already in the cache before the chunk
+    slots: Tensor | None  # [context + length] slots to read (None: no cached prefix)
+
+
+@dataclass
+class StepLayout:
+    slot_mapping: Tensor  # [N] where each new token's keys and values go
+    num_decodes: int  # the first num_decodes tokens are one-token queries
+    decode_slots: Tensor | None  # [D, L] slots each decode reads (padded)
+    decode_mask: Tensor | None  # [D, 1, 1, L] True where a slot is real
+    chunks: list[Chunk]
+
+
+class PagedKVCache:
+    """num_blocks * block_size slots of [n_kv_heads, head_dim] keys and values per layer."""
+
+    def __init__(
+        self,
+        layers: list[int],
+        num_blocks: int,
+        block_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        shape = (num_blocks * block_size, num_kv_heads, head_dim)
+        self.keys = {i: torch.zeros(shape, dtype=dtype, device=device) for i in layers}
+        self.values = {i: torch.zeros(shape, dtype=dtype, device=device) for i in layers}
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.device = device
+        self.layout: StepLayout | None = None
+
+    @staticmethod
+    def bytes_per_block(
+        num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
+    ) -> int:
+        element = torch.empty((), dtype=dtype).element_size()
+        return 2 * num_layers * block_size * num_kv_heads * head_dim * element
+
+    def slots(self, blocks: list[int], start: int, end: int) -> list[int]:
+        """Slot ids of positions [start, end) of a sequence holding `blocks`."""
+        bs = self.block_size
+        return [blocks[p // bs] * bs + p % bs for p in range(start, end)]
+
+    def begin(self, positions: Tensor) -> None:
+        if self.layout is None:
+            raise RuntimeError("PagedKVCache.prepare() must be called before each forward")
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        layout = self.layout
+        assert layout is not None
+        key_cache, value_cache = self.keys[layer], self.values[layer]
+        # [1, heads, N, d] -> [N, heads, d], the slot layout.
+        new_k, new_v = k[0].transpose(0, 1), v[0].transpose(0, 1)
+        key_cache.index_copy_(0, layout.slot_mapping, new_k)
+        value_cache.index_copy_(0, layout.slot_mapping, new_v)
+
+        pieces = []
+        d = layout.num_decodes
+        if d:
+            pieces.append(self._decode(q[0, :, :d], key_cache, value_cache, layout))
+        for chunk in layout.chunks:
+            s, e = chunk.start, chunk.start + chunk.length
+            if chunk.slots is None:
+                out = causal_attention(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e])
+            else:
+                keys = key_cache[chunk.slots].transpose(0, 1)[None]
+                values = value_cache[chunk.slots].transpose(0, 1)[None]
+                query_pos = torch.arange(chunk.context, chunk.context + chunk.length)
+                key_pos = torch.arange(chunk.context + chunk.length)
+                mask = (key_pos[None, :] <= query_pos[:, None]).to(q.device)
+                out = causal_attention(q[:, :, s:e], keys, values, mask)
+            pieces.append(out[0])
+        out = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
+        return out[None]
+
+    @staticmethod
+    def _decode(q: Tensor, key_cache: Tensor, value_cache: Tensor, layout: StepLayout) -> Tensor:
+        """q [H, D, d] -> out [H, D, d]: each of D sequences' one query over its own blocks."""
+        heads, num, dim = q.shape
+        keys = key_cache[layout.decode_slots]  # [D, L, kv, d]
+        values = value_cache[layout.decode_slots]
+        kv = keys.shape[2]
+        # The heads sharing a KV head become that head's queries: SDPA then needs no
+        # repeated keys (GQA for free) and a one-token query has no causal structure.
+        q = q.permute(1, 0, 2).reshape(num, kv, heads // kv, dim)
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q, keys.transpose(1, 2), values.transpose(1, 2), attn_mask=layout.decode_mask
+        )
+        return out.reshape(num, heads, dim).permute(1, 0, 2)

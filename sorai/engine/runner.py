@@ -1,0 +1,80 @@
+"""One batched forward: flatten the scheduled sequences into a row, run the model, return logits.
+
+Only sequences whose scheduled tokens reach their end get logits (a partial prefill chunk
+needs none), so the vocabulary projection runs on as few rows as possible.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence as Seq
+
+import torch
+from torch import Tensor
+
+from sorai.engine.paged_cache import Chunk, PagedKVCache, StepLayout
+from sorai.engine.sequence import Sequence
+from sorai.model.transformer import Transformer
+
+
+class ModelRunner:
+    def __init__(self, model: Transformer, cache: PagedKVCache) -> None:
+        self.model = model
+        self.cache = cache
+        self.device = model.device
+
+    def execute(self, scheduled: Seq[tuple[Sequence, int]]) -> tuple[list[Sequence], Tensor]:
+        """Run `num_new` tokens of each sequence; returns the sequences to sample and their
+        logits [S, vocab]."""
+        decodes = [(s, n) for s, n in scheduled if n == 1]
+        prefills = [(s, n) for s, n in scheduled if n > 1]
+        tokens: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        sample_seqs: list[Sequence] = []
+        logit_rows: list[int] = []
+        cache = self.cache
+        chunks = []
+        for seq, n in (*decodes, *prefills):
+            start = seq.num_computed
+            if n > 1:
+                context_slots = None
+                if start:
+                    context_slots = torch.tensor(
+                        cache.slots(seq.blocks, 0, start + n), device=self.device
+                    )
+                chunks.append(Chunk(len(tokens), n, start, context_slots))
+            tokens.extend(seq.token_ids[start : start + n])
+            positions.extend(range(start, start + n))
+            slots.extend(cache.slots(seq.blocks, start, start + n))
+            if start + n == seq.num_tokens:
+                sample_seqs.append(seq)
+                logit_rows.append(len(tokens) - 1)
+
+        decode_slots = decode_mask = None
+        if decodes:
+            bs = cache.block_size
+            lengths = torch.tensor([s.num_computed + 1 for s, _ in decodes])
+            width = max(len(s.blocks) for s, _ in decodes)
+            tables = torch.tensor([s.blocks + [0] * (width - len(s.blocks)) for s, _ in decodes])
+            span = torch.arange(int(lengths.max()))
+            decode_slots = (tables[:, span // bs] * bs + span % bs).to(self.device)
+            decode_mask = (span[None, :] < lengths[:, None])[:, None, None].to(self.device)
+
+        cache.layout = StepLayout(
+            slot_mapping=torch.tensor(slots, device=self.device),
+            num_decodes=len(decodes),
+            decode_slots=decode_slots,
+            decode_mask=decode_mask,
+            chunks=chunks,
+        )
+        try:
+            with torch.inference_mode():
+                logits = self.model(
+                    torch.tensor(tokens, device=self.device)[None],
+                    torch.tensor(positions, device=self.device),
+                    cache,
+                    logit_indices=torch.tensor(logit_rows, device=self.device),
+                )
+        finally:
+            cache.layout = None
+        return sample_seqs, logits[0]

@@ -1,0 +1,159 @@
+"""A request and its sequences (one per choice of `n`): tokens, KV blocks and output state."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field, replace
+
+from sorai.engine.outputs import ChoiceDelta, TokenLogprob
+from sorai.model.tokenizer import IncrementalDetokenizer, Tokenizer
+from sorai.sampling import SamplingParams, SequenceState, StopStringMatcher
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One choice: the tokens so far, how many have keys and values, and where they live."""
+
+    request: Request
+    index: int
+    token_ids: list[int]
+    state: SequenceState
+    detokenizer: IncrementalDetokenizer
+    stopper: StopStringMatcher
+    max_len: int  # prompt + max_tokens, capped by the context window
+    status: Status = Status.WAITING
+    num_computed: int = 0  # leading tokens whose keys and values are in the cache
+    blocks: list[int] = field(default_factory=list)
+    hashes: list[bytes] = field(default_factory=list)  # of the full blocks, as a chain
+    num_registered: int = 0  # leading blocks named in the prefix cache
+    # Output produced since the last RequestOutput.
+    pending_text: str = ""
+    pending_ids: list[int] = field(default_factory=list)
+    pending_logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    reported_finish: bool = False
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_prompt(self) -> int:
+        return len(self.request.prompt_ids)
+
+    @property
+    def num_output(self) -> int:
+        return len(self.token_ids) - len(self.request.prompt_ids)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def take_delta(self) -> ChoiceDelta | None:
+        """What changed since the last call, or None if nothing did."""
+        report_finish = self.finished and not self.reported_finish
+        if not (self.pending_text or self.pending_ids or report_finish):
+            return None
+        delta = ChoiceDelta(
+            index=self.index,
+            text=self.pending_text,
+            token_ids=self.pending_ids,
+            logprobs=self.pending_logprobs if self.request.params.logprobs is not None else None,
+            finish_reason=self.finish_reason if report_finish else None,
+            stop_reason=self.stop_reason if report_finish else None,
+        )
+        self.pending_text, self.pending_ids, self.pending_logprobs = "", [], []
+        self.reported_finish = self.reported_finish or report_finish
+        return delta
+
+    def append(self, token_id: int, logprob: TokenLogprob | None) -> None:
+        """Take a sampled token: record it, detokenize it and check every stop condition."""
+        self.token_ids.append(token_id)
+        self.state.append(token_id)
+        if token_id in self.state.stop_token_ids:
+            # The stop token itself is neither text nor a listed output token (as OpenAI).
+            explicit = token_id in self.request.params.stop_token_ids
+            self._finish("stop", token_id if explicit else None)
+            return
+        self.pending_ids.append(token_id)
+        if logprob is not None:
+            self.pending_logprobs.append(logprob)
+        text, stopped = self.stopper.feed(self.detokenizer.add(token_id))
+        self.pending_text += text
+        if stopped:
+            self._finish("stop", self.stopper.matched)
+        elif self.num_tokens >= self.max_len:
+            self._finish("length", None)
+
+    def _finish(self, reason: str, stop_reason: str | int | None) -> None:
+        if not self.stopper.stopped:  # a matched stop string drops whatever follows it
+            tail, stopped = self.stopper.feed(self.detokenizer.flush())
+            self.pending_text += tail + ("" if stopped else self.stopper.flush())
+            if stopped:
+                reason, stop_reason = "stop", self.stopper.matched
+        self.finish_reason, self.stop_reason = reason, stop_reason
+
+    def abort(self) -> None:
+        if not self.finished:
+            self.finish_reason = "abort"
+
+
+@dataclass(eq=False)
+class Request:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    arrival: float
+    sequences: list[Sequence] = field(default_factory=list)
+    cached_tokens: int = 0  # prompt tokens the first scheduled sequence found in the cache
+    cache_checked: bool = False
+
+    @classmethod
+    def create(
+        cls,
+        request_id: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        tokenizer: Tokenizer,
+        vocab_size: int,
+        max_len: int,
+        arrival: float,
+        device: object,
+    ) -> Request:
+        request = cls(request_id, list(prompt_ids), params, arrival)
+        for i in range(params.n):
+            # Each choice samples on its own; a seed gives choice i the stream seed + i, so
+            # the choices differ but the request as a whole is reproducible.
+            choice_params = params
+            if params.seed is not None and i:
+                choice_params = replace(params, seed=(params.seed + i) % 2**64)
+            state = SequenceState(
+                choice_params,
+                prompt_ids,
+                vocab_size,
+                eos_token_ids=tokenizer.eos_token_ids,
+                device=device,
+            )
+            request.sequences.append(
+                Sequence(
+                    request=request,
+                    index=i,
+                    token_ids=list(prompt_ids),
+                    state=state,
+                    detokenizer=IncrementalDetokenizer(tokenizer, prompt_ids=prompt_ids),
+                    stopper=StopStringMatcher(params.stop),
+                    max_len=max_len,
+                )
+            )
+        return request
+
+    @property
+    def finished(self) -> bool:
+        return all(s.finished for s in self.sequences)
