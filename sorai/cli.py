@@ -137,14 +137,26 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from sorai.sampling import SamplingParams
 
     params = SamplingParams.from_options(_sampling_options(args))
-    llm = _load(args)
+    if args.url:
+        from sorai.server.remote import remote_responder
+
+        respond, model = remote_responder(
+            args.url, args.api_key, args.model, params, args.verbose, _say
+        )
+    else:
+        llm, model = _load(args), args.model
+
+        def respond(messages: list[dict[str, str]]) -> str:
+            return _stream(llm, llm.tokenizer.encode_chat(messages), params, args.verbose)
+
     system = args.system
     history: list[dict[str, str]] = []
     interactive = sys.stdin.isatty()
     if interactive:
         with contextlib.suppress(ImportError):  # line editing and history for input()
             import readline  # noqa: F401
-        _say(f"chatting with {args.model}; /help for commands, Ctrl-D to leave")
+        where = f" at {args.url}" if args.url else ""
+        _say(f"chatting with {model}{where}; /help for commands, Ctrl-D to leave")
     while True:
         try:
             line = input(">>> " if interactive else "")
@@ -176,8 +188,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         messages = ([{"role": "system", "content": system}] if system else []) + history
         messages.append({"role": "user", "content": text})
         try:
-            ids = llm.tokenizer.encode_chat(messages)
-            answer = _stream(llm, ids, params, args.verbose)
+            answer = respond(messages)
         except KeyboardInterrupt:
             print()
             _say("(stopped)")
@@ -189,6 +200,46 @@ def cmd_chat(args: argparse.Namespace) -> int:
             _say(f"error: {e}")
             continue
         history += [messages[-1], {"role": "assistant", "content": answer}]
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from sorai.server.auth import APIKeys
+
+    # Everything that can be wrong with the flags fails before torch and the model load.
+    keys = list(args.api_key or [])
+    if not keys and not args.api_key_file and os.environ.get("SORAI_API_KEY"):
+        keys = [os.environ["SORAI_API_KEY"]]
+    api_keys = APIKeys.from_sources(keys, args.api_key_file or [])
+    if not 0 <= args.port <= 65535:
+        raise SoraiError(f"--port must be in [0, 65535], got {args.port}")
+    if args.max_body_bytes < 1024:
+        raise SoraiError(f"--max-body-bytes must be >= 1024, got {args.max_body_bytes}")
+
+    # Imported here: the server stack is only needed by this verb.
+    from sorai.engine.async_engine import AsyncEngine
+    from sorai.engine.config import EngineConfig
+    from sorai.server.serve import serve
+    from sorai.server.state import ServerSettings
+
+    engine_options = {
+        "max_num_seqs": args.max_num_seqs,
+        "max_num_batched_tokens": args.max_num_batched_tokens,
+        "max_model_len": args.max_model_len,
+        "enable_prefix_caching": False if args.no_prefix_caching else None,
+    }
+    config = EngineConfig(**{k: v for k, v in engine_options.items() if v is not None})
+    settings = ServerSettings(
+        # As typed: what a client of `sorai serve --model X` will naturally send back.
+        served_model_names=tuple(args.served_model_name or [args.model]),
+        api_keys=api_keys,
+        max_body_bytes=args.max_body_bytes,
+    )
+    started = time.perf_counter()
+    engine = AsyncEngine.from_model(args.model, dtype=args.dtype, device=args.device, config=config)
+    _say(f"loaded {args.model} in {time.perf_counter() - started:.1f}s")
+    if api_keys.enabled:
+        _say(f"API keys required ({len(api_keys)} configured)")
+    return serve(engine, settings, host=args.host, port=args.port, log_level=args.log_level)
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
@@ -221,6 +272,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(chat)
     chat.add_argument("--system", default=None, help="system prompt")
     chat.add_argument("-v", "--verbose", action="store_true", help="print speed after answers")
+    chat.add_argument(
+        "--url", default=None, help="talk to a running server (e.g. http://127.0.0.1:8000)"
+    )
+    chat.add_argument(
+        "--api-key", default=None, help="the server's API key (default: $SORAI_API_KEY)"
+    )
     _add_sampling_args(chat, max_tokens=512)
     chat.set_defaults(run=cmd_chat)
 
@@ -232,6 +289,59 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("-v", "--verbose", action="store_true", help="print speed at the end")
     _add_sampling_args(generate, max_tokens=256)
     generate.set_defaults(run=cmd_generate)
+
+    serve = verbs.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
+    _add_model_args(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="(default: %(default)s)")
+    serve.add_argument("--port", type=int, default=8000, help="0 picks a free port (default: 8000)")
+    serve.add_argument(
+        "--served-model-name",
+        action="append",
+        default=None,
+        metavar="NAME",
+        help="name clients use as `model` (repeatable; default: the --model argument)",
+    )
+    serve.add_argument(
+        "--api-key",
+        action="append",
+        default=None,
+        metavar="KEY",
+        help="require this key as 'Authorization: Bearer KEY' (repeatable; default: "
+        "$SORAI_API_KEY, else no key needed)",
+    )
+    serve.add_argument(
+        "--api-key-file",
+        action="append",
+        default=None,
+        metavar="FILE",
+        help="a file of accepted keys, one per line (repeatable)",
+    )
+    serve.add_argument("--max-num-seqs", type=int, default=None, help="batch size (default: 32)")
+    serve.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=None,
+        help="tokens per forward pass (default: 512)",
+    )
+    serve.add_argument(
+        "--max-model-len", type=int, default=None, help="context length (default: the model's)"
+    )
+    serve.add_argument(
+        "--no-prefix-caching", action="store_true", help="do not reuse KV of shared prefixes"
+    )
+    serve.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=4 * 1024 * 1024,
+        help="largest request body accepted (default: 4 MiB)",
+    )
+    serve.add_argument(
+        "--log-level",
+        default="info",
+        choices=["critical", "error", "warning", "info", "debug"],
+        help="(default: %(default)s)",
+    )
+    serve.set_defaults(run=cmd_serve)
 
     pull = verbs.add_parser("pull", help="fetch a known model into the cache")
     pull.add_argument("name", nargs="?", default=hub.DEFAULT_MODEL)
