@@ -13,11 +13,15 @@ import socket
 import sys
 import threading
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 import uvicorn
 
 from sorai.server.app import create_app
 from sorai.server.state import ServerSettings
+
+if TYPE_CHECKING:
+    from sorai.engine.async_engine import AsyncEngine
 
 
 class _Server(uvicorn.Server):
@@ -49,7 +53,7 @@ class _Server(uvicorn.Server):
 
 
 def serve(
-    engine,
+    engine: AsyncEngine,
     settings: ServerSettings,
     host: str = "127.0.0.1",
     port: int = 8000,

@@ -353,9 +353,10 @@ def test_prefix_cache_reports_cached_tokens(live: Served, tokenizer: Tokenizer) 
 
 
 def test_metrics_after_traffic(live: Served) -> None:
-    live.client().chat.completions.create(
-        model=live.model, messages=ask("hi"), max_tokens=3, temperature=0
-    )
+    for _ in range(2):  # the second one hits the prefix cache
+        live.client().chat.completions.create(
+            model=live.model, messages=ask("hi"), max_tokens=3, temperature=0
+        )
     metrics = wait_idle(live)
     assert metrics["sorai_kv_cache_blocks_total"] > 0
     assert 0 <= metrics["sorai_kv_cache_usage_ratio"] <= 1
@@ -369,3 +370,24 @@ def test_metrics_after_traffic(live: Served) -> None:
     for name in ("time_to_first_token", "inter_token_latency", "e2e_request_latency"):
         assert metrics[f"sorai_{name}_seconds_count"] > 0
     assert metrics["sorai_e2e_request_latency_seconds_sum"] > 0
+
+
+def test_lone_disconnect_frees_blocks(live: Served) -> None:
+    """The only request in flight dropped mid-stream: its blocks are freed with nothing else
+    running to move the engine along."""
+    wait_idle(live)
+    stream = live.client().chat.completions.create(
+        model=live.model,
+        messages=ask("Describe the ocean in detail."),
+        max_tokens=300,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    )
+    for n, _ in enumerate(stream):
+        if n == 3:
+            break
+    assert scrape(live)["sorai_kv_cache_blocks_used"] > 0
+    stream.close()
+    metrics = wait_idle(live, timeout=30)
+    assert metrics["sorai_kv_cache_blocks_used"] == 0
+    assert metrics["sorai_num_requests_running"] == 0
