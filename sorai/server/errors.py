@@ -148,10 +148,6 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         return describe_validation_error(exc).response()
 
-    @app.exception_handler(ValidationError)
-    async def _pydantic_error(request: Request, exc: ValidationError) -> JSONResponse:
-        return describe_validation_error(exc).response()
-
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
