@@ -391,3 +391,13 @@ def test_lone_disconnect_frees_blocks(live: Served) -> None:
     metrics = wait_idle(live, timeout=30)
     assert metrics["sorai_kv_cache_blocks_used"] == 0
     assert metrics["sorai_num_requests_running"] == 0
+
+
+def test_prompt_longer_than_one_step(live: Served, tokenizer: Tokenizer) -> None:
+    """A prompt past max_num_batched_tokens is prefilled over several steps."""
+    prompt = " ".join(f"Line {i} of a long document about rivers." for i in range(80))
+    assert len(tokenizer.encode(prompt)) > 512
+    reply = live.client().completions.create(
+        model=live.model, prompt=prompt, max_tokens=2, temperature=0
+    )
+    assert reply.usage.prompt_tokens > 512 and reply.usage.completion_tokens == 2
