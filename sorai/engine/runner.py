@@ -61,7 +61,7 @@ class ModelRunner:
             decode_mask = (span[None, :] < lengths[:, None])[:, None, None].to(self.device)
 
         cache.layout = StepLayout(
-            slot_mapping=torch.tensor(slots, device=self.device),
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
             num_decodes=len(decodes),
             decode_slots=decode_slots,
             decode_mask=decode_mask,
@@ -73,7 +73,7 @@ class ModelRunner:
                     torch.tensor(tokens, device=self.device)[None],
                     torch.tensor(positions, device=self.device),
                     cache,
-                    logit_indices=torch.tensor(logit_rows, device=self.device),
+                    logit_indices=torch.tensor(logit_rows, dtype=torch.long, device=self.device),
                 )
         finally:
             cache.layout = None
