@@ -83,7 +83,11 @@ class Scheduler:
                 self._find_cached_prefix(seq)
             n = min(seq.num_tokens - seq.num_computed, budget)
             if not self._reserve(seq, n):
-                break  # it stays first in line until running sequences free blocks
+                # It stays first in line, holding nothing: a waiting sequence that kept its
+                # cache hits could starve the running ones it waits for.
+                self.free(seq)
+                seq.num_computed = 0
+                break
             self.waiting.popleft()
             seq.status = Status.RUNNING
             self.running.append(seq)
