@@ -24,9 +24,10 @@ $(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
+# Serves the default model at http://127.0.0.1:8000/v1 until Ctrl-C.
 run: install
 	$(BIN)/sorai pull
-	$(BIN)/sorai chat
+	$(BIN)/sorai serve
 
 lint: install-test
 	$(BIN)/ruff check sorai tests benchmarks
@@ -44,6 +45,7 @@ test-all: lint
 
 bench: install-test
 	$(BIN)/python benchmarks/bench_generate.py
+	$(BIN)/python benchmarks/bench_serving.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
