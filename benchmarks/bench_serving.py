@@ -9,12 +9,15 @@ Peers, run one after another (never two servers at once, so they do not share th
 - sorai: `sorai serve --model M` on a free loopback port (or `--sorai-url` for a running one);
 - llama-cpp-python: `python -m llama_cpp.server` on the same GGUF file, from its own venv
   (default ~/.cache/sorai/bench-venv, created and built from source on first use: slow on
-  a small machine; `--no-llama-cpp` skips it; `--llama-cpp-url` uses a running one);
+  a small machine; `--no-llama-cpp` skips it; `--llama-cpp-url` uses a running one), with its
+  own default threads (half the cores: on 2 cores, 2 ggml threads that spin-wait for each
+  other slow down badly as soon as anything else runs, the server's own Python included);
 - transformers: `generate` on the same GGUF in float32, one stream, greedy: decode tokens/s as
-  in bench_generate.py ((N - 1) / (time(N tokens) - time(1 token)), median of rounds).
+  in bench_generate.py: (N - 1) / (median time(N tokens) - median time(1 token)).
 
-Workload: the same fixed set of chat prompts for every server (built here with a fixed seed,
-~30-300 prompt tokens), temperature 0, `--max-tokens` each, every request streamed with
+Workload: the same fixed list of chat prompts for every server (built here with a fixed seed,
+~35-300 prompt tokens; each request of a run gets its own, so a prefix cache helps only with
+what real traffic shares), temperature 0, `--max-tokens` each, every request streamed with
 `stream_options.include_usage`. Each concurrency level keeps C requests in flight until it has
 sent `--requests` (default max(8, 2*C)) or `--level-time` seconds have passed (then in-flight
 requests are cut: their tokens still count toward tokens/s, they count in no latency).
@@ -121,15 +124,18 @@ CONTEXT_SENTENCES = [
 def build_prompts(count: int = 64, seed: int = 0) -> list[list[dict[str, str]]]:
     """`count` chat conversations, the same for a given seed: a question after some context."""
     rng = random.Random(seed)
-    prompts = []
-    for _ in range(count):
+    prompts: list[list[dict[str, str]]] = []
+    seen: set[str] = set()
+    while len(prompts) < count:
         topic = TOPICS[rng.randrange(len(TOPICS))]
         question = TASKS[rng.randrange(len(TASKS))].format(t=topic)
         # 0-16 sentences of context: prompts of ~35 to ~300 tokens with the chat template.
         n_context = rng.randint(0, len(CONTEXT_SENTENCES))
         context = " ".join(rng.sample(CONTEXT_SENTENCES, n_context))
         content = f"{context} {question}".strip()
-        prompts.append([{"role": "user", "content": content}])
+        if content not in seen:  # no prompt twice
+            seen.add(content)
+            prompts.append([{"role": "user", "content": content}])
     return prompts
 
 
@@ -283,6 +289,8 @@ async def stream_chat(base: str, body: dict[str, Any], result: RequestResult) ->
                         last = now
         if not result.usage_reported:
             result.output_tokens = result.chunks
+            if not result.chunks and not result.error:
+                result.error = "the stream ended with neither content nor usage"
         result.e2e = time.perf_counter() - started
         result.finished = True
     except (OSError, HTTPError, ValueError, asyncio.IncompleteReadError) as exc:
@@ -390,19 +398,18 @@ async def run_level(
     base: str,
     bodies: Sequence[dict[str, Any]],
     concurrency: int,
-    n_requests: int,
     time_limit: float,
 ) -> tuple[list[RequestResult], float]:
-    """Keep `concurrency` requests in flight until n_requests are sent or time runs out."""
+    """Keep `concurrency` requests in flight until all `bodies` are sent or time runs out."""
     results: list[RequestResult] = []
     started = time.perf_counter()
     deadline = started + time_limit
 
     async def worker() -> None:
-        while len(results) < n_requests and time.perf_counter() < deadline:
+        while len(results) < len(bodies) and time.perf_counter() < deadline:
             result = RequestResult(index=len(results))
             results.append(result)
-            await stream_chat(base, bodies[result.index % len(bodies)], result)
+            await stream_chat(base, bodies[result.index], result)
 
     tasks = [asyncio.create_task(worker()) for _ in range(concurrency)]
     _, pending = await asyncio.wait(tasks, timeout=time_limit)
@@ -426,7 +433,10 @@ async def bench_server(
 ) -> None:
     """Warm the server with one request, then run each level; appends to `summaries`."""
     model_id = await model_id_of(base, args.model)
-    prompts = build_prompts(args.prompts, args.seed)
+    plan = [(c, args.requests or max(8, 2 * c)) for c in args.concurrency]
+    # One prompt per request of the whole run, none sent twice: a prefix cache then helps only
+    # with what real traffic shares (the chat template's system prefix), as on any server.
+    prompts = build_prompts(1 + sum(n for _, n in plan), args.seed)
     bodies = [request_body(model_id, p, args.max_tokens, args.ignore_eos) for p in prompts]
     warm = RequestResult(index=-1)
     await stream_chat(base, bodies[0], warm)
@@ -434,10 +444,16 @@ async def bench_server(
         raise HTTPError(f"warm-up request failed: {warm.error or 'no content'}")
     if not warm.usage_reported:
         print(f"  {peer}: no usage in the stream; counting content chunks as tokens")
-    for concurrency in args.concurrency:
-        n_requests = args.requests or max(8, 2 * concurrency)
-        print(f"  {peer}: concurrency {concurrency}, {n_requests} requests ...", flush=True)
-        results, wall = await run_level(base, bodies, concurrency, n_requests, args.level_time)
+    offset = 1
+    for concurrency, n_requests in plan:
+        print(
+            f"  {peer}: concurrency {concurrency}, {n_requests} requests "
+            f"(load average {os.getloadavg()[0]:.1f}) ...",
+            flush=True,
+        )
+        level_bodies = bodies[offset : offset + n_requests]
+        offset += n_requests
+        results, wall = await run_level(base, level_bodies, concurrency, args.level_time)
         summary = summarize(peer, concurrency, results, wall)
         summaries.append(summary)
         print(
@@ -488,6 +504,8 @@ class Server:
             stdout=self.log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            # The client sends no API key, so the server must not ask for one.
+            env={k: v for k, v in os.environ.items() if k != "SORAI_API_KEY"},
         )
         started = time.monotonic()
         while time.monotonic() - started < timeout:
@@ -597,11 +615,15 @@ def progress(log: Path) -> str:
 
 
 def llama_cpp_command(python: Path, gguf: Path, port: int, threads: int) -> list[str]:
-    return [
+    command = [
         str(python), "-m", "llama_cpp.server", "--model", str(gguf),
         "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048",
-        "--n_threads", str(threads), "--n_threads_batch", str(threads),
+        # By default a new request interrupts the one being streamed: queue them instead.
+        "--interrupt_requests", "False",
     ]  # fmt: skip
+    if threads:
+        command += ["--n_threads", str(threads), "--n_threads_batch", str(threads)]
+    return command
 
 
 # ----------------------------------------------------------------------------------------------
@@ -628,7 +650,7 @@ def bench_transformers(path: Path, args: argparse.Namespace) -> float:
         tokenizer = Tokenizer.from_dir(path)
     else:
         tokenizer = Tokenizer.from_gguf_metadata(GGUFFile(path).metadata)
-    prompts = [tokenizer.encode_chat(p) for p in build_prompts(args.prompts, args.seed)]
+    prompts = [tokenizer.encode_chat(p) for p in build_prompts(64, args.seed)]
     ids = sorted(prompts, key=len)[len(prompts) // 2]
     ref = load_reference(path, torch.float32)
     n = args.decode_tokens
@@ -768,7 +790,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--requests", type=int, default=0, help="requests per level (default max(8, 2*C))"
     )
     parser.add_argument("--level-time", type=float, default=120.0, help="seconds per level")
-    parser.add_argument("--prompts", type=int, default=64, help="distinct prompts")
     parser.add_argument("--seed", type=int, default=0, help="seed of the prompt set")
     parser.add_argument("--peers", default=",".join(ALL_PEERS))
     parser.add_argument("--sorai-url", default=None, help="use this running sorai server")
@@ -776,7 +797,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-llama-cpp", action="store_true", help="skip llama-cpp-python")
     parser.add_argument("--bench-venv", type=Path, default=DEFAULT_BENCH_VENV)
     parser.add_argument(
-        "--llama-cpp-threads", type=int, default=os.cpu_count() or 1, help="(default: all cores)"
+        "--llama-cpp-threads",
+        type=int,
+        default=0,
+        help="llama.cpp threads (default: llama-cpp-python's own, half the cores)",
     )
     parser.add_argument(
         "--ignore-eos", action="store_true", help="send ignore_eos (not every server takes it)"
@@ -825,7 +849,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     path = hub.resolve(args.model, progress=print)
     print(
         f"model {args.model} ({path.name}), max_tokens {args.max_tokens}, temperature 0, "
-        f"concurrency {args.concurrency}, peers {','.join(args.peers)}, {os.cpu_count()} cores"
+        f"concurrency {args.concurrency}, peers {','.join(args.peers)}, {os.cpu_count()} cores, "
+        f"load average {os.getloadavg()[0]:.1f} (other work on the machine skews the results)"
     )
     summaries: list[LevelSummary] = []
     transformers_tok_s = None
