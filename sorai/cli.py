@@ -226,6 +226,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "max_num_batched_tokens": args.max_num_batched_tokens,
         "max_model_len": args.max_model_len,
         "enable_prefix_caching": False if args.no_prefix_caching else None,
+        "kv_cache_gib": args.kv_cache_gib,
+        "cpu_threads": args.cpu_threads,
     }
     config = EngineConfig(**{k: v for k, v in engine_options.items() if v is not None})
     settings = ServerSettings(
@@ -328,6 +330,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--no-prefix-caching", action="store_true", help="do not reuse KV of shared prefixes"
+    )
+    serve.add_argument(
+        "--kv-cache-gib", type=float, default=None, help="memory for the KV cache (default: 1)"
+    )
+    serve.add_argument(
+        "--cpu-threads",
+        type=int,
+        default=None,
+        help="torch threads on the CPU (default: one less than the cores, at least 1)",
     )
     serve.add_argument(
         "--max-body-bytes",

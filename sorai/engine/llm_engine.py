@@ -39,6 +39,8 @@ class LLMEngine:
         self.config = config or EngineConfig()
         self.model_name = name
         cfg = self.config
+        if model.device.type == "cpu":
+            torch.set_num_threads(cfg.cpu_threads or max(1, len(os.sched_getaffinity(0)) - 1))
         attention = next(iter(model.layers.values())).self_attn
         num_kv_heads = attention.k_proj.weight.shape[0] // attention.head_dim
         per_block = PagedKVCache.bytes_per_block(
