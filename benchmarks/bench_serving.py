@@ -636,6 +636,7 @@ def bench_transformers(path: Path, args: argparse.Namespace) -> float:
     (N - 1) / (median time(N new tokens) - median time(1 new token)) over `--rounds`, with
     N = `--decode-tokens`, as in bench_generate.py: prefill and start-up cost cancel out.
     """
+    os.environ.setdefault("TQDM_DISABLE", "1")  # transformers' GGUF conversion progress bar
     import torch
     from transformers.utils import logging as transformers_logging
 
@@ -670,8 +671,8 @@ def bench_transformers(path: Path, args: argparse.Namespace) -> float:
 # Report
 
 
-def fmt(value: float, digits: int = 3) -> str:
-    return "-" if value != value else f"{value:.{digits}f}"  # NaN -> "-"
+def fmt(value: float | None, digits: int = 3) -> str:
+    return "-" if value is None or value != value else f"{value:.{digits}f}"  # NaN -> "-"
 
 
 def print_table(summaries: list[LevelSummary]) -> None:
@@ -696,7 +697,7 @@ def print_table(summaries: list[LevelSummary]) -> None:
 def goal_line(name: str, value: float | None, target: str, met: bool | None) -> str:
     verdict = "n/a (peer not measured)" if met is None else ("MET" if met else "NOT MET")
     shown = "-" if value is None else f"{value:.2f}"
-    return f"  {name:52s} {shown:>8s}  goal {target:8s} {verdict}"
+    return f"  {name:58s} {shown:>6s}  goal {target:8s} {verdict}"
 
 
 def report(
@@ -744,7 +745,7 @@ def report(
     print("Goals:")
     print(
         goal_line(
-            f"output tok/s at concurrency {GOAL_CONCURRENCY}, sorai / llama-cpp-python",
+            f"sorai / llama-cpp-python output tok/s at concurrency {GOAL_CONCURRENCY}",
             goals["throughput_ratio_c16"][0],
             f">= {GOAL_THROUGHPUT_RATIO:g}x",
             goals["throughput_ratio_c16"][1],
