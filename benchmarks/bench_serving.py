@@ -42,6 +42,7 @@ import ipaddress
 import json
 import os
 import random
+import shlex
 import signal
 import socket
 import statistics
@@ -554,7 +555,7 @@ def sorai_command(args: argparse.Namespace, port: int) -> list[str]:
     command += ["serve", "--model", args.model, "--host", "127.0.0.1", "--port", str(port)]
     if args.dtype:
         command += ["--dtype", args.dtype]
-    return command
+    return command + shlex.split(args.sorai_args)
 
 
 def llama_cpp_python(venv: Path) -> Path | None:
@@ -793,6 +794,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--level-time", type=float, default=120.0, help="seconds per level")
     parser.add_argument("--seed", type=int, default=0, help="seed of the prompt set")
     parser.add_argument("--peers", default=",".join(ALL_PEERS))
+    parser.add_argument(
+        "--sorai-args", default="", help='more `sorai serve` flags, e.g. "--cpu-threads 2"'
+    )
     parser.add_argument("--sorai-url", default=None, help="use this running sorai server")
     parser.add_argument("--llama-cpp-url", default=None, help="use this running llama.cpp server")
     parser.add_argument("--no-llama-cpp", action="store_true", help="skip llama-cpp-python")
