@@ -94,8 +94,8 @@ class PagedKVCache:
             if chunk.slots is None:
                 out = causal_attention(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e])
             else:
-                keys = key_cache[chunk.slots].transpose(0, 1)[None]
-                values = value_cache[chunk.slots].transpose(0, 1)[None]
+                keys = key_cache.index_select(0, chunk.slots).transpose(0, 1)[None]
+                values = value_cache.index_select(0, chunk.slots).transpose(0, 1)[None]
                 query_pos = torch.arange(chunk.context, chunk.context + chunk.length)
                 key_pos = torch.arange(chunk.context + chunk.length)
                 mask = (key_pos[None, :] <= query_pos[:, None]).to(q.device)
@@ -108,8 +108,10 @@ class PagedKVCache:
     def _decode(q: Tensor, key_cache: Tensor, value_cache: Tensor, layout: StepLayout) -> Tensor:
         """q [H, D, d] -> out [H, D, d]: each of D sequences' one query over its own blocks."""
         heads, num, dim = q.shape
-        keys = key_cache[layout.decode_slots]  # [D, L, kv, d]
-        values = value_cache[layout.decode_slots]
+        # index_select on the flat slot list is a plain row gather, cheaper than indexing.
+        slots = layout.decode_slots
+        keys = key_cache.index_select(0, slots.view(-1)).view(*slots.shape, *key_cache.shape[1:])
+        values = value_cache.index_select(0, slots.view(-1)).view(keys.shape)
         kv = keys.shape[2]
         # The heads sharing a KV head become that head's queries: SDPA then needs no
         # repeated keys (GQA for free) and a one-token query has no causal structure.
