@@ -16,6 +16,7 @@ from torch import Tensor
 from sorai.errors import SamplingError
 
 __all__ = [
+    "GuidedSpec",
     "SamplingParams",
     "SequenceState",
     "StopStringMatcher",
@@ -68,6 +69,55 @@ def _normalise_logit_bias(bias: Any) -> tuple[tuple[int, float], ...]:
 
 
 @dataclass(frozen=True)
+class GuidedSpec:
+    """A constraint on what may be generated; exactly one kind is set.
+
+    json_schema is the schema as JSON text; json_object asks for any JSON object; regex must
+    match the whole output; choice is a list of exact strings; grammar is a Lark grammar
+    (llguidance's dialect, which also takes `%json {...}` for embedded schemas).
+    """
+
+    json_schema: str | None = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: tuple[str, ...] | None = None
+    grammar: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.choice is not None:
+            choice = tuple(self.choice) if not isinstance(self.choice, str) else None
+            if not choice or not all(isinstance(c, str) and c for c in choice):
+                raise SamplingError(
+                    f"guided_choice must be a non-empty list of non-empty strings, "
+                    f"got {self.choice!r:.80}"
+                )
+            object.__setattr__(self, "choice", choice)
+        for name in ("json_schema", "regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise SamplingError(f"guided {name} must be a non-empty string, got {value!r:.80}")
+        kinds = [self.json_schema, self.json_object or None, self.regex, self.choice, self.grammar]
+        if sum(k is not None for k in kinds) != 1:
+            raise SamplingError(
+                "give exactly one guided decoding constraint (json_schema, json_object, regex, "
+                "choice or grammar)"
+            )
+
+    @property
+    def key(self) -> str:
+        """Names the compiled grammar: equal specs share one compilation."""
+        if self.json_schema is not None:
+            return "json_schema:" + self.json_schema
+        if self.json_object:
+            return "json_object"
+        if self.regex is not None:
+            return "regex:" + self.regex
+        if self.choice is not None:
+            return "choice:" + "\x00".join(self.choice)
+        return "grammar:" + str(self.grammar)
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     """How to pick tokens for one request; fields follow the OpenAI / vLLM names and meanings."""
 
@@ -91,6 +141,7 @@ class SamplingParams:
     logprobs: int | None = None
     # token id -> bias added to its logit before sampling (OpenAI: -100 bans, 100 forces).
     logit_bias: tuple[tuple[int, float], ...] = ()
+    guided: GuidedSpec | None = None  # constrained decoding (JSON schema, regex, choice, ...)
 
     def __post_init__(self) -> None:
         # Normalise first (frozen, hence object.__setattr__), then validate the normalised values.
@@ -164,6 +215,8 @@ class SamplingParams:
             raise SamplingError(
                 f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}"
             )
+        if self.guided is not None and not isinstance(self.guided, GuidedSpec):
+            raise SamplingError(f"guided must be a GuidedSpec, got {self.guided!r:.80}")
         if self.min_tokens > self.max_tokens:
             raise SamplingError(
                 f"min_tokens must be <= max_tokens ({self.max_tokens}), got {self.min_tokens!r}"

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from sorai.engine.block_manager import BlockPool
 from sorai.engine.config import EngineConfig
+from sorai.engine.guided import GrammarCompiler, advance, mask_logits
 from sorai.engine.outputs import EngineStats, RequestOutput, TokenLogprob
 from sorai.engine.paged_cache import PagedKVCache
 from sorai.engine.runner import ModelRunner
@@ -66,6 +67,7 @@ class LLMEngine:
             model.config.context_length,
             num_blocks * cfg.block_size,
         )
+        self.guided = GrammarCompiler(tokenizer, self.vocab_size)
         self.requests: dict[str, Request] = {}
         self._aborts: set[str] = set()
         self.generation_tokens = 0
@@ -105,6 +107,8 @@ class LLMEngine:
                 f"{total} were requested ({len(prompt_ids)} in the prompt + {params.max_tokens}"
                 " for the completion); shorten the prompt or lower max_tokens"
             )
+        if params.guided is not None:
+            self.guided.matcher(params.guided)  # compiles (and caches), or says why not
         for token, _ in params.logit_bias:
             if token >= self.vocab_size:
                 raise SamplingError(
@@ -127,6 +131,7 @@ class LLMEngine:
             max_len=len(prompt_ids) + params.max_tokens,
             arrival=time.monotonic(),
             device=self.model.device,
+            new_matcher=self.guided.matcher,
         )
         self.requests[request_id] = request
         for seq in request.sequences:
@@ -162,7 +167,12 @@ class LLMEngine:
 
     def _sample(self, seqs: list[Sequence], logits: Tensor) -> None:
         states = [s.state for s in seqs]
-        tokens = sample(process_logits(logits, states), states)
+        matchers = [s.matcher for s in seqs]
+        guided = any(m is not None for m in matchers)
+        allowed = logits.float().clone() if guided else logits
+        if guided:
+            mask_logits(allowed, matchers)
+        tokens = sample(process_logits(allowed, states), states)
         top = max((s.request.params.logprobs or 0) for s in seqs)
         want = [s.request.params.logprobs is not None for s in seqs]
         logprob_rows: list[TokenLogprob | None] = [None] * len(seqs)
@@ -179,7 +189,8 @@ class LLMEngine:
                 k = seq.request.params.logprobs or 0
                 alternatives = list(zip(top_ids[i][:k], top_values[i][:k], strict=True))
                 logprob_rows[i] = TokenLogprob(token_list[i], chosen[i], alternatives)
-            seq.append(token_list[i], logprob_rows[i])
+            done = seq.matcher is not None and advance(seq.matcher, token_list[i])
+            seq.append(token_list[i], logprob_rows[i], grammar_done=done)
         self.generation_tokens += len(seqs)
 
     def _output(self, request: Request) -> RequestOutput:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from sorai.engine.outputs import ChoiceDelta, TokenLogprob
 from sorai.model.tokenizer import IncrementalDetokenizer, Tokenizer
-from sorai.sampling import SamplingParams, SequenceState, StopStringMatcher
+from sorai.sampling import GuidedSpec, SamplingParams, SequenceState, StopStringMatcher
 
 
 class Status(enum.Enum):
@@ -39,6 +41,7 @@ class Sequence:
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     reported_finish: bool = False
+    matcher: Any = None  # llguidance matcher when the request is guided
 
     @property
     def num_tokens(self) -> int:
@@ -73,8 +76,11 @@ class Sequence:
         self.reported_finish = self.reported_finish or report_finish
         return delta
 
-    def append(self, token_id: int, logprob: TokenLogprob | None) -> None:
-        """Take a sampled token: record it, detokenize it and check every stop condition."""
+    def append(
+        self, token_id: int, logprob: TokenLogprob | None, grammar_done: bool = False
+    ) -> None:
+        """Take a sampled token: record it, detokenize it and check every stop condition
+        (grammar_done: the guided output is complete, nothing may follow)."""
         self.token_ids.append(token_id)
         self.state.append(token_id)
         if token_id in self.state.stop_token_ids:
@@ -89,6 +95,8 @@ class Sequence:
         self.pending_text += text
         if stopped:
             self._finish("stop", self.stopper.matched)
+        elif grammar_done:
+            self._finish("stop", None)
         elif self.num_tokens >= self.max_len:
             self._finish("length", None)
 
@@ -126,6 +134,7 @@ class Request:
         max_len: int,
         arrival: float,
         device: object,
+        new_matcher: Callable[[GuidedSpec], Any] | None = None,
     ) -> Request:
         request = cls(request_id, list(prompt_ids), params, arrival)
         for i in range(params.n):
@@ -150,6 +159,7 @@ class Request:
                     detokenizer=IncrementalDetokenizer(tokenizer, prompt_ids=prompt_ids),
                     stopper=StopStringMatcher(params.stop),
                     max_len=max_len,
+                    matcher=new_matcher(params.guided) if params.guided and new_matcher else None,
                 )
             )
         return request
