@@ -14,17 +14,33 @@ from typing import Any
 
 import torch
 
+from sorai.engine.guided import GrammarCompiler, advance, mask_logits
 from sorai.errors import ContextLengthError, SoraiError
 from sorai.model.kv_cache import ContiguousKVCache
 from sorai.model.tokenizer import IncrementalDetokenizer, Tokenizer
 from sorai.model.transformer import Transformer
 from sorai.model.weights import save_hf_dir
-from sorai.sampling import SamplingParams, SequenceState, StopStringMatcher, process_logits, sample
+from sorai.sampling import (
+    GuidedSpec,
+    SamplingParams,
+    SequenceState,
+    StopStringMatcher,
+    process_logits,
+    sample,
+)
 
 # Long prompts are prefilled in chunks so activations stay small whatever the prompt length.
 PREFILL_CHUNK = 512
 
 Messages = Sequence[dict[str, Any]]
+
+_CONSTRAINT_OPTIONS = (
+    "response_format",
+    "guided_json",
+    "guided_regex",
+    "guided_choice",
+    "guided_grammar",
+)
 
 
 @dataclass
@@ -57,16 +73,33 @@ class LLM:
         self.model = model
         self.tokenizer = tokenizer
         self.name = name
+        self._grammars: GrammarCompiler | None = None
+
+    def _matcher(self, params: SamplingParams) -> Any:
+        if params.guided is None:
+            return None
+        if self._grammars is None:
+            self._grammars = GrammarCompiler(self.tokenizer, self.model.config.vocab_size)
+        return self._grammars.matcher(params.guided)
 
     @property
     def context_length(self) -> int:
         return self.model.config.context_length
 
     def params(self, sampling: SamplingParams | None = None, **options: Any) -> SamplingParams:
-        """SamplingParams from keyword options (unknown names and bad values raise)."""
+        """SamplingParams from keyword options (unknown names and bad values raise).
+
+        Besides SamplingParams' fields, the options take OpenAI's `response_format` and the
+        extras guided_json / guided_regex / guided_choice / guided_grammar.
+        """
         if sampling is not None and options:
             raise TypeError("pass either a SamplingParams or keyword options, not both")
-        return sampling or SamplingParams.from_options(options)
+        if sampling is not None:
+            return sampling
+        constraint = {k: options.pop(k) for k in _CONSTRAINT_OPTIONS if k in options}
+        if constraint:
+            options["guided"] = GuidedSpec.from_request(**constraint)
+        return SamplingParams.from_options(options)
 
     def encode_prompt(self, prompt: str | Sequence[int]) -> list[int]:
         """Text is tokenized (with BOS where the model wants one); token ids are checked."""
@@ -137,6 +170,7 @@ class LLM:
         )
         detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_ids=prompt_ids)
         stopper = StopStringMatcher(params.stop)
+        matcher = self._matcher(params)
         finish_reason = "length"
         with torch.inference_mode():
             ids = torch.tensor(prompt_ids, device=model.device)
@@ -146,15 +180,19 @@ class LLM:
                 logits = model(chunk[None], positions, cache, last_only=True)[:, -1]
             position = len(prompt_ids)
             for _ in range(budget):
-                token = sample(process_logits(logits.float(), [state]), [state])
+                logits = logits.float()
+                if matcher is not None:
+                    mask_logits(logits, [matcher])
+                token = sample(process_logits(logits, [state]), [state])
                 token_id = int(token)
                 state.append(token_id)
+                done = matcher is not None and advance(matcher, token_id)
                 if token_id in state.stop_token_ids:
                     finish_reason = "stop"
                     break
                 text, stopped = stopper.feed(detokenizer.add(token_id))
                 yield Delta(text, token_id)
-                if stopped:
+                if stopped or done:
                     finish_reason = "stop"
                     break
                 positions = torch.tensor([position], device=model.device)

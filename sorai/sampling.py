@@ -5,6 +5,7 @@ Works on logits [B, V] with one SequenceState (and so one SamplingParams) per ro
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
@@ -68,6 +69,18 @@ def _normalise_logit_bias(bias: Any) -> tuple[tuple[int, float], ...]:
     return tuple(sorted(out.items()))
 
 
+def _schema_text(schema: Any, name: str) -> str:
+    """A JSON schema given as an object or as JSON text -> canonical JSON text."""
+    if isinstance(schema, str):
+        try:
+            schema = json.loads(schema)
+        except json.JSONDecodeError as exc:
+            raise SamplingError(f"{name} is not valid JSON: {exc}") from None
+    if not isinstance(schema, (Mapping, bool)):
+        raise SamplingError(f"{name} must be a JSON schema object, got {schema!r:.80}")
+    return json.dumps(schema, sort_keys=True, ensure_ascii=False)
+
+
 @dataclass(frozen=True)
 class GuidedSpec:
     """A constraint on what may be generated; exactly one kind is set.
@@ -102,6 +115,72 @@ class GuidedSpec:
                 "give exactly one guided decoding constraint (json_schema, json_object, regex, "
                 "choice or grammar)"
             )
+
+    @classmethod
+    def from_request(
+        cls,
+        response_format: Mapping[str, Any] | None = None,
+        guided_json: Mapping[str, Any] | str | None = None,
+        guided_regex: str | None = None,
+        guided_choice: Sequence[str] | None = None,
+        guided_grammar: str | None = None,
+    ) -> GuidedSpec | None:
+        """The constraint an OpenAI-style request asks for (response_format, or one of the
+        guided_* extras), or None; SamplingError when it is malformed or several are given."""
+        given = {
+            name: value
+            for name, value in (
+                ("guided_json", guided_json),
+                ("guided_regex", guided_regex),
+                ("guided_choice", guided_choice),
+                ("guided_grammar", guided_grammar),
+            )
+            if value is not None
+        }
+        from_format = cls._from_response_format(response_format)
+        if from_format is not None:
+            given["response_format"] = from_format
+        if len(given) > 1:
+            raise SamplingError(
+                f"give at most one output constraint, got {', '.join(sorted(given))}"
+            )
+        if not given:
+            return None
+        name, value = given.popitem()
+        if name == "response_format":
+            return value
+        if name == "guided_json":
+            return cls(json_schema=_schema_text(value, name))
+        if name == "guided_regex":
+            return cls(regex=value)
+        if name == "guided_choice":
+            if isinstance(value, str):
+                raise SamplingError("guided_choice must be a list of strings, got one string")
+            return cls(choice=tuple(value))
+        return cls(grammar=value)
+
+    @classmethod
+    def _from_response_format(cls, fmt: Mapping[str, Any] | None) -> GuidedSpec | None:
+        if fmt is None:
+            return None
+        if not isinstance(fmt, Mapping):
+            raise SamplingError(f"response_format must be an object, got {fmt!r:.80}")
+        kind = fmt.get("type")
+        if kind in (None, "text"):
+            return None
+        if kind == "json_object":
+            return cls(json_object=True)
+        if kind == "json_schema":
+            spec = fmt.get("json_schema")
+            if not isinstance(spec, Mapping) or "schema" not in spec:
+                raise SamplingError(
+                    'response_format json_schema needs {"json_schema": {"name": ..., '
+                    '"schema": {...}}}'
+                )
+            return cls(json_schema=_schema_text(spec["schema"], "response_format.json_schema"))
+        raise SamplingError(
+            f"response_format type must be text, json_object or json_schema, got {kind!r}"
+        )
 
     @property
     def key(self) -> str:
