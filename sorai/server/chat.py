@@ -1,4 +1,9 @@
-"""POST /v1/chat/completions."""
+"""POST /v1/chat/completions.
+
+Tools (sorai/server/tools.py) and output constraints (sorai/server/guided.py) are settled
+before the prompt is built; with tools active, each choice's text goes through the request's
+ToolSetup (whole answers) or a ToolStream (streams) to become content or tool calls.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,10 @@ from fastapi import APIRouter
 from starlette.requests import Request
 from starlette.responses import Response
 
+from sorai.engine.outputs import ChoiceDelta
 from sorai.server.body import read_json
+from sorai.server.errors import bad_request
+from sorai.server.guided import checked
 from sorai.server.logprobs import TokenText, chat_logprobs
 from sorai.server.protocol import (
     AssistantMessage,
@@ -33,6 +41,7 @@ from sorai.server.responses import (
 )
 from sorai.server.runner import Generation, unless_disconnected
 from sorai.server.state import get_state
+from sorai.server.tools import ToolSetup, ToolStream
 
 router = APIRouter()
 
@@ -40,7 +49,14 @@ router = APIRouter()
 class _Reply:
     """One chat request's identity and options, shared by the streamed and whole answers."""
 
-    def __init__(self, body: ChatCompletionRequest, model: str, n: int, token_text: TokenText):
+    def __init__(
+        self,
+        body: ChatCompletionRequest,
+        model: str,
+        n: int,
+        token_text: TokenText,
+        tools: ToolSetup,
+    ):
         self.id = new_id("chatcmpl")
         self.created = int(time.time())
         self.model = model
@@ -48,6 +64,7 @@ class _Reply:
         self.logprobs = bool(body.logprobs)
         self.include_usage = body.include_usage
         self.token_text = token_text
+        self.tools = tools
 
     def logprobs_of(self, entries: list | None) -> ChatLogprobs | None:
         if not self.logprobs:
@@ -63,11 +80,22 @@ async def create_chat_completion(request: Request) -> Response:
     body.check()
     model = state.resolve_model(body.model)
     engine = state.engine
-    prompt_ids = engine.tokenizer.encode_chat(body.template_messages())
-    params = body.sampling_params(len(prompt_ids), engine.context_length)
-    reply = _Reply(body, model, params.n, state.token_text)
+    tools = ToolSetup.from_request(body.tools, body.tool_choice, body.parallel_tool_calls)
+    guided, guided_param = body.guided()
+    if tools.forced:
+        if guided is not None:
+            raise bad_request(
+                f"tool_choice {body.tool_choice!r:.60} constrains the output to a tool call; "
+                f"it cannot be combined with {guided_param}",
+                param=guided_param,
+            )
+        guided, guided_param = tools.constraint(), "tools"
+    prompt_ids = tools.encode(engine.tokenizer, body.messages)
+    params = body.sampling_params(len(prompt_ids), engine.context_length, guided)
+    reply = _Reply(body, model, params.n, state.token_text, tools)
     generation = Generation(state, [(prompt_ids, params)], reply.id, arrival)
-    generation.check()
+    with checked(guided_param):
+        generation.check()
     await unless_disconnected(request, generation.start())
     if body.stream:
         return EventStream(guarded(_stream(reply, generation)), on_close=generation.close)
@@ -92,15 +120,17 @@ async def _collect(reply: _Reply, generation: Generation) -> Response:
                 finish[delta.index] = delta.finish_reason
     if "abort" in finish or None in finish:
         raise aborted()
-    choices = [
-        ChatChoice(
-            index=j,
-            message=AssistantMessage(content="".join(texts[j])),
-            logprobs=reply.logprobs_of(logprobs[j]),
-            finish_reason=finish[j],
+    choices = []
+    for j in range(reply.n):
+        content, calls, reason = reply.tools.answer("".join(texts[j]), finish[j])
+        choices.append(
+            ChatChoice(
+                index=j,
+                message=AssistantMessage(content=content, tool_calls=calls),
+                logprobs=reply.logprobs_of(logprobs[j]),
+                finish_reason=reason,
+            )
         )
-        for j in range(reply.n)
-    ]
     return json_response(
         ChatCompletionResponse(
             id=reply.id,
@@ -128,11 +158,16 @@ async def _stream(reply: _Reply, generation: Generation) -> AsyncIterator[str]:
     for j in range(reply.n):
         yield chunk([ChatChunkChoice(index=j, delta=DeltaMessage(role="assistant", content=""))])
     tally = UsageTally(1)
+    tool_streams = [reply.tools.stream() for _ in range(reply.n)] if reply.tools.active else None
     async for i, output in generation.outputs():
         tally.add(i, output)
         for delta in output.choices:
             if delta.finish_reason == "abort":
                 raise aborted()
+            if tool_streams is not None:
+                for piece in _tool_pieces(reply, tool_streams[delta.index], delta):
+                    yield chunk([piece])
+                continue
             logprobs = reply.logprobs_of(delta.logprobs) if delta.logprobs else None
             if not delta.text and delta.finish_reason is None and logprobs is None:
                 continue  # e.g. the first bytes of a character still being held back
@@ -157,3 +192,33 @@ async def _stream(reply: _Reply, generation: Generation) -> AsyncIterator[str]:
             )
         )
     yield DONE
+
+
+def _tool_pieces(reply: _Reply, stream: ToolStream, delta: ChoiceDelta) -> list[ChatChunkChoice]:
+    """One engine delta of a choice whose answer may be a tool call -> its chunk choices.
+
+    Logprobs wait for the next chunk of their choice (a held-back piece of text has none).
+    """
+    stream.pending_logprobs += delta.logprobs or []
+    messages = stream.feed(delta.text) if delta.text else []
+    finish_reason = None
+    if delta.finish_reason is not None:
+        more, finish_reason = stream.finish(delta.finish_reason)
+        messages += more
+        messages.append(DeltaMessage())  # the closing chunk carries only finish_reason
+    pieces = []
+    for k, message in enumerate(messages):
+        logprobs = None
+        if stream.pending_logprobs and reply.logprobs:
+            logprobs = reply.logprobs_of(stream.pending_logprobs)
+            stream.pending_logprobs = []
+        last = k == len(messages) - 1
+        pieces.append(
+            ChatChunkChoice(
+                index=delta.index,
+                delta=message,
+                logprobs=logprobs,
+                finish_reason=finish_reason if last else None,
+            )
+        )
+    return pieces

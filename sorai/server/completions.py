@@ -14,6 +14,7 @@ from starlette.responses import Response
 
 from sorai.server.body import read_json
 from sorai.server.errors import bad_request
+from sorai.server.guided import checked
 from sorai.server.logprobs import CompletionLogprobsBuilder, TokenText
 from sorai.server.protocol import (
     CompletionChoice,
@@ -78,15 +79,17 @@ async def create_completion(request: Request) -> Response:
     body = await read_json(request, CompletionRequest)
     body.check()
     model = state.resolve_model(body.model)
+    guided, guided_param = body.guided()
     jobs: list[Job] = []
     texts: list[str] = []
     for prompt in body.prompts():
         ids, text = _encode(state, prompt)
-        jobs.append((ids, body.sampling_params(len(ids), state.engine.context_length)))
+        jobs.append((ids, body.sampling_params(len(ids), state.engine.context_length, guided)))
         texts.append(text)
     reply = _Reply(body, model, jobs[0][1].n, texts)
     generation = Generation(state, jobs, reply.id, arrival)
-    generation.check()
+    with checked(guided_param):
+        generation.check()
     await unless_disconnected(request, generation.start())
     if body.stream:
         stream = _stream(reply, generation, state.token_text)

@@ -25,6 +25,7 @@ from sorai.errors import (
     SamplingError,
     SoraiError,
 )
+from sorai.sampling import SamplingParams
 
 logger = logging.getLogger("sorai.server")
 
@@ -71,8 +72,10 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
     return APIError(400, message, param=param, code=code)
 
 
-# SamplingError messages start with the field's name ("top_p must be in (0, 1], got 2.0").
+# SamplingError messages start with the field's name ("top_p must be in (0, 1], got 2.0");
+# other first words ("the JSON schema is not valid") name no field.
 _LEADING_NAME = re.compile(r"^([a-z_]+) ")
+_FIELD_NAMES = frozenset(SamplingParams.field_names()) - {"guided"}
 
 
 def from_sorai_error(exc: SoraiError) -> APIError:
@@ -89,7 +92,8 @@ def from_sorai_error(exc: SoraiError) -> APIError:
     if isinstance(exc, EngineDeadError):
         return engine_unavailable(message)
     match = _LEADING_NAME.match(message)
-    param = match.group(1) if match and isinstance(exc, SamplingError) else None
+    name = match.group(1) if match else None
+    param = name if name in _FIELD_NAMES and isinstance(exc, SamplingError) else None
     code = "context_length_exceeded" if isinstance(exc, ContextLengthError) else None
     return bad_request(message, param=param, code=code)
 

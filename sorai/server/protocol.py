@@ -2,9 +2,9 @@
 
 Requests are validated strictly (no "5" for 5, no true for 1) and ignore fields they do not
 know, as OpenAI's do. The extra sampling fields that vLLM accepts (top_k, min_p,
-repetition_penalty, min_tokens, stop_token_ids, ignore_eos) sit at the top level, where the
-openai client's `extra_body` puts them. Ranges are checked by SamplingParams, whose messages
-name the field.
+repetition_penalty, min_tokens, stop_token_ids, ignore_eos, and the guided_* constraints) sit
+at the top level, where the openai client's `extra_body` puts them. Ranges are checked by
+SamplingParams, whose messages name the field.
 """
 
 from __future__ import annotations
@@ -20,13 +20,14 @@ from pydantic import (
     model_validator,
 )
 
-from sorai.sampling import SamplingParams
+from sorai.sampling import GuidedSpec, SamplingParams
 from sorai.server.errors import bad_request
+from sorai.server.guided import guided_spec
 
 # Completions' legacy default, as in OpenAI's API (chat uses the rest of the context window).
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
 
-Role = Literal["system", "developer", "user", "assistant"]
+Role = Literal["system", "developer", "user", "assistant", "tool"]
 
 
 class _Request(BaseModel):
@@ -52,10 +53,26 @@ class ContentPart(_Request):
 _CONTENT_SHAPE = 'content is a string or a list of text parts ({"type": "text", "text": ...})'
 
 
+class FunctionCallIn(_Request):
+    name: str
+    # A JSON text, as OpenAI sends it; an object is taken too.
+    arguments: str | dict[str, Any] = "{}"
+
+
+class ToolCallIn(_Request):
+    """A call an earlier assistant turn made, as the client sends it back."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallIn
+
+
 class ChatMessage(_Request):
     role: Role
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallIn] | None = None  # assistant turns
+    tool_call_id: str | None = None  # tool turns: the call this is the result of
 
     @field_validator("content", mode="before")
     @classmethod
@@ -80,6 +97,10 @@ class ChatMessage(_Request):
         # Only an assistant turn may omit content (OpenAI allows it next to tool calls).
         if self.content is None and self.role != "assistant":
             raise ValueError(f"a {self.role} message needs 'content'")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs 'tool_call_id' (the id of the call it answers)")
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError("only an assistant message may have 'tool_calls'")
         return self
 
     def text(self) -> str:
@@ -118,6 +139,24 @@ class _SamplingFields(_Request):
     min_tokens: int | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool | None = None
+    # Structured outputs: OpenAI's response_format, or one of vLLM's guided_* extras.
+    response_format: Any = None
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+
+    def guided(self) -> tuple[GuidedSpec | None, str | None]:
+        """The requested output constraint and the field that asked for it (or None, None)."""
+        return guided_spec(
+            {
+                "response_format": self.response_format,
+                "guided_json": self.guided_json,
+                "guided_regex": self.guided_regex,
+                "guided_choice": self.guided_choice,
+                "guided_grammar": self.guided_grammar,
+            }
+        )
 
     def _check_stream_options(self) -> None:
         if self.stream_options is not None and not self.stream:
@@ -129,7 +168,9 @@ class _SamplingFields(_Request):
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
-    def _sampling(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
+    def _sampling(
+        self, max_tokens: int, logprobs: int | None, guided: GuidedSpec | None = None
+    ) -> SamplingParams:
         top_k = self.top_k
         if top_k == -1:  # vLLM's spelling of "off"
             top_k = 0
@@ -151,6 +192,7 @@ class _SamplingFields(_Request):
                 "n": self.n,
                 "logprobs": logprobs,
                 "logit_bias": self.logit_bias,
+                "guided": guided,
             }
         )
 
@@ -167,9 +209,9 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: int | None = None
     logprobs: bool | None = False
     top_logprobs: int | None = None
-    tools: list[Any] | None = None
+    tools: Any = None
     tool_choice: Any = None
-    response_format: dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
 
     @field_validator("messages")
     @classmethod
@@ -183,26 +225,17 @@ class ChatCompletionRequest(_SamplingFields):
         self._check_stream_options()
         if self.top_logprobs is not None and not self.logprobs:
             raise bad_request("top_logprobs requires logprobs to be true", param="top_logprobs")
-        if self.tools:
-            raise bad_request("tools are not supported by this server", param="tools")
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise bad_request(
-                f"response_format {self.response_format.get('type')!r} is not supported; "
-                "only 'text' is",
-                param="response_format",
-            )
 
-    def template_messages(self) -> list[dict[str, str]]:
-        return [m.for_template() for m in self.messages]
-
-    def sampling_params(self, prompt_len: int, context_length: int) -> SamplingParams:
+    def sampling_params(
+        self, prompt_len: int, context_length: int, guided: GuidedSpec | None = None
+    ) -> SamplingParams:
         requested = self.max_completion_tokens
         if requested is None:
             requested = self.max_tokens
         if requested is None:
             requested = _remaining(prompt_len, context_length)
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
-        return self._sampling(requested, logprobs)
+        return self._sampling(requested, logprobs, guided)
 
 
 PromptInput = str | list[str] | list[int] | list[list[int]]
@@ -258,11 +291,13 @@ class CompletionRequest(_SamplingFields):
             return [list(prompt)]
         return list(prompt)
 
-    def sampling_params(self, prompt_len: int, context_length: int) -> SamplingParams:
+    def sampling_params(
+        self, prompt_len: int, context_length: int, guided: GuidedSpec | None = None
+    ) -> SamplingParams:
         requested = self.max_tokens
         if requested is None:
             requested = _remaining(prompt_len, context_length)
-        return self._sampling(requested, self.logprobs)
+        return self._sampling(requested, self.logprobs, guided)
 
 
 def _is_int(value: Any) -> bool:
@@ -333,10 +368,31 @@ class ChatLogprobs(_Response):
     refusal: list[ChatTokenLogprob] | None = None
 
 
+def _without_none(data: dict[str, Any], keys: tuple[str, ...] | None = None) -> dict[str, Any]:
+    return {k: v for k, v in data.items() if v is not None or (keys is not None and k not in keys)}
+
+
+class FunctionCall(_Response):
+    name: str
+    arguments: str  # a JSON text
+
+
+class ToolCall(_Response):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class AssistantMessage(_Response):
     role: Literal["assistant"] = "assistant"
     content: str | None
     refusal: str | None = None
+    tool_calls: list[ToolCall] | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_no_calls(self, handler: Any) -> dict[str, Any]:
+        # tool_calls appears only on an answer that calls tools, as in OpenAI's responses.
+        return _without_none(handler(self), keys=("tool_calls",))
 
 
 class ChatChoice(_Response):
@@ -356,14 +412,38 @@ class ChatCompletionResponse(_Response):
     system_fingerprint: str | None = None
 
 
+class FunctionCallDelta(_Response):
+    name: str | None = None
+    arguments: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_unset(self, handler: Any) -> dict[str, Any]:
+        return _without_none(handler(self))
+
+
+class ToolCallDelta(_Response):
+    """A piece of a streamed tool call: the first names it (id, type, function.name), the
+    rest carry argument fragments; `index` says which of the message's calls it extends."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCallDelta | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_unset(self, handler: Any) -> dict[str, Any]:
+        return _without_none(handler(self))
+
+
 class DeltaMessage(_Response):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
     @model_serializer(mode="wrap")
     def _drop_unset(self, handler: Any) -> dict[str, Any]:
         # A delta lists only what it carries: {"content": "x"}, or {} on the closing chunk.
-        return {k: v for k, v in handler(self).items() if v is not None}
+        return _without_none(handler(self))
 
 
 class ChatChunkChoice(_Response):

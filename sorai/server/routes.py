@@ -19,6 +19,7 @@ from sorai.server.protocol import (
 )
 from sorai.server.responses import json_response
 from sorai.server.state import get_state
+from sorai.server.tools import ToolSetup
 
 router = APIRouter()
 
@@ -62,9 +63,9 @@ async def tokenize(request: Request) -> Response:
     tokenizer = state.engine.tokenizer
     if body.messages is not None:
         # Chat templates write their own BOS, so no special tokens are added by default.
+        messages, _ = ToolSetup().template_input(tokenizer, body.messages)
         text = tokenizer.apply_chat_template(
-            [m.for_template() for m in body.messages],
-            add_generation_prompt=body.add_generation_prompt,
+            messages, add_generation_prompt=body.add_generation_prompt
         )
         add_special = bool(body.add_special_tokens)
     else:

@@ -21,6 +21,7 @@ from tests.server.conftest import API_KEY, Served
 from tests.server.fake_engine import FakeEngine
 
 MESSAGES = [{"role": "user", "content": "Hello there"}]
+TOOLS = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
 
 
 def post(fake: Served, path: str, content: bytes, headers: dict | None = None) -> httpx2.Response:
@@ -229,13 +230,28 @@ def test_completion_logprobs_shape(fake: Served) -> None:
         ({"max_tokens": "ten"}, "max_tokens"),
         ({"presence_penalty": 3}, "presence_penalty"),
         ({"stop": ["ok", ""]}, "stop"),
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ({"tools": [{"type": "function", "function": {"description": "f"}}]}, "tools.0"),
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": []}}]}, "tools"),
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"tools": TOOLS, "tool_choice": "sometimes"}, "tool_choice"),
+        (
+            {"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "g"}}},
+            "tool_choice",
+        ),
+        ({"response_format": {"type": "xml"}}, "response_format"),
+        ({"response_format": {"type": "json_schema"}}, "response_format"),
+        ({"response_format": {"type": "json_object"}, "guided_regex": "a+"}, "guided_regex"),
+        ({"guided_choice": ["a", "b"], "guided_regex": "a+"}, "guided_"),
+        ({"guided_choice": []}, "guided_choice"),
+        ({"guided_json": "{not json"}, "guided_json"),
+        ({"tools": TOOLS, "tool_choice": "required", "guided_regex": "a"}, "guided_regex"),
     ],
 )
 def test_bad_values_are_400(fake: Served, fields: dict, param: str) -> None:
     body = {"model": "fake-model", "messages": MESSAGES, "max_tokens": 2, **fields}
+    extra = {k: body.pop(k) for k in list(body) if k.startswith("guided_")}
     with pytest.raises(openai.BadRequestError) as info:
-        fake.client().chat.completions.create(**body)
+        fake.client().chat.completions.create(**body, extra_body=extra)
     error = info.value.body
     assert error["type"] == "invalid_request_error"
     assert error["param"] is not None and error["param"].startswith(param)
