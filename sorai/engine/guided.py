@@ -19,6 +19,7 @@ import threading
 from collections import OrderedDict
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -100,21 +101,23 @@ class GrammarCompiler:
 
 def mask_logits(logits: Tensor, matchers: list[Any]) -> None:
     """Set to -inf, in place, the logits each row's matcher forbids (None: no constraint)."""
-    import llguidance.torch as llg_torch
+    # llguidance.numpy, not llguidance.torch: the latter compiles a kernel with torch.compile
+    # at import, which costs seconds and is not needed on a [rows, vocab] mask.
+    import llguidance.numpy as llg_np
 
     rows = [i for i, m in enumerate(matchers) if m is not None]
     if not rows:
         return
     vocab = logits.shape[-1]
-    bitmask = llg_torch.allocate_token_bitmask(len(rows), vocab)
+    bitmask = llg_np.allocate_token_bitmask(len(rows), vocab)
     for j, i in enumerate(rows):
-        llg_torch.fill_next_token_bitmask(matchers[i], bitmask, j)
-    # Unpack the 32-bit words into a [rows, vocab] boolean "allowed" mask.
-    bits = torch.arange(32, dtype=torch.int32)
-    allowed = ((bitmask[:, :, None] >> bits) & 1).bool().view(len(rows), -1)[:, :vocab]
+        llg_np.fill_next_token_bitmask(matchers[i], bitmask, j)
+    # Token t is allowed when bit t % 32 of word t // 32 is set (little-endian bit order).
+    bits = np.unpackbits(bitmask.view(np.uint8), axis=1, bitorder="little")[:, :vocab]
+    allowed = torch.from_numpy(bits).to(device=logits.device, dtype=torch.bool)
     index = torch.tensor(rows, dtype=torch.long, device=logits.device)
     sub = logits.index_select(0, index)
-    sub.masked_fill_(~allowed.to(logits.device), float("-inf"))
+    sub.masked_fill_(~allowed, float("-inf"))
     logits.index_copy_(0, index, sub)
 
 
