@@ -389,7 +389,8 @@ def fallback_instructions(tools: Sequence[Tool], mode: str, name: str | None) ->
     else:
         lines.append(
             f"To call a function, answer with only a JSON object {shape}. "
-            "If no function is needed, answer in plain text."
+            "If no function is needed, or once you have the results you need, answer in plain "
+            "text."
         )
     return "\n".join(lines)
 
