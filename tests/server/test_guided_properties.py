@@ -9,6 +9,7 @@ and example counts are small: each example is a few seconds of generation on a 2
 
 from __future__ import annotations
 
+import datetime
 import json
 import re
 import string
@@ -27,7 +28,18 @@ SETTINGS = settings(
     phases=[Phase.explicit, Phase.reuse, Phase.generate],
 )
 SEEDS = st.integers(min_value=0, max_value=2**31)
-FORMAT_CHECKER = jsonschema.Draft202012Validator.FORMAT_CHECKER
+FORMAT_CHECKER = jsonschema.FormatChecker()
+
+
+@FORMAT_CHECKER.checks("date", raises=ValueError)
+def _full_date(value: object) -> bool:
+    """RFC 3339's full-date as llguidance checks it: a regex, so the year is any four digits
+    (0000 too, which Python's date cannot hold) and 29 February passes in every year."""
+    if not isinstance(value, str):
+        return True
+    match = re.fullmatch(r"[0-9]{4}-([0-9]{2})-([0-9]{2})", value)
+    return bool(match) and bool(datetime.date.fromisoformat(f"2000-{match[1]}-{match[2]}"))
+
 
 # -- JSON schemas ----------------------------------------------------------------------------
 
