@@ -182,6 +182,33 @@ def test_chat_logprobs_shape(fake: Served) -> None:
         assert entry.top_logprobs[0].token == entry.token
 
 
+def test_text_answer_with_tools_offered(fake: Served) -> None:
+    """With tools in "auto", an answer that calls none streams as plain content, logprobs
+    and all, and says what the whole answer says."""
+    options = {
+        "model": "fake-model",
+        "messages": MESSAGES,
+        "max_tokens": 6,
+        "tools": TOOLS,
+        "logprobs": True,
+        "n": 2,
+    }
+    whole = fake.client().chat.completions.create(**options)
+    chunks = list(fake.client().chat.completions.create(**options, stream=True))
+    for j, choice in enumerate(whole.choices):
+        assert choice.message.tool_calls is None and choice.finish_reason == "length"
+        mine = [c.choices[0] for c in chunks if c.choices[0].index == j]
+        assert "".join(c.delta.content or "" for c in mine) == choice.message.content
+        assert len([c for c in mine if c.delta.content]) > 2  # streamed, not held to the end
+        tokens = [e.token for c in mine if c.logprobs for e in c.logprobs.content]
+        assert tokens == [e.token for e in choice.logprobs.content]
+        assert [c.finish_reason for c in mine][-1] == "length"
+    raw = json.loads(
+        post(fake, "/v1/chat/completions", json.dumps({**options, "n": 1}).encode()).text
+    )
+    assert "tool_calls" not in raw["choices"][0]["message"]
+
+
 def test_completion_logprobs_shape(fake: Served) -> None:
     reply = fake.client().completions.create(
         model="fake-model", prompt="x", max_tokens=3, logprobs=2
