@@ -78,7 +78,8 @@ def _schema_text(schema: Any, name: str) -> str:
             raise SamplingError(f"{name} is not valid JSON: {exc}") from None
     if not isinstance(schema, (Mapping, bool)):
         raise SamplingError(f"{name} must be a JSON schema object, got {schema!r:.80}")
-    return json.dumps(schema, sort_keys=True, ensure_ascii=False)
+    # Key order is kept: llguidance emits properties in the order the schema lists them.
+    return json.dumps(schema, ensure_ascii=False)
 
 
 @dataclass(frozen=True)

@@ -100,3 +100,12 @@ def test_guided_spec_from_request_shapes() -> None:
         GuidedSpec.from_request(response_format={"type": "yaml"})
     with pytest.raises(SamplingError, match="non-empty list"):
         GuidedSpec(choice=())
+
+
+def test_from_request_keeps_the_schemas_property_order() -> None:
+    schema = {"type": "object", "properties": {"zeta": {}, "alpha": {}}}
+    spec = GuidedSpec.from_request(guided_json=schema)
+    assert spec is not None and list(json.loads(spec.json_schema)["properties"]) == [
+        "zeta",
+        "alpha",
+    ]
