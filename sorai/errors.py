@@ -4,7 +4,15 @@ from __future__ import annotations
 
 
 class SoraiError(Exception):
-    """Base class of every error sorai raises on bad input or a bad environment."""
+    """Base class of every error sorai raises on bad input or a bad environment.
+
+    param, when set, names the request field at fault ("tools.0.function.name",
+    "response_format.type"); the server reports it as the API error's `param`.
+    """
+
+    def __init__(self, *args: object, param: str | None = None) -> None:
+        super().__init__(*args)
+        self.param = param
 
 
 class ModelNotFoundError(SoraiError, LookupError):
@@ -21,6 +29,10 @@ class ContextLengthError(SoraiError, ValueError):
 
 class SamplingError(SoraiError, ValueError):
     """A sampling parameter outside its valid range."""
+
+
+class ToolError(SoraiError, ValueError):
+    """Malformed tools, tool_choice or tool-calling messages."""
 
 
 class DeviceError(SoraiError, ValueError):

@@ -91,9 +91,11 @@ def from_sorai_error(exc: SoraiError) -> APIError:
         )
     if isinstance(exc, EngineDeadError):
         return engine_unavailable(message)
-    match = _LEADING_NAME.match(message)
-    name = match.group(1) if match else None
-    param = name if name in _FIELD_NAMES and isinstance(exc, SamplingError) else None
+    param = getattr(exc, "param", None)
+    if param is None:
+        match = _LEADING_NAME.match(message)
+        name = match.group(1) if match else None
+        param = name if name in _FIELD_NAMES and isinstance(exc, SamplingError) else None
     code = "context_length_exceeded" if isinstance(exc, ContextLengthError) else None
     return bad_request(message, param=param, code=code)
 

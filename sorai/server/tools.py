@@ -1,492 +1,89 @@
-"""Tool calling for /v1/chat/completions: definitions, the prompt, constraints, parsing.
+"""Tool calling for /v1/chat/completions: the glue between the protocol and sorai/tools.py.
 
-A request's `tools` and `tool_choice` become a ToolSetup, which
-
-- renders the conversation: with the model's own chat template when that template knows
-  tools (it mentions `tools`), else with the fallback below;
-- constrains the output when a call is required: tool_choice "required" or a named function
-  becomes a JSON schema over {"name": ..., "arguments": ...} for guided decoding;
-- turns the generated text into `message.tool_calls` (answer()) or streamed tool-call deltas
-  (ToolStream).
-
-The fallback, for templates without tool support (the default SmolLM2 model's):
-  * the tool definitions go into the system message (appended to the first one, or a new
-    one in front): one JSON line {"name", "description", "parameters"} per tool, then the
-    instruction to answer with only {"name": <function name>, "arguments": {...}};
-  * an assistant turn with tool_calls becomes assistant content: its text, then one such JSON
-    object per call, one per line;
-  * a tool turn becomes a user turn "Result of <name> (call <id>): <content>"; consecutive
-    results are joined, one per line, into one user turn.
-With tool_choice "auto" the output is parsed for a call: a JSON object with "name" (a known
-tool) and "arguments" (an object, or a JSON text of one), possibly inside <tool_call> tags or
-a ```json fence and after some text; without one the output is plain content.
+sorai/tools.py holds the logic (definitions, the prompt in the native or fallback format,
+forced-call constraints, parsing calls out of text; see its docstring). Here a request's
+pydantic messages become its plain dicts, its ToolErrors become 400s naming the field
+(`param`), answers' calls become ToolCall models, and streams become DeltaMessages (ToolStream).
 """
 
 from __future__ import annotations
 
-import json
 import re
-import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from sorai.sampling import GuidedSpec
-from sorai.server.errors import bad_request
+from sorai import tools as core
+from sorai.errors import SoraiError
+from sorai.server.errors import from_sorai_error
 from sorai.server.protocol import (
     ChatMessage,
     DeltaMessage,
-    FunctionCall,
     FunctionCallDelta,
     ToolCall,
     ToolCallDelta,
-    ToolCallIn,
 )
+from sorai.tools import new_call_id, parse_calls, split_forced, supports_tools
 
 if TYPE_CHECKING:
     from sorai.model.tokenizer import Tokenizer
 
-# OpenAI's rule for function names (letters, digits, _ and -, at most 64), plus "." and ":"
-# which MCP-style names use.
-_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
-_TOOLS_VARIABLE = re.compile(r"\btools\b")
+__all__ = [
+    "ToolSetup",
+    "ToolStream",
+    "fallback_messages",
+    "parse_calls",
+    "split_forced",
+    "supports_tools",
+]
 
 
-@dataclass(frozen=True)
-class Tool:
-    name: str
-    description: str | None
-    parameters: dict[str, Any]  # the JSON schema of the arguments, an object schema
-
-    def definition(self) -> dict[str, Any]:
-        """OpenAI's {"type": "function", "function": {...}}, as chat templates expect it."""
-        function: dict[str, Any] = {"name": self.name}
-        if self.description:
-            function["description"] = self.description
-        function["parameters"] = self.parameters
-        return {"type": "function", "function": function}
-
-    def call_schema(self) -> dict[str, Any]:
-        """The schema of one call of this tool: {"name": <this name>, "arguments": {...}}."""
-        return {
-            "type": "object",
-            "properties": {"name": {"const": self.name}, "arguments": self.parameters},
-            "required": ["name", "arguments"],
-            "additionalProperties": False,
-        }
+@contextmanager
+def api_errors() -> Iterator[None]:
+    """A SoraiError (a ToolError naming its field) becomes the 400 the API answers."""
+    try:
+        yield
+    except SoraiError as exc:
+        raise from_sorai_error(exc) from None
 
 
-def _parse_tool(i: int, item: Any) -> Tool:
-    where = f"tools.{i}"
-    if not isinstance(item, dict):
-        raise bad_request(
-            f'{where} must be an object {{"type": "function", "function": {{...}}}}', where
-        )
-    kind = item.get("type", "function")
-    if kind != "function":
-        raise bad_request(
-            f"{where}.type must be 'function', got {kind!r:.40}", param=f"{where}.type"
-        )
-    function = item.get("function")
-    if not isinstance(function, dict):
-        raise bad_request(
-            f'{where} needs "function": {{"name": ..., "parameters": {{...}}}}',
-            param=f"{where}.function",
-        )
-    name = function.get("name")
-    if not isinstance(name, str) or not _NAME.match(name):
-        raise bad_request(
-            f"{where}.function.name must be 1 to 64 letters, digits, '_', '-', '.' or ':', "
-            f"got {name!r:.70}",
-            param=f"{where}.function.name",
-        )
-    description = function.get("description")
-    if description is not None and not isinstance(description, str):
-        raise bad_request(
-            f"{where}.function.description must be a string",
-            param=f"{where}.function.description",
-        )
-    parameters = function.get("parameters")
-    if parameters is None:
-        parameters = {"type": "object", "properties": {}}
-    object_schema = isinstance(parameters, dict) and (parameters.get("type", "object") == "object")
-    if not object_schema:
-        raise bad_request(
-            f"{where}.function.parameters must be a JSON schema of an object "
-            f'({{"type": "object", "properties": {{...}}}}), got {json.dumps(parameters):.80}',
-            param=f"{where}.function.parameters",
-        )
-    if "type" not in parameters:
-        parameters = {"type": "object", **parameters}
-    return Tool(name, description, parameters)
-
-
-def parse_tools(tools: Any) -> list[Tool]:
-    if tools is None:
-        return []
-    if not isinstance(tools, list):
-        raise bad_request("tools must be a list of function definitions", param="tools")
-    parsed = [_parse_tool(i, item) for i, item in enumerate(tools)]
-    seen: set[str] = set()
-    for i, tool in enumerate(parsed):
-        if tool.name in seen:
-            raise bad_request(
-                f"two tools are named {tool.name!r}; names must be unique",
-                param=f"tools.{i}.function.name",
-            )
-        seen.add(tool.name)
-    return parsed
-
-
-# -- the request's setup ---------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ToolSetup:
-    """The tools a request offers and how the answer may use them.
-
-    mode: "none" (no tools in the prompt, plain text), "auto" (the model decides; the output
-    is parsed), "required" (some call, constrained) or "named" (a call of `name`, constrained).
-    """
-
-    tools: tuple[Tool, ...] = ()
-    mode: str = "none"
-    name: str | None = None
-    parallel: bool = True
-
-    @classmethod
-    def from_request(
-        cls, tools: Any, tool_choice: Any, parallel_tool_calls: bool | None = None
-    ) -> ToolSetup:
-        parsed = tuple(parse_tools(tools))
-        parallel = parallel_tool_calls is not False
-        if tool_choice is None:
-            return cls(parsed, "auto" if parsed else "none", parallel=parallel)
-        if isinstance(tool_choice, str):
-            if tool_choice not in ("none", "auto", "required"):
-                raise bad_request(
-                    "tool_choice must be 'none', 'auto', 'required' or "
-                    f'{{"type": "function", "function": {{"name": ...}}}}, got {tool_choice!r:.40}',
-                    param="tool_choice",
-                )
-            if tool_choice != "none" and not parsed:
-                raise bad_request(
-                    f"tool_choice {tool_choice!r} needs tools: give 'tools' too",
-                    param="tool_choice",
-                )
-            return cls(parsed, tool_choice, parallel=parallel)
-        name = None
-        if isinstance(tool_choice, dict) and tool_choice.get("type", "function") == "function":
-            function = tool_choice.get("function")
-            name = function.get("name") if isinstance(function, dict) else None
-        if not isinstance(name, str):
-            raise bad_request(
-                'a named tool_choice is {"type": "function", "function": {"name": ...}}, '
-                f"got {json.dumps(tool_choice):.80}",
-                param="tool_choice",
-            )
-        if not parsed:
-            raise bad_request(
-                f"tool_choice names the function {name!r} but the request gives no tools",
-                param="tool_choice",
-            )
-        if name not in {t.name for t in parsed}:
-            known = ", ".join(repr(t.name) for t in parsed)
-            raise bad_request(
-                f"tool_choice names the function {name!r}, which is not among the tools ({known})",
-                param="tool_choice",
-            )
-        return cls(parsed, "named", name=name, parallel=parallel)
-
-    @property
-    def active(self) -> bool:
-        """True when the answer may be a tool call."""
-        return self.mode != "none"
-
-    @property
-    def forced(self) -> bool:
-        """True when the answer must be a call (and the output is constrained to one)."""
-        return self.mode in ("required", "named")
-
-    def offered(self) -> tuple[Tool, ...]:
-        return self.tools if self.active else ()
-
-    def constraint(self) -> GuidedSpec | None:
-        """The JSON schema a forced call is generated under (None unless forced)."""
-        if self.mode == "named":
-            tool = next(t for t in self.tools if t.name == self.name)
-            schema = tool.call_schema()
-        elif self.mode == "required":
-            schemas = [t.call_schema() for t in self.tools]
-            schema = schemas[0] if len(schemas) == 1 else {"anyOf": schemas}
-        else:
-            return None
-        return GuidedSpec(json_schema=json.dumps(schema, ensure_ascii=False))
-
-    # -- the prompt ---------------------------------------------------------------------------
-
-    def template_input(
-        self, tokenizer: Tokenizer, messages: Sequence[ChatMessage]
-    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
-        """(messages, tools) for tokenizer.encode_chat, natively or in the fallback format."""
-        offered = self.offered()
-        if supports_tools(tokenizer):
-            definitions = [t.definition() for t in offered] or None
-            return native_messages(messages), definitions
-        rendered = fallback_messages(messages)
-        if offered:
-            text = fallback_instructions(offered, self.mode, self.name)
-            if rendered and rendered[0]["role"] == "system":
-                rendered[0] = {**rendered[0], "content": rendered[0]["content"] + "\n\n" + text}
-            else:
-                rendered.insert(0, {"role": "system", "content": text})
-        return rendered, None
-
-    def encode(self, tokenizer: Tokenizer, messages: Sequence[ChatMessage]) -> list[int]:
-        rendered, definitions = self.template_input(tokenizer, messages)
-        return tokenizer.encode_chat(rendered, tools=definitions)
-
-    # -- the answer ---------------------------------------------------------------------------
-
-    def answer(
-        self, text: str, finish_reason: str | None
-    ) -> tuple[str | None, list[ToolCall] | None, str | None]:
-        """(content, tool_calls, finish_reason) of one whole choice."""
-        if self.forced:
-            found = split_forced(text)
-            if found is None:
-                return text, None, finish_reason  # cut off (length) before the name
-            name, arguments, complete = found
-            # A call cut off by max_tokens keeps its partial arguments and "length", as
-            # OpenAI's does.
-            return None, [new_call(name, arguments)], "tool_calls" if complete else finish_reason
-        if self.mode == "auto":
-            parsed = parse_calls(text, {t.name for t in self.tools})
-            if parsed is not None:
-                content, calls = parsed
-                if not self.parallel:
-                    calls = calls[:1]
-                return content, [new_call(n, a) for n, a in calls], "tool_calls"
-        return text, None, finish_reason
-
-    def stream(self) -> ToolStream:
-        return ToolStream(self)
-
-
-def supports_tools(tokenizer: Any) -> bool:
-    """True when the model's chat template renders tools itself (it mentions `tools`)."""
-    templates = getattr(tokenizer, "_chat_templates", None) or {}
-    if "tool_use" in templates:
-        return True
-    return any(isinstance(t, str) and _TOOLS_VARIABLE.search(t) for t in templates.values())
-
-
-def new_call(name: str, arguments: str) -> ToolCall:
-    return ToolCall(id=new_call_id(), function=FunctionCall(name=name, arguments=arguments))
-
-
-def new_call_id() -> str:
-    return f"call_{uuid.uuid4().hex[:24]}"
-
-
-# -- rendering -------------------------------------------------------------------------------
-
-
-def _arguments_value(call: ToolCallIn) -> Any:
-    """A call's arguments as an object when they are JSON text of one, else as given."""
-    arguments = call.function.arguments
-    if isinstance(arguments, str):
-        try:
-            value = json.loads(arguments)
-        except json.JSONDecodeError:
-            return arguments
-        return value
-    return arguments
-
-
-def _call_names(messages: Sequence[ChatMessage]) -> dict[str, str]:
-    return {c.id: c.function.name for m in messages for c in (m.tool_calls or [])}
-
-
-def native_messages(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
-    """Messages as tool-aware (transformers-style) templates expect them: tool_calls with
-    arguments as objects, tool turns with tool_call_id and the function's name."""
-    names = _call_names(messages)
-    rendered: list[dict[str, Any]] = []
-    for m in messages:
-        message: dict[str, Any] = dict(m.for_template())
-        if m.tool_calls:
-            message["tool_calls"] = [
-                {
-                    "id": c.id,
-                    "type": "function",
-                    "function": {"name": c.function.name, "arguments": _arguments_value(c)},
-                }
-                for c in m.tool_calls
-            ]
-        if m.role == "tool":
-            message["tool_call_id"] = m.tool_call_id
-            if m.tool_call_id in names:
-                message["name"] = names[m.tool_call_id]
-        rendered.append(message)
-    return rendered
-
-
-def call_text(name: str, arguments: Any) -> str:
-    """One call as the fallback format writes it."""
-    return json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False)
+def plain_messages(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
+    """The request's messages as the OpenAI-shaped dicts sorai/tools.py takes."""
+    return [m.model_dump(exclude_none=True) for m in messages]
 
 
 def fallback_messages(messages: Sequence[ChatMessage]) -> list[dict[str, str]]:
-    """Messages for a template without tool support: calls as assistant text, results as
-    user turns (see the module's docstring)."""
-    names = _call_names(messages)
-    rendered: list[dict[str, str]] = []
-    results_at: int | None = None  # index of the user turn collecting consecutive results
-    for m in messages:
-        if m.role == "tool":
-            call_id = m.tool_call_id or ""
-            name = names.get(call_id)
-            where = f"{name} (call {call_id})" if name else f"call {call_id}"
-            line = f"Result of {where}: {m.text()}"
-            if results_at is not None:
-                previous = rendered[results_at]["content"]
-                rendered[results_at] = {"role": "user", "content": previous + "\n" + line}
-            else:
-                results_at = len(rendered)
-                rendered.append({"role": "user", "content": line})
-            continue
-        results_at = None
-        message = m.for_template()
-        if m.tool_calls:
-            calls = "\n".join(call_text(c.function.name, _arguments_value(c)) for c in m.tool_calls)
-            text = message["content"]
-            message = {"role": "assistant", "content": f"{text}\n{calls}" if text else calls}
-        rendered.append(message)
-    return rendered
+    with api_errors():
+        return core.fallback_messages(plain_messages(messages))
 
 
-def fallback_instructions(tools: Sequence[Tool], mode: str, name: str | None) -> str:
-    """The system-message text that offers `tools` to a model whose template cannot."""
-    lines = [
-        "You can call these functions (one per line: its name, what it does and the JSON "
-        "schema of its arguments):"
-    ]
-    for tool in tools:
-        definition: dict[str, Any] = {"name": tool.name}
-        if tool.description:
-            definition["description"] = tool.description
-        definition["parameters"] = tool.parameters
-        lines.append(json.dumps(definition, ensure_ascii=False))
-    shape = '{"name": <function name>, "arguments": <an object of its arguments>}'
-    if mode == "named":
-        lines.append(
-            f"You must call the function {name}: answer with only a JSON object "
-            f'{{"name": "{name}", "arguments": <an object of its arguments>}}.'
-        )
-    elif mode == "required":
-        lines.append(f"You must call one of them: answer with only a JSON object {shape}.")
-    else:
-        lines.append(
-            f"To call a function, answer with only a JSON object {shape}. "
-            "If no function is needed, or once you have the results you need, answer in plain "
-            "text."
-        )
-    return "\n".join(lines)
+class ToolSetup(core.ToolSetup):
+    """sorai.tools.ToolSetup over the protocol's types: 400s, ChatMessages, ToolCalls."""
 
+    @classmethod
+    def from_request(
+        cls, tools: Any, tool_choice: Any = None, parallel_tool_calls: bool | None = None
+    ) -> ToolSetup:
+        with api_errors():
+            return super().from_request(tools, tool_choice, parallel_tool_calls)  # type: ignore[return-value]
 
-# -- parsing ---------------------------------------------------------------------------------
+    def template_input(  # type: ignore[override]
+        self, tokenizer: Tokenizer, messages: Sequence[ChatMessage]
+    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
+        with api_errors():
+            return super().template_input(tokenizer, plain_messages(messages))
 
-# The start of a forced call as guided decoding writes it: {"name":"<name>","arguments":
-_FORCED_PREFIX = re.compile(r'^\s*\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"arguments"\s*:\s*')
-_CLOSING = re.compile(r"\s*\}?\s*$")
-_OPENERS = re.compile(r"[\[{]")
-# Wrappers models put around a call, stripped from the text before it.
-_TRAILING_MARKERS = re.compile(r"(?:\s*(?:<tool_call>|<\|?tool_calls?\|?>|```(?:json)?))+\s*$")
-_WRAPPER_KEYS = ("function", "tool_call", "function_call")
+    def answer(  # type: ignore[override]
+        self, text: str, finish_reason: str | None
+    ) -> tuple[str | None, list[ToolCall] | None, str | None]:
+        """(content, tool_calls, finish_reason) of one whole choice."""
+        content, calls, reason = super().answer(text, finish_reason)
+        models = [ToolCall.model_validate(c) for c in calls] if calls is not None else None
+        return content, models, reason
 
-
-def split_forced(text: str) -> tuple[str, str, bool] | None:
-    """(name, arguments text, complete) of a forced call; None before the name is complete.
-
-    The arguments text is the model's own (the call minus its wrapper), so the streamed
-    fragments and the whole answer agree. complete: the call's JSON ended and parses.
-    """
-    match = _FORCED_PREFIX.match(text)
-    if match is None:
-        return None
-    name = json.loads(match.group(1))
-    rest = text[match.end() :].rstrip()
-    complete = rest.endswith("}")
-    arguments = rest[:-1].rstrip() if complete else rest
-    if complete:
-        try:
-            complete = isinstance(json.loads(arguments), dict)
-        except json.JSONDecodeError:
-            complete = False
-    return name, arguments, complete
-
-
-def _as_calls(value: Any, names: set[str]) -> list[tuple[str, str]] | None:
-    """[(name, arguments JSON)] when `value` is a call (or a list of calls) of known tools."""
-    if isinstance(value, list):
-        calls: list[tuple[str, str]] = []
-        for item in value:
-            found = _as_calls(item, names)
-            if not found:
-                return None
-            calls += found
-        return calls or None
-    if not isinstance(value, dict):
-        return None
-    name = value.get("name")
-    if not isinstance(name, str):
-        # {"function": {...}}, {"tool_call": {...}}, OpenAI's {"type": "function", ...}
-        inner = [value[k] for k in _WRAPPER_KEYS if isinstance(value.get(k), dict)]
-        return _as_calls(inner[0], names) if len(inner) == 1 else None
-    if name not in names:
-        return None
-    if "arguments" in value:
-        arguments = value["arguments"]
-    elif "parameters" in value:  # Llama 3's spelling
-        arguments = value["parameters"]
-    elif set(value) <= {"name", "type", "id"}:
-        arguments = {}
-    else:
-        return None
-    if isinstance(arguments, str):
-        try:
-            arguments = json.loads(arguments)
-        except json.JSONDecodeError:
-            return None
-    if not isinstance(arguments, dict):
-        return None
-    return [(name, json.dumps(arguments, ensure_ascii=False, separators=(",", ":")))]
-
-
-def parse_calls(text: str, names: set[str]) -> tuple[str | None, list[tuple[str, str]]] | None:
-    """(content before the first call or None, [(name, arguments JSON)]), or None when the
-    text calls no known tool. Looks at every JSON object or array in the text."""
-    decoder = json.JSONDecoder()
-    calls: list[tuple[str, str]] = []
-    first: int | None = None
-    position = 0
-    while (match := _OPENERS.search(text, position)) is not None:
-        start = match.start()
-        try:
-            value, end = decoder.raw_decode(text, start)
-        except ValueError:
-            position = start + 1
-            continue
-        found = _as_calls(value, names)
-        if found:
-            calls += found
-            first = start if first is None else first
-        position = end
-    if first is None:
-        return None
-    content = _TRAILING_MARKERS.sub("", text[:first]).rstrip()
-    return content or None, calls
+    def stream(self) -> ToolStream:
+        return ToolStream(self)
 
 
 # -- streaming -------------------------------------------------------------------------------
@@ -511,10 +108,6 @@ class ToolStream:
     call_id: str | None = None
     held: bool = False  # auto: a possible call has begun
     pending_logprobs: list[Any] = field(default_factory=list)  # the caller's, not yet sent
-    _names: set[str] = field(default_factory=set)
-
-    def __post_init__(self) -> None:
-        self._names = {t.name for t in self.setup.tools}
 
     def feed(self, piece: str) -> list[DeltaMessage]:
         self.text += piece
@@ -539,7 +132,7 @@ class ToolStream:
             if found is None:
                 return self._content(len(self.text)), finish_reason
             return deltas, "tool_calls" if found[2] else finish_reason
-        parsed = parse_calls(self.text, self._names)
+        parsed = parse_calls(self.text, self.setup.names)
         if parsed is None:
             return self._content(len(self.text)), finish_reason
         content, calls = parsed
@@ -569,9 +162,7 @@ class ToolStream:
             deltas.append(_call_start(0, self.call_id, name))
         if not final:
             # Hold back what may be the call's closing brace.
-            rest = self.text[_FORCED_PREFIX.match(self.text).end() :]  # type: ignore[union-attr]
-            match = _CLOSING.search(rest)
-            arguments = rest[: match.start() if match else len(rest)]
+            arguments = core.pending_arguments(self.text) or ""
         if len(arguments) > self.sent:
             deltas.append(_arguments(0, arguments[self.sent :]))
             self.sent = len(arguments)
