@@ -5,6 +5,7 @@ One request at a time over a contiguous KV cache; the serving engine batches man
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -28,6 +29,7 @@ from sorai.sampling import (
     process_logits,
     sample,
 )
+from sorai.tools import ToolSetup
 
 # Long prompts are prefilled in chunks so activations stay small whatever the prompt length.
 PREFILL_CHUNK = 512
@@ -41,6 +43,11 @@ _CONSTRAINT_OPTIONS = (
     "guided_choice",
     "guided_grammar",
 )
+
+
+def _constraint_source(options: dict[str, Any]) -> str:
+    given = [k for k in _CONSTRAINT_OPTIONS if options.get(k) is not None]
+    return given[0] if given else "sampling.guided"
 
 
 @dataclass
@@ -60,6 +67,10 @@ class Completion:
     finish_reason: str
     # seconds: "prefill" (until the first token), "total"
     timings: dict[str, float] = field(default_factory=dict)
+    # The calls of a chat answer given tools, in OpenAI's shape ({"id", "type": "function",
+    # "function": {"name", "arguments": JSON text}}); None when it calls none. `text` is
+    # then the content before the calls ("" when there is none).
+    tool_calls: list[dict[str, Any]] | None = None
 
     @property
     def completion_tokens(self) -> int:
@@ -126,9 +137,32 @@ class LLM:
         """Continue `prompt` (text, or token ids) and return the whole completion."""
         return self._collect(self.encode_prompt(prompt), self.params(**options))
 
-    def chat(self, messages: Messages, **options: Any) -> Completion:
-        """Answer the conversation `messages` ([{"role": ..., "content": ...}, ...])."""
-        return self._collect(self.tokenizer.encode_chat(messages), self.params(**options))
+    def chat(
+        self,
+        messages: Messages,
+        tools: Sequence[dict[str, Any]] | None = None,
+        tool_choice: str | dict[str, Any] | None = None,
+        parallel_tool_calls: bool | None = None,
+        **options: Any,
+    ) -> Completion:
+        """Answer the conversation `messages` ([{"role": ..., "content": ...}, ...]).
+
+        tools, tool_choice and parallel_tool_calls are OpenAI's (see sorai/tools.py): the
+        answer's calls come back as `tool_calls`, with finish_reason "tool_calls". Messages
+        may carry earlier calls (assistant `tool_calls`) and their results (role "tool").
+        """
+        setup = ToolSetup.from_request(tools, tool_choice, parallel_tool_calls)
+        params = self.params(**options)
+        forced = setup.constrain(params.guided, _constraint_source(options))
+        if forced is not params.guided:
+            params = dataclasses.replace(params, guided=forced)
+        completion = self._collect(setup.encode(self.tokenizer, messages), params)
+        if setup.active:
+            content, calls, reason = setup.answer(completion.text, completion.finish_reason)
+            completion.text = content or ""
+            completion.tool_calls = calls
+            completion.finish_reason = reason or completion.finish_reason
+        return completion
 
     # -- public API: streams of text pieces ---------------------------------------------------
 
@@ -137,7 +171,7 @@ class LLM:
         return (d.text for d in self.stream_deltas(ids, params) if d.text)
 
     def chat_stream(self, messages: Messages, **options: Any) -> Iterator[str]:
-        ids, params = self.tokenizer.encode_chat(messages), self.params(**options)
+        ids, params = ToolSetup().encode(self.tokenizer, messages), self.params(**options)
         return (d.text for d in self.stream_deltas(ids, params) if d.text)
 
     # -- the loop -----------------------------------------------------------------------------

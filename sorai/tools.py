@@ -232,6 +232,20 @@ class ToolSetup:
             return None
         return GuidedSpec(json_schema=json.dumps(schema, ensure_ascii=False))
 
+    def constrain(self, guided: GuidedSpec | None, source: str | None = None) -> GuidedSpec | None:
+        """The constraint to generate under: a forced call's, else `guided` (the request's
+        own, from the field `source`); both at once is a ToolError naming `source`."""
+        if not self.forced:
+            return guided
+        if guided is not None:
+            choice = "'required'" if self.mode == "required" else f"naming {self.name!r}"
+            raise ToolError(
+                f"tool_choice {choice} constrains the output to a tool call; it cannot be "
+                f"combined with {source or 'another output constraint'}",
+                param=source,
+            )
+        return self.constraint()
+
     # -- the prompt ---------------------------------------------------------------------------
 
     def template_input(

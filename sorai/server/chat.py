@@ -16,7 +16,6 @@ from starlette.responses import Response
 
 from sorai.engine.outputs import ChoiceDelta
 from sorai.server.body import read_json
-from sorai.server.errors import bad_request
 from sorai.server.guided import checked
 from sorai.server.logprobs import TokenText, chat_logprobs
 from sorai.server.protocol import (
@@ -41,7 +40,7 @@ from sorai.server.responses import (
 )
 from sorai.server.runner import Generation, unless_disconnected
 from sorai.server.state import get_state
-from sorai.server.tools import ToolSetup, ToolStream
+from sorai.server.tools import ToolSetup, ToolStream, api_errors
 
 router = APIRouter()
 
@@ -82,14 +81,10 @@ async def create_chat_completion(request: Request) -> Response:
     engine = state.engine
     tools = ToolSetup.from_request(body.tools, body.tool_choice, body.parallel_tool_calls)
     guided, guided_param = body.guided()
+    with api_errors():
+        guided = tools.constrain(guided, guided_param)
     if tools.forced:
-        if guided is not None:
-            raise bad_request(
-                f"tool_choice {body.tool_choice!r:.60} constrains the output to a tool call; "
-                f"it cannot be combined with {guided_param}",
-                param=guided_param,
-            )
-        guided, guided_param = tools.constraint(), "tools"
+        guided_param = "tools"
     prompt_ids = tools.encode(engine.tokenizer, body.messages)
     params = body.sampling_params(len(prompt_ids), engine.context_length, guided)
     reply = _Reply(body, model, params.n, state.token_text, tools)
