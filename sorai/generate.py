@@ -22,6 +22,7 @@ from sorai.model.tokenizer import IncrementalDetokenizer, Tokenizer
 from sorai.model.transformer import Transformer
 from sorai.model.weights import save_hf_dir
 from sorai.sampling import (
+    GUIDED_FIELDS,
     GuidedSpec,
     SamplingParams,
     SequenceState,
@@ -36,18 +37,10 @@ PREFILL_CHUNK = 512
 
 Messages = Sequence[dict[str, Any]]
 
-_CONSTRAINT_OPTIONS = (
-    "response_format",
-    "guided_json",
-    "guided_regex",
-    "guided_choice",
-    "guided_grammar",
-)
-
 
 def _constraint_source(options: dict[str, Any]) -> str:
-    given = [k for k in _CONSTRAINT_OPTIONS if options.get(k) is not None]
-    return given[0] if given else "sampling.guided"
+    """The option a chat's output constraint came from, for error messages."""
+    return GuidedSpec.from_fields(options)[1] or "sampling.guided"
 
 
 @dataclass
@@ -107,7 +100,7 @@ class LLM:
             raise TypeError("pass either a SamplingParams or keyword options, not both")
         if sampling is not None:
             return sampling
-        constraint = {k: options.pop(k) for k in _CONSTRAINT_OPTIONS if k in options}
+        constraint = {k: options.pop(k) for k in GUIDED_FIELDS if k in options}
         if constraint:
             options["guided"] = GuidedSpec.from_request(**constraint)
         return SamplingParams.from_options(options)

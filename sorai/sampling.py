@@ -70,16 +70,35 @@ def _normalise_logit_bias(bias: Any) -> tuple[tuple[int, float], ...]:
 
 
 def _schema_text(schema: Any, name: str) -> str:
-    """A JSON schema given as an object or as JSON text -> canonical JSON text."""
+    """A JSON schema given as an object or as JSON text -> JSON text (SamplingError naming
+    `name`, as its param, if it is neither)."""
     if isinstance(schema, str):
         try:
             schema = json.loads(schema)
         except json.JSONDecodeError as exc:
-            raise SamplingError(f"{name} is not valid JSON: {exc}") from None
-    if not isinstance(schema, (Mapping, bool)):
-        raise SamplingError(f"{name} must be a JSON schema object, got {schema!r:.80}")
+            raise SamplingError(f"{name} is not valid JSON: {exc.msg}", param=name) from None
+    if isinstance(schema, bool):
+        # JSON Schema's `true` allows anything, `false` nothing.
+        if not schema:
+            raise SamplingError(f"{name} is the schema false, which nothing matches", param=name)
+        schema = {}
+    if not isinstance(schema, Mapping):
+        raise SamplingError(
+            f"{name} must be a JSON schema (an object), got {type(schema).__name__}", param=name
+        )
     # Key order is kept: llguidance emits properties in the order the schema lists them.
     return json.dumps(schema, ensure_ascii=False)
+
+
+# The request fields that may constrain the output: OpenAI's response_format and vLLM's
+# top-level extras. At most one may be given (a response_format of type "text" is none).
+GUIDED_FIELDS = (
+    "response_format",
+    "guided_json",
+    "guided_regex",
+    "guided_choice",
+    "guided_grammar",
+)
 
 
 @dataclass(frozen=True)
@@ -128,59 +147,118 @@ class GuidedSpec:
     ) -> GuidedSpec | None:
         """The constraint an OpenAI-style request asks for (response_format, or one of the
         guided_* extras), or None; SamplingError when it is malformed or several are given."""
-        given = {
-            name: value
-            for name, value in (
-                ("guided_json", guided_json),
-                ("guided_regex", guided_regex),
-                ("guided_choice", guided_choice),
-                ("guided_grammar", guided_grammar),
-            )
-            if value is not None
-        }
-        from_format = cls._from_response_format(response_format)
-        if from_format is not None:
-            given["response_format"] = from_format
-        if len(given) > 1:
+        spec, _ = cls.from_fields(
+            {
+                "response_format": response_format,
+                "guided_json": guided_json,
+                "guided_regex": guided_regex,
+                "guided_choice": guided_choice,
+                "guided_grammar": guided_grammar,
+            }
+        )
+        return spec
+
+    @classmethod
+    def from_fields(cls, fields: Mapping[str, Any]) -> tuple[GuidedSpec | None, str | None]:
+        """(the constraint, the field that asked for it), or (None, None) without one.
+
+        `fields` maps GUIDED_FIELDS to their values (None: absent). Errors are SamplingErrors
+        whose `param` names the field at fault ("response_format.type", "guided_choice.1");
+        whether llguidance can compile the constraint is checked later, by the engine.
+        """
+        found: list[tuple[str, GuidedSpec]] = []
+        for name in GUIDED_FIELDS:
+            value = fields.get(name)
+            if value is None:
+                continue
+            try:
+                spec = cls._from_field(name, value)
+            except SamplingError as exc:
+                if exc.param is None:
+                    exc.param = name
+                raise
+            if spec is not None:
+                found.append((name, spec))
+        if len(found) > 1:
+            names = " and ".join(name for name, _ in found)
             raise SamplingError(
-                f"give at most one output constraint, got {', '.join(sorted(given))}"
+                "give at most one output constraint (response_format or one guided_* field); "
+                f"got {names}",
+                param=found[1][0],
             )
-        if not given:
-            return None
-        name, value = given.popitem()
+        if not found:
+            return None, None
+        name, spec = found[0]
+        return spec, name
+
+    @classmethod
+    def _from_field(cls, name: str, value: Any) -> GuidedSpec | None:
         if name == "response_format":
-            return value
+            return cls._from_response_format(value)
         if name == "guided_json":
             return cls(json_schema=_schema_text(value, name))
+        if name == "guided_choice":
+            if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Sequence):
+                raise SamplingError(
+                    f"guided_choice must be a non-empty list of strings, got {value!r:.60}",
+                    param=name,
+                )
+            for i, choice in enumerate(value):
+                if not isinstance(choice, str) or not choice:
+                    raise SamplingError(
+                        f"guided_choice must hold non-empty strings, got {choice!r:.60}",
+                        param=f"{name}.{i}",
+                    )
+            return cls(choice=tuple(value))
+        if not isinstance(value, str) or not value.strip():
+            raise SamplingError(f"{name} must be a non-empty string", param=name)
         if name == "guided_regex":
             return cls(regex=value)
-        if name == "guided_choice":
-            if isinstance(value, str):
-                raise SamplingError("guided_choice must be a list of strings, got one string")
-            return cls(choice=tuple(value))
         return cls(grammar=value)
 
     @classmethod
-    def _from_response_format(cls, fmt: Mapping[str, Any] | None) -> GuidedSpec | None:
-        if fmt is None:
-            return None
+    def _from_response_format(cls, fmt: Any) -> GuidedSpec | None:
+        param = "response_format"
         if not isinstance(fmt, Mapping):
-            raise SamplingError(f"response_format must be an object, got {fmt!r:.80}")
-        kind = fmt.get("type")
+            raise SamplingError(
+                'response_format must be an object such as {"type": "json_object"}, '
+                f"got {fmt!r:.60}",
+                param=param,
+            )
+        kind = fmt.get("type", "text")
         if kind in (None, "text"):
             return None
         if kind == "json_object":
             return cls(json_object=True)
         if kind == "json_schema":
             spec = fmt.get("json_schema")
-            if not isinstance(spec, Mapping) or "schema" not in spec:
+            if not isinstance(spec, Mapping):
                 raise SamplingError(
-                    'response_format json_schema needs {"json_schema": {"name": ..., '
-                    '"schema": {...}}}'
+                    'response_format of type json_schema needs "json_schema": '
+                    '{"name": ..., "schema": {...}}',
+                    param=f"{param}.json_schema",
                 )
-            return cls(json_schema=_schema_text(spec["schema"], "response_format.json_schema"))
+            name = spec.get("name")
+            if name is not None and not isinstance(name, str):
+                raise SamplingError(
+                    "response_format.json_schema.name must be a string",
+                    param=f"{param}.json_schema.name",
+                )
+            strict = spec.get("strict")
+            if strict is not None and not isinstance(strict, bool):
+                raise SamplingError(
+                    "response_format.json_schema.strict must be true or false",
+                    param=f"{param}.json_schema.strict",
+                )
+            if spec.get("schema") is None:
+                # OpenAI makes the schema optional: without one, any JSON object.
+                return cls(json_object=True)
+            # Always enforced, strict or not: the output matches the schema.
+            return cls(json_schema=_schema_text(spec["schema"], f"{param}.json_schema.schema"))
         raise SamplingError(
-            f"response_format type must be text, json_object or json_schema, got {kind!r}"
+            f"response_format type must be 'text', 'json_object' or 'json_schema', "
+            f"got {kind!r:.60}",
+            param=f"{param}.type",
         )
 
     @property
