@@ -118,3 +118,12 @@ def test_a_forced_call_and_another_constraint_conflict(llm: LLM) -> None:
 def test_malformed_tool_messages_raise(llm: LLM, messages) -> None:
     with pytest.raises(ToolError, match="messages.0"):
         llm.chat(messages, max_tokens=1)
+
+
+def test_a_module_below_the_server_does_not_import_it() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, sorai.generate, sorai.tools; print('sorai.server' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

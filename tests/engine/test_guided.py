@@ -109,3 +109,21 @@ def test_from_request_keeps_the_schemas_property_order() -> None:
         "zeta",
         "alpha",
     ]
+
+
+def test_from_fields_names_the_field_at_fault() -> None:
+    spec, field = GuidedSpec.from_fields({"guided_regex": "a+", "response_format": None})
+    assert (spec, field) == (GuidedSpec(regex="a+"), "guided_regex")
+    # OpenAI makes json_schema's schema optional: any JSON object.
+    fmt = {"type": "json_schema", "json_schema": {"name": "x"}}
+    assert GuidedSpec.from_request(response_format=fmt) == GuidedSpec(json_object=True)
+    for fields, param in [
+        ({"response_format": {"type": "yaml"}}, "response_format.type"),
+        ({"response_format": {"type": "json_schema"}}, "response_format.json_schema"),
+        ({"guided_json": False}, "guided_json"),
+        ({"guided_choice": ["a", 1]}, "guided_choice.1"),
+        ({"guided_regex": "a", "guided_grammar": "start: 'a'"}, "guided_grammar"),
+    ]:
+        with pytest.raises(SamplingError) as info:
+            GuidedSpec.from_fields(fields)
+        assert info.value.param == param, fields
