@@ -1,8 +1,9 @@
 """POST /v1/chat/completions.
 
-Tools (sorai/server/tools.py) and output constraints (sorai/server/guided.py) are settled
-before the prompt is built; with tools active, each choice's text goes through the request's
-ToolSetup (whole answers) or a ToolStream (streams) to become content or tool calls.
+Tools (sorai/tools.py, via sorai/server/tools.py) and output constraints (sorai/sampling.py's
+GuidedSpec.from_fields, via sorai/server/guided.py) are settled before the prompt is built; with
+tools active, each choice's text goes through the request's ToolSetup (whole answers) or a
+ToolStream (streams) to become content or tool calls.
 """
 
 from __future__ import annotations
