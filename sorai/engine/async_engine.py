@@ -91,8 +91,9 @@ class AsyncEngine:
             raise EngineDeadError("the server is shutting down")
         if self._thread is None:
             await self.start()
-        waiting = self._stats.waiting + max(0, len(self._streams) - self._stats.running)
-        if waiting >= self.engine.config.max_waiting + self.engine.config.max_num_seqs:
+        # Every request in flight either runs (at most max_num_seqs) or waits.
+        config = self.engine.config
+        if len(self._streams) >= config.max_waiting + config.max_num_seqs:
             raise QueueFullError(
                 f"{len(self._streams)} requests are in flight and the queue is full; retry later"
             )
