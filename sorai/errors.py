@@ -35,6 +35,10 @@ class ToolError(SoraiError, ValueError):
     """Malformed tools, tool_choice or tool-calling messages."""
 
 
+class DataError(SoraiError, ValueError):
+    """Training data that cannot be used; the message starts with `path:line:` of the bad record."""
+
+
 class DeviceError(SoraiError, ValueError):
     """A device that is malformed or not present on this machine."""
 
