@@ -40,6 +40,7 @@ and `state_dict` / `load_state_dict` resume exactly at the next batch.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import random
 from collections.abc import Iterator, Sequence
@@ -52,6 +53,8 @@ from torch import Tensor
 
 from sorai.errors import DataError, SoraiError
 from sorai.model.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 FORMATS = ("chat", "prompt_completion", "alpaca", "text")
@@ -472,6 +475,9 @@ def load_dataset(
     if not train:
         raise DataError(f"{path}: no usable example ({train_stats})")
     val, val_stats = load_examples(val_records, tokenizer, **kwargs) if val_records else ([], None)
+    log.info("training data %s: %s", path, train_stats)
+    if val_stats is not None:
+        log.info("validation data %s: %s", val_path or f"{val_split:.0%} of {path}", val_stats)
     return Dataset(train, val, train_stats, val_stats)
 
 

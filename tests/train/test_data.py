@@ -438,6 +438,20 @@ def test_resume_from_state_dict_continues_with_the_same_batch(packed: bool) -> N
     assert skipped.step == 3
 
 
+def test_resume_with_another_world_size_continues_at_the_same_row() -> None:
+    def make(rank: int, world_size: int) -> BatchLoader:
+        return BatchLoader(tagged(60), seq_len=8, seed=2, rank=rank, world_size=world_size)
+
+    single = [seen(b) for b in make(0, 1)]
+    pair = [make(0, 2), make(1, 2)]
+    iters = [iter(loader) for loader in pair]
+    first = [seen(next(it)) for _ in range(3) for it in iters]  # 3 steps of 2 ranks
+    assert first == single[:6]
+    resumed = make(0, 1)
+    resumed.load_state_dict(pair[0].state_dict())
+    assert [seen(b) for b in resumed] == single[6:]
+
+
 def test_resume_refuses_other_data_or_seed() -> None:
     state = BatchLoader(tagged(10), seq_len=16).state_dict()
     with pytest.raises(DataError, match="training data changed"):
