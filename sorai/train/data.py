@@ -201,6 +201,11 @@ def _check_chat(obj: dict[str, Any], where: str) -> dict[str, Any]:
                 raise DataError(f"{where}: {name}.weight must be 0 or 1, got {weight!r}")
         out.append(clean)
         weights.append(int(weight))
+    if out[0]["role"] == "assistant":
+        raise DataError(
+            f"{where}: messages[0] is an assistant message; a conversation starts with a "
+            "system or user message"
+        )
     if not any(m["role"] == "assistant" for m in out):
         raise DataError(f"{where}: no assistant message (nothing to learn from)")
     tools = obj.get("tools")
@@ -324,7 +329,7 @@ def _tokenize_chat(
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = _render(tokenizer, messages[:i], True, tools, where) if i else ""
+        before = _render(tokenizer, messages[:i], True, tools, where)
         through = _render(tokenizer, messages[: i + 1], False, tools, where)
         if not (through.startswith(before) and full.startswith(through)):
             raise DataError(

@@ -129,6 +129,24 @@ def test_assistant_weight_zero_is_not_trained(tmp_path: Path, tok: Tokenizer) ->
     assert "Bad answer" not in tok.decode(trained(everything))
 
 
+def test_chat_with_tools_and_a_tool_call_message(tmp_path: Path, tok: Tokenizer) -> None:
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    messages = [
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": "Use "}, {"type": "text", "text": "f"}],
+        },
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "c1", "content": "42"},
+        {"role": "assistant", "content": "It is 42."},
+    ]
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    ex = one(tmp_path, tok, {"messages": messages, "tools": tools})
+    assert "<|im_start|>user\nUse f<|im_end|>" in tok.decode(ex.input_ids)
+    assert tok.decode(spans(ex)[-1]) == "It is 42.<|im_end|>"
+    assert "42<|im_end|>" not in tok.decode(spans(ex)[0])  # the tool result is not trained
+
+
 def test_alpaca_is_rendered_as_a_chat(tmp_path: Path, tok: Tokenizer) -> None:
     rec = {"instruction": "Translate to French.", "input": "cat", "output": "chat"}
     ex = one(tmp_path, tok, rec)
@@ -229,8 +247,17 @@ GOOD_CHAT = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant"
         ({"messages": [{"role": "user"}]}, r"bad\.jsonl:2: messages\[0\] has no 'content'"),
         ({"messages": [{"role": "user", "content": "x"}]}, r"bad\.jsonl:2: no assistant message"),
         (
-            {"messages": [{"role": "assistant", "content": "x", "weight": 2}]},
-            r"bad\.jsonl:2: messages\[0\]\.weight must be 0 or 1",
+            {"messages": [{"role": "assistant", "content": "x"}]},
+            r"bad\.jsonl:2: messages\[0\] is an assistant message",
+        ),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": "q"},
+                    {"role": "assistant", "content": "a", "weight": 2},
+                ]
+            },
+            r"bad\.jsonl:2: messages\[1\]\.weight must be 0 or 1",
         ),
         (
             {"messages": [{"role": "user", "content": "x", "weight": 0}]},
