@@ -320,7 +320,10 @@ def _tokenize_chat(
     conversation up to it (with the generation prompt) and up to its end: the character span
     between them is what the model writes at inference. Tokens starting inside the span are
     targets, up to the last end-of-turn token in it (the newline some templates write after
-    <|im_end|> is never generated, so it is not trained)."""
+    <|im_end|> is never generated, so it is not trained). A token that straddles the start of
+    the span (BPE merging the prompt's last characters with the reply's first) stays masked:
+    the prompt at inference ends before it. Token ids are those of the whole rendering, exactly
+    what the model sees; offsets map the character spans onto them."""
     full = _render(tokenizer, messages, False, tools, where)
     encoding = tokenizer.backend.encode(full, add_special_tokens=False)
     ids, offsets = list(encoding.ids), encoding.offsets
