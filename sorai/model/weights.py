@@ -120,6 +120,11 @@ def save_hf_dir(model: Transformer, path: Path, shard_bytes: int = SHARD_BYTES) 
             "this model's rotary frequencies come from its GGUF file (rope_freqs) and cannot "
             "be written to config.json; saving it would change the model"
         )
+    if any(name.endswith(".lora_A.weight") for name, _ in model.named_parameters()):
+        raise ModelFormatError(
+            "this model has LoRA layers; merge_lora(model) before saving it as a Hugging Face "
+            "directory, or save the adapter alone with save_adapter"
+        )
     path.mkdir(parents=True, exist_ok=True)
     config = model.config.to_hf_dict()
     config["torch_dtype"] = str(model.dtype).removeprefix("torch.")
