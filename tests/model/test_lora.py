@@ -282,3 +282,22 @@ def test_load_adapter_rejects_what_it_cannot_apply(checkpoint: Path, tmp_path: P
         load_adapter(load_hf_dir(wider, torch.float32), tmp_path)
     with pytest.raises(LoRAError, match="no LoRA layers to save"):
         save_adapter(model, tmp_path / "none")
+
+
+def test_default_model_adapter_matches_peft(default_gguf: Path, tmp_path: Path) -> None:
+    from peft import PeftModel
+
+    from sorai.model.loader import load_model
+
+    model, _ = load_model(default_gguf, "float32", "cpu")  # column-major, as sorai.load has it
+    save_hf_dir(model, tmp_path / "base")
+    ids = torch.randint(0, 49152, (1, 32), generator=torch.Generator().manual_seed(1))
+    base = logits(model, ids)[0, -1]
+    apply_lora(model, LoRAConfig(r=8, alpha=16, target_modules=["q_proj", "v_proj"]))
+    randomise_b(model, std=0.02)
+    ours = logits(model, ids)[0, -1]
+    assert (ours - base).abs().max() > 1e-2
+    save_adapter(model, tmp_path / "adapter", base_model_name="smollm2-135m-instruct")
+    reference = load_reference(tmp_path / "base")
+    peft_model = PeftModel.from_pretrained(reference, tmp_path / "adapter").eval()
+    assert (logits(peft_model, ids)[0, -1] - ours).abs().max() < 1e-4
