@@ -304,8 +304,6 @@ def save_adapter(model: Transformer, path: Path, base_model_name: str | None = N
     modules = lora_modules(model)
     if not modules:
         raise LoRAError("this model has no LoRA layers to save; use apply_lora or load_adapter")
-    if any(m.merged for m in modules.values()):
-        raise LoRAError("the adapter is merged into the base weights; unmerge() before saving")
     ranks = [m.r for m in modules.values()]
     alphas = [m.alpha for m in modules.values()]
     r, alpha = max(set(ranks), key=ranks.count), max(set(alphas), key=alphas.count)
