@@ -48,6 +48,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from common import (  # benchmarks/common.py: the script's folder is on sys.path
+    run_logged,
+    without_nan,
+)
+
 LLGUIDANCE = "llguidance"
 XGRAMMAR = "xgrammar"
 DEFAULT_XGRAMMAR_VENV = Path("~/.cache/sorai/bench-xgrammar-venv").expanduser()
@@ -436,14 +441,16 @@ def xgrammar_python(venv: Path, torch_requirement: str) -> Path | None:
     started = time.monotonic()
     with open(log, "w") as out:
         for step in steps:
-            if not _run_logged(step, out, started):
+            if not run_logged(step, out, "xgrammar", started):
                 tail = "\n".join(log.read_text(errors="replace").splitlines()[-10:])
                 print(f"  xgrammar: install failed ({' '.join(step)}):\n{tail}")
                 return None
         # Perhaps this xgrammar version needs more than XGRAMMAR_DEPS: its own list then, with
         # torch held at the pinned version.
         imports = subprocess.run(check, capture_output=True).returncode == 0
-        if not imports and not _run_logged(pip + [torch_requirement, "xgrammar"], out, started):
+        if not imports and not run_logged(
+            pip + [torch_requirement, "xgrammar"], out, "xgrammar", started
+        ):
             print("  xgrammar: install failed")
             return None
     if subprocess.run(check, capture_output=True).returncode != 0:
@@ -451,24 +458,6 @@ def xgrammar_python(venv: Path, torch_requirement: str) -> Path | None:
         return None
     print(f"  xgrammar: installed in {time.monotonic() - started:.0f} s")
     return python
-
-
-def _run_logged(command: list[str], out: Any, started: float) -> bool:
-    out.write(f"$ {' '.join(command)}\n")
-    out.flush()
-    process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
-    next_note = time.monotonic() + 30
-    try:
-        while process.poll() is None:
-            time.sleep(1)
-            if time.monotonic() >= next_note:
-                next_note += 30
-                print(f"  xgrammar: installing ({time.monotonic() - started:.0f} s)", flush=True)
-    finally:
-        if process.poll() is None:
-            process.terminate()
-            process.wait()
-    return process.returncode == 0
 
 
 def run_engine(python: Path, engine_name: str, job: dict[str, Any], tmp: Path) -> dict[str, Any]:
@@ -574,16 +563,6 @@ def report(results: list[dict[str, Any]]) -> dict[str, Any]:
                 f"{statistics.median(all_llg):.1f} us, xgrammar {statistics.median(all_xgr):.1f} us"
             )
     return {"engines": results, "xgrammar_over_llguidance": summary}
-
-
-def without_nan(value: Any) -> Any:
-    if isinstance(value, float) and value != value:
-        return None
-    if isinstance(value, dict):
-        return {k: without_nan(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [without_nan(v) for v in value]
-    return value
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

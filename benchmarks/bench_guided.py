@@ -45,6 +45,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from common import without_nan  # benchmarks/common.py: the script's folder is on sys.path
+
 GOAL_RATIO = 0.90  # constrained / unconstrained decode tokens/s
 
 # The person record (the same schema as bench_grammar_engines.py's "record" case).
@@ -373,16 +375,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.rounds < 1:
         parser.error("--rounds must be >= 1")
     return args
-
-
-def without_nan(value: Any) -> Any:
-    if isinstance(value, float) and value != value:
-        return None
-    if isinstance(value, dict):
-        return {k: without_nan(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [without_nan(v) for v in value]
-    return value
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -58,6 +58,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from common import (  # benchmarks/common.py: the script's folder is on sys.path
+    run_logged,
+    without_nan,
+)
+
 from sorai import hub
 
 SORAI = "sorai"
@@ -579,22 +584,9 @@ def llama_cpp_python(venv: Path) -> Path | None:
     env = dict(os.environ)
     env.setdefault("CMAKE_ARGS", "-DGGML_NATIVE=ON")
     started = time.monotonic()
-    next_note = started + 30
     with open(log, "w") as out:
         for step in steps:
-            process = subprocess.Popen(step, stdout=out, stderr=subprocess.STDOUT, env=env)
-            try:
-                while process.poll() is None:
-                    time.sleep(1)
-                    if time.monotonic() >= next_note:
-                        next_note += 30
-                        elapsed = time.monotonic() - started
-                        print(f"  llama-cpp-python: installing ({elapsed:.0f} s) {progress(log)}")
-            finally:
-                if process.poll() is None:
-                    process.terminate()
-                    process.wait()
-            if process.returncode != 0:
+            if not run_logged(step, out, "llama-cpp-python", started, env, lambda: progress(log)):
                 tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
                 print(f"  llama-cpp-python: install failed ({' '.join(step)}):\n{tail}")
                 return None
@@ -829,17 +821,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.no_llama_cpp and LLAMA_CPP in args.peers:
         args.peers.remove(LLAMA_CPP)
     return args
-
-
-def without_nan(value: Any) -> Any:
-    """`value` with NaN floats as None, so the JSON file is standard JSON."""
-    if isinstance(value, float) and value != value:
-        return None
-    if isinstance(value, dict):
-        return {k: without_nan(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [without_nan(v) for v in value]
-    return value
 
 
 def _interrupt(signum: int, frame: object) -> None:

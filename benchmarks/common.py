@@ -1,0 +1,47 @@
+"""Pieces the benchmark scripts share (stdlib only: a script may run it in a peer's venv)."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Callable, Mapping
+from typing import IO, Any
+
+
+def without_nan(value: Any) -> Any:
+    """`value` with NaN floats as None, so the JSON file is standard JSON."""
+    if isinstance(value, float) and value != value:
+        return None
+    if isinstance(value, dict):
+        return {k: without_nan(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [without_nan(v) for v in value]
+    return value
+
+
+def run_logged(
+    command: list[str],
+    out: IO[str],
+    label: str,
+    started: float,
+    env: Mapping[str, str] | None = None,
+    note: Callable[[], str] = lambda: "",
+) -> bool:
+    """Run one install step with its output in `out`, printing "<label>: installing (N s)"
+    every 30 s (plus `note()`), so a long build does not look hung; True when it succeeds."""
+    out.write(f"$ {' '.join(command)}\n")
+    out.flush()
+    process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+    next_note = time.monotonic() + 30
+    try:
+        while process.poll() is None:
+            time.sleep(1)
+            if time.monotonic() >= next_note:
+                next_note += 30
+                elapsed = time.monotonic() - started
+                print(f"  {label}: installing ({elapsed:.0f} s) {note()}".rstrip(), flush=True)
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            process.wait()
+    return process.returncode == 0
