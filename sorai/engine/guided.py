@@ -74,21 +74,19 @@ class GrammarCompiler:
             )
         return self._ll_tokenizer
 
-    def matcher(self, spec: GuidedSpec) -> Any:
-        """A fresh matcher for `spec`; SamplingError with llguidance's reason if it is bad."""
+    def compile(self, spec: GuidedSpec) -> Any:
+        """The cached matcher `spec` compiles to (never consumed: copy it, see matcher());
+        SamplingError with llguidance's reason if the spec is bad."""
         import llguidance
 
         with self._lock:
             template = self._cache.get(spec.key)
             if template is not None:
                 self._cache.move_to_end(spec.key)
-                return template.deep_copy()
-            tokenizer = self._llg_tokenizer()
-            grammar = grammar_for(spec)
-            error = llguidance.LLMatcher.validate_grammar(grammar, tokenizer)
-            if error:
-                raise SamplingError(f"the guided decoding constraint cannot be used: {error}")
-            template = llguidance.LLMatcher(tokenizer, grammar, log_level=0)
+                return template
+            # The constructor compiles and, on a bad grammar, holds the reason in get_error():
+            # one compilation, where validate_grammar first would make it two.
+            template = llguidance.LLMatcher(self._llg_tokenizer(), grammar_for(spec), log_level=0)
             if template.is_error():
                 raise SamplingError(
                     f"the guided decoding constraint cannot be used: {template.get_error()}"
@@ -96,7 +94,11 @@ class GrammarCompiler:
             self._cache[spec.key] = template
             if len(self._cache) > _CACHE_SIZE:
                 self._cache.popitem(last=False)
-            return template.deep_copy()
+            return template
+
+    def matcher(self, spec: GuidedSpec) -> Any:
+        """A fresh matcher for one sequence (a cheap copy of the compiled one)."""
+        return self.compile(spec).deep_copy()
 
 
 def mask_logits(logits: Tensor, matchers: list[Any]) -> None:

@@ -108,7 +108,7 @@ class LLMEngine:
                 " for the completion); shorten the prompt or lower max_tokens"
             )
         if params.guided is not None:
-            self.guided.matcher(params.guided)  # compiles (and caches), or says why not
+            self.guided.compile(params.guided)  # cached for add_request, or says why not
         for token, _ in params.logit_bias:
             if token >= self.vocab_size:
                 raise SamplingError(
