@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from sorai.errors import DeviceError, ModelFormatError
+from sorai.model.config import ModelConfig
 from sorai.model.gguf import GGUFFile, is_gguf
 from sorai.model.tokenizer import Tokenizer
 from sorai.model.transformer import Transformer
@@ -61,6 +62,22 @@ def load_model(
     if device.type == "cpu" and dtype == torch.float32:
         use_column_major_weights(model)
     return model, tokenizer
+
+
+def read_config(path: Path) -> ModelConfig:
+    """A model path's architecture without loading its weights."""
+    path = Path(path)
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ModelFormatError(
+                f"{path} is not a Hugging Face model directory: it has no config.json"
+            )
+        return ModelConfig.from_file(path / "config.json")
+    if path.suffix == ".gguf" or is_gguf(path):
+        return GGUFFile(path).config()
+    raise ModelFormatError(
+        f"{path}: not a model; expected a Hugging Face directory or a .gguf file"
+    )
 
 
 def use_column_major_weights(model: Transformer) -> None:

@@ -86,7 +86,13 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(dim, kv_dim, bias=config.qkv_bias)
         self.o_proj = nn.Linear(q_dim, dim, bias=config.o_proj_bias)
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], cache: KVCache | None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        rope: tuple[Tensor, Tensor],
+        cache: KVCache | None,
+        mask: Tensor | None = None,
+    ) -> Tensor:
         batch, seq, _ = x.shape
         # Head counts come from the weights, not the config, so a tensor-parallel shard
         # (fewer heads per rank) runs through the same code.
@@ -94,7 +100,10 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        out = causal_attention(q, k, v) if cache is None else cache.attend(self.layer, q, k, v)
+        if cache is None:
+            out = causal_attention(q, k, v, mask)
+        else:
+            out = cache.attend(self.layer, q, k, v)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
 
 
@@ -118,8 +127,14 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], cache: KVCache | None) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, cache)
+    def forward(
+        self,
+        x: Tensor,
+        rope: tuple[Tensor, Tensor],
+        cache: KVCache | None = None,
+        mask: Tensor | None = None,
+    ) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, cache, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -152,10 +167,15 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
 
     def rope(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """cos and signed sin (see apply_rope) for `positions` ([T]), shaped [T, head_dim]."""
-        freqs = positions.float()[:, None] * self.inv_freq.float()[None, :]
+        """cos and signed sin (see apply_rope) for `positions`: [T] gives [T, head_dim], shared
+        by the batch; [B, T] (per-row positions, e.g. packed documents) gives [B, 1, T, head_dim]
+        to broadcast over the heads."""
+        freqs = positions.float()[..., None] * self.inv_freq.float()
         cos, sin = freqs.cos(), freqs.sin()
-        return torch.cat((cos, cos), dim=-1).to(dtype), torch.cat((-sin, sin), dim=-1).to(dtype)
+        cos, sin = torch.cat((cos, cos), dim=-1).to(dtype), torch.cat((-sin, sin), dim=-1).to(dtype)
+        if positions.dim() == 2:
+            cos, sin = cos[:, None], sin[:, None]
+        return cos, sin
 
     def forward(
         self,
@@ -164,13 +184,18 @@ class Transformer(nn.Module):
         cache: KVCache | None = None,
         last_only: bool = False,
         logit_indices: Tensor | None = None,
+        mask: Tensor | None = None,
+        head: bool = True,
     ) -> Tensor:
         """tokens: [B, T] ids (or [B, T, hidden] states when there is no embedding).
 
-        positions: [T] absolute positions (default 0..T-1). last_only: project only the last
-        position to logits, which is all that generation needs after a prefill.
-        logit_indices: project only these positions (of T), as the engine does for a batch
-        of sequences flattened into one row.
+        positions: [T] absolute positions (default 0..T-1), or [B, T] per row. last_only:
+        project only the last position to logits, which is all that generation needs after a
+        prefill. logit_indices: project only these positions (of T), as the engine does for a
+        batch of sequences flattened into one row. mask: bool [B, 1, T, T], True where a query
+        may see a key (without a cache; default causal), e.g. documents packed in one row.
+        head=False returns the final norm's output instead of logits, for callers that apply
+        the head themselves (a loss computed in chunks never holds all logits at once).
         """
         x = self.embed_tokens(tokens) if self.embed_tokens is not None else tokens
         if positions is None:
@@ -179,14 +204,14 @@ class Transformer(nn.Module):
         if cache is not None:
             cache.begin(positions)
         for block in self.layers.values():
-            x = block(x, rope, cache)
+            x = block(x, rope, cache, mask)
         if self.norm is not None:
             if last_only:
                 x = x[:, -1:]
             elif logit_indices is not None:
                 x = x[:, logit_indices]
             x = self.norm(x)
-        if self.lm_head is not None:
+        if self.lm_head is not None and head:
             x = self.lm_head(x)
         return x
 
