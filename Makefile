@@ -30,12 +30,12 @@ run: install
 	$(BIN)/sorai serve
 
 lint: install-test
-	$(BIN)/ruff check sorai tests benchmarks
-	$(BIN)/ruff format --check sorai tests benchmarks
+	$(BIN)/ruff check sorai tests benchmarks examples
+	$(BIN)/ruff format --check sorai tests benchmarks examples
 
 format: install-test
-	$(BIN)/ruff format sorai tests benchmarks
-	$(BIN)/ruff check --fix sorai tests benchmarks
+	$(BIN)/ruff format sorai tests benchmarks examples
+	$(BIN)/ruff check --fix sorai tests benchmarks examples
 
 test: lint
 	$(BIN)/python -m pytest -m "not slow" -q

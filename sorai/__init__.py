@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
@@ -32,11 +33,19 @@ def load(
     dtype: str | torch.dtype | None = None,
     progress: Callable[[str], None] | None = None,
     device: str | torch.device | None = None,
+    adapter: str | os.PathLike | None = None,
 ) -> LLM:
     """Load a known model name (pulled on first use), an HF directory or a .gguf file.
 
     device defaults to the GPU when there is one, else the CPU; dtype to bfloat16 on a GPU and
     float32 on the CPU.
+
+    adapter: a LoRA adapter directory in PEFT format (adapter_config.json +
+    adapter_model.safetensors) for this base model, e.g. what `sorai train` wrote. It is merged
+    into the weights (in float32, then stored in `dtype`), so the model runs at full speed. The
+    LLM's name becomes `<model>+<adapter name>`, the adapter name being its directory's name
+    (for `<output_dir>/adapter`, as `sorai train` writes it, output_dir's name). A bad adapter
+    raises LoRAError (a SoraiError) naming the path.
 
     >>> llm = sorai.load()
     >>> llm.chat([{"role": "user", "content": "Hi!"}], max_tokens=20).text
@@ -46,6 +55,30 @@ def load(
     from sorai.generate import LLM
     from sorai.model.loader import load_model
 
+    adapter_path = None
+    if adapter is not None:
+        from sorai.model.lora import check_adapter_dir
+
+        adapter_path = check_adapter_dir(adapter)  # before the (slow) model load
     path = hub.resolve(model, progress=progress)
     transformer, tokenizer = load_model(path, dtype, device)
-    return LLM(transformer, tokenizer, name=os.fspath(model))
+    name = os.fspath(model)
+    if adapter_path is not None:
+        import torch
+
+        from sorai.model.lora import load_adapter, merge_lora
+
+        # A and B stay float32 whatever the model's dtype: merge computes W + s·B·A in float32
+        # and rounds once into the base weight, in place (its memory layout is kept).
+        load_adapter(transformer, adapter_path, dtype=torch.float32)
+        merge_lora(transformer)
+        name = f"{name}+{_adapter_name(adapter_path)}"
+    return LLM(transformer, tokenizer, name=name)
+
+
+def _adapter_name(adapter: Path) -> str:
+    """The adapter's directory name; for `<output_dir>/adapter` (`sorai train`), output_dir's."""
+    path = adapter.absolute()
+    if path.name == "adapter" and path.parent.name:
+        return path.parent.name
+    return path.name

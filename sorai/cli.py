@@ -13,6 +13,7 @@ from typing import Any
 import sorai
 from sorai import hub
 from sorai.errors import ContextLengthError, SoraiError
+from sorai.train import command as train_command
 
 EXIT_USAGE = 2
 
@@ -41,6 +42,13 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
         help="default: bfloat16 on a GPU, float32 on the CPU",
     )
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: auto)")
+    parser.add_argument(
+        "--adapter",
+        default=None,
+        metavar="PATH",
+        help="a LoRA adapter directory in PEFT format (adapter_config.json + "
+        "adapter_model.safetensors) to apply over --model",
+    )
 
 
 def _add_sampling_args(parser: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -87,10 +95,12 @@ def _sampling_options(args: argparse.Namespace) -> dict[str, Any]:
 
 def _load(args: argparse.Namespace):
     started = time.perf_counter()
-    llm = sorai.load(args.model, dtype=args.dtype, progress=_say, device=args.device)
+    llm = sorai.load(
+        args.model, dtype=args.dtype, progress=_say, device=args.device, adapter=args.adapter
+    )
     if args.verbose:
         where = f"{llm.model.dtype}".removeprefix("torch.") + f" on {llm.model.device}"
-        _say(f"loaded {args.model} ({where}) in {time.perf_counter() - started:.1f}s")
+        _say(f"loaded {llm.name} ({where}) in {time.perf_counter() - started:.1f}s")
     return llm
 
 
@@ -138,13 +148,19 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     params = SamplingParams.from_options(_sampling_options(args))
     if args.url:
+        if args.adapter is not None:
+            raise SoraiError(
+                "--adapter does not apply with --url: the server decides the model "
+                "(start it with `sorai serve --adapter PATH`)"
+            )
         from sorai.server.remote import remote_responder
 
         respond, model = remote_responder(
             args.url, args.api_key, args.model, params, args.verbose, _say
         )
     else:
-        llm, model = _load(args), args.model
+        llm = _load(args)
+        model = llm.name  # --model as typed, plus `+<adapter name>` with --adapter
 
         def respond(messages: list[dict[str, str]]) -> str:
             return _stream(llm, llm.tokenizer.encode_chat(messages), params, args.verbose)
@@ -230,15 +246,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "cpu_threads": args.cpu_threads,
     }
     config = EngineConfig(**{k: v for k, v in engine_options.items() if v is not None})
+    started = time.perf_counter()
+    engine = AsyncEngine.from_model(
+        args.model, dtype=args.dtype, device=args.device, config=config, adapter=args.adapter
+    )
+    _say(f"loaded {engine.model_name} in {time.perf_counter() - started:.1f}s")
     settings = ServerSettings(
-        # As typed: what a client of `sorai serve --model X` will naturally send back.
-        served_model_names=tuple(args.served_model_name or [args.model]),
+        # The engine's name is --model as typed: what a client of `sorai serve --model X` will
+        # naturally send back. With --adapter it is `X+<adapter name>`, so a client asking for
+        # the plain base model gets a 404 rather than the fine-tune.
+        served_model_names=tuple(args.served_model_name or [engine.model_name]),
         api_keys=api_keys,
         max_body_bytes=args.max_body_bytes,
     )
-    started = time.perf_counter()
-    engine = AsyncEngine.from_model(args.model, dtype=args.dtype, device=args.device, config=config)
-    _say(f"loaded {args.model} in {time.perf_counter() - started:.1f}s")
     if api_keys.enabled:
         _say(f"API keys required ({len(api_keys)} configured)")
     return serve(engine, settings, host=args.host, port=args.port, log_level=args.log_level)
@@ -301,7 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=None,
         metavar="NAME",
-        help="name clients use as `model` (repeatable; default: the --model argument)",
+        help="name clients use as `model` (repeatable; default: the --model argument; with "
+        "--adapter, MODEL+NAME, NAME being the adapter directory's name, or its parent's for "
+        "one named 'adapter')",
     )
     serve.add_argument(
         "--api-key",
@@ -361,6 +383,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     models = verbs.add_parser("models", help="list known and cached models")
     models.set_defaults(run=cmd_models)
+
+    train = train_command.add_parser(verbs)
+    train.set_defaults(run=train_command.run)
     return parser
 
 

@@ -50,8 +50,11 @@ class AsyncEngine:
         dtype: str | torch.dtype | None = None,
         device: str | torch.device | None = None,
         config: EngineConfig | None = None,
+        adapter: str | os.PathLike | None = None,
     ) -> AsyncEngine:
-        return cls(LLMEngine.from_model(model, dtype=dtype, device=device, config=config))
+        return cls(
+            LLMEngine.from_model(model, dtype=dtype, device=device, config=config, adapter=adapter)
+        )
 
     # -- lifecycle ------------------------------------------------------------------------
 

@@ -80,11 +80,15 @@ class LLMEngine:
         dtype: str | torch.dtype | None = None,
         device: str | torch.device | None = None,
         config: EngineConfig | None = None,
+        adapter: str | os.PathLike | None = None,
     ) -> LLMEngine:
-        """Load a known model name, an HF directory or a .gguf file (as sorai.load does)."""
+        """Load a known model name, an HF directory or a .gguf file (as sorai.load does).
+
+        adapter: a PEFT LoRA adapter directory to merge into the model, as in sorai.load.
+        """
         import sorai
 
-        llm = sorai.load(model, dtype=dtype, device=device)
+        llm = sorai.load(model, dtype=dtype, device=device, adapter=adapter)
         return cls(llm.model, llm.tokenizer, config, name=llm.name or Path(str(model)).name)
 
     # -- requests -------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -139,7 +139,9 @@ class LoRALinear(nn.Module):
             return out
         a = self.lora_A.weight
         delta = self.lora_B(self.lora_A(self.lora_dropout(x.to(a.dtype))))
-        return out + (delta * self.scaling).to(out.dtype)
+        # In place, scaled on the way: one temporary the size of the output instead of three
+        # (the base output is not saved for backward, so autograd allows it).
+        return out.add_(delta.to(out.dtype), alpha=self.scaling)
 
     def delta_weight(self) -> Tensor:
         """(B·A)·scaling, shaped like the base weight, in float32."""
@@ -357,6 +359,38 @@ def _pattern_value(patterns: dict, hf_name: str, default):
     return default
 
 
+def check_adapter_dir(path: str | Path) -> Path:
+    """The adapter directory's Path, or LoRAError if it is plainly not a PEFT adapter: missing,
+    not a directory, no or unreadable config, no or unreadable weights file (header only, so
+    this is cheap to call before loading a model)."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise LoRAError(f"{path}: no such LoRA adapter directory")
+    if not path.is_dir():
+        raise LoRAError(
+            f"{path}: a LoRA adapter is a directory (with {CONFIG_FILE} and {WEIGHTS_FILE}), "
+            "not a file"
+        )
+    config = path / CONFIG_FILE
+    if not config.is_file():
+        raise LoRAError(f"{path}: not a PEFT adapter directory (no {CONFIG_FILE})")
+    try:
+        raw = json.loads(config.read_text())
+    except (ValueError, OSError) as e:
+        raise LoRAError(f"{config}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise LoRAError(f"{config}: an adapter config is a JSON object, not a {type(raw).__name__}")
+    weights = path / WEIGHTS_FILE
+    if not weights.is_file():
+        raise LoRAError(f"{path}: no {WEIGHTS_FILE} (adapter_model.bin is not read)")
+    try:
+        with safe_open(weights, framework="pt"):  # the header: a truncated or foreign file
+            pass
+    except (SafetensorError, OSError) as e:
+        raise LoRAError(f"{weights}: unreadable safetensors file ({e})") from None
+    return path
+
+
 def load_adapter(model: Transformer, path: Path, dtype: torch.dtype | None = None) -> Adapter:
     """Apply a PEFT LoRA adapter directory (sorai's or one PEFT wrote) to the model, in place.
 
@@ -364,21 +398,14 @@ def load_adapter(model: Transformer, path: Path, dtype: torch.dtype | None = Non
     shapes and the config (incl. rank_pattern / alpha_pattern).
     """
     _check_fresh(model)
-    path = Path(path)
-    try:
-        raw = json.loads((path / CONFIG_FILE).read_text())
-    except FileNotFoundError:
-        raise LoRAError(f"{path}: not a PEFT adapter directory (no {CONFIG_FILE})") from None
-    except ValueError as e:
-        raise LoRAError(f"{path / CONFIG_FILE}: not valid JSON ({e})") from None
+    path = check_adapter_dir(path)
+    raw = json.loads((path / CONFIG_FILE).read_text())
     if raw.get("peft_type") != "LORA":
         raise LoRAError(f"{path}: adapter type {raw.get('peft_type')!r} is not supported (LORA)")
     for key, allowed in _UNSUPPORTED.items():
         if raw.get(key) not in allowed:
             raise LoRAError(f"{path}: {key}={raw[key]!r} is not supported by sorai's LoRA")
     weights = path / WEIGHTS_FILE
-    if not weights.exists():
-        raise LoRAError(f"{path}: no {WEIGHTS_FILE} (adapter_model.bin is not read)")
     try:
         tensors = load_file(weights)
     except (SafetensorError, OSError) as e:

@@ -1,3 +1,4 @@
-"""Fine-tuning: JSONL data -> token ids + loss masks -> packed batches (data.py); later the device
-mesh and parallelisms, the trainer loop, checkpoints and export. Builds on sorai.model; never
-imports sorai.engine."""
+"""Fine-tuning: JSONL data -> token ids + loss masks -> packed batches (data.py) -> the loop
+(trainer.py) with its loss, optimizer, checkpoints and metrics; `sorai train` (command.py).
+Whatever is applied to the model from outside (checkpointing, compile, and later the parallel
+layouts) goes through parallelize.py. Builds on sorai.model; never imports sorai.engine."""
