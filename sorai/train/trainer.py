@@ -338,17 +338,17 @@ class Trainer:
     # -- exports ------------------------------------------------------------------------------
 
     def export(self) -> Path | None:
+        """Write the exports; returns the adapter directory when one was written, else the
+        model directory (None when nothing was asked for)."""
         cfg = self.config
-        exported = None
+        adapter = model = None
         if self.adapter is not None and cfg.export.adapter:
-            exported = self.run_dir / "adapter"
-            save_adapter(self.model, exported, base_model_name=cfg.model)
+            adapter = self.run_dir / "adapter"
+            save_adapter(self.model, adapter, base_model_name=cfg.model)
         if self.adapter is None or cfg.export.merged:
-            exported_model = self.run_dir / "model"
-            model = self.model
+            model = self.run_dir / "model"
             if self.adapter is not None:
-                merge_lora(model)
-            save_hf_dir(model, exported_model)
-            self.tokenizer.save(exported_model)
-            exported = exported if self.adapter is not None and exported else exported_model
-        return exported
+                merge_lora(self.model)
+            save_hf_dir(self.model, model)
+            self.tokenizer.save(model)
+        return adapter or model
