@@ -199,7 +199,8 @@ class Transformer(nn.Module):
         """
         x = self.embed_tokens(tokens) if self.embed_tokens is not None else tokens
         if positions is None:
-            positions = torch.arange(x.shape[1], device=x.device)
+            # From the input, not x: under sequence parallelism x holds a slice of the sequence.
+            positions = torch.arange(tokens.shape[1], device=x.device)
         rope = self.rope(positions, x.dtype)
         if cache is not None:
             cache.begin(positions)

@@ -2,7 +2,8 @@
 
 A checkpoint is a directory `step-000120/` holding DCP's `.metadata` and shards: the trainable
 parameters (all of them for full fine-tuning, the adapters for LoRA), the optimizer state keyed
-by parameter name, and the trainer's own state (step, scheduler, data position, RNG). DCP writes
+by parameter name (`state.layers.0.mlp.up_proj.weight.exp_avg`), and the trainer's own state
+(step, scheduler, data position, RNG). DCP writes
 one shard per rank and reshards on load, which is what lets the parallel trainer save and load
 the same checkpoints under any layout.
 
@@ -18,7 +19,7 @@ import os
 import re
 import shutil
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +29,8 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
-    get_state_dict,
-    set_state_dict,
+    get_model_state_dict,
+    set_model_state_dict,
 )
 
 from sorai.errors import SoraiError
@@ -86,15 +87,72 @@ def _fsync_tree(path: Path) -> None:
                 os.fsync(f.fileno())
 
 
+def _parts(model: nn.Module | Sequence[nn.Module]) -> list[nn.Module]:
+    return [model] if isinstance(model, nn.Module) else list(model)
+
+
+def _model_state(parts: list[nn.Module]) -> dict[str, Any]:
+    """The trainable weights of every part (pipeline stages of one rank), by full name."""
+    state: dict[str, Any] = {}
+    for part in parts:
+        state.update(get_model_state_dict(part, options=_OPTIONS))
+    return state
+
+
+def _param_names(parts: list[nn.Module]) -> dict[nn.Parameter, str]:
+    names = {}
+    for part in parts:
+        for name, param in part.named_parameters():
+            names.setdefault(param, name)
+    return names
+
+
+def _local_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The optimizer holding this rank's states (ZeroRedundancyOptimizer keeps them in .optim,
+    for the parameters this rank owns)."""
+    return getattr(optimizer, "optim", optimizer)
+
+
+def _optimizer_state(parts: list[nn.Module], optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """`state.<param name>.<key>` for every state this rank holds: one flat key per tensor, so
+    the same key names the same tensor under every layout (DTensor shards under FSDP and TP,
+    whole tensors of the owned parameters under ZeRO-1, plain tensors on one device) and DCP
+    can reshard between them; the hyperparameters come from the configuration."""
+    names = _param_names(parts)
+    out = {}
+    for param, state in _local_optimizer(optimizer).state.items():
+        for key, value in state.items():
+            out[f"state.{names[param]}.{key}"] = value
+    return out
+
+
+@torch.no_grad()
+def init_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Create the optimizer's (lazily made) states, so a checkpoint can be loaded into them:
+    one step on zero gradients at lr 0 (AdamW leaves the weights as they are)."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for param in params:
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
+    lrs = [group["lr"] for group in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0
+    optimizer.step()
+    for group, lr in zip(optimizer.param_groups, lrs, strict=True):
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+
+
 def save_checkpoint(
     directory: Path,
     step: int,
-    model: nn.Module,
+    model: nn.Module | Sequence[nn.Module],
     optimizer: torch.optim.Optimizer,
     trainer_state: dict[str, Any],
     keep: int,
 ) -> Path:
-    """Write checkpoint `step` atomically and delete all but the newest `keep`."""
+    """Write checkpoint `step` atomically and delete all but the newest `keep`. `model` may be
+    several parts (a rank's pipeline stages)."""
     final = directory / f"step-{step:06d}"
     tmp = directory / f".tmp-step-{step:06d}"
     if _is_main():
@@ -102,8 +160,12 @@ def save_checkpoint(
         for stale in directory.glob(".tmp-step-*"):
             shutil.rmtree(stale, ignore_errors=True)
     _barrier()
-    model_state, optim_state = get_state_dict(model, optimizer, options=_OPTIONS)
-    state = {"model": model_state, "optim": optim_state, "trainer": trainer_state}
+    parts = _parts(model)
+    state = {
+        "model": _model_state(parts),
+        "optim": _optimizer_state(parts, optimizer),
+        "trainer": trainer_state,
+    }
     with _single_process_quiet():
         dcp.save(state, checkpoint_id=tmp, no_dist=not dist.is_initialized())
     _barrier()
@@ -120,16 +182,21 @@ def save_checkpoint(
 
 def load_checkpoint(
     path: Path,
-    model: nn.Module,
+    model: nn.Module | Sequence[nn.Module],
     optimizer: torch.optim.Optimizer,
     trainer_state: dict[str, Any],
 ) -> dict[str, Any]:
-    """Load `path` into the model and optimizer (in place); returns the trainer state, whose
-    keys and types are those of the `trainer_state` template."""
+    """Load `path` into the model and optimizer (in place, whatever layout wrote it); returns
+    the trainer state, whose keys and types are those of the `trainer_state` template."""
     if not (path / ".metadata").exists():
         raise CheckpointError(f"{path}: not a complete checkpoint (no .metadata)")
-    model_state, optim_state = get_state_dict(model, optimizer, options=_OPTIONS)
-    state = {"model": model_state, "optim": optim_state, "trainer": trainer_state}
+    parts = _parts(model)
+    init_optimizer_state(optimizer)
+    state = {
+        "model": _model_state(parts),
+        "optim": _optimizer_state(parts, optimizer),
+        "trainer": trainer_state,
+    }
     try:
         with _single_process_quiet():
             dcp.load(state, checkpoint_id=path, no_dist=not dist.is_initialized())
@@ -139,11 +206,18 @@ def load_checkpoint(
             f"{path}: cannot be loaded into this run ({first}); was it written with another "
             "model, method (lora/full) or LoRA configuration?"
         ) from None
-    set_state_dict(
-        model,
-        optimizer,
-        model_state_dict=state["model"],
-        optim_state_dict=state["optim"],
-        options=_SET_OPTIONS,
-    )
+    for part in parts:
+        set_model_state_dict(part, state["model"], options=_SET_OPTIONS)
+    # The optimizer's tensors were loaded in place.
     return state["trainer"]
+
+
+def load_weights(path: Path, model: nn.Module) -> None:
+    """Load only the trained weights of checkpoint `path` into `model`, in this process alone
+    (an export: one model in one piece, whatever layout wrote the checkpoint)."""
+    if not (path / ".metadata").exists():
+        raise CheckpointError(f"{path}: not a complete checkpoint (no .metadata)")
+    state = {"model": get_model_state_dict(model, options=_OPTIONS)}
+    with _single_process_quiet():
+        dcp.load(state, checkpoint_id=path, no_dist=True)
+    set_model_state_dict(model, state["model"], options=_SET_OPTIONS)

@@ -92,6 +92,36 @@ class TrainSection:
 
 
 @dataclass
+class ParallelConfig:
+    dp_replicate: int = _f(1, "data-parallel replicas: ranks holding whole copies of the states")
+    dp_shard: int = _f(
+        -1, "data-parallel ranks sharing out the states per zero_stage; -1: what the world leaves"
+    )
+    tp: int = _f(1, "tensor-parallel ranks: each Linear (and attention head) split across them")
+    pp: int = _f(1, "pipeline stages' ranks: each holds a run of layers")
+    zero_stage: Literal[0, 1, 2, 3] = _f(
+        3,
+        "over dp_shard: 0 replicate (DDP), 1 shard optimizer states, 2 also gradients, "
+        "3 also weights (FSDP2)",
+    )
+    sequence_parallel: bool = _f(True, "with tp: split the norms' activations on the sequence")
+    loss_parallel: bool = _f(True, "with tp: shard the head on the vocabulary, loss without gather")
+    pp_schedule: Literal["gpipe", "1f1b", "interleaved_1f1b"] = _f(
+        "1f1b", "pipeline schedule; interleaved_1f1b runs 2 stages per rank"
+    )
+    microbatches: int | None = _f(
+        None, "pipeline micro-batches per micro_batch_size rows (default: pp, or 2 * pp)"
+    )
+    pp_layers: list[int] | None = _f(
+        None, "layers per stage, e.g. [5, 7]; default: balanced by layer count"
+    )
+
+    @property
+    def dp(self) -> int:
+        return self.dp_replicate * max(self.dp_shard, 1)
+
+
+@dataclass
 class CheckpointConfig:
     every: int = _f(100, "save a checkpoint every N optimizer steps (0 = only at the end)")
     keep: int = _f(3, "keep the last K checkpoints")
@@ -122,6 +152,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainSection = field(default_factory=TrainSection)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
@@ -190,7 +221,7 @@ def _type_name(tp: Any) -> str:
     if origin in (typing.Union, types.UnionType):
         return " or ".join(_type_name(a) for a in get_args(tp) if a is not type(None))
     if origin is list:
-        return "list"
+        return f"list of {_type_name(get_args(tp)[0])}" if get_args(tp) else "list"
     return getattr(tp, "__name__", str(tp))
 
 
@@ -215,9 +246,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: must be one of {choices}, got {value!r}")
         return value
     if origin is list:
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise ConfigError(f"{where}: expected a list of strings, got {value!r}")
-        return list(value)
+        (item,) = get_args(tp) or (str,)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list of {_type_name(item)}, got {value!r}")
+        return [_coerce(v, item, where) for v in value]
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: expected true or false, got {value!r}")

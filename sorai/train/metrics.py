@@ -27,15 +27,22 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 class MetricsLog:
     """Appends one JSON object per line to <run>/metrics.jsonl, and to TensorBoard when the
     tensorboard package is installed. On resume from step S, rows after S (written by the run
-    that was killed) are dropped first, so the file reads as one uninterrupted run."""
+    that was killed) are dropped first, so the file reads as one uninterrupted run.
+    enabled=False (every rank of a parallel run but the first) writes nothing."""
 
-    def __init__(self, run_dir: Path, resume_step: int | None, tensorboard: bool) -> None:
+    def __init__(
+        self, run_dir: Path, resume_step: int | None, tensorboard: bool, enabled: bool = True
+    ) -> None:
         self.path = run_dir / METRICS_FILE
+        self.enabled = enabled
+        self.file: TextIO | None = None
+        self.writer = None
+        if not enabled:
+            return
         rows = read_metrics(self.path) if resume_step is not None else []
         rows = [r for r in rows if r.get("step", 0) <= (resume_step or 0)]
         self.path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        self.file: TextIO = self.path.open("a")
-        self.writer = None
+        self.file = self.path.open("a")
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -45,6 +52,8 @@ class MetricsLog:
                 self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step)
 
     def write(self, row: dict[str, Any]) -> None:
+        if self.file is None:
+            return
         self.file.write(json.dumps(row) + "\n")
         self.file.flush()
         if self.writer is not None:
@@ -53,7 +62,8 @@ class MetricsLog:
                     self.writer.add_scalar(key, value, row["step"])
 
     def close(self) -> None:
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
         if self.writer is not None:
             self.writer.close()
 

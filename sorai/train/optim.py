@@ -6,17 +6,26 @@ import math
 from collections.abc import Iterable
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.optim.lr_scheduler import LambdaLR
 
 from sorai.train.config import OptimConfig, ScheduleConfig
 
 
 def build_optimizer(
-    named_params: Iterable[tuple[str, nn.Parameter]], config: OptimConfig
-) -> torch.optim.AdamW:
+    named_params: Iterable[tuple[str, nn.Parameter]],
+    config: OptimConfig,
+    zero_group: dist.ProcessGroup | None = None,
+) -> torch.optim.Optimizer:
     """AdamW with weight decay on matrices only: norms and biases are not decayed, as usual
-    for transformers. Fused where torch has a fused kernel for the device."""
+    for transformers. Fused where torch has a fused kernel for the device.
+
+    zero_group: ZeRO stage 1, the optimizer states sharded over this group's ranks by
+    torch's ZeroRedundancyOptimizer (each rank updates the parameters it owns, then broadcasts
+    them).
+    """
     decay, no_decay = [], []
     for _, param in named_params:
         if param.requires_grad:
@@ -25,13 +34,17 @@ def build_optimizer(
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
     device = (decay or no_decay)[0].device
-    return torch.optim.AdamW(
-        groups,
-        lr=config.lr,
-        betas=(config.beta1, config.beta2),
-        eps=config.eps,
-        fused=device.type in ("cpu", "cuda"),
-    )
+    kwargs = {
+        "lr": config.lr,
+        "betas": (config.beta1, config.beta2),
+        "eps": config.eps,
+        "fused": device.type in ("cpu", "cuda"),
+    }
+    if zero_group is not None:
+        return ZeroRedundancyOptimizer(
+            groups, optimizer_class=torch.optim.AdamW, process_group=zero_group, **kwargs
+        )
+    return torch.optim.AdamW(groups, **kwargs)
 
 
 def lr_factor(step: int, total_steps: int, config: ScheduleConfig) -> float:

@@ -1,9 +1,24 @@
 """Everything the trainer does to a model from outside, in one place and in a fixed order.
 
-The model code knows nothing of training. `parallelize` applies, in order: tensor parallelism
-(the parallel issue), activation checkpointing, torch.compile, then data-parallel sharding (the
-parallel issue). Each step keeps parameter names (`layers.0.self_attn.q_proj.weight`) so
-checkpoints and exports see the same model whatever was applied.
+The model code knows nothing of training. `parallelize` applies, in order: tensor parallelism,
+activation checkpointing, torch.compile, then data parallelism. Each step keeps parameter names
+(`layers.0.self_attn.q_proj.weight`) so checkpoints and exports see the same model whatever was
+applied.
+
+Data parallelism by ZeRO stage (over the dp_shard ranks; dp_replicate ranks hold copies):
+
+    0  DDP: weights, gradients and optimizer states replicated; gradients all-reduced.
+    1  DDP + torch's ZeroRedundancyOptimizer: gradients all-reduced, each rank keeps the
+       optimizer states of the parameters it owns, updates them and broadcasts them.
+    2  FSDP2 fully_shard(reshard_after_forward=False): weights, gradients and optimizer
+       states sharded; the weights are all-gathered once per step and kept until backward,
+       gradients reduce-scattered.
+    3  FSDP2 fully_shard(reshard_after_forward=True): as 2, but each block's weights are freed
+       after its forward and all-gathered again in backward (one more all-gather per step).
+
+With tensor parallelism the states are DTensors on the 2-D (dp_shard, tp) mesh, which FSDP2
+shards further; DDP does not take DTensors, so stages 0 and 1 with tp are refused with that
+reason.
 """
 
 from __future__ import annotations
@@ -11,10 +26,16 @@ from __future__ import annotations
 import functools
 
 import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import fully_shard
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
 
 from sorai.model.transformer import Transformer
-from sorai.train.config import TrainSection
+from sorai.train.config import ConfigError, ParallelConfig, TrainSection
+from sorai.train.distributed import ParallelDims
+from sorai.train.tensor_parallel import apply_tensor_parallel
 
 
 def checkpoint_blocks(model: Transformer) -> None:
@@ -32,12 +53,72 @@ def compile_blocks(model: Transformer) -> None:
         block.compile()
 
 
-def parallelize(model: Transformer, config: TrainSection) -> Transformer:
+@torch.no_grad()
+def make_contiguous(model: nn.Module) -> None:
+    """Row-major weights: the loader may keep Linear weights column-major (faster CPU
+    matmuls in inference), which FSDP and DTensor sharding on dim 0 do not take."""
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if not param.is_contiguous():
+                param.data = param.data.contiguous()
+
+
+def data_parallel_mesh(dims: ParallelDims, mesh: DeviceMesh) -> DeviceMesh:
+    """FSDP's mesh: dp_shard, or (dp_replicate, dp_shard) for HSDP."""
+    if dims.dp_replicate > 1:
+        return mesh["dp_replicate", "dp_shard"]
+    return mesh["dp_shard"]
+
+
+def shard_model(model: Transformer, dims: ParallelDims, mesh: DeviceMesh) -> None:
+    """ZeRO-2/3 with FSDP2: each block one unit (one all-gather, one reduce-scatter), the
+    embedding, final norm and head the root unit."""
+    dp_mesh = data_parallel_mesh(dims, mesh)
+    per_block = dims.zero_stage == 3
+    for block in model.layers.values():
+        fully_shard(block, mesh=dp_mesh, reshard_after_forward=per_block)
+    # The root's weights are needed again as soon as backward starts: never resharded.
+    fully_shard(model, mesh=dp_mesh, reshard_after_forward=False)
+
+
+def replicate_model(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh) -> nn.Module:
+    """ZeRO-0/1: DDP over all data-parallel ranks; returns the module to call."""
+    if dims.tp > 1:
+        raise ConfigError(
+            f"zero_stage {dims.zero_stage} replicates with DDP, which does not take "
+            "tensor-parallel (DTensor) weights; use zero_stage 2 or 3 with tp"
+        )
+    device_ids = [model.device] if model.device.type == "cuda" else None
+    return DistributedDataParallel(
+        model, device_ids=device_ids, process_group=mesh["dp"].get_group()
+    )
+
+
+def parallelize(
+    model: Transformer,
+    config: TrainSection,
+    dims: ParallelDims | None = None,
+    mesh: DeviceMesh | None = None,
+    parallel: ParallelConfig | None = None,
+) -> nn.Module:
+    """Apply the layout to `model` in place; returns the module to call for forward (a DDP
+    wrapper under ZeRO-0/1, else the model itself)."""
+    if dims is not None and dims.world_size > 1:
+        make_contiguous(model)
+    if dims is not None and dims.tp > 1:
+        assert mesh is not None and parallel is not None
+        apply_tensor_parallel(model, mesh["tp"], parallel.sequence_parallel, parallel.loss_parallel)
     if config.activation_checkpointing:
         checkpoint_blocks(model)
     if config.compile:
         compile_blocks(model)
-    return model
+    if dims is None or dims.dp == 1:
+        return model
+    assert mesh is not None
+    if dims.fsdp:
+        shard_model(model, dims, mesh)
+        return model
+    return replicate_model(model, dims, mesh)
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:

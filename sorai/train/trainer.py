@@ -12,6 +12,8 @@ Run directory (`output_dir`):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import logging
 import math
 import os
@@ -23,7 +25,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import loss_parallel
 
 from sorai import hub
 from sorai.errors import SoraiError
@@ -32,19 +38,23 @@ from sorai.model.lora import LoRAConfig, apply_lora, merge_lora, save_adapter
 from sorai.model.tokenizer import Tokenizer
 from sorai.model.transformer import Transformer
 from sorai.model.weights import save_hf_dir
+from sorai.train import distributed
 from sorai.train.checkpoint import (
     CheckpointError,
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
+    load_weights,
     save_checkpoint,
 )
-from sorai.train.config import TrainConfig
+from sorai.train.config import ConfigError, TrainConfig
 from sorai.train.data import Batch, BatchLoader, Dataset, load_dataset, pack
+from sorai.train.distributed import ParallelDims
 from sorai.train.loss import chunked_cross_entropy
 from sorai.train.metrics import MetricsLog, Progress, plot_loss, read_metrics
 from sorai.train.optim import build_optimizer, build_scheduler
 from sorai.train.parallelize import autocast_dtype, parallelize
+from sorai.train.pipeline import build_schedule, build_stage_models
 
 log = logging.getLogger("sorai.train")
 
@@ -61,24 +71,58 @@ class TrainResult:
     tokens_per_s: float
 
 
-def forward_loss(
-    model: Transformer, batch: Batch, autocast: torch.dtype | None, loss_chunk: int
-) -> Tensor:
-    """The summed cross-entropy of one micro-batch (a sum: see chunked_cross_entropy)."""
-    device = model.device
-    tokens = batch.input_ids.to(device)
+def batch_inputs(batch: Batch, device: torch.device, per_row: bool = False) -> dict[str, Tensor]:
+    """The model's keyword inputs for `batch`: positions always (under sequence parallelism
+    the model cannot infer them from its slice of the sequence), a document mask only when a
+    row holds more than one document. per_row: positions as [B, T] (pipeline micro-batches
+    split every input on its first dimension)."""
     # Rows holding one document each need neither per-row positions nor a mask: plain causal
     # attention is exact there (padding comes last and has no targets), and SDPA's causal
     # kernels are faster than a masked one.
     packed = bool((batch.document_ids > 0).any())
-    positions = batch.position_ids.to(device) if packed else None
-    mask = batch.attention_mask().to(device) if packed else None
+    if packed:
+        return {
+            "positions": batch.position_ids.to(device),
+            "mask": batch.attention_mask().to(device),
+        }
+    positions = torch.arange(batch.input_ids.shape[1], device=device)
+    if per_row:
+        positions = positions.expand(batch.input_ids.shape[0], -1).contiguous()
+    return {"positions": positions}
+
+
+def head_loss(
+    output: Tensor, labels: Tensor, head: torch.nn.Linear | None, loss_chunk: int
+) -> Tensor:
+    """The summed cross-entropy of a model's output: with `head`, `output` is the final norm's
+    output and the head is applied chunk by chunk; without, `output` is the logits sharded on
+    the vocabulary (loss parallel) and torch's loss_parallel computes it, inside the
+    `loss_parallel()` context the caller holds through backward."""
+    if head is None:
+        logits = output.flatten(0, 1).float()
+        return F.cross_entropy(logits, labels.flatten(), reduction="sum", ignore_index=-100)
+    if isinstance(output, DTensor):  # sequence-parallel norm output: gather the sequence
+        output = output.full_tensor()
+    return chunked_cross_entropy(output, head.weight, labels, loss_chunk)
+
+
+def forward_loss(
+    model: Transformer,
+    batch: Batch,
+    autocast: torch.dtype | None,
+    loss_chunk: int,
+    caller: torch.nn.Module | None = None,
+    loss_parallel: bool = False,
+) -> Tensor:
+    """The summed cross-entropy of one micro-batch (a sum: see chunked_cross_entropy).
+    caller: the module to call (a DDP wrapper of `model`), default the model."""
+    device = model.device
+    tokens = batch.input_ids.to(device)
     context = torch.autocast(device.type, dtype=autocast) if autocast else contextlib.nullcontext()
     with context:
-        hidden = model(tokens, positions=positions, mask=mask, head=False)
-        return chunked_cross_entropy(
-            hidden, model.lm_head.weight, batch.labels.to(device), loss_chunk
-        )
+        output = (caller or model)(tokens, **batch_inputs(batch, device), head=loss_parallel)
+        head = None if loss_parallel else model.lm_head
+        return head_loss(output, batch.labels.to(device), head, loss_chunk)
 
 
 class Trainer:
@@ -116,34 +160,88 @@ class Trainer:
         return path
 
     def _threads(self) -> None:
-        threads = self.config.train.threads or os.cpu_count() or 1
-        torch.set_num_threads(threads)
+        # Processes on one machine share its cores.
+        per_process = (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        torch.set_num_threads(self.config.train.threads or max(1, per_process))
+
+    def _init_distributed(self) -> None:
+        """Join the other processes (under torchrun) and build the mesh of the layout."""
+        cfg = self.config
+        world = distributed.world_size()
+        self.dims = ParallelDims.from_config(cfg.parallel, world)
+        self.mesh = None
+        if world == 1:
+            self.device = resolve_device(cfg.train.device)
+            return
+        self.device = distributed.device_for_rank(cfg.train.device)
+        distributed.init(self.device)
+        self.mesh = self.dims.build_mesh(self.device.type)
+        dims = self.dims
+        if dims.pp > 1:
+            micro = cfg.parallel.microbatches or dims.pp
+            if cfg.train.micro_batch_size % micro:
+                raise ConfigError(
+                    f"train.micro_batch_size {cfg.train.micro_batch_size} does not split into "
+                    f"parallel.microbatches {micro} pipeline micro-batches"
+                )
+        if dims.zero_stage == 1 and (dims.tp > 1):
+            raise ConfigError("zero_stage 1 with tp: use zero_stage 2 (FSDP2) with tp")
+
+    def _local_rank(self, dim: str) -> int:
+        return self.mesh[dim].get_local_rank() if self.mesh is not None else 0
 
     def setup(self) -> None:
         cfg = self.config
+        self._init_distributed()
         self._threads()
-        self.device = resolve_device(cfg.train.device)
         self.autocast = autocast_dtype(cfg.train.precision, self.device)
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         path = hub.resolve(cfg.model)
         # Weights stay float32 (the optimizer's master copy); bf16 comes from autocast.
-        self.model, self.tokenizer = load_model(path, torch.float32, self.device)
-        self.model.train()
+        model, self.tokenizer = load_model(path, torch.float32, self.device)
+        model.train()
         if cfg.method == "lora":
-            lora = LoRAConfig(
-                r=cfg.lora.r,
-                alpha=cfg.lora.alpha,
-                dropout=cfg.lora.dropout,
-                target_modules=cfg.lora.target_modules,
-                use_rslora=cfg.lora.use_rslora,
-            )
-            self.adapter = apply_lora(self.model, lora, dtype=torch.float32)
+            self.adapter = apply_lora(model, self.lora_config(), dtype=torch.float32)
         else:
             self.adapter = None
-            self.model.requires_grad_(True)
-        parallelize(self.model, cfg.train)
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
+            model.requires_grad_(True)
+        dims = self.dims
+        self.loss_parallel = dims.tp > 1 and cfg.parallel.loss_parallel
+        self.schedule = None
+        if dims.pp > 1:
+            parts, stage_ids, num_stages = build_stage_models(
+                model, cfg.parallel, self._local_rank("pp"), cfg.method == "full"
+            )
+            self.last_stage = stage_ids[-1] == num_stages - 1
+        else:
+            parts, self.last_stage = [model], True
+        self.parts: list[Transformer] = parts
+        self.model = parts[-1]
+        self.callers = [
+            parallelize(part, cfg.train, dims, self.mesh, cfg.parallel) for part in parts
+        ]
+        if dims.pp > 1:
+            for part, caller in zip(parts, self.callers, strict=True):
+                if part.lm_head is not None and not self.loss_parallel:
+                    # The last stage returns the final norm's output; the loss applies the head.
+                    caller.forward = functools.partial(caller.forward, head=False)
+            self.schedule = build_schedule(
+                self.callers,
+                stage_ids,
+                num_stages,
+                self.mesh["pp"],
+                self.device,
+                cfg.parallel,
+                cfg.parallel.microbatches or dims.pp,
+                self._pipeline_loss,
+            )
+        self.params = [p for part in parts for p in part.parameters() if p.requires_grad]
+        zero_group = None
+        if dims.zero_stage == 1 and dims.dp_shard > 1:
+            zero_group = self.mesh["dp_shard"].get_group()
+        named = [item for part in parts for item in part.named_parameters()]
+        self.optimizer = build_optimizer(named, cfg.optim, zero_group)
         self.data = self._data()
         self.loader = BatchLoader(
             self.data.train,
@@ -153,13 +251,26 @@ class Trainer:
             shuffle=cfg.data.shuffle,
             seed=cfg.seed,
             pad_id=self._pad_id(),
+            rank=self._local_rank("dp"),
+            world_size=dims.dp,
         )
         micro_steps = len(self.loader) * cfg.train.epochs
         self.total_steps = cfg.train.max_steps or math.ceil(micro_steps / cfg.train.grad_accum)
-        self.optimizer = build_optimizer(self.model.named_parameters(), cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, self.total_steps, cfg.schedule)
         self.step = 0
         self.tokens_seen = 0
+        self._loss_scale = 1.0
+        self._pipeline_sums: list[Tensor] = []
+
+    def lora_config(self) -> LoRAConfig:
+        cfg = self.config.lora
+        return LoRAConfig(
+            r=cfg.r,
+            alpha=cfg.alpha,
+            dropout=cfg.dropout,
+            target_modules=cfg.target_modules,
+            use_rslora=cfg.use_rslora,
+        )
 
     def _pad_id(self) -> int:
         tok: Tokenizer = self.tokenizer
@@ -199,22 +310,75 @@ class Trainer:
         return save_checkpoint(
             self.checkpoint_dir,
             self.step,
-            self.model,
+            self.parts,
             self.optimizer,
             self.trainer_state(),
             keep=self.config.checkpoint.keep,
         )
 
     def restore(self, path: Path) -> None:
-        state = load_checkpoint(path, self.model, self.optimizer, self.trainer_state())
+        state = load_checkpoint(path, self.parts, self.optimizer, self.trainer_state())
         self.step = int(state["step"])
         self.tokens_seen = int(state["tokens_seen"])
         self.loader.load_state_dict(state["loader"])
         self.scheduler.load_state_dict(state["scheduler"])
+        # Checkpoints hold no hyperparameters (they come from the configuration); the lr of the
+        # step to come is the schedule's.
+        for group, lr in zip(
+            self.optimizer.param_groups, self.scheduler.get_last_lr(), strict=True
+        ):
+            group["lr"] = lr
         torch.set_rng_state(state["torch_rng"])
         random.setstate(state["python_rng"])
         if "cuda_rng" in state:
             torch.cuda.set_rng_state(state["cuda_rng"], self.device)
+
+    # -- collectives --------------------------------------------------------------------------
+
+    def _reporting(self) -> bool:
+        """Whether this rank's loss sums count in the reported loss: per data-parallel rank,
+        the one that computes the loss (the last pipeline stage), and of the tensor-parallel
+        ranks, which all hold it, the first."""
+        return self.last_stage and self._local_rank("tp") == 0
+
+    def _sum(self, values: list[float], dim: str | None = None) -> list[float]:
+        """`values` summed over the ranks of mesh dimension `dim` (all ranks when None)."""
+        if self.mesh is None:
+            return values
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(tensor, group=self.mesh[dim].get_group() if dim else None)
+        return tensor.tolist()
+
+    def _grad_norm_sq(self) -> Tensor:
+        """The squared global gradient norm: DTensor gradients (FSDP, TP) grouped by layout so
+        each group costs one reduction; pipeline stages' norms summed over the pipeline."""
+        groups: dict[object, list[Tensor]] = {}
+        for param in self.params:
+            if param.grad is None:
+                continue
+            grad = param.grad
+            key = (grad.device_mesh, grad.placements) if isinstance(grad, DTensor) else None
+            groups.setdefault(key, []).append(grad)
+        total = torch.zeros((), dtype=torch.float32, device=self.device)
+        for grads in groups.values():
+            norm = torch.nn.utils.get_total_norm(grads)
+            if isinstance(norm, DTensor):
+                norm = norm.full_tensor()
+            total += norm.float() ** 2
+        if self.dims.pp > 1:
+            dist.all_reduce(total, group=self.mesh["pp"].get_group())
+        return total
+
+    @torch.no_grad()
+    def _clip(self) -> float:
+        norm = float(self._grad_norm_sq().sqrt())
+        max_norm = self.config.optim.max_grad_norm
+        if max_norm > 0 and norm > max_norm:
+            coef = max_norm / (norm + 1e-6)
+            for param in self.params:
+                if param.grad is not None:
+                    param.grad.mul_(coef)
+        return norm
 
     # -- loop ---------------------------------------------------------------------------------
 
@@ -223,60 +387,129 @@ class Trainer:
         while self.config.train.max_steps or self.loader.epoch < self.config.train.epochs:
             yield from self.loader
 
-    def train_step(self, batches: list[Batch]) -> dict[str, float]:
-        """One optimizer step over `batches` (the gradient-accumulation window)."""
-        targets = sum(b.num_targets for b in batches)
-        total = 0.0
-        for batch in batches:
-            loss_sum = forward_loss(self.model, batch, self.autocast, self.config.train.loss_chunk)
-            # Normalised by the window's targets, so every target weighs the same.
-            (loss_sum / max(targets, 1)).backward()
-            total += loss_sum.item()
-        max_norm = self.config.optim.max_grad_norm
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            self.params, max_norm if max_norm > 0 else math.inf
+    def _pipeline_loss(self, output: Tensor, labels: Tensor) -> Tensor:
+        """The loss of one pipeline micro-batch, on the last stage; its sum is kept to report."""
+        head = None if self.loss_parallel else self.model.lm_head
+        loss_sum = head_loss(output, labels, head, self.config.train.loss_chunk)
+        self._pipeline_sums.append(loss_sum.detach())
+        return loss_sum * self._loss_scale
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast)
+
+    def _loss_context(self) -> contextlib.AbstractContextManager:
+        """loss_parallel() around forward and backward when the logits are vocab-sharded."""
+        return loss_parallel() if self.loss_parallel else contextlib.nullcontext()
+
+    def _run_pipeline(self, batch: Batch, train: bool) -> float:
+        """One micro-batch through the pipeline schedule (forward and backward, or forward
+        only); returns this rank's loss sum (zero off the last stage)."""
+        kwargs = batch_inputs(batch, self.device, per_row=True)
+        args = (batch.input_ids.to(self.device),) if self._local_rank("pp") == 0 else ()
+        self._pipeline_sums = []
+        run = self.schedule.step if train else self.schedule.eval
+        with self._autocast():
+            run(*args, target=batch.labels.to(self.device), **kwargs)
+        return float(sum(t.item() for t in self._pipeline_sums))
+
+    def _loss_sum(self, batch: Batch, train: bool) -> float:
+        if self.schedule is not None:
+            return self._run_pipeline(batch, train)
+        loss_sum = forward_loss(
+            self.model,
+            batch,
+            self.autocast,
+            self.config.train.loss_chunk,
+            self.callers[0],
+            self.loss_parallel,
         )
+        if train:
+            (loss_sum * self._loss_scale).backward()
+        return loss_sum.item()
+
+    def train_step(self, batches: list[Batch]) -> dict[str, float]:
+        """One optimizer step over `batches` (this rank's gradient-accumulation window)."""
+        local_targets = sum(b.num_targets for b in batches)
+        local_tokens = sum(int((b.document_ids >= 0).sum()) for b in batches)
+        targets, tokens = self._sum([local_targets, local_tokens], "dp")
+        # Every target of the step weighs the same, whatever rank and micro-batch it is in;
+        # data-parallel gradients are averaged over the dp ranks, hence the factor dp.
+        self._loss_scale = self.dims.dp / max(targets, 1)
+        total = 0.0
+        with self._loss_context():
+            for batch in batches:
+                total += self._loss_sum(batch, train=True)
+        grad_norm = self._clip()
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        tokens = sum(int((b.document_ids >= 0).sum()) for b in batches)
+        (total,) = self._sum([total if self._reporting() else 0.0])
         return {
             "loss": total / max(targets, 1),
-            "grad_norm": float(grad_norm),
-            "tokens": tokens,
-            "targets": targets,
+            "grad_norm": grad_norm,
+            "tokens": int(tokens),
+            "targets": int(targets),
         }
+
+    def _val_batches(self) -> list[Batch]:
+        """This data-parallel rank's share of the validation batches; ranks short of one get
+        an all-padding batch, so every rank runs the same collectives."""
+        cfg = self.config
+        batches = pack(self.data.val, cfg.data.seq_len, cfg.train.micro_batch_size, self._pad_id())
+        dp, rank = self.dims.dp, self._local_rank("dp")
+        mine = batches[rank::dp]
+        blank = dataclasses.replace(batches[0], labels=torch.full_like(batches[0].labels, -100))
+        return mine + [blank] * (math.ceil(len(batches) / dp) - len(mine))
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
         if not self.data.val:
             return None
-        was_training = self.model.training
-        self.model.eval()
-        cfg = self.config
+        for part in self.parts:
+            part.eval()
         total, targets = 0.0, 0
-        for batch in pack(
-            self.data.val, cfg.data.seq_len, cfg.train.micro_batch_size, self._pad_id()
-        ):
-            total += forward_loss(self.model, batch, self.autocast, cfg.train.loss_chunk).item()
-            targets += batch.num_targets
-        self.model.train(was_training)
+        with self._loss_context():
+            for batch in self._val_batches():
+                total += self._loss_sum(batch, train=False)
+                targets += batch.num_targets
+        for part in self.parts:
+            part.train()
+        reporting = self._reporting()
+        total, targets = self._sum([total if reporting else 0.0, targets if reporting else 0])
         return total / max(targets, 1)
 
     def run(self) -> TrainResult:
+        try:
+            self.setup()
+            return self._run()
+        finally:
+            distributed.shutdown()
+
+    def _run(self) -> TrainResult:
         cfg = self.config
-        self.setup()
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        main = distributed.is_main()
+        if main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.resume_from is not None:
             self.restore(self.resume_from)
             log.info("resumed from %s at step %d", self.resume_from, self.step)
-        cfg.save(self.run_dir / CONFIG_FILE)
+        if main:
+            cfg.save(self.run_dir / CONFIG_FILE)
+            log.info(
+                "layout: %s (%d process%s)",
+                self.dims.describe(),
+                self.dims.world_size,
+                "es" if self.dims.world_size > 1 else "",
+            )
         metrics = MetricsLog(
             self.run_dir,
             self.step if self.resume_from is not None else None,
             cfg.log.tensorboard,
+            enabled=main,
         )
-        progress = Progress(self.total_steps, self.step, cfg.log.progress)
+        progress = Progress(self.total_steps, self.step, cfg.log.progress and main)
         stream = self._micro_batches()
         steps_per_epoch = max(1, math.ceil(len(self.loader) / cfg.train.grad_accum))
         last_loss, val_loss, rate, val_step = math.nan, None, 0.0, -1
@@ -326,9 +559,10 @@ class Trainer:
             progress.close()
             metrics.close()
         export = self.export()
-        plot_loss(read_metrics(metrics.path), self.run_dir / "loss.png", title=cfg.model)
+        if main:
+            plot_loss(read_metrics(metrics.path), self.run_dir / "loss.png", title=cfg.model)
         log.info(
-            "trained %d steps in %.1f s, final loss %.4f",
+            "trained %d steps in %.1f s, final loss %.4f" if main else "",
             self.step,
             time.perf_counter() - started,
             last_loss,
@@ -339,16 +573,38 @@ class Trainer:
 
     def export(self) -> Path | None:
         """Write the exports; returns the adapter directory when one was written, else the
-        model directory (None when nothing was asked for)."""
+        model directory (None when nothing was asked for). A parallel run exports from its
+        final checkpoint on the first rank: DCP gathers it from whatever layout wrote it."""
         cfg = self.config
-        adapter = model = None
+        adapter = model_dir = None
         if self.adapter is not None and cfg.export.adapter:
             adapter = self.run_dir / "adapter"
-            save_adapter(self.model, adapter, base_model_name=cfg.model)
         if self.adapter is None or cfg.export.merged:
-            model = self.run_dir / "model"
-            if self.adapter is not None:
-                merge_lora(self.model)
-            save_hf_dir(self.model, model)
-            self.tokenizer.save(model)
-        return adapter or model
+            model_dir = self.run_dir / "model"
+        if distributed.is_main():
+            if self.mesh is None:
+                model = self.model
+            else:
+                model = self.single_device_model(latest_checkpoint(self.checkpoint_dir))
+            if adapter is not None:
+                save_adapter(model, adapter, base_model_name=cfg.model)
+            if model_dir is not None:
+                if self.adapter is not None:
+                    merge_lora(model)
+                save_hf_dir(model, model_dir)
+                self.tokenizer.save(model_dir)
+        if self.mesh is not None:
+            dist.barrier()
+        return adapter or model_dir
+
+    def single_device_model(self, checkpoint: Path | None) -> Transformer:
+        """The trained model on the CPU, in one piece, from a checkpoint of any layout."""
+        if checkpoint is None:
+            raise CheckpointError(f"{self.checkpoint_dir} holds no checkpoint to export from")
+        model, _ = load_model(hub.resolve(self.config.model), torch.float32, torch.device("cpu"))
+        if self.adapter is not None:
+            apply_lora(model, self.lora_config(), dtype=torch.float32)
+        else:
+            model.requires_grad_(True)  # the checkpoint holds the trainable weights only
+        load_weights(checkpoint, model)
+        return model
