@@ -139,6 +139,10 @@ class LoRALinear(nn.Module):
             return out
         a = self.lora_A.weight
         delta = self.lora_B(self.lora_A(self.lora_dropout(x.to(a.dtype))))
+        if out._is_view():
+            # A tensor-parallel base returns its shard as a view that autograd forbids
+            # modifying in place.
+            return torch.add(out, delta.to(out.dtype), alpha=self.scaling)
         # In place, scaled on the way: one temporary the size of the output instead of three
         # (the base output is not saved for backward, so autograd allows it).
         return out.add_(delta.to(out.dtype), alpha=self.scaling)

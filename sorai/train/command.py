@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
-from sorai.train.config import TrainConfig, add_flags, flag_values, resolve
+from sorai.train.config import ConfigError, TrainConfig, add_flags, flag_values, resolve
 
 DESCRIPTION = """\
 Fine-tune a model with LoRA or full fine-tuning.
@@ -51,6 +54,13 @@ def add_parser(verbs: argparse._SubParsersAction) -> argparse.ArgumentParser:
         action="store_true",
         help="print the memory per device (weights, gradients, optimizer, activations), exit",
     )
+    parser.add_argument(
+        "--nproc",
+        type=int,
+        metavar="N",
+        help="run N processes on this machine with torchrun (one per GPU, or N CPU processes "
+        "on gloo) in the layout of the parallel section; with --estimate, the world size",
+    )
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     add_flags(parser)
     return parser
@@ -72,37 +82,84 @@ def _config(args: argparse.Namespace) -> TrainConfig:
     return resolve(file, overrides)
 
 
-def _estimate(config: TrainConfig) -> str:
+def _estimate(config: TrainConfig, world_size: int | None) -> str:
+    """The per-rank memory table for config.parallel over `world_size` ranks (None: the
+    layout's own product, dp_shard -1 read as 1), then its ZeRO stages side by side."""
     from sorai import hub
     from sorai.model.loader import read_config, resolve_device
-    from sorai.train.estimate import estimate_memory
+    from sorai.train import estimate as est
     from sorai.train.parallelize import autocast_dtype
 
     device = resolve_device(config.train.device)
-    model = read_config(hub.resolve(config.model))
-    estimate = estimate_memory(
+    if config.model in est.KNOWN_CONFIGS:
+        model = est.known_config(config.model)  # an architecture alone: nothing to read
+    else:
+        model = read_config(hub.resolve(config.model))
+    layout = est.Layout.from_config(config.parallel, world_size)
+    lora = {"lora_r": config.lora.r, "lora_targets": config.lora.target_modules}
+    estimate = est.estimate_memory(
         model,
         method=config.method,
-        lora_r=config.lora.r,
-        lora_targets=config.lora.target_modules,
+        **lora,
         micro_batch_size=config.train.micro_batch_size,
         seq_len=config.data.seq_len,
         autocast_bf16=autocast_dtype(config.train.precision, device) is not None,
         activation_checkpointing=config.train.activation_checkpointing,
         loss_chunk_tokens=config.train.loss_chunk,
+        layout=layout,
     )
-    return estimate.report()
+    zero = est.zero_stages(model, layout, method=config.method, **lora)
+    return f"{estimate.report()}\n\n{zero.table()}"
+
+
+def launch(config: TrainConfig, nproc: int, resume: bool | str, quiet: bool) -> int:
+    """`sorai train` in `nproc` processes under torchrun on this machine, all reading the
+    resolved configuration from one file. On several machines run torchrun yourself (see the
+    README): `torchrun --nnodes ... -m sorai.cli train config.yaml`."""
+    if nproc < 1:
+        raise ConfigError(f"--nproc must be at least 1, got {nproc}")
+    with tempfile.TemporaryDirectory(prefix="sorai-train-") as tmp:
+        resolved = Path(tmp) / "config.yaml"
+        config.save(resolved)
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={nproc}",
+            "-m",
+            "sorai.cli",
+            "train",
+            str(resolved),
+        ]
+        if resume is True:
+            command.append("--resume")
+        elif resume:
+            command += ["--resume", str(resume)]
+        if quiet:
+            command.append("-q")
+        # torchrun would give each process one thread; they share the machine's cores.
+        threads = str(max(1, (os.cpu_count() or 1) // nproc))
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", threads)}
+        return subprocess.run(command, check=False, env=env).returncode
 
 
 def run(args: argparse.Namespace) -> int:
     config = _config(args)
     if args.estimate:
-        print(_estimate(config))
+        print(_estimate(config, args.nproc))
         return 0
+    if args.nproc is not None and "TORCHELASTIC_RUN_ID" not in os.environ:
+        return launch(config, args.nproc, args.resume, args.quiet)
     from sorai.train.trainer import Trainer
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    # Under torchrun every rank runs this; the first speaks for them.
+    rank = int(os.environ.get("RANK", "0"))
+    level = logging.INFO if rank == 0 else logging.WARNING
+    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
     result = Trainer(config, resume=args.resume).run()
+    if rank != 0:
+        return 0
     print(f"trained {result.steps} steps: loss {result.loss:.4f}", end="")
     if result.val_loss is not None:
         print(f", val_loss {result.val_loss:.4f}", end="")

@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.optim import ZeroRedundancyOptimizer
+from torch.distributed.tensor import DTensor
 from torch.optim.lr_scheduler import LambdaLR
 
 from sorai.train.config import OptimConfig, ScheduleConfig
@@ -26,14 +27,18 @@ def build_optimizer(
     torch's ZeroRedundancyOptimizer (each rank updates the parameters it owns, then broadcasts
     them).
     """
-    decay, no_decay = [], []
+    # Groups by decay, and by DTensor or not: a fused step takes one kind of tensor at a time
+    # (tensor parallelism leaves some weights whole, e.g. a head that is not vocab-sharded).
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for _, param in named_params:
         if param.requires_grad:
-            (decay if param.dim() >= 2 else no_decay).append(param)
-    groups = [{"params": decay, "weight_decay": config.weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
-    device = (decay or no_decay)[0].device
+            key = (param.dim() >= 2, isinstance(param, DTensor))
+            groups.setdefault(key, []).append(param)
+    param_groups = [
+        {"params": params, "weight_decay": config.weight_decay if decay else 0.0}
+        for (decay, _), params in sorted(groups.items(), key=lambda kv: (not kv[0][0], kv[0][1]))
+    ]
+    device = param_groups[0]["params"][0].device
     kwargs = {
         "lr": config.lr,
         "betas": (config.beta1, config.beta2),
@@ -42,9 +47,9 @@ def build_optimizer(
     }
     if zero_group is not None:
         return ZeroRedundancyOptimizer(
-            groups, optimizer_class=torch.optim.AdamW, process_group=zero_group, **kwargs
+            param_groups, optimizer_class=torch.optim.AdamW, process_group=zero_group, **kwargs
         )
-    return torch.optim.AdamW(groups, **kwargs)
+    return torch.optim.AdamW(param_groups, **kwargs)
 
 
 def lr_factor(step: int, total_steps: int, config: ScheduleConfig) -> float:

@@ -57,10 +57,9 @@ def compile_blocks(model: Transformer) -> None:
 def make_contiguous(model: nn.Module) -> None:
     """Row-major weights: the loader may keep Linear weights column-major (faster CPU
     matmuls in inference), which FSDP and DTensor sharding on dim 0 do not take."""
-    for module in model.modules():
-        for name, param in module.named_parameters(recurse=False):
-            if not param.is_contiguous():
-                param.data = param.data.contiguous()
+    for param in model.parameters():
+        if not param.is_contiguous():
+            param.data = param.data.contiguous()
 
 
 def data_parallel_mesh(dims: ParallelDims, mesh: DeviceMesh) -> DeviceMesh:

@@ -80,10 +80,15 @@ def _linear_plans(name: str, module: nn.Module, style: str, sp: bool) -> dict[st
         }
     # The base's input is split on features: A takes the same split and its partial r-wide
     # outputs are summed (and, under SP, scattered on the sequence like the base's output).
-    return {
+    plans: dict[str, ParallelStyle] = {
         f"{name}.base_layer": RowwiseParallel(output_layouts=row_output),
         f"{name}.lora_A": RowwiseParallel(output_layouts=row_output),
     }
+    if sp:
+        # B then sees only this rank's part of the sequence: a replicated DTensor, so that its
+        # gradient is summed over the ranks.
+        plans[f"{name}.lora_B"] = SequenceParallel(use_local_output=True)
+    return plans
 
 
 def block_plan(block: nn.Module, sp: bool) -> dict[str, ParallelStyle]:
@@ -92,12 +97,14 @@ def block_plan(block: nn.Module, sp: bool) -> dict[str, ParallelStyle]:
         plan["input_layernorm"] = SequenceParallel()
         plan["post_attention_layernorm"] = SequenceParallel()
         # Attention and the MLP need the whole sequence: all-gather their input.
+        # Local tensors out: a LoRA layer's replicated A works on plain tensors.
         plan["self_attn"] = PrepareModuleInput(
             input_layouts=(Shard(1), None, None, None),
             desired_input_layouts=(Replicate(), None, None, None),
+            use_local_output=True,
         )
         plan["mlp"] = PrepareModuleInput(
-            input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)
+            input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_output=True
         )
     for parent, names in (
         ("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
@@ -138,11 +145,21 @@ def apply_tensor_parallel(
             output_layouts=Shard(-1),
             use_local_output=False,
         )
+    elif model.lm_head is not None and sp:
+        # A whole head takes the whole sequence.
+        root["lm_head"] = PrepareModuleInput(
+            input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_output=True
+        )
+    trainable = {name: p.requires_grad for name, p in model.named_parameters()}
     for block in model.layers.values():
         parallelize_module(block, mesh, block_plan(block, sp))
     parallelize_module(model, mesh, root)
     if tied and shard_vocab:
         model.lm_head.weight = model.embed_tokens.weight
+    # The styles make new Parameters, trainable by default: frozen weights (LoRA's base,
+    # norms included) stay frozen.
+    for name, param in model.named_parameters():
+        param.requires_grad_(trainable[name])
 
 
 class PrepareModuleOutputShard(ParallelStyle):

@@ -260,7 +260,6 @@ class Trainer:
         self.step = 0
         self.tokens_seen = 0
         self._loss_scale = 1.0
-        self._pipeline_sums: list[Tensor] = []
 
     def lora_config(self) -> LoRAConfig:
         cfg = self.config.lora
@@ -388,11 +387,9 @@ class Trainer:
             yield from self.loader
 
     def _pipeline_loss(self, output: Tensor, labels: Tensor) -> Tensor:
-        """The loss of one pipeline micro-batch, on the last stage; its sum is kept to report."""
+        """The loss of one pipeline micro-batch, on the last stage."""
         head = None if self.loss_parallel else self.model.lm_head
-        loss_sum = head_loss(output, labels, head, self.config.train.loss_chunk)
-        self._pipeline_sums.append(loss_sum.detach())
-        return loss_sum * self._loss_scale
+        return head_loss(output, labels, head, self.config.train.loss_chunk) * self._loss_scale
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.autocast is None:
@@ -408,11 +405,12 @@ class Trainer:
         only); returns this rank's loss sum (zero off the last stage)."""
         kwargs = batch_inputs(batch, self.device, per_row=True)
         args = (batch.input_ids.to(self.device),) if self._local_rank("pp") == 0 else ()
-        self._pipeline_sums = []
+        losses: list[Tensor] = []
         run = self.schedule.step if train else self.schedule.eval
         with self._autocast():
-            run(*args, target=batch.labels.to(self.device), **kwargs)
-        return float(sum(t.item() for t in self._pipeline_sums))
+            run(*args, target=batch.labels.to(self.device), losses=losses, **kwargs)
+        # The schedule keeps each micro-batch's loss as the loss function returned it.
+        return float(sum(t.item() for t in losses)) / self._loss_scale
 
     def _loss_sum(self, batch: Batch, train: bool) -> float:
         if self.schedule is not None:
