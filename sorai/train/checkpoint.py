@@ -107,7 +107,7 @@ def _param_names(parts: list[nn.Module]) -> dict[nn.Parameter, str]:
     return names
 
 
-def _local_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+def local_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     """The optimizer holding this rank's states (ZeroRedundancyOptimizer keeps them in .optim,
     for the parameters this rank owns)."""
     return getattr(optimizer, "optim", optimizer)
@@ -120,7 +120,7 @@ def _optimizer_state(parts: list[nn.Module], optimizer: torch.optim.Optimizer) -
     can reshard between them; the hyperparameters come from the configuration."""
     names = _param_names(parts)
     out = {}
-    for param, state in _local_optimizer(optimizer).state.items():
+    for param, state in local_optimizer(optimizer).state.items():
         for key, value in state.items():
             out[f"state.{names[param]}.{key}"] = value
     return out

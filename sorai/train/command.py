@@ -118,6 +118,10 @@ def launch(config: TrainConfig, nproc: int, resume: bool | str, quiet: bool) -> 
     README): `torchrun --nnodes ... -m sorai.cli train config.yaml`."""
     if nproc < 1:
         raise ConfigError(f"--nproc must be at least 1, got {nproc}")
+    from sorai.train.distributed import ParallelDims
+
+    ParallelDims.from_config(config.parallel, nproc)  # a wrong layout fails here, in one line
+    config.validate()
     with tempfile.TemporaryDirectory(prefix="sorai-train-") as tmp:
         resolved = Path(tmp) / "config.yaml"
         config.save(resolved)

@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import random
+import resource
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -45,6 +46,7 @@ from sorai.train.checkpoint import (
     list_checkpoints,
     load_checkpoint,
     load_weights,
+    local_optimizer,
     save_checkpoint,
 )
 from sorai.train.config import ConfigError, TrainConfig
@@ -69,6 +71,24 @@ class TrainResult:
     val_loss: float | None
     export: Path | None
     tokens_per_s: float
+
+
+GIB = 1024**3
+
+
+def local_bytes(tensor: Tensor) -> int:
+    """Bytes this rank holds of `tensor` (its local shard of a DTensor)."""
+    if isinstance(tensor, DTensor):
+        tensor = tensor.to_local()
+    return tensor.numel() * tensor.element_size()
+
+
+def peak_memory(device: torch.device) -> int:
+    """This process's peak memory so far: allocated CUDA memory on a GPU, else the peak
+    resident set size (which includes the interpreter and torch themselves)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 def batch_inputs(batch: Batch, device: torch.device, per_row: bool = False) -> dict[str, Tensor]:
@@ -260,6 +280,7 @@ class Trainer:
         self.step = 0
         self.tokens_seen = 0
         self._loss_scale = 1.0
+        self.first_state_bytes: dict[str, int] | None = None
 
     def lora_config(self) -> LoRAConfig:
         cfg = self.config.lora
@@ -442,6 +463,9 @@ class Trainer:
         grad_norm = self._clip()
         self.optimizer.step()
         self.scheduler.step()
+        if self.step == 0:
+            # Gradients and optimizer states all exist only now, on the first step.
+            self.first_state_bytes = self.state_bytes()
         self.optimizer.zero_grad(set_to_none=True)
         (total,) = self._sum([total if self._reporting() else 0.0])
         return {
@@ -449,7 +473,29 @@ class Trainer:
             "grad_norm": grad_norm,
             "tokens": int(tokens),
             "targets": int(targets),
+            "peak_memory_gib": round(self._max(peak_memory(self.device)) / GIB, 3),
         }
+
+    def state_bytes(self) -> dict[str, int]:
+        """Bytes of weights, gradients and optimizer states this rank holds (its shards under
+        FSDP and TP, its owned states under ZeRO-1), as `sorai train --estimate` counts them."""
+        params = {id(p): p for part in self.parts for p in part.parameters()}
+        states = local_optimizer(self.optimizer).state.values()
+        return {
+            "weights": sum(local_bytes(p) for p in params.values()),
+            "gradients": sum(local_bytes(p.grad) for p in params.values() if p.grad is not None),
+            "optimizer": sum(
+                local_bytes(v) for state in states for v in state.values() if torch.is_tensor(v)
+            ),
+        }
+
+    def _max(self, value: float) -> float:
+        """The largest of every rank's `value`."""
+        if self.mesh is None:
+            return value
+        tensor = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return float(tensor.item())
 
     def _val_batches(self) -> list[Batch]:
         """This data-parallel rank's share of the validation batches; ranks short of one get
@@ -538,6 +584,8 @@ class Trainer:
                             "tokens_seen": self.tokens_seen,
                         }
                     )
+                if self.step == 1 and self.first_state_bytes is not None:
+                    metrics.write({"step": 1, "state_bytes_rank0": self.first_state_bytes})
                 progress.update(self.step, last_loss, rate)
                 epoch_done = self.loader.epoch != epoch_before
                 due = cfg.log.eval_every and self.step % cfg.log.eval_every == 0

@@ -1,0 +1,219 @@
+"""The parity matrix: every parallel layout trains like one process.
+
+Each case launches `sorai train --nproc N` (real torchrun, gloo processes on this CPU) on a small
+random model and fixed data, and compares with a single-process run of the same global batch:
+the 5 per-step losses within 1e-4 relative, and the exported weights (gathered from the
+layout's final checkpoint) within 1e-4. Data-parallel layouts give each rank
+micro_batch_size / dp rows, so every layout sees the same rows per step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from sorai.model.gguf import GGUFFile
+from sorai.model.loader import read_config
+from sorai.model.tokenizer import Tokenizer
+from sorai.model.transformer import Transformer
+from sorai.model.weights import save_hf_dir
+from sorai.train import estimate as est
+from sorai.train.config import resolve
+from sorai.train.trainer import Trainer
+
+from .conftest import CHAT, write_chat
+
+STEPS = 5
+ROWS = 4  # rows per step, over all data-parallel ranks
+REL = 1e-4
+
+
+@pytest.fixture(scope="session")
+def model4(default_gguf: Path, tmp_path_factory) -> Path:
+    """4 layers (two pipeline stages of two, or four of one), 4 heads and 2 kv heads (tp 2),
+    an untied head (full fine-tuning under pp)."""
+    config = dataclasses.replace(
+        read_config(default_gguf),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    model = Transformer(config)
+    model.init_weights()
+    path = tmp_path_factory.mktemp("model4")
+    save_hf_dir(model, path)
+    Tokenizer.from_gguf_metadata(GGUFFile(default_gguf).metadata).save(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def data4(tmp_path_factory) -> Path:
+    return write_chat(tmp_path_factory.mktemp("data4") / "chat.jsonl", CHAT * 4)
+
+
+def base_config(model: Path, data: Path, method: str) -> dict:
+    return {
+        "model": str(model),
+        "method": method,
+        "seed": 0,
+        "data": {"train": str(data), "seq_len": 64, "shuffle": False},
+        "lora": {"r": 4, "alpha": 8.0},
+        "optim": {"lr": 1e-2 if method == "lora" else 1e-3},
+        "train": {"micro_batch_size": ROWS, "max_steps": STEPS, "precision": "fp32"},
+        "checkpoint": {"every": 0},
+        "log": {"tensorboard": False, "progress": False},
+    }
+
+
+def write_config(path: Path, config: dict) -> Path:
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def train_parallel(config: dict, nproc: int, out: Path, *flags: str) -> subprocess.CompletedProcess:
+    config_file = write_config(out.parent / f"{out.name}.yaml", {**config, "output_dir": str(out)})
+    command = [sys.executable, "-m", "sorai.cli", "train", str(config_file), "--nproc", str(nproc)]
+    return subprocess.run(
+        [*command, "-q", *flags], capture_output=True, text=True, timeout=600, check=False
+    )
+
+
+def losses(run: Path) -> list[float]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [row["loss"] for row in rows if "loss" in row]
+
+
+def exported(run: Path, method: str) -> dict[str, torch.Tensor]:
+    if method == "lora":
+        return load_file(run / "adapter" / "adapter_model.safetensors")
+    return load_file(run / "model" / "model.safetensors")
+
+
+@pytest.fixture(scope="session")
+def reference(model4: Path, data4: Path, tmp_path_factory):
+    """Single-process runs, one per method, made in this process."""
+    runs = {}
+
+    def get(method: str) -> Path:
+        if method not in runs:
+            out = tmp_path_factory.mktemp(f"single-{method}") / "run"
+            config = resolve(
+                overrides={**base_config(model4, data4, method), "output_dir": str(out)}
+            )
+            Trainer(config).run()
+            runs[method] = out
+        return runs[method]
+
+    return get
+
+
+def assert_parity(reference: Path, run: Path, method: str) -> None:
+    expected, got = losses(reference), losses(run)
+    assert len(got) == STEPS
+    for step, (a, b) in enumerate(zip(expected, got, strict=True), start=1):
+        assert abs(a - b) <= REL * abs(a), f"step {step}: loss {b} vs one process {a}"
+    ref_weights, weights = exported(reference, method), exported(run, method)
+    assert ref_weights.keys() == weights.keys()
+    for name, tensor in ref_weights.items():
+        torch.testing.assert_close(weights[name], tensor, rtol=REL, atol=REL, msg=name)
+
+
+# (name, method, processes, flags): the data-parallel ranks split the ROWS rows of a step.
+# (name, method, processes, flags); data-parallel ranks split the ROWS rows of a step.
+DP2 = ["--train.micro_batch_size", "2"]
+LAYOUTS = [
+    ("zero1-dp2", "full", 2, ["--parallel.zero_stage", "1", *DP2]),
+    ("zero2-dp2", "full", 2, ["--parallel.zero_stage", "2", *DP2]),
+    ("zero3-dp2", "full", 2, ["--parallel.zero_stage", "3", *DP2]),
+    ("tp2", "full", 2, ["--parallel.tp", "2", "--parallel.sequence_parallel", "false"]),
+    ("tp2-sp", "full", 2, ["--parallel.tp", "2", "--parallel.sequence_parallel", "true"]),
+    ("pp2-gpipe", "full", 2, ["--parallel.pp", "2", "--parallel.pp_schedule", "gpipe"]),
+    ("pp2-1f1b", "full", 2, ["--parallel.pp", "2", "--parallel.pp_schedule", "1f1b"]),
+    ("lora-zero3-dp2", "lora", 2, DP2),
+    ("lora-tp2", "lora", 2, ["--parallel.tp", "2"]),
+    (
+        "lora-pp2-interleaved",
+        "lora",
+        2,
+        ["--parallel.pp", "2", "--parallel.pp_schedule", "interleaved_1f1b"],
+    ),
+    # 4 processes on 2 cores: about 25 s each here.
+    ("dp2-tp2", "full", 4, ["--parallel.tp", "2", *DP2]),
+    ("pp2-dp2-zero2", "full", 4, ["--parallel.pp", "2", "--parallel.zero_stage", "2", *DP2]),
+    ("pp2-tp2", "full", 4, ["--parallel.pp", "2", "--parallel.tp", "2"]),
+]
+
+
+@pytest.mark.parametrize(("name", "method", "nproc", "flags"), LAYOUTS, ids=[c[0] for c in LAYOUTS])
+def test_layout_trains_like_one_process(
+    name, method, nproc, flags, reference, model4, data4, tmp_path
+) -> None:
+    run = tmp_path / name
+    result = train_parallel(base_config(model4, data4, method), nproc, run, *flags)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_parity(reference(method), run, method)
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_zero_stage_memory_matches_the_estimate(stage, model4, data4, tmp_path) -> None:
+    """Measured bytes of weights, gradients and optimizer states on rank 0 at dp2 are the
+    estimator's, within 10%."""
+    run = tmp_path / f"zero{stage}"
+    config = {
+        **base_config(model4, data4, "full"),
+        "train": {"micro_batch_size": 2, "max_steps": 1, "precision": "fp32"},
+    }
+    result = train_parallel(config, 2, run, "--parallel.zero_stage", str(stage))
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    measured = next(row["state_bytes_rank0"] for row in rows if "state_bytes_rank0" in row)
+    estimate = est.estimate_memory(
+        read_config(model4),
+        method="full",
+        micro_batch_size=2,
+        seq_len=64,
+        layout=est.Layout(dp_shard=2, zero_stage=stage),
+    )
+    for kind in ("weights", "gradients", "optimizer"):
+        want = getattr(estimate, kind)
+        assert abs(measured[kind] - want) <= 0.1 * want, (kind, measured[kind], want)
+
+
+def test_resume_across_layouts(model4, data4, tmp_path) -> None:
+    """Written under tp2 at step 3, resumed under dp2 x ZeRO-3: the same 5 losses and
+    weights as one uninterrupted process (a constant lr, so stopping at 3 is no other run)."""
+    config = base_config(model4, data4, "full")
+    config["schedule"] = {"kind": "constant"}
+    single = tmp_path / "single"
+    Trainer(resolve(overrides={**config, "output_dir": str(single)})).run()
+    run = tmp_path / "run"
+    first = train_parallel(
+        {**config, "train": {**config["train"], "max_steps": 3}}, 2, run, "--parallel.tp", "2"
+    )
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert (run / "checkpoints" / "step-000003").is_dir()
+    second = train_parallel(config, 2, run, "--resume", *DP2)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resumed from" in second.stderr
+    assert_parity(single, run, "full")
+
+
+def test_layout_must_fill_the_world(model4, data4, tmp_path) -> None:
+    result = train_parallel(
+        base_config(model4, data4, "full"), 2, tmp_path / "r", "--parallel.tp", "4"
+    )
+    assert result.returncode != 0
+    assert "not divisible" in result.stderr or "world size is 2" in result.stderr
