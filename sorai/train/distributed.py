@@ -117,7 +117,16 @@ class ParallelDims:
                 f"{dp_shard} x {config.tp} x {config.pp} = {fixed * dp_shard} processes, but "
                 f"the world size is {world}; change the layout or --nproc"
             )
-        return cls(config.dp_replicate, dp_shard, config.tp, config.pp, config.zero_stage)
+        dims = cls(config.dp_replicate, dp_shard, config.tp, config.pp, config.zero_stage)
+        if dims.zero_stage == 1 and dims.dp > 1 and (dims.tp > 1 or dims.pp > 1):
+            raise ConfigError(
+                "zero_stage 1 (DDP + ZeroRedundancyOptimizer) runs with data parallelism alone; "
+                "with tp or pp use zero_stage 2, which also shards the gradients"
+            )
+        if dims.zero_stage == 0:
+            # Nothing is sharded: every data-parallel rank is a replica.
+            dims = cls(dims.dp, 1, dims.tp, dims.pp, 0)
+        return dims
 
     @property
     def world_size(self) -> int:
@@ -139,8 +148,11 @@ class ParallelDims:
 
     @property
     def fsdp(self) -> bool:
-        """Whether FSDP2 shards the data-parallel states (ZeRO-2/3)."""
-        return self.zero_stage >= 2 and self.dp > 1
+        """Whether FSDP2 runs the data parallelism: ZeRO-2/3, and ZeRO-0 next to tp or pp
+        (replication only, over a shard dimension of 1), where DDP cannot run."""
+        if self.dp == 1:
+            return False
+        return self.zero_stage >= 2 or (self.zero_stage == 0 and (self.tp > 1 or self.pp > 1))
 
     def describe(self) -> str:
         parts = [f"{name}{size}" for name, size in self.sizes.items() if size > 1]

@@ -92,6 +92,8 @@ import torch
 from sorai.errors import SoraiError
 from sorai.model.config import ModelConfig
 from sorai.model.lora import ALL_LINEAR, LoRAConfig, LoRAError
+from sorai.train.config import ConfigError
+from sorai.train.distributed import ParallelDims
 
 if TYPE_CHECKING:
     from sorai.train.config import ParallelConfig
@@ -175,39 +177,21 @@ class Layout:
     def from_config(cls, parallel: ParallelConfig, world_size: int | None = None) -> Layout:
         """The layout of a `parallel:` section for `world_size` ranks. dp_shard -1 takes what
         dp_replicate x tp x pp leave of the world size (1 when world_size is None)."""
-        for name in ("dp_replicate", "tp", "pp"):
-            value = getattr(parallel, name)
-            if value < 1:
-                raise LayoutError(f"parallel.{name} must be at least 1, got {value}")
-        fixed = parallel.dp_replicate * parallel.tp * parallel.pp
-        sizes = f"{parallel.dp_replicate} x {{}} x {parallel.tp} x {parallel.pp}"
-        dp_shard = parallel.dp_shard
-        if world_size is not None and world_size < 1:
+        if world_size is None:
+            shard = parallel.dp_shard if parallel.dp_shard != -1 else 1
+            world_size = max(1, parallel.dp_replicate * shard * parallel.tp * parallel.pp)
+        elif world_size < 1:
             raise LayoutError(f"the world size must be at least 1, got {world_size}")
-        if dp_shard == -1:
-            if world_size is None:
-                dp_shard = 1
-            elif world_size % fixed:
-                raise LayoutError(
-                    f"the world size {world_size} is not divisible by dp_replicate x tp x pp = "
-                    f"{parallel.dp_replicate} x {parallel.tp} x {parallel.pp} = {fixed}"
-                )
-            else:
-                dp_shard = world_size // fixed
-        elif dp_shard < 1:
-            raise LayoutError(f"parallel.dp_shard must be at least 1 (or -1), got {dp_shard}")
-        if world_size is not None and fixed * dp_shard != world_size:
-            raise LayoutError(
-                "the layout needs dp_replicate x dp_shard x tp x pp = "
-                f"{sizes.format(dp_shard)} = {fixed * dp_shard} ranks, "
-                f"but the world size is {world_size}"
-            )
+        try:  # the trainer's own resolution and checks of the layout
+            dims = ParallelDims.from_config(parallel, world_size)
+        except ConfigError as e:
+            raise LayoutError(str(e)) from None
         return cls(
-            dp_replicate=parallel.dp_replicate,
-            dp_shard=dp_shard,
-            tp=parallel.tp,
-            pp=parallel.pp,
-            zero_stage=parallel.zero_stage,
+            dp_replicate=dims.dp_replicate,
+            dp_shard=dims.dp_shard,
+            tp=dims.tp,
+            pp=dims.pp,
+            zero_stage=dims.zero_stage,
             sequence_parallel=parallel.sequence_parallel,
             loss_parallel=parallel.loss_parallel,
             pp_schedule=parallel.pp_schedule,
@@ -1264,8 +1248,8 @@ class ZeroStages:
         )
         if "tp" in self.model_parallel:
             lines.append(
-                "- stages 0 and 1 with tp are for comparison only: sorai refuses them (DDP "
-                "takes no tensor-parallel weights)"
+                "- stage 1 with tp is for comparison only: sorai refuses it (DDP and "
+                "ZeroRedundancyOptimizer take no tensor-parallel weights)"
             )
         lines.append(
             "- sorai: float32 weights (bf16 only under autocast), float32 gradients and AdamW "

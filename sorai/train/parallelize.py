@@ -17,8 +17,9 @@ Data parallelism by ZeRO stage (over the dp_shard ranks; dp_replicate ranks hold
        after its forward and all-gathered again in backward (one more all-gather per step).
 
 With tensor parallelism the states are DTensors on the 2-D (dp_shard, tp) mesh, which FSDP2
-shards further; DDP does not take DTensors, so stages 0 and 1 with tp are refused with that
-reason.
+shards further. DDP takes neither DTensors nor a pipeline's several backward passes per step,
+so next to tp or pp stage 0 runs on FSDP2 over a shard dimension of 1 (replication, gradients
+all-reduced: DDP's semantics) and stage 1 is refused (stage 2 shards the optimizer states too).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
 
 from sorai.model.transformer import Transformer
-from sorai.train.config import ConfigError, ParallelConfig, TrainSection
+from sorai.train.config import ParallelConfig, TrainSection
 from sorai.train.distributed import ParallelDims
 from sorai.train.tensor_parallel import apply_tensor_parallel
 
@@ -74,6 +75,9 @@ def shard_model(model: Transformer, dims: ParallelDims, mesh: DeviceMesh) -> Non
     embedding, final norm and head the root unit."""
     dp_mesh = data_parallel_mesh(dims, mesh)
     per_block = dims.zero_stage == 3
+    if dims.zero_stage == 0:
+        # Replication only: a 2-D (dp_replicate, dp_shard = 1) mesh, gradients all-reduced.
+        dp_mesh = mesh["dp_replicate", "dp_shard"]
     for block in model.layers.values():
         fully_shard(block, mesh=dp_mesh, reshard_after_forward=per_block)
     # The root's weights are needed again as soon as backward starts: never resharded.
@@ -81,12 +85,8 @@ def shard_model(model: Transformer, dims: ParallelDims, mesh: DeviceMesh) -> Non
 
 
 def replicate_model(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh) -> nn.Module:
-    """ZeRO-0/1: DDP over all data-parallel ranks; returns the module to call."""
-    if dims.tp > 1:
-        raise ConfigError(
-            f"zero_stage {dims.zero_stage} replicates with DDP, which does not take "
-            "tensor-parallel (DTensor) weights; use zero_stage 2 or 3 with tp"
-        )
+    """ZeRO-0/1 with data parallelism alone: DDP over all data-parallel ranks; returns the
+    module to call."""
     device_ids = [model.device] if model.device.type == "cuda" else None
     return DistributedDataParallel(
         model, device_ids=device_ids, process_group=mesh["dp"].get_group()

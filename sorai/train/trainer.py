@@ -204,8 +204,6 @@ class Trainer:
                     f"train.micro_batch_size {cfg.train.micro_batch_size} does not split into "
                     f"parallel.microbatches {micro} pipeline micro-batches"
                 )
-        if dims.zero_stage == 1 and (dims.tp > 1):
-            raise ConfigError("zero_stage 1 with tp: use zero_stage 2 (FSDP2) with tp")
 
     def _local_rank(self, dim: str) -> int:
         return self.mesh[dim].get_local_rank() if self.mesh is not None else 0

@@ -509,8 +509,8 @@ def test_world_size_and_dp_shard_resolution() -> None:
     assert Layout.from_config(ParallelConfig(dp_replicate=2, tp=2), 8).dp_shard == 2
     with pytest.raises(
         LayoutError,
-        match=r"dp_replicate x dp_shard x tp x pp = 1 x 3 x 8 x 4 = 96 ranks, but the world "
-        r"size is 64",
+        match=r"dp_replicate x dp_shard x tp x pp = 1 x 3 x 8 x 4 = 96 processes, but the "
+        r"world size is 64",
     ):
         Layout.from_config(ParallelConfig(dp_shard=3, tp=8, pp=4), 64)
     with pytest.raises(LayoutError, match=r"world size 60 is not divisible by .* = 32"):

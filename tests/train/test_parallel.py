@@ -21,12 +21,15 @@ import yaml
 from safetensors.torch import load_file
 
 from sorai.model.gguf import GGUFFile
-from sorai.model.loader import read_config
+from sorai.model.loader import load_model, read_config
 from sorai.model.tokenizer import Tokenizer
 from sorai.model.transformer import Transformer
 from sorai.model.weights import save_hf_dir
 from sorai.train import estimate as est
-from sorai.train.config import resolve
+from sorai.train.config import ConfigError, ParallelConfig, resolve
+from sorai.train.distributed import ParallelDims
+from sorai.train.pipeline import split_layers, stage_ids
+from sorai.train.tensor_parallel import check_divisible
 from sorai.train.trainer import Trainer
 
 from .conftest import CHAT, write_chat
@@ -64,17 +67,27 @@ def data4(tmp_path_factory) -> Path:
     return write_chat(tmp_path_factory.mktemp("data4") / "chat.jsonl", CHAT * 4)
 
 
-def base_config(model: Path, data: Path, method: str) -> dict:
+@pytest.fixture(scope="session")
+def val4(tmp_path_factory) -> Path:
+    return write_chat(tmp_path_factory.mktemp("val4") / "val.jsonl", CHAT[:6])
+
+
+def base_config(model: Path, data: Path, method: str, val: Path | None = None) -> dict:
     return {
         "model": str(model),
         "method": method,
         "seed": 0,
-        "data": {"train": str(data), "seq_len": 64, "shuffle": False},
+        "data": {
+            "train": str(data),
+            "val": str(val) if val else None,
+            "seq_len": 64,
+            "shuffle": False,
+        },
         "lora": {"r": 4, "alpha": 8.0},
         "optim": {"lr": 1e-2 if method == "lora" else 1e-3},
         "train": {"micro_batch_size": ROWS, "max_steps": STEPS, "precision": "fp32"},
         "checkpoint": {"every": 0},
-        "log": {"tensorboard": False, "progress": False},
+        "log": {"tensorboard": False, "progress": False, "eval_every": 2},
     }
 
 
@@ -91,9 +104,9 @@ def train_parallel(config: dict, nproc: int, out: Path, *flags: str) -> subproce
     )
 
 
-def losses(run: Path) -> list[float]:
+def losses(run: Path, key: str = "loss") -> list[float]:
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [row["loss"] for row in rows if "loss" in row]
+    return [row[key] for row in rows if key in row]
 
 
 def exported(run: Path, method: str) -> dict[str, torch.Tensor]:
@@ -103,16 +116,15 @@ def exported(run: Path, method: str) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="session")
-def reference(model4: Path, data4: Path, tmp_path_factory):
+def reference(model4: Path, data4: Path, val4: Path, tmp_path_factory):
     """Single-process runs, one per method, made in this process."""
     runs = {}
 
     def get(method: str) -> Path:
         if method not in runs:
             out = tmp_path_factory.mktemp(f"single-{method}") / "run"
-            config = resolve(
-                overrides={**base_config(model4, data4, method), "output_dir": str(out)}
-            )
+            config = base_config(model4, data4, method, val4)
+            config = resolve(overrides={**config, "output_dir": str(out)})
             Trainer(config).run()
             runs[method] = out
         return runs[method]
@@ -125,6 +137,10 @@ def assert_parity(reference: Path, run: Path, method: str) -> None:
     assert len(got) == STEPS
     for step, (a, b) in enumerate(zip(expected, got, strict=True), start=1):
         assert abs(a - b) <= REL * abs(a), f"step {step}: loss {b} vs one process {a}"
+    expected, got = losses(reference, "val_loss"), losses(run, "val_loss")
+    assert len(got) == len(expected)
+    for a, b in zip(expected, got, strict=True):
+        assert abs(a - b) <= REL * abs(a), f"val_loss {b} vs one process {a}"
     ref_weights, weights = exported(reference, method), exported(run, method)
     assert ref_weights.keys() == weights.keys()
     for name, tensor in ref_weights.items():
@@ -135,6 +151,7 @@ def assert_parity(reference: Path, run: Path, method: str) -> None:
 # (name, method, processes, flags); data-parallel ranks split the ROWS rows of a step.
 DP2 = ["--train.micro_batch_size", "2"]
 LAYOUTS = [
+    ("zero0-dp2", "full", 2, ["--parallel.zero_stage", "0", *DP2]),
     ("zero1-dp2", "full", 2, ["--parallel.zero_stage", "1", *DP2]),
     ("zero2-dp2", "full", 2, ["--parallel.zero_stage", "2", *DP2]),
     ("zero3-dp2", "full", 2, ["--parallel.zero_stage", "3", *DP2]),
@@ -154,15 +171,16 @@ LAYOUTS = [
     ("dp2-tp2", "full", 4, ["--parallel.tp", "2", *DP2]),
     ("pp2-dp2-zero2", "full", 4, ["--parallel.pp", "2", "--parallel.zero_stage", "2", *DP2]),
     ("pp2-tp2", "full", 4, ["--parallel.pp", "2", "--parallel.tp", "2"]),
+    ("pp2-dp2-zero0", "full", 4, ["--parallel.pp", "2", "--parallel.zero_stage", "0", *DP2]),
 ]
 
 
 @pytest.mark.parametrize(("name", "method", "nproc", "flags"), LAYOUTS, ids=[c[0] for c in LAYOUTS])
 def test_layout_trains_like_one_process(
-    name, method, nproc, flags, reference, model4, data4, tmp_path
+    name, method, nproc, flags, reference, model4, data4, val4, tmp_path
 ) -> None:
     run = tmp_path / name
-    result = train_parallel(base_config(model4, data4, method), nproc, run, *flags)
+    result = train_parallel(base_config(model4, data4, method, val4), nproc, run, *flags)
     assert result.returncode == 0, result.stderr[-3000:]
     assert_parity(reference(method), run, method)
 
@@ -211,9 +229,50 @@ def test_resume_across_layouts(model4, data4, tmp_path) -> None:
     assert_parity(single, run, "full")
 
 
-def test_layout_must_fill_the_world(model4, data4, tmp_path) -> None:
-    result = train_parallel(
-        base_config(model4, data4, "full"), 2, tmp_path / "r", "--parallel.tp", "4"
+def test_layout_errors_name_the_numbers() -> None:
+    with pytest.raises(ConfigError, match=r"1 x 3 x 2 x 1 = 6 processes, but the world size is 4"):
+        ParallelDims.from_config(ParallelConfig(dp_shard=3, tp=2), 4)
+    with pytest.raises(ConfigError, match="world size 6 is not divisible by .* = 4"):
+        ParallelDims.from_config(ParallelConfig(tp=2, pp=2), 6)
+    with pytest.raises(ConfigError, match="zero_stage 1 .* with tp or pp use zero_stage 2"):
+        ParallelDims.from_config(ParallelConfig(tp=2, zero_stage=1), 4)
+    with pytest.raises(ConfigError, match="parallel.tp must be at least 1"):
+        ParallelDims.from_config(ParallelConfig(tp=0), 2)
+    dims = ParallelDims.from_config(ParallelConfig(pp=2), 8)
+    assert (dims.dp_shard, dims.dp, dims.fsdp, dims.describe()) == (
+        4,
+        4,
+        True,
+        "pp2 x dp_shard4 x zero3",
     )
-    assert result.returncode != 0
-    assert "not divisible" in result.stderr or "world size is 2" in result.stderr
+    # Stage 0 shards nothing: every data-parallel rank is a replica.
+    dims = ParallelDims.from_config(ParallelConfig(zero_stage=0, tp=2), 8)
+    assert (dims.dp_replicate, dims.dp_shard, dims.fsdp) == (4, 1, True)
+    assert not ParallelDims.from_config(ParallelConfig(zero_stage=0), 2).fsdp  # DDP
+
+
+def test_pipeline_split() -> None:
+    assert split_layers(5, 2, None) == [range(0, 3), range(3, 5)]
+    assert split_layers(4, 2, [1, 3]) == [range(0, 1), range(1, 4)]
+    with pytest.raises(ConfigError, match="sums to 3; the model has 4"):
+        split_layers(4, 2, [1, 2])
+    with pytest.raises(ConfigError, match="too few for 4 pipeline stages"):
+        split_layers(2, 4, None)
+    assert stage_ids(1, 2, "interleaved_1f1b") == [1, 3]
+
+
+def test_gqa_must_split_over_tp(model4: Path) -> None:
+    model, _ = load_model(model4, torch.float32, torch.device("cpu"))
+    check_divisible(model, 2)
+    with pytest.raises(ConfigError, match=r"num_key_value_heads \(2\) is not divisible.*GQA"):
+        check_divisible(model, 4)
+
+
+def test_launcher_checks_the_layout_first(model4, data4, tmp_path) -> None:
+    """A layout that cannot fill --nproc fails in one line, before any process starts."""
+    config = base_config(model4, data4, "full")
+    result = train_parallel(config, 2, tmp_path / "r", "--parallel.tp", "4")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "sorai: error: the world size 2 is not divisible by dp_replicate x tp x pp = 1 x 4 x 1 = 4"
+    ]
