@@ -118,10 +118,10 @@ def launch(config: TrainConfig, nproc: int, resume: bool | str, quiet: bool) -> 
     README): `torchrun --nnodes ... -m sorai.cli train config.yaml`."""
     if nproc < 1:
         raise ConfigError(f"--nproc must be at least 1, got {nproc}")
-    from sorai.train.distributed import ParallelDims
+    from sorai.train.distributed import check_layout
 
-    ParallelDims.from_config(config.parallel, nproc)  # a wrong layout fails here, in one line
     config.validate()
+    check_layout(config, nproc)  # a layout that cannot run fails here, in one line
     with tempfile.TemporaryDirectory(prefix="sorai-train-") as tmp:
         resolved = Path(tmp) / "config.yaml"
         config.save(resolved)

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from sorai.train.config import ConfigError, ParallelConfig
+from sorai.train.config import ConfigError, ParallelConfig, TrainConfig
 
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
 
@@ -168,3 +168,17 @@ class ParallelDims:
         # has no public flatten yet (torchtitan uses this too).
         mesh["dp_replicate", "dp_shard"]._flatten("dp")
         return mesh
+
+
+def check_layout(config: TrainConfig, world: int) -> ParallelDims:
+    """The layout of `config` over `world` processes, or a one-line ConfigError; checked by
+    the launcher before any process starts, and by each process."""
+    dims = ParallelDims.from_config(config.parallel, world)
+    if dims.pp > 1:
+        micro = config.parallel.microbatches or dims.pp
+        if micro < 1 or config.train.micro_batch_size % micro:
+            raise ConfigError(
+                f"train.micro_batch_size {config.train.micro_batch_size} does not split into "
+                f"parallel.microbatches {micro} pipeline micro-batches"
+            )
+    return dims

@@ -49,9 +49,8 @@ from sorai.train.checkpoint import (
     local_optimizer,
     save_checkpoint,
 )
-from sorai.train.config import ConfigError, TrainConfig
+from sorai.train.config import TrainConfig
 from sorai.train.data import Batch, BatchLoader, Dataset, load_dataset, pack
-from sorai.train.distributed import ParallelDims
 from sorai.train.loss import chunked_cross_entropy
 from sorai.train.metrics import MetricsLog, Progress, plot_loss, read_metrics
 from sorai.train.optim import build_optimizer, build_scheduler
@@ -188,7 +187,7 @@ class Trainer:
         """Join the other processes (under torchrun) and build the mesh of the layout."""
         cfg = self.config
         world = distributed.world_size()
-        self.dims = ParallelDims.from_config(cfg.parallel, world)
+        self.dims = distributed.check_layout(cfg, world)
         self.mesh = None
         if world == 1:
             self.device = resolve_device(cfg.train.device)
@@ -196,14 +195,6 @@ class Trainer:
         self.device = distributed.device_for_rank(cfg.train.device)
         distributed.init(self.device)
         self.mesh = self.dims.build_mesh(self.device.type)
-        dims = self.dims
-        if dims.pp > 1:
-            micro = cfg.parallel.microbatches or dims.pp
-            if cfg.train.micro_batch_size % micro:
-                raise ConfigError(
-                    f"train.micro_batch_size {cfg.train.micro_batch_size} does not split into "
-                    f"parallel.microbatches {micro} pipeline micro-batches"
-                )
 
     def _local_rank(self, dim: str) -> int:
         return self.mesh[dim].get_local_rank() if self.mesh is not None else 0

@@ -27,7 +27,7 @@ from sorai.model.transformer import Transformer
 from sorai.model.weights import save_hf_dir
 from sorai.train import estimate as est
 from sorai.train.config import ConfigError, ParallelConfig, resolve
-from sorai.train.distributed import ParallelDims
+from sorai.train.distributed import ParallelDims, check_layout
 from sorai.train.pipeline import split_layers, stage_ids
 from sorai.train.tensor_parallel import check_divisible
 from sorai.train.trainer import Trainer
@@ -249,6 +249,10 @@ def test_layout_errors_name_the_numbers() -> None:
     dims = ParallelDims.from_config(ParallelConfig(zero_stage=0, tp=2), 8)
     assert (dims.dp_replicate, dims.dp_shard, dims.fsdp) == (4, 1, True)
     assert not ParallelDims.from_config(ParallelConfig(zero_stage=0), 2).fsdp  # DDP
+    config = resolve(overrides={"data": {"train": "x.jsonl"}, "parallel": {"pp": 2}})
+    config.train.micro_batch_size = 3
+    with pytest.raises(ConfigError, match="micro_batch_size 3 does not split into .* 2 pipeline"):
+        check_layout(config, 2)
 
 
 def test_pipeline_split() -> None:
