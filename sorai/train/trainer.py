@@ -562,6 +562,11 @@ class Trainer:
                 rate = row["tokens"] / elapsed
                 last_loss = row["loss"]
                 if self.step % cfg.log.every == 0 or self.step == self.total_steps:
+                    extra = {}
+                    if self.first_state_bytes is not None:
+                        # Once, in the first row written: rank 0's model states after step 1.
+                        extra = {"state_bytes_rank0": self.first_state_bytes}
+                        self.first_state_bytes = None
                     metrics.write(
                         {
                             "step": self.step,
@@ -571,10 +576,9 @@ class Trainer:
                             "step_time": round(elapsed, 4),
                             "tokens_per_s": round(rate, 1),
                             "tokens_seen": self.tokens_seen,
+                            **extra,
                         }
                     )
-                if self.step == 1 and self.first_state_bytes is not None:
-                    metrics.write({"step": 1, "state_bytes_rank0": self.first_state_bytes})
                 progress.update(self.step, last_loss, rate)
                 epoch_done = self.loader.epoch != epoch_before
                 due = cfg.log.eval_every and self.step % cfg.log.eval_every == 0
