@@ -87,6 +87,17 @@ def _fsync_tree(path: Path) -> None:
                 os.fsync(f.fileno())
 
 
+def trainable_state(model: nn.Module) -> dict[str, Any]:
+    """The state-dict entries of the trainable weights. A frozen tied weight is left out under
+    both its names (DCP's ignore_frozen_params drops only the first name of a shared weight, so
+    a stage holding the head alone and a whole model would disagree about `lm_head.weight`)."""
+    trainable = {
+        name for name, p in model.named_parameters(remove_duplicate=False) if p.requires_grad
+    }
+    state = get_model_state_dict(model, options=_OPTIONS)
+    return {name: value for name, value in state.items() if name in trainable}
+
+
 def _parts(model: nn.Module | Sequence[nn.Module]) -> list[nn.Module]:
     return [model] if isinstance(model, nn.Module) else list(model)
 
@@ -95,7 +106,7 @@ def _model_state(parts: list[nn.Module]) -> dict[str, Any]:
     """The trainable weights of every part (pipeline stages of one rank), by full name."""
     state: dict[str, Any] = {}
     for part in parts:
-        state.update(get_model_state_dict(part, options=_OPTIONS))
+        state.update(trainable_state(part))
     return state
 
 
@@ -217,7 +228,7 @@ def load_weights(path: Path, model: nn.Module) -> None:
     (an export: one model in one piece, whatever layout wrote the checkpoint)."""
     if not (path / ".metadata").exists():
         raise CheckpointError(f"{path}: not a complete checkpoint (no .metadata)")
-    state = {"model": get_model_state_dict(model, options=_OPTIONS)}
+    state = {"model": trainable_state(model)}
     with _single_process_quiet():
         dcp.load(state, checkpoint_id=path, no_dist=True)
     set_model_state_dict(model, state["model"], options=_SET_OPTIONS)

@@ -280,3 +280,18 @@ def test_launcher_checks_the_layout_first(model4, data4, tmp_path) -> None:
     assert result.stderr.strip().splitlines() == [
         "sorai: error: the world size 2 is not divisible by dp_replicate x tp x pp = 1 x 4 x 1 = 4"
     ]
+
+
+def test_tied_embeddings_across_pipeline_stages(tiny_model: Path, data4: Path, tmp_path) -> None:
+    """SmolLM2 ties its head to the embedding. LoRA over two stages (each holds a frozen copy)
+    trains like one process; full fine-tuning would train two diverging copies: refused."""
+    config = base_config(tiny_model, data4, "lora")
+    single = tmp_path / "single"
+    Trainer(resolve(overrides={**config, "output_dir": str(single)})).run()
+    run = tmp_path / "pp2"
+    result = train_parallel(config, 2, run, "--parallel.pp", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_parity(single, run, "lora")
+    full = train_parallel(config, 2, tmp_path / "full", "--method", "full", "--parallel.pp", "2")
+    assert full.returncode != 0
+    assert "tied embeddings" in full.stderr and "Use LoRA" in full.stderr
