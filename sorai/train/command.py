@@ -122,6 +122,9 @@ def launch(config: TrainConfig, nproc: int, resume: bool | str, quiet: bool) -> 
 
     config.validate()
     check_layout(config, nproc)  # a layout that cannot run fails here, in one line
+    from sorai import hub
+
+    hub.resolve(config.model)  # a missing model too; a download happens once, here
     with tempfile.TemporaryDirectory(prefix="sorai-train-") as tmp:
         resolved = Path(tmp) / "config.yaml"
         config.save(resolved)

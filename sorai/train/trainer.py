@@ -206,6 +206,18 @@ class Trainer:
         self.autocast = autocast_dtype(cfg.train.precision, self.device)
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
+        if self.mesh is not None:
+            # One download per machine: its first process pulls the model, the others wait
+            # (and reach the barrier even when it fails, so no rank hangs).
+            failed: Exception | None = None
+            if distributed.local_rank() == 0:
+                try:
+                    hub.resolve(cfg.model)
+                except Exception as e:  # raised below, after the others are released
+                    failed = e
+            dist.barrier()
+            if failed is not None:
+                raise failed
         path = hub.resolve(cfg.model)
         # Weights stay float32 (the optimizer's master copy); bf16 comes from autocast.
         model, self.tokenizer = load_model(path, torch.float32, self.device)
