@@ -82,3 +82,31 @@ def _adapter_name(adapter: Path) -> str:
     if path.name == "adapter" and path.parent.name:
         return path.parent.name
     return path.name
+
+
+def connect(
+    url: str | None = None,
+    api_key: str | None = None,
+    model: str | None = None,
+    embedding_model: str | None = None,
+):
+    """A `sorai.apps.client.Client` for the apps (skills, RAG, agents, eval).
+
+    With `url` (e.g. http://127.0.0.1:8000/v1, or any OpenAI-compatible endpoint): that endpoint,
+    `model` defaulting to the first it lists. Without: sorai's own server started in this process
+    on a loopback port with `model` (default: the embedded default model), stopped by
+    `client.close()`; the apps speak the same protocol to it.
+
+    >>> with sorai.connect() as client:
+    ...     client.chat([{"role": "user", "content": "Hi!"}], max_tokens=20)
+    """
+    from sorai.apps.client import Client
+
+    if url is not None:
+        return Client.connect(url, api_key, model, embedding_model)
+    from sorai.server.local import LocalServer
+
+    server = LocalServer(model or "smollm2-135m-instruct")
+    client = Client.connect(server.url, server.api_key, server.model, embedding_model)
+    client.on_close = server.close
+    return client

@@ -1,0 +1,152 @@
+"""The one way apps reach a model: the OpenAI protocol, to any compatible endpoint.
+
+`Client.connect(url, api_key, model)` talks to a remote endpoint (sorai's own server, a cloud
+one, anything OpenAI-compatible). `sorai.connect()` with no URL starts sorai's server in this
+process on a loopback port and connects to it, so every app runs, and is tested, the same way
+against both.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import openai
+
+from sorai.errors import SoraiError
+
+DEFAULT_EMBEDDING_MODEL = "all-minilm-l6-v2"
+EMBED_BATCH = 256  # inputs per embeddings request
+
+
+class ClientError(SoraiError):
+    """An endpoint that cannot be used: unreachable, no such model, a refused request."""
+
+
+def _message(error: openai.APIError) -> str:
+    body = getattr(error, "body", None)
+    if isinstance(body, dict):
+        inner = body.get("error", body)
+        if isinstance(inner, dict) and inner.get("message"):
+            return str(inner["message"])
+    return str(error)
+
+
+@dataclass
+class Client:
+    """A chat model (and an embedding model) behind an OpenAI-compatible endpoint."""
+
+    openai: openai.OpenAI
+    model: str
+    embedding_model: str = DEFAULT_EMBEDDING_MODEL
+    # Called by close(): e.g. stopping the in-process server this client owns.
+    on_close: Callable[[], None] | None = field(default=None, repr=False)
+
+    @classmethod
+    def connect(
+        cls,
+        url: str,
+        api_key: str | None = None,
+        model: str | None = None,
+        embedding_model: str | None = None,
+        timeout: float = 600.0,
+        max_retries: int = 2,
+    ) -> Client:
+        """Connect to `url` (the API root, e.g. http://127.0.0.1:8000/v1). model: the chat
+        model to use, default the first one the endpoint lists."""
+        base = url.rstrip("/")
+        if not base.endswith("/v1"):
+            base += "/v1"
+        client = openai.OpenAI(
+            base_url=base,
+            # The protocol needs a key; a server without auth ignores it.
+            api_key=api_key or "sk-no-key",
+            timeout=timeout,
+            max_retries=max_retries,
+        )
+        if model is None:
+            model = cls._first_model(client, base)
+        return cls(client, model, embedding_model or DEFAULT_EMBEDDING_MODEL)
+
+    @staticmethod
+    def _first_model(client: openai.OpenAI, base: str) -> str:
+        try:
+            models = [m.id for m in client.models.list()]
+        except openai.APIConnectionError:
+            raise ClientError(f"cannot reach {base}: is the server running?") from None
+        except openai.APIStatusError as e:
+            raise ClientError(f"{base}: listing models failed: {_message(e)}") from None
+        chat = [m for m in models if m != DEFAULT_EMBEDDING_MODEL]
+        if not chat:
+            raise ClientError(f"{base} lists no models; pass model=")
+        return chat[0]
+
+    def close(self) -> None:
+        self.openai.close()
+        if self.on_close is not None:
+            self.on_close()
+            self.on_close = None
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- calls ------------------------------------------------------------------------------
+
+    def chat(self, messages: Sequence[dict[str, Any]], **kwargs: Any):
+        """One chat completion (the OpenAI response object); kwargs as the API takes them."""
+        try:
+            return self.openai.chat.completions.create(
+                model=kwargs.pop("model", self.model), messages=list(messages), **kwargs
+            )
+        except openai.APIConnectionError as e:
+            raise ClientError(f"cannot reach {self.openai.base_url}: {e}") from None
+        except openai.APIStatusError as e:
+            raise ClientError(f"chat request refused ({e.status_code}): {_message(e)}") from None
+
+    def chat_json(
+        self,
+        messages: Sequence[dict[str, Any]],
+        schema: dict[str, Any],
+        name: str = "answer",
+        **kwargs: Any,
+    ) -> Any:
+        """A chat completion decoded under a JSON schema (structured outputs), parsed."""
+        response = self.chat(
+            messages,
+            response_format={
+                "type": "json_schema",
+                "json_schema": {"name": name, "schema": schema, "strict": True},
+            },
+            **kwargs,
+        )
+        text = response.choices[0].message.content or ""
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            raise ClientError(
+                f"the model's answer is not the JSON asked for (finish_reason "
+                f"{response.choices[0].finish_reason!r}): {text[:200]!r}"
+            ) from None
+
+    def embed(self, texts: Sequence[str], model: str | None = None) -> list[list[float]]:
+        """One embedding vector per text, in order."""
+        vectors: list[list[float]] = []
+        for start in range(0, len(texts), EMBED_BATCH):
+            batch = list(texts[start : start + EMBED_BATCH])
+            try:
+                response = self.openai.embeddings.create(
+                    model=model or self.embedding_model, input=batch
+                )
+            except openai.APIConnectionError as e:
+                raise ClientError(f"cannot reach {self.openai.base_url}: {e}") from None
+            except openai.APIStatusError as e:
+                raise ClientError(
+                    f"embeddings request refused ({e.status_code}): {_message(e)}"
+                ) from None
+            vectors += [item.embedding for item in sorted(response.data, key=lambda d: d.index)]
+        return vectors
