@@ -3,8 +3,10 @@ and streaming detokenization that never splits a UTF-8 character."""
 
 from __future__ import annotations
 
+import functools
 import json
 import numbers
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -141,6 +143,11 @@ def _bytes_to_unicode() -> dict[int, str]:
             table[b] = chr(256 + extra)
             extra += 1
     return table
+
+
+@functools.cache
+def _byte_decoder() -> dict[str, int]:
+    return {char: byte for byte, char in _bytes_to_unicode().items()}
 
 
 def _first_line(exc: BaseException) -> str:
@@ -627,6 +634,21 @@ class Tokenizer:
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The raw bytes one token stands for. A byte-level token may hold part of a multi-byte
+        character, which decode() turns into U+FFFD; these are its real bytes (OpenAI's
+        logprobs `bytes`), so consecutive tokens' bytes join into the text's UTF-8."""
+        piece = self.id_to_token(token_id)
+        if piece is None:
+            return b""
+        decoder = _byte_decoder()
+        if piece and all(ch in decoder for ch in piece):
+            return bytes(decoder[ch] for ch in piece)
+        byte_fallback = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", piece)  # SentencePiece
+        if byte_fallback:
+            return bytes([int(byte_fallback.group(1), 16)])
+        return self.decode([token_id]).encode("utf-8")
 
     def _template_for(self, tools: list[dict] | None) -> jinja2.Template:
         if tools is not None and "tool_use" in self._chat_templates:

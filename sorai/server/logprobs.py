@@ -17,12 +17,13 @@ def _finite(logprob: float) -> float:
 
 
 class TokenText:
-    """A token's own text, tokenizer.decode([id]), memoized: logprobs ask for the same ids
-    over and over."""
+    """A token's own text, tokenizer.decode([id]), and its raw bytes, memoized: logprobs ask
+    for the same ids over and over."""
 
     def __init__(self, tokenizer: Tokenizer) -> None:
         self._tokenizer = tokenizer
         self._cache: dict[int, str] = {}
+        self._bytes: dict[int, list[int]] = {}
 
     def __call__(self, token_id: int) -> str:
         text = self._cache.get(token_id)
@@ -31,10 +32,18 @@ class TokenText:
             self._cache[token_id] = text
         return text
 
+    def bytes(self, token_id: int) -> list[int]:
+        raw = self._bytes.get(token_id)
+        if raw is None:
+            raw = list(self._tokenizer.token_bytes(token_id))
+            self._bytes[token_id] = raw
+        return raw
+
 
 def _top(token_text: TokenText, token_id: int, logprob: float) -> TopLogprob:
-    text = token_text(token_id)
-    return TopLogprob(token=text, logprob=_finite(logprob), bytes=list(text.encode("utf-8")))
+    return TopLogprob(
+        token=token_text(token_id), logprob=_finite(logprob), bytes=token_text.bytes(token_id)
+    )
 
 
 def chat_logprobs(entries: list[TokenLogprob], token_text: TokenText) -> list[ChatTokenLogprob]:

@@ -1,0 +1,169 @@
+"""classify: one label of a fixed set per text, with a confidence from the label tokens'
+probabilities.
+
+The answer is decoded under a JSON schema whose `label` is an enum of the labels, so it is always
+one of them. The confidence comes from the log-probabilities the endpoint reports at the first
+token of the label (the model's own distribution, before the schema's mask): the probability mass
+of the tokens that begin each label, normalised over the labels. Labels that begin with the same
+token share that token's mass evenly. An endpoint that reports no log-probabilities gives
+confidence None.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sorai.apps.client import Client
+from sorai.apps.skills.base import SkillError
+
+INSTRUCTION = "Classify the text into exactly one of the labels."
+
+
+@dataclass
+class Classification:
+    text: str
+    label: str
+    confidence: float | None  # P(label) among the labels; None without log-probabilities
+    scores: dict[str, float] = field(default_factory=dict)  # every label's probability
+
+
+def _labels(labels: Sequence[str] | Mapping[str, str]) -> dict[str, str]:
+    if not isinstance(labels, Mapping) and len(set(labels)) != len(labels):
+        raise SkillError(f"duplicate labels in {list(labels)}")
+    named = dict(labels) if isinstance(labels, Mapping) else {name: "" for name in labels}
+    if len(named) < 2:
+        raise SkillError("classify needs at least two labels")
+    for name in named:
+        if not isinstance(name, str) or not name.strip():
+            raise SkillError(f"a label must be a non-empty string, got {name!r}")
+    return named
+
+
+def schema(labels: Sequence[str]) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "properties": {"label": {"type": "string", "enum": list(labels)}},
+        "required": ["label"],
+        "additionalProperties": False,
+    }
+
+
+def messages(
+    text: str,
+    labels: Mapping[str, str],
+    examples: Sequence[tuple[str, str]] = (),
+    instruction: str = INSTRUCTION,
+) -> list[dict[str, str]]:
+    """The prompt: the instruction and the labels (with their descriptions), then each
+    example as a user turn and its label as the answer, then the text."""
+    lines = [instruction, "", "Labels:"]
+    for name, description in labels.items():
+        lines.append(f"- {name}" + (f": {description}" if description else ""))
+    lines += ["", 'Answer with JSON: {"label": "<one of the labels>"}.']
+    chat = [{"role": "system", "content": "\n".join(lines)}]
+    for example, label in examples:
+        if label not in labels:
+            raise SkillError(f"example label {label!r} is not one of the labels {list(labels)}")
+        chat.append({"role": "user", "content": example})
+        chat.append({"role": "assistant", "content": f'{{"label": "{label}"}}'})
+    chat.append({"role": "user", "content": text})
+    return chat
+
+
+def _raw(token: Any) -> bytes:
+    """A logprobs entry's bytes (a byte-level token may be part of a character), or its text."""
+    raw = getattr(token, "bytes", None)
+    return bytes(raw) if raw is not None else token.token.encode("utf-8")
+
+
+def label_scores(content: list[Any], answer: str, labels: Sequence[str]) -> dict[str, float] | None:
+    """Each label's probability from the chat logprobs `content` of the JSON `answer`, matched
+    on the tokens' bytes (Japanese labels start in the middle of a character's bytes)."""
+    head = answer[: answer.find('"', answer.find(":") + 1) + 1]  # up to the value's quote
+    start = len(head.encode("utf-8"))
+    if not head.endswith('"') or not content:
+        return None
+    offset = 0
+    for token in content:
+        end = offset + len(_raw(token))
+        if end > start:
+            break
+        offset = end
+    else:
+        return None
+    before = start - offset  # bytes of this token that come before the label
+    prefix = _raw(token)[:before]
+    encoded = {name: name.encode("utf-8") for name in labels}
+    mass = dict.fromkeys(labels, 0.0)
+    seen: set[bytes] = set()
+    for alternative in [*token.top_logprobs, token]:
+        raw = _raw(alternative)
+        if raw in seen or raw[:before] != prefix:
+            continue  # seen, or not the same bytes before the label (e.g. no quote)
+        seen.add(raw)
+        rest = raw[before:]
+        starting = [name for name in labels if rest and encoded[name].startswith(rest)]
+        for name in starting:
+            mass[name] += math.exp(alternative.logprob) / len(starting)
+    total = sum(mass.values())
+    if total <= 0:
+        return None
+    return {name: value / total for name, value in mass.items()}
+
+
+def classify(
+    client: Client,
+    text: str,
+    labels: Sequence[str] | Mapping[str, str],
+    examples: Sequence[tuple[str, str]] = (),
+    instruction: str = INSTRUCTION,
+) -> Classification:
+    """The label of `text` among `labels` (names, or names mapped to descriptions), following
+    the few-shot `examples` ((text, label) pairs) when given."""
+    named = _labels(labels)
+    response = client.chat(
+        messages(text, named, examples, instruction),
+        response_format={
+            "type": "json_schema",
+            "json_schema": {
+                "name": "classification",
+                "schema": schema(list(named)),
+                "strict": True,
+            },
+        },
+        temperature=0,
+        max_tokens=32 + max(len(name) for name in named),
+        logprobs=True,
+        top_logprobs=20,
+    )
+    choice = response.choices[0]
+    answer = choice.message.content or ""
+    label = _parse_label(answer, named)
+    content = choice.logprobs.content if choice.logprobs is not None else None
+    scores = label_scores(content or [], answer, list(named)) if content else None
+    confidence = scores[label] if scores else None
+    return Classification(text, label, confidence, scores or {})
+
+
+def _parse_label(answer: str, labels: Mapping[str, str]) -> str:
+    try:
+        label = json.loads(answer)["label"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise SkillError(f"the endpoint's answer is not a label: {answer[:200]!r}") from None
+    if label not in labels:
+        raise SkillError(f"the endpoint answered {label!r}, not one of {list(labels)}")
+    return label
+
+
+def classify_many(
+    client: Client,
+    texts: Sequence[str],
+    labels: Sequence[str] | Mapping[str, str],
+    examples: Sequence[tuple[str, str]] = (),
+    instruction: str = INSTRUCTION,
+) -> list[Classification]:
+    return [classify(client, text, labels, examples, instruction) for text in texts]

@@ -1,0 +1,98 @@
+"""classify with the seed's prompt on the embedded default model: the label is always one of
+the set and the confidences are probabilities."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from sorai.apps.client import Client
+from sorai.apps.skills.base import SkillError
+from sorai.apps.skills.classify import classify, classify_many, label_scores
+
+# The seed: "classify customer inquiries following these examples".
+INSTRUCTION = "顧客の問い合わせを以下の例にそって分類してください。"
+EXAMPLES = [
+    (
+        "舞黒ダイニングを 3/15 に 4 名で、和食のコースで予約お願いします。子供が 1 名居ます。",
+        "レストラン予約",
+    ),
+    (
+        "2月10日 19:20 成田発、シアトル行きののユナイテッド航空 616 便を"
+        "エコノミークラスで6枚ください。",
+        "航空機の手配",
+    ),
+    ("オペレーターにつないでいただけませんか。", "その他"),
+]
+LABELS = ["レストラン予約", "航空機の手配", "その他"]
+NEW = [
+    "全日空の羽田発、ロサンゼルス行きで、10/20 で手配できますか。",
+    "来週の土曜日に 2 名でイタリアンのディナーを予約したいです。",
+    "領収書を再発行してもらえますか。",
+    "Book me a window seat on the morning flight to Osaka.",
+]
+
+
+def test_seed_prompt_labels_are_always_in_the_set(client: Client) -> None:
+    results = classify_many(client, NEW, LABELS, EXAMPLES, INSTRUCTION)
+    assert len(results) == len(NEW)
+    for result in results:
+        assert result.label in LABELS
+        assert result.confidence is not None and 0.0 <= result.confidence <= 1.0
+        assert set(result.scores) == set(LABELS)
+        assert math.isclose(sum(result.scores.values()), 1.0, rel_tol=1e-6)
+        assert all(0.0 <= p <= 1.0 for p in result.scores.values())
+        assert result.scores[result.label] == result.confidence
+
+
+def test_labels_with_descriptions(client: Client) -> None:
+    result = classify(
+        client,
+        "The screen of my phone cracked.",
+        {"hardware": "a device is broken", "billing": "money, invoices, refunds"},
+    )
+    assert result.label in ("hardware", "billing")
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(SkillError, match="at least two labels"):
+        classify(None, "x", ["only"])  # type: ignore[arg-type]
+    with pytest.raises(SkillError, match="duplicate labels"):
+        classify(None, "x", ["a", "a"])  # type: ignore[arg-type]
+
+
+class _Top:
+    def __init__(self, token: str, logprob: float, top=()) -> None:
+        self.token, self.logprob, self.top_logprobs = token, logprob, list(top)
+
+
+def test_label_scores_by_hand() -> None:
+    """Scores from a hand-made logprobs list: the label starts inside the token ' "fl'."""
+    answer = '{"label": "flight"}'
+    alternatives = [_Top(' "fl', math.log(0.5)), _Top(' "re', math.log(0.3)), _Top(" {", -1.0)]
+    content = [
+        _Top('{"', 0.0),
+        _Top("label", 0.0),
+        _Top('":', 0.0),
+        _Top(' "fl', math.log(0.5), alternatives),
+        _Top('ight"}', 0.0),
+    ]
+    scores = label_scores(content, answer, ["flight", "restaurant", "other"])
+    assert scores == pytest.approx({"flight": 0.5 / 0.8, "restaurant": 0.3 / 0.8, "other": 0.0})
+
+
+def test_logprob_bytes_join_into_the_text(client: Client) -> None:
+    """The confidence reads labels from the tokens' bytes: a Japanese character spans
+    several byte-level tokens, whose bytes must join into the answer's UTF-8."""
+    response = client.chat(
+        [{"role": "user", "content": "「こんにちは」と言ってください。"}],
+        max_tokens=12,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,
+    )
+    choice = response.choices[0]
+    joined = b"".join(bytes(t.bytes) for t in choice.logprobs.content)
+    assert joined.decode("utf-8", errors="replace") == choice.message.content
+    assert any("\ufffd" in t.token for t in choice.logprobs.content)  # split characters exist
