@@ -12,6 +12,7 @@ from typing import Any
 
 import sorai
 from sorai import hub
+from sorai.apps.rag import command as index_command
 from sorai.errors import ContextLengthError, SoraiError
 from sorai.train import command as train_command
 
@@ -230,12 +231,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise SoraiError(f"--port must be in [0, 65535], got {args.port}")
     if args.max_body_bytes < 1024:
         raise SoraiError(f"--max-body-bytes must be >= 1024, got {args.max_body_bytes}")
+    if hub.kind_of(args.model) == hub.EMBEDDING:
+        raise SoraiError(
+            f"{args.model!r} is an embedding model; serve it with --embedding-model "
+            f"(--model is the chat model, default {hub.DEFAULT_MODEL})"
+        )
+    embedding_model = args.embedding_model
+    if embedding_model.strip().lower() == "none":
+        embedding_model = None
 
     # Imported here: the server stack is only needed by this verb.
     from sorai.engine.async_engine import AsyncEngine
     from sorai.engine.config import EngineConfig
+    from sorai.server.embeddings import check_embedding_model
     from sorai.server.serve import serve
     from sorai.server.state import ServerSettings
+
+    if embedding_model is not None:
+        check_embedding_model(embedding_model)  # before the chat model loads; pulls nothing
 
     engine_options = {
         "max_num_seqs": args.max_num_seqs,
@@ -258,9 +271,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         served_model_names=tuple(args.served_model_name or [engine.model_name]),
         api_keys=api_keys,
         max_body_bytes=args.max_body_bytes,
+        embedding_model=embedding_model,
+        embedding_device=args.device,
     )
     if api_keys.enabled:
         _say(f"API keys required ({len(api_keys)} configured)")
+    if embedding_model is not None:
+        _say(f"embeddings: {embedding_model} (loaded on the first /v1/embeddings request)")
     return serve(engine, settings, host=args.host, port=args.port, log_level=args.log_level)
 
 
@@ -271,14 +288,15 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    rows = [("NAME", "SIZE", "STATUS", "DESCRIPTION")]
+    rows = [("NAME", "KIND", "SIZE", "STATUS", "DESCRIPTION")]
     for entry in hub.list_models():
         status = str(entry.path) if entry.path else "not pulled (sorai pull " + entry.name + ")"
-        rows.append((entry.name, f"{entry.size / 1e6:.0f} MB", status, entry.description))
-    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+        size = f"{entry.size / 1e6:.0f} MB"
+        rows.append((entry.name, entry.kind, size, status, entry.description))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
     for row in rows:
         cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
-        print("  ".join(cells) + "  " + row[3])
+        print("  ".join(cells) + "  " + row[4])
     print(f"\ncache: {hub.sorai_home()} (set SORAI_HOME to move it)")
     return 0
 
@@ -324,6 +342,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="name clients use as `model` (repeatable; default: the --model argument; with "
         "--adapter, MODEL+NAME, NAME being the adapter directory's name, or its parent's for "
         "one named 'adapter')",
+    )
+    serve.add_argument(
+        "--embedding-model",
+        default=os.environ.get("SORAI_EMBEDDING_MODEL", hub.DEFAULT_EMBEDDING_MODEL),
+        metavar="NAME_OR_PATH",
+        help="what POST /v1/embeddings serves: a known embedding model or a "
+        "sentence-transformers directory, loaded on the first request; 'none' serves none "
+        "(default: %(default)s)",
     )
     serve.add_argument(
         "--api-key",
@@ -386,6 +412,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = train_command.add_parser(verbs)
     train.set_defaults(run=train_command.run)
+
+    index = index_command.add_parser(verbs)
+    index.set_defaults(run=index_command.run)
     return parser
 
 

@@ -53,3 +53,12 @@ class QueueFullError(SoraiError, RuntimeError):
 
 class EngineDeadError(SoraiError, RuntimeError):
     """The engine stopped after an internal failure and serves no more requests (HTTP 503)."""
+
+
+class DocumentError(SoraiError, ValueError):
+    """A file that cannot be read into a search index (corrupt, not UTF-8, unsupported type)."""
+
+
+class SearchIndexError(SoraiError, RuntimeError):
+    """A search index that cannot be used as asked: missing, not an index, or built with
+    another embedding model."""

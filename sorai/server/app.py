@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from fastapi import FastAPI
 
 import sorai
-from sorai.server import chat, completions, routes
+from sorai.server import chat, completions, embeddings, routes
 from sorai.server.auth import APIKeyMiddleware
 from sorai.server.body import BodyLimitMiddleware
 from sorai.server.errors import install_error_handlers
@@ -22,7 +22,13 @@ if TYPE_CHECKING:
 def create_app(engine: AsyncEngine, settings: ServerSettings | None = None) -> FastAPI:
     """An app serving `engine`; the app starts the engine on startup and stops it on shutdown."""
     settings = settings or ServerSettings()
-    state = ServerState(engine, settings)
+    embedding_model = None
+    if settings.embedding_model is not None:
+        # Nothing is read yet: the model loads on the first embeddings request.
+        embedding_model = embeddings.EmbeddingModel(
+            settings.embedding_model, device=settings.embedding_device
+        )
+    state = ServerState(engine, settings, embedding_model)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -32,6 +38,8 @@ def create_app(engine: AsyncEngine, settings: ServerSettings | None = None) -> F
         finally:
             # In-flight requests get shutdown_timeout seconds, then the rest are aborted.
             await engine.stop(timeout=settings.shutdown_timeout)
+            if embedding_model is not None:
+                embedding_model.close()
 
     # No /docs: the handlers read their bodies themselves (for 400s instead of 422s), so the
     # generated schema would be empty; OpenAI's own API reference describes these routes.
@@ -47,6 +55,7 @@ def create_app(engine: AsyncEngine, settings: ServerSettings | None = None) -> F
     install_error_handlers(app)
     app.include_router(chat.router)
     app.include_router(completions.router)
+    app.include_router(embeddings.router)
     app.include_router(routes.router)
     # Added last = runs first: a request without a valid key is refused before its body is read.
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)

@@ -330,6 +330,61 @@ class DetokenizeRequest(_Request):
     tokens: list[int]
 
 
+# OpenAI's own limit on inputs per embeddings request.
+MAX_EMBEDDING_INPUTS = 2048
+EmbeddingInput = str | list[str] | list[int] | list[list[int]]
+
+
+class EmbeddingRequest(_Request):
+    model: str | None = None
+    input: EmbeddingInput
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+    user: str | None = None
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _input_shape(cls, value: Any) -> Any:
+        shape = (
+            "input is a string, a list of strings, a list of token ids or a list of lists of "
+            "token ids"
+        )
+        if isinstance(value, str):
+            if not value:
+                raise ValueError("input must not be an empty string")
+            return value
+        if not isinstance(value, list):
+            raise ValueError(f"{shape}; got {_short(value)}")
+        if not value:
+            raise ValueError("input must hold at least one item")
+        if len(value) > MAX_EMBEDDING_INPUTS:
+            raise ValueError(
+                f"input may hold at most {MAX_EMBEDDING_INPUTS} items, got {len(value)}"
+            )
+        if all(isinstance(item, str) for item in value):
+            empty = next((i for i, item in enumerate(value) if not item), None)
+            if empty is not None:
+                raise ValueError(f"input[{empty}] is an empty string; every input needs text")
+            return value
+        if all(_is_int(t) for t in value):
+            return value
+        if all(isinstance(item, list) and all(_is_int(t) for t in item) for item in value):
+            empty = next((i for i, item in enumerate(value) if not item), None)
+            if empty is not None:
+                raise ValueError(f"input[{empty}] is an empty list; every input needs tokens")
+            return value
+        raise ValueError(f"{shape}; got {_short(value)}")
+
+    def inputs(self) -> list[str] | list[list[int]]:
+        """One entry per embedding: all texts, or all token-id lists."""
+        value = self.input
+        if isinstance(value, str):
+            return [value]
+        if all(_is_int(t) for t in value):
+            return [list(value)]  # type: ignore[arg-type]
+        return list(value)  # type: ignore[arg-type]
+
+
 # -- responses -------------------------------------------------------------------------------
 
 
@@ -502,7 +557,12 @@ class ModelCard(_Response):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "sorai"
-    max_model_len: int
+    # None (left out) for an embedding model whose files are not read yet.
+    max_model_len: int | None
+
+    @model_serializer(mode="wrap")
+    def _drop_unknown_length(self, handler: Any) -> dict[str, Any]:
+        return _without_none(handler(self), keys=("max_model_len",))
 
 
 class ModelList(_Response):
@@ -518,3 +578,21 @@ class TokenizeResponse(_Response):
 
 class DetokenizeResponse(_Response):
     prompt: str
+
+
+class Embedding(_Response):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str  # floats, or base64 of little-endian float32s
+
+
+class EmbeddingUsage(_Response):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingResponse(_Response):
+    object: Literal["list"] = "list"
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingUsage

@@ -18,7 +18,7 @@ from sorai.server.protocol import (
     TokenizeResponse,
 )
 from sorai.server.responses import json_response
-from sorai.server.state import get_state
+from sorai.server.state import ServerState, get_state
 from sorai.server.tools import ToolSetup
 
 router = APIRouter()
@@ -31,15 +31,28 @@ async def list_models(request: Request) -> Response:
         ModelCard(id=name, created=state.created, max_model_len=state.engine.context_length)
         for name in state.model_names
     ]
+    if state.embeddings is not None:
+        cards.append(_embedding_card(state))
     return json_response(ModelList(data=cards))
 
 
 @router.get("/v1/models/{model:path}")
 async def get_model(request: Request, model: str) -> Response:
     state = get_state(request)
+    if state.embeddings is not None and model == state.embeddings.name:
+        return json_response(_embedding_card(state))
     name = state.resolve_model(model)
     return json_response(
         ModelCard(id=name, created=state.created, max_model_len=state.engine.context_length)
+    )
+
+
+def _embedding_card(state: ServerState) -> ModelCard:
+    assert state.embeddings is not None
+    return ModelCard(
+        id=state.embeddings.name,
+        created=state.created,
+        max_model_len=state.embeddings.max_seq_length,
     )
 
 

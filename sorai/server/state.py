@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 from starlette.requests import Request
 
+from sorai import hub
 from sorai.server.auth import APIKeys
 from sorai.server.body import DEFAULT_MAX_BODY_BYTES
 from sorai.server.errors import APIError
@@ -15,7 +16,10 @@ from sorai.server.logprobs import TokenText
 from sorai.server.metrics import ServerMetrics
 
 if TYPE_CHECKING:
+    import torch
+
     from sorai.engine.async_engine import AsyncEngine
+    from sorai.server.embeddings import EmbeddingModel
 
 
 @dataclass
@@ -27,12 +31,22 @@ class ServerSettings:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     # Seconds in-flight requests get to finish at shutdown before they are aborted.
     shutdown_timeout: float = 10.0
+    # What /v1/embeddings serves: a known embedding model or a sentence-transformers directory,
+    # loaded on the first embeddings request; None serves none.
+    embedding_model: str | None = hub.DEFAULT_EMBEDDING_MODEL
+    embedding_device: str | torch.device | None = None  # default: the GPU if any, else the CPU
 
 
 class ServerState:
-    def __init__(self, engine: AsyncEngine, settings: ServerSettings) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        settings: ServerSettings,
+        embeddings: EmbeddingModel | None = None,
+    ) -> None:
         self.engine = engine
         self.settings = settings
+        self.embeddings = embeddings
         self.metrics = ServerMetrics(engine.stats)
         self.token_text = TokenText(engine.tokenizer)
         self.created = int(time.time())
@@ -44,6 +58,14 @@ class ServerState:
         """The name to answer with; 404 for a model this server does not serve."""
         if not requested:
             return self.model_names[0]
+        if self.embeddings is not None and requested == self.embeddings.name:
+            raise APIError(
+                404,
+                f"{requested!r} is an embedding model: use it with POST /v1/embeddings; "
+                "this server's chat model is " + repr(self.model_names[0]),
+                param="model",
+                code="model_not_found",
+            )
         if requested not in self._accepted:
             raise APIError(
                 404,

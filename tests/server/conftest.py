@@ -1,6 +1,7 @@
 """Servers for the API tests: real uvicorn on a free loopback port, in a background thread.
 
-`live` serves the real default model through the real AsyncEngine (loaded once per session);
+`live` serves the real default model through the real AsyncEngine (loaded once per session),
+and the default embedding model next to it;
 `fake` serves a scripted FakeEngine that can be told to refuse or abort requests.
 """
 
@@ -38,6 +39,11 @@ class Served:
         return openai.AsyncOpenAI(base_url=self.url + "/v1", api_key=api_key, max_retries=0)
 
     @property
+    def state(self):
+        """The app's ServerState (the server runs in this process)."""
+        return self.thread.server.config.app.state.sorai
+
+    @property
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {API_KEY}"}
 
@@ -54,6 +60,7 @@ def fake(tokenizer: Tokenizer) -> Iterator[Served]:
         served_model_names=("fake-model", "fake-alias"),
         api_keys=APIKeys([API_KEY, "second-key"]),
         max_body_bytes=64 * 1024,
+        embedding_model=None,  # a chat-only server (tests/server/test_embeddings.py uses that)
     )
     thread = ServerThread(create_app(engine, settings)).start()
     yield Served(engine, thread)
@@ -69,11 +76,15 @@ def fake_engine(fake: Served) -> Iterator[FakeEngine]:
 
 
 @pytest.fixture(scope="session")
-def live(default_gguf: Path) -> Iterator[Served]:
+def live(default_gguf: Path, default_encoder_dir: Path) -> Iterator[Served]:
+    """The default chat model and, loaded on the first embeddings request, the default
+    embedding model (both pulled already)."""
     from sorai.engine.async_engine import AsyncEngine
 
-    engine = AsyncEngine.from_model(hub.DEFAULT_MODEL)  # default_gguf: pulled already
-    settings = ServerSettings(api_keys=APIKeys([API_KEY]))
+    engine = AsyncEngine.from_model(hub.DEFAULT_MODEL)
+    settings = ServerSettings(
+        api_keys=APIKeys([API_KEY]), embedding_model=hub.DEFAULT_EMBEDDING_MODEL
+    )
     thread = ServerThread(create_app(engine, settings)).start()
     yield Served(engine, thread)
     thread.stop()

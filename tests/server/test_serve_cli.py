@@ -62,7 +62,7 @@ class Process:
 
 
 @pytest.fixture(scope="module")
-def server(default_gguf: Path) -> Iterator[tuple[Process, str, str]]:
+def server(default_gguf: Path, default_encoder_dir: Path) -> Iterator[tuple[Process, str, str]]:
     process = Process(
         "--port", "0", "--api-key", KEY, "--served-model-name", "my-model", "--max-num-seqs", "4"
     )
@@ -80,11 +80,23 @@ def test_bad_flags_fail_before_loading(tmp_path: Path) -> None:
     assert "--port" in line
 
 
+def test_bad_embedding_models_fail_before_loading(tmp_path: Path) -> None:
+    line = assert_user_error(run_sorai("serve", "--embedding-model", str(tmp_path / "missing")))
+    assert "neither a known embedding model nor a path" in line
+    line = assert_user_error(run_sorai("serve", "--embedding-model", str(tmp_path)))
+    assert "has no modules.json" in line
+    line = assert_user_error(run_sorai("serve", "--embedding-model", "smollm2-135m-instruct"))
+    assert "is a chat model, not an embedding model" in line
+    line = assert_user_error(run_sorai("serve", "--model", "all-minilm-l6-v2"))
+    assert "is an embedding model; serve it with --embedding-model" in line
+
+
 def test_serve_and_remote_chat(server: tuple[Process, str, str]) -> None:
     _, name, url = server
     assert name == "my-model"
     client = openai.OpenAI(base_url=url, api_key=KEY, max_retries=0)
-    assert [m.id for m in client.models.list().data] == ["my-model"]
+    # The default embedding model is served too (loaded on its first request).
+    assert [m.id for m in client.models.list().data] == ["my-model", "all-minilm-l6-v2"]
     reply = client.chat.completions.create(
         model="my-model",
         messages=[{"role": "user", "content": "What is the capital of France?"}],
@@ -94,6 +106,8 @@ def test_serve_and_remote_chat(server: tuple[Process, str, str]) -> None:
     assert "Paris" in reply.choices[0].message.content
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=url, api_key="wrong", max_retries=0).models.list()
+    embedded = client.embeddings.create(model="all-minilm-l6-v2", input=["a", "b"])
+    assert [len(item.embedding) for item in embedded.data] == [384, 384]
 
     chat = run_sorai(
         "chat", "--url", url, "--api-key", KEY, "-t", "0", "-n", "12",

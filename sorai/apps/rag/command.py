@@ -1,0 +1,190 @@
+"""`sorai index add|search|list|remove`: the command line over the document index."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from sorai.apps.rag.chunk import DEFAULT_CHUNK_SIZE, DEFAULT_OVERLAP
+from sorai.apps.rag.ingest import add_files
+from sorai.apps.rag.search import MODES, search
+from sorai.apps.rag.store import Index, default_index_path
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+DESCRIPTION = """\
+A persistent hybrid index over your documents (.txt, .md, .html, .pdf): keyword search (BM25
+over an SQLite FTS5 trigram index, so Japanese works without word splitting) and vector search
+(embeddings from an OpenAI-compatible /v1/embeddings endpoint), fused by reciprocal rank.
+
+examples:
+  sorai serve &                                   # or any endpoint, with --url
+  sorai index add docs/ notes.md manual.pdf       # directories are walked recursively
+  sorai index search "how do I rotate the keys?" -k 5
+  sorai index search "東京" --mode keyword         # no endpoint needed
+  sorai index list
+  sorai index remove docs/old/
+"""
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _add_index_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--index",
+        default=None,
+        metavar="FILE",
+        help=f"the index file (default: {default_index_path()}; $SORAI_HOME moves it)",
+    )
+
+
+def _add_endpoint_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("embeddings")
+    group.add_argument(
+        "--url", default=DEFAULT_URL, help="an OpenAI-compatible endpoint (default: %(default)s)"
+    )
+    group.add_argument("--api-key", default=None, help="its API key (default: $SORAI_API_KEY)")
+    group.add_argument(
+        "--embedding-model",
+        default=None,
+        metavar="NAME",
+        help="default: the model the index was built with, else all-minilm-l6-v2",
+    )
+
+
+def add_parser(verbs: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = verbs.add_parser(
+        "index",
+        help="index documents and search them (keyword + vector)",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.set_defaults(index_parser=parser)
+    actions = parser.add_subparsers(dest="index_action", metavar="<action>")
+
+    add = actions.add_parser("add", help="add or update files and directories")
+    add.add_argument("paths", nargs="+", metavar="PATH")
+    _add_index_arg(add)
+    add.add_argument(
+        "--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE, help="characters (default: 800)"
+    )
+    add.add_argument(
+        "--overlap", type=int, default=DEFAULT_OVERLAP, help="characters (default: 100)"
+    )
+    _add_endpoint_args(add)
+
+    find = actions.add_parser("search", help="the chunks that best match a query")
+    find.add_argument("query")
+    _add_index_arg(find)
+    find.add_argument("-k", type=int, default=10, help="results (default: %(default)s)")
+    find.add_argument(
+        "--mode",
+        choices=MODES,
+        default="hybrid",
+        help="keyword needs no endpoint (default: %(default)s)",
+    )
+    find.add_argument("--json", action="store_true", help="one JSON array on stdout")
+    _add_endpoint_args(find)
+
+    listing = actions.add_parser("list", help="the indexed files")
+    _add_index_arg(listing)
+    listing.add_argument("--json", action="store_true", help="one JSON array on stdout")
+
+    remove = actions.add_parser("remove", help="remove files, or everything under directories")
+    remove.add_argument("paths", nargs="+", metavar="PATH")
+    _add_index_arg(remove)
+    return parser
+
+
+def _embedder(args: argparse.Namespace, index: Index):
+    from sorai.apps.client import DEFAULT_EMBEDDING_MODEL, Client
+
+    name = args.embedding_model or index.embedding_model or DEFAULT_EMBEDDING_MODEL
+    key = args.api_key or os.environ.get("SORAI_API_KEY")
+    # No chat here: naming the model spares the round trip that looks up a chat model.
+    return Client.connect(args.url, key, model=name, embedding_model=name)
+
+
+def _shown(path: str) -> str:
+    """A path relative to the working directory when it is under it."""
+    try:
+        return str(Path(path).relative_to(Path.cwd()))
+    except ValueError:
+        return path
+
+
+def _add(args: argparse.Namespace) -> int:
+    with Index(args.index) as index, _embedder(args, index) as embedder:
+        report = add_files(index, args.paths, embedder, args.chunk_size, args.overlap, _say)
+        for path, why in report.failures:
+            _say(f"failed: {_shown(path)}: {why}")
+        print(f"{report.summary()}; index {index.path}: {index.chunk_count()} chunks")
+    return 1 if report.failed else 0
+
+
+def _search(args: argparse.Namespace) -> int:
+    with Index(args.index, create=False) as index:
+        if args.mode == "keyword":
+            results = search(index, args.query, k=args.k, mode="keyword")
+        else:
+            with _embedder(args, index) as embedder:
+                results = search(index, args.query, embedder, k=args.k, mode=args.mode)
+    if args.json:
+        print(json.dumps([asdict(r) for r in results], ensure_ascii=False, indent=2))
+        return 0
+    for n, r in enumerate(results, 1):
+        where = _shown(r.path) + (f"  p.{r.page}" if r.page else "")
+        where += f"  § {r.heading}" if r.heading else ""
+        ranks = f"vector #{r.vector_rank or '-'}, keyword #{r.keyword_rank or '-'}"
+        print(f"{n:>2}. {r.score:.4f}  {where}  ({ranks})")
+        text = " ".join(r.text.split())
+        print(f"    {text[:300]}{'…' if len(text) > 300 else ''}")
+    if not results:
+        _say("no matches")
+    return 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    with Index(args.index, create=False) as index:
+        documents = index.documents()
+        model, dimension, chunks = index.embedding_model, index.dimension, index.chunk_count()
+        path = index.path
+    if args.json:
+        print(json.dumps([asdict(d) for d in documents], ensure_ascii=False, indent=2))
+        return 0
+    print(f"{'CHUNKS':>6}  {'ADDED':16}  PATH")
+    for d in documents:
+        added = time.strftime("%Y-%m-%d %H:%M", time.localtime(d.added_at))
+        print(f"{d.n_chunks:>6}  {added:16}  {_shown(d.path)}")
+    vectors = f"{model}, {dimension} dims" if model else "no vectors yet"
+    _say(f"{len(documents)} files, {chunks} chunks in {path} ({vectors})")
+    return 0
+
+
+def _remove(args: argparse.Namespace) -> int:
+    with Index(args.index, create=False) as index:
+        removed = [p for path in args.paths for p in index.remove(path)]
+        left = index.chunk_count()
+    for path in removed:
+        _say(f"removed {_shown(path)}")
+    print(f"{len(removed)} files removed; {left} chunks left")
+    if not removed:
+        _say(f"nothing indexed at {', '.join(args.paths)} (`sorai index list` shows what is)")
+        return 1
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    actions = {"add": _add, "search": _search, "list": _list, "remove": _remove}
+    action = actions.get(args.index_action)
+    if action is None:
+        args.index_parser.print_help(sys.stderr)
+        return 2
+    return action(args)

@@ -1,0 +1,413 @@
+"""Files into the index: read .txt / .md / .html / .pdf into text with sections, chunk, embed,
+and write each file in one transaction (a file that fails leaves nothing behind)."""
+
+from __future__ import annotations
+
+import codecs
+import contextlib
+import hashlib
+import io
+import logging
+import os
+import re
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from html.parser import HTMLParser
+from pathlib import Path
+
+from sorai.apps.rag.chunk import (
+    DEFAULT_CHUNK_SIZE,
+    DEFAULT_OVERLAP,
+    Chunk,
+    Section,
+    check_sizes,
+    chunk_text,
+)
+from sorai.apps.rag.store import Embedder, Index
+from sorai.errors import DocumentError, SoraiError
+
+EMBED_BATCH = 256  # chunks per embedding call; several small files share one call
+
+
+@dataclass(frozen=True)
+class Document:
+    """A file's text as indexed: `sections` are spans of `text` under one heading / page."""
+
+    path: Path
+    text: str
+    sections: list[Section]
+    title: str | None = None
+
+
+def _join(parts: list[tuple[str, str | None, int | None]]) -> tuple[str, list[Section]]:
+    """(text, heading, page) parts -> one text, blank-line separated, and its sections."""
+    pieces, sections, offset = [], [], 0
+    for text, heading, page in parts:
+        if not text.strip():
+            continue
+        if pieces:
+            pieces.append("\n\n")
+            offset += 2
+        pieces.append(text)
+        sections.append(Section(offset, offset + len(text), heading, page))
+        offset += len(text)
+    return "".join(pieces), sections
+
+
+def decode_text(data: bytes) -> str:
+    """UTF-8 (with or without a BOM) or BOM-marked UTF-16 text, newlines as \\n."""
+    try:
+        if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+            text = data.decode("utf-16")
+        else:
+            text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DocumentError(
+            f"not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); convert it, "
+            "e.g. `iconv -f SHIFT_JIS -t UTF-8`"
+        ) from None
+    if "\x00" in text:
+        raise DocumentError("binary data (NUL bytes) in a text file")
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def read_text(path: Path, data: bytes) -> Document:
+    text = decode_text(data)
+    return Document(path, text, [Section(0, len(text))])
+
+
+_ATX_HEADING = re.compile(r"^ {0,3}(#{1,6})[ \t]+(.+?)[ \t]*#*[ \t]*$")
+_FENCE = re.compile(r"^ {0,3}(```|~~~)")
+
+
+def read_markdown(path: Path, data: bytes) -> Document:
+    """One section per heading (`# A` ... `###### F`, outside code fences); a section's
+    heading is its path of titles, "A > B". The text is the file's, headings included."""
+    text = decode_text(data)
+    sections: list[Section] = []
+    trail: list[tuple[int, str]] = []  # (level, title) of the headings above this point
+    start, heading, fence, offset = 0, None, None, 0
+    for line in text.splitlines(keepends=True):
+        found = _FENCE.match(line)
+        if found:
+            fence = None if fence == found.group(1) else (fence or found.group(1))
+        elif fence is None and (match := _ATX_HEADING.match(line.rstrip("\n"))):
+            if offset > start:
+                sections.append(Section(start, offset, heading))
+            level = len(match.group(1))
+            trail = [(lv, title) for lv, title in trail if lv < level] + [(level, match[2])]
+            start, heading = offset, " > ".join(title for _, title in trail)
+        offset += len(line)
+    if offset > start:
+        sections.append(Section(start, offset, heading))
+    title = next((t for lv, t in trail if lv == 1), None) if trail else None
+    return Document(path, text, sections, title)
+
+
+class _HTMLText(HTMLParser):
+    """Visible text of an HTML page, by heading; script, style and the like are skipped."""
+
+    SKIP = frozenset({"script", "style", "noscript", "template", "svg", "iframe", "object"})
+    BLOCK = frozenset(
+        ["address", "article", "aside", "blockquote", "body", "dd", "div", "dl", "dt",
+         "fieldset", "figcaption", "figure", "footer", "form", "header", "hr", "li", "main",
+         "nav", "ol", "p", "pre", "section", "table", "tbody", "td", "tfoot", "th", "thead",
+         "tr", "ul"]
+    )  # fmt: skip
+    HEADINGS = {f"h{n}": n for n in range(1, 7)}
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.title: str | None = None
+        self.parts: list[tuple[str, str | None]] = []  # (text, heading)
+        self._text: list[str] = []
+        self._heading_text: list[str] | None = None
+        self._trail: list[tuple[int, str]] = []
+        self._skip = 0
+        self._pre = 0
+        self._in_title = False
+        self._title_text: list[str] = []
+
+    def _heading(self) -> str | None:
+        if self._trail:
+            return " > ".join(title for _, title in self._trail)
+        return self.title
+
+    def _flush(self) -> None:
+        text = "".join(self._text)
+        text = re.sub(r"[ \t]*\n[ \t]*", "\n", text)
+        text = re.sub(r"\n{3,}", "\n\n", text).strip()
+        if text:
+            self.parts.append((text, self._heading()))
+        self._text = []
+
+    def handle_starttag(self, tag: str, attrs: list) -> None:
+        if tag in self.SKIP:
+            self._skip += 1
+        elif tag == "title":
+            self._in_title = True
+        elif tag in self.HEADINGS:
+            self._flush()
+            self._heading_text = []
+        elif tag == "br":
+            self._text.append("\n")
+        elif tag in self.BLOCK:
+            self._text.append("\n\n")
+            self._pre += tag == "pre"
+
+    def handle_startendtag(self, tag: str, attrs: list) -> None:
+        if tag == "br":
+            self._text.append("\n")
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in self.SKIP:
+            self._skip = max(0, self._skip - 1)
+        elif tag == "title":
+            self._in_title = False
+            self.title = " ".join("".join(self._title_text).split()) or None
+        elif tag in self.HEADINGS and self._heading_text is not None:
+            title = " ".join("".join(self._heading_text).split())
+            self._heading_text = None
+            if title:
+                level = self.HEADINGS[tag]
+                self._trail = [(lv, t) for lv, t in self._trail if lv < level] + [(level, title)]
+                self._text.append(title + "\n\n")
+        elif tag in self.BLOCK:
+            self._text.append("\n\n")
+            if tag == "pre":
+                self._pre = max(0, self._pre - 1)
+
+    def handle_data(self, data: str) -> None:
+        if self._skip:
+            return
+        if self._in_title:
+            self._title_text.append(data)
+        elif self._heading_text is not None:
+            self._heading_text.append(data)
+        else:
+            self._text.append(data if self._pre else re.sub(r"\s+", " ", data))
+
+    def close(self) -> None:
+        super().close()
+        self._flush()
+
+
+def read_html(path: Path, data: bytes) -> Document:
+    """Visible text (no script / style), one section per h1-h6 heading; the <title> is the
+    document's title and the heading of text before the first heading."""
+    parser = _HTMLText()
+    parser.feed(decode_text(data))
+    parser.close()
+    text, sections = _join([(text, heading, None) for text, heading in parser.parts])
+    return Document(path, text, sections, parser.title)
+
+
+@contextlib.contextmanager
+def _quiet_pypdf() -> Iterator[None]:
+    # pypdf logs a warning for every irregularity it repairs; the failure, if any, is reported.
+    logger = logging.getLogger("pypdf")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def read_pdf(path: Path, data: bytes) -> Document:
+    """Text of every page (pypdf), one section per page, pages numbered from 1."""
+    import pypdf
+
+    try:
+        with _quiet_pypdf():
+            reader = pypdf.PdfReader(io.BytesIO(data))
+            if reader.is_encrypted and not reader.decrypt(""):
+                raise DocumentError("encrypted PDF (a password is needed)")
+            pages = [(page.extract_text() or "").replace("\x00", "") for page in reader.pages]
+            title = reader.metadata.title if reader.metadata else None
+    except DocumentError:
+        raise
+    except Exception as e:  # pypdf raises many types on a damaged file; all mean "unreadable"
+        raise DocumentError(f"unreadable PDF ({type(e).__name__}: {e})") from None
+    text, sections = _join([(page, None, n) for n, page in enumerate(pages, 1)])
+    return Document(path, text, sections, title if isinstance(title, str) else None)
+
+
+READERS: dict[str, Callable[[Path, bytes], Document]] = {
+    ".txt": read_text,
+    ".text": read_text,
+    ".md": read_markdown,
+    ".markdown": read_markdown,
+    ".html": read_html,
+    ".htm": read_html,
+    ".pdf": read_pdf,
+}
+
+
+def read_document(path: Path, data: bytes | None = None) -> Document:
+    """A file's text and sections, by its extension; DocumentError when it cannot be read."""
+    reader = READERS.get(path.suffix.lower())
+    if reader is None:
+        raise DocumentError(
+            f"unsupported file type {path.suffix or '(none)'!r} "
+            f"(supported: {', '.join(sorted(READERS))})"
+        )
+    if data is None:
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            raise DocumentError(e.strerror or str(e)) from None
+    return reader(path, data)
+
+
+def find_files(paths: Sequence[str | os.PathLike]) -> list[Path]:
+    """Absolute paths of the files named and of the supported files under the directories
+    named (recursively, hidden entries skipped), in order, without duplicates."""
+    found: dict[Path, None] = {}
+    for given in paths:
+        path = Path(given).expanduser().resolve()
+        if path.is_dir():
+            for root, dirs, files in os.walk(path):
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                for name in sorted(files):
+                    if not name.startswith(".") and Path(name).suffix.lower() in READERS:
+                        found[Path(root) / name] = None
+        elif path.exists():
+            found[path] = None
+        else:
+            raise SoraiError(f"no such file or directory: {given}")
+    return list(found)
+
+
+@dataclass
+class AddReport:
+    """What `add_files` did; failures are (path, why)."""
+
+    added: int = 0
+    updated: int = 0
+    skipped: int = 0
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    chunks: int = 0
+    read_seconds: float = 0.0  # reading, parsing and chunking
+    embed_seconds: float = 0.0
+    write_seconds: float = 0.0
+
+    @property
+    def failed(self) -> int:
+        return len(self.failures)
+
+    def summary(self) -> str:
+        return (
+            f"{self.added} added, {self.updated} updated, {self.skipped} unchanged, "
+            f"{self.failed} failed; {self.chunks} chunks written "
+            f"(read {self.read_seconds:.1f}s, embed {self.embed_seconds:.1f}s, "
+            f"write {self.write_seconds:.1f}s)"
+        )
+
+
+@dataclass
+class _Pending:
+    """A file read and chunked, waiting for its vectors."""
+
+    path: Path
+    sha256: str
+    mtime: float
+    title: str | None
+    chunks: list[Chunk]
+    replaces: bool
+
+
+def _prepare(index: Index, path: Path, chunk_size: int, overlap: int) -> _Pending | str | None:
+    """The file read and chunked; None when the index has it already (same bytes, same
+    chunk sizes); why, when it cannot be indexed."""
+    try:
+        data = path.read_bytes()
+        mtime = path.stat().st_mtime
+    except OSError as e:
+        return e.strerror or str(e)
+    digest = hashlib.sha256(data).hexdigest()
+    known = index.document(str(path))
+    if known and (known.sha256, known.chunk_size, known.overlap) == (digest, chunk_size, overlap):
+        return None
+    try:
+        document = read_document(path, data)
+    except DocumentError as e:
+        return str(e)
+    chunks = chunk_text(document.text, document.sections, chunk_size, overlap)
+    if not chunks:
+        return "no text to index"
+    return _Pending(path, digest, mtime, document.title, chunks, known is not None)
+
+
+def add_files(
+    index: Index,
+    paths: Sequence[str | os.PathLike],
+    embedder: Embedder,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    overlap: int = DEFAULT_OVERLAP,
+    progress: Callable[[str], None] | None = None,
+) -> AddReport:
+    """Index files and directories: new files are added, changed ones (another sha256, or
+    other chunk sizes) replaced, unchanged ones skipped, unreadable ones reported and left out.
+    Small files share embedding calls; each file is written in its own transaction. An
+    embedding failure stops the run (the files written before it stay)."""
+    check_sizes(chunk_size, overlap)
+    index.check_embedding_model(embedder.embedding_model)
+    files = find_files(paths)
+    say = progress or (lambda message: None)
+    report = AddReport()
+    pending: list[_Pending] = []
+    done = 0
+
+    def flush() -> None:
+        nonlocal done
+        texts = [chunk.text for item in pending for chunk in item.chunks]
+        started = time.perf_counter()
+        vectors = embedder.embed(texts) if texts else []
+        report.embed_seconds += time.perf_counter() - started
+        if len(vectors) != len(texts):
+            raise SoraiError(f"the embedder returned {len(vectors)} vectors for {len(texts)} texts")
+        started = time.perf_counter()
+        at = 0
+        for item in pending:
+            count = len(item.chunks)
+            index.put_document(
+                str(item.path),
+                sha256=item.sha256,
+                mtime=item.mtime,
+                title=item.title,
+                chunk_size=chunk_size,
+                overlap=overlap,
+                chunks=item.chunks,
+                vectors=vectors[at : at + count],
+                embedding_model=embedder.embedding_model,
+            )
+            at += count
+            done += 1
+            report.chunks += count
+            report.updated += item.replaces
+            report.added += not item.replaces
+            verb = "updated" if item.replaces else "added"
+            say(f"[{done}/{len(files)}] {verb} {item.path} ({count} chunks)")
+        report.write_seconds += time.perf_counter() - started
+        pending.clear()
+
+    for path in files:
+        started = time.perf_counter()
+        prepared = _prepare(index, path, chunk_size, overlap)
+        report.read_seconds += time.perf_counter() - started
+        if isinstance(prepared, _Pending):
+            pending.append(prepared)
+            if sum(len(item.chunks) for item in pending) >= EMBED_BATCH:
+                flush()
+            continue
+        done += 1
+        if prepared is None:
+            report.skipped += 1
+            say(f"[{done}/{len(files)}] unchanged {path}")
+        else:
+            report.failures.append((str(path), prepared))
+            say(f"[{done}/{len(files)}] failed {path}: {prepared}")
+    flush()
+    return report

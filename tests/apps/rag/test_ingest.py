@@ -1,0 +1,237 @@
+"""Reading files into the index: each type, bad files reported and left out whole, re-adding,
+removing, and the embedding model the index was built with."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from sorai.apps.rag.chunk import Chunk
+from sorai.apps.rag.ingest import add_files, find_files, read_document
+from sorai.apps.rag.store import Index
+from sorai.errors import DocumentError, SearchIndexError, SoraiError
+
+from .conftest import TrigramHashEmbedder, make_pdf
+
+
+def _count(index: Index, table: str) -> int:
+    return sqlite3.connect(index.path).execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+
+
+def _fts_hits(index: Index, text: str) -> int:
+    db = sqlite3.connect(index.path)
+    query = "SELECT count(*) FROM chunks_fts WHERE chunks_fts MATCH ?"
+    return db.execute(query, (f'"{text}"',)).fetchone()[0]
+
+
+# -- reading each type ------------------------------------------------------------------------
+
+
+def test_text_with_a_utf8_bom_reads_without_it(tmp_path: Path):
+    path = tmp_path / "note.txt"
+    path.write_bytes("\ufeff富士山は日本一高い山です。\r\nSecond line.".encode())
+    document = read_document(path)
+    assert document.text == "富士山は日本一高い山です。\nSecond line."
+
+
+def test_text_that_is_not_utf8_is_a_clear_error(tmp_path: Path):
+    path = tmp_path / "sjis.txt"
+    path.write_bytes("日本語のテキスト".encode("shift_jis"))
+    with pytest.raises(DocumentError, match=r"not UTF-8 text \(byte 0x93 at offset 0\)"):
+        read_document(path)
+
+
+def test_markdown_headings_become_section_titles(tmp_path: Path):
+    path = tmp_path / "guide.md"
+    path.write_text(
+        "# Guide\n\nIntro.\n\n## Install\n\nRun it.\n\n```sh\n# a comment, not a heading\n```\n"
+        "\n### On Linux\n\nUse apt.\n\n## Use\n\nAsk away.\n"
+    )
+    document = read_document(path)
+    assert document.title == "Guide"
+    assert [s.heading for s in document.sections] == [
+        "Guide",
+        "Guide > Install",
+        "Guide > Install > On Linux",
+        "Guide > Use",
+    ]
+    install = document.sections[1]
+    assert "# a comment, not a heading" in document.text[install.start : install.end]
+
+
+def test_html_keeps_title_and_headings_and_drops_script_and_style(tmp_path: Path):
+    path = tmp_path / "page.html"
+    path.write_text(
+        "<html><head><title>Fuji  FAQ</title><style>p { color: red }</style>"
+        "<script>var secret = 'hidden';</script></head><body>"
+        "<p>Welcome &amp; hello.</p><h2>Height</h2><p>It is <b>3,776</b> m.<br>Tall.</p>"
+        "<noscript>enable js</noscript></body></html>"
+    )
+    document = read_document(path)
+    assert document.title == "Fuji FAQ"
+    assert "secret" not in document.text and "color" not in document.text
+    assert "enable js" not in document.text
+    assert [(document.text[s.start : s.end], s.heading) for s in document.sections] == [
+        ("Welcome & hello.", "Fuji FAQ"),
+        ("Height\n\nIt is 3,776 m.\nTall.", "Height"),
+    ]
+
+
+def test_pdf_text_is_read_per_page(tmp_path: Path):
+    path = tmp_path / "manual.pdf"
+    path.write_bytes(make_pdf([["Chapter one.", "Bridges span rivers."], ["Chapter two."]]))
+    document = read_document(path)
+    pages = [(document.text[s.start : s.end], s.page) for s in document.sections]
+    assert pages == [("Chapter one.\nBridges span rivers.", 1), ("Chapter two.", 2)]
+
+
+def test_pdf_chunks_record_their_page(index: Index, embedder: TrigramHashEmbedder, tmp_path):
+    path = tmp_path / "manual.pdf"
+    path.write_bytes(make_pdf([["Alpha page text."], ["Beta page text."], ["Gamma page."]]))
+    add_files(index, [path], embedder)
+    rows = sqlite3.connect(index.path).execute("SELECT text, page FROM chunks ORDER BY ord")
+    assert rows.fetchall() == [("Alpha page text.", 1), ("Beta page text.", 2), ("Gamma page.", 3)]
+
+
+def test_directories_are_walked_for_supported_files(tmp_path: Path):
+    (tmp_path / "sub" / "deeper").mkdir(parents=True)
+    (tmp_path / ".git").mkdir()
+    for name in ["a.md", "sub/b.TXT", "sub/deeper/c.html", "sub/skip.py", ".git/d.md"]:
+        (tmp_path / name).write_text("text")
+    found = [p.relative_to(tmp_path).as_posix() for p in find_files([tmp_path])]
+    assert found == ["a.md", "sub/b.TXT", "sub/deeper/c.html"]
+    with pytest.raises(SoraiError, match="no such file or directory: nowhere"):
+        find_files(["nowhere"])
+
+
+# -- bad files --------------------------------------------------------------------------------
+
+
+def test_a_corrupt_pdf_is_reported_and_nothing_of_it_is_indexed(
+    index: Index, embedder: TrigramHashEmbedder, tmp_path: Path
+):
+    good = tmp_path / "good.md"
+    good.write_text("Lighthouses guide ships at night.")
+    broken = tmp_path / "broken.pdf"
+    pdf = make_pdf([["Page one survives."], ["Page two."]])
+    broken.write_bytes(pdf[: len(pdf) // 2])  # truncated mid-file
+    report = add_files(index, [tmp_path], embedder)
+    assert (report.added, report.failed) == (1, 1)
+    assert report.failures[0][0] == str(broken)
+    assert report.failures[0][1].startswith("unreadable PDF")
+    assert [d.path for d in index.documents()] == [str(good)]
+    assert _count(index, "chunks") == _count(index, "vectors") == 1
+    assert _fts_hits(index, "survives") == 0
+
+
+def test_a_file_with_no_text_is_reported(index: Index, embedder, tmp_path: Path):
+    (tmp_path / "empty.md").write_text("  \n\n ")
+    report = add_files(index, [tmp_path], embedder)
+    assert report.failures == [(str(tmp_path / "empty.md"), "no text to index")]
+
+
+def test_a_write_that_fails_midway_leaves_the_previous_version(index: Index, embedder, tmp_path):
+    path = tmp_path / "doc.md"
+    path.write_text("Original text about lighthouses.")
+    add_files(index, [path], embedder)
+    before = (_count(index, "chunks"), _count(index, "vectors"), index.document(str(path)))
+    chunks = [Chunk(0, "new first chunk", 0, 15, None, None), Chunk(1, None, 16, 30, None, None)]
+    with pytest.raises(sqlite3.IntegrityError):  # the second chunk breaks NOT NULL
+        index.put_document(
+            str(path),
+            sha256="other",
+            mtime=0.0,
+            chunks=chunks,
+            vectors=embedder.embed(["a", "b"]),
+            embedding_model=embedder.embedding_model,
+        )
+    assert (_count(index, "chunks"), _count(index, "vectors"), index.document(str(path))) == before
+    assert _fts_hits(index, "lighthouses") == 1 and _fts_hits(index, "new first") == 0
+
+
+# -- updating and removing --------------------------------------------------------------------
+
+
+def test_unchanged_files_are_skipped_without_embedding(index: Index, embedder, tmp_path: Path):
+    (tmp_path / "a.md").write_text("Alpha text.")
+    add_files(index, [tmp_path], embedder)
+    embedded = embedder.texts_embedded
+    report = add_files(index, [tmp_path], embedder)
+    assert (report.added, report.updated, report.skipped) == (0, 0, 1)
+    assert embedder.texts_embedded == embedded
+
+
+def test_a_changed_file_replaces_its_chunks(index: Index, embedder, tmp_path: Path):
+    path = tmp_path / "a.md"
+    path.write_text("Old words about bicycles.\n\n" + "Filler sentence here. " * 60)
+    add_files(index, [path], embedder, chunk_size=400, overlap=40)
+    assert index.document(str(path)).n_chunks > 1
+    path.write_text("New words about sailboats.")
+    report = add_files(index, [path], embedder, chunk_size=400, overlap=40)
+    assert (report.added, report.updated) == (0, 1)
+    assert index.document(str(path)).n_chunks == 1
+    assert _count(index, "chunks") == _count(index, "vectors") == 1
+    assert _fts_hits(index, "bicycles") == 0 and _fts_hits(index, "sailboats") == 1
+
+
+def test_other_chunk_sizes_reindex_an_unchanged_file(index: Index, embedder, tmp_path: Path):
+    path = tmp_path / "a.md"
+    path.write_text("Sentence number one is here. " * 40)
+    add_files(index, [path], embedder, chunk_size=800, overlap=100)
+    report = add_files(index, [path], embedder, chunk_size=200, overlap=20)
+    assert report.updated == 1
+    assert index.document(str(path)).chunk_size == 200
+
+
+def test_remove_a_file_and_a_directory(index: Index, embedder, tmp_path: Path):
+    (tmp_path / "keep.md").write_text("Keep me.")
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "a.md").write_text("Old a.")
+    (tmp_path / "old" / "b.txt").write_text("Old b.")
+    (tmp_path / "older.md").write_text("Not under old/ despite the name.")
+    add_files(index, [tmp_path], embedder)
+    assert index.remove(tmp_path / "old") == [
+        str(tmp_path / "old/a.md"),
+        str(tmp_path / "old/b.txt"),
+    ]
+    assert index.remove(tmp_path / "keep.md") == [str(tmp_path / "keep.md")]
+    assert index.remove(tmp_path / "missing.md") == []
+    assert [d.path for d in index.documents()] == [str(tmp_path / "older.md")]
+    assert _count(index, "chunks") == _count(index, "vectors") == 1
+    assert _fts_hits(index, "Keep me") == 0
+
+
+# -- the embedding model ----------------------------------------------------------------------
+
+
+def test_the_index_records_the_embedding_model_and_refuses_another(index: Index, tmp_path):
+    (tmp_path / "a.md").write_text("Alpha.")
+    add_files(index, [tmp_path], TrigramHashEmbedder("model-a"))
+    assert (index.embedding_model, index.dimension) == ("model-a", 384)
+    (tmp_path / "b.md").write_text("Beta.")
+    with pytest.raises(SearchIndexError, match="embedding model 'model-a', not 'model-b'"):
+        add_files(index, [tmp_path], TrigramHashEmbedder("model-b"))
+    assert index.document(str(tmp_path / "b.md")) is None
+
+
+def test_an_emptied_index_takes_a_new_embedding_model(index: Index, tmp_path: Path):
+    (tmp_path / "a.md").write_text("Alpha.")
+    add_files(index, [tmp_path], TrigramHashEmbedder("model-a"))
+    index.remove(tmp_path)
+    add_files(index, [tmp_path], TrigramHashEmbedder("model-b", dimension=64))
+    assert (index.embedding_model, index.dimension) == ("model-b", 64)
+
+
+def test_a_file_that_is_not_an_index_is_refused(tmp_path: Path):
+    other = tmp_path / "app.sqlite"
+    sqlite3.connect(other).execute("CREATE TABLE users (name TEXT)")
+    with pytest.raises(SearchIndexError, match="not a sorai index"):
+        Index(other)
+    garbage = tmp_path / "garbage.sqlite"
+    garbage.write_bytes(b"this is not a database at all" * 100)
+    with pytest.raises(SearchIndexError, match="not a sorai index"):
+        Index(garbage)
+    with pytest.raises(SearchIndexError, match="no index at"):
+        Index(tmp_path / "absent.sqlite", create=False)
