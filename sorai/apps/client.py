@@ -95,6 +95,19 @@ class Client:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def context_length(self, model: str | None = None) -> int | None:
+        """The model's context window as the endpoint reports it (`max_model_len`, as sorai
+        and vLLM list it), None when it does not say."""
+        wanted = model or self.model
+        try:
+            for card in self.openai.models.list():
+                if card.id == wanted:
+                    length = (card.model_extra or {}).get("max_model_len")
+                    return int(length) if isinstance(length, int) else None
+        except openai.APIError:
+            return None
+        return None
+
     # -- calls ------------------------------------------------------------------------------
 
     def chat(self, messages: Sequence[dict[str, Any]], **kwargs: Any):

@@ -1,0 +1,95 @@
+"""summarize and sentiment on the embedded default model (structure and paths; the wording is
+the small model's), and the text helpers by hand."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from sorai.apps.client import Client
+from sorai.apps.skills.base import SkillError
+from sorai.apps.skills.sentiment import sentiment, sentiment_by_sentence
+from sorai.apps.skills.summarize import split, summarize
+from sorai.apps.skills.text import estimate_tokens, sentences, truncate_words, word_count
+
+TOPICS = ["the quarterly sales report", "the new office in Osaka", "the customer survey"]
+
+
+def long_text(tokens: int) -> str:
+    """Paragraphs of plain business sentences, about `tokens` estimated tokens."""
+    rng = random.Random(0)
+    paragraphs, total = [], 0
+    while total < tokens:
+        topic = rng.choice(TOPICS)
+        paragraph = " ".join(
+            f"In week {rng.randint(1, 52)} the team reviewed {topic} and found that revenue "
+            f"grew by {rng.randint(1, 30)} percent while costs fell by {rng.randint(1, 9)} "
+            "percent."
+            for _ in range(5)
+        )
+        paragraphs.append(paragraph)
+        total += estimate_tokens(paragraph)
+    return "\n\n".join(paragraphs)
+
+
+def check_map_reduce(client: Client, context: int) -> None:
+    text = long_text(5 * context)
+    assert estimate_tokens(text) >= 5 * context
+    window = None if context == client.context_length() else context
+    summary = summarize(client, text, style="bullets", max_words=60, context_tokens=window)
+    assert summary.path == "map-reduce"
+    assert summary.chunks >= 5 and summary.levels >= 1
+    assert 0 < summary.words <= 60
+    assert word_count(summary.text) == summary.words
+
+
+@pytest.mark.slow
+def test_a_text_five_times_the_models_context_goes_map_reduce(client: Client) -> None:
+    """The model's own window (8192 tokens: ~41k tokens of text, minutes on 2 cores)."""
+    context = client.context_length()
+    assert context is not None  # sorai reports max_model_len
+    check_map_reduce(client, context)
+
+
+def test_a_text_five_times_a_small_window_goes_map_reduce(client: Client) -> None:
+    """The same path with the window set to 1024 tokens, fast enough for every run."""
+    check_map_reduce(client, 1024)
+
+
+def test_a_short_text_is_summarized_directly(client: Client) -> None:
+    summary = summarize(client, long_text(300), style="one-line", max_words=25)
+    assert (summary.path, summary.chunks, summary.levels) == ("direct", 1, 0)
+    assert 0 < summary.words <= 25
+
+
+def test_sentiment(client: Client) -> None:
+    result = sentiment(client, "I love this product, thank you so much!")
+    assert result.label in ("positive", "neutral", "negative")
+    assert result.score is not None and -1.0 <= result.score <= 1.0
+    per_sentence = sentiment_by_sentence(client, "The food was wonderful. 店員の態度は最悪でした。")
+    assert [r.text for r in per_sentence] == ["The food was wonderful.", "店員の態度は最悪でした。"]
+
+
+def test_bad_arguments(client: Client) -> None:
+    with pytest.raises(SkillError, match="unknown style"):
+        summarize(client, "text", style="haiku")
+    with pytest.raises(SkillError, match="empty"):
+        summarize(client, "  ")
+    with pytest.raises(SkillError, match="leaves no room"):
+        summarize(client, "text", context_tokens=300)
+
+
+def test_text_helpers() -> None:
+    assert sentences("Hello there. How are you? 元気です。ありがとう！") == [
+        "Hello there.",
+        "How are you?",
+        "元気です。",
+        "ありがとう！",
+    ]
+    assert word_count("Two words") == 2
+    assert word_count("日本語です") == 5
+    assert truncate_words("One two three. Four five six.", 4) == "One two three."
+    assert truncate_words("One two three four five", 2) == "One two"
+    pieces = split(long_text(2000), budget=500)
+    assert len(pieces) >= 4 and all(estimate_tokens(p) <= 500 for p in pieces)
