@@ -1,0 +1,98 @@
+"""ask: question answering over a `sorai index`, with citations of the chunks used.
+
+The question is searched (hybrid by default); the passages that are relevant (a keyword match,
+or a vector similarity of at least MIN_SIMILARITY) are numbered and given to the chat model,
+whose answer is decoded under a JSON schema: the answer, the numbers of the passages it used,
+and whether they held the answer. When no passage is relevant the model is not asked at all and
+the answer says so.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from sorai.apps.client import Client
+from sorai.apps.rag import Index, search
+from sorai.apps.skills.base import SkillError
+
+MIN_SIMILARITY = 0.35  # cosine of all-MiniLM-L6-v2 below which a passage is off topic
+DONT_KNOW = "I don't know: no passage in the index is relevant to the question."
+INSTRUCTION = (
+    "Answer the question using only the numbered passages. Say which passages you used. If "
+    "the passages do not contain the answer, set found to false and say you don't know."
+)
+
+
+@dataclass
+class Citation:
+    number: int
+    chunk_id: int
+    path: str
+    page: int | None
+    heading: str | None
+    text: str
+
+
+@dataclass
+class Answer:
+    text: str
+    citations: list[Citation] = field(default_factory=list)
+    found: bool = False
+
+
+def _relevant(client: Client, question: str, index: Index, k: int, mode: str) -> list:
+    hits = search(index, question, client, k=k, mode=mode)
+    if not hits:
+        return []
+    query = np.asarray(client.embed([question])[0], dtype=np.float32)
+    similarity = dict(index.nearest(query, max(k * 4, 20)))
+    return [
+        hit
+        for hit in hits
+        if hit.keyword_rank is not None or similarity.get(hit.chunk_id, 0.0) >= MIN_SIMILARITY
+    ]
+
+
+def ask(client: Client, question: str, index: Index, k: int = 5, mode: str = "hybrid") -> Answer:
+    if not question.strip():
+        raise SkillError("ask: the question is empty")
+    passages = _relevant(client, question, index, k, mode)
+    if not passages:
+        return Answer(DONT_KNOW)
+    numbered = "\n\n".join(
+        f"[{n}] ({hit.path}{f', page {hit.page}' if hit.page else ''})\n{hit.text}"
+        for n, hit in enumerate(passages, start=1)
+    )
+    schema = {
+        "type": "object",
+        "properties": {
+            "answer": {"type": "string"},
+            "passages": {
+                "type": "array",
+                "items": {"type": "integer", "enum": list(range(1, len(passages) + 1))},
+                "minItems": 1,
+                "maxItems": len(passages),
+            },
+            "found": {"type": "boolean"},
+        },
+        "required": ["answer", "passages", "found"],
+        "additionalProperties": False,
+    }
+    reply = client.chat_json(
+        [
+            {"role": "system", "content": INSTRUCTION},
+            {"role": "user", "content": f"Passages:\n\n{numbered}\n\nQuestion: {question}"},
+        ],
+        schema,
+        name="answer",
+        temperature=0,
+        max_tokens=300,
+    )
+    used = sorted(set(reply["passages"]))
+    citations = [
+        Citation(n, p.chunk_id, p.path, p.page, p.heading, p.text)
+        for n, p in ((n, passages[n - 1]) for n in used)
+    ]
+    return Answer(str(reply["answer"]).strip(), citations, bool(reply["found"]))

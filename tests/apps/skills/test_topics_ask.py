@@ -1,0 +1,91 @@
+"""topics and ask with the real embedding model (all-MiniLM-L6-v2 behind /v1/embeddings) and
+the embedded default chat model, both served in this process."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sorai.apps.client import Client
+from sorai.apps.rag import Index, add_files, search
+from sorai.apps.skills.ask import DONT_KNOW, ask
+from sorai.apps.skills.base import SkillError
+from sorai.apps.skills.topics import topics
+
+GROUPS = {
+    "billing": [
+        "I was charged twice for my subscription this month.",
+        "Please refund the duplicate payment on my credit card.",
+        "My invoice shows the wrong amount.",
+        "Why did my bill go up without notice?",
+    ],
+    "login": [
+        "I forgot my password and cannot log in.",
+        "The password reset email never arrives.",
+        "My account is locked after too many login attempts.",
+        "Two-factor authentication code is not accepted when I sign in.",
+    ],
+    "shipping": [
+        "My package has not been delivered yet.",
+        "The tracking number shows no updates for a week.",
+        "The parcel arrived damaged and the box was crushed.",
+        "Can I change the delivery address of my order?",
+    ],
+}
+
+
+def test_topics_group_the_tickets(client: Client) -> None:
+    texts = [t for group in GROUPS.values() for t in group]
+    group_of = {t: name for name, group in GROUPS.items() for t in group}
+    found = topics(client, texts, k=3)
+    assert sum(t.count for t in found) == len(texts)
+    assert sorted(i for t in found for i in t.members) == list(range(len(texts)))
+    for topic in found:
+        assert isinstance(topic.label, str) and topic.label
+        assert topic.count == len(topic.members) and 1 <= len(topic.examples) <= 3
+    # Each cluster is mostly one group: 10 of the 12 tickets at least sit with their group.
+    agree = sum(max(sum(group_of[texts[i]] == g for i in t.members) for g in GROUPS) for t in found)
+    assert agree >= 10
+    chosen = topics(client, texts)  # k by silhouette
+    assert 2 <= len(chosen) <= 8
+    with pytest.raises(SkillError, match="at least two texts"):
+        topics(client, ["one"])
+
+
+@pytest.fixture(scope="module")
+def index(client: Client, tmp_path_factory) -> Index:
+    docs = tmp_path_factory.mktemp("docs")
+    (docs / "warranty.md").write_text(
+        "# Warranty\n\nThe ABC blender comes with a warranty of 90 days from the date of "
+        "purchase. The warranty covers the motor and the jar.\n"
+    )
+    (docs / "shipping.txt").write_text(
+        "Orders ship within two business days. Delivery takes three to five days.\n"
+    )
+    (docs / "hours.txt").write_text(
+        "店舗の営業時間は午前10時から午後8時までです。定休日は毎週水曜日です。\n"
+    )
+    index = Index(tmp_path_factory.mktemp("index") / "docs.sqlite")
+    report = add_files(index, [docs], client)
+    assert report.failures == [] and report.chunks >= 3
+    return index
+
+
+def test_ask_cites_the_chunk_with_the_answer(client: Client, index: Index) -> None:
+    answer = ask(client, "How long is the warranty of the ABC blender?", index, k=3)
+    assert answer.citations
+    assert any("90 days" in c.text for c in answer.citations)
+    assert all(c.number >= 1 and Path(c.path).name for c in answer.citations)
+
+
+def test_ask_says_it_does_not_know(client: Client, index: Index) -> None:
+    answer = ask(client, "Which volcano erupted on Io in 1979?", index)
+    assert answer.text == DONT_KNOW and not answer.citations and not answer.found
+
+
+def test_japanese_keyword_search_finds_the_japanese_chunk(client: Client, index: Index) -> None:
+    hits = search(index, "営業時間", client, mode="keyword")
+    assert hits and "営業時間" in hits[0].text
+    answer = ask(client, "店舗の営業時間は何時から何時までですか？", index, k=3)
+    assert any("営業時間" in c.text for c in answer.citations)
