@@ -13,6 +13,7 @@ from typing import Any
 import sorai
 from sorai import hub
 from sorai.apps.rag import command as index_command
+from sorai.apps.skills import command as skills_command
 from sorai.errors import ContextLengthError, SoraiError
 from sorai.train import command as train_command
 
@@ -415,6 +416,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     index = index_command.add_parser(verbs)
     index.set_defaults(run=index_command.run)
+
+    skills_command.add_parsers(verbs)
     return parser
 
 

@@ -15,16 +15,14 @@ from sorai.apps.rag.ingest import add_files
 from sorai.apps.rag.search import MODES, search
 from sorai.apps.rag.store import Index, default_index_path
 
-DEFAULT_URL = "http://127.0.0.1:8000"
-
 DESCRIPTION = """\
 A persistent hybrid index over your documents (.txt, .md, .html, .pdf): keyword search (BM25
 over an SQLite FTS5 trigram index, so Japanese works without word splitting) and vector search
 (embeddings from an OpenAI-compatible /v1/embeddings endpoint), fused by reciprocal rank.
 
 examples:
-  sorai serve &                                   # or any endpoint, with --url
   sorai index add docs/ notes.md manual.pdf       # directories are walked recursively
+  sorai index add docs/ --url http://127.0.0.1:8000/v1   # embeddings from a running server
   sorai index search "how do I rotate the keys?" -k 5
   sorai index search "東京" --mode keyword         # no endpoint needed
   sorai index list
@@ -48,7 +46,9 @@ def _add_index_arg(parser: argparse.ArgumentParser) -> None:
 def _add_endpoint_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("embeddings")
     group.add_argument(
-        "--url", default=DEFAULT_URL, help="an OpenAI-compatible endpoint (default: %(default)s)"
+        "--url",
+        default=None,
+        help="an OpenAI-compatible endpoint (default: sorai's own server, started in this process)",
     )
     group.add_argument("--api-key", default=None, help="its API key (default: $SORAI_API_KEY)")
     group.add_argument(
@@ -104,9 +104,16 @@ def add_parser(verbs: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def _embedder(args: argparse.Namespace, index: Index):
+    import sorai
     from sorai.apps.client import DEFAULT_EMBEDDING_MODEL, Client
 
     name = args.embedding_model or index.embedding_model or DEFAULT_EMBEDDING_MODEL
+    if args.url is None:
+        print(
+            "starting sorai's server in this process (--url uses a running endpoint)",
+            file=sys.stderr,
+        )
+        return sorai.connect(embedding_model=name)
     key = args.api_key or os.environ.get("SORAI_API_KEY")
     # No chat here: naming the model spares the round trip that looks up a chat model.
     return Client.connect(args.url, key, model=name, embedding_model=name)
