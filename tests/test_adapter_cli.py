@@ -193,7 +193,8 @@ def test_serve_with_adapter_serves_the_adapted_model(
     name, url = server
     assert name == f"{hub.DEFAULT_MODEL}+faq"
     client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
-    assert [m.id for m in client.models.list().data] == [name]
+    # The adapted chat model, and the embedding model served beside it.
+    assert [m.id for m in client.models.list().data] == [name, hub.DEFAULT_EMBEDDING_MODEL]
     completion = client.completions.create(model=name, prompt=PROMPT, **GREEDY)
     assert completion.choices[0].text == adapted_completion.text
     # The plain base model is not what this server serves.
