@@ -45,11 +45,23 @@ def write_chat(path: Path, pairs=CHAT) -> Path:
     return path
 
 
+def write_random_model(gguf: Path, path: Path, **config: object) -> Path:
+    """An HF directory at `path`: the tokenizer and vocabulary of the model in `gguf`, its
+    config with `config`'s fields replaced, and random weights (seed 0)."""
+    torch.manual_seed(0)
+    model = Transformer(dataclasses.replace(read_config(gguf), **config))
+    model.init_weights()
+    save_hf_dir(model, path)
+    Tokenizer.from_gguf_metadata(GGUFFile(gguf).metadata).save(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_model(default_gguf: Path, tmp_path_factory) -> Path:
     """An HF directory: the default model's tokenizer and vocabulary, 2 small random layers."""
-    config = dataclasses.replace(
-        read_config(default_gguf),
+    return write_random_model(
+        default_gguf,
+        tmp_path_factory.mktemp("tiny-model"),
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
@@ -57,13 +69,6 @@ def tiny_model(default_gguf: Path, tmp_path_factory) -> Path:
         num_key_value_heads=2,
         head_dim=16,
     )
-    torch.manual_seed(0)
-    model = Transformer(config)
-    model.init_weights()
-    path = tmp_path_factory.mktemp("tiny-model")
-    save_hf_dir(model, path)
-    Tokenizer.from_gguf_metadata(GGUFFile(default_gguf).metadata).save(path)
-    return path
 
 
 @pytest.fixture(scope="session")

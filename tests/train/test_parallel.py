@@ -9,7 +9,6 @@ micro_batch_size / dp rows, so every layout sees the same rows per step.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import subprocess
 import sys
@@ -20,11 +19,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from sorai.model.gguf import GGUFFile
 from sorai.model.loader import load_model, read_config
-from sorai.model.tokenizer import Tokenizer
-from sorai.model.transformer import Transformer
-from sorai.model.weights import save_hf_dir
 from sorai.train import estimate as est
 from sorai.train.config import ConfigError, ParallelConfig, resolve
 from sorai.train.distributed import ParallelDims, check_layout
@@ -32,7 +27,7 @@ from sorai.train.pipeline import split_layers, stage_ids
 from sorai.train.tensor_parallel import check_divisible
 from sorai.train.trainer import Trainer
 
-from .conftest import CHAT, write_chat
+from .conftest import CHAT, write_chat, write_random_model
 
 STEPS = 5
 ROWS = 4  # rows per step, over all data-parallel ranks
@@ -43,8 +38,9 @@ REL = 1e-4
 def model4(default_gguf: Path, tmp_path_factory) -> Path:
     """4 layers (two pipeline stages of two, or four of one), 4 heads and 2 kv heads (tp 2),
     an untied head (full fine-tuning under pp)."""
-    config = dataclasses.replace(
-        read_config(default_gguf),
+    return write_random_model(
+        default_gguf,
+        tmp_path_factory.mktemp("model4"),
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=4,
@@ -53,13 +49,6 @@ def model4(default_gguf: Path, tmp_path_factory) -> Path:
         head_dim=16,
         tie_word_embeddings=False,
     )
-    torch.manual_seed(0)
-    model = Transformer(config)
-    model.init_weights()
-    path = tmp_path_factory.mktemp("model4")
-    save_hf_dir(model, path)
-    Tokenizer.from_gguf_metadata(GGUFFile(default_gguf).metadata).save(path)
-    return path
 
 
 @pytest.fixture(scope="session")
