@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from dataclasses import asdict
-from pathlib import Path
 
+from sorai.apps.command import STARTING, add_endpoint_args, api_key, say, shown
 from sorai.apps.rag.chunk import DEFAULT_CHUNK_SIZE, DEFAULT_OVERLAP
 from sorai.apps.rag.ingest import add_files
 from sorai.apps.rag.search import MODES, search
@@ -30,32 +29,12 @@ examples:
 """
 
 
-def _say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
 def _add_index_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--index",
         default=None,
         metavar="FILE",
         help=f"the index file (default: {default_index_path()}; $SORAI_HOME moves it)",
-    )
-
-
-def _add_endpoint_args(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("embeddings")
-    group.add_argument(
-        "--url",
-        default=None,
-        help="an OpenAI-compatible endpoint (default: sorai's own server, started in this process)",
-    )
-    group.add_argument("--api-key", default=None, help="its API key (default: $SORAI_API_KEY)")
-    group.add_argument(
-        "--embedding-model",
-        default=None,
-        metavar="NAME",
-        help="default: the model the index was built with, else all-minilm-l6-v2",
     )
 
 
@@ -78,7 +57,7 @@ def add_parser(verbs: argparse._SubParsersAction) -> argparse.ArgumentParser:
     add.add_argument(
         "--overlap", type=int, default=DEFAULT_OVERLAP, help="characters (default: 100)"
     )
-    _add_endpoint_args(add)
+    add_endpoint_args(add, chat=False, embeddings=True)
 
     find = actions.add_parser("search", help="the chunks that best match a query")
     find.add_argument("query")
@@ -91,7 +70,7 @@ def add_parser(verbs: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="keyword needs no endpoint (default: %(default)s)",
     )
     find.add_argument("--json", action="store_true", help="one JSON array on stdout")
-    _add_endpoint_args(find)
+    add_endpoint_args(find, chat=False, embeddings=True)
 
     listing = actions.add_parser("list", help="the indexed files")
     _add_index_arg(listing)
@@ -109,29 +88,17 @@ def _embedder(args: argparse.Namespace, index: Index):
 
     name = args.embedding_model or index.embedding_model or DEFAULT_EMBEDDING_MODEL
     if args.url is None:
-        print(
-            "starting sorai's server in this process (--url uses a running endpoint)",
-            file=sys.stderr,
-        )
+        say(STARTING)
         return sorai.connect(embedding_model=name)
-    key = args.api_key or os.environ.get("SORAI_API_KEY")
     # No chat here: naming the model spares the round trip that looks up a chat model.
-    return Client.connect(args.url, key, model=name, embedding_model=name)
-
-
-def _shown(path: str) -> str:
-    """A path relative to the working directory when it is under it."""
-    try:
-        return str(Path(path).relative_to(Path.cwd()))
-    except ValueError:
-        return path
+    return Client.connect(args.url, api_key(args), model=name, embedding_model=name)
 
 
 def _add(args: argparse.Namespace) -> int:
     with Index(args.index) as index, _embedder(args, index) as embedder:
-        report = add_files(index, args.paths, embedder, args.chunk_size, args.overlap, _say)
+        report = add_files(index, args.paths, embedder, args.chunk_size, args.overlap, say)
         for path, why in report.failures:
-            _say(f"failed: {_shown(path)}: {why}")
+            say(f"failed: {shown(path)}: {why}")
         print(f"{report.summary()}; index {index.path}: {index.chunk_count()} chunks")
     return 1 if report.failed else 0
 
@@ -147,14 +114,14 @@ def _search(args: argparse.Namespace) -> int:
         print(json.dumps([asdict(r) for r in results], ensure_ascii=False, indent=2))
         return 0
     for n, r in enumerate(results, 1):
-        where = _shown(r.path) + (f"  p.{r.page}" if r.page else "")
+        where = shown(r.path) + (f"  p.{r.page}" if r.page else "")
         where += f"  § {r.heading}" if r.heading else ""
         ranks = f"vector #{r.vector_rank or '-'}, keyword #{r.keyword_rank or '-'}"
         print(f"{n:>2}. {r.score:.4f}  {where}  ({ranks})")
         text = " ".join(r.text.split())
         print(f"    {text[:300]}{'…' if len(text) > 300 else ''}")
     if not results:
-        _say("no matches")
+        say("no matches")
     return 0
 
 
@@ -169,9 +136,9 @@ def _list(args: argparse.Namespace) -> int:
     print(f"{'CHUNKS':>6}  {'ADDED':16}  PATH")
     for d in documents:
         added = time.strftime("%Y-%m-%d %H:%M", time.localtime(d.added_at))
-        print(f"{d.n_chunks:>6}  {added:16}  {_shown(d.path)}")
+        print(f"{d.n_chunks:>6}  {added:16}  {shown(d.path)}")
     vectors = f"{model}, {dimension} dims" if model else "no vectors yet"
-    _say(f"{len(documents)} files, {chunks} chunks in {path} ({vectors})")
+    say(f"{len(documents)} files, {chunks} chunks in {path} ({vectors})")
     return 0
 
 
@@ -180,10 +147,10 @@ def _remove(args: argparse.Namespace) -> int:
         removed = [p for path in args.paths for p in index.remove(path)]
         left = index.chunk_count()
     for path in removed:
-        _say(f"removed {_shown(path)}")
+        say(f"removed {shown(path)}")
     print(f"{len(removed)} files removed; {left} chunks left")
     if not removed:
-        _say(f"nothing indexed at {', '.join(args.paths)} (`sorai index list` shows what is)")
+        say(f"nothing indexed at {', '.join(args.paths)} (`sorai index list` shows what is)")
         return 1
     return 0
 

@@ -13,23 +13,34 @@ The skills are imported when a verb runs, so `import sorai.cli` stays fast.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
-import os
 import sys
-import unicodedata
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
+from sorai.apps.command import (
+    TEXT_FIELD,
+    add_endpoint_args,
+    connect,
+    pad,
+    print_json,
+    read_json,
+    read_jsonl,
+    read_rows,
+    say,
+    short,
+    shown,
+    unreachable,
+    width,
+)
 from sorai.apps.rag.search import MODES
 from sorai.apps.skills.base import SkillError
 from sorai.errors import SoraiError
 
 # summarize.STYLES' names, here so that building the parser imports no skill (tested equal).
 STYLES = ("paragraph", "bullets", "one-line", "executive")
-TEXT_FIELD = "text"
 
 CLASSIFY_DESCRIPTION = """\
 One label of a fixed set per text, with a confidence: the label is decoded under a JSON schema
@@ -92,41 +103,11 @@ examples:
 """
 
 
-def _say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
 # -- arguments ------------------------------------------------------------------------------
 
 
 def _add_common(parser: argparse.ArgumentParser, embeddings: bool = False) -> None:
-    group = parser.add_argument_group("endpoint")
-    group.add_argument(
-        "--url",
-        default=None,
-        help="an OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 (default: sorai's "
-        "own server, started in this process)",
-    )
-    group.add_argument(
-        "--api-key",
-        default=None,
-        metavar="KEY",
-        help="its API key (default: $SORAI_API_KEY, else $OPENAI_API_KEY)",
-    )
-    group.add_argument(
-        "--model",
-        default=None,
-        metavar="NAME",
-        help="the chat model (default: the first the endpoint lists; without --url, sorai's "
-        "default model)",
-    )
-    if embeddings:
-        group.add_argument(
-            "--embedding-model",
-            default=None,
-            metavar="NAME",
-            help="the embedding model (default: all-minilm-l6-v2, or the index's)",
-        )
+    add_endpoint_args(parser, embeddings=embeddings)
     parser.add_argument("--json", action="store_true", help="machine-readable output (JSON)")
 
 
@@ -308,24 +289,6 @@ def add_parsers(verbs: argparse._SubParsersAction) -> None:
 # -- shared machinery -----------------------------------------------------------------------
 
 
-def _connect(args: argparse.Namespace, embedding_model: str | None = None):
-    import sorai
-
-    embedding_model = getattr(args, "embedding_model", None) or embedding_model
-    if args.url is None:
-        _say("starting sorai's server in this process (--url uses a running endpoint)")
-        return sorai.connect(model=args.model, embedding_model=embedding_model)
-    key = args.api_key or os.environ.get("SORAI_API_KEY") or os.environ.get("OPENAI_API_KEY")
-    return sorai.connect(args.url, key, args.model, embedding_model)
-
-
-def _fatal(error: SoraiError) -> bool:
-    """An error that every row would hit: the endpoint is gone."""
-    from sorai.apps.client import ClientError
-
-    return isinstance(error, ClientError) and str(error).startswith("cannot reach")
-
-
 def _texts_or_input(args: argparse.Namespace) -> None:
     if args.input is not None and args.texts:
         raise SkillError("give TEXT arguments or --input FILE, not both")
@@ -335,101 +298,6 @@ def _texts_or_input(args: argparse.Namespace) -> None:
         raise SkillError("--output goes with --input (batch mode); --json prints JSON")
     if args.input is not None and args.input != "-" and not Path(args.input).is_file():
         raise SkillError(f"no such file: {args.input}")
-
-
-def _read_json(path: str, what: str) -> Any:
-    try:
-        with open(path, encoding="utf-8-sig") as f:
-            return json.load(f)
-    except OSError as e:
-        raise SkillError(f"cannot read {what} {path}: {e.strerror or e}") from None
-    except json.JSONDecodeError as e:
-        raise SkillError(f"{path}:{e.lineno}: not JSON: {e.msg}") from None
-
-
-def _read_jsonl(path: str) -> Iterator[tuple[str, Any]]:
-    """(where, value) for each non-blank line; a line that is not JSON raises SkillError."""
-    try:
-        with open(path, encoding="utf-8-sig") as f:
-            for number, line in enumerate(f, 1):
-                if line.strip():
-                    where = f"{path}:{number}"
-                    try:
-                        yield where, json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise SkillError(f"{where}: not JSON: {e.msg}") from None
-    except OSError as e:
-        raise SkillError(f"cannot read {path}: {e.strerror or e}") from None
-
-
-@dataclass
-class _Row:
-    where: str  # file:line
-    row: dict[str, Any]  # as read: written back out with the result
-    text: str | None
-    error: str | None = None
-
-
-def _jsonl_rows(lines: IO[str], name: str, field: str) -> Iterator[_Row]:
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        where = f"{name}:{number}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            yield _Row(where, {}, None, f"not JSON: {e.msg}")
-            continue
-        if not isinstance(row, dict):
-            yield _Row(where, {}, None, f"not a JSON object but {type(row).__name__}")
-        elif field not in row:
-            yield _Row(where, row, None, f"no {field!r} field (--text-field names it)")
-        elif not isinstance(row[field], str) or not row[field].strip():
-            yield _Row(where, row, None, f"{field!r} is not a non-empty string: {row[field]!r}")
-        else:
-            yield _Row(where, row, row[field])
-
-
-def _csv_rows(lines: IO[str], name: str, field: str) -> Iterator[_Row]:
-    reader = csv.DictReader(lines)
-    columns = reader.fieldnames or []
-    if field not in columns:
-        raise SkillError(
-            f"{name}:1: no {field!r} column (columns: {', '.join(columns) or 'none'}; "
-            "--text-field names it)"
-        )
-    for row in reader:
-        where = f"{name}:{reader.line_num}"
-        if None in row or None in row.values():
-            yield _Row(where, {}, None, f"not {len(columns)} columns as in the header")
-        elif not row[field].strip():
-            yield _Row(where, row, None, f"empty {field!r}")
-        else:
-            yield _Row(where, row, row[field])
-
-
-def _text_rows(lines: IO[str], name: str, field: str) -> Iterator[_Row]:
-    for number, line in enumerate(lines, 1):
-        text = line.strip()
-        if text:
-            yield _Row(f"{name}:{number}", {field: text}, text)
-
-
-def read_rows(path: str, field: str = TEXT_FIELD) -> Iterator[_Row]:
-    """The rows of a batch input: .csv (a header row), .txt (one text a line), else JSONL ('-':
-    JSONL on stdin). A row that cannot be used comes with `error` set."""
-    if path == "-":
-        yield from _jsonl_rows(sys.stdin, "<stdin>", field)
-        return
-    suffix = Path(path).suffix.lower()
-    reader = {".csv": _csv_rows, ".txt": _text_rows}.get(suffix, _jsonl_rows)
-    try:
-        with open(path, encoding="utf-8-sig", newline="" if suffix == ".csv" else None) as f:
-            yield from reader(f, path, field)
-    except UnicodeDecodeError as e:
-        raise SkillError(f"{path}: not UTF-8 text (byte offset {e.start})") from None
-    except OSError as e:
-        raise SkillError(f"cannot read {path}: {e.strerror or e}") from None
 
 
 def _batch(args: argparse.Namespace, client, work: Callable[[str], dict[str, Any]]) -> int:
@@ -443,11 +311,11 @@ def _batch(args: argparse.Namespace, client, work: Callable[[str], dict[str, Any
                 try:
                     result = work(item.text)
                 except SoraiError as e:
-                    if _fatal(e):
+                    if unreachable(e):
                         raise
                     item.error = str(e)
             if item.error is not None:
-                _say(f"{item.where}: {item.error}")
+                say(f"{item.where}: {item.error}")
                 failed += 1
                 continue
             out.write(json.dumps({**item.row, **result}, ensure_ascii=False) + "\n")
@@ -457,29 +325,8 @@ def _batch(args: argparse.Namespace, client, work: Callable[[str], dict[str, Any
         if args.output:
             out.close()
     where = f" -> {args.output}" if args.output else ""
-    _say(f"{done} done, {failed} failed{where}")
+    say(f"{done} done, {failed} failed{where}")
     return 1 if failed else 0
-
-
-def _width(text: str) -> int:
-    """Columns `text` takes in a terminal: East Asian wide characters take two."""
-    return sum(2 if unicodedata.east_asian_width(ch) in "WF" else 1 for ch in text)
-
-
-def _pad(text: str, width: int) -> str:
-    return text + " " * max(0, width - _width(text))
-
-
-def _short(text: str, limit: int = 60) -> str:
-    flat = " ".join(text.split())
-    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
-
-
-def _print_json(value: Any) -> None:
-    print(json.dumps(value, ensure_ascii=False, indent=2))
-
-
-# -- classify -------------------------------------------------------------------------------
 
 
 def _classify_labels(args: argparse.Namespace) -> list[str] | dict[str, str]:
@@ -488,7 +335,7 @@ def _classify_labels(args: argparse.Namespace) -> list[str] | dict[str, str]:
     if args.labels is not None:
         return [name.strip() for name in args.labels.split(",") if name.strip()]
     if args.labels_file is not None:
-        labels = _read_json(args.labels_file, "labels file")
+        labels = read_json(args.labels_file, "labels file")
         if isinstance(labels, list) and all(isinstance(name, str) for name in labels):
             return labels
         if isinstance(labels, dict) and all(isinstance(d, str) for d in labels.values()):
@@ -507,7 +354,7 @@ def _classify_examples(args: argparse.Namespace) -> list[tuple[str, str]]:
             raise SkillError(f"--example takes TEXT=>LABEL, got {example!r}")
         examples.append((text.strip(), label.strip()))
     if args.examples_file is not None:
-        for where, value in _read_jsonl(args.examples_file):
+        for where, value in read_jsonl(args.examples_file):
             if (
                 not isinstance(value, dict)
                 or not isinstance(value.get("text"), str)
@@ -532,17 +379,17 @@ def run_classify(args: argparse.Namespace) -> int:
         result = skill.classify(client, text, labels, examples, instruction)
         return {"label": result.label, "confidence": result.confidence, "scores": result.scores}
 
-    with _connect(args) as client:
+    with connect(args) as client:
         if args.input is not None:
             return _batch(args, client, work)
         results = [skill.classify(client, t, labels, examples, instruction) for t in args.texts]
     if args.json:
-        _print_json([asdict(r) for r in results])
+        print_json([asdict(r) for r in results])
         return 0
-    width = max(_width(name) for name in named)
+    columns = max(width(name) for name in named)
     for r in results:
         confidence = f"{r.confidence:.3f}" if r.confidence is not None else "  -  "
-        print(f"{_pad(r.label, width)}  {confidence}  {_short(r.text)}")
+        print(f"{pad(r.label, columns)}  {confidence}  {short(r.text)}")
     return 0
 
 
@@ -553,7 +400,7 @@ def _extract_fields(args: argparse.Namespace) -> dict[str, Any]:
     if args.fields and args.schema is not None:
         raise SkillError("give --fields or --schema, not both")
     if args.schema is not None:
-        fields = _read_json(args.schema, "schema")
+        fields = read_json(args.schema, "schema")
         if not isinstance(fields, dict):
             raise SkillError(f'{args.schema}: a JSON object schema or {{"name": "description"}}')
         return fields
@@ -574,7 +421,7 @@ def _extract_examples(path: str | None) -> list[tuple[str, dict[str, Any]]]:
     examples: list[tuple[str, dict[str, Any]]] = []
     if path is None:
         return examples
-    for where, value in _read_jsonl(path):
+    for where, value in read_jsonl(path):
         if not isinstance(value, dict) or not isinstance(value.get("text"), str):
             raise SkillError(f'{where}: an example is {{"text": "...", "record": {{...}}}}')
         record = value.get("record", {k: v for k, v in value.items() if k != "text"})
@@ -598,19 +445,19 @@ def run_extract(args: argparse.Namespace) -> int:
         error = next(iter(validator.iter_errors(record)), None)
         if error is not None:
             raise SkillError(
-                f"example {_short(text, 40)!r}: the record does not fit: {error.message}"
+                f"example {short(text, 40)!r}: the record does not fit: {error.message}"
             )
     instruction = args.instruction or skill.INSTRUCTION
 
     def one(text: str) -> dict[str, Any]:
         return skill.extract(client, text, fields, examples, instruction, args.max_tokens)
 
-    with _connect(args) as client:
+    with connect(args) as client:
         if args.input is not None:
             return _batch(args, client, lambda text: {"record": one(text)})
         records = [one(text) for text in args.texts]
     if args.json:
-        _print_json([{"text": t, "record": r} for t, r in zip(args.texts, records, strict=True)])
+        print_json([{"text": t, "record": r} for t, r in zip(args.texts, records, strict=True)])
         return 0
     for n, record in enumerate(records):
         if n:
@@ -652,14 +499,14 @@ def run_summarize(args: argparse.Namespace) -> int:
     text = _read_text(args.file)
     if not text.strip():
         raise SkillError(f"nothing to summarize: {args.file} is empty")
-    with _connect(args) as client:
+    with connect(args) as client:
         summary = summarize(client, text, args.style, args.max_words, args.context_tokens)
     if args.json:
-        _print_json({"file": args.file, **asdict(summary)})
+        print_json({"file": args.file, **asdict(summary)})
         return 0
     print(summary.text)
     how = "one request" if summary.path == "direct" else f"map-reduce over {summary.chunks} chunks"
-    _say(f"({summary.words} words; {how})")
+    say(f"({summary.words} words; {how})")
     return 0
 
 
@@ -679,7 +526,7 @@ def run_sentiment(args: argparse.Namespace) -> int:
             return {"sentences": [asdict(s) for s in sentiment_by_sentence(client, text)]}
         return fields(sentiment(client, text))
 
-    with _connect(args) as client:
+    with connect(args) as client:
         if args.input is not None:
             return _batch(args, client, work)
         if args.per_sentence:
@@ -688,21 +535,21 @@ def run_sentiment(args: argparse.Namespace) -> int:
             results = [[sentiment(client, text)] for text in args.texts]
     if args.json:
         if args.per_sentence:
-            _print_json(
+            print_json(
                 [
                     {"text": text, "sentences": [asdict(s) for s in found]}
                     for text, found in zip(args.texts, results, strict=True)
                 ]
             )
         else:
-            _print_json([asdict(found[0]) for found in results])
+            print_json([asdict(found[0]) for found in results])
         return 0
     for n, found in enumerate(results):
         if n and args.per_sentence:
             print()
         for s in found:
             score = f"{s.score:+.2f}" if s.score is not None else "  -  "
-            print(f"{s.label:<8}  {score}  {_short(s.text, 70)}")
+            print(f"{s.label:<8}  {score}  {short(s.text, 70)}")
     return 0
 
 
@@ -719,31 +566,29 @@ def run_topics(args: argparse.Namespace) -> int:
     failed = 0
     for item in read_rows(args.input, args.text_field):
         if item.error is not None:
-            _say(f"{item.where}: {item.error}")
+            say(f"{item.where}: {item.error}")
             failed += 1
         else:
             texts.append(item.text)
             lines.append(item.where)
     if not texts:
         raise SkillError(f"no texts in {args.input}")
-    with _connect(args) as client:
+    with connect(args) as client:
         found = topics(client, texts, k=args.k, max_topics=args.max_topics, seed=args.seed)
     if args.json:
-        _print_json(
+        print_json(
             [asdict(t) | {"lines": [lines[i] for i in t.members]} for t in found],
         )
     else:
-        width = max([_width("TOPIC")] + [_width(t.label) for t in found])
-        print(f"{'COUNT':>5}  {_pad('TOPIC', width)}  EXAMPLES")
+        columns = max([width("TOPIC")] + [width(t.label) for t in found])
+        print(f"{'COUNT':>5}  {pad('TOPIC', columns)}  EXAMPLES")
         for t in found:
             examples = t.examples[:2] or [texts[i] for i in t.members[:2]]
-            first = _short(examples[0], 60) if examples else ""
-            print(f"{t.count:>5}  {_pad(t.label, width)}  {first}")
+            first = short(examples[0], 60) if examples else ""
+            print(f"{t.count:>5}  {pad(t.label, columns)}  {first}")
             for example in examples[1:]:
-                print(f"{'':>5}  {'':{width}}  {_short(example, 60)}")
-        _say(
-            f"{len(texts)} texts, {len(found)} topics" + (f", {failed} bad rows" if failed else "")
-        )
+                print(f"{'':>5}  {'':{columns}}  {short(example, 60)}")
+        say(f"{len(texts)} texts, {len(found)} topics" + (f", {failed} bad rows" if failed else ""))
     return 1 if failed else 0
 
 
@@ -757,11 +602,11 @@ def run_ask(args: argparse.Namespace) -> int:
     if not args.question.strip():
         raise SkillError("the question is empty")
     with Index(args.index, create=False) as index:
-        with _connect(args, embedding_model=index.embedding_model) as client:
+        with connect(args, embedding_model=index.embedding_model) as client:
             answer = ask(client, args.question, index, k=args.k, mode=args.mode)
         path = index.path
     if args.json:
-        _print_json(asdict(answer))
+        print_json(asdict(answer))
         return 0
     if not answer.citations:  # nothing relevant was retrieved: the model was not asked
         print(f"No relevant passage was found in {path} for this question.")
@@ -772,14 +617,7 @@ def run_ask(args: argparse.Namespace) -> int:
     if answer.citations:
         print()
     for c in answer.citations:
-        where = _shown(c.path) + (f", p.{c.page}" if c.page else "")
+        where = shown(c.path) + (f", p.{c.page}" if c.page else "")
         where += f" § {c.heading}" if c.heading else ""
-        print(f"[{c.number}] {where}: {_short(c.text, 100)}")
+        print(f"[{c.number}] {where}: {short(c.text, 100)}")
     return 0
-
-
-def _shown(path: str) -> str:
-    try:
-        return str(Path(path).relative_to(Path.cwd()))
-    except ValueError:
-        return path

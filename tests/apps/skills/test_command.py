@@ -13,6 +13,7 @@ from sorai.apps.client import Client
 from sorai.apps.skills import command
 from sorai.apps.skills.summarize import STYLES
 from sorai.cli import main
+from sorai.errors import SoraiError
 
 from .test_classify import EXAMPLES, INSTRUCTION, LABELS, NEW
 
@@ -141,7 +142,7 @@ def test_read_rows_csv_and_txt(tmp_path: Path) -> None:
         (f"{table}:6", "two\nlines", True),
     ]
     assert rows[0].row == {"id": "1", "text": "hello"}
-    with pytest.raises(command.SkillError, match="no 'body' column"):
+    with pytest.raises(SoraiError, match="no 'body' column"):
         list(command.read_rows(str(table), "body"))
     lines = tmp_path / "in.txt"
     lines.write_text("first\n\n  second  \n")
