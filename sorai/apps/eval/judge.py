@@ -23,7 +23,7 @@ import jinja2.meta
 
 from sorai.errors import SoraiError
 
-REASON_CHARS = 400  # the schema's maxLength: a judge cannot ramble past the token budget
+REASON_CHARS = 300  # the schema's maxLength: a judge cannot ramble past the token budget
 MAX_TOKENS = 600
 _SECTION = re.compile(r"^\[(system|user)\]\s*$", re.MULTILINE)
 _ENV = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=False)

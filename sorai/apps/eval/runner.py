@@ -249,8 +249,18 @@ class Runner:
         results: list[dict[str, Any] | None] = [None] * len(rows)
         lock = threading.Lock()
 
+        stop = threading.Event()
+
         def one(position: int, row: EvalRow) -> None:
-            result = self._row(row, cache, digests, judges)
+            # After a fatal error (or a kill) no new row starts: queued rows would otherwise
+            # keep a worker busy until the pool drains.
+            if stop.is_set():
+                return
+            try:
+                result = self._row(row, cache, digests, judges)
+            except BaseException:
+                stop.set()
+                raise
             with lock:
                 results[position] = result
                 if any(k == "error" or k.endswith("_error") for k in result):

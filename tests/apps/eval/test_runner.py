@@ -1,0 +1,134 @@
+"""Running: retries with backoff on 429/5xx, errors kept per row, and resume after a kill."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sorai.apps.client import ClientError
+from sorai.apps.eval.data import load_rows
+from sorai.apps.eval.registry import Context, resolve
+from sorai.apps.eval.runner import CACHE, Retry, Runner, retryable
+
+from .conftest import write_jsonl
+from .doubles import NumberJudge, warranty_rows
+
+
+class Killed(BaseException):
+    """Stands for the process being killed mid-run: not an Exception, so no row catches it."""
+
+
+def runner(tmp_path, judge, metrics=("groundedness",), sleeps=None, **kw) -> Runner:
+    sleep = sleeps.append if sleeps is not None else lambda s: None
+    return Runner(
+        resolve(list(metrics)),
+        Context(judge, judge),
+        tmp_path / "run",
+        retry=Retry(retries=kw.pop("retries", 4), backoff=1.0, sleep=sleep),
+        progress=False,
+        **kw,
+    )
+
+
+def test_retryable_statuses():
+    assert retryable(ClientError("chat request refused (429): slow down"))
+    assert retryable(ClientError("chat request refused (503): overloaded"))
+    assert not retryable(ClientError("chat request refused (400): bad schema"))
+    assert not retryable(ValueError("no status"))
+
+
+def test_retries_back_off_exponentially_then_succeed(tmp_path):
+    def fail(call, response):
+        return ClientError("chat request refused (429): busy") if call <= 3 else None
+
+    sleeps: list[float] = []
+    data = write_jsonl(tmp_path / "d.jsonl", warranty_rows(90)[:1])
+    (result,) = runner(tmp_path, NumberJudge(fail), sleeps=sleeps).run(load_rows(str(data)))
+    assert sleeps == [1.0, 2.0, 4.0]
+    assert result["groundedness_result"] == "pass"
+
+
+def test_errors_stay_in_their_row_and_the_run_goes_on(tmp_path):
+    rows = warranty_rows(90)[:3]
+    rows[1] = {**rows[1], "response": "BAD"}
+    del rows[2]["context"]
+    data = tmp_path / "d.jsonl"
+    write_jsonl(data, rows)
+    with data.open("a") as f:
+        f.write("{not json\n")
+
+    def fail(call, response):
+        if response == "BAD":
+            return ClientError("chat request refused (500): the judge crashed")
+        return None
+
+    sleeps: list[float] = []
+    results = runner(tmp_path, NumberJudge(fail), sleeps=sleeps, retries=2).run(
+        load_rows(str(data))
+    )
+    assert len(results) == 4
+    assert results[0]["groundedness_result"] == "pass"
+    assert results[1]["groundedness_error"] == (
+        f"{data}:2: groundedness: chat request refused (500): the judge crashed"
+    )
+    assert sleeps == [1.0, 2.0]  # a 5xx is retried, then recorded
+    assert results[2]["groundedness_error"] == f"{data}:3: no context (needed by groundedness)"
+    assert results[3]["error"].startswith(f"{data}:4: not JSON")
+
+
+def test_a_refused_request_is_not_retried(tmp_path):
+    sleeps: list[float] = []
+    judge = NumberJudge(lambda call, r: ClientError("chat request refused (400): bad"))
+    data = write_jsonl(tmp_path / "d.jsonl", warranty_rows(90)[:1])
+    (result,) = runner(tmp_path, judge, sleeps=sleeps).run(load_rows(str(data)))
+    assert sleeps == [] and len(judge.calls) == 1
+    assert "refused (400)" in result["groundedness_error"]
+
+
+def test_resume_after_a_kill_requests_only_unfinished_rows(tmp_path):
+    rows = []
+    for days in range(10, 101, 10):  # ten distinct rows, so each request names its row
+        rows.append({**warranty_rows(90)[0], "response": f"It lasts {days} days."})
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+
+    def kill_at_fourth(call, response):
+        return Killed() if call == 4 else None
+
+    first = NumberJudge(kill_at_fourth)
+    with pytest.raises(Killed):
+        runner(tmp_path, first, concurrency=1).run(load_rows(str(data)))
+    finished = first.calls[:3]
+    cached = (tmp_path / "run" / CACHE).read_text().splitlines()
+    assert len(cached) == 3 and all(json.loads(line)["key"] for line in cached)
+
+    second = NumberJudge()
+    again = runner(tmp_path, second, concurrency=2)
+    results = again.run(load_rows(str(data)))
+    assert not set(second.calls) & set(finished)
+    assert sorted(second.calls) == sorted(r["response"] for r in rows[3:])
+    assert again.cached == 3
+    # Only 90 is in the context; the cached scores come back with the fresh ones.
+    assert [r["groundedness"] for r in results] == [1.0] * 8 + [5.0, 1.0]
+
+    third = NumberJudge()
+    runner(tmp_path, third).run(load_rows(str(data)))
+    assert third.calls == []
+
+
+def test_a_changed_judge_or_prompt_is_not_read_from_the_cache(tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", warranty_rows(90)[:2])
+    runner(tmp_path, NumberJudge()).run(load_rows(str(data)))
+    other = NumberJudge()
+    other.model = "another-judge"
+    runner(tmp_path, other).run(load_rows(str(data)))
+    assert len(other.calls) == 2
+    prompts = tmp_path / "prompts"
+    prompts.mkdir()
+    text = "[user]\nCONTEXT:\n{{ context }}\nQUERY:\n{{ query }}\nRESPONSE:\n{{ response }}\n"
+    (prompts / "groundedness.md").write_text(text)
+    edited = NumberJudge()
+    r = runner(tmp_path, edited)
+    r.context.prompts_dir = str(prompts)
+    r.run(load_rows(str(data)))
+    assert len(edited.calls) == 2
