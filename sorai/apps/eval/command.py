@@ -275,7 +275,7 @@ def run_eval(args: argparse.Namespace) -> int:
     for error in first_errors(results):
         say(f"error: {error}")
     if resuming:
-        say(f"{runner.cached} results came from the cache of the interrupted run")
+        say(f"{runner.cached} results came from the cache of an earlier run in this directory")
     say(f"report: {shown(str(run_dir / 'report.html'))}")
     return 1 if summary["rows_with_errors"] else 0
 
