@@ -96,6 +96,7 @@ def render_html(
                 "chart": Markup(chart),
             }
         )
+    meta = {"data": "", "target": None, "judge": None, "finished": "", **meta}
     return env.from_string(template_text).render(
         rows=results, metrics=metrics, summary=summary, meta=meta
     )
