@@ -35,7 +35,15 @@ def histogram(values: list[float], scale: tuple[float, float] | None, integer: b
     bins = [0] * 10
     for x in values:
         bins[min(9, max(0, int((x - low) / step)))] += 1
-    return [{"label": f"{low + i * step:.2g}", "count": c} for i, c in enumerate(bins)]
+    # Labelled by the bin's lower edge; the tooltip gives the whole range.
+    return [
+        {
+            "label": f"{low + i * step:.2g}",
+            "range": f"{low + i * step:.3g}-{low + (i + 1) * step:.3g}",
+            "count": c,
+        }
+        for i, c in enumerate(bins)
+    ]
 
 
 def svg_chart(bins: list[dict], w: int = 280, h: int = 130) -> str:
@@ -51,7 +59,7 @@ def svg_chart(bins: list[dict], w: int = 280, h: int = 130) -> str:
         y = h - 20 - bar
         parts.append(
             f'<rect x="{x + 2:.1f}" y="{y:.1f}" width="{slot - 4:.1f}" height="{bar:.1f}">'
-            f"<title>{html.escape(b['label'])}: {b['count']}</title></rect>"
+            f"<title>{html.escape(b.get('range', b['label']))}: {b['count']}</title></rect>"
             f'<text x="{x + slot / 2:.1f}" y="{y - 3:.1f}" class="n">{b["count"]}</text>'
             f'<text x="{x + slot / 2:.1f}" y="{h - 6}" class="l">{html.escape(b["label"])}</text>'
         )
@@ -94,6 +102,8 @@ def render_html(
                 "description": e.description,
                 "summary": summary["metrics"][e.name],
                 "chart": Markup(chart),
+                # A reasoning column only where some row has a reason (the judges).
+                "reasons": any(f"{e.name}_reason" in r for r in results),
             }
         )
     meta = {"data": "", "target": None, "judge": None, "finished": "", **meta}
