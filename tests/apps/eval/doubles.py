@@ -73,8 +73,10 @@ class NumberJudge:
 
 
 class JudgeServer:
-    """`NumberJudge`'s rule behind an OpenAI-compatible HTTP endpoint on a loopback port.
-    `requests` counts chat requests; `busy` makes that many first requests answer 429."""
+    """`NumberJudge`'s rule behind an OpenAI-compatible HTTP endpoint on a loopback port (a
+    chat request without a JSON schema, a target's, is answered "The warranty lasts 90
+    days."). `requests` counts chat requests; `busy` makes that many first requests answer
+    429."""
 
     def __init__(self, busy: int = 0):
         self.requests: list[str] = []
@@ -106,8 +108,11 @@ class JudgeServer:
                     owner.requests.append(
                         sections(body["messages"][-1]["content"]).get("RESPONSE", "")
                     )
-                name = body["response_format"]["json_schema"]["name"]
-                content = json.dumps(answer(body["messages"], name))
+                if "response_format" in body:
+                    name = body["response_format"]["json_schema"]["name"]
+                    content = json.dumps(answer(body["messages"], name))
+                else:  # a target's plain chat request: the right answer to the seed's table
+                    content = "The warranty lasts 90 days."
                 self._send(
                     200,
                     {

@@ -107,3 +107,20 @@ def test_custom_python_evaluator_by_name(tmp_path, monkeypatch, capsys):
     rows = [json.loads(line) for line in (tmp_path / "r/rows.jsonl").read_text().splitlines()]
     assert [r["ninety"] for r in rows] == [0.0, 0.0, 1.0, 1.0]
     assert [r["ninety_result"] for r in rows] == ["fail", "fail", "pass", "pass"]
+
+
+def test_target_generates_responses_with_latency_and_tokens(tmp_path, judge_server, capsys):
+    rows = [{k: v for k, v in r.items() if k != "response"} for r in warranty_rows(60)[:3]]
+    data = write_jsonl(tmp_path / "q.jsonl", rows)
+    argv = ["eval", "run", str(data), "--target", "default", "--url", judge_server.url]
+    argv += ["-m", "groundedness,latency,tokens", "--out", str(tmp_path / "r"), "--json"]
+    assert main(argv) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["run"]["target"] == "model:judge-double"
+    assert summary["metrics"]["groundedness"]["pass_rate"] == 1.0
+    results = [json.loads(x) for x in (tmp_path / "r/rows.jsonl").read_text().splitlines()]
+    assert {r["response"] for r in results} == {"The warranty lasts 90 days."}
+    assert all(r["tokens"] == 15 and r["tokens_completion"] == 5 for r in results)
+    assert all(r["latency"] > 0 for r in results)
+    # 3 generations and 3 judgements reached the endpoint.
+    assert len(judge_server.requests) == 6

@@ -132,3 +132,60 @@ def test_a_changed_judge_or_prompt_is_not_read_from_the_cache(tmp_path):
     r.context.prompts_dir = str(prompts)
     r.run(load_rows(str(data)))
     assert len(edited.calls) == 2
+
+
+class FixedEmbedder:
+    """Embeddings by lookup: enough to check the cosine the metric reports."""
+
+    embedding_model = "lookup"
+
+    def embed(self, texts):
+        table = {"yes": [1.0, 0.0], "sure": [1.0, 1.0], "no": [0.0, 1.0]}
+        return [table[t] for t in texts]
+
+
+def test_run_level_metrics_in_the_summary(tmp_path):
+    from sorai.apps.eval.summary import summarize
+
+    rows = [
+        {"response": "positive", "ground_truth": "positive"},
+        {"response": "negative", "ground_truth": "positive"},
+        {"response": "neutral", "ground_truth": "neutral"},
+    ]
+    data = write_jsonl(tmp_path / "c.jsonl", rows)
+    evaluators = resolve(["classification"])
+    results = Runner(evaluators, Context(), tmp_path / "c", progress=False).run(
+        load_rows(str(data))
+    )
+    c = summarize(results, evaluators, {})["metrics"]["classification"]
+    assert c["accuracy"] == pytest.approx(2 / 3) and c["mean"] == pytest.approx(2 / 3)
+    # F1: negative 0, neutral 1, positive 2/3.
+    assert c["macro_f1"] == pytest.approx((0 + 1 + 2 / 3) / 3)
+    assert c["confusion"] == [[0, 0, 0], [0, 1, 0], [1, 0, 1]]
+
+    rows = [
+        {"response": {"a": 1, "b": 2}, "ground_truth": {"a": 1, "b": 3}},
+        {"response": '{"a": 5}', "ground_truth": {"a": 5, "c": "x"}},
+        {"response": "not json", "ground_truth": {"a": 1}},
+    ]
+    data = write_jsonl(tmp_path / "e.jsonl", rows)
+    evaluators = resolve(["extraction"])
+    results = Runner(evaluators, Context(), tmp_path / "e", progress=False).run(
+        load_rows(str(data))
+    )
+    assert results[0]["extraction"] == pytest.approx(0.5)
+    assert "response is not JSON" in results[2]["extraction_error"]
+    e = summarize(results, evaluators, {})["metrics"]["extraction"]
+    # Fields over the two scored rows: 2 right, 3 predicted, 4 expected.
+    assert e["micro"] == pytest.approx({"precision": 2 / 3, "recall": 1 / 2, "f1": 4 / 7})
+    assert e["per_field"]["a"]["f1"] == 1.0 and e["errors"] == 1
+
+    rows = [{"response": "yes", "ground_truth": "sure"}, {"response": "yes", "ground_truth": "no"}]
+    data = write_jsonl(tmp_path / "s.jsonl", rows)
+    results = Runner(
+        resolve(["embedding_similarity"]),
+        Context(embedder=FixedEmbedder()),
+        tmp_path / "s",
+        progress=False,
+    ).run(load_rows(str(data)))
+    assert [r["embedding_similarity"] for r in results] == [pytest.approx(2**-0.5), 0.0]
