@@ -109,6 +109,11 @@ class Target:
 
     name: str = "target"
 
+    @property
+    def settings(self) -> tuple:
+        """What, besides the row, shapes a response: the generation cache keys on it."""
+        return (self.name,)
+
     def generate(self, row: EvalRow) -> Generation:
         raise NotImplementedError
 
@@ -134,6 +139,10 @@ class ModelTarget(Target):
     @property
     def name(self) -> str:  # type: ignore[override]
         return f"model:{self.model}"
+
+    @property
+    def settings(self) -> tuple:
+        return (self.name, self.system, self.max_tokens, self.temperature)
 
     def generate(self, row: EvalRow) -> Generation:
         query = as_text(row.fields.get("query"))
@@ -289,7 +298,7 @@ class Runner:
             return result
         if self.target is not None:
             key = cache_key(
-                "generate", self.target.name, row.fields.get("query"), row.fields.get("context")
+                "generate", self.target.settings, row.fields.get("query"), row.fields.get("context")
             )
             generation = cache.get(key)
             if generation is not None:

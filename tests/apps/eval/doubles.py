@@ -75,12 +75,10 @@ class NumberJudge:
 class JudgeServer:
     """`NumberJudge`'s rule behind an OpenAI-compatible HTTP endpoint on a loopback port (a
     chat request without a JSON schema, a target's, is answered "The warranty lasts 90
-    days."). `requests` counts chat requests; `busy` makes that many first requests answer
-    429."""
+    days."). `requests` counts the chat requests that arrived."""
 
-    def __init__(self, busy: int = 0):
+    def __init__(self):
         self.requests: list[str] = []
-        self.busy = busy
         owner = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -101,10 +99,6 @@ class JudgeServer:
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 with owner_lock:
-                    if owner.busy > 0:
-                        owner.busy -= 1
-                        self._send(429, {"error": {"message": "busy, try again"}})
-                        return
                     owner.requests.append(
                         sections(body["messages"][-1]["content"]).get("RESPONSE", "")
                     )

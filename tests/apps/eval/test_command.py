@@ -124,3 +124,6 @@ def test_target_generates_responses_with_latency_and_tokens(tmp_path, judge_serv
     assert all(r["latency"] > 0 for r in results)
     # 3 generations and 3 judgements reached the endpoint.
     assert len(judge_server.requests) == 6
+    # Another system prompt generates afresh; the same responses are not judged again.
+    assert main([*argv, "--system", "Answer briefly."]) == 0
+    assert len(judge_server.requests) == 9
