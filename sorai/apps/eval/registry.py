@@ -8,6 +8,7 @@ result cache keys on.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import inspect
 import sys
@@ -287,8 +288,6 @@ def _function_evaluator(
         source = inspect.getsource(function)
     except (OSError, TypeError):
         source = getattr(function, "__qualname__", name)
-    import hashlib
-
     digest = hashlib.sha256(source.encode()).hexdigest()[:16]
     return Evaluator(
         name,

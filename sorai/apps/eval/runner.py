@@ -235,8 +235,8 @@ class Runner:
     retry: Retry = field(default_factory=Retry)
     thresholds: dict[str, float | None] = field(default_factory=dict)
     progress: bool = True
-    cached: int = 0  # results taken from the cache in this run
-    _errors: int = 0
+    cached: int = field(default=0, init=False)  # results read back from the cache
+    _errors: int = field(default=0, init=False)
 
     def threshold(self, evaluator: Evaluator) -> float | None:
         return self.thresholds.get(evaluator.name, evaluator.threshold)

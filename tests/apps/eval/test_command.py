@@ -127,3 +127,16 @@ def test_target_generates_responses_with_latency_and_tokens(tmp_path, judge_serv
     # Another system prompt generates afresh; the same responses are not judged again.
     assert main([*argv, "--system", "Answer briefly."]) == 0
     assert len(judge_server.requests) == 9
+
+
+def test_skill_target(tmp_path, judge_server, capsys):
+    rows = [{"query": "A long text about ABC's warranty. " * 5, "ground_truth": "90 days."}]
+    data = write_jsonl(tmp_path / "q.jsonl", rows)
+    argv = ["eval", "run", str(data), "--target", "skill:summarize", "--url", judge_server.url]
+    argv += ["-m", "f1", "--out", str(tmp_path / "r"), "--json"]
+    assert main(argv) == 0
+    assert json.loads(capsys.readouterr().out)["run"]["target"] == "skill:summarize"
+    (row,) = [json.loads(x) for x in (tmp_path / "r/rows.jsonl").read_text().splitlines()]
+    assert row["response"] == "The warranty lasts 90 days."
+    assert row["f1"] == pytest.approx(4 / 7)  # 2 shared of 5 and of 2: P 0.4, R 1
+    assert main([*argv[:5], "skill:nope", *argv[5:]]) == 2
