@@ -139,4 +139,5 @@ def test_skill_target(tmp_path, judge_server, capsys):
     (row,) = [json.loads(x) for x in (tmp_path / "r/rows.jsonl").read_text().splitlines()]
     assert row["response"] == "The warranty lasts 90 days."
     assert row["f1"] == pytest.approx(4 / 7)  # 2 shared of 5 and of 2: P 0.4, R 1
-    assert main([*argv[:5], "skill:nope", *argv[5:]]) == 2
+    assert main([*argv[:4], "skill:nope", *argv[5:]]) == 2
+    assert "skills: summarize, sentiment" in capsys.readouterr().err
