@@ -4,19 +4,16 @@ by URL: the same protocol either way."""
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator
 
 import pytest
 
-import sorai
 from sorai.apps.client import Client, ClientError
 
 
-@pytest.fixture(scope="module")
-def local(default_gguf) -> Iterator[Client]:
-    client = sorai.connect()
-    yield client
-    client.close()
+@pytest.fixture
+def local(client: Client) -> Client:
+    """The session's in-process server (tests/apps/conftest.py)."""
+    return client
 
 
 def test_in_process_server_answers_chat(local: Client) -> None:
