@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import sys
 import threading
 import time
@@ -23,17 +22,16 @@ from sorai.apps.eval.registry import Context, Evaluator, Score
 from sorai.errors import SoraiError
 
 CACHE = "cache.jsonl"
-_STATUS = re.compile(r"\((\d{3})\)")
 
 
 def status_of(error: BaseException) -> int | None:
-    """The HTTP status of a failed request: the openai client's errors carry it; sorai's
-    ClientError says it in its message ("chat request refused (429): ...")."""
-    status = getattr(error, "status_code", None)
-    if isinstance(status, int):
-        return status
-    match = _STATUS.search(str(error))
-    return int(match.group(1)) if match else None
+    """The HTTP status of a failed request: sorai's ClientError keeps it as `status`, the
+    openai client's errors as `status_code`."""
+    for name in ("status", "status_code"):
+        status = getattr(error, name, None)
+        if isinstance(status, int):
+            return status
+    return None
 
 
 def retryable(error: BaseException) -> bool:

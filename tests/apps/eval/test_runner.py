@@ -32,15 +32,15 @@ def runner(tmp_path, judge, metrics=("groundedness",), sleeps=None, **kw) -> Run
 
 
 def test_retryable_statuses():
-    assert retryable(ClientError("chat request refused (429): slow down"))
-    assert retryable(ClientError("chat request refused (503): overloaded"))
-    assert not retryable(ClientError("chat request refused (400): bad schema"))
+    assert retryable(ClientError("chat request refused (429): slow down", 429))
+    assert retryable(ClientError("chat request refused (503): overloaded", 503))
+    assert not retryable(ClientError("chat request refused (400): bad schema", 400))
     assert not retryable(ValueError("no status"))
 
 
 def test_retries_back_off_exponentially_then_succeed(tmp_path):
     def fail(call, response):
-        return ClientError("chat request refused (429): busy") if call <= 3 else None
+        return ClientError("chat request refused (429): busy", 429) if call <= 3 else None
 
     sleeps: list[float] = []
     data = write_jsonl(tmp_path / "d.jsonl", warranty_rows(90)[:1])
@@ -60,7 +60,7 @@ def test_errors_stay_in_their_row_and_the_run_goes_on(tmp_path):
 
     def fail(call, response):
         if response == "BAD":
-            return ClientError("chat request refused (500): the judge crashed")
+            return ClientError("chat request refused (500): the judge crashed", 500)
         return None
 
     sleeps: list[float] = []
@@ -79,7 +79,7 @@ def test_errors_stay_in_their_row_and_the_run_goes_on(tmp_path):
 
 def test_a_refused_request_is_not_retried(tmp_path):
     sleeps: list[float] = []
-    judge = NumberJudge(lambda call, r: ClientError("chat request refused (400): bad"))
+    judge = NumberJudge(lambda call, r: ClientError("chat request refused (400): bad", 400))
     data = write_jsonl(tmp_path / "d.jsonl", warranty_rows(90)[:1])
     (result,) = runner(tmp_path, judge, sleeps=sleeps).run(load_rows(str(data)))
     assert sleeps == [] and len(judge.calls) == 1
