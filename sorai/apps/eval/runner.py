@@ -67,14 +67,19 @@ class Cache:
         self.path = path
         self.entries: dict[str, Any] = {}
         self._lock = threading.Lock()
-        if path.exists():
-            for line in path.read_text(encoding="utf-8").splitlines():
-                try:
-                    entry = json.loads(line)
-                    self.entries[entry["key"]] = entry["value"]
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    continue
+        text = path.read_text(encoding="utf-8", errors="replace") if path.exists() else ""
+        for line in text.splitlines():
+            try:
+                entry = json.loads(line)
+                self.entries[entry["key"]] = entry["value"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue
         self._file = path.open("a", encoding="utf-8")
+        if text and not text.endswith("\n"):
+            # A kill tore the last line: end it, or the next result would be appended to the
+            # torn text and lost with it at the next resume.
+            self._file.write("\n")
+            self._file.flush()
 
     def get(self, key: str) -> Any:
         return self.entries.get(key)

@@ -116,6 +116,24 @@ def test_resume_after_a_kill_requests_only_unfinished_rows(tmp_path):
     assert third.calls == []
 
 
+def test_a_torn_last_cache_line_costs_only_its_own_result(tmp_path):
+    rows = [{**warranty_rows(90)[0], "response": f"It lasts {d} days."} for d in (30, 60, 90)]
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    runner(tmp_path, NumberJudge(), concurrency=1).run(load_rows(str(data)))
+    cache = tmp_path / "run" / CACHE
+    text = cache.read_text()
+    cache.write_text(text[: len(text) - 20])  # a kill in the middle of the last write
+
+    second = NumberJudge()
+    runner(tmp_path, second).run(load_rows(str(data)))
+    assert second.calls == ["It lasts 90 days."]
+    # The result judged again was written on a line of its own, so it is read back.
+    third = NumberJudge()
+    results = runner(tmp_path, third).run(load_rows(str(data)))
+    assert third.calls == []
+    assert [r["groundedness"] for r in results] == [1.0, 1.0, 5.0]
+
+
 def test_a_changed_judge_or_prompt_is_not_read_from_the_cache(tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", warranty_rows(90)[:2])
     runner(tmp_path, NumberJudge()).run(load_rows(str(data)))
