@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import sys
 import threading
 import time
@@ -360,6 +361,9 @@ class Runner:
         else:
             try:
                 score = self.retry.call(lambda: evaluator.run(row, self.context))
+                if score.value is not None and not math.isfinite(score.value):
+                    # NaN would poison the mean, the report and compare's intervals.
+                    raise SoraiError(f"the score is {score.value}, not a finite number")
             except Exception as e:
                 self._fatal(e)
                 return {f"{name}_error": f"{row.where}: {name}: {e}"}

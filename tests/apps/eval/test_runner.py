@@ -207,3 +207,24 @@ def test_run_level_metrics_in_the_summary(tmp_path):
         progress=False,
     ).run(load_rows(str(data)))
     assert [r["embedding_similarity"] for r in results] == [pytest.approx(2**-0.5), 0.0]
+
+
+def test_a_score_that_is_not_finite_is_the_row_s_error_not_a_broken_report(tmp_path):
+    from sorai.apps.eval.registry import register
+    from sorai.apps.eval.report import write_run
+    from sorai.apps.eval.summary import summarize
+
+    scores = {"a": 1.0, "b": float("nan"), "c": float("inf")}
+    register("finite_test", lambda row: scores[row["response"]])
+    data = write_jsonl(tmp_path / "d.jsonl", [{"response": k} for k in scores])
+    evaluators = resolve(["finite_test"])
+    results = Runner(evaluators, Context(), tmp_path / "run", progress=False).run(
+        load_rows(str(data))
+    )
+    assert results[0]["finite_test"] == 1.0
+    assert "not a finite number" in results[1]["finite_test_error"]
+    assert "not a finite number" in results[2]["finite_test_error"]
+    summary = summarize(results, evaluators, {})
+    assert summary["metrics"]["finite_test"]["mean"] == 1.0
+    write_run(tmp_path / "run", results, summary, evaluators, {})  # raised on NaN before
+    assert "not a finite number" in (tmp_path / "run" / "report.html").read_text()
