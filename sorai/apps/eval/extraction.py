@@ -1,6 +1,7 @@
 """Field-level precision, recall and F1 of extracted records.
 
-`response` and `ground_truth` are JSON objects (or strings holding one). A field counts as
+`response` and `ground_truth` are JSON objects (or strings holding one, possibly in a
+markdown code fence). A field counts as
 predicted when the response has it with a non-empty value (null, "" and [] mean "not found"),
 as expected when the ground truth has it so; a predicted field is correct when the ground
 truth has the same value: strings compared after NFKC normalization, case folding and
@@ -10,6 +11,7 @@ collapsing whitespace, numbers by value ("90" and 90 agree), lists and objects a
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,8 +22,14 @@ class RecordError(ValueError):
     """A response or ground truth that is not a JSON object."""
 
 
+_FENCE = re.compile(r"^\s*```[\w-]*\s*\n(.*?)\n?\s*```\s*$", re.DOTALL)
+
+
 def record(value: Any, what: str) -> dict[str, Any]:
     if isinstance(value, str):
+        fenced = _FENCE.match(value)  # a model's ```json ... ``` block
+        if fenced:
+            value = fenced.group(1)
         try:
             value = json.loads(value)
         except json.JSONDecodeError:
@@ -61,6 +69,7 @@ class FieldCounts:
     predicted: int = 0
     expected: int = 0
     by_field: dict[str, list[int]] = field(default_factory=dict)  # name -> [tp, pred, exp]
+    note: str | None = None  # why nothing was extracted (a response that is not JSON)
 
     def add(self, other: FieldCounts) -> None:
         self.correct += other.correct
@@ -84,9 +93,17 @@ def prf(correct: int, predicted: int, expected: int) -> dict[str, float]:
 
 
 def field_counts(response: Any, ground_truth: Any) -> FieldCounts:
-    pred = {k: v for k, v in record(response, "response").items() if _present(v)}
+    """The counts of one row. A ground truth that is not a JSON object is a data error
+    (RecordError); a response that is not one extracted nothing: every expected field is
+    missed (`note` says why), so a model that fails to answer JSON scores 0 on that row rather
+    than dropping the row from the mean."""
     gold = {k: v for k, v in record(ground_truth, "ground_truth").items() if _present(v)}
-    counts = FieldCounts()
+    note = None
+    try:
+        pred = {k: v for k, v in record(response, "response").items() if _present(v)}
+    except RecordError as e:
+        pred, note = {}, f"nothing extracted: {e}"
+    counts = FieldCounts(note=note)
     for name in sorted(set(pred) | set(gold)):
         hit = name in pred and name in gold and _canonical(pred[name]) == _canonical(gold[name])
         counts.by_field[name] = [int(hit), int(name in pred), int(name in gold)]

@@ -133,6 +133,7 @@ def _extraction(row: EvalRow, ctx: Context) -> Score:
     scores = counts.scores()
     return Score(
         scores["f1"],
+        counts.note,
         extra={
             "precision": scores["precision"],
             "recall": scores["recall"],

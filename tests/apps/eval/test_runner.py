@@ -192,11 +192,14 @@ def test_run_level_metrics_in_the_summary(tmp_path):
         load_rows(str(data))
     )
     assert results[0]["extraction"] == pytest.approx(0.5)
-    assert "response is not JSON" in results[2]["extraction_error"]
+    # A response that is not JSON scores 0, its expected field missed (not left out).
+    assert results[2]["extraction"] == 0.0
+    assert "response is not JSON" in results[2]["extraction_reason"]
     e = summarize(results, evaluators, {})["metrics"]["extraction"]
-    # Fields over the two scored rows: 2 right, 3 predicted, 4 expected.
-    assert e["micro"] == pytest.approx({"precision": 2 / 3, "recall": 1 / 2, "f1": 4 / 7})
-    assert e["per_field"]["a"]["f1"] == 1.0 and e["errors"] == 1
+    # Fields over the three rows: 2 right, 3 predicted, 5 expected.
+    assert e["micro"] == pytest.approx({"precision": 2 / 3, "recall": 2 / 5, "f1": 1 / 2})
+    assert e["per_field"]["a"] == pytest.approx({"precision": 1, "recall": 2 / 3, "f1": 0.8})
+    assert e["errors"] == 0 and e["mean"] == pytest.approx((1 / 2 + 2 / 3 + 0) / 3)
 
     rows = [{"response": "yes", "ground_truth": "sure"}, {"response": "yes", "ground_truth": "no"}]
     data = write_jsonl(tmp_path / "s.jsonl", rows)

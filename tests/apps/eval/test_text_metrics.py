@@ -106,5 +106,14 @@ def test_extraction_field_level_by_hand():
     assert counts.by_field["email"] == [0, 0, 1]
     # JSON text is read; "90" and 90 agree.
     assert field_counts('{"days": "90"}', {"days": 90}).scores()["f1"] == 1.0
-    with pytest.raises(RecordError, match="response is not JSON"):
-        field_counts("ninety", {"days": 90})
+    # A response that is not JSON extracted nothing: every expected field missed, score 0.
+    missed = field_counts("ninety", {"days": 90, "name": "x"})
+    assert (missed.correct, missed.predicted, missed.expected) == (0, 0, 2)
+    assert missed.scores() == {"precision": 0.0, "recall": 0.0, "f1": 0.0}
+    assert "nothing extracted: response is not JSON" in missed.note
+    # A model's fenced JSON block is read.
+    fenced = field_counts('```json\n{"days": 90}\n```', {"days": 90})
+    assert fenced.scores()["f1"] == 1.0 and fenced.note is None
+    # A ground truth that is not JSON is the data's error.
+    with pytest.raises(RecordError, match="ground_truth is not JSON"):
+        field_counts({"days": 90}, "ninety")
