@@ -23,6 +23,7 @@ from sorai.apps.eval.registry import Context, Evaluator, Score
 from sorai.errors import SoraiError
 
 CACHE = "cache.jsonl"
+FATAL_STATUSES = (401, 403, 404)  # wrong key, no access, no such model: every row would fail
 
 
 def status_of(error: BaseException) -> int | None:
@@ -383,9 +384,12 @@ class Runner:
 
     @staticmethod
     def _fatal(error: Exception) -> None:
-        """An endpoint that cannot be reached fails every row alike: stop (what finished is
-        cached, so the run resumes) rather than fill the table with the same error."""
+        """An endpoint that cannot be reached, refuses the key (401, 403) or does not serve
+        the model (404) fails every row alike: stop (what finished is cached, so the run
+        resumes) rather than fill the table with the same error."""
         from sorai.apps.command import unreachable
 
         if isinstance(error, SoraiError) and unreachable(error):
+            raise error
+        if status_of(error) in FATAL_STATUSES:
             raise error

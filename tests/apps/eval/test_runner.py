@@ -231,3 +231,13 @@ def test_a_score_that_is_not_finite_is_the_row_s_error_not_a_broken_report(tmp_p
     assert summary["metrics"]["finite_test"]["mean"] == 1.0
     write_run(tmp_path / "run", results, summary, evaluators, {})  # raised on NaN before
     assert "not a finite number" in (tmp_path / "run" / "report.html").read_text()
+
+
+@pytest.mark.parametrize("status", [401, 403, 404])
+def test_a_refused_key_or_unknown_model_stops_the_run(tmp_path, status):
+    # A cloud endpoint answers a wrong key or model the same for every row: stop at once.
+    judge = NumberJudge(lambda call, r: ClientError(f"chat request refused ({status}): no", status))
+    data = write_jsonl(tmp_path / "d.jsonl", warranty_rows(90)[:5])
+    with pytest.raises(ClientError, match=f"refused \\({status}\\)"):
+        runner(tmp_path, judge, concurrency=1).run(load_rows(str(data)))
+    assert len(judge.calls) == 1
