@@ -284,7 +284,15 @@ class Runner:
         try:
             with ThreadPoolExecutor(max(1, self.concurrency)) as pool:
                 futures = [pool.submit(one, i, row) for i, row in enumerate(rows)]
-                done, pending = wait(futures, return_when=FIRST_EXCEPTION)
+                try:
+                    done, pending = wait(futures, return_when=FIRST_EXCEPTION)
+                except BaseException:
+                    # Ctrl-C arrives here, in the main thread: without this the pool's exit
+                    # would wait for every queued row to be judged.
+                    stop.set()
+                    for future in futures:
+                        future.cancel()
+                    raise
                 for future in pending:
                     future.cancel()
                 for future in done:

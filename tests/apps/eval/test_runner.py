@@ -241,3 +241,20 @@ def test_a_refused_key_or_unknown_model_stops_the_run(tmp_path, status):
     with pytest.raises(ClientError, match=f"refused \\({status}\\)"):
         runner(tmp_path, judge, concurrency=1).run(load_rows(str(data)))
     assert len(judge.calls) == 1
+
+
+def test_ctrl_c_stops_the_queued_rows(tmp_path, monkeypatch):
+    import sorai.apps.eval.runner as runner_module
+
+    def interrupted(futures, return_when):
+        futures[0].result()  # the first row finished, then the user pressed Ctrl-C
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner_module, "wait", interrupted)
+    judge = NumberJudge()
+    rows = [{**warranty_rows(90)[0], "response": f"It lasts {d} days."} for d in range(20)]
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    with pytest.raises(KeyboardInterrupt):
+        runner(tmp_path, judge, concurrency=1).run(load_rows(str(data)))
+    assert len(judge.calls) <= 2  # the finished row and at most the one in flight
+    assert len((tmp_path / "run" / CACHE).read_text().splitlines()) == len(judge.calls)
