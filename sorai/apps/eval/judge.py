@@ -2,7 +2,10 @@
 ragas-style faithfulness.
 
 A prompt is a Jinja2 template file with a `[system]` and a `[user]` section (each a line of its
-own); it sees the row's fields `query`, `context`, `response`, `ground_truth` as text. The
+own; `system:` / `user:` and a YAML front matter, as in Azure's .prompty files, work too; a
+file without sections is all user message); it sees the row's fields `query`, `context`,
+`response`, `ground_truth` as text, and nothing else (a prompt using another name fails when it
+is loaded, naming its file). The
 built-in prompts live in `sorai/apps/eval/prompts/`; `--prompts DIR` puts a file of the same
 name in front of them. The judge's answer is decoded under SCORE_SCHEMA, so even a small model
 answers an object that parses, with an integer score in range; `reason` comes first in the
@@ -25,7 +28,10 @@ from sorai.errors import SoraiError
 
 REASON_CHARS = 300  # the schema's maxLength: a judge cannot ramble past the token budget
 MAX_TOKENS = 600
-_SECTION = re.compile(r"^\[(system|user)\]\s*$", re.MULTILINE)
+# A section starts at a line `[system]` / `[user]` (or `system:` / `user:`, as in a .prompty).
+_SECTION = re.compile(r"^[ \t]*\[?(system|user)(?:\]|:)[ \t]*$", re.MULTILINE | re.IGNORECASE)
+_FRONT_MATTER = re.compile(r"\A---[ \t]*\n.*?\n---[ \t]*\n", re.DOTALL)  # a .prompty's YAML
+FIELDS = ("query", "context", "response", "ground_truth")
 _ENV = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=False)
 
 
@@ -69,9 +75,18 @@ class Prompt:
         """What the result cache keys on: an edited prompt is judged afresh."""
         return hashlib.sha256(self.text.encode()).hexdigest()[:16]
 
+    @property
+    def body(self) -> str:
+        """The text without a .prompty's YAML front matter (its model settings are not
+        used: the judge is the command line's)."""
+        return _FRONT_MATTER.sub("", self.text, count=1)
+
     def sections(self) -> tuple[str, str]:
-        parts = _SECTION.split(self.text)
-        found = dict(zip(parts[1::2], (p.strip() for p in parts[2::2]), strict=True))
+        """(system, user). A file without section lines is all user message."""
+        parts = _SECTION.split(self.body)
+        if len(parts) == 1:
+            return "", parts[0].strip()
+        found = {k.lower(): v.strip() for k, v in zip(parts[1::2], parts[2::2], strict=True)}
         if "user" not in found:
             raise SoraiError(f"{self.path}: no [user] section (a prompt is [system] then [user])")
         return found.get("system", ""), found["user"]
@@ -79,9 +94,23 @@ class Prompt:
     def variables(self) -> set[str]:
         """The fields the template uses (so a custom prompt's needs are known)."""
         try:
-            return jinja2.meta.find_undeclared_variables(_ENV.parse(self.text))
+            found = jinja2.meta.find_undeclared_variables(_ENV.parse(self.body))
         except jinja2.TemplateSyntaxError as e:
             raise SoraiError(f"{self.path}:{e.lineno}: {e.message}") from None
+        return found - set(_ENV.globals)
+
+    def check(self, also: tuple[str, ...] = ()) -> Prompt:
+        """Fail now, naming the file, on a prompt every row would fail on: no [user] section,
+        a syntax error, or a variable the judge is not given (e.g. `{{ question }}`)."""
+        self.sections()
+        unknown = sorted(self.variables() - set(FIELDS) - set(also))
+        if unknown:
+            used = ", ".join("{{ " + v + " }}" for v in unknown)
+            raise SoraiError(
+                f"{self.path}: uses {used}; a prompt sees "
+                f"{', '.join(FIELDS + also)}"
+            )
+        return self
 
     def render(self, **values: Any) -> list[dict[str, str]]:
         system, user = self.sections()
@@ -103,23 +132,23 @@ def load_prompt(name: str, prompts_dir: str | None = None) -> Prompt:
     if prompts_dir:
         path = Path(prompts_dir) / f"{name}.md"
         if path.is_file():
-            return Prompt(name, str(path), path.read_text(encoding="utf-8"))
+            also = ("statements",) if name == "faithfulness_verdicts" else ()
+            return read_prompt(str(path), name, also)
     resource = resources.files("sorai.apps.eval").joinpath("prompts", f"{name}.md")
     if not resource.is_file():
         raise SoraiError(f"no prompt {name!r}")
     return Prompt(name, f"<built-in>/{name}.md", resource.read_text(encoding="utf-8"))
 
 
-def read_prompt(path: str, name: str | None = None) -> Prompt:
+def read_prompt(path: str, name: str | None = None, also: tuple[str, ...] = ()) -> Prompt:
     """A prompt file given by path (a custom judge evaluator)."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = Path(path).read_text(encoding="utf-8-sig")
     except OSError as e:
         raise SoraiError(f"cannot read prompt {path}: {e.strerror or e}") from None
-    prompt = Prompt(name or Path(path).stem, path, text)
-    prompt.sections()
-    prompt.variables()
-    return prompt
+    except UnicodeDecodeError as e:
+        raise SoraiError(f"{path}: not UTF-8 text (byte offset {e.start})") from None
+    return Prompt(name or Path(path).stem, path, text).check(also)
 
 
 @dataclass

@@ -87,9 +87,47 @@ def test_prompt_override_is_used_and_changes_the_cache_key(tmp_path):
         {"role": "system", "content": "Be strict."},
         {"role": "user", "content": "QUERY:\nq\n\nRESPONSE:\nr!"},
     ]
-    (prompts / "broken.md").write_text("no sections here {{ response }}")
+    (prompts / "broken.md").write_text("[system]\nno user section {{ response }}")
     with pytest.raises(SoraiError, match="broken.md: no \\[user\\] section"):
         read_prompt(str(prompts / "broken.md"))
+
+
+def test_other_people_s_prompt_files(tmp_path):
+    # An Azure-style .prompty: YAML front matter, `system:` / `user:` lines.
+    prompty = tmp_path / "ground.prompty"
+    prompty.write_text(
+        "---\nname: Groundedness\nmodel:\n  api: chat\n---\nsystem:\nYou judge.\n\n"
+        "user:\nCONTEXT: {{context}}\nRESPONSE: {{response}}\n",
+        encoding="utf-8-sig",  # with a BOM, as Windows editors write
+    )
+    prompt = read_prompt(str(prompty))
+    assert prompt.variables() == {"context", "response"}
+    assert prompt.render(context="c", response="r") == [
+        {"role": "system", "content": "You judge."},
+        {"role": "user", "content": "CONTEXT: c\nRESPONSE: r"},
+    ]
+    # A file without sections is all user message.
+    plain = tmp_path / "plain.md"
+    plain.write_text("Is {{ response }} polite? Score 1-5.")
+    assert read_prompt(str(plain)).render(response="Hi") == [
+        {"role": "user", "content": "Is Hi polite? Score 1-5."}
+    ]
+    # A variable the judge is not given fails at load, naming the file, not on every row.
+    other = tmp_path / "other.md"
+    other.write_text("[user]\n{{ question }} -> {{ response }}")
+    with pytest.raises(SoraiError, match="other.md: uses \\{\\{ question \\}\\}; a prompt sees"):
+        read_prompt(str(other))
+    # So does a broken override in --prompts DIR, before any row is judged.
+    (tmp_path / "relevance.md").write_text("[user]\n{{ response }")
+    with pytest.raises(SoraiError, match="relevance.md:2: "):
+        load_prompt("relevance", str(tmp_path))
+    with pytest.raises(SoraiError, match="relevance.md:2: "):
+        Runner(
+            resolve(["relevance"]),
+            Context(NumberJudge(), None, str(tmp_path)),
+            tmp_path / "r",
+            progress=False,
+        ).run([])
 
 
 def test_custom_evaluators_function_and_prompt(tmp_path):
