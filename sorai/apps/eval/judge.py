@@ -106,10 +106,7 @@ class Prompt:
         unknown = sorted(self.variables() - set(FIELDS) - set(also))
         if unknown:
             used = ", ".join("{{ " + v + " }}" for v in unknown)
-            raise SoraiError(
-                f"{self.path}: uses {used}; a prompt sees "
-                f"{', '.join(FIELDS + also)}"
-            )
+            raise SoraiError(f"{self.path}: uses {used}; a prompt sees {', '.join(FIELDS + also)}")
         return self
 
     def render(self, **values: Any) -> list[dict[str, str]]:

@@ -4,13 +4,16 @@ One tokenizer serves all of them, so that Japanese and Chinese are scored as car
 English: text is NFKC-normalized (full-width digits and letters become ASCII, half-width kana
 full-width) and case-folded; each Han, kana or Hangul character is one token (these scripts do
 not separate words with spaces, and a character is the unit CJK evaluation usually counts); a
-run of other letters and digits (Latin, Cyrillic, ...) is one token; punctuation and symbols are
-dropped. Whitespace splitting would make a Japanese sentence one token, and rouge-score's
-default tokenizer drops every non-ASCII character, so neither is used.
+run of other letters, digits and combining marks (Latin, Cyrillic, Devanagari, ...) is one
+token; punctuation and symbols are dropped. Whitespace splitting would make a Japanese sentence
+one token, and rouge-score's default tokenizer drops every non-ASCII character, so neither is
+used. Scripts written without spaces other than CJK (Thai, Lao, Khmer) count a run as one
+token: they would need a word segmenter.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import unicodedata
@@ -29,8 +32,24 @@ _CJK = (
     "\uf900-\ufaff"  # CJK compatibility ideographs
     "\U00020000-\U0003134f"  # CJK extensions B-G
 )
-# One CJK character, or a run of word characters that are not CJK (\w less the underscore).
-_TOKEN = re.compile(f"[{_CJK}]|(?:(?![{_CJK}])[^\\W_])+")
+
+
+@functools.cache
+def _token_pattern() -> re.Pattern[str]:
+    """One CJK character, or a run of word characters that are not CJK (\\w less the
+    underscore) and combining marks. `re` has no \\p{M}, and \\w leaves marks out, which would
+    drop the vowel signs and viramas of Devanagari, Bengali, Thai, ... and split their words
+    apart; the marks' ranges are read from unicodedata once (Unicode planes 0-1)."""
+    ranges, start = [], None
+    for code in range(0x300, 0x20001):
+        mark = code < 0x20000 and unicodedata.category(chr(code)).startswith("M")
+        if mark and start is None:
+            start = code
+        elif not mark and start is not None:
+            ranges.append(f"{re.escape(chr(start))}-{re.escape(chr(code - 1))}")
+            start = None
+    marks = "".join(ranges)
+    return re.compile(f"[{_CJK}]|(?:(?![{_CJK}])[^\\W_]|[{marks}])+")
 
 
 def normalize(text: str) -> str:
@@ -39,7 +58,7 @@ def normalize(text: str) -> str:
 
 def tokenize(text: str) -> list[str]:
     """The tokens the text metrics count (see the module's docstring)."""
-    return _TOKEN.findall(normalize(text))
+    return _token_pattern().findall(normalize(text))
 
 
 def exact_match(response: str, reference: str) -> float:

@@ -29,6 +29,17 @@ def test_tokenize_cjk_per_character_latin_per_word_punctuation_dropped():
     assert tokenize("보증 기간") == ["보", "증", "기", "간"]
     assert tokenize("ｶﾀｶﾅ and Résumé!") == ["カ", "タ", "カ", "ナ", "and", "résumé"]
     assert tokenize("東京スカイツリー") == ["東", "京", "ス", "カ", "イ", "ツ", "リ", "ー"]
+    # Combining marks (Devanagari vowel signs, virama; Arabic vowels) stay in their word.
+    assert tokenize("नमस्ते दुनिया!") == ["नमस्ते", "दुनिया"]
+    assert tokenize("مَرْحَبًا يا") == ["مَرْحَبًا", "يا"]
+
+
+def test_text_metrics_on_words_with_combining_marks():
+    # One word of two shared: without the marks the words fall apart into 5 shared-looking
+    # pieces and ROUGE-L would be 3/5.
+    assert rouge_l("नमस्ते दुनिया", "नमस्ते दोस्त") == pytest.approx(0.5)
+    assert token_f1("नमस्ते दुनिया", "नमस्ते दोस्त") == pytest.approx(0.5)
+    assert exact_match("नमस्ते", "नमस") == 0.0
 
 
 def test_exact_match_ignores_case_punctuation_spacing_only():
