@@ -61,10 +61,19 @@ def tokenize(text: str) -> list[str]:
     return _token_pattern().findall(normalize(text))
 
 
+ARTICLES = frozenset({"a", "an", "the"})
+
+
+def answer_tokens(text: str) -> list[str]:
+    """The tokens less the English articles, as SQuAD's answer normalization drops them
+    ("the Eiffel Tower" matches "Eiffel Tower"): exact match and F1 compare answers."""
+    return [t for t in tokenize(text) if t not in ARTICLES]
+
+
 def exact_match(response: str, reference: str) -> float:
-    """1.0 when both have the same tokens in the same order (so case, punctuation and spacing
-    do not count), else 0.0."""
-    return 1.0 if tokenize(response) == tokenize(reference) else 0.0
+    """1.0 when both have the same answer tokens in the same order (so case, punctuation,
+    spacing and articles do not count, as in SQuAD), else 0.0."""
+    return 1.0 if answer_tokens(response) == answer_tokens(reference) else 0.0
 
 
 def _f(precision: float, recall: float) -> float:
@@ -72,8 +81,8 @@ def _f(precision: float, recall: float) -> float:
 
 
 def token_f1(response: str, reference: str) -> float:
-    """SQuAD-style F1 over the bags of tokens."""
-    pred, ref = tokenize(response), tokenize(reference)
+    """SQuAD F1 over the bags of answer tokens (articles dropped); 1.0 when both are empty."""
+    pred, ref = answer_tokens(response), answer_tokens(reference)
     if not pred or not ref:
         return float(pred == ref)
     overlap = sum((Counter(pred) & Counter(ref)).values())

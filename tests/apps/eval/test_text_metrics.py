@@ -50,8 +50,12 @@ def test_exact_match_ignores_case_punctuation_spacing_only():
 
 
 def test_token_f1_by_hand():
-    # 4 of 5 tokens shared each way: P = R = 4/5.
-    assert token_f1(EN_PRED, EN_REF) == pytest.approx(0.8)
+    # "the" dropped as in SQuAD; 3 of 4 tokens shared each way: P = R = 3/4.
+    assert token_f1(EN_PRED, EN_REF) == pytest.approx(0.75)
+    assert token_f1("Eiffel Tower", "the Eiffel tower.") == 1.0
+    assert exact_match("an apple", "Apple") == 1.0 and exact_match("the", "a") == 1.0
+    # Only as whole words: "theory" and "a" in "a1" are kept.
+    assert token_f1("theory", "the theory") == 1.0 and token_f1("a1", "b1") == 0.0
     # 8 of 9 characters shared.
     assert token_f1(JA_PRED, JA_REF) == pytest.approx(8 / 9)
     # 東京タワー (5) vs 東京スカイツリー (8) share 東, 京, ー: P 3/5, R 3/8.
@@ -63,6 +67,7 @@ def test_token_f1_by_hand():
 def test_rouge_l_by_hand_counts_order_and_keeps_non_ascii():
     assert lcs_length(list("abcbdab"), list("bdcaba")) == 4
     assert rouge_l(EN_PRED, EN_REF) == pytest.approx(0.8)
+    # ROUGE-L keeps the articles (rouge-score does): 4 of 5 in order.
     # Same bag of tokens, different order: F1 is 1, ROUGE-L only the LCS "the warranty lasts".
     shuffled = "days 90 the warranty lasts"
     assert token_f1(shuffled, EN_REF) == pytest.approx(1.0)
