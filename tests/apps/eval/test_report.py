@@ -107,3 +107,52 @@ def test_report_opens_in_headless_chromium_with_every_row(tmp_path):
     chromium(f"--screenshot={shot}", "--window-size=1400,1000")
     assert shot.exists() and shot.stat().st_size > 10_000
     print(f"\nscreenshot of the report: {shot}")
+
+
+HOSTILE = (
+    "<script>document.body.setAttribute('data-pwned', 'script')</script>"
+    "<img src=x onerror=\"document.body.setAttribute('data-pwned', 'img')\">"
+)
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="no chromium")
+def test_report_with_1200_rows_and_hostile_text_in_chromium(tmp_path):
+    # Responses, reasons and errors that are HTML must show as text and never run, and a
+    # report of more than a thousand rows must finish its scripts (filter count, sortable).
+    evaluators = resolve(["groundedness", "f1"])
+    results = [
+        {
+            "index": i,
+            "query": f"question {i}",
+            "context": ["passage one", "passage two"],
+            "response": HOSTILE if i % 100 == 7 else f"answer {i} " * 20,
+            "ground_truth": 90,
+            "groundedness": float(1 + i % 5),
+            "groundedness_reason": HOSTILE,
+            "groundedness_result": "pass" if i % 5 >= 2 else "fail",
+            "f1": (i % 10) / 10,
+            **({"f1_error": HOSTILE} if i == 3 else {}),
+        }
+        for i in range(1200)
+    ]
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    write_run(run_dir, results, summarize(results, evaluators, {}), evaluators, {"data": HOSTILE})
+    page = (run_dir / "report.html").read_text()
+    assert "<img src=x" not in page and page.count("&lt;img src=x") > 1200
+    profile = tmp_path / "profile"
+    dom = subprocess.run(
+        [
+            CHROMIUM,
+            *FLAGS,
+            f"--user-data-dir={profile}",
+            "--dump-dom",
+            (run_dir / "report.html").as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
+    assert "showing 1200 of 1200 rows" in dom
+    assert len(re.findall(r"<tr data-fail=", dom)) == 1200
+    assert "data-pwned" not in dom.replace("setAttribute('data-pwned'", "")
