@@ -192,6 +192,8 @@ def run_eval(args: argparse.Namespace) -> int:
     from sorai.apps.eval.runner import Retry, Runner
     from sorai.apps.eval.summary import summarize
 
+    if args.retries < 0 or args.concurrency < 1:
+        raise SoraiError("--retries must be 0 or more and --concurrency 1 or more")
     rows = load_rows(args.data, parse_columns(args.column))
     for spec in args.evaluator or []:
         register_spec(spec)
@@ -234,6 +236,10 @@ def run_eval(args: argparse.Namespace) -> int:
             from sorai.apps.client import Client
 
             judge = Client(main.openai, args.judge_model, main.embedding_model)
+        for client in clients:
+            _own_retries(client)
+        if judge is not None and judge not in clients:
+            _own_retries(judge)
         target = _target(args, main) if args.target else None
         context = Context(judge, judge, args.prompts, args.judge_max_tokens)
         runner = Runner(
@@ -278,6 +284,14 @@ def run_eval(args: argparse.Namespace) -> int:
         say(f"{runner.cached} results came from the cache of an earlier run in this directory")
     say(f"report: {shown(str(run_dir / 'report.html'))}")
     return 1 if summary["rows_with_errors"] else 0
+
+
+def _own_retries(client: Any) -> None:
+    """The openai client retries 429/5xx twice by itself: under the runner's own retries that
+    made `--retries 4` up to 15 requests. The runner's count and backoff are the ones."""
+    openai = getattr(client, "openai", None)
+    if openai is not None:
+        client.openai = openai.with_options(max_retries=0)
 
 
 def _target(args: argparse.Namespace, client: Any):

@@ -75,10 +75,12 @@ class NumberJudge:
 class JudgeServer:
     """`NumberJudge`'s rule behind an OpenAI-compatible HTTP endpoint on a loopback port (a
     chat request without a JSON schema, a target's, is answered "The warranty lasts 90
-    days."). `requests` counts the chat requests that arrived."""
+    days."). `requests` counts the chat requests that arrived; `refuse` holds HTTP statuses
+    to answer the next chat requests with, one each."""
 
     def __init__(self):
         self.requests: list[str] = []
+        self.refuse: list[int] = []
         owner = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -102,6 +104,10 @@ class JudgeServer:
                     owner.requests.append(
                         sections(body["messages"][-1]["content"]).get("RESPONSE", "")
                     )
+                    status = owner.refuse.pop(0) if owner.refuse else None
+                if status is not None:
+                    self._send(status, {"error": {"message": "busy", "type": "server_error"}})
+                    return
                 if "response_format" in body:
                     name = body["response_format"]["json_schema"]["name"]
                     content = json.dumps(answer(body["messages"], name))

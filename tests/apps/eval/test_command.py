@@ -143,3 +143,16 @@ def test_skill_target(tmp_path, judge_server, capsys):
     assert row["f1"] == pytest.approx(2 / 3)  # 2 shared of 4 and of 2 ("the" dropped)
     assert main([*argv[:4], "skill:nope", *argv[5:]]) == 2
     assert "skills: summarize, sentiment" in capsys.readouterr().err
+
+
+def test_retries_is_the_number_of_requests_made_again(tmp_path, judge_server, capsys):
+    # The openai client's own two retries used to multiply under the runner's.
+    data = write_jsonl(tmp_path / "d.jsonl", warranty_rows(90)[:1])
+    judge_server.refuse = [503] * 10
+    argv = ["eval", "run", str(data), "-m", "groundedness", "--judge-url", judge_server.url]
+    argv += ["--retries", "1", "--out", str(tmp_path / "r")]
+    assert main(argv) == 1
+    assert len(judge_server.requests) == 2
+    assert "refused (503)" in capsys.readouterr().err
+    assert main([*argv[:-2], "--out", str(tmp_path / "r2"), "--retries", "-1"]) == 2
+    assert "--retries must be 0 or more" in capsys.readouterr().err
