@@ -166,6 +166,8 @@ def judge(
         max_tokens=max_tokens,
     )
     score = answer.get("score") if isinstance(answer, dict) else None
+    if isinstance(score, str) and re.fullmatch(r"\s*[1-5](\.0*)?\s*", score):
+        score = float(score)  # "4": an endpoint that does not enforce the schema's types
     if isinstance(score, bool) or not isinstance(score, int | float) or not 1 <= score <= 5:
         raise JudgeError(f"the judge answered no score in 1-5: {str(answer)[:200]}")
     return Verdict(float(score), str(answer.get("reason", "")).strip())

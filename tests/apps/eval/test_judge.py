@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from sorai.apps.eval.data import load_rows
-from sorai.apps.eval.judge import SCORE_SCHEMA, load_prompt, read_prompt
+from sorai.apps.eval.judge import SCORE_SCHEMA, JudgeError, judge, load_prompt, read_prompt
 from sorai.apps.eval.registry import Context, register, resolve
 from sorai.apps.eval.runner import Retry, Runner
 from sorai.errors import SoraiError
@@ -141,3 +141,33 @@ def test_custom_evaluators_function_and_prompt(tmp_path):
     assert (r["numbers_ok"], r["numbers_ok_result"]) == (1.0, "fail")
     with pytest.raises(SoraiError, match="unknown metric 'groundness'"):
         resolve(["groundness"])
+
+
+class LooseJudge:
+    """A judge double standing for an endpoint that ignores the schema's types."""
+
+    model = "loose-double"
+
+    def __init__(self, answer):
+        self.answer = answer
+
+    def chat_json(self, messages, schema, name="answer", **kw):
+        return self.answer
+
+
+@pytest.mark.parametrize("given", ["4", " 4 ", "4.0", 4.0, 4])
+def test_a_score_given_as_text_by_a_loose_endpoint_is_read(given):
+    verdict = judge(
+        LooseJudge({"reason": "ok", "score": given}), load_prompt("fluency"), {"response": "Hi."}
+    )
+    assert verdict.score == 4.0
+
+
+@pytest.mark.parametrize("given", ["6", "four", "4/5", True, None, 0])
+def test_a_score_out_of_range_is_the_judge_s_error(given):
+    with pytest.raises(JudgeError, match="no score in 1-5"):
+        judge(
+            LooseJudge({"reason": "ok", "score": given}),
+            load_prompt("fluency"),
+            {"response": "Hi."},
+        )
