@@ -156,3 +156,22 @@ def test_report_with_1200_rows_and_hostile_text_in_chromium(tmp_path):
     assert "showing 1200 of 1200 rows" in dom
     assert len(re.findall(r"<tr data-fail=", dom)) == 1200
     assert "data-pwned" not in dom.replace("setAttribute('data-pwned'", "")
+
+
+def test_report_shows_the_confusion_matrix():
+    evaluators = resolve(["classification"])
+    pairs = [("pos", "pos"), ("neg", "pos"), ("neg", "neg"), ("<b>odd</b>", "neg")]
+    results = [
+        {"index": i, "response": p, "ground_truth": g, "classification": float(p == g)}
+        for i, (p, g) in enumerate(pairs)
+    ]
+    page = render_html(results, summarize(results, evaluators, {}), evaluators, {})
+    table = page[page.index('<table class="confusion">') :]
+    table = table[: table.index("</table>")]
+    # labels sorted: <b>odd</b>, neg, pos; rows expected, columns predicted.
+    cells = re.findall(r"<t[hd]>(.*?)</t[hd]>", table)
+    assert cells == ["", "&lt;b&gt;odd&lt;/b&gt;", "neg", "pos"] + [
+        "&lt;b&gt;odd&lt;/b&gt;", "0", "0", "0",
+        "neg", "1", "1", "0",
+        "pos", "0", "1", "1",
+    ]  # fmt: skip
