@@ -76,3 +76,22 @@ def test_a_run_against_itself_shows_no_change(tmp_path):
     a = make_run(tmp_path, "a", correct={0, 1, 2, 3})
     for d in compare(str(a), str(a)):
         assert (d.diff, d.low, d.high, d.significant, d.changed) == (0.0, 0.0, 0.0, False, [])
+
+
+def test_bootstrap_of_many_rows_in_bounded_memory():
+    import tracemalloc
+
+    rng = np.random.default_rng(1)
+    differences = rng.normal(0.1, 1.0, size=50_000)
+    tracemalloc.start()
+    try:
+        low, high = bootstrap_interval(differences)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 100e6  # all at once: 2,000 x 50,000 picks, 800 MB
+    # The standard error of the mean is 1 / sqrt(50,000) = 0.0045: the interval is about
+    # 0.1 +- 2 * 0.0045.
+    assert 0.08 < low < 0.1 < high < 0.12 and high - low == pytest.approx(0.0175, abs=0.003)
+    # Same seed, same interval.
+    assert bootstrap_interval(differences) == (low, high)
