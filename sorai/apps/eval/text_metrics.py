@@ -90,16 +90,21 @@ def token_f1(response: str, reference: str) -> float:
 
 
 def lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
-    """The length of the longest common subsequence (one row of the table kept at a time)."""
-    if len(a) < len(b):
-        a, b = b, a
-    previous = [0] * (len(b) + 1)
-    for x in a:
-        current = [0]
-        for j, y in enumerate(b, 1):
-            current.append(previous[j - 1] + 1 if x == y else max(previous[j], current[j - 1]))
-        previous = current
-    return previous[-1]
+    """The length of the longest common subsequence, bit-parallel (Allison and Dix 1986,
+    Crochemore et al. 2001): one bit per token of `b` in a Python integer, so a row is a few
+    machine-word operations and two 20,000-token texts take milliseconds, where the textbook
+    table would take minutes in Python. The zero bits of `v` count the LCS."""
+    if not a or not b:
+        return 0
+    masks: dict[str, int] = {}
+    for j, token in enumerate(b):
+        masks[token] = masks.get(token, 0) | (1 << j)
+    full = (1 << len(b)) - 1
+    v = full
+    for token in a:
+        u = v & masks.get(token, 0)
+        v = ((v + u) | (v - u)) & full
+    return len(b) - v.bit_count()
 
 
 def rouge_l(response: str, reference: str) -> float:

@@ -77,6 +77,33 @@ def test_rouge_l_by_hand_counts_order_and_keeps_non_ascii():
     assert rouge_l("東京タワー", "東京スカイツリー") == pytest.approx(2 * 0.6 * 0.375 / 0.975)
 
 
+def _lcs_table(a, b) -> int:
+    """The textbook dynamic programme, the reference for the bit-parallel lcs_length."""
+    table = [[0] * (len(b) + 1) for _ in range(len(a) + 1)]
+    for i, x in enumerate(a, 1):
+        for j, y in enumerate(b, 1):
+            table[i][j] = (
+                table[i - 1][j - 1] + 1 if x == y else max(table[i - 1][j], table[i][j - 1])
+            )
+    return table[-1][-1]
+
+
+def test_lcs_length_equals_the_table_and_handles_long_rows():
+    import random
+
+    rng = random.Random(0)
+    for _ in range(500):
+        a = [rng.choice("abcd") for _ in range(rng.randint(0, 40))]
+        b = [rng.choice("abcd") for _ in range(rng.randint(0, 40))]
+        assert lcs_length(a, b) == _lcs_table(a, b), (a, b)
+    # Two 30,000-token rows: the shared 10,000 in order, around tokens the other lacks.
+    shared = [f"w{i}" for i in range(10_000)]
+    a = [t for s in shared for t in (s, "x", "y")]
+    b = [t for s in shared for t in ("z", s, "q")]
+    assert lcs_length(a, b) == 10_000
+    assert rouge_l(" ".join(a), " ".join(b)) == pytest.approx(1 / 3)
+
+
 def test_bleu_by_hand():
     # Precisions 4/5; (2+1)/(4+1); (1+1)/(3+1); (0+1)/(2+1); no brevity penalty.
     assert bleu(EN_PRED, EN_REF) == pytest.approx((0.8 * 0.6 * 0.5 / 3) ** 0.25)
