@@ -69,4 +69,12 @@ def load_rows(path: str, columns: dict[str, str] | None = None) -> list[EvalRow]
         rows.append(EvalRow(number, raw.where, fields, extra))
     if not rows:
         raise SoraiError(f"{path}: no rows")
+    read = [r for r in rows if not r.error]
+    seen = {k for r in read for k in r.extra} | {source[n] for r in read for n in r.fields}
+    for name, column in columns.items():
+        if read and column not in seen:
+            raise SoraiError(
+                f"{path}: no column {column!r} (--column {name}={column}); columns: "
+                + ", ".join(sorted(seen))
+            )
     return rows

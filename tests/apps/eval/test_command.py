@@ -156,3 +156,28 @@ def test_retries_is_the_number_of_requests_made_again(tmp_path, judge_server, ca
     assert "refused (503)" in capsys.readouterr().err
     assert main([*argv[:-2], "--out", str(tmp_path / "r2"), "--retries", "-1"]) == 2
     assert "--retries must be 0 or more" in capsys.readouterr().err
+
+
+def test_outside_csv_bom_quoted_newline_numbers_empty_cells(tmp_path, capsys):
+    path = tmp_path / "export.csv"
+    path.write_bytes(
+        "\ufeffquestion,expected,output\n"
+        '"What is\nthe warranty?",90,"It is 90 days."\n'
+        '"Price?",,"42"\n'
+        "日本語の質問,９０日,90日\n".encode()
+    )
+    argv = ["eval", "run", str(path), "-m", "f1,exact_match", "--out", str(tmp_path / "r")]
+    columns = ["--column", "ground_truth=expected", "--column", "response=output"]
+    assert main([*argv, *columns, "--column", "query=question", "--json"]) == 1
+    capsys.readouterr()
+    rows = [json.loads(x) for x in (tmp_path / "r/rows.jsonl").read_text().splitlines()]
+    assert rows[0]["query"] == "What is\nthe warranty?"  # the BOM did not eat the header
+    assert rows[0]["f1"] == pytest.approx(0.4)  # "90" in "it is 90 days": P 1/4, R 1
+    assert rows[1]["f1_error"].endswith("no ground_truth (needed by f1)")
+    assert rows[2]["exact_match"] == 1.0  # full-width ９０ is 90
+    # A mapped column the file does not have is named, with the columns it does have.
+    assert main([*argv, *columns, "--column", "query=qestion"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"sorai: error: {path}: no column 'qestion' (--column query=qestion); columns: "
+        "expected, output, question"
+    )
