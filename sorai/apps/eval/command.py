@@ -11,6 +11,8 @@ from typing import Any
 from sorai.apps.command import add_endpoint_args, api_key, connect, print_json, say, short, shown
 from sorai.errors import SoraiError
 
+IN_PROCESS = "sorai-in-process"  # the judge endpoint's name in the cache when it has no --url
+
 DESCRIPTION = """\
 Score a dataset of queries, contexts, responses and ground truths with LLM-judged metrics
 (groundedness, relevance, coherence, fluency, similarity: 1-5; faithfulness: 0-1) and computed
@@ -242,6 +244,10 @@ def run_eval(args: argparse.Namespace) -> int:
             _own_retries(judge)
         target = _target(args, main) if args.target else None
         context = Context(judge, judge, args.prompts, args.judge_max_tokens)
+        if not args.judge_url and not args.url:
+            # sorai's own server listens on a new port each run: its URL must not key the
+            # cache, or every resume would judge everything again.
+            context.endpoint = IN_PROCESS
         runner = Runner(
             evaluators,
             context,

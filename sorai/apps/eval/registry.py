@@ -42,6 +42,9 @@ class Context:
     embedder: Any = None  # a Client (embed) for embedding similarity
     prompts_dir: str | None = None
     max_tokens: int = 600
+    # What names the judge's endpoint in the result cache (default: its URL); the in-process
+    # server's URL changes with its port every run.
+    endpoint: str | None = None
 
 
 @dataclass

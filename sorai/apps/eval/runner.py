@@ -224,9 +224,9 @@ class Progress:
                 print(line, file=sys.stderr, flush=True)
 
 
-def _endpoint(client: Any, model_attribute: str) -> str:
+def _endpoint(client: Any, model_attribute: str, name: str | None = None) -> str:
     openai = getattr(client, "openai", None)
-    url = str(openai.base_url) if openai is not None else type(client).__name__
+    url = name or (str(openai.base_url) if openai is not None else type(client).__name__)
     return f"{url}|{getattr(client, model_attribute, '')}"
 
 
@@ -249,9 +249,9 @@ class Runner:
     def _judge_id(self, evaluator: Evaluator) -> str:
         """Who scored: another judge model (or endpoint) is judged afresh, not read back."""
         if evaluator.name == "embedding_similarity":
-            return _endpoint(self.context.embedder, "embedding_model")
+            return _endpoint(self.context.embedder, "embedding_model", self.context.endpoint)
         if evaluator.uses_judge:
-            return _endpoint(self.context.judge, "model")
+            return _endpoint(self.context.judge, "model", self.context.endpoint)
         return ""
 
     def run(self, rows: list[EvalRow]) -> list[dict[str, Any]]:

@@ -181,3 +181,28 @@ def test_outside_csv_bom_quoted_newline_numbers_empty_cells(tmp_path, capsys):
         f"sorai: error: {path}: no column 'qestion' (--column query=qestion); columns: "
         "expected, output, question"
     )
+
+
+def test_resume_with_the_in_process_judge_asks_nothing_again(tmp_path, monkeypatch, capsys):
+    # Without --url the judge is sorai's own server, on a new port each run; stand in for it
+    # with a judge double on a new port each run.
+    import sorai
+    import sorai.apps.eval.command as command
+
+    servers: list[JudgeServer] = []
+
+    def fresh_local_server(args, embedding_model=None):
+        servers.append(JudgeServer())
+        return sorai.connect(servers[-1].url)
+
+    monkeypatch.setattr(command, "connect", fresh_local_server)
+    data = write_jsonl(tmp_path / "d.jsonl", warranty_rows(60)[:3])
+    argv = ["eval", "run", str(data), "-m", "groundedness", "--out", str(tmp_path / "r")]
+    try:
+        assert main(argv) == 0 and main(argv) == 0
+        assert servers[0].url != servers[1].url
+        assert len(servers[0].requests) == 3 and servers[1].requests == []
+        assert "3 results came from the cache" in capsys.readouterr().err
+    finally:
+        for server in servers:
+            server.close()
