@@ -11,14 +11,13 @@ independent means would need.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from sorai.apps.command import read_jsonl
+from sorai.apps.command import read_json, read_jsonl
 from sorai.apps.eval.report import ROWS, SUMMARY
 from sorai.errors import SoraiError
 
@@ -66,7 +65,9 @@ def load_run(run_dir: str) -> tuple[dict[int, dict[str, Any]], dict[str, Any]]:
             raise SoraiError(f"{where}: not a result row (no index)")
         rows[row["index"]] = row
     summary_path = rows_path.parent / SUMMARY
-    summary = json.loads(summary_path.read_text("utf-8")) if summary_path.is_file() else {}
+    summary = read_json(str(summary_path), "summary") if summary_path.is_file() else {}
+    if not isinstance(summary, dict):
+        raise SoraiError(f"{summary_path}: not a summary of `sorai eval run`")
     return rows, summary
 
 

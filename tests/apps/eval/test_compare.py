@@ -95,3 +95,17 @@ def test_bootstrap_of_many_rows_in_bounded_memory():
     assert 0.08 < low < 0.1 < high < 0.12 and high - low == pytest.approx(0.0175, abs=0.003)
     # Same seed, same interval.
     assert bootstrap_interval(differences) == (low, high)
+
+
+def test_a_damaged_run_is_one_line_naming_the_file(tmp_path, capsys):
+    a = make_run(tmp_path, "a", correct={0})
+    b = make_run(tmp_path, "b", correct={1})
+    (b / "summary.json").write_text('{"metrics": {"groundedness": ')  # a kill mid-write
+    assert main(["eval", "compare", str(a), str(b)]) == 2
+    assert capsys.readouterr().err.startswith(f"sorai: error: {b / 'summary.json'}:1: not JSON")
+    (b / "summary.json").write_text("[]")
+    assert main(["eval", "compare", str(a), str(b)]) == 2
+    assert "not a summary" in capsys.readouterr().err
+    (b / "rows.jsonl").write_text('{"index": 0}\n{"ind')
+    assert main(["eval", "compare", str(a), str(b)]) == 2
+    assert capsys.readouterr().err.startswith(f"sorai: error: {b / 'rows.jsonl'}:2: not JSON")
