@@ -241,6 +241,7 @@ class Runner:
     thresholds: dict[str, float | None] = field(default_factory=dict)
     progress: bool = True
     cached: int = field(default=0, init=False)  # results read back from the cache
+    _counting: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
     _errors: int = field(default=0, init=False)
 
     def threshold(self, evaluator: Evaluator) -> float | None:
@@ -315,7 +316,7 @@ class Runner:
             )
             generation = cache.get(key)
             if generation is not None:
-                self.cached += 1
+                self._count_cached()
             else:
                 try:
                     made = self.retry.call(lambda: self.target.generate(row))
@@ -365,7 +366,7 @@ class Runner:
         )
         stored = cache.get(key)
         if stored is not None:
-            self.cached += 1
+            self._count_cached()
             score = Score(stored["value"], stored.get("reason"), stored.get("extra", {}))
         else:
             try:
@@ -389,6 +390,10 @@ class Runner:
             )
             out[f"{name}_result"] = "pass" if passed else "fail"
         return out
+
+    def _count_cached(self) -> None:
+        with self._counting:  # `+=` from several worker threads can lose counts
+            self.cached += 1
 
     @staticmethod
     def _fatal(error: Exception) -> None:

@@ -258,3 +258,15 @@ def test_ctrl_c_stops_the_queued_rows(tmp_path, monkeypatch):
         runner(tmp_path, judge, concurrency=1).run(load_rows(str(data)))
     assert len(judge.calls) <= 2  # the finished row and at most the one in flight
     assert len((tmp_path / "run" / CACHE).read_text().splitlines()) == len(judge.calls)
+
+
+def test_cache_hits_are_counted_exactly_under_concurrency(tmp_path):
+    rows = [{"response": f"answer {i}", "ground_truth": f"answer {i % 7}"} for i in range(400)]
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    metrics = ["f1", "rouge_l", "bleu", "exact_match"]
+    runner(tmp_path, None, metrics, concurrency=8).run(load_rows(str(data)))
+    again = runner(tmp_path, None, metrics, concurrency=8)
+    again.run(load_rows(str(data)))
+    assert again.cached == 400 * len(metrics)
+    lines = (tmp_path / "run" / CACHE).read_text().splitlines()
+    assert len(lines) == 400 * len(metrics) and all(json.loads(x)["key"] for x in lines)
