@@ -67,14 +67,20 @@ def svg_chart(bins: list[dict], w: int = 280, h: int = 130) -> str:
     return "".join(parts)
 
 
+CELL_CHARS = 4000  # a cell shows this much of a text; rows.jsonl has all of it
+
+
 def _cell(value: Any) -> str:
     if value is None:
         return ""
     if isinstance(value, float):
         return f"{value:.3f}".rstrip("0").rstrip(".") if value != int(value) else f"{value:g}"
-    if isinstance(value, str):
-        return value
-    return json.dumps(value, ensure_ascii=False)
+    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    if len(text) > CELL_CHARS:
+        # Long contexts times a thousand rows would make a page no browser opens smoothly.
+        more = len(text) - CELL_CHARS
+        return f"{text[:CELL_CHARS]} … [{more:,} more characters in rows.jsonl]"
+    return text
 
 
 def render_html(

@@ -175,3 +175,19 @@ def test_report_shows_the_confusion_matrix():
         "neg", "1", "1", "0",
         "pos", "0", "1", "1",
     ]  # fmt: skip
+
+
+def test_long_texts_are_cut_in_the_report_not_in_rows_jsonl(tmp_path):
+    evaluators = resolve(["f1"])
+    context = "保証期間は90日です。" * 5000  # 55,000 characters
+    results = [
+        {"index": i, "context": context, "response": "a", "ground_truth": "a", "f1": 1.0}
+        for i in range(50)
+    ]
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    write_run(run_dir, results, summarize(results, evaluators, {}), evaluators, {})
+    page = (run_dir / "report.html").read_text()
+    assert page.count("[51,000 more characters in rows.jsonl]") == 50
+    assert len(page) < 50 * 5000 + 20_000
+    assert (run_dir / "rows.jsonl").read_text().count(context) == 50
