@@ -328,6 +328,7 @@ def run_compare(args: argparse.Namespace) -> int:
                     "diff": d.diff,
                     "ci95": [d.low, d.high],
                     "significant": d.significant,
+                    "few_rows": d.few,
                     "higher_is_better": d.higher_is_better,
                     "changed": [
                         {"index": c.index, "query": c.query, "a": c.a, "b": c.b} for c in d.changed
@@ -343,6 +344,8 @@ def run_compare(args: argparse.Namespace) -> int:
         if d.significant:
             better = (d.diff > 0) == d.higher_is_better
             verdict = "B better" if better else "B worse"
+        if d.few:
+            verdict += f" (only {d.pairs} rows: not enough to decide)"
         rows.append(
             [
                 d.metric,

@@ -22,6 +22,7 @@ from sorai.apps.eval.report import ROWS, SUMMARY
 from sorai.errors import SoraiError
 
 RESAMPLES = 2000
+FEW_PAIRS = 10  # below this a percentile bootstrap is too narrow to decide on
 BOOTSTRAP_CELLS = 1_000_000
 
 
@@ -52,6 +53,12 @@ class MetricDiff:
     @property
     def significant(self) -> bool:
         return self.low > 0 or self.high < 0
+
+    @property
+    def few(self) -> bool:
+        """Too few rows for the interval to be trusted: with 3 rows that all improved by one
+        point, every resample's mean is 1 and the interval [1, 1]."""
+        return self.pairs < FEW_PAIRS
 
 
 def load_run(run_dir: str) -> tuple[dict[int, dict[str, Any]], dict[str, Any]]:

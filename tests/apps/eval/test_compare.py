@@ -109,3 +109,18 @@ def test_a_damaged_run_is_one_line_naming_the_file(tmp_path, capsys):
     (b / "rows.jsonl").write_text('{"index": 0}\n{"ind')
     assert main(["eval", "compare", str(a), str(b)]) == 2
     assert capsys.readouterr().err.startswith(f"sorai: error: {b / 'rows.jsonl'}:2: not JSON")
+
+
+def test_too_few_rows_are_flagged(tmp_path, capsys):
+    # Three rows that all improved: the bootstrap interval is [4, 4], which proves nothing.
+    a = make_run(tmp_path, "a", correct=set())
+    b = make_run(tmp_path, "b", correct=set(range(20)))
+    for run in (a, b):
+        lines = (run / "rows.jsonl").read_text().splitlines()[:3]
+        (run / "rows.jsonl").write_text("\n".join(lines) + "\n")
+    (g,) = [d for d in compare(str(a), str(b)) if d.metric == "groundedness"]
+    assert (g.pairs, g.low, g.high, g.few) == (3, 4.0, 4.0, True)
+    assert main(["eval", "compare", str(a), str(b)]) == 0
+    assert "B better (only 3 rows: not enough to decide)" in capsys.readouterr().out
+    assert main(["eval", "compare", str(a), str(b), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["few_rows"] is True
