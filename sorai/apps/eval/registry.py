@@ -191,9 +191,12 @@ def _builtins() -> dict[str, Evaluator]:
             ),
         ),
         Evaluator(
-            "exact_match", both, _text(text_metrics.exact_match), description="same tokens (0/1)"
+            "exact_match",
+            both,
+            _text(text_metrics.exact_match),
+            description="same tokens, articles aside, as SQuAD (0/1)",
         ),
-        Evaluator("f1", both, _text(text_metrics.token_f1), description="token F1 (0-1)"),
+        Evaluator("f1", both, _text(text_metrics.token_f1), description="SQuAD token F1 (0-1)"),
         Evaluator("rouge_l", both, _text(text_metrics.rouge_l), description="ROUGE-L F (0-1)"),
         Evaluator("bleu", both, _text(text_metrics.bleu), description="sentence BLEU+1 (0-1)"),
         Evaluator(
