@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import importlib.util
 import inspect
 import sys
 from collections.abc import Callable
@@ -317,20 +318,36 @@ def register_spec(spec: str) -> Evaluator:
     name, target = name.strip(), target.strip()
     if target.endswith((".md", ".txt", ".j2")) or Path(target).is_file():
         return register(name, prompt=target)
-    module_name, colon, attr = target.partition(":")
+    module_name, colon, attr = target.rpartition(":")
     if not colon:
         raise SoraiError(f"--evaluator {spec!r}: expected module:function or a prompt file")
-    # As `python -m` does: modules beside the working directory import.
-    if "" not in sys.path and str(Path.cwd()) not in sys.path:
-        sys.path.insert(0, str(Path.cwd()))
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise SoraiError(f"--evaluator {spec!r}: cannot import {module_name}: {e}") from None
+    if module_name.endswith(".py"):
+        module = _module_from_file(spec, module_name)
+    else:
+        # As `python -m` does: modules beside the working directory import.
+        if "" not in sys.path and str(Path.cwd()) not in sys.path:
+            sys.path.insert(0, str(Path.cwd()))
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as e:
+            raise SoraiError(f"--evaluator {spec!r}: cannot import {module_name}: {e}") from None
     function = getattr(module, attr, None)
     if not callable(function):
         raise SoraiError(f"--evaluator {spec!r}: {module_name} has no function {attr!r}")
     return register(name, function)
+
+
+def _module_from_file(spec: str, path: str) -> Any:
+    """`path/to/checks.py:function`: the file imported as a module of its own."""
+    if not Path(path).is_file():
+        raise SoraiError(f"--evaluator {spec!r}: no file {path}")
+    module_spec = importlib.util.spec_from_file_location(f"sorai_eval_{Path(path).stem}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as e:
+        raise SoraiError(f"--evaluator {spec!r}: {path} fails to import: {e}") from None
+    return module
 
 
 def resolve(names: list[str]) -> list[Evaluator]:

@@ -206,3 +206,19 @@ def test_resume_with_the_in_process_judge_asks_nothing_again(tmp_path, monkeypat
     finally:
         for server in servers:
             server.close()
+
+
+def test_custom_evaluator_from_a_python_file_path(tmp_path, capsys):
+    checks = tmp_path / "my checks" / "checks.py"
+    checks.parent.mkdir()
+    checks.write_text("def cites(row):\n    return '90' in row['context']\n")
+    data = write_jsonl(tmp_path / "d.jsonl", warranty_rows(60)[:2])
+    argv = ["eval", "run", str(data), "--evaluator", f"cites={checks}:cites", "-m", "cites"]
+    assert main([*argv, "--out", str(tmp_path / "r")]) == 0
+    rows = [json.loads(x) for x in (tmp_path / "r/rows.jsonl").read_text().splitlines()]
+    assert [r["cites"] for r in rows] == [1.0, 1.0]
+    (tmp_path / "bad.py").write_text("import nowhere_to_be_found\n")
+    argv[4] = f"bad={tmp_path / 'bad.py'}:f"
+    assert main([*argv[:5], "-m", "bad", "--out", str(tmp_path / "r2")]) == 2
+    err = capsys.readouterr().err
+    assert "bad.py fails to import: No module named 'nowhere_to_be_found'" in err
