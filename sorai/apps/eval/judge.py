@@ -28,8 +28,10 @@ from sorai.errors import SoraiError
 
 REASON_CHARS = 300  # the schema's maxLength: a judge cannot ramble past the token budget
 MAX_TOKENS = 600
-# A section starts at a line `[system]` / `[user]` (or `system:` / `user:`, as in a .prompty).
-_SECTION = re.compile(r"^[ \t]*\[?(system|user)(?:\]|:)[ \t]*$", re.MULTILINE | re.IGNORECASE)
+# A section starts at a line `[system]` / `[user]`; in a .prompty (a file with YAML front
+# matter) at a line `system:` / `user:`, which elsewhere may well be a prompt's own text.
+_SECTION = re.compile(r"^[ \t]*\[(system|user)\][ \t]*$", re.MULTILINE | re.IGNORECASE)
+_PROMPTY_SECTION = re.compile(r"^[ \t]*(system|user):[ \t]*$", re.MULTILINE | re.IGNORECASE)
 _FRONT_MATTER = re.compile(r"\A---[ \t]*\n.*?\n---[ \t]*\n", re.DOTALL)  # a .prompty's YAML
 FIELDS = ("query", "context", "response", "ground_truth")
 _ENV = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=False)
@@ -83,7 +85,9 @@ class Prompt:
 
     def sections(self) -> tuple[str, str]:
         """(system, user). A file without section lines is all user message."""
-        parts = _SECTION.split(self.body)
+        body = self.body
+        prompty = body != self.text and not _SECTION.search(body)
+        parts = (_PROMPTY_SECTION if prompty else _SECTION).split(body)
         if len(parts) == 1:
             return "", parts[0].strip()
         found = {k.lower(): v.strip() for k, v in zip(parts[1::2], parts[2::2], strict=True)}

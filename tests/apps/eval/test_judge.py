@@ -106,6 +106,13 @@ def test_other_people_s_prompt_files(tmp_path):
         {"role": "system", "content": "You judge."},
         {"role": "user", "content": "CONTEXT: c\nRESPONSE: r"},
     ]
+    # Elsewhere a line "User:" is the prompt's own text, not a section.
+    transcript = tmp_path / "transcript.md"
+    transcript.write_text("[system]\nJudge.\n[user]\nUser:\n{{ query }}\nBot:\n{{ response }}")
+    assert read_prompt(str(transcript)).render(query="q", response="r")[1] == {
+        "role": "user",
+        "content": "User:\nq\nBot:\nr",
+    }
     # A file without sections is all user message.
     plain = tmp_path / "plain.md"
     plain.write_text("Is {{ response }} polite? Score 1-5.")
