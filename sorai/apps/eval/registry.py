@@ -204,7 +204,8 @@ def _builtins() -> dict[str, Evaluator]:
             "embedding_similarity",
             both,
             _embedding_similarity,
-            description="cosine of the embeddings of response and ground truth",
+            scale=None,  # a cosine may be negative: the chart spans the scores found
+            description="cosine of the embeddings of response and ground truth (-1 to 1)",
         ),
         Evaluator(
             "classification",

@@ -191,3 +191,11 @@ def test_long_texts_are_cut_in_the_report_not_in_rows_jsonl(tmp_path):
     assert page.count("[51,000 more characters in rows.jsonl]") == 50
     assert len(page) < 50 * 5000 + 20_000
     assert (run_dir / "rows.jsonl").read_text().count(context) == 50
+
+
+def test_a_negative_cosine_is_charted_where_it_is():
+    (e,) = resolve(["embedding_similarity"])
+    bins = histogram([-0.5, 0.1, 0.9], e.scale, integer=False)
+    # Spanning -0.5 to 0.9; before, a 0-1 scale put -0.5 into the first bin with 0.0.
+    assert bins[0]["label"] == "-0.5" and bins[0]["count"] == 1
+    assert [b["count"] for b in bins] == [1, 0, 0, 0, 1, 0, 0, 0, 0, 1]
