@@ -1,0 +1,129 @@
+"""python: run code in a separate, confined Python process (see sandbox_child.py for how).
+
+The child is `sys.executable -I` (no PYTHONPATH, no user site) in its own session, with the
+workspace as its working directory and HOME, a minimal environment, stdin closed after the
+code is handed over, and a wall-clock limit after which its whole process group is killed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field
+
+from sorai.apps.agent.files import Workspace
+from sorai.apps.agent.tools import Tool, tool
+
+DEFAULT_SECONDS = 10.0
+DEFAULT_MEMORY_MB = 1024
+MAX_OUTPUT = 8000
+_CHILD = (Path(__file__).with_name("sandbox_child.py")).read_text(encoding="utf-8")
+
+
+@dataclass
+class PythonRun:
+    returncode: int | None  # None: killed at the time limit
+    stdout: str
+    stderr: str
+    seconds: float
+    timed_out: bool
+
+    def observation(self) -> str:
+        parts = []
+        if self.timed_out:
+            parts.append(f"killed: the code ran past its time limit ({self.seconds:.1f} s)")
+        elif self.returncode:
+            parts.append(f"exit code {self.returncode}")
+        if self.stdout:
+            parts.append(f"stdout:\n{_cut(self.stdout)}")
+        if self.stderr:
+            parts.append(f"stderr:\n{_cut(self.stderr)}")
+        return "\n".join(parts) or "(no output)"
+
+
+def _cut(text: str) -> str:
+    return text if len(text) <= MAX_OUTPUT else "…" + text[-MAX_OUTPUT:]
+
+
+def run_python(
+    code: str,
+    workspace: Workspace,
+    seconds: float = DEFAULT_SECONDS,
+    memory_mb: int = DEFAULT_MEMORY_MB,
+    report: bool = False,
+) -> PythonRun:
+    """Run `code` in the sandbox; never raises for what the code does."""
+    config = {
+        "code": code,
+        "workspace": str(workspace.root),
+        "memory_bytes": memory_mb * 2**20,
+        "cpu_seconds": int(seconds) + 1,  # a second guard should the kill below be late
+        "file_bytes": 256 * 2**20,
+    }
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(workspace.root),
+        "TMPDIR": str(workspace.root),
+        "LANG": "C.UTF-8",
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "OPENBLAS_NUM_THREADS": "1",  # BLAS threads reserve address space the limit counts
+        "OMP_NUM_THREADS": "1",
+        "MPLBACKEND": "Agg",
+        "SORAI_SANDBOX_REPORT": "1" if report else "0",
+    }
+    started = time.monotonic()
+    process = subprocess.Popen(
+        [sys.executable, "-I", "-c", _CHILD],
+        cwd=workspace.root,
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,  # its own process group, killed whole at the limit
+        text=True,
+        encoding="utf-8",
+        errors="replace",
+    )
+    try:
+        stdout, stderr = process.communicate(json.dumps(config), timeout=seconds)
+        timed_out = False
+    except subprocess.TimeoutExpired:
+        _kill_group(process)
+        stdout, stderr = process.communicate()
+        timed_out = True
+    return PythonRun(
+        None if timed_out else process.returncode,
+        stdout,
+        stderr,
+        time.monotonic() - started,
+        timed_out,
+    )
+
+
+def _kill_group(process: subprocess.Popen) -> None:
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def python_tool(
+    workspace: Workspace, seconds: float = DEFAULT_SECONDS, memory_mb: int = DEFAULT_MEMORY_MB
+) -> Tool:
+    def python(
+        code: Annotated[str, Field(description="Python 3 source; print() what you need")],
+    ) -> str:
+        """Run Python code in a sandbox (the workspace is its working directory and the only
+        place it may write; no network) and return its printed output."""
+        return run_python(code, workspace, seconds, memory_mb).observation()
+
+    # The tool's own limit sits above the process's, so the kill, not the thread, ends it.
+    return tool(python, timeout=seconds + 10)
