@@ -31,10 +31,32 @@ _BINARY = {
 _UNARY = {ast.UAdd: operator.pos, ast.USub: operator.neg}
 _FUNCTIONS = {
     name: getattr(math, name)
-    for name in (
-        "sqrt exp log log10 log2 sin cos tan asin acos atan atan2 sinh cosh tanh degrees "
-        "radians floor ceil hypot gcd lcm comb perm"
-    ).split()
+    for name in [
+        "sqrt",
+        "exp",
+        "log",
+        "log10",
+        "log2",
+        "sin",
+        "cos",
+        "tan",
+        "asin",
+        "acos",
+        "atan",
+        "atan2",
+        "sinh",
+        "cosh",
+        "tanh",
+        "degrees",
+        "radians",
+        "floor",
+        "ceil",
+        "hypot",
+        "gcd",
+        "lcm",
+        "comb",
+        "perm",
+    ]  # fmt: skip
 }
 _FUNCTIONS.update(abs=abs, round=round, min=min, max=max)
 _CONSTANTS = {"pi": math.pi, "e": math.e, "tau": math.tau}

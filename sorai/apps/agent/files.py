@@ -90,8 +90,9 @@ def file_tools(workspace: Workspace) -> list[Tool]:
         return f"wrote {len(content)} characters to {workspace.relative(full)}"
 
     def list_files(
-        path: Annotated[str, Field(description="a directory in the workspace", max_length=500)]
-        = ".",
+        path: Annotated[
+            str, Field(description="a directory in the workspace", max_length=500)
+        ] = ".",
     ) -> str:
         """List the files in a workspace directory (recursively), with their sizes."""
         top = workspace.resolve(path)

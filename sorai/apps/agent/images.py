@@ -95,9 +95,7 @@ def image_tools(workspace: Workspace) -> list[Tool]:
         """Resize an image to width x height pixels; returns the new file."""
         return save(load(image).resize((width, height), Image.LANCZOS), "resize", image)
 
-    def rotate_image(
-        image: ImagePath, degrees: Annotated[float, Field(ge=-360, le=360)]
-    ) -> str:
+    def rotate_image(image: ImagePath, degrees: Annotated[float, Field(ge=-360, le=360)]) -> str:
         """Rotate an image counter-clockwise by some degrees (the canvas grows to fit)."""
         return save(load(image).rotate(degrees, expand=True), "rotate", image)
 
@@ -105,9 +103,7 @@ def image_tools(workspace: Workspace) -> list[Tool]:
         """Make an image grayscale; returns the new file."""
         return save(ImageOps.grayscale(load(image)), "grayscale", image)
 
-    def blur(
-        image: ImagePath, radius: Annotated[float, Field(ge=0, le=100)] = 4.0
-    ) -> str:
+    def blur(image: ImagePath, radius: Annotated[float, Field(ge=0, le=100)] = 4.0) -> str:
         """Blur an image (Gaussian, radius in pixels); returns the new file."""
         return save(load(image).filter(ImageFilter.GaussianBlur(radius)), "blur", image)
 

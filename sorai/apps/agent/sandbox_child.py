@@ -69,7 +69,8 @@ def _landlock() -> bool:
     fd = syscall(444, ctypes.byref(ruleset), ctypes.c_size_t(size), ctypes.c_uint32(0))
     if fd < 0:
         return False
-    for path, allowed in ((_workspace, write), ("/dev/null", 1 << 1 | (1 << 14 if abi >= 3 else 0))):
+    null = 1 << 1 | (1 << 14 if abi >= 3 else 0)  # WRITE_FILE, TRUNCATE
+    for path, allowed in ((_workspace, write), ("/dev/null", null)):
         parent = os.open(path, os.O_PATH)
         rule = PathBeneath(allowed, parent)
         if syscall(445, fd, 1, ctypes.byref(rule), ctypes.c_uint32(0)) != 0:
@@ -137,5 +138,4 @@ if os.environ.get("SORAI_SANDBOX_REPORT") == "1":
 del _config["workspace"]
 _code = compile(_config.pop("code"), "<python tool>", "exec")
 _globals = {"__name__": "__main__", "__builtins__": __builtins__}
-del ctypes, json, resource, _libc
 exec(_code, _globals)

@@ -110,7 +110,10 @@ def _errors(error: pydantic.ValidationError) -> str:
 
 
 def _text(output: Any) -> str:
-    text = output if isinstance(output, str) else json.dumps(output, ensure_ascii=False, default=str)
+    if isinstance(output, str):
+        text = output
+    else:
+        text = json.dumps(output, ensure_ascii=False, default=str)
     if len(text) > MAX_OBSERVATION:
         text = text[:MAX_OBSERVATION] + f"… [{len(text) - MAX_OBSERVATION} more characters cut]"
     return text
