@@ -1,30 +1,37 @@
 """Agents: a model that calls tools (ReAct text or native tool calls) until it can answer.
 
-import sorai
-from sorai.apps.agent import Agent
+    import sorai
+    from sorai.apps.agent import Agent
 
-with sorai.connect() as client:
-    trace = Agent(client, tools=["calculator"]).run("What is 1234 * 5678?")
-    print(trace.answer)
+    with sorai.connect() as client:
+        trace = Agent(client, tools=["calculator"]).run("What is 1234 * 5678?")
+        print(trace.answer)
+
+The names below load on first use, so `sorai.cli` (which imports `.command`) stays fast.
 """
 
 from __future__ import annotations
 
-from sorai.apps.agent.agent import STRATEGIES, Agent
-from sorai.apps.agent.files import Workspace
-from sorai.apps.agent.tools import Tool, Toolbox, ToolFailure, ToolResult, tool
-from sorai.apps.agent.trace import Printer, Step, Trace
+import importlib
+from typing import Any
 
-__all__ = [
-    "STRATEGIES",
-    "Agent",
-    "Printer",
-    "Step",
-    "Tool",
-    "ToolFailure",
-    "ToolResult",
-    "Toolbox",
-    "Trace",
-    "Workspace",
-    "tool",
-]
+_HOMES = {
+    "Agent": "agent",
+    "STRATEGIES": "agent",
+    "Workspace": "files",
+    "Tool": "tools",
+    "Toolbox": "tools",
+    "ToolFailure": "tools",
+    "ToolResult": "tools",
+    "tool": "tools",
+    "Printer": "trace",
+    "Step": "trace",
+    "Trace": "trace",
+}
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_HOMES[name]}"), name)
