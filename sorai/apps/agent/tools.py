@@ -153,7 +153,13 @@ def _description(fn: Callable[..., Any]) -> str:
 
 def arguments_model(fn: Callable[..., Any], name: str) -> type[pydantic.BaseModel]:
     """A pydantic model of `fn`'s parameters (every one typed; *args/**kwargs refused)."""
-    hints = get_type_hints(fn, include_extras=True)
+    try:
+        hints = get_type_hints(fn, include_extras=True)
+    except NameError as e:  # string annotations name a type only the defining scope knew
+        raise SoraiError(
+            f"tool {name}: cannot resolve its type hints ({e}); import the types they use at "
+            "module level"
+        ) from None
     fields: dict[str, Any] = {}
     for param in inspect.signature(fn).parameters.values():
         if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):

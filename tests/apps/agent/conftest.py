@@ -1,0 +1,16 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+import sorai
+from sorai.apps.client import Client
+
+
+@pytest.fixture(scope="session")
+def client(default_gguf) -> Iterator[Client]:
+    """The embedded default model behind sorai's own server, in this process."""
+    client = sorai.connect()
+    yield client
+    client.close()
