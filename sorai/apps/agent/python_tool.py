@@ -60,14 +60,18 @@ def run_python(
     seconds: float = DEFAULT_SECONDS,
     memory_mb: int = DEFAULT_MEMORY_MB,
     report: bool = False,
+    os_layers: bool = True,
 ) -> PythonRun:
-    """Run `code` in the sandbox; never raises for what the code does."""
+    """Run `code` in the sandbox; never raises for what the code does. report: the child
+    says on stderr which layers it got; os_layers=False leaves out the namespace and Landlock
+    (what a kernel that allows neither gives), for testing that fallback."""
     config = {
         "code": code,
         "workspace": str(workspace.root),
         "memory_bytes": memory_mb * 2**20,
         "cpu_seconds": int(seconds) + 1,  # a second guard should the kill below be late
         "file_bytes": 256 * 2**20,
+        "os_layers": os_layers,
     }
     env = {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),

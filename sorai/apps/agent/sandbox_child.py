@@ -1,7 +1,7 @@
 """The python tool's child: run with `python -I -c <this file's text>`, before the user's code.
 
-It reads {"code", "workspace", "memory_bytes", "cpu_seconds"} as JSON on stdin, confines
-itself, then runs the code. Layers, each applied when this kernel allows it:
+It reads {"code", "workspace", "memory_bytes", "cpu_seconds", "file_bytes", "os_layers"} as
+JSON on stdin, confines itself, then runs the code. Layers, each applied when this kernel allows it:
 
 1. resource limits: address space (memory), CPU seconds, file size;
 2. a network namespace (unshare CLONE_NEWUSER|CLONE_NEWNET, or CLONE_NEWNET alone as root):
@@ -38,7 +38,10 @@ _layers.append("rlimits")
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _CLONE_NEWUSER, _CLONE_NEWNET = 0x10000000, 0x40000000
-if _libc.unshare(_CLONE_NEWUSER | _CLONE_NEWNET) == 0 or _libc.unshare(_CLONE_NEWNET) == 0:
+_os_layers = _config["os_layers"]  # False: what a kernel allowing neither gets (tests)
+if _os_layers and (
+    _libc.unshare(_CLONE_NEWUSER | _CLONE_NEWNET) == 0 or _libc.unshare(_CLONE_NEWNET) == 0
+):
     _layers.append("netns")
 
 
@@ -82,7 +85,7 @@ def _landlock() -> bool:
 
 
 try:
-    if _landlock():
+    if _os_layers and _landlock():
         _layers.append("landlock")
 except (OSError, AttributeError):
     pass
