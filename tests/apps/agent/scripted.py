@@ -7,6 +7,7 @@ real model cannot be relied on to make."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,7 +23,9 @@ class Calls:
 
 @dataclass
 class ScriptedModel:
-    replies: list[str | Calls]
+    # A reply: text, tool calls, or a function of the request's messages giving either (for a
+    # move that depends on what a tool returned, e.g. a file name it made).
+    replies: list[str | Calls | Callable[[list[dict[str, Any]]], str | Calls]]
     model: str = "scripted-model"
     requests: list[dict[str, Any]] = field(default_factory=list)
 
@@ -31,6 +34,8 @@ class ScriptedModel:
         if not self.replies:
             raise AssertionError(f"the script ran out at request {len(self.requests)}")
         reply = self.replies.pop(0)
+        if callable(reply):
+            reply = reply(messages)
         message: dict[str, Any] = {"role": "assistant", "content": None}
         finish = "stop"
         if isinstance(reply, Calls):
