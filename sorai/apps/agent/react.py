@@ -87,7 +87,9 @@ def parse(text: str) -> Decision:
             return Decision(text, thought, answer=answer)
         return Decision(text, thought, error="'Final Answer:' is empty")
     line_end = text.find("\n", action.end())
-    name = text[action.end() : len(text) if line_end < 0 else line_end].strip().strip("`'\"*")
+    name = (
+        text[action.end() : len(text) if line_end < 0 else line_end].strip().strip("`'\"*").strip()
+    )
     given = _INPUT.search(text, action.end())
     inline = _INLINE_CALL.match(name)
     if inline and given is None:
