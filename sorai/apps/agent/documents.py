@@ -18,7 +18,8 @@ def document_tool(client: Client, index_path: str | os.PathLike | None = None) -
     query with `client`. A missing index is a SoraiError now, not at the first call."""
     from sorai.apps.rag import Index, search
 
-    index = Index(index_path, create=False)
+    with Index(index_path, create=False) as index:
+        path = index.path
 
     def search_documents(
         query: Annotated[str, Field(description="what to look for", max_length=500)],
@@ -26,7 +27,9 @@ def document_tool(client: Client, index_path: str | os.PathLike | None = None) -
     ) -> str:
         """Search the indexed documents; returns the most relevant passages with their
         source files."""
-        hits = search(index, query, client, k=k)
+        # Opened per call: tools run in a worker thread and SQLite connections stay in theirs.
+        with Index(path, create=False) as index:
+            hits = search(index, query, client, k=k)
         if not hits:
             return "no passage matches"
         return "\n\n".join(
