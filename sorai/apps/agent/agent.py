@@ -87,9 +87,29 @@ class Agent:
         if not task.strip():
             raise SoraiError("the task is empty")
         started = time.monotonic()
-        deadline = started + self.max_seconds
         model = getattr(self.client, "model", "unknown")
         trace = Trace(task, self.strategy.name, str(model))
+        try:
+            stop = self._loop(task, trace, started + self.max_seconds)
+        except BaseException as e:
+            # The endpoint failed (or Ctrl-C): what happened so far is still worth keeping.
+            trace.stop_reason = f"error: {e}" if str(e) else f"error: {type(e).__name__}"
+            trace.seconds = time.monotonic() - started
+            trace.write(self.trace_dir)
+            raise
+        trace.answer = trace.steps[-1].answer
+        trace.stop_reason = stop
+        trace.seconds = time.monotonic() - started
+        trace.write(self.trace_dir)
+        self.history += [
+            {"role": "user", "content": task},
+            {"role": "assistant", "content": trace.answer},
+        ]
+        return trace
+
+    def _loop(self, task: str, trace: Trace, deadline: float) -> str:
+        """Steps until an answer or a limit; the answer is forced in the latter case. Returns
+        why it stopped."""
         messages = self.strategy.start(self.system, self.history, task, self.toolbox)
         done: set[str] = set()
         stop = "max_iterations"
@@ -138,15 +158,7 @@ class Agent:
             if not (decision.answer or "").strip():
                 decision.answer = self._fallback(trace)
             self._emit(trace, self._answer_step(trace, decision, seconds, forced=True))
-        trace.answer = trace.steps[-1].answer
-        trace.stop_reason = stop
-        trace.seconds = time.monotonic() - started
-        trace.write(self.trace_dir)
-        self.history += [
-            {"role": "user", "content": task},
-            {"role": "assistant", "content": trace.answer},
-        ]
-        return trace
+        return stop
 
     def _decide(self, messages: list[dict[str, Any]], forced: bool) -> tuple[Decision, float]:
         started = time.monotonic()

@@ -97,6 +97,9 @@ class Tool:
             return ToolResult(False, message, time.monotonic() - started)
         except (ToolFailure, SoraiError) as e:
             return ToolResult(False, f"{self.name} failed: {e}", time.monotonic() - started)
+        except SystemExit as e:  # sys.exit() in a tool ends the tool, not the agent
+            message = f"{self.name} exited (code {e.code})"
+            return ToolResult(False, message, time.monotonic() - started)
         except Exception as e:  # a tool's bug is the model's observation, not the run's end
             message = f"{self.name} raised {type(e).__name__}: {e}"
             return ToolResult(False, message, time.monotonic() - started)

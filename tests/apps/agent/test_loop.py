@@ -358,3 +358,27 @@ def test_bad_agent_options_are_clear_errors(tmp_path):
         Agent(model, tools=["files"], workspace=tmp_path / "missing")
     with pytest.raises(SoraiError, match="two tools are named 'add'"):
         Agent(model, tools=[add, add])
+
+
+def test_an_endpoint_failure_raises_and_still_writes_the_trace(tmp_path):
+    from sorai.apps.client import ClientError
+
+    def unreachable(messages):
+        raise ClientError("cannot reach http://127.0.0.1:9/v1")
+
+    model = ScriptedModel([Calls([("add", {"a": 1, "b": 2})]), unreachable])
+    with pytest.raises(ClientError):
+        make(model, tmp_path, "tools").run("Add.")
+    (written,) = (tmp_path / "traces").glob("*.json")
+    data = json.loads(written.read_text())
+    assert data["stop_reason"] == "error: cannot reach http://127.0.0.1:9/v1"
+    assert data["steps"][0]["observation"] == "3"
+
+
+def test_a_tool_calling_sys_exit_does_not_end_the_agent():
+    def quit_now() -> str:
+        """Exits."""
+        raise SystemExit(3)
+
+    result = tool(quit_now)({})
+    assert not result.ok and result.output == "quit_now exited (code 3)"
