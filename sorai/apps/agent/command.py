@@ -24,7 +24,8 @@ tools (--tools, comma-separated; groups: files, images):
 examples:
   sorai agent "What is 1234 * 5678? Use the calculator." --tools calculator
   sorai agent "photo.png: make it grayscale and then watercolor" --workspace pics
-  sorai agent "How many lines does data.csv have?" --tools files,python --strategy react
+  sorai agent "How many lines does data.csv have?" --tools files,python --strategy react \
+      --url http://127.0.0.1:8000/v1 --model a-larger-model
 """
 
 DEFAULT_TOOLS = "calculator,files,images"
