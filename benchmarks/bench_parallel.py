@@ -25,7 +25,6 @@ the mechanisms cost, the same code that spreads a model over GPUs with NCCL.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import random
@@ -56,18 +55,13 @@ TEXT = (
 
 
 def make_model(path: Path) -> None:
-    import torch
-
     from sorai import hub
-    from sorai.model.gguf import GGUFFile
-    from sorai.model.loader import read_config
-    from sorai.model.tokenizer import Tokenizer
-    from sorai.model.transformer import Transformer
-    from sorai.model.weights import save_hf_dir
+    from sorai.model.scratch import write_random_model
 
     gguf = hub.resolve(hub.DEFAULT_MODEL, progress=print)
-    config = dataclasses.replace(
-        read_config(gguf),
+    write_random_model(
+        gguf,
+        path,
         hidden_size=512,
         intermediate_size=1536,
         num_hidden_layers=8,
@@ -76,11 +70,6 @@ def make_model(path: Path) -> None:
         head_dim=64,
         tie_word_embeddings=False,
     )
-    torch.manual_seed(0)
-    model = Transformer(config)
-    model.init_weights()
-    save_hf_dir(model, path)
-    Tokenizer.from_gguf_metadata(GGUFFile(gguf).metadata).save(path)
 
 
 def make_data(path: Path, documents: int) -> None:

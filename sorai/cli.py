@@ -13,6 +13,7 @@ from typing import Any
 import sorai
 from sorai import hub
 from sorai.apps.agent import command as agent_command
+from sorai.apps.eval import command as eval_command
 from sorai.apps.rag import command as index_command
 from sorai.apps.skills import command as skills_command
 from sorai.errors import ContextLengthError, SoraiError
@@ -420,6 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     skills_command.add_parsers(verbs)
     agent_command.add_parser(verbs)
+    eval_command.add_parser(verbs)
     return parser
 
 

@@ -22,7 +22,12 @@ EMBED_BATCH = 256  # inputs per embeddings request
 
 
 class ClientError(SoraiError):
-    """An endpoint that cannot be used: unreachable, no such model, a refused request."""
+    """An endpoint that cannot be used: unreachable, no such model, a refused request.
+    `status` is the HTTP status of a refused request (None when none came back)."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 def _message(error: openai.APIError) -> str:
@@ -119,7 +124,9 @@ class Client:
         except openai.APIConnectionError as e:
             raise ClientError(f"cannot reach {self.openai.base_url}: {e}") from None
         except openai.APIStatusError as e:
-            raise ClientError(f"chat request refused ({e.status_code}): {_message(e)}") from None
+            raise ClientError(
+                f"chat request refused ({e.status_code}): {_message(e)}", e.status_code
+            ) from None
 
     def chat_json(
         self,
@@ -159,7 +166,7 @@ class Client:
                 raise ClientError(f"cannot reach {self.openai.base_url}: {e}") from None
             except openai.APIStatusError as e:
                 raise ClientError(
-                    f"embeddings request refused ({e.status_code}): {_message(e)}"
+                    f"embeddings request refused ({e.status_code}): {_message(e)}", e.status_code
                 ) from None
             vectors += [item.embedding for item in sorted(response.data, key=lambda d: d.index)]
         return vectors

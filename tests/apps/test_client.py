@@ -4,19 +4,16 @@ by URL: the same protocol either way."""
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator
 
 import pytest
 
-import sorai
 from sorai.apps.client import Client, ClientError
 
 
-@pytest.fixture(scope="module")
-def local(default_gguf) -> Iterator[Client]:
-    client = sorai.connect()
-    yield client
-    client.close()
+@pytest.fixture
+def local(client: Client) -> Client:
+    """The session's in-process server (tests/apps/conftest.py)."""
+    return client
 
 
 def test_in_process_server_answers_chat(local: Client) -> None:
@@ -42,20 +39,28 @@ def test_by_url_is_the_same_endpoint(local: Client) -> None:
 def test_chat_json_follows_the_schema(local: Client) -> None:
     schema = {
         "type": "object",
-        "properties": {"city": {"type": "string"}, "nights": {"type": "integer"}},
+        # Bounded, so that the answer fits max_tokens whatever the model writes.
+        "properties": {
+            "city": {"type": "string", "maxLength": 20},
+            "nights": {"type": "integer", "minimum": 0, "maximum": 99},
+        },
         "required": ["city", "nights"],
         "additionalProperties": False,
     }
     answer = local.chat_json(
-        [{"role": "user", "content": "Two nights in Kyoto. Reply as JSON."}], schema, max_tokens=40
+        [{"role": "user", "content": "Two nights in Kyoto. Reply as JSON."}],
+        schema,
+        max_tokens=40,
+        temperature=0,
     )
     assert set(answer) == {"city", "nights"}
     assert isinstance(answer["city"], str) and isinstance(answer["nights"], int)
 
 
 def test_errors_are_one_line(local: Client) -> None:
-    with pytest.raises(ClientError, match="chat request refused \\(404\\)"):
+    with pytest.raises(ClientError, match="chat request refused \\(404\\)") as refused:
         local.chat([{"role": "user", "content": "hi"}], model="no-such-model", max_tokens=2)
+    assert refused.value.status == 404
     wrong_key = Client.connect(str(local.openai.base_url), api_key="sk-wrong", model=local.model)
     with pytest.raises(ClientError, match="refused \\(401\\)"):
         wrong_key.chat([{"role": "user", "content": "hi"}], max_tokens=2)

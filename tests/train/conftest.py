@@ -3,18 +3,12 @@ per step, so loop, checkpoint and resume tests run real training without the rea
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
 import pytest
-import torch
 
-from sorai.model.gguf import GGUFFile
-from sorai.model.loader import read_config
-from sorai.model.tokenizer import Tokenizer
-from sorai.model.transformer import Transformer
-from sorai.model.weights import save_hf_dir
+from sorai.model.scratch import write_random_model
 
 CHAT = [
     ("Book a table for two tonight", "restaurant_reservation"),
@@ -42,17 +36,6 @@ def write_chat(path: Path, pairs=CHAT) -> Path:
         for q, a in pairs
     ]
     path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-def write_random_model(gguf: Path, path: Path, **config: object) -> Path:
-    """An HF directory at `path`: the tokenizer and vocabulary of the model in `gguf`, its
-    config with `config`'s fields replaced, and random weights (seed 0)."""
-    torch.manual_seed(0)
-    model = Transformer(dataclasses.replace(read_config(gguf), **config))
-    model.init_weights()
-    save_hf_dir(model, path)
-    Tokenizer.from_gguf_metadata(GGUFFile(gguf).metadata).save(path)
     return path
 
 

@@ -20,6 +20,7 @@ import yaml
 from safetensors.torch import load_file
 
 from sorai.model.loader import load_model, read_config
+from sorai.model.scratch import write_random_model
 from sorai.train import estimate as est
 from sorai.train.config import ConfigError, ParallelConfig, resolve
 from sorai.train.distributed import ParallelDims, check_layout
@@ -27,7 +28,7 @@ from sorai.train.pipeline import split_layers, stage_ids
 from sorai.train.tensor_parallel import check_divisible
 from sorai.train.trainer import Trainer
 
-from .conftest import CHAT, write_chat, write_random_model
+from .conftest import CHAT, write_chat
 
 STEPS = 5
 ROWS = 4  # rows per step, over all data-parallel ranks

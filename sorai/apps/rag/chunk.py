@@ -10,6 +10,7 @@ import bisect
 import re
 from dataclasses import dataclass
 
+from sorai.apps.text import SENTENCE_END, is_cjk
 from sorai.errors import SoraiError
 
 DEFAULT_CHUNK_SIZE = 800  # characters
@@ -41,11 +42,6 @@ class Chunk:
 
 # Boundary tiers, strongest first. Each pattern's match *end* is where the next unit starts.
 _PARAGRAPH = re.compile(r"\n[ \t\r\f\v]*\n\s*")
-_SENTENCE = re.compile(
-    r"[.!?][\"')\]’”]*\s+"  # Latin sentence ends need following whitespace ("3.14", "e.g.x")
-    r"|[。！？｡][」』）)\"'’”]*\s*"  # Japanese ones do not
-    r"|\n\s*"  # a line break (list items, PDF lines) is as good as a sentence end
-)
 _CLAUSE = re.compile(r"[、，,;；:：][」』）)]*\s*")
 _SPACE = re.compile(r"\s+")
 # Japanese has no spaces; a word most likely starts where kanji or katakana follow hiragana
@@ -55,12 +51,6 @@ _CJK_WORD = re.compile(
     r"|(?<=[\u30a0-\u30ff])(?=[^\u30a0-\u30ff])"
     r"|(?<=[\u3400-\u9fff])(?=[\u30a0-\u30ff])"
 )
-
-
-def _is_cjk(char: str) -> bool:
-    # Hiragana, Katakana, CJK ideographs and punctuation, fullwidth forms, Hangul.
-    code = ord(char)
-    return 0x2E80 <= code <= 0x9FFF or 0xAC00 <= code <= 0xD7AF or 0xF900 <= code <= 0xFFEF
 
 
 def _breaks(pattern: re.Pattern[str], text: str, start: int, end: int) -> list[int]:
@@ -89,7 +79,7 @@ def _char_break(text: str, low: int, high: int) -> int | None:
 
 
 def _is_latin_letter(char: str) -> bool:
-    return char.isalnum() and not _is_cjk(char)
+    return char.isalnum() and not is_cjk(char)
 
 
 class _SectionCutter:
@@ -102,7 +92,7 @@ class _SectionCutter:
         # Strongest first: paragraphs, sentences, clauses, words (spaces, then Japanese).
         self.tiers = [
             _breaks(pattern, text, start, end)
-            for pattern in (_PARAGRAPH, _SENTENCE, _CLAUSE, _SPACE, _CJK_WORD)
+            for pattern in (_PARAGRAPH, SENTENCE_END, _CLAUSE, _SPACE, _CJK_WORD)
         ]
 
     def chunk_end(self, start: int) -> int:

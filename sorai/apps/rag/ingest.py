@@ -24,6 +24,7 @@ from sorai.apps.rag.chunk import (
     check_sizes,
     chunk_text,
 )
+from sorai.apps.rag.embed import embed_texts, embedding_window
 from sorai.apps.rag.store import Embedder, Index
 from sorai.errors import DocumentError, SoraiError
 
@@ -355,6 +356,7 @@ def add_files(
     check_sizes(chunk_size, overlap)
     index.check_embedding_model(embedder.embedding_model)
     files = find_files(paths)
+    window = embedding_window(embedder) if files else None
     say = progress or (lambda message: None)
     report = AddReport()
     pending: list[_Pending] = []
@@ -364,10 +366,11 @@ def add_files(
         nonlocal done
         texts = [chunk.text for item in pending for chunk in item.chunks]
         started = time.perf_counter()
-        vectors = embedder.embed(texts) if texts else []
+        try:
+            vectors = embed_texts(embedder, texts, window)
+        except ValueError as e:
+            raise SoraiError(str(e)) from None
         report.embed_seconds += time.perf_counter() - started
-        if len(vectors) != len(texts):
-            raise SoraiError(f"the embedder returned {len(vectors)} vectors for {len(texts)} texts")
         started = time.perf_counter()
         at = 0
         for item in pending:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from sorai.apps.client import Client
 from sorai.apps.skills.classify import classify
-from sorai.apps.skills.text import sentences
+from sorai.apps.text import sentences
 
 LABELS = {
     "positive": "the writer is pleased, thankful, satisfied or enthusiastic",

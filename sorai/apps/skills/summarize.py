@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from sorai.apps.client import Client
 from sorai.apps.skills.base import SkillError
-from sorai.apps.skills.text import estimate_tokens, sentences, truncate_words, word_count
+from sorai.apps.text import estimate_tokens, sentences, truncate_words, word_count
 
 STYLES = {
     "paragraph": "Write a concise summary as one paragraph.",

@@ -12,8 +12,8 @@ from sorai.apps.rag.store import Index
 
 
 class TrigramHashEmbedder:
-    """Test double for the real embedding model (all-MiniLM-L6-v2 behind an OpenAI-compatible
-    /v1/embeddings endpoint, reached through sorai.apps.client.Client; the lead wires it).
+    """Test double for the real embedding model (all-MiniLM-L6-v2 behind /v1/embeddings, which
+    test_embed.py and the skills tests use): fast and exact enough for the index's own logic.
 
     Each lower-cased character trigram is hashed (crc32, so runs agree) into one of 384
     signed buckets and the sum is L2-normalized: texts that share most of their words, such as

@@ -11,7 +11,7 @@ from sorai.apps.client import Client
 from sorai.apps.skills.base import SkillError
 from sorai.apps.skills.sentiment import sentiment, sentiment_by_sentence
 from sorai.apps.skills.summarize import split, summarize
-from sorai.apps.skills.text import estimate_tokens, sentences, truncate_words, word_count
+from sorai.apps.text import estimate_tokens, sentences, truncate_words, word_count
 
 TOPICS = ["the quarterly sales report", "the new office in Osaka", "the customer survey"]
 

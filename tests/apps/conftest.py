@@ -10,7 +10,8 @@ from sorai.apps.client import Client
 
 @pytest.fixture(scope="session")
 def client(default_gguf) -> Iterator[Client]:
-    """The embedded default model behind sorai's own server, in this process."""
+    """The embedded default model (and the embedding model) behind sorai's own server, in this
+    process: one per test session for every app's tests."""
     client = sorai.connect()
     yield client
     client.close()

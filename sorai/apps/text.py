@@ -1,17 +1,30 @@
-"""Text helpers the skills share: sentences (English and Japanese), a token estimate and a
-length in words that also counts CJK text."""
+"""Text helpers the apps share: where sentences end (English and Japanese), a token estimate
+without a tokenizer, and a length in words that also counts CJK text."""
 
 from __future__ import annotations
 
 import re
 
-# A sentence ends at . ! ? (followed by space or the end) or at 。！？ (no space in Japanese).
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|(?<=[。！？])\s*")
+# A match's end is where the next sentence starts.
+SENTENCE_END = re.compile(
+    r"[.!?][\"')\]’”]*\s+"  # Latin sentence ends need following whitespace ("3.14", "e.g.x")
+    r"|[。！？｡][」』）)\"'’”]*\s*"  # Japanese ones do not
+    r"|\n\s*"  # a line break (list items, PDF lines) is as good as a sentence end
+)
 _UNITS = re.compile(r"[A-Za-z0-9][A-Za-z0-9'’-]*|[^\x00-\x7f\s]")
 
 
+def is_cjk(char: str) -> bool:
+    """Hiragana, Katakana, CJK ideographs and punctuation, fullwidth forms, Hangul."""
+    code = ord(char)
+    return 0x2E80 <= code <= 0x9FFF or 0xAC00 <= code <= 0xD7AF or 0xF900 <= code <= 0xFFEF
+
+
 def sentences(text: str) -> list[str]:
-    return [s.strip() for s in _SENTENCE_END.split(text) if s and s.strip()]
+    """The sentences of `text`, stripped, in order (their closing quotes kept)."""
+    starts = [0] + [m.end() for m in SENTENCE_END.finditer(text)] + [len(text)]
+    pieces = (text[a:b].strip() for a, b in zip(starts, starts[1:], strict=False))
+    return [piece for piece in pieces if piece]
 
 
 def estimate_tokens(text: str) -> int:

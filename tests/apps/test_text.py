@@ -1,0 +1,38 @@
+"""The apps' shared text helpers: one sentence splitter for the skills and the chunker."""
+
+from __future__ import annotations
+
+from sorai.apps.rag.chunk import chunk_text
+from sorai.apps.text import estimate_tokens, is_cjk, sentences, word_count
+
+
+def test_sentences_english_japanese_and_lines() -> None:
+    text = (
+        'Pi is 3.14 and e.g.x stays whole. She said "Really?" Done!\n'
+        "- a list item\n"
+        "東京は晴れ。「大阪は？」雨です"
+    )
+    assert sentences(text) == [
+        "Pi is 3.14 and e.g.x stays whole.",
+        'She said "Really?"',
+        "Done!",
+        "- a list item",
+        "東京は晴れ。",
+        "「大阪は？」",
+        "雨です",
+    ]
+    assert sentences("  ") == []
+
+
+def test_chunker_cuts_where_sentences_end() -> None:
+    text = "".join(f"これは{n}番目の文です。" for n in range(40))
+    chunks = chunk_text(text, size=64, overlap=0)
+    assert len(chunks) > 1
+    assert all(chunk.text.endswith("。") for chunk in chunks[:-1])
+    assert [s for chunk in chunks for s in sentences(chunk.text)] == sentences(text)
+
+
+def test_cjk_counts() -> None:
+    assert is_cjk("日") and is_cjk("カ") and is_cjk("한") and not is_cjk("a")
+    assert word_count("Hello world 東京タワー") == 2 + 5
+    assert estimate_tokens("東京") == 3 and estimate_tokens("a" * 35) == 11
