@@ -24,6 +24,7 @@ from sorai.errors import SoraiError
 
 STRATEGIES: dict[str, Callable[[], Strategy]] = {"react": ReactStrategy, "tools": NativeStrategy}
 NO_ANSWER = "(no answer)"
+REPEATS = 2  # the same failing call this many times ends the loop
 
 
 class Agent:
@@ -112,7 +113,12 @@ class Agent:
         why it stopped."""
         messages = self.strategy.start(self.system, self.history, task, self.toolbox)
         done: set[str] = set()
+        failed: dict[str, int] = {}
         stop = "max_iterations"
+
+        def done_before(call: Call) -> bool:
+            return call.key() in done or failed.get(call.key(), 0) >= REPEATS
+
         for _ in range(self.max_iterations):
             if time.monotonic() >= deadline:
                 stop = "time_limit"
@@ -126,8 +132,9 @@ class Agent:
                 self.strategy.record(messages, decision, [])
                 self._emit(trace, self._error_step(trace, decision, seconds))
                 continue
-            if all(call.key() in done for call in decision.calls):
-                # Nothing new would come of it: the small models' way of saying they are done.
+            if all(done_before(call) for call in decision.calls):
+                # Nothing new would come of it: a call that worked (the small models' way of
+                # saying they are done), or one that failed the same way REPEATS times.
                 stop = "repeated_call"
                 break
             results = self._run_calls(decision.calls, deadline)
@@ -135,6 +142,8 @@ class Agent:
             for i, (call, result) in enumerate(results):
                 if result.ok:
                     done.add(call.key())
+                else:
+                    failed[call.key()] = failed.get(call.key(), 0) + 1
                 first = i == 0
                 self._emit(
                     trace,

@@ -122,7 +122,7 @@ def evaluate(expression: str) -> int | float:
 
 def calculator(
     expression: Annotated[
-        str, Field(description="e.g. 2 * (3 + 4) or sqrt(2)", max_length=MAX_LENGTH)
+        str, Field(description="e.g. 2 * (3 + 4) or sqrt(2)", min_length=1, max_length=MAX_LENGTH)
     ],
 ) -> str:
     """Evaluate an arithmetic expression: numbers, + - * / // % ** and math functions."""

@@ -24,7 +24,7 @@ tools (--tools, comma-separated; groups: files, images):
 examples:
   sorai agent "What is 1234 * 5678? Use the calculator." --tools calculator
   sorai agent "photo.png: make it grayscale and then watercolor" --workspace pics
-  sorai agent "How many lines does data.csv have?" --tools files,python --strategy react \
+  sorai agent "How many lines does data.csv have?" --tools files,python --strategy react \\
       --url http://127.0.0.1:8000/v1 --model a-larger-model
 """
 
@@ -120,8 +120,12 @@ def run(args: argparse.Namespace) -> int:
         print(trace.answer)
     if not args.quiet:
         say(
-            f"{len(trace.tool_calls)} tool calls, {len(trace.steps)} steps, "
+            f"{_count(len(trace.tool_calls), 'tool call')}, {_count(len(trace.steps), 'step')}, "
             f"{trace.prompt_tokens}+{trace.completion_tokens} tokens, {trace.seconds:.1f} s, "
             f"stopped by {trace.stop_reason}; trace: {shown(trace.path or '')}"
         )
     return 0
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"

@@ -22,7 +22,7 @@ def document_tool(client: Client, index_path: str | os.PathLike | None = None) -
         path = index.path
 
     def search_documents(
-        query: Annotated[str, Field(description="what to look for", max_length=500)],
+        query: Annotated[str, Field(description="what to look for", min_length=1, max_length=500)],
         k: Annotated[int, Field(ge=1, le=10)] = 4,
     ) -> str:
         """Search the indexed documents; returns the most relevant passages with their

@@ -20,6 +20,10 @@ from sorai.errors import SoraiError
 
 MAX_READ = 20_000
 MAX_LISTED = 200
+# Non-empty: under guided decoding a small model otherwise "calls" with an empty path.
+WorkspacePath = Annotated[
+    str, Field(description="relative to the workspace", min_length=1, max_length=500)
+]
 
 
 class Workspace:
@@ -72,7 +76,7 @@ def file_tools(workspace: Workspace) -> list[Tool]:
     """read_file, write_file and list_files, confined to `workspace`."""
 
     def read_file(
-        path: Annotated[str, Field(description="relative to the workspace", max_length=500)],
+        path: WorkspacePath,
     ) -> str:
         """Read a text file in the workspace."""
         data = workspace.read_bytes(path)
@@ -82,7 +86,7 @@ def file_tools(workspace: Workspace) -> list[Tool]:
         return text
 
     def write_file(
-        path: Annotated[str, Field(description="relative to the workspace", max_length=500)],
+        path: WorkspacePath,
         content: str,
     ) -> str:
         """Write a text file in the workspace (replacing it), creating its directories."""

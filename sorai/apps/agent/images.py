@@ -25,7 +25,9 @@ from sorai.apps.agent.tools import Tool, ToolFailure, tool
 OUTPUT_DIR = "image"
 MAX_SIDE = 8192
 Pixel = Annotated[int, Field(ge=0, le=MAX_SIDE)]  # bounded: guided decoding stops
-ImagePath = Annotated[str, Field(description="an image file in the workspace", max_length=500)]
+ImagePath = Annotated[
+    str, Field(description="an image file in the workspace", min_length=1, max_length=500)
+]
 
 # Set by the vision work (or by you): PIL image -> the text in it.
 ocr: Callable[[Image.Image], str] | None = None

@@ -21,6 +21,7 @@ SYSTEM = (
     "Complete the user's task with the tools, one call at a time. When you have the answer, "
     f"call {FINAL_ANSWER} with it."
 )
+ANSWER_NOW = "Answer the task now, in plain text, from what the tools returned."
 FINAL_TOOL = {
     "type": "function",
     "function": {
@@ -86,6 +87,8 @@ class NativeStrategy:
         if calls and calls[0].name == FINAL_ANSWER:
             answer = calls[0].arguments
             decision.answer = str(answer.get("answer", "") if isinstance(answer, dict) else answer)
+            if forced and not decision.answer.strip():
+                self._answer_in_text(client, messages, sampling, decision)
         elif calls:
             decision.calls = [c for c in calls if c.name != FINAL_ANSWER]
         elif thought:  # an endpoint that ignored tool_choice and answered in text
@@ -93,6 +96,18 @@ class NativeStrategy:
         else:
             decision.error = "the reply had neither a tool call nor text"
         return decision
+
+    @staticmethod
+    def _answer_in_text(
+        client: Any, messages: list[dict[str, Any]], sampling: dict[str, Any], decision: Decision
+    ) -> None:
+        """A blank forced answer (a small model may fill final_answer with spaces): ask once
+        more without tools, in plain text, which such models answer best."""
+        response = client.chat([*messages, {"role": "user", "content": ANSWER_NOW}], **sampling)
+        decision.answer = (response.choices[0].message.content or "").strip()
+        prompt, completion = usage(response)
+        decision.prompt_tokens += prompt
+        decision.completion_tokens += completion
 
     def record(
         self,

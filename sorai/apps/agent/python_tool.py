@@ -122,7 +122,9 @@ def python_tool(
     workspace: Workspace, seconds: float = DEFAULT_SECONDS, memory_mb: int = DEFAULT_MEMORY_MB
 ) -> Tool:
     def python(
-        code: Annotated[str, Field(description="Python 3 source; print() what you need")],
+        code: Annotated[
+            str, Field(description="Python 3 source; print() what you need", min_length=1)
+        ],
     ) -> str:
         """Run Python code in a sandbox (the workspace is its working directory and the only
         place it may write; no network) and return its printed output."""

@@ -129,6 +129,26 @@ def test_tools_repeated_call_forces_the_final_answer(tmp_path):
     }
 
 
+def test_tools_the_same_failing_call_twice_ends_the_loop(tmp_path):
+    model = ScriptedModel(
+        [Calls([("explode", {"x": 1})])] * 3 + [Calls([("final_answer", {"answer": "no luck"})])]
+    )
+    trace = make(model, tmp_path, "tools", tools=[explode]).run("Explode 1.")
+    assert [s.ok for s in trace.tool_calls] == [False, False]  # the third is not run
+    assert trace.stop_reason == "repeated_call" and trace.answer == "no luck"
+
+
+def test_tools_a_blank_forced_answer_is_asked_again_in_text(tmp_path):
+    model = ScriptedModel(
+        [Calls([("add", {"a": 2, "b": 3})])] * 2
+        + [Calls([("final_answer", {"answer": "  "})]), "The sum is 5."]
+    )
+    trace = make(model, tmp_path, "tools").run("Add 2 and 3.")
+    assert trace.answer == "The sum is 5." and trace.steps[-1].forced
+    assert "tools" not in model.requests[-1]  # plain text, no tools offered
+    assert trace.steps[-1].completion_tokens == 10  # both requests counted
+
+
 # -- react strategy (text) ------------------------------------------------------------------
 
 
