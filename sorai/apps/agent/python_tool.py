@@ -10,9 +10,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +28,8 @@ from sorai.apps.agent.tools import Tool, tool
 DEFAULT_SECONDS = 10.0
 DEFAULT_MEMORY_MB = 1024
 MAX_OUTPUT = 8000
+DRAIN_SECONDS = 5.0  # after the kill, for the output still in the pipes
+RUN_MARK = "SORAI_SANDBOX_RUN"  # in each run's environment, to find what it left behind
 _CHILD = (Path(__file__).with_name("sandbox_child.py")).read_text(encoding="utf-8")
 
 
@@ -83,6 +87,7 @@ def run_python(
         "OMP_NUM_THREADS": "1",
         "MPLBACKEND": "Agg",
         "SORAI_SANDBOX_REPORT": "1" if report else "0",
+        RUN_MARK: secrets.token_hex(16),
     }
     started = time.monotonic()
     process = subprocess.Popen(
@@ -97,13 +102,25 @@ def run_python(
         encoding="utf-8",
         errors="replace",
     )
+    # Once the child exits, what it left behind goes too: a daemon holding the pipes would
+    # otherwise keep communicate() waiting until the time limit.
+    reaper = threading.Thread(target=_reap, args=(process, env[RUN_MARK]), daemon=True)
+    reaper.start()
     try:
         stdout, stderr = process.communicate(json.dumps(config), timeout=seconds)
         timed_out = False
     except subprocess.TimeoutExpired:
         _kill_group(process)
-        stdout, stderr = process.communicate()
+        _kill_marked(env[RUN_MARK])
         timed_out = True
+        try:
+            stdout, stderr = process.communicate(timeout=DRAIN_SECONDS)
+        except subprocess.TimeoutExpired:
+            # A process it started left the group and cleared its environment, and holds the
+            # pipes open: stop waiting for them rather than hang the agent.
+            process.kill()
+            process.wait()
+            stdout, stderr = "", "(output lost: a process the code started still holds it)"
     return PythonRun(
         None if timed_out else process.returncode,
         stdout,
@@ -111,6 +128,25 @@ def run_python(
         time.monotonic() - started,
         timed_out,
     )
+
+
+def _reap(process: subprocess.Popen, mark: str) -> None:
+    process.wait()
+    _kill_marked(mark)
+
+
+def _kill_marked(mark: str) -> None:
+    """Kill every process whose environment carries this run's mark: those that left the
+    process group (setsid, a double fork) but kept the environment they inherited."""
+    needle = f"{RUN_MARK}={mark}".encode()
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            environ = (entry / "environ").read_bytes()
+        except OSError:  # gone meanwhile, another user's, or no /proc (not Linux)
+            continue
+        if needle in environ.split(b"\0"):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(int(entry.name), signal.SIGKILL)
 
 
 def _kill_group(process: subprocess.Popen) -> None:

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
+import uuid
 
 import pytest
 
@@ -108,6 +110,58 @@ def test_python_children_die_with_it(space):
     )
     run = run_python(code, space, seconds=2.0)
     assert run.timed_out
+
+
+def _detach(then: str) -> tuple[str, str]:
+    """Code whose forked child leaves the process group (setsid) and then execs a sleeper
+    with a unique marker in its argv; the parent then does `then`. And the marker."""
+    marker = f"sleeper-{uuid.uuid4().hex}"
+    code = (
+        "import os, sys\n"
+        "if os.fork() == 0:\n"
+        "    os.setsid()\n"
+        "    os.execv(sys.executable, [sys.executable, '-c', 'import time; time.sleep(120)',"
+        f" {marker!r}])\n"
+        f"{then}\n"
+    )
+    return code, marker
+
+
+def _alive(marker: str) -> list[int]:
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if marker.encode() in f.read():
+                    found.append(int(pid))
+        except OSError:
+            continue
+    return found
+
+
+def test_a_child_that_leaves_the_group_is_killed_and_does_not_hang_the_tool(space):
+    # setsid() takes the grandchild out of the killed group while it holds the output pipes.
+    # Run in a thread, so that a hang fails the test instead of blocking it.
+    code, marker = _detach("while True: pass")
+    runs = []
+    worker = threading.Thread(target=lambda: runs.append(run_python(code, space, seconds=1.0)))
+    worker.start()
+    worker.join(timeout=90)
+    assert not worker.is_alive(), "run_python hung on a detached grandchild's pipes"
+    if "may not start processes" in runs[0].stderr:
+        return  # no OS layers here: processes are refused outright
+    assert runs[0].timed_out
+    assert not _alive(marker), "the detached grandchild outlived the run"
+
+
+def test_a_daemon_left_behind_is_killed_after_a_normal_exit(space):
+    code, marker = _detach("print('parent done')")
+    run = run_python(code, space, seconds=60.0)
+    if "may not start processes" in run.stderr:
+        return
+    assert not run.timed_out  # it did not wait for the daemon (60 s is ample)
+    assert "parent done" in run.stdout
+    assert not _alive(marker), "the daemon outlived the run"
 
 
 def test_python_without_os_layers_may_not_start_processes(space):
