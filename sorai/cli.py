@@ -12,6 +12,7 @@ from typing import Any
 
 import sorai
 from sorai import hub
+from sorai.apps.agent import command as agent_command
 from sorai.apps.eval import command as eval_command
 from sorai.apps.rag import command as index_command
 from sorai.apps.skills import command as skills_command
@@ -419,6 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
     index.set_defaults(run=index_command.run)
 
     skills_command.add_parsers(verbs)
+    agent_command.add_parser(verbs)
     eval_command.add_parser(verbs)
     return parser
 

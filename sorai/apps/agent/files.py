@@ -1,0 +1,116 @@
+"""The workspace: the one directory the agent's file tools (and the python sandbox) may touch.
+
+Every path a tool is given is resolved (symlinks followed) and refused unless it lands inside
+the workspace: `../`, absolute paths elsewhere and symlinks that point out all fail. The final
+component is then opened with O_NOFOLLOW, so a symlink swapped in after the check is not
+followed either; a directory above it swapped between check and open (a race a process outside
+the agent would have to win) is not guarded against.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field
+
+from sorai.apps.agent.tools import Tool, ToolFailure, tool
+from sorai.errors import SoraiError
+
+MAX_READ = 20_000
+MAX_LISTED = 200
+# Non-empty: under guided decoding a small model otherwise "calls" with an empty path.
+WorkspacePath = Annotated[
+    str, Field(description="relative to the workspace", min_length=1, max_length=500)
+]
+
+
+class Workspace:
+    def __init__(self, root: str | os.PathLike) -> None:
+        path = Path(root).expanduser()
+        if not path.is_dir():
+            raise SoraiError(f"workspace {path} is not a directory (create it first)")
+        self.root = path.resolve()
+
+    def __repr__(self) -> str:
+        return f"Workspace({str(self.root)!r})"
+
+    def resolve(self, path: str) -> Path:
+        """`path` (relative to the workspace, or absolute inside it), symlinks resolved;
+        ToolFailure when it is outside."""
+        if not path or "\x00" in path:
+            raise ToolFailure("an empty or invalid path")
+        full = Path(os.path.realpath(self.root / path))
+        if full != self.root and self.root not in full.parents:
+            raise ToolFailure(f"{path!r} is outside the workspace; paths are relative to it")
+        return full
+
+    def relative(self, path: Path) -> str:
+        return path.relative_to(self.root).as_posix() or "."
+
+    def read_bytes(self, path: str) -> bytes:
+        full = self.resolve(path)
+        try:
+            fd = os.open(full, os.O_RDONLY | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            raise ToolFailure(f"no file {path!r} in the workspace") from None
+        except IsADirectoryError:
+            raise ToolFailure(f"{path!r} is a directory") from None
+        with os.fdopen(fd, "rb") as f:
+            return f.read()
+
+    def write_bytes(self, path: str, data: bytes) -> Path:
+        full = self.resolve(path)
+        if full == self.root:
+            raise ToolFailure("cannot write to the workspace directory itself")
+        full.parent.mkdir(parents=True, exist_ok=True)
+        full = self.resolve(path)  # the directories just made are inside: checked again
+        fd = os.open(full, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        return full
+
+
+def file_tools(workspace: Workspace) -> list[Tool]:
+    """read_file, write_file and list_files, confined to `workspace`."""
+
+    def read_file(
+        path: WorkspacePath,
+    ) -> str:
+        """Read a text file in the workspace."""
+        data = workspace.read_bytes(path)
+        text = data.decode("utf-8", errors="replace")
+        if len(text) > MAX_READ:
+            return text[:MAX_READ] + f"\n… [{len(text) - MAX_READ} more characters]"
+        return text
+
+    def write_file(
+        path: WorkspacePath,
+        content: str,
+    ) -> str:
+        """Write a text file in the workspace (replacing it), creating its directories."""
+        full = workspace.write_bytes(path, content.encode("utf-8"))
+        return f"wrote {len(content)} characters to {workspace.relative(full)}"
+
+    def list_files(
+        path: Annotated[
+            str, Field(description="a directory in the workspace", max_length=500)
+        ] = ".",
+    ) -> str:
+        """List the files in a workspace directory (recursively), with their sizes."""
+        top = workspace.resolve(path)
+        if not top.is_dir():
+            raise ToolFailure(f"{path!r} is not a directory in the workspace")
+        lines = []
+        for dirpath, dirnames, filenames in os.walk(top):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for name in sorted(filenames):
+                full = Path(dirpath) / name
+                if len(lines) == MAX_LISTED:
+                    return "\n".join(lines + [f"… (more than {MAX_LISTED} files)"])
+                size = full.lstat().st_size
+                lines.append(f"{workspace.relative(full)}\t{size} bytes")
+        return "\n".join(lines) or "(no files)"
+
+    return [tool(read_file), tool(write_file), tool(list_files)]

@@ -1,0 +1,155 @@
+"""Image tools in the TaskMatrix spirit, on Pillow: each reads an image in the workspace and
+writes a new one, `image/<id>_<tool>_<parent>.png` (parent: the input's id, or its file name
+for an original), so a chain of edits can be read back from the names; the tool returns the
+new file's name for the next step (or the answer) to use.
+
+OCR is a seam: `describe_image` reports text found by `ocr` when one is set (a function from a
+PIL image to its text, which the vision work will provide) and says it is not available
+otherwise.
+"""
+
+from __future__ import annotations
+
+import io
+import uuid
+from collections.abc import Callable
+from pathlib import PurePosixPath
+from typing import Annotated
+
+from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageOps, UnidentifiedImageError
+from pydantic import Field
+
+from sorai.apps.agent.files import Workspace
+from sorai.apps.agent.tools import Tool, ToolFailure, tool
+
+OUTPUT_DIR = "image"
+MAX_SIDE = 8192
+Pixel = Annotated[int, Field(ge=0, le=MAX_SIDE)]  # bounded: guided decoding stops
+ImagePath = Annotated[
+    str, Field(description="an image file in the workspace", min_length=1, max_length=500)
+]
+
+# Set by the vision work (or by you): PIL image -> the text in it.
+ocr: Callable[[Image.Image], str] | None = None
+
+
+def new_name(tool_name: str, parent: str) -> str:
+    """image/<id>_<tool>_<parent id>.png; parent ids are the first part of a generated name."""
+    stem = PurePosixPath(parent).stem
+    parent_id = stem.split("_", 1)[0] if PurePosixPath(parent).parent.name == OUTPUT_DIR else stem
+    return f"{OUTPUT_DIR}/{uuid.uuid4().hex[:6]}_{tool_name}_{parent_id}.png"
+
+
+def _colour_name(rgb: tuple[int, ...]) -> str:
+    return "#" + "".join(f"{c:02x}" for c in rgb[:3])
+
+
+def image_tools(workspace: Workspace) -> list[Tool]:
+    """describe_image, crop_image, resize_image, rotate_image, grayscale, blur, watercolor and
+    mark_regions over images in `workspace`."""
+
+    def load(path: str) -> Image.Image:
+        try:
+            image = Image.open(io.BytesIO(workspace.read_bytes(path)))
+            image.load()
+        except UnidentifiedImageError:
+            raise ToolFailure(f"{path!r} is not an image Pillow can read") from None
+        return image
+
+    def save(image: Image.Image, tool_name: str, parent: str) -> str:
+        name = new_name(tool_name, parent)
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        workspace.write_bytes(name, buffer.getvalue())
+        return name
+
+    def describe_image(image: ImagePath) -> str:
+        """Describe an image: size, mode, dominant colours and (when available) its text."""
+        picture = load(image)
+        rgb = picture.convert("RGB")
+        small = rgb.resize((64, 64)) if rgb.width * rgb.height > 4096 else rgb
+        counts = small.quantize(colors=5).convert("RGB").getcolors(4096) or []
+        total = sum(n for n, _ in counts) or 1
+        colours = ", ".join(
+            f"{_colour_name(c)} {100 * n / total:.0f}%" for n, c in sorted(counts, reverse=True)
+        )
+        text = ocr(picture) if ocr is not None else "OCR not available (no vision model set up)"
+        return (
+            f"{image}: {picture.width}x{picture.height} pixels, mode {picture.mode}, "
+            f"format {picture.format or 'unknown'}; dominant colours: {colours}; text: {text}"
+        )
+
+    def crop_image(image: ImagePath, left: Pixel, top: Pixel, right: Pixel, bottom: Pixel) -> str:
+        """Crop an image to the box (left, top, right, bottom) in pixels; returns the new file."""
+        picture = load(image)
+        if not (0 <= left < right <= picture.width and 0 <= top < bottom <= picture.height):
+            raise ToolFailure(
+                f"the box must lie within the {picture.width}x{picture.height} image with "
+                "left < right and top < bottom"
+            )
+        return save(picture.crop((left, top, right, bottom)), "crop", image)
+
+    def resize_image(
+        image: ImagePath,
+        width: Annotated[int, Field(ge=1, le=MAX_SIDE)],
+        height: Annotated[int, Field(ge=1, le=MAX_SIDE)],
+    ) -> str:
+        """Resize an image to width x height pixels; returns the new file."""
+        return save(load(image).resize((width, height), Image.LANCZOS), "resize", image)
+
+    def rotate_image(image: ImagePath, degrees: Annotated[float, Field(ge=-360, le=360)]) -> str:
+        """Rotate an image counter-clockwise by some degrees (the canvas grows to fit)."""
+        return save(load(image).rotate(degrees, expand=True), "rotate", image)
+
+    def grayscale(image: ImagePath) -> str:
+        """Make an image grayscale; returns the new file."""
+        return save(ImageOps.grayscale(load(image)), "grayscale", image)
+
+    def blur(image: ImagePath, radius: Annotated[float, Field(ge=0, le=100)] = 4.0) -> str:
+        """Blur an image (Gaussian, radius in pixels); returns the new file."""
+        return save(load(image).filter(ImageFilter.GaussianBlur(radius)), "blur", image)
+
+    def watercolor(image: ImagePath) -> str:
+        """Repaint an image in a soft, painterly watercolor style; returns the new file."""
+        picture = load(image).convert("RGB")
+        # Flatten detail into patches of colour, then let darkened edges show through like
+        # pigment pooling at a wash's border.
+        washed = picture.filter(ImageFilter.MedianFilter(5)).filter(ImageFilter.ModeFilter(5))
+        washed = washed.filter(ImageFilter.SMOOTH_MORE).filter(ImageFilter.SMOOTH_MORE)
+        washed = ImageEnhance.Color(washed).enhance(1.3)
+        edges = ImageOps.invert(picture.convert("L").filter(ImageFilter.FIND_EDGES))
+        edges = ImageOps.autocontrast(edges).convert("RGB")
+        painted = Image.blend(washed, Image.composite(washed, edges, edges.convert("L")), 0.35)
+        return save(ImageEnhance.Brightness(painted).enhance(1.05), "watercolor", image)
+
+    def mark_regions(
+        image: ImagePath,
+        regions: Annotated[
+            list[Annotated[list[Pixel], Field(min_length=4, max_length=4)]],
+            Field(description="boxes [left, top, right, bottom]", min_length=1, max_length=50),
+        ],
+    ) -> str:
+        """Draw numbered boxes on regions of an image; returns the new file."""
+        picture = load(image).convert("RGB")
+        draw = ImageDraw.Draw(picture)
+        for number, (left, top, right, bottom) in enumerate(regions, start=1):
+            if left >= right or top >= bottom:
+                raise ToolFailure(f"region {number}: left < right and top < bottom, please")
+            draw.rectangle((left, top, right, bottom), outline=(255, 0, 0), width=3)
+            draw.rectangle((left, top, left + 18, top + 16), fill=(255, 0, 0))
+            draw.text((left + 4, top + 2), str(number), fill=(255, 255, 255))
+        return save(picture, "marks", image)
+
+    return [
+        tool(f, timeout=60.0)
+        for f in (
+            describe_image,
+            crop_image,
+            resize_image,
+            rotate_image,
+            grayscale,
+            blur,
+            watercolor,
+            mark_regions,
+        )
+    ]

@@ -1,0 +1,170 @@
+"""python: run code in a separate, confined Python process (see sandbox_child.py for how).
+
+The child is `sys.executable -I` (no PYTHONPATH, no user site) in its own session, with the
+workspace as its working directory and HOME, a minimal environment, stdin closed after the
+code is handed over, and a wall-clock limit after which its whole process group is killed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field
+
+from sorai.apps.agent.files import Workspace
+from sorai.apps.agent.tools import Tool, tool
+
+DEFAULT_SECONDS = 10.0
+DEFAULT_MEMORY_MB = 1024
+MAX_OUTPUT = 8000
+DRAIN_SECONDS = 5.0  # after the kill, for the output still in the pipes
+RUN_MARK = "SORAI_SANDBOX_RUN"  # in each run's environment, to find what it left behind
+_CHILD = (Path(__file__).with_name("sandbox_child.py")).read_text(encoding="utf-8")
+
+
+@dataclass
+class PythonRun:
+    returncode: int | None  # None: killed at the time limit
+    stdout: str
+    stderr: str
+    seconds: float
+    timed_out: bool
+
+    def observation(self) -> str:
+        parts = []
+        if self.timed_out:
+            parts.append(f"killed: the code ran past its time limit ({self.seconds:.1f} s)")
+        elif self.returncode:
+            parts.append(f"exit code {self.returncode}")
+        if self.stdout:
+            parts.append(f"stdout:\n{_cut(self.stdout)}")
+        if self.stderr:
+            parts.append(f"stderr:\n{_cut(self.stderr)}")
+        return "\n".join(parts) or "(no output)"
+
+
+def _cut(text: str) -> str:
+    return text if len(text) <= MAX_OUTPUT else "…" + text[-MAX_OUTPUT:]
+
+
+def run_python(
+    code: str,
+    workspace: Workspace,
+    seconds: float = DEFAULT_SECONDS,
+    memory_mb: int = DEFAULT_MEMORY_MB,
+    report: bool = False,
+    os_layers: bool = True,
+) -> PythonRun:
+    """Run `code` in the sandbox; never raises for what the code does. report: the child
+    says on stderr which layers it got; os_layers=False leaves out the namespace and Landlock
+    (what a kernel that allows neither gives), for testing that fallback."""
+    config = {
+        "code": code,
+        "workspace": str(workspace.root),
+        "memory_bytes": memory_mb * 2**20,
+        "cpu_seconds": int(seconds) + 1,  # a second guard should the kill below be late
+        "file_bytes": 256 * 2**20,
+        "os_layers": os_layers,
+    }
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(workspace.root),
+        "TMPDIR": str(workspace.root),
+        "LANG": "C.UTF-8",
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "OPENBLAS_NUM_THREADS": "1",  # BLAS threads reserve address space the limit counts
+        "OMP_NUM_THREADS": "1",
+        "MPLBACKEND": "Agg",
+        "SORAI_SANDBOX_REPORT": "1" if report else "0",
+        RUN_MARK: secrets.token_hex(16),
+    }
+    started = time.monotonic()
+    process = subprocess.Popen(
+        [sys.executable, "-I", "-c", _CHILD],
+        cwd=workspace.root,
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,  # its own process group, killed whole at the limit
+        text=True,
+        encoding="utf-8",
+        errors="replace",
+    )
+    # Once the child exits, what it left behind goes too: a daemon holding the pipes would
+    # otherwise keep communicate() waiting until the time limit.
+    reaper = threading.Thread(target=_reap, args=(process, env[RUN_MARK]), daemon=True)
+    reaper.start()
+    try:
+        stdout, stderr = process.communicate(json.dumps(config), timeout=seconds)
+        timed_out = False
+    except subprocess.TimeoutExpired:
+        _kill_group(process)
+        _kill_marked(env[RUN_MARK])
+        timed_out = True
+        try:
+            stdout, stderr = process.communicate(timeout=DRAIN_SECONDS)
+        except subprocess.TimeoutExpired:
+            # A process it started left the group and cleared its environment, and holds the
+            # pipes open: stop waiting for them rather than hang the agent.
+            process.kill()
+            process.wait()
+            stdout, stderr = "", "(output lost: a process the code started still holds it)"
+    return PythonRun(
+        None if timed_out else process.returncode,
+        stdout,
+        stderr,
+        time.monotonic() - started,
+        timed_out,
+    )
+
+
+def _reap(process: subprocess.Popen, mark: str) -> None:
+    process.wait()
+    _kill_marked(mark)
+
+
+def _kill_marked(mark: str) -> None:
+    """Kill every process whose environment carries this run's mark: those that left the
+    process group (setsid, a double fork) but kept the environment they inherited."""
+    needle = f"{RUN_MARK}={mark}".encode()
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            environ = (entry / "environ").read_bytes()
+        except OSError:  # gone meanwhile, another user's, or no /proc (not Linux)
+            continue
+        if needle in environ.split(b"\0"):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(int(entry.name), signal.SIGKILL)
+
+
+def _kill_group(process: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):  # it ended on its own meanwhile
+        os.killpg(process.pid, signal.SIGKILL)
+
+
+def python_tool(
+    workspace: Workspace, seconds: float = DEFAULT_SECONDS, memory_mb: int = DEFAULT_MEMORY_MB
+) -> Tool:
+    def python(
+        code: Annotated[
+            str, Field(description="Python 3 source; print() what you need", min_length=1)
+        ],
+    ) -> str:
+        """Run Python code in a sandbox (the workspace is its working directory and the only
+        place it may write; no network) and return its printed output."""
+        return run_python(code, workspace, seconds, memory_mb).observation()
+
+    # The tool's own limit sits above the process's, so the kill, not the thread, ends it.
+    return tool(python, timeout=seconds + 10)

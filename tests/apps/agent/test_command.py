@@ -1,0 +1,45 @@
+"""`sorai agent`: options checked before a model loads, and a real run over --url (the session
+server's endpoint, so the CLI goes through the same protocol as with any other)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sorai import cli
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["t", "--tools", "calculator,teleport"], "unknown tool 'teleport'"),
+        (["t", "--tools", ","], "--tools names no tool"),
+        (["t", "--workspace", "/no/such/dir"], "--workspace /no/such/dir is not a directory"),
+        (["  ", "--tools", "calculator"], "the task is empty"),
+        (["t", "--tools", "search_documents", "--index", "/no/index.sqlite"], "no index at"),
+    ],
+)
+def test_bad_options_are_one_line_errors(argv, message, capsys):
+    assert cli.main(["agent", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("sorai: error:") and message in err and "\n" not in err
+
+
+def test_agent_verb_against_an_endpoint(client, tmp_path, capsys):
+    argv = [
+        "agent",
+        "What is 1234 * 5678? Use the calculator.",
+        "--tools", "calculator",
+        "--url", str(client.openai.base_url),
+        "--api-key", client.openai.api_key,
+        "--trace-dir", str(tmp_path),
+        "--json",
+    ]  # fmt: skip
+    assert cli.main(argv) == 0
+    out, err = capsys.readouterr()
+    trace = json.loads(out)
+    assert trace["steps"][0]["tool"] == "calculator"
+    assert "7006652" in trace["answer"]
+    assert "Action: calculator" in err and "trace:" in err  # the live steps, on stderr
+    assert len(list(tmp_path.glob("*.json"))) == 1

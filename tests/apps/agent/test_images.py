@@ -1,0 +1,107 @@
+"""The image tools, and the seed's chain: "make it grayscale and then watercolor"."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from PIL import Image
+
+from sorai.apps.agent import Agent
+from sorai.apps.agent.files import Workspace
+from sorai.apps.agent.images import image_tools
+from tests.apps.agent.scripted import Calls, ScriptedModel
+
+NAME = re.compile(r"^image/([0-9a-f]{6})_(\w+?)_(\w+)\.png$")
+
+
+@pytest.fixture
+def space(tmp_path):
+    root = tmp_path / "ws"
+    root.mkdir()
+    image = Image.new("RGB", (80, 60), (220, 40, 40))
+    image.paste((30, 60, 200), (40, 0, 80, 60))  # right half blue
+    image.save(root / "photo.png")
+    return Workspace(root)
+
+
+@pytest.fixture
+def tools(space):
+    return {t.name: t for t in image_tools(space)}
+
+
+def test_each_edit_writes_a_new_file_named_after_its_parent(tools, space):
+    cases = {
+        "grayscale": {},
+        "blur": {"radius": 2},
+        "watercolor": {},
+        "rotate_image": {"degrees": 90},
+        "resize_image": {"width": 40, "height": 30},
+        "crop_image": {"left": 0, "top": 0, "right": 40, "bottom": 30},
+        "mark_regions": {"regions": [[5, 5, 30, 30], [45, 10, 70, 50]]},
+    }
+    sizes = {"rotate_image": (60, 80), "resize_image": (40, 30), "crop_image": (40, 30)}
+    for name, arguments in cases.items():
+        result = tools[name]({"image": "photo.png", **arguments})
+        assert result.ok, (name, result.output)
+        match = NAME.match(result.output)
+        assert match and match.group(3) == "photo", result.output
+        with Image.open(space.root / result.output) as out:
+            assert out.size == sizes.get(name, (80, 60)), name
+            if name == "grayscale":
+                assert out.mode == "L"
+    assert (space.root / "photo.png").exists()  # the original is never changed
+
+
+def test_watercolor_changes_the_picture(tools, space):
+    with Image.open(space.root / "photo.png") as original:
+        before = original.convert("RGB").tobytes()
+    painted = tools["watercolor"]({"image": "photo.png"}).output
+    with Image.open(space.root / painted) as out:
+        assert out.convert("RGB").tobytes() != before
+
+
+def test_describe_reports_size_mode_colours_and_no_ocr(tools):
+    text = tools["describe_image"]({"image": "photo.png"}).output
+    assert "80x60 pixels, mode RGB, format PNG" in text
+    assert "#dc2828" in text and "#1e3cc8" in text  # the red and the blue halves
+    assert "OCR not available" in text
+
+
+def test_bad_image_input_is_a_clear_observation(tools, space):
+    (space.root / "notes.txt").write_text("not an image")
+    assert "not an image Pillow can read" in tools["grayscale"]({"image": "notes.txt"}).output
+    assert "no file 'nope.png'" in tools["grayscale"]({"image": "nope.png"}).output
+    assert "outside the workspace" in tools["blur"]({"image": "../x.png"}).output
+    crop = tools["crop_image"](
+        {"image": "photo.png", "left": 0, "top": 0, "right": 99, "bottom": 9}
+    )
+    assert not crop.ok and "within the 80x60 image" in crop.output
+
+
+def test_the_seed_chain_grayscale_then_watercolor(space, tmp_path):
+    """With ScriptedModel (a test double for the LLM): the 135M default model calls grayscale
+    and then repeats that call instead of moving on, so the chain's moves are scripted; the
+    tools, the files and the loop are real."""
+    model = ScriptedModel(
+        [
+            Calls([("grayscale", {"image": "photo.png"})]),
+            # Each next move names the file the last tool made (the last message's content).
+            lambda messages: Calls([("watercolor", {"image": messages[-1]["content"]})]),
+            lambda messages: Calls(
+                [("final_answer", {"answer": f"The result is {messages[-1]['content']}."})]
+            ),
+        ]
+    )
+    agent = Agent(model, tools=["images"], workspace=space.root, trace_dir=tmp_path / "t")
+    trace = agent.run("photo.png: make it grayscale and then watercolor")
+    assert [s.tool for s in trace.tool_calls] == ["grayscale", "watercolor"]
+    gray, painted = (s.observation for s in trace.tool_calls)
+    gray_id = NAME.match(gray).group(1)
+    assert NAME.match(gray).group(2, 3) == ("grayscale", "photo")
+    assert NAME.match(painted).group(2, 3) == ("watercolor", gray_id)  # chained to its parent
+    assert (space.root / gray).is_file() and (space.root / painted).is_file()
+    assert sorted(p.name for p in (space.root / "image").iterdir()) == sorted(
+        [gray.split("/")[1], painted.split("/")[1]]
+    )
+    assert painted in trace.answer

@@ -1,0 +1,208 @@
+"""The workspace's walls: the file tools refuse paths that leave it, and the python tool's
+process cannot write outside it, outlive its time limit or reach the network. The checks go
+through the tools as the model would call them; they must hold whether or not this kernel
+allows the OS layers (namespaces, Landlock), which only strengthen them."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+import uuid
+
+import pytest
+
+from sorai.apps.agent.files import Workspace, file_tools
+from sorai.apps.agent.python_tool import run_python
+
+
+@pytest.fixture
+def space(tmp_path):
+    root = tmp_path / "ws"
+    root.mkdir()
+    (root / "notes.txt").write_text("inside")
+    (tmp_path / "secret.txt").write_text("outside")
+    return Workspace(root)
+
+
+@pytest.fixture(params=[True, False], ids=["os-layers", "audit-hook-only"])
+def os_layers(request):
+    """Both ways the sandbox may run: with what this kernel allows, and with the audit hook
+    and resource limits alone (a kernel without namespaces or Landlock)."""
+    return request.param
+
+
+@pytest.fixture
+def tools(space):
+    return {t.name: t for t in file_tools(space)}
+
+
+def test_file_tools_work_inside(tools, space):
+    assert tools["write_file"]({"path": "sub/a.txt", "content": "hé"}).ok
+    assert tools["read_file"]({"path": "sub/a.txt"}).output == "hé"
+    assert tools["read_file"]({"path": str(space.root / "notes.txt")}).output == "inside"
+    listing = tools["list_files"]({}).output
+    assert "notes.txt\t6 bytes" in listing and "sub/a.txt\t3 bytes" in listing
+
+
+@pytest.mark.parametrize("path", ["../secret.txt", "sub/../../secret.txt", "/etc/passwd"])
+def test_escapes_by_path_are_refused(tools, path):
+    for name, arguments in (
+        ("read_file", {"path": path}),
+        ("write_file", {"path": path, "content": "x"}),
+        ("list_files", {"path": os.path.dirname(path) or "/"}),
+    ):
+        result = tools[name](arguments)
+        assert not result.ok and "outside the workspace" in result.output, (name, path)
+
+
+def test_escapes_by_symlink_are_refused(tools, space, tmp_path):
+    (space.root / "link.txt").symlink_to(tmp_path / "secret.txt")
+    (space.root / "door").symlink_to(tmp_path)
+    for name, arguments in (
+        ("read_file", {"path": "link.txt"}),
+        ("write_file", {"path": "link.txt", "content": "x"}),
+        ("read_file", {"path": "door/secret.txt"}),
+        ("write_file", {"path": "door/new.txt", "content": "x"}),
+        ("list_files", {"path": "door"}),
+    ):
+        result = tools[name](arguments)
+        assert not result.ok and "outside the workspace" in result.output, name
+    assert (tmp_path / "secret.txt").read_text() == "outside"
+    assert not (tmp_path / "new.txt").exists()
+
+
+def test_python_runs_in_the_workspace(space, os_layers):
+    run = run_python(
+        "print(open('notes.txt').read()); open('out.txt', 'w').write('ok')",
+        space,
+        os_layers=os_layers,
+    )
+    assert run.returncode == 0 and run.stdout == "inside\n"
+    assert (space.root / "out.txt").read_text() == "ok"
+
+
+@pytest.mark.parametrize("target", ["/tmp/sorai-agent-escape-{}", "../escape-{}"])
+def test_python_cannot_write_outside_the_workspace(space, os_layers, target):
+    path = target.format(os.getpid())
+    code = f"open({path!r}, 'w').write('x')"
+    run = run_python(code, space, os_layers=os_layers)
+    assert run.returncode != 0 and "PermissionError" in run.stderr
+    assert not (space.root / path).exists() and not os.path.exists(path)
+
+
+def test_python_is_killed_at_its_time_limit(space, os_layers):
+    started = time.monotonic()
+    run = run_python("while True:\n    pass", space, seconds=1.0, os_layers=os_layers)
+    assert run.timed_out and run.returncode is None
+    assert time.monotonic() - started < 30
+    assert "killed" in run.observation()
+
+
+def test_python_children_die_with_it(space):
+    # With the OS layers processes may be started (they inherit the confinement); a child
+    # that outlives its parent still goes, as the whole process group is killed.
+    code = (
+        "import subprocess, sys\n"
+        "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+        "while True: pass"
+    )
+    run = run_python(code, space, seconds=2.0)
+    assert run.timed_out
+
+
+def _detach(then: str) -> tuple[str, str]:
+    """Code whose forked child leaves the process group (setsid) and then execs a sleeper
+    with a unique marker in its argv; the parent then does `then`. And the marker."""
+    marker = f"sleeper-{uuid.uuid4().hex}"
+    code = (
+        "import os, sys\n"
+        "if os.fork() == 0:\n"
+        "    os.setsid()\n"
+        "    os.execv(sys.executable, [sys.executable, '-c', 'import time; time.sleep(120)',"
+        f" {marker!r}])\n"
+        f"{then}\n"
+    )
+    return code, marker
+
+
+def _alive(marker: str) -> list[int]:
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if marker.encode() in f.read():
+                    found.append(int(pid))
+        except OSError:
+            continue
+    return found
+
+
+def test_a_child_that_leaves_the_group_is_killed_and_does_not_hang_the_tool(space):
+    # setsid() takes the grandchild out of the killed group while it holds the output pipes.
+    # Run in a thread, so that a hang fails the test instead of blocking it.
+    code, marker = _detach("while True: pass")
+    runs = []
+    worker = threading.Thread(target=lambda: runs.append(run_python(code, space, seconds=1.0)))
+    worker.start()
+    worker.join(timeout=90)
+    assert not worker.is_alive(), "run_python hung on a detached grandchild's pipes"
+    if "may not start processes" in runs[0].stderr:
+        return  # no OS layers here: processes are refused outright
+    assert runs[0].timed_out
+    assert not _alive(marker), "the detached grandchild outlived the run"
+
+
+def test_a_daemon_left_behind_is_killed_after_a_normal_exit(space):
+    code, marker = _detach("print('parent done')")
+    run = run_python(code, space, seconds=60.0)
+    if "may not start processes" in run.stderr:
+        return
+    assert not run.timed_out  # it did not wait for the daemon (60 s is ample)
+    assert "parent done" in run.stdout
+    assert not _alive(marker), "the daemon outlived the run"
+
+
+def test_python_without_os_layers_may_not_start_processes(space):
+    # A child would run without the audit hook, so where the hook is all there is: refused.
+    run = run_python("import os; os.system('true')", space, os_layers=False)
+    assert run.returncode != 0 and "may not start processes" in run.stderr
+
+
+def test_python_cannot_open_a_network_socket(space, os_layers):
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        code = (
+            "import socket\n"
+            f"socket.create_connection(('127.0.0.1', {port}), timeout=5)\n"
+            "print('connected')"
+        )
+        run = run_python(code, space, os_layers=os_layers)
+        server.settimeout(0.5)
+        with pytest.raises(socket.timeout):
+            server.accept()  # nothing got through
+    assert "connected" not in run.stdout and run.returncode != 0
+
+
+def test_python_memory_is_limited(space, os_layers):
+    run = run_python("x = bytearray(3 * 1024**3)", space, memory_mb=512, os_layers=os_layers)
+    assert run.returncode != 0 and "MemoryError" in run.stderr
+
+
+def test_the_os_layers_hold_without_the_audit_hook(space, tmp_path):
+    """Where this kernel allows Landlock and network namespaces, writes and connections made
+    below Python's audit hook (raw syscalls through ctypes) fail too."""
+    layers = run_python("pass", space, report=True).stderr
+    if "landlock" not in layers or "netns" not in layers:
+        pytest.skip(f"this kernel does not allow the OS layers ({layers.strip()})")
+    target = tmp_path / "raw.txt"
+    code = (
+        "import ctypes\n"
+        "libc = ctypes.CDLL(None, use_errno=True)\n"
+        f"print(libc.open({str(target).encode()!r}, 0o101, 0o644))\n"  # O_WRONLY | O_CREAT
+    )
+    run = run_python(code, space)
+    assert run.stdout.strip() == "-1" and not target.exists()
