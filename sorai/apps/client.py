@@ -8,7 +8,9 @@ against both.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,6 +39,29 @@ def _message(error: openai.APIError) -> str:
         if isinstance(inner, dict) and inner.get("message"):
             return str(inner["message"])
     return str(error)
+
+
+_FENCE = re.compile(r"```(?:json|JSON)?\s*\n?(.*?)```", re.S)
+
+
+def parse_json_answer(text: str) -> Any:
+    """The JSON value in a model's answer. Endpoints that enforce the schema send bare JSON;
+    some that do not wrap it in a ```json fence or a sentence, so the fenced block, else the
+    first complete object or array in the text, is taken. ValueError when there is none."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        pass
+    fenced = _FENCE.search(text)
+    if fenced:
+        with contextlib.suppress(json.JSONDecodeError):
+            return json.loads(fenced.group(1))
+    decoder = json.JSONDecoder()
+    for start, char in enumerate(text):
+        if char in "{[":
+            with contextlib.suppress(json.JSONDecodeError):
+                return decoder.raw_decode(text, start)[0]
+    raise ValueError("no JSON value in the answer")
 
 
 @dataclass
@@ -146,8 +171,8 @@ class Client:
         )
         text = response.choices[0].message.content or ""
         try:
-            return json.loads(text)
-        except json.JSONDecodeError:
+            return parse_json_answer(text)
+        except ValueError:
             raise ClientError(
                 f"the model's answer is not the JSON asked for (finish_reason "
                 f"{response.choices[0].finish_reason!r}): {text[:200]!r}"

@@ -176,16 +176,39 @@ def _jsonl_rows(lines: IO[str], name: str, field: str | None) -> Iterator[Row]:
             yield Row(where, row, row[field])
 
 
+class _LineCounter:
+    """The lines a csv reader pulls, numbered: `start` is the first non-blank line of the
+    record being read (a quoted field may span several lines; blank lines are skipped)."""
+
+    def __init__(self, lines: IO[str]) -> None:
+        self.lines = lines
+        self.number = 0
+        self.start: int | None = None
+
+    def __iter__(self) -> _LineCounter:
+        return self
+
+    def __next__(self) -> str:
+        line = next(self.lines)
+        self.number += 1
+        if self.start is None and line.strip():
+            self.start = self.number
+        return line
+
+
 def _csv_rows(lines: IO[str], name: str, field: str | None) -> Iterator[Row]:
-    reader = csv.DictReader(lines)
+    counter = _LineCounter(lines)
+    reader = csv.DictReader(counter)
     columns = reader.fieldnames or []
+    counter.start = None
     if field is not None and field not in columns:
         raise SoraiError(
             f"{name}:1: no {field!r} column (columns: {', '.join(columns) or 'none'}; "
             "--text-field names it)"
         )
     for row in reader:
-        where = f"{name}:{reader.line_num}"
+        where = f"{name}:{counter.start}"  # where the record starts, as an editor shows it
+        counter.start = None
         if None in row or None in row.values():
             yield Row(where, {}, None, f"not {len(columns)} columns as in the header")
         elif field is None:

@@ -7,7 +7,7 @@ import socket
 
 import pytest
 
-from sorai.apps.client import Client, ClientError
+from sorai.apps.client import Client, ClientError, parse_json_answer
 
 
 @pytest.fixture
@@ -69,3 +69,15 @@ def test_errors_are_one_line(local: Client) -> None:
         port = s.getsockname()[1]  # closed once the block ends: nothing listens there
     with pytest.raises(ClientError, match="cannot reach"):
         Client.connect(f"http://127.0.0.1:{port}", max_retries=0)
+
+
+def test_json_answers_from_endpoints_that_ignore_the_schema() -> None:
+    assert parse_json_answer('{"score": 4}') == {"score": 4}
+    assert parse_json_answer('```json\n{"score": 4, "reason": "ok"}\n```') == {
+        "score": 4,
+        "reason": "ok",
+    }
+    assert parse_json_answer('Sure! Here it is: {"a": [1, 2]} Hope that helps.') == {"a": [1, 2]}
+    assert parse_json_answer('Labels: ["x"] then {broken') == ["x"]
+    with pytest.raises(ValueError):
+        parse_json_answer("no json here {")

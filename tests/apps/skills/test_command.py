@@ -133,13 +133,14 @@ def test_argparse_usage_errors_exit_2(capsys) -> None:
 
 def test_read_rows_csv_and_txt(tmp_path: Path) -> None:
     table = tmp_path / "in.csv"
-    table.write_text('id,text\n1,hello\n2\n3,\n4,"two\nlines"\n', encoding="utf-8")
+    table.write_text('id,text\n1,hello\n2\n\n3,\n4,"two\nlines"\n5,after\n', encoding="utf-8")
     rows = list(command.read_rows(str(table)))
     assert [(r.where, r.text, r.error is None) for r in rows] == [
         (f"{table}:2", "hello", True),
         (f"{table}:3", None, False),
-        (f"{table}:4", None, False),
-        (f"{table}:6", "two\nlines", True),
+        (f"{table}:5", None, False),  # after a blank line
+        (f"{table}:6", "two\nlines", True),  # a record spanning lines 6-7: where it starts
+        (f"{table}:8", "after", True),
     ]
     assert rows[0].row == {"id": "1", "text": "hello"}
     with pytest.raises(SoraiError, match="no 'body' column"):
