@@ -2,11 +2,11 @@
 probabilities.
 
 The answer is decoded under a JSON schema whose `label` is an enum of the labels, so it is always
-one of them. The confidence comes from the log-probabilities the endpoint reports at the first
-token of the label (the model's own distribution, before the schema's mask): the probability mass
-of the tokens that begin each label, normalised over the labels. Labels that begin with the same
-token share that token's mass evenly. An endpoint that reports no log-probabilities gives
-confidence None.
+one of them. The confidence comes from the log-probabilities the endpoint reports at the label's
+tokens (the model's own distribution, before the schema's mask): the probability mass of the
+tokens that begin each label, normalised over the labels, followed down the next tokens where
+labels share their first ones (see label_scores). An endpoint that reports no log-probabilities
+gives confidence None.
 """
 
 from __future__ import annotations
@@ -80,39 +80,79 @@ def _raw(token: Any) -> bytes:
     return bytes(raw) if raw is not None else token.token.encode("utf-8")
 
 
+def _agrees(target: bytes, text: bytes) -> bool:
+    """Whether `text` (label bytes generated so far) can be, or already is, `target` (a label
+    as JSON writes it, closing quote included)."""
+    return target.startswith(text) or text.startswith(target)
+
+
 def label_scores(content: list[Any], answer: str, labels: Sequence[str]) -> dict[str, float] | None:
     """Each label's probability from the chat logprobs `content` of the JSON `answer`, matched
-    on the tokens' bytes (Japanese labels start in the middle of a character's bytes)."""
+    on the tokens' bytes (Japanese labels start in the middle of a character's bytes).
+
+    The probability is followed down the generated label's tokens for as long as more than one
+    label agrees with them: labels that share a first token ("New York", "New Jersey") are told
+    apart by the tokens after it, and a label that is a prefix of another ("New", "New York")
+    by its closing quote. An alternative token leaving the generated path gives its mass to the
+    labels it begins (evenly: what follows it was not generated, so it is not known)."""
     head = answer[: answer.find('"', answer.find(":") + 1) + 1]  # up to the value's quote
     start = len(head.encode("utf-8"))
     if not head.endswith('"') or not content:
         return None
     offset = 0
-    for token in content:
+    for first, token in enumerate(content):
         end = offset + len(_raw(token))
         if end > start:
             break
         offset = end
     else:
         return None
-    before = start - offset  # bytes of this token that come before the label
-    prefix = _raw(token)[:before]
-    encoded = {name: name.encode("utf-8") for name in labels}
-    mass = dict.fromkeys(labels, 0.0)
-    seen: set[bytes] = set()
-    for alternative in [*token.top_logprobs, token]:
-        raw = _raw(alternative)
-        if raw in seen or raw[:before] != prefix:
-            continue  # seen, or not the same bytes before the label (e.g. no quote)
-        seen.add(raw)
-        rest = raw[before:]
-        starting = [name for name in labels if rest and encoded[name].startswith(rest)]
-        for name in starting:
-            mass[name] += math.exp(alternative.logprob) / len(starting)
-    total = sum(mass.values())
-    if total <= 0:
+    # Each label as the JSON answer spells it from its opening quote on: escapes, closing quote.
+    encoded = {name: json.dumps(name, ensure_ascii=False)[1:].encode("utf-8") for name in labels}
+    generated = b""  # the label's bytes generated so far
+    steps: list[tuple[float, list[str], list[tuple[float, list[str]]]]] = []
+    before = start - offset  # bytes of the first token that come before the label
+    for token in content[first:]:
+        chosen = _raw(token)
+        prefix = chosen[:before]
+        taken: tuple[float, list[str]] | None = None
+        others: list[tuple[float, list[str]]] = []
+        seen: set[bytes] = set()
+        for alternative in [token, *token.top_logprobs]:
+            raw = _raw(alternative)
+            if raw in seen or raw[:before] != prefix or not raw[before:]:
+                continue  # seen, not the same bytes before the label, or none of the label
+            seen.add(raw)
+            text = generated + raw[before:]
+            agreeing = [name for name in labels if _agrees(encoded[name], text)]
+            entry = (math.exp(alternative.logprob), agreeing)
+            if raw == chosen:
+                taken = entry
+            else:
+                others.append(entry)
+        if taken is None:
+            break
+        steps.append((taken[0], taken[1], others))
+        generated += chosen[before:]
+        before = 0
+        if len(taken[1]) <= 1:
+            break
+    if not steps or not steps[-1][1]:
         return None
-    return {name: value / total for name, value in mass.items()}
+    # From the last step back: P(label | the path up to this step).
+    below: dict[str, float] | None = None
+    for p_taken, agreeing, others in reversed(steps):
+        if below is None:  # the tokens ran out while labels still agreed: no way to tell them
+            below = {name: 1.0 / len(agreeing) for name in agreeing}
+        mass = {name: p_taken * below.get(name, 0.0) for name in labels}
+        for p, names in others:
+            for name in names:
+                mass[name] += p / len(names)
+        total = sum(mass.values())
+        if total <= 0:
+            return None
+        below = {name: value / total for name, value in mass.items()}
+    return below
 
 
 def classify(

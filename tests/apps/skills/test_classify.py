@@ -96,3 +96,41 @@ def test_logprob_bytes_join_into_the_text(client: Client) -> None:
     joined = b"".join(bytes(t.bytes) for t in choice.logprobs.content)
     assert joined.decode("utf-8", errors="replace") == choice.message.content
     assert any("\ufffd" in t.token for t in choice.logprobs.content)  # split characters exist
+
+
+def _content(*tokens: _Top) -> list[_Top]:
+    """A logprobs list whose label starts after `{"label": "` (the first three tokens)."""
+    return [_Top('{"', 0.0), _Top("label", 0.0), _Top('": "', 0.0), *tokens]
+
+
+def test_labels_sharing_a_first_token_are_told_apart_by_the_next() -> None:
+    """"New York" and "New Jersey" share the token "New": its mass goes to them as the model
+    splits the next token, not half each."""
+    content = _content(
+        _Top("New", math.log(0.6), [_Top("New", math.log(0.6)), _Top("Bo", math.log(0.2))]),
+        _Top(" York", math.log(0.25), [_Top(" Jersey", math.log(0.75))]),
+        _Top('"}', 0.0),
+    )
+    scores = label_scores(content, '{"label": "New York"}', ["New York", "New Jersey", "Boston"])
+    assert scores == pytest.approx(
+        {"New York": 0.6 * 0.25 / 0.8, "New Jersey": 0.6 * 0.75 / 0.8, "Boston": 0.2 / 0.8}
+    )
+
+
+def test_a_label_that_is_a_prefix_of_another_ends_at_its_quote() -> None:
+    """"New" and "New York": after "New" the closing quote means "New", " York" the other."""
+    content = _content(
+        _Top("New", 0.0),
+        _Top('"}', math.log(0.9), [_Top(" York", math.log(0.1))]),
+    )
+    scores = label_scores(content, '{"label": "New"}', ["New", "New York"])
+    assert scores == pytest.approx({"New": 0.9, "New York": 0.1})
+
+
+def test_label_scores_read_json_escapes_in_labels() -> None:
+    """A label with a quote is written escaped in the JSON answer."""
+    content = _content(
+        _Top('say \\"hi\\""}', math.log(0.7), [_Top("bye", math.log(0.3))]),
+    )
+    scores = label_scores(content, '{"label": "say \\"hi\\""}', ['say "hi"', "bye"])
+    assert scores == pytest.approx({'say "hi"': 0.7, "bye": 0.3})
