@@ -99,14 +99,12 @@ def label_scores(content: list[Any], answer: str, labels: Sequence[str]) -> dict
     start = len(head.encode("utf-8"))
     if not head.endswith('"') or not content:
         return None
-    offset = 0
-    for first, token in enumerate(content):
-        end = offset + len(_raw(token))
-        if end > start:
-            break
-        offset = end
-    else:
-        return None
+    offset = first = 0  # the token the label starts in, and where that token starts
+    while offset + len(_raw(content[first])) <= start:
+        offset += len(_raw(content[first]))
+        first += 1
+        if first == len(content):
+            return None
     # Each label as the JSON answer spells it from its opening quote on: escapes, closing quote.
     encoded = {name: json.dumps(name, ensure_ascii=False)[1:].encode("utf-8") for name in labels}
     generated = b""  # the label's bytes generated so far

@@ -104,7 +104,7 @@ def _content(*tokens: _Top) -> list[_Top]:
 
 
 def test_labels_sharing_a_first_token_are_told_apart_by_the_next() -> None:
-    """"New York" and "New Jersey" share the token "New": its mass goes to them as the model
+    """ "New York" and "New Jersey" share the token "New": its mass goes to them as the model
     splits the next token, not half each."""
     content = _content(
         _Top("New", math.log(0.6), [_Top("New", math.log(0.6)), _Top("Bo", math.log(0.2))]),
@@ -118,7 +118,7 @@ def test_labels_sharing_a_first_token_are_told_apart_by_the_next() -> None:
 
 
 def test_a_label_that_is_a_prefix_of_another_ends_at_its_quote() -> None:
-    """"New" and "New York": after "New" the closing quote means "New", " York" the other."""
+    """ "New" and "New York": after "New" the closing quote means "New", " York" the other."""
     content = _content(
         _Top("New", 0.0),
         _Top('"}', math.log(0.9), [_Top(" York", math.log(0.1))]),
