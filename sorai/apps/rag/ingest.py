@@ -79,30 +79,62 @@ def read_text(path: Path, data: bytes) -> Document:
 
 
 _ATX_HEADING = re.compile(r"^ {0,3}(#{1,6})[ \t]+(.+?)[ \t]*#*[ \t]*$")
+_SETEXT_UNDERLINE = re.compile(r"^ {0,3}(=+|-+)[ \t]*$")
 _FENCE = re.compile(r"^ {0,3}(```|~~~)")
+# YAML front matter (Jekyll, Hugo, Obsidian): metadata, not text, before the document proper.
+_FRONT_MATTER = re.compile(r"\A---[ \t]*\n(.*?\n)?(?:---|\.\.\.)[ \t]*(?:\n|\Z)", re.S)
+_FRONT_TITLE = re.compile(r"^title:[ \t]*(.+?)[ \t]*$", re.M)
 
 
 def read_markdown(path: Path, data: bytes) -> Document:
-    """One section per heading (`# A` ... `###### F`, outside code fences); a section's
-    heading is its path of titles, "A > B". The text is the file's, headings included."""
+    """One section per heading (`# A` ... `###### F`, or a line underlined with `===` / `---`,
+    outside code fences); a section's heading is its path of titles, "A > B". The text is the
+    file's, headings included; YAML front matter is left out of the sections, its `title:` is
+    the document's title (else the first level-1 heading)."""
     text = decode_text(data)
     sections: list[Section] = []
     trail: list[tuple[int, str]] = []  # (level, title) of the headings above this point
-    start, heading, fence, offset = 0, None, None, 0
-    for line in text.splitlines(keepends=True):
+    front = _FRONT_MATTER.match(text)
+    named = _FRONT_TITLE.search(front.group(1) or "") if front else None
+    title = (named.group(1).strip("\"'") or None) if named else None
+    start = offset = front.end() if front else 0
+    heading, fence = None, None
+    paragraph: list[str] = []  # the lines of the paragraph being read (a setext heading's text)
+    paragraph_start = offset
+
+    def open_section(at: int, level: int, name: str) -> None:
+        nonlocal start, heading, trail, title
+        if level == 1 and title is None:
+            title = name
+        if at > start:
+            sections.append(Section(start, at, heading))
+        trail = [(lv, t) for lv, t in trail if lv < level] + [(level, name)]
+        start, heading = at, " > ".join(t for _, t in trail)
+
+    for line in text[offset:].splitlines(keepends=True):
+        bare = line.rstrip("\n")
         found = _FENCE.match(line)
         if found:
             fence = None if fence == found.group(1) else (fence or found.group(1))
-        elif fence is None and (match := _ATX_HEADING.match(line.rstrip("\n"))):
-            if offset > start:
-                sections.append(Section(start, offset, heading))
-            level = len(match.group(1))
-            trail = [(lv, title) for lv, title in trail if lv < level] + [(level, match[2])]
-            start, heading = offset, " > ".join(title for _, title in trail)
+            paragraph = []
+        elif fence is not None:
+            pass
+        elif match := _ATX_HEADING.match(bare):
+            open_section(offset, len(match.group(1)), match[2])
+            paragraph = []
+        elif paragraph and (underline := _SETEXT_UNDERLINE.match(bare)):
+            name = " ".join(" ".join(paragraph).split())
+            open_section(paragraph_start, 1 if underline.group(1)[0] == "=" else 2, name)
+            paragraph = []
+        elif not bare.strip():
+            paragraph = []
+        else:
+            if not paragraph:
+                paragraph_start = offset
+            paragraph.append(bare)
         offset += len(line)
     if offset > start:
         sections.append(Section(start, offset, heading))
-    title = next((t for lv, t in trail if lv == 1), None) if trail else None
     return Document(path, text, sections, title)
 
 
@@ -113,8 +145,7 @@ class _HTMLText(HTMLParser):
     BLOCK = frozenset(
         ["address", "article", "aside", "blockquote", "body", "dd", "div", "dl", "dt",
          "fieldset", "figcaption", "figure", "footer", "form", "header", "hr", "li", "main",
-         "nav", "ol", "p", "pre", "section", "table", "tbody", "td", "tfoot", "th", "thead",
-         "tr", "ul"]
+         "nav", "ol", "p", "pre", "section", "table", "ul"]
     )  # fmt: skip
     HEADINGS = {f"h{n}": n for n in range(1, 7)}
 
@@ -129,6 +160,7 @@ class _HTMLText(HTMLParser):
         self._pre = 0
         self._in_title = False
         self._title_text: list[str] = []
+        self._cells = 0  # cells so far in the table row being read
 
     def _heading(self) -> str | None:
         if self._trail:
@@ -153,6 +185,12 @@ class _HTMLText(HTMLParser):
             self._heading_text = []
         elif tag == "br":
             self._text.append("\n")
+        elif tag == "tr":  # a table row is one line, its cells separated by " | "
+            self._text.append("\n")
+            self._cells = 0
+        elif tag in ("td", "th"):
+            self._text.append(" | " if self._cells else "")
+            self._cells += 1
         elif tag in self.BLOCK:
             self._text.append("\n\n")
             self._pre += tag == "pre"
@@ -194,11 +232,53 @@ class _HTMLText(HTMLParser):
         self._flush()
 
 
+# <meta charset="..."> or <meta http-equiv="Content-Type" content="...; charset=...">, and
+# XHTML's <?xml encoding="..."?>: a page's declared encoding, looked for in its first bytes.
+_DECLARED_CHARSET = re.compile(
+    rb"""<meta\b[^>]*?charset\s*=\s*["']?\s*([\w.:-]+)|<\?xml\b[^>]*?encoding\s*=\s*["']([\w.:-]+)""",
+    re.I,
+)
+# Labels whose WHATWG encoding is a superset that Python names otherwise (browsers decode these
+# pages with the superset; the strict codec fails on their extra characters).
+_CHARSET_SUPERSETS = {
+    "shift_jis": "cp932", "shift-jis": "cp932", "sjis": "cp932", "x-sjis": "cp932",
+    "windows-31j": "cp932", "iso-8859-1": "cp1252", "latin1": "cp1252", "latin-1": "cp1252",
+    "us-ascii": "cp1252", "ascii": "cp1252", "gb2312": "gb18030", "gbk": "gb18030",
+    "euc-kr": "cp949", "ks_c_5601-1987": "cp949",
+}  # fmt: skip
+
+
+def decode_html(data: bytes) -> str:
+    """An HTML page's text: by its byte order mark, else the charset its <meta> (or XML
+    declaration) names, else UTF-8 (see decode_text)."""
+    declared = _DECLARED_CHARSET.search(data[:4096])
+    if declared is None or data.startswith(
+        (codecs.BOM_UTF8, codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
+    ):
+        return decode_text(data)
+    name = (declared.group(1) or declared.group(2)).decode("ascii").lower()
+    name = _CHARSET_SUPERSETS.get(name, name)
+    try:
+        codec = codecs.lookup(name).name
+    except LookupError:
+        raise DocumentError(f"unknown charset {name!r} declared in the page") from None
+    if codec.startswith("utf-16"):  # a page read as bytes is not UTF-16 without a BOM
+        return decode_text(data)
+    try:
+        text = data.decode(codec)
+    except UnicodeDecodeError as e:
+        raise DocumentError(
+            f"not {name} text as the page declares (byte 0x{data[e.start]:02x} at offset {e.start})"
+        ) from None
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
 def read_html(path: Path, data: bytes) -> Document:
     """Visible text (no script / style), one section per h1-h6 heading; the <title> is the
-    document's title and the heading of text before the first heading."""
+    document's title and the heading of text before the first heading. The page's declared
+    charset is honoured."""
     parser = _HTMLText()
-    parser.feed(decode_text(data))
+    parser.feed(decode_html(data))
     parser.close()
     text, sections = _join([(text, heading, None) for text, heading in parser.parts])
     return Document(path, text, sections, parser.title)
@@ -231,6 +311,11 @@ def read_pdf(path: Path, data: bytes) -> Document:
         raise
     except Exception as e:  # pypdf raises many types on a damaged file; all mean "unreadable"
         raise DocumentError(f"unreadable PDF ({type(e).__name__}: {e})") from None
+    if pages and not any(page.strip() for page in pages):
+        raise DocumentError(
+            f"no text layer in its {len(pages)} page(s) (a scan? run OCR on it first, e.g. "
+            "`ocrmypdf`)"
+        )
     text, sections = _join([(page, None, n) for n, page in enumerate(pages, 1)])
     return Document(path, text, sections, title if isinstance(title, str) else None)
 

@@ -79,6 +79,74 @@ def test_html_keeps_title_and_headings_and_drops_script_and_style(tmp_path: Path
     ]
 
 
+def test_markdown_front_matter_is_metadata_and_setext_headings_are_headings(tmp_path: Path):
+    path = tmp_path / "post.md"
+    path.write_text(
+        '---\ntitle: "Front Title"\ntags: [a, b]\n---\n\nIntro.\n\nMain Part\n=========\n\n'
+        "Body.\n\nDetails\nin two lines\n---\n\nMore.\n\n```\nCode\n---\n```\n"
+    )
+    document = read_document(path)
+    assert document.title == "Front Title"
+    spans = [(document.text[s.start : s.end].strip(), s.heading) for s in document.sections]
+    assert spans == [
+        ("Intro.", None),
+        ("Main Part\n=========\n\nBody.", "Main Part"),
+        (
+            "Details\nin two lines\n---\n\nMore.\n\n```\nCode\n---\n```",
+            "Main Part > Details in two lines",
+        ),
+    ]
+    assert "tags" not in "".join(document.text[s.start : s.end] for s in document.sections)
+
+
+def test_markdown_title_is_the_first_level_one_heading(tmp_path: Path):
+    path = tmp_path / "two.md"
+    path.write_text("# First\n\nA.\n\n# Second\n\nB.\n")
+    assert read_document(path).title == "First"
+
+
+@pytest.mark.parametrize(
+    ("head", "encoding"),
+    [
+        ('<meta charset="shift_jis">', "cp932"),
+        ("<meta http-equiv='Content-Type' content='text/html; charset=EUC-JP'>", "euc_jp"),
+        ('<meta http-equiv="Content-Type" content="text/html; charset=iso-8859-1">', "cp1252"),
+    ],
+)
+def test_html_is_decoded_by_the_charset_it_declares(tmp_path: Path, head: str, encoding: str):
+    path = tmp_path / "page.html"
+    body = "東京の天気は晴れ。" if encoding != "cp1252" else "Café crème – 5 €."
+    path.write_bytes(f"<html><head>{head}</head><body><p>{body}</p></body></html>".encode(encoding))
+    assert read_document(path).text == body
+
+
+def test_html_that_is_not_utf8_and_declares_nothing_is_a_clear_error(tmp_path: Path):
+    path = tmp_path / "page.html"
+    path.write_bytes("<p>東京</p>".encode("shift_jis"))
+    with pytest.raises(DocumentError, match="not UTF-8 text"):
+        read_document(path)
+    path.write_bytes(b'<meta charset="no-such-charset"><p>x</p>')
+    with pytest.raises(DocumentError, match="unknown charset 'no-such-charset'"):
+        read_document(path)
+
+
+def test_html_table_rows_stay_on_one_line(tmp_path: Path):
+    path = tmp_path / "prices.html"
+    path.write_text(
+        "<p>Prices:</p><table><tr><th>Item</th><th>Price</th></tr>"
+        "<tr><td>Tea</td><td>3</td></tr></table>"
+    )
+    assert read_document(path).text == "Prices:\n\nItem | Price\nTea | 3"
+
+
+def test_a_pdf_without_a_text_layer_is_reported_as_such(index: Index, embedder, tmp_path: Path):
+    path = tmp_path / "scan.pdf"
+    path.write_bytes(make_pdf([[], []]))
+    report = add_files(index, [path], embedder)
+    assert report.failed == 1 and "no text layer in its 2 page(s)" in report.failures[0][1]
+    assert _count(index, "documents") == 0
+
+
 def test_pdf_text_is_read_per_page(tmp_path: Path):
     path = tmp_path / "manual.pdf"
     path.write_bytes(make_pdf([["Chapter one.", "Bridges span rivers."], ["Chapter two."]]))
