@@ -30,8 +30,8 @@ if TYPE_CHECKING:
 SCHEMA_VERSION = 1
 
 _SCHEMA = """
-CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE documents (
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS documents (
     id INTEGER PRIMARY KEY,
     path TEXT NOT NULL UNIQUE,
     sha256 TEXT NOT NULL,
@@ -42,7 +42,7 @@ CREATE TABLE documents (
     chunk_size INTEGER NOT NULL,
     overlap INTEGER NOT NULL
 );
-CREATE TABLE chunks (
+CREATE TABLE IF NOT EXISTS chunks (
     id INTEGER PRIMARY KEY,
     doc_id INTEGER NOT NULL REFERENCES documents(id) ON DELETE CASCADE,
     ord INTEGER NOT NULL,
@@ -52,17 +52,17 @@ CREATE TABLE chunks (
     page INTEGER,
     heading TEXT
 );
-CREATE INDEX chunks_by_doc ON chunks(doc_id, ord);
-CREATE VIRTUAL TABLE chunks_fts USING fts5(
+CREATE INDEX IF NOT EXISTS chunks_by_doc ON chunks(doc_id, ord);
+CREATE VIRTUAL TABLE IF NOT EXISTS chunks_fts USING fts5(
     text, content='chunks', content_rowid='id', tokenize='trigram'
 );
-CREATE TRIGGER chunks_fts_insert AFTER INSERT ON chunks BEGIN
+CREATE TRIGGER IF NOT EXISTS chunks_fts_insert AFTER INSERT ON chunks BEGIN
     INSERT INTO chunks_fts(rowid, text) VALUES (new.id, new.text);
 END;
-CREATE TRIGGER chunks_fts_delete AFTER DELETE ON chunks BEGIN
+CREATE TRIGGER IF NOT EXISTS chunks_fts_delete AFTER DELETE ON chunks BEGIN
     INSERT INTO chunks_fts(chunks_fts, rowid, text) VALUES ('delete', old.id, old.text);
 END;
-CREATE TABLE vectors (
+CREATE TABLE IF NOT EXISTS vectors (
     chunk_id INTEGER PRIMARY KEY REFERENCES chunks(id) ON DELETE CASCADE,
     embedding BLOB NOT NULL
 );
@@ -142,11 +142,13 @@ class Index:
         db.execute("PRAGMA foreign_keys = ON")
         tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master")}
         if not tables:
-            db.execute("PRAGMA journal_mode = WAL")  # readers do not wait for a writer
+            # Idempotent (IF NOT EXISTS, OR IGNORE): another process creating the same new
+            # index at once holds the write lock; this one waits, then finds it all there.
             db.executescript(
-                f"BEGIN IMMEDIATE; {_SCHEMA}; "
-                f"INSERT INTO meta VALUES ('schema_version', '{SCHEMA_VERSION}'); COMMIT;"
+                f"BEGIN IMMEDIATE; {_SCHEMA}; INSERT OR IGNORE INTO meta "
+                f"VALUES ('schema_version', '{SCHEMA_VERSION}'); COMMIT;"
             )
+            self._use_wal()
             tables = {"meta"}
         if "meta" not in tables:
             raise SearchIndexError(f"{self.path} is an SQLite file but not a sorai index")
@@ -157,6 +159,20 @@ class Index:
                 f"{SCHEMA_VERSION}"
             )
         db.execute("PRAGMA synchronous = NORMAL")
+
+    def _use_wal(self, wait: float = 5.0) -> None:
+        """Write-ahead logging, so readers do not wait for a writer. Switching needs the file
+        to itself: while another process opens the new index at once, it is retried (SQLite's
+        busy timeout does not cover it)."""
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                self._db.execute("PRAGMA journal_mode = WAL")
+                return
+            except sqlite3.OperationalError:
+                if time.monotonic() > deadline:
+                    return  # still a working index, in rollback-journal mode
+                time.sleep(0.02)
 
     def close(self) -> None:
         self._db.close()

@@ -4,10 +4,12 @@ removing, and the embedding model the index was built with."""
 from __future__ import annotations
 
 import sqlite3
+import threading
 from pathlib import Path
 
 import pytest
 
+from sorai.apps.rag import store
 from sorai.apps.rag.chunk import Chunk
 from sorai.apps.rag.ingest import add_files, find_files, read_document
 from sorai.apps.rag.store import Index
@@ -303,3 +305,20 @@ def test_a_file_that_is_not_an_index_is_refused(tmp_path: Path):
         Index(garbage)
     with pytest.raises(SearchIndexError, match="no index at"):
         Index(tmp_path / "absent.sqlite", create=False)
+
+
+def test_two_processes_creating_one_new_index_both_open_it(tmp_path: Path):
+    """Two `sorai index add` at once on a new index: while one holds the write lock creating
+    the schema, the other (which saw an empty file) waits for it and opens the index, rather
+    than failing on 'table meta already exists'."""
+    path = tmp_path / "new.sqlite"
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    other.executescript(  # the other process, mid-creation: its transaction not committed
+        f"BEGIN IMMEDIATE; {store._SCHEMA}; "
+        f"INSERT INTO meta VALUES ('schema_version', '{store.SCHEMA_VERSION}');"
+    )
+    # It commits once this one is waiting for the lock (SQLite's busy timeout is 5 s).
+    threading.Timer(0.2, other.commit).start()
+    with Index(path) as index:
+        assert index.chunk_count() == 0 and index.documents() == []
+    other.close()
