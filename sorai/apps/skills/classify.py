@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sorai.apps.client import Client
+from sorai.apps.client import Client, parse_json_answer
 from sorai.apps.skills.base import SkillError
 
 INSTRUCTION = "Classify the text into exactly one of the labels."
@@ -188,9 +188,14 @@ def classify(
 
 
 def _parse_label(answer: str, labels: Mapping[str, str]) -> str:
+    """The label in the answer: the JSON asked for (bare, or in a fence or a sentence from an
+    endpoint that ignores the schema), or just one of the labels, bare or quoted."""
+    bare = answer.strip().strip("\"'`").strip()
+    if bare in labels:
+        return bare
     try:
-        label = json.loads(answer)["label"]
-    except (json.JSONDecodeError, KeyError, TypeError):
+        label = parse_json_answer(answer)["label"]
+    except (ValueError, KeyError, TypeError):
         raise SkillError(f"the endpoint's answer is not a label: {answer[:200]!r}") from None
     if label not in labels:
         raise SkillError(f"the endpoint answered {label!r}, not one of {list(labels)}")

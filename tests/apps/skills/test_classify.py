@@ -4,6 +4,7 @@ the set and the confidences are probabilities."""
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 
@@ -134,3 +135,33 @@ def test_label_scores_read_json_escapes_in_labels() -> None:
     )
     scores = label_scores(content, '{"label": "say \\"hi\\""}', ['say "hi"', "bye"])
     assert scores == pytest.approx({'say "hi"': 0.7, "bye": 0.3})
+
+
+class _CloudEndpointDouble:
+    """Test double for an endpoint that ignores response_format and reports no logprobs: it
+    answers each chat with the next of `answers`."""
+
+    def __init__(self, *answers: str) -> None:
+        self.answers = list(answers)
+
+    def chat(self, messages, **kwargs):
+        message = SimpleNamespace(content=self.answers.pop(0))
+        return SimpleNamespace(
+            choices=[SimpleNamespace(message=message, logprobs=None, finish_reason="stop")]
+        )
+
+
+@pytest.mark.parametrize(
+    "answer",
+    ['```json\n{"label": "billing"}\n```', 'Sure! {"label": "billing"}', "billing", '"billing"\n'],
+)
+def test_an_endpoint_that_ignores_the_schema_still_gives_the_label(answer: str) -> None:
+    result = classify(_CloudEndpointDouble(answer), "Refund me.", ["billing", "hardware"])
+    assert (result.label, result.confidence, result.scores) == ("billing", None, {})
+
+
+def test_an_answer_that_is_no_label_is_a_clear_error() -> None:
+    with pytest.raises(SkillError, match="answered 'weather', not one of"):
+        classify(_CloudEndpointDouble('{"label": "weather"}'), "x", ["billing", "hardware"])
+    with pytest.raises(SkillError, match="not a label: 'I cannot help'"):
+        classify(_CloudEndpointDouble("I cannot help"), "x", ["billing", "hardware"])
