@@ -23,12 +23,37 @@ INSTRUCTION = (
 )
 
 
+_SUBSCHEMAS = ("items", "additionalItems", "contains", "not", "if", "then", "else")
+_SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+_SUBSCHEMA_MAPS = ("properties", "$defs", "definitions", "patternProperties")
+
+
+def _closed(schema: Any) -> Any:
+    """A copy of `schema` whose objects, at every depth, default to no other properties and
+    every property required: what strict structured outputs (OpenAI's among them) demand of
+    nested objects as of the top one, and what the record is validated against."""
+    if not isinstance(schema, Mapping):
+        return schema
+    out = dict(schema)
+    for key in _SUBSCHEMAS:
+        if key in out:
+            out[key] = _closed(out[key])
+    for key in _SUBSCHEMA_LISTS:
+        if isinstance(out.get(key), list):
+            out[key] = [_closed(item) for item in out[key]]
+    for key in _SUBSCHEMA_MAPS:
+        if isinstance(out.get(key), Mapping):
+            out[key] = {name: _closed(item) for name, item in out[key].items()}
+    if isinstance(out.get("properties"), Mapping):
+        out.setdefault("additionalProperties", False)
+        out.setdefault("required", list(out["properties"]))
+    return out
+
+
 def fields_schema(fields: Mapping[str, Any]) -> dict[str, Any]:
     """An object schema from `fields`: a JSON schema as is, or `name: description` pairs."""
     if fields.get("type") == "object" and isinstance(fields.get("properties"), Mapping):
-        schema = dict(fields)
-        schema.setdefault("additionalProperties", False)
-        schema.setdefault("required", list(schema["properties"]))
+        schema = _closed(fields)
     else:
         if not fields:
             raise SkillError("extract needs at least one field")

@@ -57,3 +57,37 @@ def test_bad_fields() -> None:
         fields_schema({"type": "object", "properties": {"x": {"type": "nonsense"}}})
     with pytest.raises(SkillError, match="does not fit the fields"):
         extract(None, "x", {"a": "b"}, examples=[("x", {"zzz": "1"})])  # type: ignore[arg-type]
+
+
+def test_nested_objects_are_closed_and_required_as_strict_endpoints_demand() -> None:
+    """OpenAI-style strict structured outputs refuse a schema whose nested objects allow other
+    properties or leave some out of `required`; what the user set is kept."""
+    schema = fields_schema(
+        {
+            "type": "object",
+            "properties": {
+                "flight": {
+                    "type": "object",
+                    "properties": {"from": {"type": "string"}, "to": {"type": "string"}},
+                },
+                "passengers": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "properties": {
+                            "name": {"type": "string"},
+                            "class": {"enum": ["economy", "business"]},
+                        },
+                        "required": ["name"],
+                    },
+                },
+            },
+        }
+    )
+    flight = schema["properties"]["flight"]
+    passenger = schema["properties"]["passengers"]["items"]
+    assert (schema["required"], flight["required"]) == (["flight", "passengers"], ["from", "to"])
+    assert schema["additionalProperties"] is flight["additionalProperties"] is False
+    assert passenger["additionalProperties"] is False and passenger["required"] == ["name"]
+    record = {"flight": {"from": "NRT", "to": "SEA", "gate": 3}, "passengers": []}
+    assert not jsonschema.Draft202012Validator(schema).is_valid(record)
