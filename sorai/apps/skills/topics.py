@@ -71,13 +71,16 @@ def _kmeans_once(
 
 
 def silhouette(vectors: np.ndarray, assign: np.ndarray, seed: int = 0) -> float:
-    """The mean silhouette (cosine distance) of a clustering, on a sample of the points."""
+    """The mean silhouette (cosine distance) of a clustering, on a sample of the points; 0
+    when all the points are in one cluster."""
     n = len(vectors)
     rows = np.arange(n)
     if n > SILHOUETTE_SAMPLE:
         rows = np.random.default_rng(seed).choice(n, SILHOUETTE_SAMPLE, replace=False)
-    distance = 1.0 - vectors[rows] @ vectors.T
     labels = np.unique(assign)
+    if len(labels) < 2:  # undefined for one cluster (identical texts end up there): no merit
+        return 0.0
+    distance = 1.0 - vectors[rows] @ vectors.T
     scores = []
     for i, row in enumerate(rows):
         own = assign[row]

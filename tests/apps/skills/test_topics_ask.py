@@ -89,3 +89,22 @@ def test_japanese_keyword_search_finds_the_japanese_chunk(client: Client, index:
     assert hits and "営業時間" in hits[0].text
     answer = ask(client, "店舗の営業時間は何時から何時までですか？", index, k=3)
     assert any("営業時間" in c.text for c in answer.citations)
+
+
+class _FixedEndpointDouble:
+    """Test double for an endpoint: every text embeds to the same vector (as identical texts
+    do), every topic is labelled "same"."""
+
+    def embed(self, texts):
+        return [[0.6, 0.8, 0.0] for _ in texts]
+
+    def chat_json(self, messages, schema, **kwargs):
+        return {"label": "same"}
+
+
+@pytest.mark.parametrize("count", [2, 3, 9])
+def test_identical_texts_are_one_topic(count: int) -> None:
+    found = topics(_FixedEndpointDouble(), ["Where is my parcel?"] * count)  # type: ignore[arg-type]
+    assert [(t.label, t.count, sorted(t.members)) for t in found] == [
+        ("same", count, list(range(count)))
+    ]
