@@ -3,12 +3,14 @@ the embedded default chat model, both served in this process."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
 
 from sorai.apps.client import Client
 from sorai.apps.rag import Index, add_files, search
+from sorai.apps.rag.chunk import Chunk
 from sorai.apps.skills.ask import DONT_KNOW, ask
 from sorai.apps.skills.base import SkillError
 from sorai.apps.skills.topics import topics
@@ -108,3 +110,47 @@ def test_identical_texts_are_one_topic(count: int) -> None:
     assert [(t.label, t.count, sorted(t.members)) for t in found] == [
         ("same", count, list(range(count)))
     ]
+
+
+class _AskEndpointDouble:
+    """Test double for an endpoint: the question embeds to `question_vector`; the chat answers
+    `reply` and keeps the prompt it was given."""
+
+    embedding_model = "double"
+
+    def __init__(self, question_vector: list[float], reply: dict) -> None:
+        self.question_vector, self.reply, self.prompt = question_vector, reply, ""
+
+    def embed(self, texts):
+        return [self.question_vector for _ in texts]
+
+    def chat_json(self, messages, schema, **kwargs):
+        self.prompt = messages[-1]["content"]
+        return self.reply
+
+
+@pytest.fixture
+def three_chunks(tmp_path: Path) -> Index:
+    """Chunks on three axes: the motor's price, a text that shares only "the" with the
+    question, and one on another subject."""
+    index = Index(tmp_path / "three.sqlite")
+    for n, text in enumerate(["Motor price: 50 dollars.", "Who wrote the manual?", "Ships fast."]):
+        chunk = Chunk(0, text, 0, len(text), None, None)
+        vector = [float(axis == n) for axis in range(3)]
+        index.put_document(
+            f"/docs/{n}.txt", sha256=str(n), mtime=0.0, chunks=[chunk], vectors=[vector],
+            embedding_model="double",
+        )  # fmt: skip
+    return index
+
+
+def test_ask_takes_keyword_hits_near_the_question_but_not_far_off_ones(three_chunks) -> None:
+    # cosine 0.3 to the motor chunk (and its keyword), 0.05 to the "the" one, 0.95 to the last
+    endpoint = _AskEndpointDouble(
+        [0.3, 0.05, math.sqrt(1 - 0.3**2 - 0.05**2)],
+        {"answer": "$50", "passages": [1], "found": True},
+    )
+    answer = ask(endpoint, "what does the motor cost?", three_chunks)  # type: ignore[arg-type]
+    assert "Motor price" in endpoint.prompt and "Ships fast" in endpoint.prompt
+    assert "Who wrote" not in endpoint.prompt
+    assert answer.found and answer.text == "$50" and len(answer.citations) == 1
