@@ -9,8 +9,8 @@ import time
 from dataclasses import asdict
 
 from sorai.apps.command import STARTING, add_endpoint_args, api_key, say, shown
-from sorai.apps.rag.chunk import DEFAULT_CHUNK_SIZE, DEFAULT_OVERLAP
-from sorai.apps.rag.ingest import add_files
+from sorai.apps.rag.chunk import DEFAULT_CHUNK_SIZE, DEFAULT_OVERLAP, check_sizes
+from sorai.apps.rag.ingest import add_files, find_files
 from sorai.apps.rag.search import MODES, search
 from sorai.apps.rag.store import Index, default_index_path
 
@@ -95,6 +95,9 @@ def _embedder(args: argparse.Namespace, index: Index):
 
 
 def _add(args: argparse.Namespace) -> int:
+    # The arguments' errors before the index file is made and the server started (seconds).
+    check_sizes(args.chunk_size, args.overlap)
+    find_files(args.paths)
     with Index(args.index) as index, _embedder(args, index) as embedder:
         report = add_files(index, args.paths, embedder, args.chunk_size, args.overlap, say)
         for path, why in report.failures:

@@ -135,3 +135,24 @@ def test_errors_are_one_line(docs: Path, tmp_path: Path, capsys):
     assert main(["index", "add", str(tmp_path / "nope"), "--index", index]) == 2
     assert "no such file or directory" in capsys.readouterr().err
     assert main(["index"]) == 2
+
+
+def test_bad_add_arguments_fail_before_connecting_or_creating(tmp_path: Path, capsys, monkeypatch):
+    """A missing path or bad sizes are reported at once: no server started (seconds, for a
+    typo), no index file left behind."""
+    import sorai
+
+    def no_connect(*args, **kwargs):
+        raise AssertionError("connected before checking the arguments")
+
+    monkeypatch.setattr(sorai, "connect", no_connect)
+    index = tmp_path / "new.sqlite"
+    assert main(["index", "add", str(tmp_path / "nope"), "--index", str(index)]) == 2
+    assert "no such file or directory" in capsys.readouterr().err
+    (tmp_path / "a.txt").write_text("text")
+    assert (
+        main(["index", "add", str(tmp_path / "a.txt"), "--index", str(index), "--overlap", "900"])
+        == 2
+    )
+    assert "overlap must be in" in capsys.readouterr().err
+    assert not index.exists()
