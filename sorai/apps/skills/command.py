@@ -45,7 +45,7 @@ STYLES = ("paragraph", "bullets", "one-line", "executive")
 CLASSIFY_DESCRIPTION = """\
 One label of a fixed set per text, with a confidence: the label is decoded under a JSON schema
 whose enum is the labels, so it is always one of them; the confidence is the label's probability
-at its first token among the labels' (None when the endpoint reports no log-probabilities).
+among the labels' at its first tokens (None when the endpoint reports no log-probabilities).
 
 examples:
   sorai classify "全日空の羽田発、ロサンゼルス行きで、10/20 で手配できますか。" \\
