@@ -163,6 +163,8 @@ def classify(
     """The label of `text` among `labels` (names, or names mapped to descriptions), following
     the few-shot `examples` ((text, label) pairs) when given."""
     named = _labels(labels)
+    if not text.strip():
+        raise SkillError("nothing to classify: the text is empty")
     response = client.chat(
         messages(text, named, examples, instruction),
         response_format={

@@ -105,6 +105,8 @@ def extract(
 ) -> dict[str, Any]:
     """The record of `fields` found in `text`; few-shot `examples` are (text, record) pairs."""
     schema = fields_schema(fields)
+    if not text.strip():
+        raise SkillError("nothing to extract from: the text is empty")
     validator = jsonschema.Draft202012Validator(schema)
     for _, record in examples:
         error = next(iter(validator.iter_errors(record)), None)

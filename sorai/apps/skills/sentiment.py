@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from sorai.apps.client import Client
+from sorai.apps.skills.base import SkillError
 from sorai.apps.skills.classify import classify
 from sorai.apps.text import sentences
 
@@ -36,4 +37,7 @@ def sentiment(client: Client, text: str) -> Sentiment:
 
 
 def sentiment_by_sentence(client: Client, text: str) -> list[Sentiment]:
-    return [sentiment(client, sentence) for sentence in sentences(text)]
+    found = sentences(text)
+    if not found:
+        raise SkillError("nothing to score: the text is empty")
+    return [sentiment(client, sentence) for sentence in found]

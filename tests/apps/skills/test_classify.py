@@ -11,6 +11,8 @@ import pytest
 from sorai.apps.client import Client
 from sorai.apps.skills.base import SkillError
 from sorai.apps.skills.classify import classify, classify_many, label_scores
+from sorai.apps.skills.extract import extract
+from sorai.apps.skills.sentiment import sentiment_by_sentence
 
 # The seed: "classify customer inquiries following these examples".
 INSTRUCTION = "顧客の問い合わせを以下の例にそって分類してください。"
@@ -61,6 +63,17 @@ def test_bad_arguments() -> None:
         classify(None, "x", ["only"])  # type: ignore[arg-type]
     with pytest.raises(SkillError, match="duplicate labels"):
         classify(None, "x", ["a", "a"])  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("text", ["", " \n\t "])
+def test_an_empty_text_is_an_error_not_a_guess(text: str) -> None:
+    """Nothing to read: no request (the double would answer a label) and a clear error."""
+    with pytest.raises(SkillError, match="nothing to classify: the text is empty"):
+        classify(_CloudEndpointDouble('{"label": "a"}'), text, ["a", "b"])
+    with pytest.raises(SkillError, match="nothing to extract from: the text is empty"):
+        extract(_CloudEndpointDouble('{"a": "x"}'), text, {"a": "the a"})
+    with pytest.raises(SkillError, match="nothing to score: the text is empty"):
+        sentiment_by_sentence(_CloudEndpointDouble('{"label": "neutral"}'), text)
 
 
 class _Top:
