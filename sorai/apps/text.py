@@ -34,6 +34,25 @@ def estimate_tokens(text: str) -> int:
     return int(ascii_chars / 3.5) + (len(text) - ascii_chars) + 1
 
 
+def cut_to_fit(text: str, budget: int) -> list[str]:
+    """`text` in consecutive runs of characters of at most `budget` estimated tokens each (for
+    a sentence longer than a window; whatever its mix of ASCII and CJK)."""
+    pieces, start = [], 0
+    longest = int(3.5 * budget) + 4  # no longer run fits: an ASCII character is 1/3.5 token
+    while start < len(text):
+        end = start + 1
+        # estimate_tokens grows with the length: grow by halving steps to the longest fit.
+        step = min(len(text) - start, longest)
+        while step:
+            if end + step <= len(text) and estimate_tokens(text[start : end + step]) <= budget:
+                end += step
+            else:
+                step //= 2
+        pieces.append(text[start:end])
+        start = end
+    return pieces
+
+
 def word_count(text: str) -> int:
     """Words of Latin-script text plus characters of CJK text: the unit of a target length."""
     return len(_UNITS.findall(text))

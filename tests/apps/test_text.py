@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from sorai.apps.rag.chunk import chunk_text
-from sorai.apps.text import estimate_tokens, is_cjk, sentences, word_count
+from sorai.apps.text import cut_to_fit, estimate_tokens, is_cjk, sentences, word_count
 
 
 def test_sentences_english_japanese_and_lines() -> None:
@@ -36,3 +36,14 @@ def test_cjk_counts() -> None:
     assert is_cjk("日") and is_cjk("カ") and is_cjk("한") and not is_cjk("a")
     assert word_count("Hello world 東京タワー") == 2 + 5
     assert estimate_tokens("東京") == 3 and estimate_tokens("a" * 35) == 11
+
+
+def test_cut_to_fit_keeps_every_run_within_the_budget_whatever_the_script() -> None:
+    """A sentence with no break: Japanese then ASCII, so no uniform characters-per-token ratio
+    predicts the cut; every run fits, the longest that do, and they join into the text."""
+    text = "日本語の文章" * 200 + "plain ascii words " * 600
+    runs = cut_to_fit(text, 300)
+    assert "".join(runs) == text
+    assert all(estimate_tokens(run) <= 300 for run in runs)
+    assert all(estimate_tokens(run + text[len("".join(runs[: i + 1]))]) > 300
+               for i, run in enumerate(runs[:-1]))  # fmt: skip

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from sorai.apps.rag.store import Embedder
-from sorai.apps.text import estimate_tokens, is_cjk, sentences
+from sorai.apps.text import cut_to_fit, estimate_tokens, is_cjk, sentences
 
 SPECIAL_TOKENS = 2  # [CLS] and [SEP] take two of the window's tokens
 
@@ -23,23 +23,6 @@ def embedding_window(embedder: Embedder) -> int | None:
         return None
     window = ask(embedder.embedding_model)
     return window - SPECIAL_TOKENS if window and window > SPECIAL_TOKENS else None
-
-
-def _cut(text: str, budget: int) -> list[str]:
-    """A sentence longer than the budget, in character runs that each fit it."""
-    pieces, start = [], 0
-    while start < len(text):
-        end = start + 1
-        # estimate_tokens is monotone in length, so grow by halving steps to the longest fit.
-        step = len(text) - start
-        while step:
-            if end + step <= len(text) and estimate_tokens(text[start : end + step]) <= budget:
-                end += step
-            else:
-                step //= 2
-        pieces.append(text[start:end])
-        start = end
-    return pieces
 
 
 def pieces(text: str, budget: int) -> list[str]:
@@ -60,7 +43,7 @@ def pieces(text: str, budget: int) -> list[str]:
         if estimate_tokens(sentence) <= budget:
             current = sentence
         else:
-            *whole, current = _cut(sentence, budget)
+            *whole, current = cut_to_fit(sentence, budget)
             out += whole
     if current:
         out.append(current)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from sorai.apps.client import Client
 from sorai.apps.skills.base import SkillError
-from sorai.apps.text import estimate_tokens, sentences, truncate_words, word_count
+from sorai.apps.text import cut_to_fit, estimate_tokens, sentences, truncate_words, word_count
 
 STYLES = {
     "paragraph": "Write a concise summary as one paragraph.",
@@ -51,10 +51,9 @@ def split(text: str, budget: int) -> list[str]:
     for unit in units:
         parts = [unit] if estimate_tokens(unit) <= budget else sentences(unit)
         for part in parts:
-            while estimate_tokens(part) > budget:  # one enormous sentence
-                cut = max(1, int(len(part) * budget / estimate_tokens(part)))
-                pieces.append(part[:cut])
-                part = part[cut:]
+            if estimate_tokens(part) > budget:  # one enormous sentence
+                *whole, part = cut_to_fit(part, budget)
+                pieces += whole
             candidate = f"{current}\n\n{part}" if current else part
             if estimate_tokens(candidate) > budget and current:
                 pieces.append(current)

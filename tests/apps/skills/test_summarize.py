@@ -93,3 +93,12 @@ def test_text_helpers() -> None:
     assert truncate_words("One two three four five", 2) == "One two"
     pieces = split(long_text(2000), budget=500)
     assert len(pieces) >= 4 and all(estimate_tokens(p) <= 500 for p in pieces)
+
+
+def test_split_keeps_a_huge_mixed_script_sentence_within_the_budget() -> None:
+    """One "sentence" with no punctuation, Japanese then ASCII, far longer than the window:
+    every piece fits the budget (a cut by the average characters per token did not)."""
+    text = "句読点のない長い日本語" * 300 + "no punctuation at all " * 1500
+    pieces = split(text, 500)
+    assert len(pieces) > 5 and all(estimate_tokens(p) <= 500 for p in pieces)
+    assert "".join(pieces) == text.strip()
