@@ -294,6 +294,9 @@ def _texts_or_input(args: argparse.Namespace) -> None:
         raise SkillError("give TEXT arguments or --input FILE, not both")
     if args.input is None and not args.texts:
         raise SkillError("nothing to do: give TEXT arguments or --input FILE")
+    for n, text in enumerate(args.texts, 1):
+        if not text.strip():  # before connecting: starting the server takes seconds
+            raise SkillError(f"TEXT argument {n} is empty")
     if args.output is not None and args.input is None:
         raise SkillError("--output goes with --input (batch mode); --json prints JSON")
     if args.input is not None and args.input != "-" and not Path(args.input).is_file():
