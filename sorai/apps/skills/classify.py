@@ -176,7 +176,9 @@ def classify(
             },
         },
         temperature=0,
-        max_tokens=32 + max(len(name) for name in named),
+        # A byte-level token is at least one byte: room for the longest label as JSON spells
+        # it, whatever its script (a character count cut long Japanese labels short).
+        max_tokens=32 + max(len(json.dumps(name, ensure_ascii=False).encode()) for name in named),
         logprobs=True,
         top_logprobs=20,
     )

@@ -3,6 +3,7 @@ the set and the confidences are probabilities."""
 
 from __future__ import annotations
 
+import json
 import math
 from types import SimpleNamespace
 
@@ -178,3 +179,14 @@ def test_an_answer_that_is_no_label_is_a_clear_error() -> None:
         classify(_CloudEndpointDouble('{"label": "weather"}'), "x", ["billing", "hardware"])
     with pytest.raises(SkillError, match="not a label: 'I cannot help'"):
         classify(_CloudEndpointDouble("I cannot help"), "x", ["billing", "hardware"])
+
+
+def test_the_answer_has_room_for_a_long_japanese_label() -> None:
+    """Up to one token per UTF-8 byte: a 30-character Japanese label is 90 bytes."""
+    long_label = "国際線の航空券の予約と座席の指定および手荷物に関するお問い合わせ"
+    endpoint = _CloudEndpointDouble(json.dumps({"label": long_label}, ensure_ascii=False))
+    seen = {}
+    chat = endpoint.chat
+    endpoint.chat = lambda messages, **kwargs: seen.update(kwargs) or chat(messages, **kwargs)
+    assert classify(endpoint, "座席を指定したい", [long_label, "その他"]).label == long_label
+    assert seen["max_tokens"] >= len(f'{{"label": "{long_label}"}}'.encode())
