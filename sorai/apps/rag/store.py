@@ -306,14 +306,18 @@ class Index:
     def remove(self, path: str | os.PathLike) -> list[str]:
         """Remove the document at `path`, or every document under the directory `path`
         (which need not exist any more); the paths removed."""
-        target = str(Path(path).expanduser().resolve())
-        prefix = target.rstrip(os.sep) + os.sep
+        given = Path(path).expanduser()
+        # As indexed: a directory named resolved, a symbolic link found inside one as it is.
+        targets = dict.fromkeys([str(given.resolve()), os.path.abspath(given)])
+        condition = " OR ".join(["path = ? OR substr(path, 1, ?) = ?"] * len(targets))
+        params: list[object] = []
+        for target in targets:
+            prefix = target.rstrip(os.sep) + os.sep
+            params += [target, len(prefix), prefix]
         db = self._db
         db.execute("BEGIN IMMEDIATE")
         try:
-            removed = self._delete_where(
-                "path = ? OR substr(path, 1, ?) = ?", (target, len(prefix), prefix)
-            )
+            removed = self._delete_where(condition, tuple(params))
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")

@@ -322,3 +322,16 @@ def test_two_processes_creating_one_new_index_both_open_it(tmp_path: Path):
     with Index(path) as index:
         assert index.chunk_count() == 0 and index.documents() == []
     other.close()
+
+
+def test_remove_a_symbolic_link_found_in_a_directory(index: Index, embedder, tmp_path: Path):
+    """A link inside an added directory is indexed at the link's path; removing that path
+    removes it (resolving it first pointed at the target, which is not indexed)."""
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "real.md").write_text("Linked text.")
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "link.md").symlink_to(tmp_path / "elsewhere" / "real.md")
+    add_files(index, [tmp_path / "docs"], embedder)
+    assert [d.path for d in index.documents()] == [str(tmp_path / "docs" / "link.md")]
+    assert index.remove(tmp_path / "docs" / "link.md") == [str(tmp_path / "docs" / "link.md")]
+    assert index.documents() == []
