@@ -157,7 +157,10 @@ def add_parsers(verbs: argparse._SubParsersAction) -> None:
     )
     _add_texts(classify)
     classify.add_argument(
-        "--labels", default=None, metavar="A,B,C", help="the labels, separated by commas"
+        "--labels",
+        default=None,
+        metavar="A,B,C",
+        help="the labels, separated by commas (a label with a comma: --labels-file)",
     )
     classify.add_argument(
         "--labels-file",
