@@ -55,8 +55,11 @@ def _relevant(client: Client, question: str, index: Index, k: int, mode: str) ->
     query = np.asarray(client.embed([question])[0], dtype=np.float32)
     query /= max(float(np.linalg.norm(query)), 1e-12)
     ids, matrix = index.vectors()  # ids ascending, rows normalized
-    rows = np.searchsorted(ids, [hit.chunk_id for hit in hits])
-    similarity = matrix[rows] @ query
+    wanted = np.asarray([hit.chunk_id for hit in hits], dtype=np.int64)
+    rows = np.minimum(np.searchsorted(ids, wanted), max(len(ids) - 1, 0))
+    found = ids[rows] == wanted if len(ids) else np.zeros(len(hits), dtype=bool)
+    # A chunk another process removed since the search has no vector: not relevant.
+    similarity = np.where(found, matrix[rows] @ query if len(ids) else 0.0, -1.0)
     return [
         hit
         for hit, cosine in zip(hits, similarity, strict=True)

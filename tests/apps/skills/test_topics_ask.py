@@ -3,6 +3,7 @@ the embedded default chat model, both served in this process."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -154,3 +155,17 @@ def test_ask_takes_keyword_hits_near_the_question_but_not_far_off_ones(three_chu
     assert "Motor price" in endpoint.prompt and "Ships fast" in endpoint.prompt
     assert "Who wrote" not in endpoint.prompt
     assert answer.found and answer.text == "$50" and len(answer.citations) == 1
+
+
+def test_a_hit_removed_since_the_search_is_not_relevant(three_chunks, monkeypatch) -> None:
+    """Another process removed a chunk between the search and the similarity lookup."""
+    from sorai.apps.skills import ask as module
+
+    real = search(three_chunks, "motor", mode="keyword")[0]
+    gone = dataclasses.replace(real, chunk_id=999)
+    monkeypatch.setattr(module, "search", lambda *args, **kwargs: [gone, real])
+    endpoint = _AskEndpointDouble(
+        [1.0, 0.0, 0.0], {"answer": "$50", "passages": [1], "found": True}
+    )
+    answer = ask(endpoint, "motor price?", three_chunks)  # type: ignore[arg-type]
+    assert [c.chunk_id for c in answer.citations] == [real.chunk_id]
