@@ -6,7 +6,9 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict
+from typing import Any
 
 from sorai.apps.command import STARTING, add_endpoint_args, api_key, say, shown
 from sorai.apps.rag.chunk import DEFAULT_CHUNK_SIZE, DEFAULT_OVERLAP, check_sizes
@@ -82,16 +84,47 @@ def add_parser(verbs: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return parser
 
 
-def _embedder(args: argparse.Namespace, index: Index):
+class _Deferred:
+    """An embedder that connects at its first use, so `index add` of unchanged files starts
+    no server."""
+
+    def __init__(self, connect: Callable[[], Any], embedding_model: str) -> None:
+        self._connect, self._client = connect, None
+        self.embedding_model = embedding_model
+
+    def _connected(self):
+        if self._client is None:
+            self._client = self._connect()
+        return self._client
+
+    def embed(self, texts: list[str]) -> list[list[float]]:
+        return self._connected().embed(texts)
+
+    def context_length(self, model: str | None = None) -> int | None:
+        return self._connected().context_length(model)
+
+    def __enter__(self) -> _Deferred:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._client is not None:
+            self._client.close()
+
+
+def _embedder(args: argparse.Namespace, index: Index) -> _Deferred:
     import sorai
     from sorai.apps.client import DEFAULT_EMBEDDING_MODEL, Client
 
     name = args.embedding_model or index.embedding_model or DEFAULT_EMBEDDING_MODEL
-    if args.url is None:
-        say(STARTING)
-        return sorai.connect(embedding_model=name)
-    # No chat here: naming the model spares the round trip that looks up a chat model.
-    return Client.connect(args.url, api_key(args), model=name, embedding_model=name)
+
+    def connect():
+        if args.url is None:
+            say(STARTING)
+            return sorai.connect(embedding_model=name)
+        # No chat here: naming the model spares the round trip that looks up a chat model.
+        return Client.connect(args.url, api_key(args), model=name, embedding_model=name)
+
+    return _Deferred(connect, name)
 
 
 def _add(args: argparse.Namespace) -> int:

@@ -441,7 +441,7 @@ def add_files(
     check_sizes(chunk_size, overlap)
     index.check_embedding_model(embedder.embedding_model)
     files = find_files(paths)
-    window = embedding_window(embedder) if files else None
+    window: list[int | None] = []  # asked at the first embedding: none when nothing changed
     say = progress or (lambda message: None)
     report = AddReport()
     pending: list[_Pending] = []
@@ -449,10 +449,14 @@ def add_files(
 
     def flush() -> None:
         nonlocal done
+        if not pending:
+            return
         texts = [chunk.text for item in pending for chunk in item.chunks]
         started = time.perf_counter()
+        if not window:
+            window.append(embedding_window(embedder))
         try:
-            vectors = embed_texts(embedder, texts, window)
+            vectors = embed_texts(embedder, texts, window[0])
         except ValueError as e:
             raise SoraiError(str(e)) from None
         report.embed_seconds += time.perf_counter() - started

@@ -156,3 +156,18 @@ def test_bad_add_arguments_fail_before_connecting_or_creating(tmp_path: Path, ca
     )
     assert "overlap must be in" in capsys.readouterr().err
     assert not index.exists()
+
+
+def test_re_adding_unchanged_files_starts_no_server(endpoint, docs, tmp_path, capsys, monkeypatch):
+    import sorai
+
+    index = str(tmp_path / "cli.sqlite")
+    assert main(["index", "add", str(docs), "--index", index, "--url", endpoint]) == 0
+
+    def no_connect(*args, **kwargs):
+        raise AssertionError("started a server with nothing to embed")
+
+    monkeypatch.setattr(sorai, "connect", no_connect)
+    capsys.readouterr()
+    assert main(["index", "add", str(docs), "--index", index]) == 0
+    assert "0 added, 0 updated, 3 unchanged" in capsys.readouterr().out
