@@ -15,7 +15,7 @@ import numpy as np
 
 from sorai.apps.client import Client
 from sorai.apps.rag import Index, search
-from sorai.apps.skills.base import SkillError
+from sorai.apps.skills.base import SkillError, checked
 
 MIN_SIMILARITY = 0.35  # cosine of all-MiniLM-L6-v2 below which a passage is off topic
 # ... unless it matches the question's words: then only below this one ("what does the motor
@@ -93,15 +93,19 @@ def ask(client: Client, question: str, index: Index, k: int = 5, mode: str = "hy
         "required": ["answer", "passages", "found"],
         "additionalProperties": False,
     }
-    reply = client.chat_json(
-        [
-            {"role": "system", "content": INSTRUCTION},
-            {"role": "user", "content": f"Passages:\n\n{numbered}\n\nQuestion: {question}"},
-        ],
+    reply = checked(
+        client.chat_json(
+            [
+                {"role": "system", "content": INSTRUCTION},
+                {"role": "user", "content": f"Passages:\n\n{numbered}\n\nQuestion: {question}"},
+            ],
+            schema,
+            name="answer",
+            temperature=0,
+            max_tokens=300,
+        ),
         schema,
-        name="answer",
-        temperature=0,
-        max_tokens=300,
+        "answer",
     )
     used = sorted(set(reply["passages"]))
     citations = [

@@ -15,7 +15,7 @@ from typing import Any
 import jsonschema
 
 from sorai.apps.client import Client
-from sorai.apps.skills.base import SkillError
+from sorai.apps.skills.base import SkillError, checked
 
 INSTRUCTION = (
     "Extract the fields from the text. Copy values as they are written in the text; when a "
@@ -119,10 +119,7 @@ def extract(
         temperature=0,
         max_tokens=max_tokens,
     )
-    error = next(iter(validator.iter_errors(record)), None)
-    if error is not None:
-        raise SkillError(f"the endpoint's record does not validate: {error.message}")
-    return record
+    return checked(record, schema, "record")
 
 
 def extract_many(

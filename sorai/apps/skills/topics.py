@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from sorai.apps.client import Client
-from sorai.apps.skills.base import SkillError
+from sorai.apps.skills.base import SkillError, checked
 
 LABEL_PROMPT = (
     "These texts belong to one group. Give the group a short label of 2 to 5 words naming "
@@ -102,12 +102,16 @@ def _label(client: Client, examples: list[str]) -> str:
         "additionalProperties": False,
     }
     listing = "\n".join(f"- {text}" for text in examples)
-    answer = client.chat_json(
-        [{"role": "system", "content": LABEL_PROMPT}, {"role": "user", "content": listing}],
+    answer = checked(
+        client.chat_json(
+            [{"role": "system", "content": LABEL_PROMPT}, {"role": "user", "content": listing}],
+            schema,
+            name="topic",
+            temperature=0,
+            max_tokens=40,
+        ),
         schema,
-        name="topic",
-        temperature=0,
-        max_tokens=40,
+        "topic label",
     )
     return " ".join(str(answer["label"]).split()) or "(unlabelled)"
 

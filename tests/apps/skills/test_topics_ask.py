@@ -169,3 +169,15 @@ def test_a_hit_removed_since_the_search_is_not_relevant(three_chunks, monkeypatc
     )
     answer = ask(endpoint, "motor price?", three_chunks)  # type: ignore[arg-type]
     assert [c.chunk_id for c in answer.citations] == [real.chunk_id]
+
+
+def test_answers_that_ignore_the_schema_are_clear_errors(three_chunks) -> None:
+    """An endpoint that ignores response_format sends other JSON: a SkillError naming what
+    does not fit, not a KeyError."""
+    endpoint = _AskEndpointDouble([1.0, 0.0, 0.0], {"answer": "$50"})
+    with pytest.raises(SkillError, match="answer does not fit .*'passages' is a required"):
+        ask(endpoint, "motor price?", three_chunks)  # type: ignore[arg-type]
+    labeller = _FixedEndpointDouble()
+    labeller.chat_json = lambda messages, schema, **kwargs: ["billing"]
+    with pytest.raises(SkillError, match="topic label does not fit"):
+        topics(labeller, ["a", "b"])  # type: ignore[arg-type]
