@@ -335,3 +335,12 @@ def test_remove_a_symbolic_link_found_in_a_directory(index: Index, embedder, tmp
     assert [d.path for d in index.documents()] == [str(tmp_path / "docs" / "link.md")]
     assert index.remove(tmp_path / "docs" / "link.md") == [str(tmp_path / "docs" / "link.md")]
     assert index.documents() == []
+
+
+def test_an_index_of_another_schema_version_is_refused_clearly(index: Index, tmp_path: Path):
+    newer = sqlite3.connect(index.path)
+    newer.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+    newer.commit()
+    newer.close()
+    with pytest.raises(SearchIndexError, match="schema version 2; this sorai reads version 1"):
+        Index(index.path)
