@@ -304,12 +304,17 @@ def _texts_or_input(args: argparse.Namespace) -> None:
         raise SkillError("--output goes with --input (batch mode); --json prints JSON")
     if args.input is not None and args.input != "-" and not Path(args.input).is_file():
         raise SkillError(f"no such file: {args.input}")
+    if args.output is not None and not Path(args.output).absolute().parent.is_dir():
+        raise SkillError(f"cannot write {args.output}: no such directory")
 
 
 def _batch(args: argparse.Namespace, client, work: Callable[[str], dict[str, Any]]) -> int:
     """`work` over each row of --input; each row plus its result as one JSON line to --output
     (or stdout). Bad rows are reported and counted; exit 1 if any."""
-    out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout  # noqa: SIM115
+    try:
+        out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout  # noqa: SIM115
+    except OSError as e:
+        raise SkillError(f"cannot write {args.output}: {e.strerror or e}") from None
     done = failed = 0
     try:
         for item in read_rows(args.input, args.text_field):

@@ -115,6 +115,10 @@ def test_sentiment_per_sentence(endpoint, capsys) -> None:
         (["classify", "ok", " ", "--labels", "a,b"], "TEXT argument 2 is empty"),
         (["extract", "", "--fields", "a: b"], "TEXT argument 1 is empty"),
         (["sentiment", "\n"], "TEXT argument 1 is empty"),
+        (
+            ["sentiment", "--input", __file__, "--output", "no/such/dir/o.jsonl"],
+            "no such directory",
+        ),
         (["sentiment", "x", "--input", "in.jsonl"], "not both"),
         (["summarize", "missing.txt"], "no such file"),
         (["summarize", "missing.txt", "--max-words", "0"], "at least 1"),
