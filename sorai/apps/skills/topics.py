@@ -133,6 +133,10 @@ def topics(
         raise SkillError(f"k must be between 1 and the number of texts ({len(texts)}), got {k}")
     vectors = np.asarray(client.embed(texts), dtype=np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True).clip(min=1e-12)
+    if max_topics < 1:
+        raise SkillError(f"max_topics must be at least 1, got {max_topics}")
+    if k is None and max_topics == 1:
+        k = 1
     if k is None:
         candidates = range(2, max(2, min(max_topics, len(texts) - 1)) + 1)
         scored = [(silhouette(vectors, kmeans(vectors, c, seed), seed), c) for c in candidates]

@@ -181,3 +181,14 @@ def test_answers_that_ignore_the_schema_are_clear_errors(three_chunks) -> None:
     labeller.chat_json = lambda messages, schema, **kwargs: ["billing"]
     with pytest.raises(SkillError, match="topic label does not fit"):
         topics(labeller, ["a", "b"])  # type: ignore[arg-type]
+
+
+def test_max_topics_is_a_ceiling() -> None:
+    """--max-topics 1 is one topic (the choice of k started at 2 whatever the ceiling)."""
+    endpoint = _FixedEndpointDouble()
+    endpoint.embed = lambda texts: [[1.0, 0.0], [0.0, 1.0], [0.9, 0.1], [0.1, 0.9]]
+    found = topics(endpoint, ["a", "b", "c", "d"], max_topics=1)  # type: ignore[arg-type]
+    assert [(t.count, sorted(t.members)) for t in found] == [(4, [0, 1, 2, 3])]
+    assert len(topics(endpoint, ["a", "b", "c", "d"], max_topics=2)) == 2  # type: ignore[arg-type]
+    with pytest.raises(SkillError, match="max_topics must be at least 1"):
+        topics(endpoint, ["a", "b"], max_topics=0)  # type: ignore[arg-type]
