@@ -94,7 +94,8 @@ def label_scores(content: list[Any], answer: str, labels: Sequence[str]) -> dict
     label agrees with them: labels that share a first token ("New York", "New Jersey") are told
     apart by the tokens after it, and a label that is a prefix of another ("New", "New York")
     by its closing quote. An alternative token leaving the generated path gives its mass to the
-    labels it begins (evenly: what follows it was not generated, so it is not known)."""
+    labels it begins (evenly: what follows it was not generated, so it is not known), one that
+    spells the same labels' beginning otherwise splits it as the generated path does."""
     head = answer[: answer.find('"', answer.find(":") + 1) + 1]  # up to the value's quote
     start = len(head.encode("utf-8"))
     if not head.endswith('"') or not content:
@@ -144,8 +145,11 @@ def label_scores(content: list[Any], answer: str, labels: Sequence[str]) -> dict
             below = {name: 1.0 / len(agreeing) for name in agreeing}
         mass = {name: p_taken * below.get(name, 0.0) for name in labels}
         for p, names in others:
+            # Another spelling of the same prefix ("Ne" for "New") splits as the path taken
+            # does further on; one that leaves it, evenly among the labels it begins.
+            same = sum(below.get(name, 0.0) for name in names) if set(names) <= set(agreeing) else 0
             for name in names:
-                mass[name] += p / len(names)
+                mass[name] += p * below[name] / same if same > 0 else p / len(names)
         total = sum(mass.values())
         if total <= 0:
             return None

@@ -190,3 +190,15 @@ def test_the_answer_has_room_for_a_long_japanese_label() -> None:
     endpoint.chat = lambda messages, **kwargs: seen.update(kwargs) or chat(messages, **kwargs)
     assert classify(endpoint, "座席を指定したい", [long_label, "その他"]).label == long_label
     assert seen["max_tokens"] >= len(f'{{"label": "{long_label}"}}'.encode())
+
+
+def test_another_spelling_of_a_shared_prefix_splits_as_the_path_taken() -> None:
+    """ "Ne" begins both New York and New Jersey like "New": its mass follows the split the
+    model makes after "New" (1:3), not half each."""
+    content = _content(
+        _Top("New", math.log(0.5), [_Top("Ne", math.log(0.3)), _Top("Bo", math.log(0.2))]),
+        _Top(" York", math.log(0.25), [_Top(" Jersey", math.log(0.75))]),
+        _Top('"}', 0.0),
+    )
+    scores = label_scores(content, '{"label": "New York"}', ["New York", "New Jersey", "Boston"])
+    assert scores == pytest.approx({"New York": 0.2, "New Jersey": 0.6, "Boston": 0.2})
