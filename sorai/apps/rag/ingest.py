@@ -25,7 +25,7 @@ from sorai.apps.rag.chunk import (
     chunk_text,
 )
 from sorai.apps.rag.embed import embed_texts, embedding_window
-from sorai.apps.rag.store import Embedder, Index
+from sorai.apps.rag.store import Embedder, Index, resolve_path
 from sorai.errors import DocumentError, SoraiError
 
 EMBED_BATCH = 256  # chunks per embedding call; several small files share one call
@@ -352,14 +352,14 @@ def find_files(paths: Sequence[str | os.PathLike]) -> list[Path]:
     named (recursively, hidden entries skipped), in order, without duplicates."""
     found: dict[Path, None] = {}
     for given in paths:
-        path = Path(given).expanduser().resolve()
+        path = resolve_path(given)
         if path.is_dir():
             for root, dirs, files in os.walk(path):
                 dirs[:] = sorted(d for d in dirs if not d.startswith("."))
                 for name in sorted(files):
                     if not name.startswith(".") and Path(name).suffix.lower() in READERS:
                         found[Path(root) / name] = None
-        elif path.exists():
+        elif path.exists() or path.is_symlink():  # a broken or looping link: reported
             found[path] = None
         else:
             raise SoraiError(f"no such file or directory: {given}")

@@ -77,6 +77,16 @@ class Embedder(Protocol):
     def embed(self, texts: list[str]) -> list[list[float]]: ...
 
 
+def resolve_path(path: str | os.PathLike) -> Path:
+    """`path` absolute, with its symbolic links resolved where they can be (a link that
+    loops back on itself stays as it is named; reading it reports the loop)."""
+    given = Path(path).expanduser()
+    try:
+        return given.resolve()
+    except (RuntimeError, OSError):  # Python < 3.13 raises RuntimeError for a loop
+        return Path(os.path.abspath(given))
+
+
 def default_index_path() -> Path:
     """`$SORAI_HOME/index/default.sqlite` (default `~/.cache/sorai/index/default.sqlite`)."""
     return hub.sorai_home() / "index" / "default.sqlite"
@@ -308,7 +318,7 @@ class Index:
         (which need not exist any more); the paths removed."""
         given = Path(path).expanduser()
         # As indexed: a directory named resolved, a symbolic link found inside one as it is.
-        targets = dict.fromkeys([str(given.resolve()), os.path.abspath(given)])
+        targets = dict.fromkeys([str(resolve_path(given)), os.path.abspath(given)])
         condition = " OR ".join(["path = ? OR substr(path, 1, ?) = ?"] * len(targets))
         params: list[object] = []
         for target in targets:

@@ -344,3 +344,13 @@ def test_an_index_of_another_schema_version_is_refused_clearly(index: Index, tmp
     newer.close()
     with pytest.raises(SearchIndexError, match="schema version 2; this sorai reads version 1"):
         Index(index.path)
+
+
+def test_a_symbolic_link_loop_is_reported_not_raised(index: Index, embedder, tmp_path: Path):
+    loop = tmp_path / "loop.md"
+    loop.symlink_to(loop)
+    (tmp_path / "fine.md").write_text("Fine text.")
+    report = add_files(index, [loop, tmp_path], embedder)
+    assert report.added == 1
+    assert [(path, "symbolic links" in why) for path, why in report.failures] == [(str(loop), True)]
+    assert index.remove(loop) == []
