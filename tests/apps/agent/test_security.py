@@ -6,6 +6,7 @@ allows the OS layers (namespaces, Landlock), which only strengthen them."""
 from __future__ import annotations
 
 import os
+import resource
 import socket
 import threading
 import time
@@ -14,7 +15,7 @@ import uuid
 import pytest
 
 from sorai.apps.agent.files import Workspace, file_tools
-from sorai.apps.agent.python_tool import run_python
+from sorai.apps.agent.python_tool import MAX_CAPTURE, MAX_PROCESSES, run_python
 
 
 @pytest.fixture
@@ -206,3 +207,49 @@ def test_the_os_layers_hold_without_the_audit_hook(space, tmp_path):
     )
     run = run_python(code, space)
     assert run.stdout.strip() == "-1" and not target.exists()
+
+
+def test_python_output_flooding_is_bounded_in_the_parent(space):
+    # A loop printing forever until the kill: the parent keeps the last MAX_CAPTURE bytes, not
+    # the gigabytes written (communicate() kept them all, ~10 GB in four seconds).
+    code = "import sys\nwhile True:\n    sys.stdout.write('x' * 65536)"
+    run = run_python(code, space, seconds=2.0)
+    assert run.timed_out
+    assert MAX_CAPTURE <= len(run.stdout) < MAX_CAPTURE + 100
+    assert run.stdout.startswith("[") and "bytes before this cut]" in run.stdout
+    assert "killed" in run.observation()
+
+
+def test_python_gets_no_secrets_and_no_stdin(space, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-parent-secret")
+    code = "import os, sys\nprint(sorted(os.environ))\nprint(repr(sys.stdin.read()))"
+    run = run_python(code, space)
+    assert run.returncode == 0, run.stderr
+    assert "OPENAI_API_KEY" not in run.stdout and "sk-parent-secret" not in run.stdout
+    assert run.stdout.splitlines()[-1] == "''"
+
+
+def test_python_has_a_process_limit(space):
+    code = "import resource\nprint(resource.getrlimit(resource.RLIMIT_NPROC)[0])"
+    run = run_python(code, space)
+    assert run.returncode == 0, run.stderr
+    limit = int(run.stdout)
+    assert limit != resource.RLIM_INFINITY and limit > MAX_PROCESSES
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="the kernel exempts root from RLIMIT_NPROC")
+def test_a_fork_bomb_stops_at_the_process_limit(space):
+    code = (
+        "import os, time\n"
+        "n = 0\n"
+        "try:\n"
+        "    for _ in range(5000):\n"
+        "        if os.fork() == 0:\n"
+        "            time.sleep(3)\n"
+        "            os._exit(0)\n"
+        "        n += 1\n"
+        "except OSError as e:\n"
+        "    print('stopped after', n)\n"
+    )
+    run = run_python(code, space, seconds=20.0)
+    assert "stopped after" in run.stdout, run.observation()
