@@ -13,9 +13,11 @@ import time
 import uuid
 
 import pytest
+from PIL import Image
 
 from sorai.apps.agent.files import Workspace, file_tools
 from sorai.apps.agent.python_tool import MAX_CAPTURE, MAX_PROCESSES, run_python
+from sorai.apps.agent.tools import MAX_OBSERVATION
 
 
 @pytest.fixture
@@ -253,3 +255,47 @@ def test_a_fork_bomb_stops_at_the_process_limit(space):
     )
     run = run_python(code, space, seconds=20.0)
     assert "stopped after" in run.stdout, run.observation()
+
+
+def test_read_file_refuses_binary_files_and_bounds_huge_ones(tools, space):
+    (space.root / "blob.bin").write_bytes(bytes(range(256)) * 8)
+    result = tools["read_file"]({"path": "blob.bin"})
+    assert not result.ok and "binary file (2048 bytes)" in result.output
+    Image.new("RGB", (4, 4)).save(space.root / "pic.png")
+    assert "describe_image" in tools["read_file"]({"path": "pic.png"}).output
+    (space.root / "latin1.txt").write_bytes("é".encode("latin-1") * 100)
+    assert "not UTF-8 text" in tools["read_file"]({"path": "latin1.txt"}).output
+    (space.root / "big.txt").write_text("line\n" * 2_000_000)  # 10 MB
+    result = tools["read_file"]({"path": "big.txt"})
+    assert result.ok and "the file has 10000000 bytes; this is its beginning" in result.output
+    assert len(result.output) < MAX_OBSERVATION + 100
+
+
+def test_read_file_refuses_what_is_not_a_regular_file(tools, space):
+    os.mkfifo(space.root / "pipe")  # opened as a file, it would block the tool forever
+    result = tools["read_file"]({"path": "pipe"}, timeout=20)
+    assert not result.ok and "not a regular file" in result.output
+
+
+@pytest.mark.parametrize(
+    ("path", "lands"),
+    [
+        ("sub/../notes.txt", "notes.txt"),
+        ("~/notes.txt", "~/notes.txt"),  # no home expansion: a name inside
+        ("sub\\..\\..\\x.txt", "sub\\..\\..\\x.txt"),  # a backslash is part of a name here
+    ],
+)
+def test_odd_paths_stay_inside(tools, space, path, lands):
+    assert tools["write_file"]({"path": path, "content": "hi"}).ok
+    assert (space.root / lands).read_text() == "hi"
+
+
+def test_absolute_paths_inside_and_bad_names_are_handled(tools, space):
+    inside = str(space.root / "notes.txt")
+    assert tools["read_file"]({"path": inside}).output == "inside"
+    assert "invalid path" in tools["read_file"]({"path": "a\x00b"}).output
+    long = tools["write_file"]({"path": "n" * 300, "content": "x"})
+    assert not long.ok and "File name too long" in long.output
+    (space.root / "adir").mkdir()
+    assert not tools["write_file"]({"path": "adir", "content": "x"}).ok
+    assert "is a directory" in tools["read_file"]({"path": "adir"}).output
