@@ -45,7 +45,7 @@ _FINAL = re.compile(_LABEL.format(r"final[ \t_]*answer"))
 _THOUGHT = re.compile(_LABEL.format("thought"))
 _OBSERVATION = re.compile(_LABEL.format("observation"))
 _FENCE = re.compile(r"^```[\w-]*\s*|\s*```$")
-_INLINE_CALL = re.compile(r"^([\w.:-]+)\s*\((.*)\)\s*$", re.S)
+_INLINE_CALL = re.compile(r"^([\w.:-]+)\s*(?:\((.*)\)|\[(.*)\])\s*$", re.S)  # tool(x), tool[x]
 
 
 def _input_value(text: str) -> Any:
@@ -82,7 +82,9 @@ def parse(text: str) -> Decision:
             error="your reply has neither 'Action:' (with 'Action Input:') nor 'Final Answer:'",
         )
     if first is final:
-        answer = text[final.end() :].strip()
+        # An action written after the answer (LangChain refuses the pair) is dropped with
+        # everything from it: the answer stands.
+        answer = text[final.end() : action.start() if action else len(text)].strip()
         if answer:
             return Decision(text, thought, answer=answer)
         return Decision(text, thought, error="'Final Answer:' is empty")
@@ -93,7 +95,8 @@ def parse(text: str) -> Decision:
     given = _INPUT.search(text, action.end())
     inline = _INLINE_CALL.match(name)
     if inline and given is None:
-        name, value = inline.group(1), _input_value(inline.group(2))
+        inner = inline.group(2) if inline.group(2) is not None else inline.group(3)
+        name, value = inline.group(1), _input_value(inner)
     elif given is None:
         return Decision(text, thought, error=f"'Action: {name}' has no 'Action Input:' line")
     else:
