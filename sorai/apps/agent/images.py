@@ -10,10 +10,12 @@ otherwise.
 
 from __future__ import annotations
 
+import dataclasses
 import io
+import os
 import uuid
 from collections.abc import Callable
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import Annotated
 
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageOps, UnidentifiedImageError
@@ -26,6 +28,8 @@ OUTPUT_DIR = "image"
 MAX_SIDE = 8192
 MAX_PIXELS = 64 * 10**6  # decoded size refused above this (an RGBA copy is ~256 MB)
 MAX_BYTES = 64 * 2**20  # image files read at most
+MAX_LISTED = 100  # image names offered in a request's schema
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
 Pixel = Annotated[int, Field(ge=0, le=MAX_SIDE)]  # bounded: guided decoding stops
 ImagePath = Annotated[
     str, Field(description="an image file in the workspace", min_length=1, max_length=500)
@@ -57,6 +61,19 @@ def _normalised(image: Image.Image) -> Image.Image:
         return image.convert("L")
     alpha = "A" in image.getbands() or "transparency" in image.info
     return image.convert("RGBA" if alpha else "RGB")
+
+
+def _images_in(workspace: Workspace) -> list[str]:
+    """The workspace's image files by name (at most MAX_LISTED, originals before edits)."""
+    names = []
+    for dirpath, dirnames, filenames in os.walk(workspace.root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if PurePosixPath(name).suffix.lower() in IMAGE_SUFFIXES:
+                names.append(workspace.relative(Path(dirpath) / name))
+                if len(names) == MAX_LISTED:
+                    return names
+    return names
 
 
 def _colour_name(rgb: tuple[int, ...]) -> str:
@@ -176,8 +193,14 @@ def image_tools(workspace: Workspace) -> list[Tool]:
             draw.text((left + 4, top + 2), str(number), fill=(255, 255, 255))
         return save(picture, "marks", image)
 
+    def refine(parameters: dict) -> dict:
+        names = _images_in(workspace)
+        if names:  # none: left open, so the call fails with "no file" rather than not at all
+            parameters["properties"]["image"]["enum"] = names
+        return parameters
+
     return [
-        tool(f, timeout=60.0)
+        dataclasses.replace(tool(f, timeout=60.0), refine=refine)
         for f in (
             describe_image,
             crop_image,

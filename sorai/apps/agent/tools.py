@@ -10,6 +10,7 @@ sees as the Observation.
 from __future__ import annotations
 
 import asyncio
+import copy
 import dataclasses
 import inspect
 import json
@@ -49,6 +50,9 @@ class Tool:
     fn: Callable[..., Any]
     arguments: type[pydantic.BaseModel]
     timeout: float = DEFAULT_TIMEOUT
+    # Narrows the schema sent with each request to what holds now (the image tools list the
+    # workspace's images as an enum, so guided decoding can only name a file that exists).
+    refine: Callable[[dict[str, Any]], dict[str, Any]] | None = None
     parameters: dict[str, Any] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -66,12 +70,15 @@ class Tool:
 
     def definition(self) -> dict[str, Any]:
         """OpenAI's {"type": "function", "function": {...}}."""
+        parameters = self.parameters
+        if self.refine is not None:
+            parameters = self.refine(copy.deepcopy(parameters))
         return {
             "type": "function",
             "function": {
                 "name": self.name,
                 "description": self.description,
-                "parameters": self.parameters,
+                "parameters": parameters,
             },
         }
 

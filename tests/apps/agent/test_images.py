@@ -178,3 +178,26 @@ def test_crop_boxes_out_of_range_or_inverted_are_refused(tools, box):
     arguments = {"image": "photo.png", "left": left, "top": top, "right": right, "bottom": bottom}
     result = tools["crop_image"](arguments)
     assert not result.ok and "within the 80x60 image" in result.output
+
+
+def test_requests_offer_the_workspace_images_as_an_enum(space, tmp_path):
+    # Under guided decoding the image argument can then only be a file that exists: without
+    # it the default model named "image.png", which is not there.
+    (space.root / "notes.txt").write_text("not an image")
+    model = ScriptedModel(
+        [
+            Calls([("grayscale", {"image": "photo.png"})]),
+            Calls([("final_answer", {"answer": "done"})]),
+        ]
+    )
+    agent = Agent(model, tools=["grayscale"], workspace=space.root, trace_dir=tmp_path / "t")
+    trace = agent.run("photo.png: make it grayscale")
+
+    def offered(request):
+        (grayscale,) = [t for t in request["tools"] if t["function"]["name"] == "grayscale"]
+        return grayscale["function"]["parameters"]["properties"]["image"]["enum"]
+
+    made = trace.tool_calls[0].observation
+    assert offered(model.requests[0]) == ["photo.png"]
+    assert offered(model.requests[1]) == ["photo.png", made]  # the new file, once it exists
+    assert "enum" not in agent.toolbox.get("grayscale").parameters["properties"]["image"]
