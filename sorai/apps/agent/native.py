@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from sorai.apps.agent.strategy import Call, Decision, usage
+from sorai.apps.agent.strategy import Call, Decision, refused, usage
 from sorai.apps.agent.tools import Toolbox, ToolResult
 
 FINAL_ANSWER = "final_answer"
@@ -44,13 +44,6 @@ def _arguments(text: str | None) -> tuple[Any, str | None]:
         return text, f"the arguments are not JSON ({e.msg})"
 
 
-def _refused(error: Exception) -> bool:
-    """A request the endpoint refused as malformed (400/422): what one that does not take
-    tool_choice "required" or a named function answers."""
-    status = getattr(error, "status", None) or getattr(error, "status_code", None)
-    return status in (400, 422)
-
-
 class NativeStrategy:
     name = "tools"
 
@@ -79,7 +72,7 @@ class NativeStrategy:
                     **sampling,
                 )
             except Exception as e:
-                if not _refused(e) or i == len(choices) - 1:
+                if not refused(e) or i == len(choices) - 1:
                     raise
                 self._choices.remove(choice)
         raise AssertionError("unreachable")  # the last choice returns or raises

@@ -14,7 +14,7 @@ import json
 import re
 from typing import Any
 
-from sorai.apps.agent.strategy import Call, Decision, usage
+from sorai.apps.agent.strategy import Call, Decision, refused, usage
 from sorai.apps.agent.tools import Toolbox, ToolResult
 
 FORMAT = """Use this format:
@@ -36,6 +36,7 @@ SYSTEM = (
     + FORMAT
 )
 
+STOP = ["\nObservation:", "Observation:"]
 FORCE = "You have no more steps. Reply now with 'Final Answer:' and your best answer."
 
 _LABEL = r"(?im)^[ \t*#]*{}[ \t*]*:[ \t]*"
@@ -113,6 +114,7 @@ class ReactStrategy:
 
     def __init__(self) -> None:
         self._names = ""
+        self._stop = True  # False once the endpoint refused `stop`: the parser cuts instead
 
     def start(
         self, system: str | None, history: list[dict[str, Any]], task: str, tools: Toolbox
@@ -134,8 +136,16 @@ class ReactStrategy:
     ) -> Decision:
         if forced:
             response = client.chat([*messages, {"role": "user", "content": FORCE}], **sampling)
+        elif self._stop:
+            try:
+                response = client.chat(messages, stop=STOP, **sampling)
+            except Exception as e:
+                if not refused(e):
+                    raise
+                self._stop = False
+                response = client.chat(messages, **sampling)
         else:
-            response = client.chat(messages, stop=["\nObservation:", "Observation:"], **sampling)
+            response = client.chat(messages, **sampling)
         text = response.choices[0].message.content or ""
         decision = parse(text)
         if forced and decision.answer is None:

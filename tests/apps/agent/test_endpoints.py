@@ -121,3 +121,23 @@ def test_other_endpoint_errors_are_not_retried(tmp_path):
     with pytest.raises(ClientError, match="500"):
         agent(model, tmp_path).run("2+2?")
     assert len(model.requests) == 1
+
+
+def test_react_on_an_endpoint_refusing_stop_cuts_the_invented_observation_itself(tmp_path):
+    class NoStop(ScriptedModel):
+        def chat(self, messages, **kwargs):
+            if "stop" in kwargs:
+                self.requests.append(kwargs)
+                raise ClientError("chat request refused (400): 'stop' is not supported", 400)
+            return super().chat(messages, **kwargs)
+
+    model = NoStop(
+        [
+            'Thought: add\nAction: add\nAction Input: {"a": 2, "b": 2}\nObservation: 5\n'
+            "Final Answer: 5",
+            "Final Answer: 4",
+        ]
+    )
+    trace = Agent(model, tools=[add], strategy="react", trace_dir=tmp_path).run("2+2?")
+    assert trace.tool_calls[0].observation == "4" and trace.answer == "4"
+    assert ["stop" in r for r in model.requests] == [True, False, False]  # refused once
