@@ -23,12 +23,11 @@ from typing import IO, Annotated
 from pydantic import Field
 
 from sorai.apps.agent.files import Workspace
-from sorai.apps.agent.tools import Tool, tool
+from sorai.apps.agent.tools import MAX_OBSERVATION, Tool, tool
 
 DEFAULT_SECONDS = 10.0
 DEFAULT_MEMORY_MB = 1024
 MAX_PROCESSES = 64  # processes and threads the code may add (not enforced for root)
-MAX_OUTPUT = 8000  # characters of each stream in the observation
 MAX_CAPTURE = 64 * 1024  # bytes of each stream kept while the code runs
 DRAIN_SECONDS = 5.0  # after the kill, for the output still in the pipes
 RUN_MARK = "SORAI_SANDBOX_RUN"  # in each run's environment, to find what it left behind
@@ -49,15 +48,19 @@ class PythonRun:
             parts.append(f"killed: the code ran past its time limit ({self.seconds:.1f} s)")
         elif self.returncode:
             parts.append(f"exit code {self.returncode}")
+        # Both streams' ends fit the observation (cut at its end otherwise, the traceback on
+        # stderr was lost behind a long stdout); stdout gets what stderr leaves.
+        room = MAX_OBSERVATION - 100
+        stderr = _cut(self.stderr, room // 2 if self.stdout else room)
         if self.stdout:
-            parts.append(f"stdout:\n{_cut(self.stdout)}")
+            parts.append(f"stdout:\n{_cut(self.stdout, room - len(stderr))}")
         if self.stderr:
-            parts.append(f"stderr:\n{_cut(self.stderr)}")
+            parts.append(f"stderr:\n{stderr}")
         return "\n".join(parts) or "(no output)"
 
 
-def _cut(text: str) -> str:
-    return text if len(text) <= MAX_OUTPUT else "…" + text[-MAX_OUTPUT:]
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else "…" + text[-limit:]
 
 
 def run_python(

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from sorai.apps.agent.files import Workspace, file_tools
-from sorai.apps.agent.python_tool import MAX_CAPTURE, MAX_PROCESSES, run_python
+from sorai.apps.agent.python_tool import MAX_CAPTURE, MAX_PROCESSES, python_tool, run_python
 from sorai.apps.agent.tools import MAX_OBSERVATION
 
 
@@ -299,3 +299,11 @@ def test_absolute_paths_inside_and_bad_names_are_handled(tools, space):
     (space.root / "adir").mkdir()
     assert not tools["write_file"]({"path": "adir", "content": "x"}).ok
     assert "is a directory" in tools["read_file"]({"path": "adir"}).output
+
+
+def test_a_traceback_behind_long_output_reaches_the_model(space):
+    python = python_tool(space)
+    code = "for i in range(5000):\n    print(i)\nraise RuntimeError('the real problem')"
+    result = python({"code": code})
+    assert "RuntimeError: the real problem" in result.output  # stderr's end kept
+    assert "\n4999\n" in result.output and len(result.output) <= MAX_OBSERVATION
