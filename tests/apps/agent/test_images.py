@@ -201,3 +201,17 @@ def test_requests_offer_the_workspace_images_as_an_enum(space, tmp_path):
     assert offered(model.requests[0]) == ["photo.png"]
     assert offered(model.requests[1]) == ["photo.png", made]  # the new file, once it exists
     assert "enum" not in agent.toolbox.get("grayscale").parameters["properties"]["image"]
+
+
+def test_the_image_enum_walk_is_bounded(space, monkeypatch):
+    from sorai.apps.agent import images
+
+    monkeypatch.setattr(images, "MAX_SCANNED", 10)
+    deep = space.root / "deep"
+    deep.mkdir()
+    for i in range(20):
+        (deep / f"f{i}.txt").write_text("")
+    Image.new("RGB", (2, 2)).save(deep / "late.png")
+    assert images._images_in(space) == ["photo.png"]  # the top level, then it stopped
+    monkeypatch.setattr(images, "MAX_SCANNED", 100)
+    assert images._images_in(space) == ["photo.png", "deep/late.png"]
