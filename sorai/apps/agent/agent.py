@@ -9,13 +9,14 @@ answers or a limit runs out; then the answer is demanded.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from sorai.apps.agent.native import NativeStrategy
+from sorai.apps.agent.native import FINAL_ANSWER, NativeStrategy
 from sorai.apps.agent.react import ReactStrategy
 from sorai.apps.agent.strategy import Call, Decision, Strategy
 from sorai.apps.agent.tools import Tool, Toolbox, ToolResult
@@ -36,7 +37,8 @@ class Agent:
     "react" (text). The limits: `max_iterations` model turns and `max_seconds` of wall clock,
     checked between steps and passed down as tools' time limits; when either runs out, the
     model is asked for its answer one last time. Conversations carry over between `run`s (the
-    tasks and answers, not the intermediate steps) until `reset()`.
+    tasks and answers of the last `history_turns`, not the intermediate steps) until
+    `reset()`.
     """
 
     def __init__(
@@ -54,6 +56,7 @@ class Agent:
         on_step: Callable[[Step], None] | None = None,
         verbose: bool = False,
         index: str | os.PathLike | None = None,
+        history_turns: int = 10,
     ) -> None:
         if strategy not in STRATEGIES:
             raise SoraiError(f"unknown strategy {strategy!r} (choose from {', '.join(STRATEGIES)})")
@@ -65,6 +68,8 @@ class Agent:
 
         self.client = client
         self.toolbox = Toolbox(build_tools(list(tools), workspace, client, index))
+        if strategy == "tools" and FINAL_ANSWER in self.toolbox:
+            raise SoraiError(f"the tool name {FINAL_ANSWER!r} is the tools strategy's own")
         self.strategy: Strategy = STRATEGIES[strategy]()
         self.system = system
         self.max_iterations = max_iterations
@@ -73,6 +78,7 @@ class Agent:
         self.trace_dir = Path(trace_dir) if trace_dir is not None else default_trace_dir()
         self.on_step = on_step or (Printer() if verbose else None)
         self.history: list[dict[str, Any]] = []
+        self.history_turns = history_turns
 
     def reset(self) -> None:
         """Forget the conversation."""
@@ -93,10 +99,12 @@ class Agent:
         try:
             stop = self._loop(task, trace, started + self.max_seconds)
         except BaseException as e:
-            # The endpoint failed (or Ctrl-C): what happened so far is still worth keeping.
+            # The endpoint failed (or Ctrl-C): what happened so far is still worth keeping,
+            # unless keeping it fails too, which must not hide the error itself.
             trace.stop_reason = f"error: {e}" if str(e) else f"error: {type(e).__name__}"
             trace.seconds = time.monotonic() - started
-            trace.write(self.trace_dir)
+            with contextlib.suppress(OSError):
+                trace.write(self.trace_dir)
             raise
         trace.answer = trace.steps[-1].answer
         trace.stop_reason = stop
@@ -106,6 +114,8 @@ class Agent:
             {"role": "user", "content": task},
             {"role": "assistant", "content": trace.answer},
         ]
+        # The oldest exchanges go: a long conversation would outgrow memory and the context.
+        del self.history[: max(len(self.history) - 2 * self.history_turns, 0)]
         return trace
 
     def _loop(self, task: str, trace: Trace, deadline: float) -> str:

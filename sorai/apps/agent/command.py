@@ -91,6 +91,10 @@ def run(args: argparse.Namespace) -> int:
         raise SoraiError("--tools names no tool")
     if not args.task.strip():
         raise SoraiError("the task is empty")
+    if args.max_iterations < 1:
+        raise SoraiError(f"--max-iterations must be at least 1, got {args.max_iterations}")
+    if not args.max_seconds > 0:
+        raise SoraiError(f"--max-seconds must be positive, got {args.max_seconds:g}")
     workspace = Path(args.workspace).expanduser()
     if set(names) & NEEDS_WORKSPACE and not workspace.is_dir():
         raise SoraiError(f"--workspace {args.workspace} is not a directory")

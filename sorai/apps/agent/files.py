@@ -10,15 +10,19 @@ the agent would have to win) is not guarded against.
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 from typing import Annotated
 
 from pydantic import Field
 
-from sorai.apps.agent.tools import Tool, ToolFailure, tool
+from sorai.apps.agent.tools import MAX_OBSERVATION, Tool, ToolFailure, tool
 from sorai.errors import SoraiError
 
-MAX_READ = 20_000
+# Characters read_file returns: under the observation's cut, so the note saying the file goes
+# on reaches the model.
+MAX_READ = MAX_OBSERVATION - 100
+_IMAGE_MAGIC = (b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"BM", b"RIFF", b"II*\x00", b"MM\x00*")
 MAX_LISTED = 200
 # Non-empty: under guided decoding a small model otherwise "calls" with an empty path.
 WorkspacePath = Annotated[
@@ -49,16 +53,23 @@ class Workspace:
     def relative(self, path: Path) -> str:
         return path.relative_to(self.root).as_posix() or "."
 
-    def read_bytes(self, path: str) -> bytes:
+    def read_bytes(self, path: str, limit: int | None = None) -> bytes:
+        """The file's bytes (the first `limit` of them); ToolFailure for anything but a regular
+        file (a FIFO would block the tool's thread forever, a device never end)."""
         full = self.resolve(path)
         try:
-            fd = os.open(full, os.O_RDONLY | os.O_NOFOLLOW)
+            fd = os.open(full, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         except FileNotFoundError:
             raise ToolFailure(f"no file {path!r} in the workspace") from None
         except IsADirectoryError:
             raise ToolFailure(f"{path!r} is a directory") from None
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            os.close(fd)
+            what = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
+            raise ToolFailure(f"{path!r} is {what}")
         with os.fdopen(fd, "rb") as f:
-            return f.read()
+            return f.read() if limit is None else f.read(limit)
 
     def write_bytes(self, path: str, data: bytes) -> Path:
         full = self.resolve(path)
@@ -72,6 +83,10 @@ class Workspace:
         return full
 
 
+def _is_image(data: bytes) -> bool:
+    return data.startswith(_IMAGE_MAGIC)
+
+
 def file_tools(workspace: Workspace) -> list[Tool]:
     """read_file, write_file and list_files, confined to `workspace`."""
 
@@ -79,10 +94,19 @@ def file_tools(workspace: Workspace) -> list[Tool]:
         path: WorkspacePath,
     ) -> str:
         """Read a text file in the workspace."""
-        data = workspace.read_bytes(path)
+        # Bounded: the first MAX_READ characters need at most 4 bytes each.
+        data = workspace.read_bytes(path, limit=4 * MAX_READ + 4)
+        size = workspace.resolve(path).stat().st_size
+        if b"\x00" in data[:8192]:
+            raise ToolFailure(
+                f"{path!r} is a binary file ({size} bytes), not text"
+                + ("; use describe_image for an image" if _is_image(data) else "")
+            )
         text = data.decode("utf-8", errors="replace")
-        if len(text) > MAX_READ:
-            return text[:MAX_READ] + f"\n… [{len(text) - MAX_READ} more characters]"
+        if text.count("\ufffd") > len(text) / 10:
+            raise ToolFailure(f"{path!r} is not UTF-8 text ({size} bytes)")
+        if len(text) > MAX_READ or size > len(data):
+            return text[:MAX_READ] + f"\n… [the file has {size} bytes; this is its beginning]"
         return text
 
     def write_file(

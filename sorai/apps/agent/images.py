@@ -10,10 +10,12 @@ otherwise.
 
 from __future__ import annotations
 
+import dataclasses
 import io
+import os
 import uuid
 from collections.abc import Callable
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import Annotated
 
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageOps, UnidentifiedImageError
@@ -24,6 +26,11 @@ from sorai.apps.agent.tools import Tool, ToolFailure, tool
 
 OUTPUT_DIR = "image"
 MAX_SIDE = 8192
+MAX_PIXELS = 64 * 10**6  # decoded size refused above this (an RGBA copy is ~256 MB)
+MAX_BYTES = 64 * 2**20  # image files read at most
+MAX_LISTED = 100  # image names offered in a request's schema
+MAX_SCANNED = 5000  # directory entries looked at to find them
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
 Pixel = Annotated[int, Field(ge=0, le=MAX_SIDE)]  # bounded: guided decoding stops
 ImagePath = Annotated[
     str, Field(description="an image file in the workspace", min_length=1, max_length=500)
@@ -40,6 +47,42 @@ def new_name(tool_name: str, parent: str) -> str:
     return f"{OUTPUT_DIR}/{uuid.uuid4().hex[:6]}_{tool_name}_{parent_id}.png"
 
 
+def _normalised(image: Image.Image) -> Image.Image:
+    """16- and 32-bit grey scaled to 8 bits, palettes and CMYK/YCbCr/LAB made RGB(A): the
+    filters refuse P and I;16, and PNG cannot hold CMYK."""
+    if image.mode in ("L", "LA", "RGB", "RGBA"):
+        return image
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        grey = image.convert("F") if image.mode == "F" else image.convert("I")
+        low, high = grey.getextrema()
+        top = 65535 if image.mode.startswith("I;16") else high if high > 255 else 255
+        scale = 255 / top if top else 1
+        return grey.point(lambda v: v * scale).convert("L")
+    if image.mode == "1":
+        return image.convert("L")
+    alpha = "A" in image.getbands() or "transparency" in image.info
+    return image.convert("RGBA" if alpha else "RGB")
+
+
+def _images_in(workspace: Workspace) -> list[str]:
+    """The workspace's image files by name (at most MAX_LISTED, originals before edits). The
+    walk stops after MAX_SCANNED entries: the default workspace is the current directory,
+    which may be a home directory, and this runs for every request."""
+    names: list[str] = []
+    scanned = 0
+    for dirpath, dirnames, filenames in os.walk(workspace.root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        scanned += len(dirnames) + len(filenames)
+        if scanned > MAX_SCANNED:
+            return names
+        for name in sorted(filenames):
+            if PurePosixPath(name).suffix.lower() in IMAGE_SUFFIXES:
+                names.append(workspace.relative(Path(dirpath) / name))
+                if len(names) == MAX_LISTED:
+                    return names
+    return names
+
+
 def _colour_name(rgb: tuple[int, ...]) -> str:
     return "#" + "".join(f"{c:02x}" for c in rgb[:3])
 
@@ -49,12 +92,28 @@ def image_tools(workspace: Workspace) -> list[Tool]:
     mark_regions over images in `workspace`."""
 
     def load(path: str) -> Image.Image:
+        """The image, upright (EXIF orientation applied), in a mode every tool and PNG take:
+        L, LA, RGB or RGBA."""
+        data = workspace.read_bytes(path, limit=MAX_BYTES + 1)
+        if len(data) > MAX_BYTES:
+            raise ToolFailure(f"{path!r} is larger than {MAX_BYTES // 2**20} MB")
         try:
-            image = Image.open(io.BytesIO(workspace.read_bytes(path)))
+            image = Image.open(io.BytesIO(data))
+            # Checked before decoding: a small file can declare a huge canvas (a
+            # decompression bomb); Pillow itself only refuses above ~179 megapixels.
+            if image.width * image.height > MAX_PIXELS:
+                raise ToolFailure(
+                    f"{path!r} is {image.width}x{image.height} pixels, more than the "
+                    f"{MAX_PIXELS // 10**6} megapixels the image tools take"
+                )
             image.load()
+            upright = _normalised(ImageOps.exif_transpose(image))
+            upright.info.update(source_mode=image.mode, source_format=image.format)
+            return upright
         except UnidentifiedImageError:
             raise ToolFailure(f"{path!r} is not an image Pillow can read") from None
-        return image
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            raise ToolFailure(f"{path!r} could not be decoded ({e})") from None
 
     def save(image: Image.Image, tool_name: str, parent: str) -> str:
         name = new_name(tool_name, parent)
@@ -74,9 +133,10 @@ def image_tools(workspace: Workspace) -> list[Tool]:
             f"{_colour_name(c)} {100 * n / total:.0f}%" for n, c in sorted(counts, reverse=True)
         )
         text = ocr(picture) if ocr is not None else "OCR not available (no vision model set up)"
+        mode, source = picture.info["source_mode"], picture.info["source_format"] or "unknown"
         return (
-            f"{image}: {picture.width}x{picture.height} pixels, mode {picture.mode}, "
-            f"format {picture.format or 'unknown'}; dominant colours: {colours}; text: {text}"
+            f"{image}: {picture.width}x{picture.height} pixels, mode {mode}, format {source}; "
+            f"dominant colours: {colours}; text: {text}"
         )
 
     def crop_image(image: ImagePath, left: Pixel, top: Pixel, right: Pixel, bottom: Pixel) -> str:
@@ -140,8 +200,14 @@ def image_tools(workspace: Workspace) -> list[Tool]:
             draw.text((left + 4, top + 2), str(number), fill=(255, 255, 255))
         return save(picture, "marks", image)
 
+    def refine(parameters: dict) -> dict:
+        names = _images_in(workspace)
+        if names:  # none: left open, so the call fails with "no file" rather than not at all
+            parameters["properties"]["image"]["enum"] = names
+        return parameters
+
     return [
-        tool(f, timeout=60.0)
+        dataclasses.replace(tool(f, timeout=60.0), refine=refine)
         for f in (
             describe_image,
             crop_image,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from sorai.apps.agent.strategy import Call, Decision, usage
+from sorai.apps.agent.strategy import Call, Decision, refused, usage
 from sorai.apps.agent.tools import Toolbox, ToolResult
 
 FINAL_ANSWER = "final_answer"
@@ -47,6 +47,36 @@ def _arguments(text: str | None) -> tuple[Any, str | None]:
 class NativeStrategy:
     name = "tools"
 
+    def __init__(self) -> None:
+        # The tool_choice values to try, strictest first; one the endpoint refuses with a 400
+        # is dropped for the rest of the run (OpenAI-compatible servers differ: some take only
+        # "auto").
+        self._choices: list[Any] = ["named", "required", "auto"]
+
+    def _chat(
+        self,
+        client: Any,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]],
+        forced: bool,
+        sampling: dict[str, Any],
+    ) -> Any:
+        choices = [c for c in self._choices if forced or c != "named"]
+        for i, choice in enumerate(choices):
+            value = {"type": "function", "function": {"name": FINAL_ANSWER}}
+            try:
+                return client.chat(
+                    messages,
+                    tools=tools,
+                    tool_choice=value if choice == "named" else choice,
+                    **sampling,
+                )
+            except Exception as e:
+                if not refused(e) or i == len(choices) - 1:
+                    raise
+                self._choices.remove(choice)
+        raise AssertionError("unreachable")  # the last choice returns or raises
+
     def start(
         self, system: str | None, history: list[dict[str, Any]], task: str, tools: Toolbox
     ) -> list[dict[str, Any]]:
@@ -62,21 +92,24 @@ class NativeStrategy:
         sampling: dict[str, Any],
     ) -> Decision:
         definitions = [t.definition() for t in tools] + [FINAL_TOOL]
-        choice: Any = "required"
-        if forced:
-            choice = {"type": "function", "function": {"name": FINAL_ANSWER}}
-        response = client.chat(messages, tools=definitions, tool_choice=choice, **sampling)
-        message = response.choices[0].message
+        response = self._chat(client, messages, definitions, forced, sampling)
+        choice = response.choices[0]
+        message = choice.message
         prompt, completion = usage(response)
         calls = []
         for item in message.tool_calls or []:
-            arguments, error = _arguments(item.function.arguments)
+            function = getattr(item, "function", None)
+            if function is None:  # a call of a kind other than "function"
+                continue
+            arguments, error = _arguments(function.arguments)
             if error:
+                if choice.finish_reason == "length":
+                    error += f"; the reply was cut off at max_tokens ({sampling.get('max_tokens')})"
                 return Decision(
-                    item.function.arguments or "", error=f"{item.function.name}: {error}",
+                    function.arguments or "", error=f"{function.name}: {error}",
                     prompt_tokens=prompt, completion_tokens=completion,
                 )  # fmt: skip
-            calls.append(Call(item.function.name, arguments, item.id))
+            calls.append(Call(function.name, arguments, item.id or ""))
         raw = json.dumps(
             [{"name": c.name, "arguments": c.arguments} for c in calls], ensure_ascii=False
         )
@@ -87,21 +120,28 @@ class NativeStrategy:
         if calls and calls[0].name == FINAL_ANSWER:
             answer = calls[0].arguments
             decision.answer = str(answer.get("answer", "") if isinstance(answer, dict) else answer)
-            if forced and not decision.answer.strip():
-                self._answer_in_text(client, messages, sampling, decision)
+            if not decision.answer.strip() and not forced:
+                # An endpoint without guided decoding may send what minLength forbids.
+                decision.answer = None
+                decision.error = f"{FINAL_ANSWER} needs a non-empty answer"
         elif calls:
             decision.calls = [c for c in calls if c.name != FINAL_ANSWER]
         elif thought:  # an endpoint that ignored tool_choice and answered in text
             decision.raw, decision.answer = thought, thought
         else:
             decision.error = "the reply had neither a tool call nor text"
+        if forced and not (decision.answer or "").strip():
+            # A blank final_answer, or an endpoint that ignored the named tool_choice and
+            # called another tool: asked once more in plain text.
+            decision.calls, decision.error = [], None
+            self._answer_in_text(client, messages, sampling, decision)
         return decision
 
     @staticmethod
     def _answer_in_text(
         client: Any, messages: list[dict[str, Any]], sampling: dict[str, Any], decision: Decision
     ) -> None:
-        """A blank forced answer (a small model may fill final_answer with spaces): ask once
+        """No usable forced answer (a small model may fill final_answer with spaces): ask once
         more without tools, in plain text, which such models answer best."""
         response = client.chat([*messages, {"role": "user", "content": ANSWER_NOW}], **sampling)
         decision.answer = (response.choices[0].message.content or "").strip()

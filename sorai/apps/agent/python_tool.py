@@ -18,16 +18,17 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import IO, Annotated
 
 from pydantic import Field
 
 from sorai.apps.agent.files import Workspace
-from sorai.apps.agent.tools import Tool, tool
+from sorai.apps.agent.tools import MAX_OBSERVATION, Tool, tool
 
 DEFAULT_SECONDS = 10.0
 DEFAULT_MEMORY_MB = 1024
-MAX_OUTPUT = 8000
+MAX_PROCESSES = 64  # processes and threads the code may add (not enforced for root)
+MAX_CAPTURE = 64 * 1024  # bytes of each stream kept while the code runs
 DRAIN_SECONDS = 5.0  # after the kill, for the output still in the pipes
 RUN_MARK = "SORAI_SANDBOX_RUN"  # in each run's environment, to find what it left behind
 _CHILD = (Path(__file__).with_name("sandbox_child.py")).read_text(encoding="utf-8")
@@ -47,15 +48,19 @@ class PythonRun:
             parts.append(f"killed: the code ran past its time limit ({self.seconds:.1f} s)")
         elif self.returncode:
             parts.append(f"exit code {self.returncode}")
+        # Both streams' ends fit the observation (cut at its end otherwise, the traceback on
+        # stderr was lost behind a long stdout); stdout gets what stderr leaves.
+        room = MAX_OBSERVATION - 100
+        stderr = _cut(self.stderr, room // 2 if self.stdout else room)
         if self.stdout:
-            parts.append(f"stdout:\n{_cut(self.stdout)}")
+            parts.append(f"stdout:\n{_cut(self.stdout, room - len(stderr))}")
         if self.stderr:
-            parts.append(f"stderr:\n{_cut(self.stderr)}")
+            parts.append(f"stderr:\n{stderr}")
         return "\n".join(parts) or "(no output)"
 
 
-def _cut(text: str) -> str:
-    return text if len(text) <= MAX_OUTPUT else "…" + text[-MAX_OUTPUT:]
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else "…" + text[-limit:]
 
 
 def run_python(
@@ -75,6 +80,7 @@ def run_python(
         "memory_bytes": memory_mb * 2**20,
         "cpu_seconds": int(seconds) + 1,  # a second guard should the kill below be late
         "file_bytes": 256 * 2**20,
+        "processes": MAX_PROCESSES,
         "os_layers": os_layers,
     }
     env = {
@@ -98,29 +104,31 @@ def run_python(
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         start_new_session=True,  # its own process group, killed whole at the limit
-        text=True,
-        encoding="utf-8",
-        errors="replace",
     )
+    # The pipes are read into bounded buffers: code printing in a loop would otherwise pile up
+    # gigabytes in this process (communicate() keeps everything) before the time limit.
+    out, err = _Capture(process.stdout), _Capture(process.stderr)
     # Once the child exits, what it left behind goes too: a daemon holding the pipes would
-    # otherwise keep communicate() waiting until the time limit.
+    # otherwise keep the readers waiting until the time limit.
     reaper = threading.Thread(target=_reap, args=(process, env[RUN_MARK]), daemon=True)
     reaper.start()
+    with contextlib.suppress(BrokenPipeError, OSError):  # it died before reading: see stderr
+        process.stdin.write(json.dumps(config).encode("utf-8"))
+    with contextlib.suppress(OSError):
+        process.stdin.close()  # the code's input() reads end of file
     try:
-        stdout, stderr = process.communicate(json.dumps(config), timeout=seconds)
+        process.wait(timeout=seconds)
         timed_out = False
     except subprocess.TimeoutExpired:
         _kill_group(process)
         _kill_marked(env[RUN_MARK])
         timed_out = True
-        try:
-            stdout, stderr = process.communicate(timeout=DRAIN_SECONDS)
-        except subprocess.TimeoutExpired:
-            # A process it started left the group and cleared its environment, and holds the
-            # pipes open: stop waiting for them rather than hang the agent.
-            process.kill()
-            process.wait()
-            stdout, stderr = "", "(output lost: a process the code started still holds it)"
+        process.wait()
+    # A process it started that left the group and cleared its environment may hold the pipes
+    # open: what was read by then is taken rather than hang the agent.
+    stdout, stderr = out.text(DRAIN_SECONDS), err.text(DRAIN_SECONDS)
+    if out.thread.is_alive() or err.thread.is_alive():
+        stderr += "\n(output cut: a process the code started still holds it)"
     return PythonRun(
         None if timed_out else process.returncode,
         stdout,
@@ -128,6 +136,34 @@ def run_python(
         time.monotonic() - started,
         timed_out,
     )
+
+
+class _Capture:
+    """Reads a pipe to its end in a thread, keeping only the last MAX_CAPTURE bytes."""
+
+    def __init__(self, pipe: IO[bytes]) -> None:
+        self.pipe = pipe
+        self.data = bytearray()
+        self.dropped = 0
+        self.thread = threading.Thread(target=self._read, daemon=True, name="sorai-python-out")
+        self.thread.start()
+
+    def _read(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            while chunk := self.pipe.read1(65536):
+                self.data += chunk
+                if len(self.data) > MAX_CAPTURE:
+                    excess = len(self.data) - MAX_CAPTURE
+                    del self.data[:excess]
+                    self.dropped += excess
+
+    def text(self, wait: float) -> str:
+        """What was read by the pipe's end, or after `wait` seconds if it is held open."""
+        self.thread.join(wait)
+        text = bytes(self.data).decode("utf-8", errors="replace")
+        if self.dropped:
+            text = f"[{self.dropped} bytes before this cut]\n" + text
+        return text
 
 
 def _reap(process: subprocess.Popen, mark: str) -> None:

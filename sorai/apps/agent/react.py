@@ -14,7 +14,7 @@ import json
 import re
 from typing import Any
 
-from sorai.apps.agent.strategy import Call, Decision, usage
+from sorai.apps.agent.strategy import Call, Decision, refused, usage
 from sorai.apps.agent.tools import Toolbox, ToolResult
 
 FORMAT = """Use this format:
@@ -36,6 +36,7 @@ SYSTEM = (
     + FORMAT
 )
 
+STOP = ["\nObservation:", "Observation:"]
 FORCE = "You have no more steps. Reply now with 'Final Answer:' and your best answer."
 
 _LABEL = r"(?im)^[ \t*#]*{}[ \t*]*:[ \t]*"
@@ -45,7 +46,7 @@ _FINAL = re.compile(_LABEL.format(r"final[ \t_]*answer"))
 _THOUGHT = re.compile(_LABEL.format("thought"))
 _OBSERVATION = re.compile(_LABEL.format("observation"))
 _FENCE = re.compile(r"^```[\w-]*\s*|\s*```$")
-_INLINE_CALL = re.compile(r"^([\w.:-]+)\s*\((.*)\)\s*$", re.S)
+_INLINE_CALL = re.compile(r"^([\w.:-]+)\s*(?:\((.*)\)|\[(.*)\])\s*$", re.S)  # tool(x), tool[x]
 
 
 def _input_value(text: str) -> Any:
@@ -82,7 +83,9 @@ def parse(text: str) -> Decision:
             error="your reply has neither 'Action:' (with 'Action Input:') nor 'Final Answer:'",
         )
     if first is final:
-        answer = text[final.end() :].strip()
+        # An action written after the answer (LangChain refuses the pair) is dropped with
+        # everything from it: the answer stands.
+        answer = text[final.end() : action.start() if action else len(text)].strip()
         if answer:
             return Decision(text, thought, answer=answer)
         return Decision(text, thought, error="'Final Answer:' is empty")
@@ -93,7 +96,8 @@ def parse(text: str) -> Decision:
     given = _INPUT.search(text, action.end())
     inline = _INLINE_CALL.match(name)
     if inline and given is None:
-        name, value = inline.group(1), _input_value(inline.group(2))
+        inner = inline.group(2) if inline.group(2) is not None else inline.group(3)
+        name, value = inline.group(1), _input_value(inner)
     elif given is None:
         return Decision(text, thought, error=f"'Action: {name}' has no 'Action Input:' line")
     else:
@@ -110,6 +114,7 @@ class ReactStrategy:
 
     def __init__(self) -> None:
         self._names = ""
+        self._stop = True  # False once the endpoint refused `stop`: the parser cuts instead
 
     def start(
         self, system: str | None, history: list[dict[str, Any]], task: str, tools: Toolbox
@@ -131,8 +136,16 @@ class ReactStrategy:
     ) -> Decision:
         if forced:
             response = client.chat([*messages, {"role": "user", "content": FORCE}], **sampling)
+        elif self._stop:
+            try:
+                response = client.chat(messages, stop=STOP, **sampling)
+            except Exception as e:
+                if not refused(e):
+                    raise
+                self._stop = False
+                response = client.chat(messages, **sampling)
         else:
-            response = client.chat(messages, stop=["\nObservation:", "Observation:"], **sampling)
+            response = client.chat(messages, **sampling)
         text = response.choices[0].message.content or ""
         decision = parse(text)
         if forced and decision.answer is None:

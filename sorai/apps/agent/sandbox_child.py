@@ -1,9 +1,11 @@
 """The python tool's child: run with `python -I -c <this file's text>`, before the user's code.
 
-It reads {"code", "workspace", "memory_bytes", "cpu_seconds", "file_bytes", "os_layers"} as
-JSON on stdin, confines itself, then runs the code. Layers, each applied when this kernel allows it:
+It reads {"code", "workspace", "memory_bytes", "cpu_seconds", "file_bytes", "processes",
+"os_layers"} as JSON on stdin, confines itself, then runs the code. Layers, each applied when
+this kernel allows it:
 
-1. resource limits: address space (memory), CPU seconds, file size;
+1. resource limits: address space (memory), CPU seconds, file size, processes (the user's
+   count now plus `processes`; root is exempt from that one);
 2. a network namespace (unshare CLONE_NEWUSER|CLONE_NEWNET, or CLONE_NEWNET alone as root):
    no interface but a loopback that is down, so no socket reaches anything;
 3. Landlock (Linux 5.13+): writes anywhere but the workspace refused by the kernel, and from
@@ -26,8 +28,28 @@ _config = json.loads(sys.stdin.read())
 _workspace = os.path.realpath(_config["workspace"])
 _layers = []
 
+
+def _user_tasks() -> int:
+    """Processes and threads of this real uid: what RLIMIT_NPROC counts."""
+    count, uid = 0, str(os.getuid())
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else ():
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/status") as f:
+                status = dict(line.split(":", 1) for line in f if ":" in line)
+        except OSError:
+            continue
+        if status.get("Uid", "").split()[:1] == [uid]:
+            count += int(status.get("Threads", "1").strip() or 1)
+    return count
+
+
 for _limit, _value in (
     (resource.RLIMIT_AS, _config["memory_bytes"]),
+    # The user's tasks now, plus the few the code may start: a fork bomb stops there. The
+    # kernel does not apply it to root.
+    (resource.RLIMIT_NPROC, _user_tasks() + _config["processes"]),
     (resource.RLIMIT_CPU, _config["cpu_seconds"]),
     (resource.RLIMIT_FSIZE, _config["file_bytes"]),
 ):

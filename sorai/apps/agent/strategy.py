@@ -60,6 +60,13 @@ class Strategy(Protocol):
         """Append the model's turn and what came of it (observations, or the error)."""
 
 
+def refused(error: Exception) -> bool:
+    """A request the endpoint refused as malformed (400/422): what one answers that does not
+    take tool_choice "required", a named function, or `stop` (OpenAI's reasoning models)."""
+    status = getattr(error, "status", None) or getattr(error, "status_code", None)
+    return status in (400, 422)
+
+
 def usage(response: Any) -> tuple[int, int]:
     u = getattr(response, "usage", None)
     if u is None:

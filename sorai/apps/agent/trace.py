@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 import uuid
@@ -74,8 +75,16 @@ class Trace:
         folder = Path(directory).expanduser()
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}.json"
+        text = json.dumps(self.to_dict(), ensure_ascii=False, indent=2, default=str) + "\n"
+        # Whole or not at all: written beside it, then renamed over (a Ctrl-C or a full disk
+        # mid-write leaves no truncated JSON).
+        partial = path.with_name(f".{path.name}.partial")
+        try:
+            partial.write_text(text, encoding="utf-8")
+            os.replace(partial, path)
+        finally:
+            partial.unlink(missing_ok=True)
         self.path = str(path)
-        path.write_text(json.dumps(self.to_dict(), ensure_ascii=False, indent=2) + "\n")
         return path
 
 

@@ -13,6 +13,8 @@ from typing import Any
 
 from openai.types.chat import ChatCompletion
 
+from sorai.apps.client import ClientError
+
 
 @dataclass
 class Calls:
@@ -22,15 +24,30 @@ class Calls:
 
 
 @dataclass
+class Raw:
+    """A reply given as the API's message object itself, with its finish_reason: for shapes
+    Calls does not make (text beside calls, invalid JSON, a cut-off reply)."""
+
+    message: dict[str, Any]
+    finish_reason: str = "stop"
+
+
+@dataclass
 class ScriptedModel:
     # A reply: text, tool calls, or a function of the request's messages giving either (for a
     # move that depends on what a tool returned, e.g. a file name it made).
-    replies: list[str | Calls | Callable[[list[dict[str, Any]]], str | Calls]]
+    replies: list[str | Calls | Raw | Callable[[list[dict[str, Any]]], str | Calls]]
     model: str = "scripted-model"
     requests: list[dict[str, Any]] = field(default_factory=list)
+    # tool_choice kinds ("required", "named") answered with a 400, as some endpoints do
+    refuses: tuple[str, ...] = ()
 
     def chat(self, messages: list[dict[str, Any]], **kwargs: Any) -> ChatCompletion:
         self.requests.append({"messages": json.loads(json.dumps(messages)), **kwargs})
+        choice = kwargs.get("tool_choice")
+        kind = "named" if isinstance(choice, dict) else choice
+        if kind in self.refuses:
+            raise ClientError(f"chat request refused (400): tool_choice {kind} unsupported", 400)
         if not self.replies:
             raise AssertionError(f"the script ran out at request {len(self.requests)}")
         reply = self.replies.pop(0)
@@ -38,7 +55,9 @@ class ScriptedModel:
             reply = reply(messages)
         message: dict[str, Any] = {"role": "assistant", "content": None}
         finish = "stop"
-        if isinstance(reply, Calls):
+        if isinstance(reply, Raw):
+            message, finish = {"role": "assistant", **reply.message}, reply.finish_reason
+        elif isinstance(reply, Calls):
             finish = "tool_calls"
             message["tool_calls"] = [
                 {

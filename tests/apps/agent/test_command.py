@@ -18,9 +18,15 @@ from sorai import cli
         (["t", "--workspace", "/no/such/dir"], "--workspace /no/such/dir is not a directory"),
         (["  ", "--tools", "calculator"], "the task is empty"),
         (["t", "--tools", "search_documents", "--index", "/no/index.sqlite"], "no index at"),
+        (["t", "--max-iterations", "0"], "--max-iterations must be at least 1"),
+        (["t", "--max-seconds", "-5"], "--max-seconds must be positive"),
     ],
 )
-def test_bad_options_are_one_line_errors(argv, message, capsys):
+def test_bad_options_are_one_line_errors(argv, message, capsys, monkeypatch):
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the options were checked")
+
+    monkeypatch.setattr("sorai.apps.agent.command.connect", no_model)
     assert cli.main(["agent", *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("sorai: error:") and message in err and "\n" not in err

@@ -105,3 +105,113 @@ def test_the_seed_chain_grayscale_then_watercolor(space, tmp_path):
         [gray.split("/")[1], painted.split("/")[1]]
     )
     assert painted in trace.answer
+
+
+ARGUMENTS = {
+    "describe_image": {},
+    "crop_image": {"left": 0, "top": 0, "right": 10, "bottom": 8},
+    "resize_image": {"width": 12, "height": 9},
+    "rotate_image": {"degrees": 90},
+    "grayscale": {},
+    "blur": {"radius": 2},
+    "watercolor": {},
+    "mark_regions": {"regions": [[1, 1, 10, 10]]},
+}
+
+
+@pytest.mark.parametrize(
+    ("mode", "fmt"),
+    [("P", "png"), ("RGBA", "png"), ("LA", "png"), ("CMYK", "jpeg"), ("I;16", "png"),
+     ("1", "png"), ("F", "tiff")],
+)  # fmt: skip
+@pytest.mark.parametrize("name", ARGUMENTS)
+def test_every_tool_takes_every_mode(space, tools, mode, fmt, name):
+    # CMYK cannot be written as PNG, blur refuses P and I;16: all failed before loading
+    # normalised the mode.
+    Image.new(mode, (20, 16)).save(space.root / f"pic.{fmt}")
+    result = tools[name]({"image": f"pic.{fmt}", **ARGUMENTS[name]})
+    assert result.ok, result.output
+    if name != "describe_image":
+        assert Image.open(space.root / result.output).mode in ("L", "LA", "RGB", "RGBA")
+
+
+def test_sixteen_bit_grey_keeps_its_tones(space, tools):
+    image = Image.new("I;16", (4, 1))
+    image.putdata([0, 16384, 32768, 65535])
+    image.save(space.root / "deep.png")
+    out = Image.open(space.root / tools["grayscale"]({"image": "deep.png"}).output)
+    assert [out.getpixel((x, 0)) for x in range(4)] == [0, 63, 127, 255]  # not clipped to white
+
+
+def test_exif_orientation_is_applied(space, tools):
+    image = Image.new("RGB", (40, 20), (255, 0, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    image.save(space.root / "phone.jpg", exif=exif)
+    assert (
+        "20x40 pixels, mode RGB, format JPEG"
+        in tools["describe_image"]({"image": "phone.jpg"}).output
+    )
+    out = tools["grayscale"]({"image": "phone.jpg"}).output
+    assert Image.open(space.root / out).size == (20, 40)
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # Image.open warns
+def test_corrupt_and_bomb_images_are_refused_clearly(space, tools):
+    data = (space.root / "photo.png").read_bytes()
+    (space.root / "cut.png").write_bytes(data[: len(data) // 2])
+    result = tools["grayscale"]({"image": "cut.png"})
+    assert not result.ok and "could not be decoded" in result.output
+    # A tiny file declaring 10000x10000 pixels: refused before anything is decoded (Pillow
+    # itself only warns at this size, and would decode 100 megapixels).
+    Image.new("1", (10000, 10000)).save(space.root / "bomb.png")
+    assert (space.root / "bomb.png").stat().st_size < 200_000
+    result = tools["describe_image"]({"image": "bomb.png"})
+    assert not result.ok and "10000x10000 pixels, more than the 64 megapixels" in result.output
+
+
+@pytest.mark.parametrize(
+    "box", [(10, 0, 5, 8), (0, 10, 8, 5), (0, 0, 81, 10), (0, 0, 10, 61), (5, 5, 5, 9)]
+)
+def test_crop_boxes_out_of_range_or_inverted_are_refused(tools, box):
+    left, top, right, bottom = box
+    arguments = {"image": "photo.png", "left": left, "top": top, "right": right, "bottom": bottom}
+    result = tools["crop_image"](arguments)
+    assert not result.ok and "within the 80x60 image" in result.output
+
+
+def test_requests_offer_the_workspace_images_as_an_enum(space, tmp_path):
+    # Under guided decoding the image argument can then only be a file that exists: without
+    # it the default model named "image.png", which is not there.
+    (space.root / "notes.txt").write_text("not an image")
+    model = ScriptedModel(
+        [
+            Calls([("grayscale", {"image": "photo.png"})]),
+            Calls([("final_answer", {"answer": "done"})]),
+        ]
+    )
+    agent = Agent(model, tools=["grayscale"], workspace=space.root, trace_dir=tmp_path / "t")
+    trace = agent.run("photo.png: make it grayscale")
+
+    def offered(request):
+        (grayscale,) = [t for t in request["tools"] if t["function"]["name"] == "grayscale"]
+        return grayscale["function"]["parameters"]["properties"]["image"]["enum"]
+
+    made = trace.tool_calls[0].observation
+    assert offered(model.requests[0]) == ["photo.png"]
+    assert offered(model.requests[1]) == ["photo.png", made]  # the new file, once it exists
+    assert "enum" not in agent.toolbox.get("grayscale").parameters["properties"]["image"]
+
+
+def test_the_image_enum_walk_is_bounded(space, monkeypatch):
+    from sorai.apps.agent import images
+
+    monkeypatch.setattr(images, "MAX_SCANNED", 10)
+    deep = space.root / "deep"
+    deep.mkdir()
+    for i in range(20):
+        (deep / f"f{i}.txt").write_text("")
+    Image.new("RGB", (2, 2)).save(deep / "late.png")
+    assert images._images_in(space) == ["photo.png"]  # the top level, then it stopped
+    monkeypatch.setattr(images, "MAX_SCANNED", 100)
+    assert images._images_in(space) == ["photo.png", "deep/late.png"]

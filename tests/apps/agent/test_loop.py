@@ -402,3 +402,48 @@ def test_a_tool_calling_sys_exit_does_not_end_the_agent():
 
     result = tool(quit_now)({})
     assert not result.ok and result.output == "quit_now exited (code 3)"
+
+
+def test_ctrl_c_leaves_a_whole_trace_and_no_partial_file(tmp_path):
+    def interrupted(messages):
+        raise KeyboardInterrupt
+
+    model = ScriptedModel([Calls([("add", {"a": 1, "b": 2})]), interrupted])
+    with pytest.raises(KeyboardInterrupt):
+        make(model, tmp_path, "tools").run("Add.")
+    written = list((tmp_path / "traces").iterdir())
+    assert [p.suffix for p in written] == [".json"]  # no .partial left beside it
+    data = json.loads(written[0].read_text())
+    assert data["stop_reason"] == "error: KeyboardInterrupt" and data["steps"][0]["ok"]
+
+
+def test_an_unwritable_trace_dir_does_not_hide_the_endpoint_error(tmp_path):
+    from sorai.apps.client import ClientError
+
+    def unreachable(messages):
+        raise ClientError("cannot reach the endpoint")
+
+    (tmp_path / "file").write_text("")
+    agent = Agent(ScriptedModel([unreachable]), tools=[add], trace_dir=tmp_path / "file" / "x")
+    with pytest.raises(ClientError, match="cannot reach"):
+        agent.run("Add.")
+
+
+def test_the_conversation_keeps_only_the_last_turns(tmp_path):
+    model = ScriptedModel([Calls([("final_answer", {"answer": f"a{i}"})]) for i in range(6)])
+    agent = make(model, tmp_path, "tools", history_turns=2)
+    for i in range(6):
+        agent.run(f"t{i}")
+    assert [m["content"] for m in agent.history] == ["t4", "a4", "t5", "a5"]
+    sent = [m["content"] for m in model.requests[-1]["messages"][1:]]
+    assert sent == ["t3", "a3", "t4", "a4", "t5"]
+
+
+def test_a_tool_named_final_answer_is_refused_under_the_tools_strategy(tmp_path):
+    def final_answer(answer: str) -> str:
+        """Mine."""
+        return answer
+
+    with pytest.raises(SoraiError, match="'final_answer' is the tools strategy's own"):
+        make(ScriptedModel([]), tmp_path, "tools", tools=[final_answer])
+    assert make(ScriptedModel([]), tmp_path, "react", tools=[final_answer])

@@ -70,6 +70,13 @@ def test_react_parse_action():
          "read_file", {"path": "a.txt"}),
         ('Action: add\nAction Input: {"a": 1, "b": 2}\nObservation: 3\nFinal Answer: 3',
          "add", {"a": 1, "b": 2}),
+        # LangChain's conventions: multi-line JSON input, the MRKL `tool[input]` form, an
+        # answer invented after the action (the action runs; its input ends at the label).
+        ('Action: add\nAction Input: {\n  "a": 1,\n  "b": 2\n}\n', "add", {"a": 1, "b": 2}),
+        ("Action: calculator[2 + 2]", "calculator", "2 + 2"),
+        ("Action: calculator\nAction Input: 2 + 2\nFinal Answer: 4", "calculator", "2 + 2"),
+        ('Action: python\nAction Input: {"code": "print(1)\\nprint(2)"}', "python",
+         {"code": "print(1)\nprint(2)"}),
     ],
 )  # fmt: skip
 def test_react_parse_is_forgiving(text, name, arguments):
@@ -80,6 +87,8 @@ def test_react_parse_is_forgiving(text, name, arguments):
 
 def test_react_parse_final_answer_and_errors():
     assert parse("Thought: easy\nFinal Answer: 42\nmore").answer == "42\nmore"
+    # An action after the answer is dropped, not made part of the answer.
+    assert parse("Final Answer: 4\nAction: calculator\nAction Input: 2+2").answer == "4"
     assert "neither" in parse("I would say 42.").error
     assert "no 'Action Input:'" in parse("Action: add").error
     assert "is empty" in parse("Final Answer:   ").error

@@ -6,15 +6,18 @@ allows the OS layers (namespaces, Landlock), which only strengthen them."""
 from __future__ import annotations
 
 import os
+import resource
 import socket
 import threading
 import time
 import uuid
 
 import pytest
+from PIL import Image
 
 from sorai.apps.agent.files import Workspace, file_tools
-from sorai.apps.agent.python_tool import run_python
+from sorai.apps.agent.python_tool import MAX_CAPTURE, MAX_PROCESSES, python_tool, run_python
+from sorai.apps.agent.tools import MAX_OBSERVATION
 
 
 @pytest.fixture
@@ -206,3 +209,101 @@ def test_the_os_layers_hold_without_the_audit_hook(space, tmp_path):
     )
     run = run_python(code, space)
     assert run.stdout.strip() == "-1" and not target.exists()
+
+
+def test_python_output_flooding_is_bounded_in_the_parent(space):
+    # A loop printing forever until the kill: the parent keeps the last MAX_CAPTURE bytes, not
+    # the gigabytes written (communicate() kept them all, ~10 GB in four seconds).
+    code = "import sys\nwhile True:\n    sys.stdout.write('x' * 65536)"
+    run = run_python(code, space, seconds=2.0)
+    assert run.timed_out
+    assert MAX_CAPTURE <= len(run.stdout) < MAX_CAPTURE + 100
+    assert run.stdout.startswith("[") and "bytes before this cut]" in run.stdout
+    assert "killed" in run.observation()
+
+
+def test_python_gets_no_secrets_and_no_stdin(space, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-parent-secret")
+    code = "import os, sys\nprint(sorted(os.environ))\nprint(repr(sys.stdin.read()))"
+    run = run_python(code, space)
+    assert run.returncode == 0, run.stderr
+    assert "OPENAI_API_KEY" not in run.stdout and "sk-parent-secret" not in run.stdout
+    assert run.stdout.splitlines()[-1] == "''"
+
+
+def test_python_has_a_process_limit(space):
+    code = "import resource\nprint(resource.getrlimit(resource.RLIMIT_NPROC)[0])"
+    run = run_python(code, space)
+    assert run.returncode == 0, run.stderr
+    limit = int(run.stdout)
+    assert limit != resource.RLIM_INFINITY and limit > MAX_PROCESSES
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="the kernel exempts root from RLIMIT_NPROC")
+def test_a_fork_bomb_stops_at_the_process_limit(space):
+    code = (
+        "import os, time\n"
+        "n = 0\n"
+        "try:\n"
+        "    for _ in range(5000):\n"
+        "        if os.fork() == 0:\n"
+        "            time.sleep(3)\n"
+        "            os._exit(0)\n"
+        "        n += 1\n"
+        "except OSError as e:\n"
+        "    print('stopped after', n)\n"
+    )
+    run = run_python(code, space, seconds=20.0)
+    assert "stopped after" in run.stdout, run.observation()
+
+
+def test_read_file_refuses_binary_files_and_bounds_huge_ones(tools, space):
+    (space.root / "blob.bin").write_bytes(bytes(range(256)) * 8)
+    result = tools["read_file"]({"path": "blob.bin"})
+    assert not result.ok and "binary file (2048 bytes)" in result.output
+    Image.new("RGB", (4, 4)).save(space.root / "pic.png")
+    assert "describe_image" in tools["read_file"]({"path": "pic.png"}).output
+    (space.root / "latin1.txt").write_bytes("é".encode("latin-1") * 100)
+    assert "not UTF-8 text" in tools["read_file"]({"path": "latin1.txt"}).output
+    (space.root / "big.txt").write_text("line\n" * 2_000_000)  # 10 MB
+    result = tools["read_file"]({"path": "big.txt"})
+    assert result.ok and "the file has 10000000 bytes; this is its beginning" in result.output
+    assert len(result.output) < MAX_OBSERVATION + 100
+
+
+def test_read_file_refuses_what_is_not_a_regular_file(tools, space):
+    os.mkfifo(space.root / "pipe")  # opened as a file, it would block the tool forever
+    result = tools["read_file"]({"path": "pipe"}, timeout=20)
+    assert not result.ok and "not a regular file" in result.output
+
+
+@pytest.mark.parametrize(
+    ("path", "lands"),
+    [
+        ("sub/../notes.txt", "notes.txt"),
+        ("~/notes.txt", "~/notes.txt"),  # no home expansion: a name inside
+        ("sub\\..\\..\\x.txt", "sub\\..\\..\\x.txt"),  # a backslash is part of a name here
+    ],
+)
+def test_odd_paths_stay_inside(tools, space, path, lands):
+    assert tools["write_file"]({"path": path, "content": "hi"}).ok
+    assert (space.root / lands).read_text() == "hi"
+
+
+def test_absolute_paths_inside_and_bad_names_are_handled(tools, space):
+    inside = str(space.root / "notes.txt")
+    assert tools["read_file"]({"path": inside}).output == "inside"
+    assert "invalid path" in tools["read_file"]({"path": "a\x00b"}).output
+    long = tools["write_file"]({"path": "n" * 300, "content": "x"})
+    assert not long.ok and "File name too long" in long.output
+    (space.root / "adir").mkdir()
+    assert not tools["write_file"]({"path": "adir", "content": "x"}).ok
+    assert "is a directory" in tools["read_file"]({"path": "adir"}).output
+
+
+def test_a_traceback_behind_long_output_reaches_the_model(space):
+    python = python_tool(space)
+    code = "for i in range(5000):\n    print(i)\nraise RuntimeError('the real problem')"
+    result = python({"code": code})
+    assert "RuntimeError: the real problem" in result.output  # stderr's end kept
+    assert "\n4999\n" in result.output and len(result.output) <= MAX_OBSERVATION
