@@ -20,7 +20,9 @@ import openai
 from sorai.errors import SoraiError
 
 DEFAULT_EMBEDDING_MODEL = "all-minilm-l6-v2"
-EMBED_BATCH = 256  # inputs per embeddings request
+EMBED_BATCH = 256  # inputs per embeddings request (halved for endpoints that take fewer)
+FATAL_STATUSES = (401, 403, 404)  # wrong key, no access, no such model
+UNREACHABLE = "cannot reach"
 
 
 class ClientError(SoraiError):
@@ -30,6 +32,13 @@ class ClientError(SoraiError):
     def __init__(self, message: str, status: int | None = None) -> None:
         super().__init__(message)
         self.status = status
+
+    @property
+    def fatal(self) -> bool:
+        """Every further request would fail alike: the endpoint is unreachable, refuses the
+        key (401, 403) or does not serve the model (404). A batch stops on it rather than
+        fail each row the same way."""
+        return self.status in FATAL_STATUSES or str(self).startswith(UNREACHABLE)
 
 
 def _message(error: openai.APIError) -> str:
@@ -105,7 +114,7 @@ class Client:
         try:
             models = [m.id for m in client.models.list()]
         except openai.APIConnectionError:
-            raise ClientError(f"cannot reach {base}: is the server running?") from None
+            raise ClientError(f"{UNREACHABLE} {base}: is the server running?") from None
         except openai.APIStatusError as e:
             raise ClientError(f"{base}: listing models failed: {_message(e)}") from None
         chat = [m for m in models if m != DEFAULT_EMBEDDING_MODEL]
@@ -147,7 +156,7 @@ class Client:
                 model=kwargs.pop("model", self.model), messages=list(messages), **kwargs
             )
         except openai.APIConnectionError as e:
-            raise ClientError(f"cannot reach {self.openai.base_url}: {e}") from None
+            raise ClientError(f"{UNREACHABLE} {self.openai.base_url}: {e}") from None
         except openai.APIStatusError as e:
             raise ClientError(
                 f"chat request refused ({e.status_code}): {_message(e)}", e.status_code
@@ -179,19 +188,27 @@ class Client:
             ) from None
 
     def embed(self, texts: Sequence[str], model: str | None = None) -> list[list[float]]:
-        """One embedding vector per text, in order."""
+        """One embedding vector per text, in order. Batches of EMBED_BATCH inputs; an endpoint
+        that refuses a batch as too large (413, or a 400 for a batch of several) is sent
+        halves until it takes them."""
         vectors: list[list[float]] = []
-        for start in range(0, len(texts), EMBED_BATCH):
-            batch = list(texts[start : start + EMBED_BATCH])
+        batch = EMBED_BATCH
+        start = 0
+        while start < len(texts):
+            inputs = list(texts[start : start + batch])
             try:
                 response = self.openai.embeddings.create(
-                    model=model or self.embedding_model, input=batch
+                    model=model or self.embedding_model, input=inputs
                 )
             except openai.APIConnectionError as e:
-                raise ClientError(f"cannot reach {self.openai.base_url}: {e}") from None
+                raise ClientError(f"{UNREACHABLE} {self.openai.base_url}: {e}") from None
             except openai.APIStatusError as e:
+                if e.status_code in (400, 413) and len(inputs) > 1:
+                    batch = len(inputs) // 2
+                    continue
                 raise ClientError(
                     f"embeddings request refused ({e.status_code}): {_message(e)}", e.status_code
                 ) from None
             vectors += [item.embedding for item in sorted(response.data, key=lambda d: d.index)]
+            start += len(inputs)
         return vectors

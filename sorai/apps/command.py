@@ -109,13 +109,6 @@ def connect(args: argparse.Namespace, embedding_model: str | None = None):
     return sorai.connect(args.url, api_key(args), model, embedding_model)
 
 
-def unreachable(error: SoraiError) -> bool:
-    """An error every further request would hit too: the endpoint is gone."""
-    from sorai.apps.client import ClientError
-
-    return isinstance(error, ClientError) and str(error).startswith("cannot reach")
-
-
 # -- input files ----------------------------------------------------------------------------
 
 

@@ -23,7 +23,6 @@ from sorai.apps.eval.registry import Context, Evaluator, Score
 from sorai.errors import SoraiError
 
 CACHE = "cache.jsonl"
-FATAL_STATUSES = (401, 403, 404)  # wrong key, no access, no such model: every row would fail
 
 
 def status_of(error: BaseException) -> int | None:
@@ -400,9 +399,9 @@ class Runner:
         """An endpoint that cannot be reached, refuses the key (401, 403) or does not serve
         the model (404) fails every row alike: stop (what finished is cached, so the run
         resumes) rather than fill the table with the same error."""
-        from sorai.apps.command import unreachable
+        from sorai.apps.client import FATAL_STATUSES, ClientError
 
-        if isinstance(error, SoraiError) and unreachable(error):
+        if isinstance(error, ClientError) and error.fatal:
             raise error
-        if status_of(error) in FATAL_STATUSES:
+        if status_of(error) in FATAL_STATUSES:  # the openai client's own errors
             raise error

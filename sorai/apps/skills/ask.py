@@ -22,6 +22,7 @@ MIN_SIMILARITY = 0.35  # cosine of all-MiniLM-L6-v2 below which a passage is off
 # cost?" is 0.33 from the passage on the motor, "who wrote the novel?" 0.02 from one that
 # merely has a "the").
 MIN_KEYWORD_SIMILARITY = 0.15
+MAX_ANSWER = 400  # characters
 DONT_KNOW = "I don't know: no passage in the index is relevant to the question."
 INSTRUCTION = (
     "Answer the question using only the numbered passages. Say which passages you used. If "
@@ -81,7 +82,8 @@ def ask(client: Client, question: str, index: Index, k: int = 5, mode: str = "hy
     schema = {
         "type": "object",
         "properties": {
-            "answer": {"type": "string"},
+            # Bounded, so that a model that loops still closes the JSON within max_tokens.
+            "answer": {"type": "string", "maxLength": MAX_ANSWER},
             "passages": {
                 "type": "array",
                 "items": {"type": "integer", "enum": list(range(1, len(passages) + 1))},
@@ -102,7 +104,8 @@ def ask(client: Client, question: str, index: Index, k: int = 5, mode: str = "hy
             schema,
             name="answer",
             temperature=0,
-            max_tokens=300,
+            # Room for MAX_ANSWER characters at up to 3 tokens each (CJK) and the JSON around.
+            max_tokens=3 * MAX_ANSWER + 100,
         ),
         schema,
         "answer",

@@ -32,7 +32,6 @@ from sorai.apps.command import (
     say,
     short,
     shown,
-    unreachable,
     width,
 )
 from sorai.apps.rag.search import MODES
@@ -311,6 +310,8 @@ def _texts_or_input(args: argparse.Namespace) -> None:
 def _batch(args: argparse.Namespace, client, work: Callable[[str], dict[str, Any]]) -> int:
     """`work` over each row of --input; each row plus its result as one JSON line to --output
     (or stdout). Bad rows are reported and counted; exit 1 if any."""
+    from sorai.apps.client import ClientError  # here: the openai client loads slowly
+
     try:
         out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout  # noqa: SIM115
     except OSError as e:
@@ -322,7 +323,7 @@ def _batch(args: argparse.Namespace, client, work: Callable[[str], dict[str, Any
                 try:
                     result = work(item.text)
                 except SoraiError as e:
-                    if unreachable(e):
+                    if isinstance(e, ClientError) and e.fatal:
                         raise
                     item.error = str(e)
             if item.error is not None:

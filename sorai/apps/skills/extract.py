@@ -50,6 +50,9 @@ def _closed(schema: Any) -> Any:
     return out
 
 
+MAX_FIELD = 200  # characters of a `name: description` field's value
+
+
 def fields_schema(fields: Mapping[str, Any]) -> dict[str, Any]:
     """An object schema from `fields`: a JSON schema as is, or `name: description` pairs."""
     if fields.get("type") == "object" and isinstance(fields.get("properties"), Mapping):
@@ -63,7 +66,8 @@ def fields_schema(fields: Mapping[str, Any]) -> dict[str, Any]:
         schema = {
             "type": "object",
             "properties": {
-                name: {"type": "string", "description": description}
+                # Bounded, so that a model that loops on one field still closes the record.
+                name: {"type": "string", "description": description, "maxLength": MAX_FIELD}
                 for name, description in fields.items()
             },
             "required": list(fields),

@@ -67,6 +67,17 @@ def test_classify_batch_jsonl_with_a_bad_line(endpoint, tmp_path: Path, capsys) 
         assert set(row["scores"]) == {"restaurant", "flight"}
 
 
+def test_a_batch_stops_at_once_on_a_model_the_endpoint_does_not_serve(
+    endpoint, tmp_path: Path, capsys
+) -> None:
+    source = tmp_path / "in.txt"
+    source.write_text("first text\nsecond text\nthird text\n")
+    argv = ["sentiment", "--input", str(source), "--model", "no-such-model", *endpoint]
+    assert main(argv) == 2  # one error for the run, not three failed rows
+    err = capsys.readouterr().err
+    assert "refused (404)" in err and "failed" not in err
+
+
 def test_extract_with_fields(endpoint, capsys) -> None:
     argv = ["extract", "Please call Ann Lee tomorrow.", "--fields", "name: the person's name"]
     assert main([*argv, "--max-tokens", "48", "--json", *endpoint]) == 0
