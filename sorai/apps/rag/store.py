@@ -12,6 +12,7 @@ Schema (version 1):
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 import time
@@ -260,9 +261,7 @@ class Index:
             )
         norms = np.linalg.norm(matrix, axis=1, keepdims=True)
         matrix = (matrix / np.where(norms > 0, norms, 1)).astype("<f4")
-        db = self._db
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with self._write() as db:
             self._check_vectors(embedding_model, matrix.shape[1])
             self._delete_where("path = ?", (path,))
             cursor = db.execute(
@@ -281,6 +280,15 @@ class Index:
                     "INSERT INTO vectors (chunk_id, embedding) VALUES (?, ?)",
                     (cursor.lastrowid, vector.tobytes()),
                 )
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction: committed whole or rolled back whole; the derived caches
+        (the vector matrix) are dropped either way."""
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
@@ -324,17 +332,8 @@ class Index:
         for target in targets:
             prefix = target.rstrip(os.sep) + os.sep
             params += [target, len(prefix), prefix]
-        db = self._db
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            removed = self._delete_where(condition, tuple(params))
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        finally:
-            self._derived.clear()
-        return removed
+        with self._write():
+            return self._delete_where(condition, tuple(params))
 
     # -- reads for search -------------------------------------------------------------------
 
