@@ -3,14 +3,11 @@ by URL: the same protocol either way."""
 
 from __future__ import annotations
 
-import json
-import socket
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
 import pytest
 
 from sorai.apps.client import Client, ClientError, parse_json_answer
+
+from .http_double import JSONHandler, closed_port, embeddings_body, serving
 
 
 @pytest.fixture
@@ -67,11 +64,8 @@ def test_errors_are_one_line(local: Client) -> None:
     wrong_key = Client.connect(str(local.openai.base_url), api_key="sk-wrong", model=local.model)
     with pytest.raises(ClientError, match="refused \\(401\\)"):
         wrong_key.chat([{"role": "user", "content": "hi"}], max_tokens=2)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # closed once the block ends: nothing listens there
     with pytest.raises(ClientError, match="cannot reach"):
-        Client.connect(f"http://127.0.0.1:{port}", max_retries=0)
+        Client.connect(f"http://127.0.0.1:{closed_port()}", max_retries=0)
 
 
 def test_json_answers_from_endpoints_that_ignore_the_schema() -> None:
@@ -86,47 +80,28 @@ def test_json_answers_from_endpoints_that_ignore_the_schema() -> None:
         parse_json_answer("no json here {")
 
 
-class _SmallBatchEmbeddingsDouble(BaseHTTPRequestHandler):
+class _SmallBatchEmbeddingsDouble(JSONHandler):
     """Test double for an embeddings endpoint that takes at most 3 inputs a request (as some
     hosted ones cap batches), answering more with a 413; it records each batch's size."""
 
     sizes: list[int] = []
 
     def do_POST(self) -> None:  # noqa: N802 (the http.server name)
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        body = self.read_json()
         inputs = body["input"]
         self.sizes.append(len(inputs))
         if len(inputs) > 3:
-            status, answer = 413, {"error": {"message": "too many inputs", "type": "invalid"}}
+            self.send_json(413, {"error": {"message": "too many inputs", "type": "invalid"}})
         else:
-            data = [
-                {"object": "embedding", "index": i, "embedding": [float(len(t)), 1.0]}
-                for i, t in enumerate(inputs)
-            ]
-            status = 200
-            answer = {"object": "list", "data": data, "model": body["model"],
-                      "usage": {"prompt_tokens": 1, "total_tokens": 1}}  # fmt: skip
-        payload = json.dumps(answer).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
-
-    def log_message(self, *args: object) -> None:
-        pass
+            vectors = [[float(len(text)), 1.0] for text in inputs]
+            self.send_json(200, embeddings_body(body["model"], vectors))
 
 
 def test_embed_halves_batches_an_endpoint_refuses_as_too_large() -> None:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _SmallBatchEmbeddingsDouble)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{server.server_address[1]}/v1"
-        client = Client.connect(url, model="e", embedding_model="e", max_retries=0)
+    with serving(_SmallBatchEmbeddingsDouble) as url:
+        client = Client.connect(f"{url}/v1", model="e", embedding_model="e", max_retries=0)
         texts = ["x" * n for n in range(1, 11)]
         vectors = client.embed(texts)
-        assert [v[0] for v in vectors] == [float(n) for n in range(1, 11)]  # in order
-        # 10 and 5 refused, then batches of 2 (half of 5) until the end
-        assert _SmallBatchEmbeddingsDouble.sizes == [10, 5, 2, 2, 2, 2, 2]
-    finally:
-        server.shutdown()
+    assert [v[0] for v in vectors] == [float(n) for n in range(1, 11)]  # in order
+    # 10 and 5 refused, then batches of 2 (half of 5) until the end
+    assert _SmallBatchEmbeddingsDouble.sizes == [10, 5, 2, 2, 2, 2, 2]

@@ -14,8 +14,9 @@ import json
 import re
 import threading
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+from ..http_double import JSONHandler, LoopbackServer
 
 _NUMBER = re.compile(r"\d+(?:\.\d+)?")
 _HEADINGS = re.compile(r"^(CONTEXT|QUERY|QUESTION|RESPONSE|GROUND TRUTH|STATEMENTS):\s*$", re.M)
@@ -83,37 +84,26 @@ class JudgeServer:
         self.refuse: list[int] = []
         owner = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):  # quiet
-                pass
-
-            def _send(self, status: int, body: dict) -> None:
-                data = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
+        class Handler(JSONHandler):
             def do_GET(self):
-                self._send(200, {"object": "list", "data": [{"id": "judge-double"}]})
+                self.send_json(200, {"object": "list", "data": [{"id": "judge-double"}]})
 
             def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                body = self.read_json()
                 with owner_lock:
                     owner.requests.append(
                         sections(body["messages"][-1]["content"]).get("RESPONSE", "")
                     )
                     status = owner.refuse.pop(0) if owner.refuse else None
                 if status is not None:
-                    self._send(status, {"error": {"message": "busy", "type": "server_error"}})
+                    self.send_json(status, {"error": {"message": "busy", "type": "server_error"}})
                     return
                 if "response_format" in body:
                     name = body["response_format"]["json_schema"]["name"]
                     content = json.dumps(answer(body["messages"], name))
                 else:  # a target's plain chat request: the right answer to the seed's table
                     content = "The warranty lasts 90 days."
-                self._send(
+                self.send_json(
                     200,
                     {
                         "id": "x",
@@ -132,14 +122,11 @@ class JudgeServer:
                 )
 
         owner_lock = threading.Lock()
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        self._server = LoopbackServer(Handler)
+        self.url = f"{self._server.url}/v1"
 
     def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self._server.close()
 
 
 WARRANTY_CONTEXT = (

@@ -5,58 +5,33 @@ standing in for `sorai serve`'s real embedding model)."""
 from __future__ import annotations
 
 import json
-import socket
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
 from sorai.cli import main
 
+from ..http_double import JSONHandler, closed_port, embeddings_body, serving
 from .conftest import TrigramHashEmbedder, make_pdf
 
 
-class _EmbeddingsHandler(BaseHTTPRequestHandler):
+class _EmbeddingsHandler(JSONHandler):
     embedder = TrigramHashEmbedder("all-minilm-l6-v2")
 
     def do_POST(self) -> None:  # noqa: N802 (the stdlib's name)
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        body = self.read_json()
         if self.path != "/v1/embeddings":
             self.send_error(404)
             return
         texts = body["input"] if isinstance(body["input"], list) else [body["input"]]
-        vectors = self.embedder.embed(texts)
-        payload = json.dumps(
-            {
-                "object": "list",
-                "model": body["model"],
-                "data": [
-                    {"object": "embedding", "index": i, "embedding": v}
-                    for i, v in enumerate(vectors)
-                ],
-                "usage": {"prompt_tokens": 0, "total_tokens": 0},
-            }
-        ).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
-
-    def log_message(self, *args: object) -> None:
-        pass
+        self.send_json(200, embeddings_body(body["model"], self.embedder.embed(texts)))
 
 
 @pytest.fixture(scope="module")
 def endpoint() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _EmbeddingsHandler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with serving(_EmbeddingsHandler) as url:
+        yield url
 
 
 @pytest.fixture
@@ -67,12 +42,6 @@ def docs(tmp_path: Path) -> Path:
     (folder / "ja" / "fuji.txt").write_text("富士山は日本で最も高い山です。標高は3776メートル。")
     (folder / "manual.pdf").write_bytes(make_pdf([["Intro page."], ["Bridges span rivers."]]))
     return folder
-
-
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_add_search_list_remove(endpoint: str, docs: Path, tmp_path: Path, capsys):
@@ -108,7 +77,7 @@ def test_keyword_search_needs_no_endpoint(endpoint: str, docs: Path, tmp_path: P
     index = str(tmp_path / "cli.sqlite")
     assert main(["index", "add", str(docs), "--index", index, "--url", endpoint]) == 0
     capsys.readouterr()
-    nowhere = f"http://127.0.0.1:{_closed_port()}"
+    nowhere = f"http://127.0.0.1:{closed_port()}"
     assert main(["index", "search", "標高", "--mode", "keyword", "--index", index,
                  "--url", nowhere]) == 0  # fmt: skip
     out = capsys.readouterr().out
@@ -128,7 +97,7 @@ def test_errors_are_one_line(docs: Path, tmp_path: Path, capsys):
     missing = str(tmp_path / "missing.sqlite")
     assert main(["index", "search", "tea", "--index", missing, "--mode", "keyword"]) == 2
     assert capsys.readouterr().err.startswith("sorai: error: no index at")
-    nowhere = f"http://127.0.0.1:{_closed_port()}"
+    nowhere = f"http://127.0.0.1:{closed_port()}"
     index = str(tmp_path / "cli.sqlite")
     assert main(["index", "add", str(docs), "--index", index, "--url", nowhere]) == 2
     assert "sorai: error: cannot reach" in capsys.readouterr().err
