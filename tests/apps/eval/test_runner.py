@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 
 import pytest
 
@@ -246,12 +247,28 @@ def test_a_refused_key_or_unknown_model_stops_the_run(tmp_path, status):
 def test_ctrl_c_stops_the_queued_rows(tmp_path, monkeypatch):
     import sorai.apps.eval.runner as runner_module
 
+    second_started, release = threading.Event(), threading.Event()
+
     def interrupted(futures, return_when):
-        futures[0].result()  # the first row finished, then the user pressed Ctrl-C
+        futures[0].result()  # the first row finished,
+        second_started.wait(timeout=60)  # the second is being judged: the user presses Ctrl-C
         raise KeyboardInterrupt
 
+    class Pool(runner_module.ThreadPoolExecutor):
+        def __exit__(self, *exc):
+            # The Ctrl-C handler has run (the queued rows are cancelled): the row in flight
+            # may finish now. Holding it until here keeps a third row from slipping in first.
+            release.set()
+            return super().__exit__(*exc)
+
+    def hold_the_second(call, response):
+        if call == 2:
+            second_started.set()
+            release.wait(timeout=60)
+
     monkeypatch.setattr(runner_module, "wait", interrupted)
-    judge = NumberJudge()
+    monkeypatch.setattr(runner_module, "ThreadPoolExecutor", Pool)
+    judge = NumberJudge(hold_the_second)
     rows = [{**warranty_rows(90)[0], "response": f"It lasts {d} days."} for d in range(20)]
     data = write_jsonl(tmp_path / "d.jsonl", rows)
     with pytest.raises(KeyboardInterrupt):
