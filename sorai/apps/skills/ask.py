@@ -50,10 +50,11 @@ class Answer:
 def _relevant(client: Client, question: str, index: Index, k: int, mode: str) -> list:
     """The hits that are on topic: similar enough to the question, or matching its words and
     not far off (a shared "the" or "what" alone does not make a passage relevant)."""
-    hits = search(index, question, client, k=k, mode=mode)
+    # One embedding of the question, for the search and for the relevance check.
+    query = np.asarray(client.embed([question])[0], dtype=np.float32)
+    hits = search(index, question, client, k=k, mode=mode, query_vector=query)
     if not hits:
         return []
-    query = np.asarray(client.embed([question])[0], dtype=np.float32)
     query /= max(float(np.linalg.norm(query)), 1e-12)
     ids, matrix = index.vectors()  # ids ascending, rows normalized
     wanted = np.asarray([hit.chunk_id for hit in hits], dtype=np.int64)

@@ -87,6 +87,20 @@ def test_ask_says_it_does_not_know(client: Client, index: Index) -> None:
     assert answer.text == DONT_KNOW and not answer.citations and not answer.found
 
 
+def test_ask_embeds_the_question_once(client: Client, index: Index, monkeypatch) -> None:
+    """The search and the relevance check share one embeddings request."""
+    asked: list[list[str]] = []
+    embed = client.embed
+
+    def counted(texts, *args, **kwargs):
+        asked.append(list(texts))
+        return embed(texts, *args, **kwargs)
+
+    monkeypatch.setattr(client, "embed", counted)
+    ask(client, "Which volcano erupted on Io in 1979?", index, mode="hybrid")
+    assert asked == [["Which volcano erupted on Io in 1979?"]]
+
+
 def test_japanese_keyword_search_finds_the_japanese_chunk(client: Client, index: Index) -> None:
     hits = search(index, "営業時間", client, mode="keyword")
     assert hits and "営業時間" in hits[0].text
