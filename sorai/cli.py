@@ -13,6 +13,7 @@ from typing import Any
 import sorai
 from sorai import hub
 from sorai.apps.agent import command as agent_command
+from sorai.apps.command import say
 from sorai.apps.eval import command as eval_command
 from sorai.apps.rag import command as index_command
 from sorai.apps.skills import command as skills_command
@@ -26,10 +27,6 @@ CHAT_HELP = """commands:
   /system TEXT    set the system prompt and start over (/system alone clears it)
   /help           this text
   /exit           leave (or Ctrl-D); Ctrl-C stops an answer mid-way"""
-
-
-def _say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -100,17 +97,17 @@ def _sampling_options(args: argparse.Namespace) -> dict[str, Any]:
 def _load(args: argparse.Namespace):
     started = time.perf_counter()
     llm = sorai.load(
-        args.model, dtype=args.dtype, progress=_say, device=args.device, adapter=args.adapter
+        args.model, dtype=args.dtype, progress=say, device=args.device, adapter=args.adapter
     )
     if args.verbose:
         where = f"{llm.model.dtype}".removeprefix("torch.") + f" on {llm.model.device}"
-        _say(f"loaded {llm.name} ({where}) in {time.perf_counter() - started:.1f}s")
+        say(f"loaded {llm.name} ({where}) in {time.perf_counter() - started:.1f}s")
     return llm
 
 
 def _print_stats(completion_tokens: int, prompt_tokens: int, seconds: float) -> None:
     rate = completion_tokens / seconds if seconds > 0 else 0.0
-    _say(
+    say(
         f"[{prompt_tokens} prompt tokens, {completion_tokens} generated in {seconds:.2f}s, "
         f"{rate:.1f} tokens/s]"
     )
@@ -160,7 +157,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         from sorai.server.remote import remote_responder
 
         respond, model = remote_responder(
-            args.url, args.api_key, args.model, params, args.verbose, _say
+            args.url, args.api_key, args.model, params, args.verbose, say
         )
     else:
         llm = _load(args)
@@ -176,7 +173,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         with contextlib.suppress(ImportError):  # line editing and history for input()
             import readline  # noqa: F401
         where = f" at {args.url}" if args.url else ""
-        _say(f"chatting with {model}{where}; /help for commands, Ctrl-D to leave")
+        say(f"chatting with {model}{where}; /help for commands, Ctrl-D to leave")
     while True:
         try:
             line = input(">>> " if interactive else "")
@@ -196,14 +193,14 @@ def cmd_chat(args: argparse.Namespace) -> int:
                 return 0
             if command == "/reset":
                 history = []
-                _say("(conversation cleared)")
+                say("(conversation cleared)")
             elif command == "/system":
                 system, history = rest.strip() or None, []
-                _say(f"(system prompt {'set' if system else 'cleared'}; conversation cleared)")
+                say(f"(system prompt {'set' if system else 'cleared'}; conversation cleared)")
             elif command == "/help":
-                _say(CHAT_HELP)
+                say(CHAT_HELP)
             else:
-                _say(f"unknown command {command}; /help lists them")
+                say(f"unknown command {command}; /help lists them")
             continue
         messages = ([{"role": "system", "content": system}] if system else []) + history
         messages.append({"role": "user", "content": text})
@@ -211,13 +208,13 @@ def cmd_chat(args: argparse.Namespace) -> int:
             answer = respond(messages)
         except KeyboardInterrupt:
             print()
-            _say("(stopped)")
+            say("(stopped)")
             continue
         except ContextLengthError as e:
-            _say(f"error: {e}\n(/reset starts a new conversation)")
+            say(f"error: {e}\n(/reset starts a new conversation)")
             continue
         except SoraiError as e:
-            _say(f"error: {e}")
+            say(f"error: {e}")
             continue
         history += [messages[-1], {"role": "assistant", "content": answer}]
 
@@ -266,7 +263,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     engine = AsyncEngine.from_model(
         args.model, dtype=args.dtype, device=args.device, config=config, adapter=args.adapter
     )
-    _say(f"loaded {engine.model_name} in {time.perf_counter() - started:.1f}s")
+    say(f"loaded {engine.model_name} in {time.perf_counter() - started:.1f}s")
     settings = ServerSettings(
         # The engine's name is --model as typed: what a client of `sorai serve --model X` will
         # naturally send back. With --adapter it is `X+<adapter name>`, so a client asking for
@@ -278,14 +275,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         embedding_device=args.device,
     )
     if api_keys.enabled:
-        _say(f"API keys required ({len(api_keys)} configured)")
+        say(f"API keys required ({len(api_keys)} configured)")
     if embedding_model is not None:
-        _say(f"embeddings: {embedding_model} (loaded on the first /v1/embeddings request)")
+        say(f"embeddings: {embedding_model} (loaded on the first /v1/embeddings request)")
     return serve(engine, settings, host=args.host, port=args.port, log_level=args.log_level)
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
-    path = hub.pull(args.name, progress=_say, force=args.force)
+    path = hub.pull(args.name, progress=say, force=args.force)
     print(path)
     return 0
 
