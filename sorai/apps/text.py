@@ -4,6 +4,7 @@ without a tokenizer, and a length in words that also counts CJK text."""
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Iterable
 
 # A match's end is where the next sentence starts.
 SENTENCE_END = re.compile(
@@ -51,6 +52,28 @@ def cut_to_fit(text: str, budget: int) -> list[str]:
         pieces.append(text[start:end])
         start = end
     return pieces
+
+
+def pack(units: Iterable[str], budget: int, join: Callable[[str, str], str]) -> list[str]:
+    """Consecutive `units` joined (by `join`) into as few pieces as fit `budget` estimated
+    tokens each, in order; a unit over the budget on its own is cut by cut_to_fit."""
+    out: list[str] = []
+    current = ""
+    for unit in units:
+        if current:
+            joined = join(current, unit)
+            if estimate_tokens(joined) <= budget:
+                current = joined
+                continue
+            out.append(current)
+        if estimate_tokens(unit) <= budget:
+            current = unit
+        else:
+            *whole, current = cut_to_fit(unit, budget)
+            out += whole
+    if current:
+        out.append(current)
+    return out
 
 
 def word_count(text: str) -> int:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from sorai.apps.rag.chunk import chunk_text
-from sorai.apps.text import cut_to_fit, estimate_tokens, is_cjk, sentences, word_count
+from sorai.apps.text import cut_to_fit, estimate_tokens, is_cjk, pack, sentences, word_count
 
 
 def test_sentences_english_japanese_and_lines() -> None:
@@ -47,3 +47,14 @@ def test_cut_to_fit_keeps_every_run_within_the_budget_whatever_the_script() -> N
     assert all(estimate_tokens(run) <= 300 for run in runs)
     assert all(estimate_tokens(run + text[len("".join(runs[: i + 1]))]) > 300
                for i, run in enumerate(runs[:-1]))  # fmt: skip
+
+
+def test_pack_keeps_order_around_a_unit_too_long_for_the_budget() -> None:
+    join = "{} {}".format
+    huge = "x" * 400  # ~115 estimated tokens: cut into runs
+    pieces = pack(["first one.", "second one.", huge, "last."], 40, join)
+    assert pieces[0] == "first one. second one."
+    assert "".join(pieces[1:-1]) + pieces[-1].removesuffix(" last.") == huge
+    assert pieces[-1].endswith(" last.")
+    assert all(estimate_tokens(p) <= 40 for p in pieces)
+    assert pack([], 40, join) == []

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from sorai.apps.rag.store import Embedder
-from sorai.apps.text import cut_to_fit, estimate_tokens, is_cjk, sentences
+from sorai.apps.text import estimate_tokens, is_cjk, pack, sentences
 
 SPECIAL_TOKENS = 2  # [CLS] and [SEP] take two of the window's tokens
 
@@ -25,29 +25,17 @@ def embedding_window(embedder: Embedder) -> int | None:
     return window - SPECIAL_TOKENS if window and window > SPECIAL_TOKENS else None
 
 
+def _join_sentences(first: str, then: str) -> str:
+    # Japanese sentences follow each other without a space; others get one.
+    return first + ("" if is_cjk(first[-1]) else " ") + then
+
+
 def pieces(text: str, budget: int) -> list[str]:
     """`text` in consecutive pieces of whole sentences, each within `budget` estimated tokens
     (a generous estimate, so a piece fits the real tokenizer's window too)."""
     if estimate_tokens(text) <= budget:
         return [text]
-    out: list[str] = []
-    current = ""
-    for sentence in sentences(text):
-        # Japanese sentences follow each other without a space; others get one.
-        joined = current + ("" if not current or is_cjk(current[-1]) else " ") + sentence
-        if estimate_tokens(joined) <= budget:
-            current = joined
-            continue
-        if current:
-            out.append(current)
-        if estimate_tokens(sentence) <= budget:
-            current = sentence
-        else:
-            *whole, current = cut_to_fit(sentence, budget)
-            out += whole
-    if current:
-        out.append(current)
-    return out
+    return pack(sentences(text), budget, _join_sentences)
 
 
 def embed_texts(embedder: Embedder, texts: Sequence[str], window: int | None) -> list[np.ndarray]:

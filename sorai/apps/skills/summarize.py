@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from sorai.apps.client import Client
 from sorai.apps.skills.base import SkillError
-from sorai.apps.text import cut_to_fit, estimate_tokens, sentences, truncate_words, word_count
+from sorai.apps.text import estimate_tokens, pack, sentences, truncate_words, word_count
 
 STYLES = {
     "paragraph": "Write a concise summary as one paragraph.",
@@ -45,24 +45,10 @@ class Summary:
 def split(text: str, budget: int) -> list[str]:
     """Pieces of `text` of at most `budget` estimated tokens, at paragraph boundaries, else at
     sentence boundaries, else at a hard cut."""
-    pieces: list[str] = []
-    current = ""
-    units = [p for p in text.split("\n\n") if p.strip()]
-    for unit in units:
-        parts = [unit] if estimate_tokens(unit) <= budget else sentences(unit)
-        for part in parts:
-            if estimate_tokens(part) > budget:  # one enormous sentence
-                *whole, part = cut_to_fit(part, budget)
-                pieces += whole
-            candidate = f"{current}\n\n{part}" if current else part
-            if estimate_tokens(candidate) > budget and current:
-                pieces.append(current)
-                current = part
-            else:
-                current = candidate
-    if current:
-        pieces.append(current)
-    return pieces
+    units: list[str] = []
+    for paragraph in (p for p in text.split("\n\n") if p.strip()):
+        units += [paragraph] if estimate_tokens(paragraph) <= budget else sentences(paragraph)
+    return pack(units, budget, lambda first, then: f"{first}\n\n{then}")
 
 
 def _ask(client: Client, instruction: str, text: str, *, max_tokens: int) -> str:

@@ -102,3 +102,10 @@ def test_split_keeps_a_huge_mixed_script_sentence_within_the_budget() -> None:
     pieces = split(text, 500)
     assert len(pieces) > 5 and all(estimate_tokens(p) <= 500 for p in pieces)
     assert "".join(pieces) == text.strip()
+
+
+def test_split_keeps_the_text_in_order_around_a_huge_sentence() -> None:
+    text = "A short opening paragraph.\n\n" + "word " * 3000
+    pieces = split(text, 500)
+    assert pieces[0] == "A short opening paragraph."  # not after the huge sentence's runs
+    assert "".join(pieces[1:]) == ("word " * 3000).strip()
