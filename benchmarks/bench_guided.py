@@ -175,7 +175,7 @@ class Bench:
         from sorai.engine import llm_engine
         from sorai.engine.config import EngineConfig
         from sorai.engine.llm_engine import LLMEngine
-        from sorai.sampling import GuidedSpec, SamplingParams
+        from sorai.engine.params import GuidedSpec, SamplingParams
 
         self.SamplingParams = SamplingParams
         self.spec = GuidedSpec(json_schema=json.dumps(SCHEMA))

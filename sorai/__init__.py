@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 def __getattr__(name: str):
     # The public types, imported on first use so `import sorai` does not pull in torch.
     if name == "SamplingParams":
-        from sorai.sampling import SamplingParams
+        from sorai.engine.params import SamplingParams
 
         return SamplingParams
     if name == "LLM":

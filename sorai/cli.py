@@ -130,7 +130,7 @@ def _stream(llm, prompt_ids: list[int], params, verbose: bool) -> str:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from sorai.sampling import SamplingParams
+    from sorai.engine.params import SamplingParams
 
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     params = SamplingParams.from_options(_sampling_options(args))  # fail before loading
@@ -145,7 +145,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from sorai.sampling import SamplingParams
+    from sorai.engine.params import SamplingParams
 
     params = SamplingParams.from_options(_sampling_options(args))
     if args.url:

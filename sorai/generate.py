@@ -16,20 +16,14 @@ from typing import Any
 import torch
 
 from sorai.engine.guided import GrammarCompiler, advance, mask_logits
+from sorai.engine.params import GUIDED_FIELDS, GuidedSpec, SamplingParams
+from sorai.engine.sampler import SequenceState, process_logits, sample
+from sorai.engine.stop import StopStringMatcher
 from sorai.errors import ContextLengthError, SoraiError
 from sorai.model.kv_cache import ContiguousKVCache
 from sorai.model.tokenizer import IncrementalDetokenizer, Tokenizer
 from sorai.model.transformer import Transformer
 from sorai.model.weights import save_hf_dir
-from sorai.sampling import (
-    GUIDED_FIELDS,
-    GuidedSpec,
-    SamplingParams,
-    SequenceState,
-    StopStringMatcher,
-    process_logits,
-    sample,
-)
 from sorai.tools import ToolSetup
 
 # Long prompts are prefilled in chunks so activations stay small whatever the prompt length.

@@ -35,8 +35,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from sorai.engine.params import GuidedSpec
 from sorai.errors import ToolError
-from sorai.sampling import GuidedSpec
 
 if TYPE_CHECKING:
     from sorai.model.tokenizer import Tokenizer

@@ -9,9 +9,9 @@ import torch
 
 import sorai
 import sorai.generate
+from sorai.engine.params import SamplingParams
 from sorai.errors import ContextLengthError, SamplingError, SoraiError
 from sorai.generate import LLM, Completion
-from sorai.sampling import SamplingParams
 
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 GREEDY = {"temperature": 0, "max_tokens": 20}

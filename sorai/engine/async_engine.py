@@ -21,8 +21,8 @@ import torch
 from sorai.engine.config import EngineConfig
 from sorai.engine.llm_engine import LLMEngine
 from sorai.engine.outputs import EngineStats, RequestOutput
+from sorai.engine.params import SamplingParams
 from sorai.errors import EngineDeadError, QueueFullError
-from sorai.sampling import SamplingParams
 
 log = logging.getLogger("sorai.engine")
 

@@ -23,9 +23,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from sorai.engine.params import GuidedSpec
 from sorai.errors import SamplingError
 from sorai.model.tokenizer import Tokenizer
-from sorai.sampling import GuidedSpec
 
 # JSON without free whitespace: a small model given the choice tends to emit it forever.
 _JSON_OPTIONS: Any = {"whitespace_flexible": False}

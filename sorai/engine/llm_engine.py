@@ -18,13 +18,14 @@ from sorai.engine.config import EngineConfig
 from sorai.engine.guided import GrammarCompiler, advance, mask_logits
 from sorai.engine.outputs import EngineStats, RequestOutput, TokenLogprob
 from sorai.engine.paged_cache import PagedKVCache
+from sorai.engine.params import SamplingParams
 from sorai.engine.runner import ModelRunner
+from sorai.engine.sampler import process_logits, sample
 from sorai.engine.scheduler import Scheduler
 from sorai.engine.sequence import Request, Sequence, Status
 from sorai.errors import ContextLengthError, SamplingError, SoraiError
 from sorai.model.tokenizer import Tokenizer
 from sorai.model.transformer import Transformer
-from sorai.sampling import SamplingParams, process_logits, sample
 
 
 class LLMEngine:

@@ -8,8 +8,10 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from sorai.engine.outputs import ChoiceDelta, TokenLogprob
+from sorai.engine.params import GuidedSpec, SamplingParams
+from sorai.engine.sampler import SequenceState
+from sorai.engine.stop import StopStringMatcher
 from sorai.model.tokenizer import IncrementalDetokenizer, Tokenizer
-from sorai.sampling import GuidedSpec, SamplingParams, SequenceState, StopStringMatcher
 
 
 class Status(enum.Enum):

@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from sorai.engine.params import SamplingParams
 from sorai.errors import (
     ContextLengthError,
     EngineDeadError,
@@ -25,7 +26,6 @@ from sorai.errors import (
     SamplingError,
     SoraiError,
 )
-from sorai.sampling import SamplingParams
 
 logger = logging.getLogger("sorai.server")
 

@@ -14,8 +14,8 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
+from sorai.engine.params import GuidedSpec
 from sorai.errors import SamplingError
-from sorai.sampling import GuidedSpec
 from sorai.server.errors import bad_request, from_sorai_error
 
 

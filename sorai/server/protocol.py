@@ -20,7 +20,7 @@ from pydantic import (
     model_validator,
 )
 
-from sorai.sampling import GuidedSpec, SamplingParams
+from sorai.engine.params import GuidedSpec, SamplingParams
 from sorai.server.errors import bad_request
 from sorai.server.guided import guided_spec
 

@@ -10,8 +10,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from sorai.engine.params import SamplingParams
 from sorai.errors import SoraiError
-from sorai.sampling import SamplingParams
 
 # SamplingParams fields OpenAI's API names itself; the rest go in the body as vLLM extras.
 _OPENAI_FIELDS = (

@@ -14,8 +14,8 @@ import anyio
 from starlette.requests import Request
 
 from sorai.engine.outputs import RequestOutput
+from sorai.engine.params import SamplingParams
 from sorai.errors import EngineDeadError, SoraiError
-from sorai.sampling import SamplingParams
 from sorai.server.errors import APIError
 
 if TYPE_CHECKING:

@@ -15,9 +15,9 @@ import torch
 
 import sorai
 from sorai.engine import EngineConfig, LLMEngine, RequestOutput
+from sorai.engine.params import SamplingParams
 from sorai.errors import ContextLengthError, SamplingError
 from sorai.generate import LLM
-from sorai.sampling import SamplingParams
 
 QUESTIONS = [
     "What is the capital of France?",

@@ -10,9 +10,9 @@ import pytest
 
 import sorai
 from sorai.engine import EngineConfig, LLMEngine
+from sorai.engine.params import GuidedSpec, SamplingParams
 from sorai.errors import SamplingError
 from sorai.generate import LLM
-from sorai.sampling import GuidedSpec, SamplingParams
 from tests.engine.test_engine import chat_ids, run
 
 PERSON = {

@@ -11,9 +11,9 @@ import asyncio
 from collections.abc import AsyncIterator
 
 from sorai.engine.outputs import ChoiceDelta, EngineStats, RequestOutput, TokenLogprob
+from sorai.engine.params import SamplingParams
 from sorai.errors import ContextLengthError, EngineDeadError, SamplingError
 from sorai.model.tokenizer import Tokenizer
-from sorai.sampling import SamplingParams
 
 REPLY = " The quick brown fox jumps over the lazy dog. It was a sunny day in the park."
 

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from sorai.engine.params import GuidedSpec
 from sorai.model.tokenizer import Tokenizer
-from sorai.sampling import GuidedSpec
 from sorai.server.errors import APIError
 from sorai.server.guided import guided_spec
 from sorai.server.protocol import ChatMessage, DeltaMessage

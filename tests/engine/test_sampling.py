@@ -1,4 +1,4 @@
-"""Tests for sorai.sampling: parameter validation, logits processing, sampling, stop strings."""
+"""Request parameters, the sampler and stop strings (sorai.engine.params, sampler, stop)."""
 
 from __future__ import annotations
 
@@ -14,14 +14,10 @@ from transformers import (
     TopPLogitsWarper,
 )
 
+from sorai.engine.params import SamplingParams
+from sorai.engine.sampler import SequenceState, process_logits, sample
+from sorai.engine.stop import StopStringMatcher
 from sorai.errors import SamplingError
-from sorai.sampling import (
-    SamplingParams,
-    SequenceState,
-    StopStringMatcher,
-    process_logits,
-    sample,
-)
 
 VOCAB = 64
 # Probabilities of a hand-made 5-token distribution, used by the mask tests.
