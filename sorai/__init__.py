@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
@@ -12,7 +11,8 @@ __version__ = "0.1.0"
 if TYPE_CHECKING:
     import torch
 
-    from sorai.generate import LLM
+    from sorai.engine.config import EngineConfig
+    from sorai.engine.llm import LLM
 
 
 def __getattr__(name: str):
@@ -22,7 +22,7 @@ def __getattr__(name: str):
 
         return SamplingParams
     if name == "LLM":
-        from sorai.generate import LLM
+        from sorai.engine.llm import LLM
 
         return LLM
     raise AttributeError(f"module 'sorai' has no attribute {name!r}")
@@ -34,6 +34,7 @@ def load(
     progress: Callable[[str], None] | None = None,
     device: str | torch.device | None = None,
     adapter: str | os.PathLike | None = None,
+    config: EngineConfig | None = None,
 ) -> LLM:
     """Load a known model name (pulled on first use), an HF directory or a .gguf file.
 
@@ -47,41 +48,16 @@ def load(
     (for `<output_dir>/adapter`, as `sorai train` writes it, output_dir's name). A bad adapter
     raises LoRAError (a SoraiError) naming the path.
 
+    config: the engine's settings (KV cache, batch budgets, threads); by default a KV cache for
+    one whole context window and every core. The LLM runs on the same engine as `sorai serve`.
+
     >>> llm = sorai.load()
     >>> llm.chat([{"role": "user", "content": "Hi!"}], max_tokens=20).text
     """
     # Imported here so `import sorai` (and `sorai --version`) stays fast.
-    from sorai import hub
-    from sorai.generate import LLM
-    from sorai.model.loader import load_model
+    from sorai.engine.llm import LLM
 
-    adapter_path = None
-    if adapter is not None:
-        from sorai.model.lora import check_adapter_dir
-
-        adapter_path = check_adapter_dir(adapter)  # before the (slow) model load
-    path = hub.resolve(model, progress=progress)
-    transformer, tokenizer = load_model(path, dtype, device)
-    name = os.fspath(model)
-    if adapter_path is not None:
-        import torch
-
-        from sorai.model.lora import load_adapter, merge_lora
-
-        # A and B stay float32 whatever the model's dtype: merge computes W + s·B·A in float32
-        # and rounds once into the base weight, in place (its memory layout is kept).
-        load_adapter(transformer, adapter_path, dtype=torch.float32)
-        merge_lora(transformer)
-        name = f"{name}+{_adapter_name(adapter_path)}"
-    return LLM(transformer, tokenizer, name=name)
-
-
-def _adapter_name(adapter: Path) -> str:
-    """The adapter's directory name; for `<output_dir>/adapter` (`sorai train`), output_dir's."""
-    path = adapter.absolute()
-    if path.name == "adapter" and path.parent.name:
-        return path.parent.name
-    return path.name
+    return LLM.from_model(model, dtype, device, adapter=adapter, config=config, progress=progress)
 
 
 def connect(

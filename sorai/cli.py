@@ -119,7 +119,7 @@ def _stream(llm, prompt_ids: list[int], params, verbose: bool) -> str:
     count = 0
     started = time.perf_counter()
     for delta in llm.stream_deltas(prompt_ids, params):
-        count += delta.token_id is not None
+        count += len(delta.token_ids)
         if delta.text:
             pieces.append(delta.text)
             print(delta.text, end="", flush=True)

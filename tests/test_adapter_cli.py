@@ -21,7 +21,7 @@ from torch import nn
 
 import sorai
 from sorai import hub
-from sorai.generate import LLM, Completion
+from sorai.engine.llm import LLM, Completion
 from sorai.model.lora import (
     CONFIG_FILE,
     WEIGHTS_FILE,

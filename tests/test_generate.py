@@ -8,10 +8,11 @@ import pytest
 import torch
 
 import sorai
-import sorai.generate
+from sorai.engine import EngineConfig, LLMEngine
+from sorai.engine.llm import LLM, Completion
 from sorai.engine.params import SamplingParams
 from sorai.errors import ContextLengthError, SamplingError, SoraiError
-from sorai.generate import LLM, Completion
+from tests.engine.oracle import oracle_tokens
 
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 GREEDY = {"temperature": 0, "max_tokens": 20}
@@ -88,6 +89,58 @@ def test_stop_string_cuts_the_text_before_it(llm: LLM, france: Completion) -> No
     assert completion.finish_reason == "stop"
 
 
+def test_stop_string_is_reported_as_the_stop_reason(llm: LLM) -> None:
+    completion = llm.chat(FRANCE, **GREEDY, stop=["Paris"])
+    assert (completion.finish_reason, completion.stop_reason) == ("stop", "Paris")
+
+
+def test_greedy_generate_matches_the_oracle(llm: LLM) -> None:
+    ids = llm.tokenizer.encode_chat(FRANCE)
+    params = SamplingParams(temperature=0, max_tokens=20)
+    expected = oracle_tokens(llm.model, ids, params, llm.tokenizer.eos_token_ids)
+    assert llm.generate(ids, sampling=params).token_ids == expected
+
+
+def test_generate_batch_gives_each_prompt_its_own_completion(llm: LLM) -> None:
+    # Longer than two KV blocks (16 tokens each), so a full block can be shared.
+    story = "Once upon a time, in a small village by the sea, there lived an old fisherman who"
+    prompts = [story, "One, two, three,", story]
+    batch = llm.generate_batch(prompts, temperature=0, max_tokens=6, ignore_eos=True)
+    alone = [llm.generate(p, temperature=0, max_tokens=6, ignore_eos=True) for p in prompts]
+    assert [c.token_ids for c in batch] == [c.token_ids for c in alone]
+    assert batch[0].text == batch[2].text != batch[1].text
+    # The repeated prompt found its blocks in the prefix cache.
+    assert alone[2].cached_tokens >= 16
+
+
+def test_a_stream_left_early_frees_its_kv_blocks(llm: LLM) -> None:
+    stream = llm.generate_stream("Once upon a time", max_tokens=50, ignore_eos=True)
+    next(stream)
+    assert llm.engine.pool.num_used > 0 or llm.engine.has_work()
+    stream.close()
+    assert not llm.engine.has_work()
+    assert llm.engine.scheduler.running == [] and not llm.engine.scheduler.waiting
+
+
+def test_two_open_streams_interleave_without_mixing(llm: LLM) -> None:
+    options = {"temperature": 0, "max_tokens": 8, "ignore_eos": True}
+    a = llm.generate_stream("The capital of France is", **options)
+    b = llm.generate_stream("One, two, three,", **options)
+    pieces_a, pieces_b = [], []
+    for x, y in zip(a, b, strict=False):
+        pieces_a.append(x)
+        pieces_b.append(y)
+    pieces_a += list(a)
+    pieces_b += list(b)
+    assert "".join(pieces_a) == llm.generate("The capital of France is", **options).text
+    assert "".join(pieces_b) == llm.generate("One, two, three,", **options).text
+
+
+def test_n_above_one_is_refused_with_the_way_out(llm: LLM) -> None:
+    with pytest.raises(SamplingError, match="generate_batch|list of prompts|sorai serve"):
+        llm.generate("Hi", n=2, max_tokens=2)
+
+
 def test_same_seed_gives_the_same_text(llm: LLM) -> None:
     options = {"temperature": 1.0, "max_tokens": 8, "ignore_eos": True, "seed": 1234}
     first = llm.generate("Once upon a time", **options)
@@ -125,12 +178,10 @@ def test_token_deltas_never_hold_half_a_character(llm: LLM) -> None:
     # max_tokens may cut the last character in two; only the final flush may hold those bytes.
     ids = llm.encode_prompt(JAPANESE_PROMPT + "東京")
     deltas = list(llm.stream_deltas(ids, SamplingParams(temperature=0, max_tokens=30)))
-    token_deltas = [d for d in deltas if d.token_id is not None]
-    assert len(token_deltas) == 30
-    assert any(ord(ch) > 0x3000 for d in token_deltas for ch in d.text)
-    assert all("\ufffd" not in d.text for d in token_deltas)
-    assert deltas[-1].token_id is None
-    assert deltas[-1].finish_reason == "length"
+    assert sum(len(d.token_ids) for d in deltas) == 30
+    assert any(ord(ch) > 0x3000 for d in deltas for ch in d.text)
+    assert all("\ufffd" not in d.text for d in deltas[:-1])
+    assert [d.finish_reason for d in deltas] == [None] * (len(deltas) - 1) + ["length"]
 
 
 # ---- errors --------------------------------------------------------------------------------
@@ -139,15 +190,22 @@ def test_token_deltas_never_hold_half_a_character(llm: LLM) -> None:
 def test_prompt_longer_than_the_context_raises_context_length_error(llm: LLM) -> None:
     assert llm.context_length == 8192
     prompt = "hello " * 9000
-    with pytest.raises(ContextLengthError, match="context window of 8192 tokens"):
+    with pytest.raises(ContextLengthError, match="maximum context length is 8192 tokens"):
         llm.generate(prompt, max_tokens=1)
 
 
 def test_prompt_filling_the_whole_context_raises_context_length_error(llm: LLM) -> None:
     # No room is left for even one new token.
     ids = llm.tokenizer.encode("hello") * llm.context_length
-    with pytest.raises(ContextLengthError, match=f"the prompt is {llm.context_length} tokens"):
+    with pytest.raises(ContextLengthError, match=f"{llm.context_length} in the prompt \\+ 1"):
         llm.generate(ids[: llm.context_length], max_tokens=1)
+
+
+def test_max_tokens_past_the_context_is_refused_not_capped(llm: LLM) -> None:
+    # The engine's contract, now the Python API's too: a clear error, never a silent cap.
+    ids = llm.tokenizer.encode("hello") * (llm.context_length - 10)
+    with pytest.raises(ContextLengthError, match="shorten the prompt or lower max_tokens"):
+        llm.generate(ids[: llm.context_length - 10], max_tokens=11)
 
 
 def test_empty_prompt_raises_context_length_error(llm: LLM) -> None:
@@ -179,7 +237,8 @@ def long_prompt(llm: LLM) -> list[int]:
     """A little more than one prefill chunk of tokens, so the prefill runs in two chunks."""
     text = " ".join(f"Entry {i}: the box holds {i * 7 % 13} stones." for i in range(45))
     ids = llm.encode_prompt(text + " Entry 45: the")
-    assert sorai.generate.PREFILL_CHUNK < len(ids) < 2 * sorai.generate.PREFILL_CHUNK
+    budget = llm.engine.config.max_num_batched_tokens
+    assert budget < len(ids) < 2 * budget
     return ids
 
 
@@ -199,11 +258,11 @@ def test_long_prompt_first_token_matches_a_plain_forward(
 
 
 def test_prefill_chunk_size_does_not_change_the_output(
-    llm: LLM, long_prompt: list[int], long_greedy: Completion, monkeypatch: pytest.MonkeyPatch
+    llm: LLM, long_prompt: list[int], long_greedy: Completion
 ) -> None:
     # 31 does not divide the prompt length: 18 chunks, the last one partial.
-    monkeypatch.setattr(sorai.generate, "PREFILL_CHUNK", 31)
-    small_chunks = llm.generate(long_prompt, **LONG_GREEDY)
+    small = LLM(LLMEngine(llm.model, llm.tokenizer, EngineConfig(max_num_batched_tokens=31)))
+    small_chunks = small.generate(long_prompt, **LONG_GREEDY)
     assert small_chunks.token_ids == long_greedy.token_ids
 
 

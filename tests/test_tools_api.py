@@ -10,8 +10,8 @@ import jsonschema
 import pytest
 
 import sorai
+from sorai.engine.llm import LLM
 from sorai.errors import SoraiError, ToolError
-from sorai.generate import LLM
 from sorai.tools import ToolSetup
 
 WEATHER = {

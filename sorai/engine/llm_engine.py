@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
-from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -24,6 +24,8 @@ from sorai.engine.sampler import process_logits, sample
 from sorai.engine.scheduler import Scheduler
 from sorai.engine.sequence import Request, Sequence, Status
 from sorai.errors import ContextLengthError, SamplingError, SoraiError
+from sorai.hub import DEFAULT_MODEL
+from sorai.model.loader import load_pretrained
 from sorai.model.tokenizer import Tokenizer
 from sorai.model.transformer import Transformer
 
@@ -43,10 +45,9 @@ class LLMEngine:
         cfg = self.config
         if model.device.type == "cpu":
             torch.set_num_threads(cfg.cpu_threads or max(1, len(os.sched_getaffinity(0)) - 1))
-        attention = next(iter(model.layers.values())).self_attn
-        num_kv_heads = attention.k_proj.weight.shape[0] // attention.head_dim
+        num_kv_heads, head_dim = _kv_geometry(model)
         per_block = PagedKVCache.bytes_per_block(
-            len(model.layers), cfg.block_size, num_kv_heads, attention.head_dim, model.dtype
+            len(model.layers), cfg.block_size, num_kv_heads, head_dim, model.dtype
         )
         num_blocks = cfg.num_blocks or max(2, int(cfg.kv_cache_gib * 2**30 // per_block))
         self.cache = PagedKVCache(
@@ -54,7 +55,7 @@ class LLMEngine:
             num_blocks,
             cfg.block_size,
             num_kv_heads,
-            attention.head_dim,
+            head_dim,
             model.dtype,
             model.device,
         )
@@ -77,20 +78,25 @@ class LLMEngine:
     @classmethod
     def from_model(
         cls,
-        model: str | os.PathLike = "smollm2-135m-instruct",
+        model: str | os.PathLike = DEFAULT_MODEL,
         dtype: str | torch.dtype | None = None,
         device: str | torch.device | None = None,
         config: EngineConfig | None = None,
         adapter: str | os.PathLike | None = None,
+        progress: Callable[[str], None] | None = None,
     ) -> LLMEngine:
-        """Load a known model name, an HF directory or a .gguf file (as sorai.load does).
+        """Load a known model name, an HF directory or a .gguf file, with an optional PEFT
+        LoRA adapter merged in (see sorai.model.loader.load_pretrained)."""
+        transformer, tokenizer, name = load_pretrained(model, dtype, device, adapter, progress)
+        return cls(transformer, tokenizer, config, name=name)
 
-        adapter: a PEFT LoRA adapter directory to merge into the model, as in sorai.load.
-        """
-        import sorai
-
-        llm = sorai.load(model, dtype=dtype, device=device, adapter=adapter)
-        return cls(llm.model, llm.tokenizer, config, name=llm.name or Path(str(model)).name)
+    @staticmethod
+    def kv_bytes_per_token(model: Transformer) -> int:
+        """Bytes of keys and values one token takes in the cache, over every layer."""
+        num_kv_heads, head_dim = _kv_geometry(model)
+        return PagedKVCache.bytes_per_block(
+            len(model.layers), 1, num_kv_heads, head_dim, model.dtype
+        )
 
     # -- requests -------------------------------------------------------------------------
 
@@ -238,3 +244,9 @@ class LLMEngine:
             generation_tokens=self.generation_tokens,
             steps=self.steps,
         )
+
+
+def _kv_geometry(model: Transformer) -> tuple[int, int]:
+    """(key/value heads, head dim) of the model's attention layers."""
+    attention = next(iter(model.layers.values())).self_attn
+    return attention.k_proj.weight.shape[0] // attention.head_dim, attention.head_dim

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -101,3 +103,31 @@ def use_column_major_weights(model: Transformer) -> None:
         weight = getattr(module, "weight", None)
         if isinstance(weight, nn.Parameter) and id(weight) in relaid:
             module.weight = relaid[id(weight)]
+
+
+def load_pretrained(
+    model: str | os.PathLike,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    adapter: str | os.PathLike | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> tuple[Transformer, Tokenizer, str]:
+    """A known model name (pulled on first use), an HF directory or a .gguf file, with an
+    optional PEFT LoRA adapter merged in; returns the model, its tokenizer and its name.
+
+    The name is `model` as given, plus `+<adapter name>` with an adapter (see adapter_name).
+    A bad adapter raises LoRAError naming the path, before the (slow) model load.
+    """
+    from sorai import hub
+    from sorai.model.lora import adapter_name, check_adapter_dir, load_adapter, merge_lora
+
+    adapter_path = check_adapter_dir(adapter) if adapter is not None else None
+    transformer, tokenizer = load_model(hub.resolve(model, progress=progress), dtype, device)
+    name = os.fspath(model)
+    if adapter_path is not None:
+        # A and B stay float32 whatever the model's dtype: merge computes W + s·B·A in float32
+        # and rounds once into the base weight, in place (its memory layout is kept).
+        load_adapter(transformer, adapter_path, dtype=torch.float32)
+        merge_lora(transformer)
+        name = f"{name}+{adapter_name(adapter_path)}"
+    return transformer, tokenizer, name

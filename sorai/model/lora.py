@@ -363,6 +363,15 @@ def _pattern_value(patterns: dict, hf_name: str, default):
     return default
 
 
+def adapter_name(adapter: Path) -> str:
+    """The name an adapter is served under: its directory's name, or for `<output_dir>/adapter`
+    (what `sorai train` writes) output_dir's name."""
+    path = Path(adapter).absolute()
+    if path.name == "adapter" and path.parent.name:
+        return path.parent.name
+    return path.name
+
+
 def check_adapter_dir(path: str | Path) -> Path:
     """The adapter directory's Path, or LoRAError if it is plainly not a PEFT adapter: missing,
     not a directory, no or unreadable config, no or unreadable weights file (header only, so

@@ -9,9 +9,9 @@ import pytest
 
 import sorai
 from sorai.engine import AsyncEngine, EngineConfig, LLMEngine
+from sorai.engine.llm import LLM
 from sorai.engine.params import SamplingParams
 from sorai.errors import EngineDeadError, QueueFullError
-from sorai.generate import LLM
 from tests.engine.test_engine import chat_ids
 
 

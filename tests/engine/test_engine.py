@@ -1,8 +1,8 @@
-"""The engine on the real default model, checked against single-stream generation.
+"""The engine on the real default model, checked against the test oracle.
 
-`sorai.load(...).generate` runs one request over a contiguous cache with its own code path;
-the engine must give the same greedy tokens however requests are batched, chunked, cached
-or preempted.
+tests/engine/oracle.py runs one request over a contiguous cache, the simplest loop that is
+obviously right; the engine must give the same greedy tokens however requests are batched,
+chunked, cached or preempted.
 """
 
 from __future__ import annotations
@@ -15,9 +15,10 @@ import torch
 
 import sorai
 from sorai.engine import EngineConfig, LLMEngine, RequestOutput
+from sorai.engine.llm import LLM
 from sorai.engine.params import SamplingParams
 from sorai.errors import ContextLengthError, SamplingError
-from sorai.generate import LLM
+from tests.engine.oracle import oracle_tokens
 
 QUESTIONS = [
     "What is the capital of France?",
@@ -65,9 +66,11 @@ def collect(results: dict, out: RequestOutput) -> None:
 
 @pytest.fixture(scope="module")
 def reference(llm: LLM) -> dict[str, list[int]]:
-    return {
-        q: llm.generate(chat_ids(llm, q), max_tokens=12, temperature=0).token_ids for q in QUESTIONS
-    }
+    return {q: oracle(llm, chat_ids(llm, q)) for q in QUESTIONS}
+
+
+def oracle(llm: LLM, prompt_ids: list[int]) -> list[int]:
+    return oracle_tokens(llm.model, prompt_ids, GREEDY, llm.tokenizer.eos_token_ids)
 
 
 def test_batched_greedy_matches_single_stream(llm: LLM, reference: dict) -> None:
@@ -121,7 +124,7 @@ def test_shared_prefix_is_served_from_the_cache(llm: LLM) -> None:
     assert cached >= 256 - 16
     # Only the uncached tail was run through the model.
     assert engine.stats().prompt_tokens - computed_before == len(b) - cached
-    assert results["b"][0][1] == llm.generate(b, max_tokens=12, temperature=0).token_ids
+    assert results["b"][0][1] == oracle(llm, b)
 
 
 def test_cached_tokens_are_reported(llm: LLM) -> None:

@@ -10,9 +10,9 @@ import pytest
 
 import sorai
 from sorai.engine import EngineConfig, LLMEngine
+from sorai.engine.llm import LLM
 from sorai.engine.params import GuidedSpec, SamplingParams
 from sorai.errors import SamplingError
-from sorai.generate import LLM
 from tests.engine.test_engine import chat_ids, run
 
 PERSON = {
