@@ -243,7 +243,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # Imported here: the server stack is only needed by this verb.
     from sorai.engine.async_engine import AsyncEngine
     from sorai.engine.config import EngineConfig
-    from sorai.server.embeddings import check_embedding_model
+    from sorai.engine.embeddings import check_embedding_model
     from sorai.server.serve import serve
     from sorai.server.state import ServerSettings
 

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from fastapi import FastAPI
 
 import sorai
+from sorai.engine.embeddings import EmbeddingEngine
 from sorai.server import chat, completions, embeddings, routes
 from sorai.server.auth import APIKeyMiddleware
 from sorai.server.body import BodyLimitMiddleware
@@ -22,13 +23,13 @@ if TYPE_CHECKING:
 def create_app(engine: AsyncEngine, settings: ServerSettings | None = None) -> FastAPI:
     """An app serving `engine`; the app starts the engine on startup and stops it on shutdown."""
     settings = settings or ServerSettings()
-    embedding_model = None
+    embedding_engine = None
     if settings.embedding_model is not None:
         # Nothing is read yet: the model loads on the first embeddings request.
-        embedding_model = embeddings.EmbeddingModel(
+        embedding_engine = EmbeddingEngine(
             settings.embedding_model, device=settings.embedding_device
         )
-    state = ServerState(engine, settings, embedding_model)
+    state = ServerState(engine, settings, embedding_engine)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -38,8 +39,8 @@ def create_app(engine: AsyncEngine, settings: ServerSettings | None = None) -> F
         finally:
             # In-flight requests get shutdown_timeout seconds, then the rest are aborted.
             await engine.stop(timeout=settings.shutdown_timeout)
-            if embedding_model is not None:
-                embedding_model.close()
+            if embedding_engine is not None:
+                embedding_engine.close()
 
     # No /docs: the handlers read their bodies themselves (for 400s instead of 422s), so the
     # generated schema would be empty; OpenAI's own API reference describes these routes.

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     import torch
 
     from sorai.engine.async_engine import AsyncEngine
-    from sorai.server.embeddings import EmbeddingModel
+    from sorai.engine.embeddings import EmbeddingEngine
 
 
 @dataclass
@@ -42,7 +42,7 @@ class ServerState:
         self,
         engine: AsyncEngine,
         settings: ServerSettings,
-        embeddings: EmbeddingModel | None = None,
+        embeddings: EmbeddingEngine | None = None,
     ) -> None:
         self.engine = engine
         self.settings = settings
