@@ -19,12 +19,12 @@ from sorai.engine.guided import GrammarCompiler, advance, mask_logits
 from sorai.engine.params import GUIDED_FIELDS, GuidedSpec, SamplingParams
 from sorai.engine.sampler import SequenceState, process_logits, sample
 from sorai.engine.stop import StopStringMatcher
+from sorai.engine.tools import ToolSetup
 from sorai.errors import ContextLengthError, SoraiError
 from sorai.model.kv_cache import ContiguousKVCache
 from sorai.model.tokenizer import IncrementalDetokenizer, Tokenizer
 from sorai.model.transformer import Transformer
 from sorai.model.weights import save_hf_dir
-from sorai.tools import ToolSetup
 
 # Long prompts are prefilled in chunks so activations stay small whatever the prompt length.
 PREFILL_CHUNK = 512
