@@ -24,13 +24,13 @@ from sorai.engine.config import EngineConfig
 from sorai.engine.llm_engine import LLMEngine
 from sorai.engine.outputs import ChoiceDelta, RequestOutput, TokenLogprob
 from sorai.engine.params import GUIDED_FIELDS, GuidedSpec, SamplingParams
+from sorai.engine.tools import ToolSetup
 from sorai.errors import SamplingError, SoraiError
 from sorai.hub import DEFAULT_MODEL
 from sorai.model.loader import load_pretrained
 from sorai.model.tokenizer import Tokenizer
 from sorai.model.transformer import Transformer
 from sorai.model.weights import save_hf_dir
-from sorai.tools import ToolSetup
 
 Messages = Sequence[dict[str, Any]]
 Prompt = str | Sequence[int]
@@ -175,7 +175,7 @@ class LLM:
     ) -> Completion:
         """Answer the conversation `messages` ([{"role": ..., "content": ...}, ...]).
 
-        tools, tool_choice and parallel_tool_calls are OpenAI's (see sorai/tools.py): the
+        tools, tool_choice and parallel_tool_calls are OpenAI's (see sorai/model/chat.py): the
         answer's calls come back as `tool_calls`, with finish_reason "tool_calls". Messages
         may carry earlier calls (assistant `tool_calls`) and their results (role "tool").
         """

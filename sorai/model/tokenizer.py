@@ -1,5 +1,9 @@
 """Text <-> token ids for a model (from a Hugging Face directory or GGUF metadata), chat templates,
-and streaming detokenization that never splits a UTF-8 character."""
+and streaming detokenization that never splits a UTF-8 character.
+
+The tokenizer applies a chat template to the messages it is given; which messages and tool
+definitions those are (OpenAI's normalised, or tools in the fallback format) is decided by the
+chat renderer, sorai/model/chat.py, which serving and training both go through."""
 
 from __future__ import annotations
 
@@ -47,6 +51,9 @@ _END_OF_TURN_TOKENS = (
     "<|return|>",
     "<|call|>",
 )
+
+# A template that reads the `tools` variable renders tool definitions (and so calls) itself.
+_TOOLS_VARIABLE = re.compile(r"\btools\b")
 
 # llama.cpp token types (gguf.TokenType).
 _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
@@ -649,6 +656,15 @@ class Tokenizer:
         if byte_fallback:
             return bytes([int(byte_fallback.group(1), 16)])
         return self.decode([token_id]).encode("utf-8")
+
+    @property
+    def renders_tools(self) -> bool:
+        """True when the chat template renders tool definitions, calls and results itself (a
+        "tool_use" template, or one that mentions `tools`); sorai/model/chat.py falls back to
+        writing them as plain messages otherwise."""
+        if "tool_use" in self._chat_templates:
+            return True
+        return any(_TOOLS_VARIABLE.search(t) for t in self._chat_templates.values())
 
     def _template_for(self, tools: list[dict] | None) -> jinja2.Template:
         if tools is not None and "tool_use" in self._chat_templates:

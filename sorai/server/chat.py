@@ -1,9 +1,11 @@
 """POST /v1/chat/completions.
 
-Tools (sorai/tools.py, via sorai/server/tools.py) and output constraints (sorai/sampling.py's
-GuidedSpec.from_fields, via sorai/server/guided.py) are settled before the prompt is built; with
-tools active, each choice's text goes through the request's ToolSetup (whole answers) or a
-ToolStream (streams) to become content or tool calls.
+Tools (sorai/server/tools.py over sorai/engine/tools.py) and output constraints
+(GuidedSpec.from_fields of sorai/engine/params.py, via sorai/server/guided.py) are settled before
+the prompt is built. The prompt is the messages through the one chat renderer
+(sorai/model/chat.py, which `sorai train` renders its chat records with too); with tools active,
+each choice's text goes through the request's ToolSetup (whole answers) or a ToolStream
+(streams) to become content or tool calls.
 """
 
 from __future__ import annotations

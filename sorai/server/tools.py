@@ -1,9 +1,10 @@
-"""Tool calling for /v1/chat/completions: the glue between the protocol and sorai/tools.py.
+"""Tool calling for /v1/chat/completions: the glue between the protocol and the chat renderer.
 
-sorai/tools.py holds the logic (definitions, the prompt in the native or fallback format,
-forced-call constraints, parsing calls out of text; see its docstring). Here a request's
-pydantic messages become its plain dicts, its ToolErrors become 400s naming the field
-(`param`), answers' calls become ToolCall models, and streams become DeltaMessages (ToolStream).
+sorai/model/chat.py holds the logic (messages and tool definitions -> the prompt, natively or
+in the fallback format, and parsing calls out of text; see its docstring), and
+sorai/engine/tools.py the forced-call constraint. Here a request's pydantic messages become
+its plain dicts, its ToolErrors become 400s naming the field (`param`), answers' calls become
+ToolCall models, and streams become DeltaMessages (ToolStream).
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from sorai import tools as core
+from sorai.engine import tools as engine_tools
 from sorai.errors import SoraiError
+from sorai.model import chat
+from sorai.model.chat import new_call_id, parse_calls, split_forced
 from sorai.server.errors import from_sorai_error
 from sorai.server.protocol import (
     ChatMessage,
@@ -24,19 +27,11 @@ from sorai.server.protocol import (
     ToolCall,
     ToolCallDelta,
 )
-from sorai.tools import new_call_id, parse_calls, split_forced, supports_tools
 
 if TYPE_CHECKING:
     from sorai.model.tokenizer import Tokenizer
 
-__all__ = [
-    "ToolSetup",
-    "ToolStream",
-    "fallback_messages",
-    "parse_calls",
-    "split_forced",
-    "supports_tools",
-]
+__all__ = ["ToolSetup", "ToolStream", "api_errors", "fallback_messages"]
 
 
 @contextmanager
@@ -49,17 +44,17 @@ def api_errors() -> Iterator[None]:
 
 
 def plain_messages(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
-    """The request's messages as the OpenAI-shaped dicts sorai/tools.py takes."""
+    """The request's messages as the OpenAI-shaped dicts sorai/model/chat.py takes."""
     return [m.model_dump(exclude_none=True) for m in messages]
 
 
 def fallback_messages(messages: Sequence[ChatMessage]) -> list[dict[str, str]]:
     with api_errors():
-        return core.fallback_messages(plain_messages(messages))
+        return chat.fallback_messages(plain_messages(messages))
 
 
-class ToolSetup(core.ToolSetup):
-    """sorai.tools.ToolSetup over the protocol's types: 400s, ChatMessages, ToolCalls."""
+class ToolSetup(engine_tools.ToolSetup):
+    """sorai.engine.tools.ToolSetup over the protocol's types: 400s, ChatMessages, ToolCalls."""
 
     @classmethod
     def from_request(
@@ -162,7 +157,7 @@ class ToolStream:
             deltas.append(_call_start(0, self.call_id, name))
         if not final:
             # Hold back what may be the call's closing brace.
-            arguments = core.pending_arguments(self.text) or ""
+            arguments = chat.pending_arguments(self.text) or ""
         if len(arguments) > self.sent:
             deltas.append(_arguments(0, arguments[self.sent :]))
             self.sent = len(arguments)

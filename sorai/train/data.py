@@ -4,7 +4,12 @@ Formats, detected per line from its keys (or forced with `format=`); one format 
 
 - ``chat``: ``{"messages": [{"role": "system"|"user"|"assistant"|"tool", "content": ...}, ...],
   "tools": [...]?}`` as the OpenAI fine-tuning API takes it. An assistant message may carry
-  ``"weight": 0`` (no loss on it) or ``1``. Rendered with the model's chat template.
+  ``"weight": 0`` (no loss on it) or ``1``, and ``tool_calls`` (its content may then be null); a
+  tool message needs its ``tool_call_id``. Rendered by the one chat renderer
+  (sorai/model/chat.py) exactly as ``/v1/chat/completions`` renders the same messages and tools:
+  the same text, the same token ids (content parts joined with newlines; tool definitions,
+  calls and results natively when the chat template knows tools, else in the fallback format,
+  so an assistant turn that calls a tool is trained on its calls' text).
 - ``prompt_completion``: ``{"prompt": str, "completion": str}``; the prompt is encoded as
   `generate` encodes a prompt (with BOS when the tokenizer adds one), the completion after it,
   then EOS.
@@ -51,7 +56,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from sorai.errors import DataError, SoraiError
+from sorai.errors import DataError, SoraiError, ToolError
+from sorai.model.chat import ToolChoice, check_messages
 from sorai.model.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -149,12 +155,12 @@ def _need_str(obj: dict[str, Any], key: str, where: str, *, optional: bool = Fal
     return value
 
 
-def _content_text(content: Any, where: str, name: str) -> str:
+def _check_content(content: Any, where: str, name: str) -> None:
     # OpenAI content is a string or a list of parts; only text parts can be trained on here.
+    # The chat renderer joins the parts, as it does for the server.
     if isinstance(content, str):
-        return content
+        return
     if isinstance(content, list):
-        texts = []
         for j, part in enumerate(content):
             if (
                 not isinstance(part, dict)
@@ -164,8 +170,7 @@ def _content_text(content: Any, where: str, name: str) -> str:
                 raise DataError(
                     f'{where}: {name}.content[{j}] must be {{"type": "text", "text": str}}'
                 )
-            texts.append(part["text"])
-        return "".join(texts)
+        return
     raise DataError(
         f"{where}: {name}.content must be a string or a list of text parts, "
         f"got {type(content).__name__}"
@@ -188,11 +193,11 @@ def _check_chat(obj: dict[str, Any], where: str) -> dict[str, Any]:
         clean = {k: v for k, v in message.items() if k != "weight"}
         content = message.get("content")
         if content is None and role == "assistant" and message.get("tool_calls"):
-            clean["content"] = ""
+            pass  # a turn of only calls: the renderer writes the calls
         elif "content" not in message:
             raise DataError(f"{where}: {name} has no 'content'")
         else:
-            clean["content"] = _content_text(content, where, name)
+            _check_content(content, where, name)
         weight = message.get("weight", 1)
         if "weight" in message:
             if role != "assistant":
@@ -211,6 +216,13 @@ def _check_chat(obj: dict[str, Any], where: str) -> dict[str, Any]:
     tools = obj.get("tools")
     if tools is not None and not isinstance(tools, list):
         raise DataError(f"{where}: 'tools' must be a list, got {type(tools).__name__}")
+    try:
+        # As the server checks a request: the tools, then the messages, normalised as it
+        # normalises them (content parts joined, tool calls and results checked).
+        ToolChoice.from_request(tools)
+        out = check_messages(out)
+    except ToolError as exc:
+        raise DataError(f"{where}: {exc}") from None
     return {"messages": out, "weights": weights, "tools": tools}
 
 
@@ -300,10 +312,10 @@ def _targets(ids: list[int], mask: list[bool]) -> list[int]:
 
 
 def _render(
-    tokenizer: Tokenizer, messages: list[dict], gen: bool, tools: list | None, where: str
+    tokenizer: Tokenizer, setup: ToolChoice, messages: list[dict], gen: bool, where: str
 ) -> str:
     try:
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=gen, tools=tools)
+        return setup.render(tokenizer, messages, add_generation_prompt=gen)
     except SoraiError as exc:
         raise DataError(f"{where}: {exc}") from exc
 
@@ -316,15 +328,17 @@ def _tokenize_chat(
     train_on_prompt: bool,
     where: str,
 ) -> Example:
-    """Render the whole conversation once; each assistant turn's span is found by rendering the
-    conversation up to it (with the generation prompt) and up to its end: the character span
-    between them is what the model writes at inference. Tokens starting inside the span are
-    targets, up to the last end-of-turn token in it (the newline some templates write after
-    <|im_end|> is never generated, so it is not trained). A token that straddles the start of
-    the span (BPE merging the prompt's last characters with the reply's first) stays masked:
-    the prompt at inference ends before it. Token ids are those of the whole rendering, exactly
-    what the model sees; offsets map the character spans onto them."""
-    full = _render(tokenizer, messages, False, tools, where)
+    """Render the whole conversation once, as the server renders a request of these messages
+    and `tools` (sorai/model/chat.py); each assistant turn's span is found by rendering the
+    conversation up to it (with the generation prompt: the server's prompt for it) and up to its
+    end: the character span between them is what the model writes at inference. Tokens starting
+    inside the span are targets, up to the last end-of-turn token in it (the newline some
+    templates write after <|im_end|> is never generated, so it is not trained). A token that
+    straddles the start of the span (BPE merging the prompt's last characters with the reply's
+    first) stays masked: the prompt at inference ends before it. Token ids are those of the
+    whole rendering, exactly what the model sees; offsets map the character spans onto them."""
+    setup = ToolChoice.from_request(tools)
+    full = _render(tokenizer, setup, messages, False, where)
     encoding = tokenizer.backend.encode(full, add_special_tokens=False)
     ids, offsets = list(encoding.ids), encoding.offsets
     mask = [train_on_prompt] * len(ids)
@@ -332,8 +346,8 @@ def _tokenize_chat(
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = _render(tokenizer, messages[:i], True, tools, where)
-        through = _render(tokenizer, messages[: i + 1], False, tools, where)
+        before = _render(tokenizer, setup, messages[:i], True, where)
+        through = _render(tokenizer, setup, messages[: i + 1], False, where)
         if not (through.startswith(before) and full.startswith(through)):
             raise DataError(
                 f"{where}: the chat template of model {tokenizer.name} is not prefix-stable "

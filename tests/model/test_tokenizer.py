@@ -403,6 +403,7 @@ def test_from_dir_picks_tool_use_template_for_tools(saved_dir: Path, tmp_path: P
     tools = [{"name": "天気", "parameters": {}}]
     assert loaded.apply_chat_template([], tools=tools) == '[{"name": "天気", "parameters": {}}]'
     assert loaded.apply_chat_template([]) == "plain"
+    assert loaded.renders_tools  # so the chat renderer hands it the tools natively
 
 
 def test_random_sentencepiece_dir_matches_hf(spm_dir: Path) -> None:

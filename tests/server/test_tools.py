@@ -1,9 +1,10 @@
-"""Tools and output constraints without a model: request -> ToolSetup / GuidedSpec, the prompt
-(fallback and native), parsing answers, and streams reassembling to the whole answer."""
+"""Tools and output constraints at the API without a model: request -> ToolSetup / GuidedSpec
+(400s naming the field), the prompt of a request's messages, answers as ToolCall models, and
+streams reassembling to the whole answer. The renderer itself is tested in
+tests/model/test_chat.py."""
 
 from __future__ import annotations
 
-import copy
 import json
 
 import pytest
@@ -11,17 +12,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sorai.engine.params import GuidedSpec
+from sorai.model.chat import ToolChoice
 from sorai.model.tokenizer import Tokenizer
 from sorai.server.errors import APIError
 from sorai.server.guided import guided_spec
 from sorai.server.protocol import ChatMessage, DeltaMessage
-from sorai.server.tools import (
-    ToolSetup,
-    fallback_messages,
-    parse_calls,
-    split_forced,
-    supports_tools,
-)
+from sorai.server.tools import ToolSetup, fallback_messages
 
 WEATHER = {
     "type": "function",
@@ -89,24 +85,6 @@ def test_bad_tool_requests(tools, choice, param) -> None:
     assert (info.value.status, info.value.param) == (400, param)
 
 
-def test_constraints() -> None:
-    named = ToolSetup.from_request([WEATHER, CLOCK], {"function": {"name": "get_weather"}})
-    schema = json.loads(named.constraint().json_schema)
-    assert schema == {
-        "type": "object",
-        "properties": {
-            "name": {"const": "get_weather"},
-            "arguments": WEATHER["function"]["parameters"],
-        },
-        "required": ["name", "arguments"],
-        "additionalProperties": False,
-    }
-    required = json.loads(
-        ToolSetup.from_request([WEATHER, CLOCK], "required").constraint().json_schema
-    )
-    assert [s["properties"]["name"]["const"] for s in required["anyOf"]] == ["get_weather", "now"]
-
-
 def test_guided_fields() -> None:
     def spec(**fields):
         return guided_spec(fields)
@@ -138,11 +116,12 @@ def test_guided_fields() -> None:
         assert info.value.param == param, bad
 
 
-# -- the prompt ------------------------------------------------------------------------------
-
 CONVERSATION = (
-    {"role": "system", "content": "Be brief."},
-    {"role": "user", "content": "Weather in Paris and Rome?"},
+    {
+        "role": "developer",
+        "content": [{"type": "text", "text": "Be"}, {"type": "text", "text": "brief."}],
+    },
+    {"role": "user", "content": "Weather in Paris?"},
     {
         "role": "assistant",
         "content": None,
@@ -151,85 +130,28 @@ CONVERSATION = (
                 "id": "call_1",
                 "type": "function",
                 "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
-            },
-            {
-                "id": "call_2",
-                "type": "function",
-                "function": {"name": "get_weather", "arguments": '{"city": "Rome"}'},
-            },
+            }
         ],
     },
     {"role": "tool", "tool_call_id": "call_1", "content": "18C"},
-    {"role": "tool", "tool_call_id": "call_2", "content": "21C"},
 )
 
 
-def test_fallback_prompt(tokenizer: Tokenizer) -> None:
-    assert not supports_tools(tokenizer)
-    setup = ToolSetup.from_request([WEATHER], "auto")
-    rendered, tools = setup.template_input(tokenizer, messages(*CONVERSATION))
-    assert tools is None
-    system, user, assistant, results = rendered
-    assert system["content"].startswith("Be brief.\n\nYou can call these functions")
-    assert (
-        json.dumps(
-            {
-                "name": "get_weather",
-                "description": "Weather in a city",
-                "parameters": WEATHER["function"]["parameters"],
-            }
-        )
-        in system["content"].splitlines()
-    )
-    assert '{"name": <function name>, "arguments":' in system["content"]
-    assert assistant == {
-        "role": "assistant",
-        "content": '{"name": "get_weather", "arguments": {"city": "Paris"}}\n'
-        '{"name": "get_weather", "arguments": {"city": "Rome"}}',
-    }
-    assert results == {
-        "role": "user",
-        "content": "Result of get_weather (call call_1): 18C\n"
-        "Result of get_weather (call call_2): 21C",
-    }
-    # Without a system message the tools get one of their own; "none" offers no tools.
-    rendered, _ = setup.template_input(tokenizer, messages(*CONVERSATION[1:2]))
-    assert rendered[0]["role"] == "system" and "get_weather" in rendered[0]["content"]
-    none = ToolSetup.from_request([WEATHER], "none")
-    assert none.template_input(tokenizer, messages(*CONVERSATION[1:2]))[0] == [
-        {"role": "user", "content": "Weather in Paris and Rome?"}
-    ]
-    required = ToolSetup.from_request([WEATHER], {"function": {"name": "get_weather"}})
-    rendered, _ = required.template_input(tokenizer, messages(*CONVERSATION[1:2]))
-    assert "You must call the function get_weather" in rendered[0]["content"]
-    text = tokenizer.decode(setup.encode(tokenizer, messages(*CONVERSATION)))
-    assert "<|im_start|>user\nResult of get_weather (call call_1): 18C\n" in text
+def test_a_request_renders_as_its_plain_messages(tokenizer: Tokenizer) -> None:
+    """The protocol's ChatMessages go to the renderer as the dicts the client sent."""
+    for tools, choice in [(None, None), ([WEATHER], None), ([WEATHER, CLOCK], "required")]:
+        served = ToolSetup.from_request(tools, choice)
+        plain = ToolChoice.from_request(tools, choice)
+        ids = served.encode(tokenizer, messages(*CONVERSATION))
+        assert ids == plain.encode(tokenizer, CONVERSATION)
+        assert "<|im_start|>system\nBe\nbrief." in tokenizer.decode(ids)
 
 
-TOOL_TEMPLATE = (
-    "{% if tools %}<|im_start|>system\nTools:{% for t in tools %} {{ t.function.name }}"
-    "{% endfor %}<|im_end|>\n{% endif %}"
-    "{% for m in messages %}<|im_start|>{{ m.role }}\n"
-    "{% if m.tool_calls %}{% for c in m.tool_calls %}<tool_call>{{ c.function.name }} "
-    "{{ c.function.arguments | tojson }}</tool_call>{% endfor %}"
-    "{% elif m.role == 'tool' %}{{ m.name }}: {{ m.content }}"
-    "{% else %}{{ m.content }}{% endif %}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
-
-def test_native_prompt(tokenizer: Tokenizer) -> None:
-    native = copy.copy(tokenizer)
-    native._chat_templates = {"default": TOOL_TEMPLATE}
-    native._compiled = {}
-    assert supports_tools(native)
-    setup = ToolSetup.from_request([WEATHER, CLOCK], "auto")
-    text = native.decode(setup.encode(native, messages(*CONVERSATION)))
-    assert text.startswith("<|im_start|>system\nTools: get_weather now<|im_end|>\n")
-    assert '<tool_call>get_weather {"city": "Paris"}</tool_call>' in text
-    assert "<|im_start|>tool\nget_weather: 21C<|im_end|>" in text
-    none = ToolSetup.from_request([WEATHER], "none")
-    assert "Tools:" not in native.decode(none.encode(native, messages(*CONVERSATION)))
+def test_bad_messages_are_400s_naming_the_message(tokenizer: Tokenizer) -> None:
+    bad = [ChatMessage.model_construct(role="tool", content="18C", tool_call_id=None)]
+    with pytest.raises(APIError) as info:
+        ToolSetup().encode(tokenizer, bad)
+    assert (info.value.status, info.value.param) == (400, "messages.0")
 
 
 def test_messages_without_tools_render_as_before() -> None:
@@ -241,51 +163,6 @@ def test_messages_without_tools_render_as_before() -> None:
 
 
 # -- answers ---------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("text", "content", "calls"),
-    [
-        ('{"name": "now", "arguments": {}}', None, [("now", "{}")]),
-        (
-            '{"name":"get_weather","arguments":{"city":"Oslo"}}',
-            None,
-            [("get_weather", '{"city":"Oslo"}')],
-        ),
-        (
-            "<tool_call>\n"
-            + json.dumps({"name": "get_weather", "arguments": json.dumps({"city": "Oslo"})})
-            + "\n</tool_call>",
-            None,
-            [("get_weather", '{"city":"Oslo"}')],
-        ),
-        (
-            'Let me check.\n```json\n{"name": "get_weather", "parameters": {"city": "Oslo"}}\n```',
-            "Let me check.",
-            [("get_weather", '{"city":"Oslo"}')],
-        ),
-        (
-            '[{"name": "now", "arguments": {}}, {"name": "now"}]',
-            None,
-            [("now", "{}"), ("now", "{}")],
-        ),
-        (
-            '{"type": "function", "function": {"name": "now", "arguments": {}}}',
-            None,
-            [("now", "{}")],
-        ),
-        ('{"name": "later", "arguments": {}}', None, None),
-        ('{"name": "now", "arguments": [1]}', None, None),
-        ("It is sunny {maybe}.", None, None),
-        ('{"city": "Oslo"}', None, None),
-    ],
-)
-def test_parse_calls(text: str, content: str | None, calls) -> None:
-    parsed = parse_calls(text, NAMES)
-    if calls is None:
-        assert parsed is None
-    else:
-        assert parsed == (content, calls)
 
 
 def test_answers() -> None:
@@ -305,16 +182,6 @@ def test_answers() -> None:
     _, calls, reason = forced.answer('{"name":"get_weather","arguments":{"ci', "length")
     assert (calls[0].function.arguments, reason) == ('{"ci', "length")
     assert forced.answer('{"na', "length") == ('{"na', None, "length")
-
-
-def test_split_forced() -> None:
-    assert split_forced('{"name":"a\\"b","arguments":{"x":[1,{}]}}') == (
-        'a"b',
-        '{"x":[1,{}]}',
-        True,
-    )
-    assert split_forced('{"name":"a","arguments":{"x":{}') == ("a", '{"x":{', False)
-    assert split_forced('{"name":"a"') is None
 
 
 def replay(setup: ToolSetup, pieces: list[str], finish: str) -> tuple[list[DeltaMessage], str]:

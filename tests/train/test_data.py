@@ -142,9 +142,42 @@ def test_chat_with_tools_and_a_tool_call_message(tmp_path: Path, tok: Tokenizer)
     ]
     tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
     ex = one(tmp_path, tok, {"messages": messages, "tools": tools})
-    assert "<|im_start|>user\nUse f<|im_end|>" in tok.decode(ex.input_ids)
+    # Content parts are joined with a newline, as the server joins them.
+    assert "<|im_start|>user\nUse \nf<|im_end|>" in tok.decode(ex.input_ids)
     assert tok.decode(spans(ex)[-1]) == "It is 42.<|im_end|>"
     assert "42<|im_end|>" not in tok.decode(spans(ex)[0])  # the tool result is not trained
+    # The template knows no tools: the call is trained in the fallback format it is served in.
+    assert [tok.decode(s) for s in spans(ex)] == [
+        '{"name": "f", "arguments": {}}<|im_end|>',
+        "It is 42.<|im_end|>",
+    ]
+    assert "<|im_start|>user\nResult of f (call c1): 42<|im_end|>" in tok.decode(ex.input_ids)
+
+
+def test_an_assistant_turn_of_only_tool_calls_is_trained(tmp_path: Path, tok: Tokenizer) -> None:
+    calls = [
+        {
+            "id": f"c{i}",
+            "type": "function",
+            "function": {"name": "get_weather", "arguments": json.dumps({"city": city})},
+        }
+        for i, city in enumerate(["Paris", "東京"])
+    ]
+    messages = [
+        {"role": "user", "content": "Weather in Paris and Tokyo?"},
+        {"role": "assistant", "content": None, "tool_calls": calls},
+    ]
+    tools = [{"type": "function", "function": {"name": "get_weather"}}]
+    ex = one(tmp_path, tok, {"messages": messages, "tools": tools})
+    assert [tok.decode(s) for s in spans(ex)] == [
+        '{"name": "get_weather", "arguments": {"city": "Paris"}}\n'
+        '{"name": "get_weather", "arguments": {"city": "東京"}}<|im_end|>'
+    ]
+    examples, stats = load_examples(read_records(tmp_path / "one.jsonl"), tok, max_length=4096)
+    assert len(examples) == 1 and stats.trained_tokens == len(spans(ex)[0])
+    # Without tools offered the calls are rendered the same way (the server does that too).
+    bare = one(tmp_path, tok, {"messages": messages})
+    assert [tok.decode(s) for s in spans(bare)] == [tok.decode(s) for s in spans(ex)]
 
 
 def test_alpaca_is_rendered_as_a_chat(tmp_path: Path, tok: Tokenizer) -> None:
@@ -262,6 +295,23 @@ GOOD_CHAT = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant"
         (
             {"messages": [{"role": "user", "content": "x", "weight": 0}]},
             r"bad\.jsonl:2: messages\[0\]\.weight is only allowed on assistant",
+        ),
+        (
+            {"messages": [*GOOD_CHAT["messages"], {"role": "tool", "content": "42"}]},
+            r"bad\.jsonl:2: messages\.2: a tool message needs 'tool_call_id'",
+        ),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": "q"},
+                    {"role": "assistant", "content": None, "tool_calls": [{"id": "c1"}]},
+                ]
+            },
+            r"bad\.jsonl:2: messages\.1\.tool_calls\.0 must be",
+        ),
+        (
+            {**GOOD_CHAT, "tools": [{"type": "function", "function": {"name": "a b"}}]},
+            r"bad\.jsonl:2: tools\.0\.function\.name must be",
         ),
     ],
 )

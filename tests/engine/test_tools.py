@@ -1,5 +1,6 @@
 """Tool calling through the Python API (LLM.chat) on the real default model: the same tools,
-tool_choice values, prompt, constraints and parsing as the server (sorai/tools.py)."""
+tool_choice values, prompt (sorai/model/chat.py), constraints (sorai/engine/tools.py) and
+parsing as the server."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ import pytest
 
 import sorai
 from sorai.engine.llm import LLM
+from sorai.engine.params import GuidedSpec
+from sorai.engine.tools import ToolSetup
 from sorai.errors import SoraiError, ToolError
-from sorai.tools import ToolSetup
 
 WEATHER = {
     "type": "function",
@@ -86,6 +88,35 @@ def test_a_round_trip_renders_and_generates(llm: LLM) -> None:
     assert llm.chat(messages, max_tokens=5, temperature=0).tool_calls is None
 
 
+def test_constraints() -> None:
+    named = ToolSetup.from_request([WEATHER, CLOCK], {"function": {"name": "get_weather"}})
+    schema = json.loads(named.constraint().json_schema)
+    assert schema == {
+        "type": "object",
+        "properties": {
+            "name": {"const": "get_weather"},
+            "arguments": WEATHER["function"]["parameters"],
+        },
+        "required": ["name", "arguments"],
+        "additionalProperties": False,
+    }
+    required = json.loads(
+        ToolSetup.from_request([WEATHER, CLOCK], "required").constraint().json_schema
+    )
+    assert [s["properties"]["name"]["const"] for s in required["anyOf"]] == ["get_weather", "now"]
+    assert ToolSetup.from_request([WEATHER]).constraint() is None
+
+
+def test_constrain_keeps_the_request_constraint_unless_a_call_is_forced() -> None:
+    own = GuidedSpec(regex="a+")
+    assert ToolSetup.from_request([WEATHER], "auto").constrain(own, "guided_regex") is own
+    forced = ToolSetup.from_request([WEATHER], "required")
+    assert forced.constrain(None) == forced.constraint()
+    with pytest.raises(ToolError, match="cannot be combined with guided_regex") as info:
+        forced.constrain(own, "guided_regex")
+    assert info.value.param == "guided_regex"
+
+
 @pytest.mark.parametrize(
     ("tools", "choice", "message"),
     [
@@ -124,6 +155,13 @@ def test_a_module_below_the_server_does_not_import_it() -> None:
     import subprocess
     import sys
 
-    code = "import sys, sorai.generate, sorai.tools; print('sorai.server' in sys.modules)"
+    code = "import sys, sorai.engine.llm, sorai.engine.tools; print('sorai.server' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+    # The renderer is part of the model layer: it pulls in no engine, server or trainer.
+    code = (
+        "import sys, sorai.model.chat; "
+        "print(' '.join({m.split('.')[1] for m in sys.modules if m.startswith('sorai.')}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert not {"engine", "server", "train", "apps"} & set(out.stdout.split())

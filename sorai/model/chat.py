@@ -1,16 +1,27 @@
-"""Tool calling: definitions, the prompt, constraints and parsing calls out of the output.
+"""The one chat renderer: OpenAI-shaped messages (and tools) -> the prompt, and answers -> calls.
+
+Serving (/v1/chat/completions, `LLM.chat`) and training (`sorai train`, sorai/train/data.py) both
+build their prompts here, so a conversation is the same token ids in both.
 
 Protocol-independent: tools, tool_choice and messages are OpenAI-shaped plain dicts, calls come
 back as OpenAI-shaped dicts, and bad input raises ToolError naming the field at fault (its
-`param`, e.g. "tools.0.function.name"). `LLM.chat(messages, tools=..., tool_choice=...)` uses
-it directly; the server (sorai/server/tools.py) wraps it in its protocol types and streams.
+`param`, e.g. "tools.0.function.name"). The model's tokenizer applies its chat template
+(sorai/model/tokenizer.py); this module decides which messages and tool definitions go into it.
+sorai/engine/tools.py adds the constraint of a forced call (a GuidedSpec) on top, and the
+server (sorai/server/tools.py) wraps that in its protocol types and streams.
 
-A request's `tools` and `tool_choice` become a ToolSetup, which
+Messages are normalised first (check_messages): content is a string or a list of text parts,
+joined with "\n" (as vLLM does for text-only models); "developer" becomes "system"; an assistant
+turn may carry `tool_calls` (its content may then be null) and a "tool" turn needs the
+`tool_call_id` it answers.
 
-- renders the conversation: with the model's own chat template when that template knows
-  tools (it mentions `tools`), else with the fallback below;
-- constrains the output when a call is required: tool_choice "required" or a named function
-  becomes a JSON schema over {"name": ..., "arguments": ...} for guided decoding;
+A request's `tools` and `tool_choice` become a ToolChoice, which
+
+- renders the conversation (render, encode): with the model's own chat template when that
+  template knows tools (Tokenizer.renders_tools: it mentions `tools`), else with the fallback
+  below; with no tools at all, the same path renders the plain messages;
+- gives, when a call is required (tool_choice "required" or a named function), the JSON schema
+  over {"name": ..., "arguments": ...} the answer is generated under (call_schema);
 - turns the generated text into content and tool calls (answer()).
 
 The fallback, for templates without tool support (the default SmolLM2 model's):
@@ -24,6 +35,10 @@ The fallback, for templates without tool support (the default SmolLM2 model's):
 With tool_choice "auto" the output is parsed for a call: a JSON object with "name" (a known
 tool) and "arguments" (an object, or a JSON text of one), possibly inside <tool_call> tags or
 a ```json fence and after some text; without one the output is plain content.
+
+Training renders a record as the server renders a request of its messages and `tools` (with
+no tool_choice), so a fine-tune learns to call tools in the format it is later prompted with,
+and an assistant turn that calls a tool is trained on its calls' text.
 """
 
 from __future__ import annotations
@@ -33,9 +48,8 @@ import re
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Self
 
-from sorai.engine.params import GuidedSpec
 from sorai.errors import ToolError
 
 if TYPE_CHECKING:
@@ -44,7 +58,6 @@ if TYPE_CHECKING:
 # OpenAI's rule for function names (letters, digits, _ and -, at most 64), plus "." and ":"
 # which MCP-style names use.
 _NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
-_TOOLS_VARIABLE = re.compile(r"\btools\b")
 
 TOOL_CHOICES = ("none", "auto", "required")
 
@@ -139,11 +152,11 @@ def parse_tools(tools: Any) -> list[Tool]:
     return parsed
 
 
-# -- the request's setup ---------------------------------------------------------------------
+# -- the request's tools and tool_choice -----------------------------------------------------
 
 
 @dataclass(frozen=True)
-class ToolSetup:
+class ToolChoice:
     """The tools a request offers and how the answer may use them.
 
     mode: "none" (no tools in the prompt, plain text), "auto" (the model decides; the output
@@ -158,7 +171,9 @@ class ToolSetup:
     @classmethod
     def from_request(
         cls, tools: Any, tool_choice: Any = None, parallel_tool_calls: bool | None = None
-    ) -> ToolSetup:
+    ) -> Self:
+        """OpenAI's tools, tool_choice and parallel_tool_calls, checked (ToolError naming the
+        bad field). No tool_choice means "auto" with tools and "none" without."""
         parsed = tuple(parse_tools(tools))
         parallel = parallel_tool_calls is not False
         if tool_choice is None:
@@ -220,31 +235,14 @@ class ToolSetup:
     def offered(self) -> tuple[Tool, ...]:
         return self.tools if self.active else ()
 
-    def constraint(self) -> GuidedSpec | None:
+    def call_schema(self) -> dict[str, Any] | None:
         """The JSON schema a forced call is generated under (None unless forced)."""
         if self.mode == "named":
-            tool = next(t for t in self.tools if t.name == self.name)
-            schema = tool.call_schema()
-        elif self.mode == "required":
+            return next(t for t in self.tools if t.name == self.name).call_schema()
+        if self.mode == "required":
             schemas = [t.call_schema() for t in self.tools]
-            schema = schemas[0] if len(schemas) == 1 else {"anyOf": schemas}
-        else:
-            return None
-        return GuidedSpec(json_schema=json.dumps(schema, ensure_ascii=False))
-
-    def constrain(self, guided: GuidedSpec | None, source: str | None = None) -> GuidedSpec | None:
-        """The constraint to generate under: a forced call's, else `guided` (the request's
-        own, from the field `source`); both at once is a ToolError naming `source`."""
-        if not self.forced:
-            return guided
-        if guided is not None:
-            choice = "'required'" if self.mode == "required" else f"naming {self.name!r}"
-            raise ToolError(
-                f"tool_choice {choice} constrains the output to a tool call; it cannot be "
-                f"combined with {source or 'another output constraint'}",
-                param=source,
-            )
-        return self.constraint()
+            return schemas[0] if len(schemas) == 1 else {"anyOf": schemas}
+        return None
 
     # -- the prompt ---------------------------------------------------------------------------
 
@@ -255,7 +253,7 @@ class ToolSetup:
 
         `messages` are OpenAI-shaped dicts (checked here: ToolError naming the bad one)."""
         offered = self.offered()
-        if supports_tools(tokenizer):
+        if tokenizer.renders_tools:
             definitions = [t.definition() for t in offered] or None
             return native_messages(messages), definitions
         rendered = fallback_messages(messages)
@@ -267,9 +265,19 @@ class ToolSetup:
                 rendered.insert(0, {"role": "system", "content": text})
         return rendered, None
 
-    def encode(self, tokenizer: Tokenizer, messages: Any) -> list[int]:
+    def render(
+        self, tokenizer: Tokenizer, messages: Any, add_generation_prompt: bool = True
+    ) -> str:
+        """The prompt text of `messages` with these tools, as the model's template writes it."""
         rendered, definitions = self.template_input(tokenizer, messages)
-        return tokenizer.encode_chat(rendered, tools=definitions)
+        return tokenizer.apply_chat_template(rendered, add_generation_prompt, tools=definitions)
+
+    def encode(
+        self, tokenizer: Tokenizer, messages: Any, add_generation_prompt: bool = True
+    ) -> list[int]:
+        """The token ids of render()'s text (no BOS added: templates write their own)."""
+        rendered, definitions = self.template_input(tokenizer, messages)
+        return tokenizer.encode_chat(rendered, add_generation_prompt, tools=definitions)
 
     # -- the answer ---------------------------------------------------------------------------
 
@@ -293,14 +301,6 @@ class ToolSetup:
                     calls = calls[:1]
                 return content, [new_call(n, a) for n, a in calls], "tool_calls"
         return text, None, finish_reason
-
-
-def supports_tools(tokenizer: Any) -> bool:
-    """True when the model's chat template renders tools itself (it mentions `tools`)."""
-    templates = getattr(tokenizer, "_chat_templates", None) or {}
-    if "tool_use" in templates:
-        return True
-    return any(isinstance(t, str) and _TOOLS_VARIABLE.search(t) for t in templates.values())
 
 
 def new_call(name: str, arguments: str) -> dict[str, Any]:
