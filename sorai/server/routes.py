@@ -76,10 +76,7 @@ async def tokenize(request: Request) -> Response:
     tokenizer = state.engine.tokenizer
     if body.messages is not None:
         # Chat templates write their own BOS, so no special tokens are added by default.
-        messages, _ = ToolSetup().template_input(tokenizer, body.messages)
-        text = tokenizer.apply_chat_template(
-            messages, add_generation_prompt=body.add_generation_prompt
-        )
+        text = ToolSetup().render(tokenizer, body.messages, body.add_generation_prompt)
         add_special = bool(body.add_special_tokens)
     else:
         text = body.prompt or ""
