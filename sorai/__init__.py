@@ -55,6 +55,7 @@ def load(
     from sorai.generate import LLM
     from sorai.model.loader import load_model
 
+    hub.check_chat_model(model)  # an unknown name or an embedding model, before any pull
     adapter_path = None
     if adapter is not None:
         from sorai.model.lora import check_adapter_dir
