@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import os
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import sorai
 from sorai import hub
@@ -231,11 +232,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise SoraiError(f"--port must be in [0, 65535], got {args.port}")
     if args.max_body_bytes < 1024:
         raise SoraiError(f"--max-body-bytes must be >= 1024, got {args.max_body_bytes}")
-    if hub.kind_of(args.model) == hub.EMBEDDING:
-        raise SoraiError(
-            f"{args.model!r} is an embedding model; serve it with --embedding-model "
-            f"(--model is the chat model, default {hub.DEFAULT_MODEL})"
-        )
+    hub.check_chat_model(args.model)  # a mistyped name or an embedding model (name or path)
     embedding_model = args.embedding_model
     if embedding_model.strip().lower() == "none":
         embedding_model = None
@@ -301,8 +298,63 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse's parser that names the options close to a mistyped one ("did you mean
+    --temperature?"). Every verb's parser is one too: add_parser makes its parent's class."""
+
+    given: list[str] = []  # the arguments this parser was last asked to parse
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        self.given = list(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(args, namespace)
+
+    def error(self, message: str) -> NoReturn:
+        unknown = self.unknown_options()
+        if unknown and not message.startswith("unrecognized arguments"):
+            message += f"; unrecognized arguments: {' '.join(unknown)}"
+        # Matched without the dashes every option shares: "--bogus" is not close to "--verbose".
+        options = {option[2:]: option for option in self.long_options()}
+        close = {u: difflib.get_close_matches(u[2:], options, n=1) for u in unknown}
+        hints = [(u, options[found[0]]) for u, found in close.items() if found]
+        if len(hints) == 1:
+            message += f" (did you mean {hints[0][1]}?)"
+        elif hints:
+            message += f" (did you mean {', '.join(f'{m} for {u}' for u, m in hints)}?)"
+        super().error(message)
+
+    def long_options(self) -> list[str]:
+        return [option for option in self._option_string_actions if option.startswith("--")]
+
+    def unknown_options(self) -> list[str]:
+        """The --options among this parser's arguments that none of its options takes (an
+        abbreviation argparse accepts, like --temp, is not one)."""
+        has_verbs = any(isinstance(a, argparse._SubParsersAction) for a in self._actions)
+        unknown = []
+        for arg in self.given:
+            if arg == "--" or (has_verbs and not arg.startswith("-")):
+                break  # what follows is positional, or the next verb's to parse
+            name = arg.partition("=")[0]
+            if not name.startswith("--") or name in self._option_string_actions:
+                continue
+            if not (self.allow_abbrev and any(o.startswith(name) for o in self.long_options())):
+                unknown.append(name)
+        return unknown
+
+
+def _chosen_parser(
+    parser: argparse.ArgumentParser, args: argparse.Namespace
+) -> argparse.ArgumentParser:
+    """The parser of the innermost verb the arguments chose (`sorai index add` -> add's)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            chosen = action.choices.get(getattr(args, action.dest, None))
+            if chosen is not None:
+                return _chosen_parser(chosen, args)
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="sorai", description="sorai: fine-tune, serve and use open LLMs on your own machines."
     )
     parser.add_argument("--version", action="version", version=f"sorai {sorai.__version__}")
@@ -424,7 +476,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # parse_args would report an argument no verb takes with the top-level usage; the verb
+    # that was given reports it instead, with its own usage and the options close to it.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        _chosen_parser(parser, args).error(f"unrecognized arguments: {' '.join(extra)}")
     if not getattr(args, "run", None):
         parser.print_help()
         return EXIT_USAGE

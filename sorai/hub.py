@@ -7,9 +7,11 @@ embedding models (sentence-transformers directories, served by /v1/embeddings).
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -19,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from sorai.errors import HubError, ModelNotFoundError
+from sorai.errors import HubError, ModelFormatError, ModelNotFoundError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_EMBEDDING_MODEL = "all-minilm-l6-v2"
@@ -41,6 +43,7 @@ class ModelSource:
     size: int  # bytes of that file
     kind: str = CHAT  # CHAT or EMBEDDING
     checked: str = ""  # for a directory: the file (its weights) whose sha256 is pinned
+    architecture: str = ""  # of an embedding model, named when it is given as a chat model
 
     @property
     def is_dir(self) -> bool:
@@ -76,6 +79,7 @@ KNOWN_MODELS: dict[str, ModelSource] = {
             size=90868376,
             kind=EMBEDDING,
             checked="model.safetensors",
+            architecture="bert",
         ),
     ]
 }
@@ -227,25 +231,66 @@ def _known(name: str) -> ModelSource:
     except KeyError:
         known = ", ".join(sorted(KNOWN_MODELS))
         raise ModelNotFoundError(
-            f"unknown model {name!r}: known models are {known}; "
+            f"unknown model {name!r}{_did_you_mean(name)}: known models are {known}; "
             "or pass a path to a Hugging Face directory or a .gguf file"
         ) from None
 
 
+def _did_you_mean(name: str) -> str:
+    """' (did you mean 'x'?)' naming the known models close to a mistyped name, else ''."""
+    typed = name.strip().lower()
+    close = difflib.get_close_matches(typed, KNOWN_MODELS, n=3, cutoff=0.6)
+    # A known name's beginning ("smollm2") is as good a hint as a near miss.
+    close += [n for n in sorted(KNOWN_MODELS) if len(typed) >= 3 and n.startswith(typed)]
+    close = list(dict.fromkeys(close))
+    return f" (did you mean {' or '.join(repr(n) for n in close)}?)" if close else ""
+
+
 def resolve(name_or_path: str | os.PathLike, progress: Callable[[str], None] | None = None) -> Path:
     """Turn a model argument into a local path, pulling a known model on first use."""
+    text = _model_text(name_or_path)
+    if text in KNOWN_MODELS:
+        return pull(text, progress=progress)
+    return _existing_path(text)
+
+
+def _model_text(name_or_path: str | os.PathLike) -> str:
     text = os.fspath(name_or_path)
     if not text.strip():
         raise ModelNotFoundError("the model name is empty; give a known name or a path")
-    if text in KNOWN_MODELS:
-        return pull(text, progress=progress)
+    return text
+
+
+def _existing_path(text: str) -> Path:
     path = Path(text).expanduser()
     if path.exists():
         return path
     known = ", ".join(sorted(KNOWN_MODELS))
     raise ModelNotFoundError(
-        f"unknown model {text!r}: it is not a known model ({known}) "
+        f"unknown model {text!r}{_did_you_mean(text)}: it is not a known model ({known}) "
         "nor a path to a Hugging Face directory or a .gguf file"
+    )
+
+
+def check_chat_model(name_or_path: str | os.PathLike) -> None:
+    """Fail before anything is pulled or loaded on a model argument that cannot be a chat model:
+    an unknown name (naming the known ones close to it), or an embedding model, known by name
+    or a sentence-transformers / encoder directory (ModelFormatError, saying how to serve it)."""
+    text = _model_text(name_or_path)
+    source = KNOWN_MODELS.get(text)
+    if source is not None:
+        architecture = (source.architecture or EMBEDDING) if source.kind == EMBEDDING else None
+    else:
+        # model.config reads JSON only: this check imports no torch and loads no weights.
+        from sorai.model.config import embedding_architecture
+
+        architecture = embedding_architecture(_existing_path(text))
+    if architecture is None:
+        return
+    raise ModelFormatError(
+        f"{text!r} is an embedding model ({architecture}); chat, generate and serve --model "
+        f"need a chat model such as {DEFAULT_MODEL}; serve it with "
+        f"`sorai serve --embedding-model {shlex.quote(text)}`"
     )
 
 

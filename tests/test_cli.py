@@ -6,6 +6,7 @@ Runs that load the model cost ~10 s each, so the generate and chat runs happen o
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -275,3 +276,130 @@ def test_terminal_sampling_defaults_are_tempered(verb: list[str]) -> None:
 
     args = build_parser().parse_args(verb)
     assert (args.temperature, args.top_p) == (0.7, 0.9)
+
+
+# ---- mistyped flags and model names (in process; nothing loads) ----------------------------
+
+
+def _usage_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[str, str]:
+    """argparse's exit 2 for `argv`: (the usage's first line, the error line)."""
+    from sorai.cli import main
+
+    with pytest.raises(SystemExit) as excinfo:
+        main(argv)
+    assert excinfo.value.code == 2
+    lines = capsys.readouterr().err.rstrip("\n").splitlines()
+    return lines[0], lines[-1]
+
+
+@pytest.mark.parametrize(
+    ("argv", "prog", "error"),
+    [
+        (
+            ["chat", "--temprature", "0.5"],
+            "sorai chat",
+            "unrecognized arguments: --temprature 0.5 (did you mean --temperature?)",
+        ),
+        (
+            ["classify", "--lables", "a,b", "x"],
+            "sorai classify",
+            "unrecognized arguments: --lables (did you mean --labels?)",
+        ),
+        (
+            ["index", "add", "--chunksize", "3", "docs"],
+            "sorai index add",
+            "unrecognized arguments: --chunksize (did you mean --chunk-size?)",
+        ),
+        (
+            ["generate", "hi", "--temprature", "1", "--topp", "0.5"],
+            "sorai generate",
+            "unrecognized arguments: --temprature 1 --topp 0.5 "
+            "(did you mean --temperature for --temprature, --top-p for --topp?)",
+        ),
+    ],
+    ids=["chat", "classify", "index-add", "two-typos"],
+)
+def test_a_mistyped_flag_shows_the_verbs_usage_and_the_close_option(
+    argv: list[str], prog: str, error: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    usage, line = _usage_error(argv, capsys)
+    assert usage.startswith(f"usage: {prog} ")  # not the top-level `usage: sorai [-h] ...`
+    assert line == f"{prog}: error: {error}"
+
+
+def test_a_mistyped_flag_is_named_beside_another_usage_error(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    _, line = _usage_error(["topics", "--inptu", "texts.jsonl"], capsys)
+    assert line == (
+        "sorai topics: error: the following arguments are required: --input; "
+        "unrecognized arguments: --inptu (did you mean --input?)"
+    )
+
+
+def test_no_hint_when_no_option_is_close_and_an_abbreviation_is_accepted(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    _, line = _usage_error(["chat", "--temp", "0.5", "--bogus"], capsys)
+    assert line == "sorai chat: error: unrecognized arguments: --bogus"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["chat", "-m", "smollm2-135m-instrukt"],
+        ["generate", "hi", "-m", "smollm2-135m-instrukt"],
+        ["serve", "-m", "smollm2-135m-instrukt"],
+        ["pull", "smollm2-135m-instrukt"],
+    ],
+    ids=["chat", "generate", "serve", "pull"],
+)
+def test_a_mistyped_model_name_names_the_close_known_model(
+    argv: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    from sorai.cli import main
+
+    monkeypatch.setenv("SORAI_HOME", str(tmp_path / "home"))
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sorai: error: unknown model 'smollm2-135m-instrukt'")
+    assert f"(did you mean '{hub.DEFAULT_MODEL}'?)" in err
+    assert not (tmp_path / "home").exists()  # nothing pulled
+
+
+def _sentence_transformers_dir(tmp_path: Path) -> Path:
+    folder = tmp_path / "minilm"
+    (folder / "1_Pooling").mkdir(parents=True)
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {
+            "idx": 1,
+            "name": "1",
+            "path": "1_Pooling",
+            "type": "sentence_transformers.models.Pooling",
+        },
+    ]
+    (folder / "modules.json").write_text(json.dumps(modules))
+    (folder / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 384}))
+    return folder
+
+
+@pytest.mark.parametrize("verb", [["chat"], ["generate", "hi"], ["serve"]])
+@pytest.mark.parametrize("by", ["name", "path"])
+def test_an_embedding_model_as_the_chat_model_says_what_it_is(
+    verb: list[str], by: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    from sorai.cli import main
+
+    monkeypatch.setenv("SORAI_HOME", str(tmp_path / "home"))
+    model = (
+        hub.DEFAULT_EMBEDDING_MODEL if by == "name" else str(_sentence_transformers_dir(tmp_path))
+    )
+    assert main([*verb, "-m", model]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"sorai: error: {model!r} is an embedding model (bert); chat, generate and serve --model "
+        f"need a chat model such as {hub.DEFAULT_MODEL}; serve it with "
+        f"`sorai serve --embedding-model {model}`\n"
+    )
+    assert not (tmp_path / "home").exists()  # nothing pulled

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from sorai import hub
-from sorai.errors import HubError, ModelNotFoundError, SoraiError
+from sorai.errors import HubError, ModelFormatError, ModelNotFoundError, SoraiError
 
 SOURCE = hub.KNOWN_MODELS[hub.DEFAULT_MODEL]
 FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -172,6 +172,31 @@ def test_resolve_of_an_unknown_name_raises_model_not_found_listing_known_names(
         assert name in message
 
 
+@pytest.mark.parametrize(
+    ("typed", "meant"),
+    [
+        ("smollm2-135m-instrukt", hub.DEFAULT_MODEL),
+        ("SmolLM2-135M-Instruct", hub.DEFAULT_MODEL),
+        ("smollm2", hub.DEFAULT_MODEL),
+        ("all-minilm-l6", hub.DEFAULT_EMBEDDING_MODEL),
+    ],
+)
+def test_a_mistyped_name_is_told_the_close_known_names(
+    empty_home: Path, typed: str, meant: str
+) -> None:
+    for find in (hub.resolve, hub.pull, hub.check_chat_model):
+        with pytest.raises(ModelNotFoundError) as excinfo:
+            find(typed)
+        assert f"unknown model {typed!r} (did you mean {meant!r}?)" in str(excinfo.value)
+    assert not empty_home.exists()
+
+
+def test_a_name_close_to_none_gets_no_guess(empty_home: Path) -> None:
+    with pytest.raises(ModelNotFoundError) as excinfo:
+        hub.resolve("no-such-model")
+    assert "did you mean" not in str(excinfo.value)
+
+
 def test_model_not_found_is_a_sorai_error_and_a_lookup_error() -> None:
     assert issubclass(ModelNotFoundError, SoraiError)
     assert issubclass(ModelNotFoundError, LookupError)
@@ -325,3 +350,52 @@ def test_list_models_gives_each_model_its_kind(empty_home: Path) -> None:
     kinds = {e.name: e.kind for e in hub.list_models()}
     assert kinds[hub.DEFAULT_MODEL] == "chat"
     assert kinds[hub.DEFAULT_EMBEDDING_MODEL] == "embedding"
+
+
+# ---- a chat model is asked for ---------------------------------------------------------------
+
+
+def _write_json(path: Path, value: object) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(value))
+
+
+def _embedding_message(model: str, architecture: str) -> str:
+    return (
+        f"{model!r} is an embedding model ({architecture}); chat, generate and serve --model "
+        f"need a chat model such as {hub.DEFAULT_MODEL}; serve it with "
+        f"`sorai serve --embedding-model {model}`"
+    )
+
+
+def test_an_embedding_model_by_name_is_refused_as_a_chat_model_before_it_is_pulled(
+    empty_home: Path,
+) -> None:
+    import sorai
+
+    for check in (hub.check_chat_model, sorai.load):
+        with pytest.raises(ModelFormatError) as excinfo:
+            check(hub.DEFAULT_EMBEDDING_MODEL)
+        assert str(excinfo.value) == _embedding_message(hub.DEFAULT_EMBEDDING_MODEL, "bert")
+    assert not empty_home.exists()
+
+
+def test_a_sentence_transformers_directory_is_refused_as_a_chat_model(tmp_path: Path) -> None:
+    # The encoder's config.json in a module directory, as some sentence-transformers models have.
+    model = tmp_path / "encoder"
+    _write_json(model / "modules.json", [{"path": "0_Transformer"}, {"path": "1_Pooling"}])
+    _write_json(model / "0_Transformer" / "config.json", {"model_type": "xlm-roberta"})
+    with pytest.raises(ModelFormatError) as excinfo:
+        hub.check_chat_model(model)
+    assert str(excinfo.value) == _embedding_message(str(model), "xlm-roberta")
+
+
+def test_an_encoder_directory_is_refused_and_a_llama_one_is_not(tmp_path: Path) -> None:
+    _write_json(tmp_path / "bert" / "config.json", {"model_type": "bert"})
+    with pytest.raises(ModelFormatError, match=r"is an embedding model \(bert\)"):
+        hub.check_chat_model(tmp_path / "bert")
+    _write_json(tmp_path / "llama" / "config.json", {"model_type": "llama"})
+    hub.check_chat_model(tmp_path / "llama")
+    (tmp_path / "model.gguf").write_bytes(b"GGUF")
+    hub.check_chat_model(tmp_path / "model.gguf")
+    hub.check_chat_model(hub.DEFAULT_MODEL)

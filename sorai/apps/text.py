@@ -1,5 +1,5 @@
 """Text helpers the apps share: where sentences end (English and Japanese), a token estimate
-without a tokenizer, and a length in words that also counts CJK text."""
+without a tokenizer, a length in words that also counts CJK text, and counted nouns."""
 
 from __future__ import annotations
 
@@ -26,6 +26,12 @@ def sentences(text: str) -> list[str]:
     starts = [0] + [m.end() for m in SENTENCE_END.finditer(text)] + [len(text)]
     pieces = (text[a:b].strip() for a, b in zip(starts, starts[1:], strict=False))
     return [piece for piece in pieces if piece]
+
+
+def plural(n: int, noun: str, plural_form: str | None = None) -> str:
+    """`n` and the noun in the right number: "1 chunk", "2 chunks", "0 entries" (with
+    plural_form="entries" where adding an s is wrong)."""
+    return f"{n} {noun}" if n == 1 else f"{n} {plural_form or noun + 's'}"
 
 
 def estimate_tokens(text: str) -> int:

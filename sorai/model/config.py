@@ -16,6 +16,25 @@ SUPPORTED_ARCHITECTURES = {
     "qwen2": "Qwen2ForCausalLM",
 }
 
+# Encoder-only architectures (HF and GGUF spellings): what embedding models are built on.
+ENCODER_ARCHITECTURES = frozenset(
+    {
+        "albert",
+        "bert",
+        "camembert",
+        "deberta",
+        "deberta-v2",
+        "distilbert",
+        "electra",
+        "modernbert",
+        "mpnet",
+        "nomic-bert",
+        "nomic_bert",
+        "roberta",
+        "xlm-roberta",
+    }
+)
+
 
 _POSITIVE_INTS = (
     "vocab_size",
@@ -94,6 +113,11 @@ class ModelConfig:
         model_type = raw.get("model_type", "llama")
         if model_type not in SUPPORTED_ARCHITECTURES:
             supported = ", ".join(sorted(SUPPORTED_ARCHITECTURES))
+            if model_type in ENCODER_ARCHITECTURES:
+                raise ModelFormatError(
+                    f"model_type {model_type!r} is an encoder, the architecture of an "
+                    f"embedding model, not of a chat model; supported: {supported}"
+                )
             raise ModelFormatError(
                 f"model_type {model_type!r} is not supported; supported: {supported}"
             )
@@ -136,3 +160,35 @@ class ModelConfig:
         out["architectures"] = [SUPPORTED_ARCHITECTURES[self.model_type]]
         out.setdefault("hidden_act", "silu")
         return out
+
+
+def embedding_architecture(path: Path) -> str | None:
+    """The architecture (e.g. "bert") when `path` is an embedding model: a sentence-transformers
+    directory (it has modules.json) or an HF directory of an encoder; None for anything else.
+    Reads JSON only, so a wrong kind of model is told apart before torch or weights load."""
+    path = Path(path)
+    if not path.is_dir():
+        return None
+    model_type = _model_type(path / "config.json")
+    if (path / "modules.json").exists():
+        if model_type is None:  # the encoder's config.json may sit in its module's directory
+            modules = _read_json(path / "modules.json")
+            first = modules[0] if isinstance(modules, list) and modules else None
+            inner = first.get("path") if isinstance(first, dict) else None
+            model_type = _model_type(path / str(inner or "") / "config.json")
+        return model_type or "sentence-transformers"
+    return model_type if model_type in ENCODER_ARCHITECTURES else None
+
+
+def _model_type(config_json: Path) -> str | None:
+    raw = _read_json(config_json)
+    value = raw.get("model_type") if isinstance(raw, dict) else None
+    return str(value) if value else None
+
+
+def _read_json(path: Path) -> Any:
+    """The file's JSON, or None: a missing or malformed file is the loader's to report."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None

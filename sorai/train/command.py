@@ -167,7 +167,8 @@ def run(args: argparse.Namespace) -> int:
     result = Trainer(config, resume=args.resume).run()
     if rank != 0:
         return 0
-    print(f"trained {result.steps} steps: loss {result.loss:.4f}", end="")
+    steps = f"{result.steps} step{'s' if result.steps != 1 else ''}"
+    print(f"trained {steps} in {result.seconds:.1f} s: loss {result.loss:.4f}", end="")
     if result.val_loss is not None:
         print(f", val_loss {result.val_loss:.4f}", end="")
     print(f"\nrun directory: {result.run_dir}")

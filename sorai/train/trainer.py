@@ -70,6 +70,7 @@ class TrainResult:
     val_loss: float | None
     export: Path | None
     tokens_per_s: float
+    seconds: float = 0.0  # the training loop's wall time
 
 
 GIB = 1024**3
@@ -612,13 +613,9 @@ class Trainer:
         export = self.export()
         if main:
             plot_loss(read_metrics(metrics.path), self.run_dir / "loss.png", title=cfg.model)
-        log.info(
-            "trained %d steps in %.1f s, final loss %.4f" if main else "",
-            self.step,
-            time.perf_counter() - started,
-            last_loss,
-        )
-        return TrainResult(self.run_dir, self.step, last_loss, val_loss, export, rate)
+        # No summary line here: the caller reports the result (`sorai train` prints it once).
+        seconds = time.perf_counter() - started
+        return TrainResult(self.run_dir, self.step, last_loss, val_loss, export, rate, seconds)
 
     # -- exports ------------------------------------------------------------------------------
 

@@ -3,7 +3,15 @@
 from __future__ import annotations
 
 from sorai.apps.rag.chunk import chunk_text
-from sorai.apps.text import cut_to_fit, estimate_tokens, is_cjk, pack, sentences, word_count
+from sorai.apps.text import (
+    cut_to_fit,
+    estimate_tokens,
+    is_cjk,
+    pack,
+    plural,
+    sentences,
+    word_count,
+)
 
 
 def test_sentences_english_japanese_and_lines() -> None:
@@ -58,3 +66,11 @@ def test_pack_keeps_order_around_a_unit_too_long_for_the_budget() -> None:
     assert pieces[-1].endswith(" last.")
     assert all(estimate_tokens(p) <= 40 for p in pieces)
     assert pack([], 40, join) == []
+
+
+def test_plural_says_1_chunk_and_2_chunks() -> None:
+    assert plural(1, "chunk") == "1 chunk"
+    assert [plural(n, "topic") for n in (0, 2)] == ["0 topics", "2 topics"]
+    assert plural(1, "bad row") == "1 bad row"
+    assert plural(3, "entry", "entries") == "3 entries"
+    assert plural(1, "entry", "entries") == "1 entry"

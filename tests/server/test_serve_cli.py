@@ -88,7 +88,8 @@ def test_bad_embedding_models_fail_before_loading(tmp_path: Path) -> None:
     line = assert_user_error(run_sorai("serve", "--embedding-model", "smollm2-135m-instruct"))
     assert "is a chat model, not an embedding model" in line
     line = assert_user_error(run_sorai("serve", "--model", "all-minilm-l6-v2"))
-    assert "is an embedding model; serve it with --embedding-model" in line
+    assert "is an embedding model (bert)" in line
+    assert "serve it with `sorai serve --embedding-model all-minilm-l6-v2`" in line
 
 
 def test_serve_and_remote_chat(server: tuple[Process, str, str]) -> None:

@@ -138,6 +138,23 @@ def test_a_second_run_into_the_same_directory_is_refused(
         Trainer(cfg)
 
 
+def test_sorai_train_prints_its_summary_once(
+    tiny_model: Path, chat_file: Path, tmp_path: Path, capsys, caplog
+) -> None:
+    from sorai.cli import main
+
+    out = tmp_path / "run"
+    cfg = config(tiny_model, chat_file, out, train={"max_steps": 1}, checkpoint={"every": 0})
+    cfg.save(tmp_path / "config.yaml")
+    with caplog.at_level("INFO", logger="sorai.train"):
+        assert main(["train", str(tmp_path / "config.yaml")]) == 0
+    stdout, stderr = capsys.readouterr()
+    everything = stdout + stderr + caplog.text
+    assert everything.count("trained ") == 1, everything
+    assert stdout.startswith("trained 1 step in ")  # and not "1 steps"
+    assert f"run directory: {out}" in stdout
+
+
 def test_full_fine_tuning_exports_a_model_that_loads_back(
     tiny_model: Path, chat_file: Path, tmp_path: Path
 ) -> None:

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from sorai.apps.command import add_endpoint_args, connect, print_json, say, shown
+from sorai.apps.text import plural
 from sorai.errors import SoraiError
 
 DESCRIPTION = """\
@@ -124,12 +125,8 @@ def run(args: argparse.Namespace) -> int:
         print(trace.answer)
     if not args.quiet:
         say(
-            f"{_count(len(trace.tool_calls), 'tool call')}, {_count(len(trace.steps), 'step')}, "
+            f"{plural(len(trace.tool_calls), 'tool call')}, {plural(len(trace.steps), 'step')}, "
             f"{trace.prompt_tokens}+{trace.completion_tokens} tokens, {trace.seconds:.1f} s, "
             f"stopped by {trace.stop_reason}; trace: {shown(trace.path or '')}"
         )
     return 0
-
-
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"

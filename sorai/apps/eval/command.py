@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from sorai.apps.command import add_endpoint_args, api_key, connect, print_json, say, short, shown
+from sorai.apps.text import plural
 from sorai.errors import SoraiError
 
 IN_PROCESS = "sorai-in-process"  # the judge endpoint's name in the cache when it has no --url
@@ -257,8 +258,9 @@ def run_eval(args: argparse.Namespace) -> int:
             Retry(args.retries),
             thresholds,
         )
+        doing = "resuming" if resuming else "evaluating"
         say(
-            f"{'resuming' if resuming else 'evaluating'} {len(rows)} rows of {shown(args.data)}: "
+            f"{doing} {plural(len(rows), 'row')} of {shown(args.data)}: "
             f"{', '.join(e.name for e in evaluators)}"
             + (f" (judge {judge.model})" if needs_judge and judge is not None else "")
             + f" -> {shown(str(run_dir))}"
@@ -287,7 +289,8 @@ def run_eval(args: argparse.Namespace) -> int:
     for error in first_errors(results):
         say(f"error: {error}")
     if resuming:
-        say(f"{runner.cached} results came from the cache of an earlier run in this directory")
+        cached = plural(runner.cached, "result")
+        say(f"{cached} came from the cache of an earlier run in this directory")
     say(f"report: {shown(str(run_dir / 'report.html'))}")
     return 1 if summary["rows_with_errors"] else 0
 
@@ -345,7 +348,7 @@ def run_compare(args: argparse.Namespace) -> int:
             better = (d.diff > 0) == d.higher_is_better
             verdict = "B better" if better else "B worse"
         if d.few:
-            verdict += f" (only {d.pairs} rows: not enough to decide)"
+            verdict += f" (only {plural(d.pairs, 'row')}: not enough to decide)"
         rows.append(
             [
                 d.metric,

@@ -15,6 +15,7 @@ from sorai.apps.rag.chunk import DEFAULT_CHUNK_SIZE, DEFAULT_OVERLAP, check_size
 from sorai.apps.rag.ingest import add_files, find_files
 from sorai.apps.rag.search import MODES, search
 from sorai.apps.rag.store import Index, default_index_path
+from sorai.apps.text import plural
 
 DESCRIPTION = """\
 A persistent hybrid index over your documents (.txt, .md, .html, .pdf): keyword search (BM25
@@ -135,7 +136,7 @@ def _add(args: argparse.Namespace) -> int:
         report = add_files(index, args.paths, embedder, args.chunk_size, args.overlap, say)
         for path, why in report.failures:
             say(f"failed: {shown(path)}: {why}")
-        print(f"{report.summary()}; index {index.path}: {index.chunk_count()} chunks")
+        print(f"{report.summary()}; index {index.path}: {plural(index.chunk_count(), 'chunk')}")
     return 1 if report.failed else 0
 
 
@@ -174,7 +175,7 @@ def _list(args: argparse.Namespace) -> int:
         added = time.strftime("%Y-%m-%d %H:%M", time.localtime(d.added_at))
         print(f"{d.n_chunks:>6}  {added:16}  {shown(d.path)}")
     vectors = f"{model}, {dimension} dims" if model else "no vectors yet"
-    say(f"{len(documents)} files, {chunks} chunks in {path} ({vectors})")
+    say(f"{plural(len(documents), 'file')}, {plural(chunks, 'chunk')} in {path} ({vectors})")
     return 0
 
 
@@ -184,7 +185,7 @@ def _remove(args: argparse.Namespace) -> int:
         left = index.chunk_count()
     for path in removed:
         say(f"removed {shown(path)}")
-    print(f"{len(removed)} files removed; {left} chunks left")
+    print(f"{plural(len(removed), 'file')} removed; {plural(left, 'chunk')} left")
     if not removed:
         say(f"nothing indexed at {', '.join(args.paths)} (`sorai index list` shows what is)")
         return 1

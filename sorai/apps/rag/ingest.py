@@ -26,6 +26,7 @@ from sorai.apps.rag.chunk import (
 )
 from sorai.apps.rag.embed import embed_texts, embedding_window
 from sorai.apps.rag.store import Embedder, Index, resolve_path
+from sorai.apps.text import plural
 from sorai.errors import DocumentError, SoraiError
 
 EMBED_BATCH = 256  # chunks per embedding call; several small files share one call
@@ -386,7 +387,7 @@ class AddReport:
     def summary(self) -> str:
         return (
             f"{self.added} added, {self.updated} updated, {self.skipped} unchanged, "
-            f"{self.failed} failed; {self.chunks} chunks written "
+            f"{self.failed} failed; {plural(self.chunks, 'chunk')} written "
             f"(read {self.read_seconds:.1f}s, embed {self.embed_seconds:.1f}s, "
             f"write {self.write_seconds:.1f}s)"
         )
@@ -481,7 +482,7 @@ def add_files(
             report.updated += item.replaces
             report.added += not item.replaces
             verb = "updated" if item.replaces else "added"
-            say(f"[{done}/{len(files)}] {verb} {item.path} ({count} chunks)")
+            say(f"[{done}/{len(files)}] {verb} {item.path} ({plural(count, 'chunk')})")
         report.write_seconds += time.perf_counter() - started
         pending.clear()
 

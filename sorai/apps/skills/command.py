@@ -36,6 +36,7 @@ from sorai.apps.command import (
 )
 from sorai.apps.rag.search import MODES
 from sorai.apps.skills.base import SkillError
+from sorai.apps.text import plural
 from sorai.errors import SoraiError
 
 # summarize.STYLES' names, here so that building the parser imports no skill (tested equal).
@@ -517,8 +518,9 @@ def run_summarize(args: argparse.Namespace) -> int:
         print_json({"file": args.file, **asdict(summary)})
         return 0
     print(summary.text)
-    how = "one request" if summary.path == "direct" else f"map-reduce over {summary.chunks} chunks"
-    say(f"({summary.words} words; {how})")
+    chunks = plural(summary.chunks, "chunk")
+    how = "one request" if summary.path == "direct" else f"map-reduce over {chunks}"
+    say(f"({plural(summary.words, 'word')}; {how})")
     return 0
 
 
@@ -600,7 +602,8 @@ def run_topics(args: argparse.Namespace) -> int:
             print(f"{t.count:>5}  {pad(t.label, columns)}  {first}")
             for example in examples[1:]:
                 print(f"{'':>5}  {'':{columns}}  {short(example, 60)}")
-        say(f"{len(texts)} texts, {len(found)} topics" + (f", {failed} bad rows" if failed else ""))
+        bad = f", {plural(failed, 'bad row')}" if failed else ""
+        say(f"{plural(len(texts), 'text')}, {plural(len(found), 'topic')}{bad}")
     return 1 if failed else 0
 
 

@@ -50,6 +50,7 @@ def test_add_search_list_remove(endpoint: str, docs: Path, tmp_path: Path, capsy
     out, err = capsys.readouterr()
     assert out.startswith("3 added, 0 updated, 0 unchanged, 0 failed; 4 chunks written")
     assert "[3/3] added" in err
+    assert "fuji.txt (1 chunk)\n" in err  # not "1 chunks"
 
     assert main(["index", "search", "how is green tea made", "--index", index, "--url",
                  endpoint, "-k", "2", "--json"]) == 0  # fmt: skip
@@ -69,7 +70,7 @@ def test_add_search_list_remove(endpoint: str, docs: Path, tmp_path: Path, capsy
     assert sorted(Path(d["path"]).name for d in listed) == ["fuji.txt", "manual.pdf", "tea.md"]
 
     assert main(["index", "remove", str(docs / "ja"), "--index", index]) == 0
-    assert capsys.readouterr().out == "1 files removed; 3 chunks left\n"
+    assert capsys.readouterr().out == "1 file removed; 3 chunks left\n"
     assert main(["index", "remove", str(docs / "ja"), "--index", index]) == 1
 
 
