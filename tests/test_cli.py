@@ -137,8 +137,8 @@ def test_bad_argument_is_a_one_line_user_error_before_loading(
 def test_prompt_longer_than_context_is_a_one_line_user_error(default_gguf: Path) -> None:
     prompt = "hello " * 9000  # ~9000 tokens; the default model's context window is 8192
     line = assert_user_error(run_sorai("generate", "-", stdin=prompt))
-    assert "context window of 8192 tokens" in line
-    prompt_tokens = re.search(r"the prompt is (\d+) tokens", line)
+    assert "maximum context length is 8192 tokens" in line
+    prompt_tokens = re.search(r"\((\d+) in the prompt", line)
     assert prompt_tokens is not None
     assert int(prompt_tokens.group(1)) > 8192
 
