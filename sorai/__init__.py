@@ -66,23 +66,24 @@ def connect(
     model: str | None = None,
     embedding_model: str | None = None,
 ):
-    """A `sorai.apps.client.Client` for the apps (skills, RAG, agents, eval).
+    """A `sorai.apps.client.Client` for the apps (skills, RAG, agents, eval), on the endpoint
+    the `sorai` verbs would use, the first that applies:
 
-    With `url` (e.g. http://127.0.0.1:8000/v1, or any OpenAI-compatible endpoint): that endpoint,
-    `model` defaulting to the first it lists. Without: sorai's own server started in this process
-    on a loopback port with `model` (default: the embedded default model), stopped by
-    `client.close()`; the apps speak the same protocol to it.
+    1. `url` (e.g. http://127.0.0.1:8000/v1, or any OpenAI-compatible endpoint);
+    2. $SORAI_URL, else $OPENAI_BASE_URL (the variable the openai client itself reads);
+    3. a `sorai serve` answering on http://127.0.0.1:8000/v1 (its default port) that serves
+       `model` when one is named;
+    4. sorai's own server started in this process on a loopback port with `model` (default:
+       the embedded default model), stopped by `client.close()`.
+
+    `model` defaults to the first chat model the endpoint lists. `api_key` defaults to
+    $SORAI_API_KEY, else $OPENAI_API_KEY (for 3., $SORAI_API_KEY only). A server on the default
+    port that refuses the key raises ClientError. `Client.connect(url)` and `Client.local()`
+    (sorai.apps.client) pick one endpoint outright.
 
     >>> with sorai.connect() as client:
     ...     client.chat([{"role": "user", "content": "Hi!"}], max_tokens=20)
     """
     from sorai.apps.client import Client
 
-    if url is not None:
-        return Client.connect(url, api_key, model, embedding_model)
-    from sorai.server.local import LocalServer
-
-    server = LocalServer(model or "smollm2-135m-instruct")
-    client = Client.connect(server.url, server.api_key, server.model, embedding_model)
-    client.on_close = server.close
-    return client
+    return Client.find(url, api_key, model, embedding_model)

@@ -53,6 +53,13 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_url_args(parser: argparse.ArgumentParser, url_help: str) -> None:
+    parser.add_argument("--url", default=None, help=url_help)
+    parser.add_argument(
+        "--api-key", default=None, help="the server's API key (default: $SORAI_API_KEY)"
+    )
+
+
 def _add_sampling_args(parser: argparse.ArgumentParser, max_tokens: int) -> None:
     group = parser.add_argument_group("sampling")
     group.add_argument("-n", "--max-tokens", type=int, default=max_tokens)
@@ -130,11 +137,49 @@ def _stream(llm, prompt_ids: list[int], params, verbose: bool) -> str:
     return "".join(pieces)
 
 
+def _url_client(args: argparse.Namespace):
+    """The endpoint --url names (sorai serve or any OpenAI-compatible one), talking to --model
+    when it serves it, else to the first chat model it lists."""
+    from sorai.apps.client import Client, ClientError, first_chat_model
+
+    if args.adapter is not None:
+        raise SoraiError(
+            "--adapter does not apply with --url: the server decides the model "
+            "(start it with `sorai serve --adapter PATH`)"
+        )
+    key = args.api_key or os.environ.get("SORAI_API_KEY")
+    client = Client.connect(args.url, key, args.model, max_retries=0)
+    try:
+        served = client.models()
+        if client.model not in served:
+            client.model = first_chat_model(served, client.where)
+    except ClientError:
+        client.close()
+        raise
+    return client
+
+
+def _print_stream(stream, started: float, verbose: bool) -> str:
+    """Print an endpoint's streamed deltas as they come; return the whole text."""
+    pieces = []
+    with stream:  # leaving early (Ctrl-C) drops the connection, which aborts the request
+        for text in stream:
+            pieces.append(text)
+            print(text, end="", flush=True)
+    print(flush=True)
+    if verbose and stream.usage is not None:
+        usage = stream.usage
+        _print_stats(usage.completion_tokens, usage.prompt_tokens, time.perf_counter() - started)
+    return "".join(pieces)
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from sorai.engine.params import SamplingParams
 
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     params = SamplingParams.from_options(_sampling_options(args))  # fail before loading
+    if args.url:
+        return _generate_at_url(args, prompt, params)
     llm = _load(args)
     if args.chat:
         messages = [{"role": "system", "content": args.system}] if args.system else []
@@ -145,36 +190,59 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generate_at_url(args: argparse.Namespace, prompt: str, params) -> int:
+    """`sorai generate --url`: the endpoint's completions (chat completions with --chat)."""
+    from sorai.apps.client import request_options
+
+    with _url_client(args) as client:
+        started = time.perf_counter()
+        options = request_options(params)
+        if args.chat:
+            messages = [{"role": "system", "content": args.system}] if args.system else []
+            messages.append({"role": "user", "content": prompt})
+            stream = client.stream_chat(messages, **options)
+        else:
+            stream = client.stream_completion(prompt, **options)
+        _print_stream(stream, started, args.verbose)
+    return 0
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
     from sorai.engine.params import SamplingParams
 
     params = SamplingParams.from_options(_sampling_options(args))
-    if args.url:
-        if args.adapter is not None:
-            raise SoraiError(
-                "--adapter does not apply with --url: the server decides the model "
-                "(start it with `sorai serve --adapter PATH`)"
-            )
-        from sorai.server.remote import remote_responder
+    with contextlib.ExitStack() as stack:
+        if args.url:
+            from sorai.apps.client import request_options
 
-        respond, model = remote_responder(
-            args.url, args.api_key, args.model, params, args.verbose, say
-        )
-    else:
-        llm = _load(args)
-        model = llm.name  # --model as typed, plus `+<adapter name>` with --adapter
+            client = stack.enter_context(_url_client(args))
+            model = client.model
+            options = request_options(params)
 
-        def respond(messages: list[dict[str, str]]) -> str:
-            return _stream(llm, llm.tokenizer.encode_chat(messages), params, args.verbose)
+            def respond(messages: list[dict[str, str]]) -> str:
+                started = time.perf_counter()
+                stream = client.stream_chat(messages, **options)
+                return _print_stream(stream, started, args.verbose)
 
-    system = args.system
+        else:
+            llm = _load(args)
+            model = llm.name  # --model as typed, plus `+<adapter name>` with --adapter
+
+            def respond(messages: list[dict[str, str]]) -> str:
+                return _stream(llm, llm.tokenizer.encode_chat(messages), params, args.verbose)
+
+        where = f" at {client.where}" if args.url else ""
+        return _chat_loop(respond, args.system, f"{model}{where}")
+
+
+def _chat_loop(respond, system: str | None, talking_to: str) -> int:
+    """The REPL: stdin lines to `respond`, /commands; 0 at end of input or /exit."""
     history: list[dict[str, str]] = []
     interactive = sys.stdin.isatty()
     if interactive:
         with contextlib.suppress(ImportError):  # line editing and history for input()
             import readline  # noqa: F401
-        where = f" at {args.url}" if args.url else ""
-        say(f"chatting with {model}{where}; /help for commands, Ctrl-D to leave")
+        say(f"chatting with {talking_to}; /help for commands, Ctrl-D to leave")
     while True:
         try:
             line = input(">>> " if interactive else "")
@@ -364,12 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(chat)
     chat.add_argument("--system", default=None, help="system prompt")
     chat.add_argument("-v", "--verbose", action="store_true", help="print speed after answers")
-    chat.add_argument(
-        "--url", default=None, help="talk to a running server (e.g. http://127.0.0.1:8000)"
-    )
-    chat.add_argument(
-        "--api-key", default=None, help="the server's API key (default: $SORAI_API_KEY)"
-    )
+    _add_url_args(chat, "talk to a running server (e.g. http://127.0.0.1:8000)")
     _add_sampling_args(chat, max_tokens=512)
     chat.set_defaults(run=cmd_chat)
 
@@ -379,6 +442,11 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--chat", action="store_true", help="apply the model's chat template")
     generate.add_argument("--system", default=None, help="system prompt (with --chat)")
     generate.add_argument("-v", "--verbose", action="store_true", help="print speed at the end")
+    _add_url_args(
+        generate,
+        "complete at a running server (e.g. http://127.0.0.1:8000): its completions endpoint, "
+        "chat completions with --chat",
+    )
     _add_sampling_args(generate, max_tokens=256)
     generate.set_defaults(run=cmd_generate)
 

@@ -1,13 +1,29 @@
 """Shared fixtures: the embedded default models (chat and embeddings), pulled once into the
-test cache."""
+test cache, and an environment that names no endpoint."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from sorai import hub
+
+# What the apps' endpoint discovery reads (sorai.apps.client.find_endpoint): a developer's own
+# endpoint, key or `sorai serve` on the default port must not change what the tests talk to.
+ENDPOINT_VARIABLES = ("SORAI_URL", "OPENAI_BASE_URL", "SORAI_API_KEY", "OPENAI_API_KEY")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_endpoint_from_the_environment() -> Iterator[None]:
+    """For the session, in this process and the subprocesses it starts: no endpoint or key in
+    the environment and no probe of the default port; a test wanting one sets it itself."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name in ENDPOINT_VARIABLES:
+            patch.delenv(name, raising=False)
+        patch.setenv("SORAI_DEFAULT_URL", "none")
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -11,12 +11,14 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 import sorai
 from sorai import hub
+from tests.apps.http_double import JSONHandler, closed_port, serving
 
 # The console script installed next to the interpreter running the tests (the project venv);
 # `python -m sorai.cli` is the same entry point where the script is missing.
@@ -403,3 +405,123 @@ def test_an_embedding_model_as_the_chat_model_says_what_it_is(
         f"`sorai serve --embedding-model {model}`\n"
     )
     assert not (tmp_path / "home").exists()  # nothing pulled
+
+
+# ---- generate and chat --url: an OpenAI-compatible endpoint's streams ----------------------
+
+
+class _StreamingDouble(JSONHandler):
+    """Test double for an OpenAI-compatible endpoint serving "served-model" (and an embedding
+    model): streams "Hello" + " world" from /v1/completions and /v1/chat/completions, then the
+    usage; records each request's path and body. With `key` set it answers others with 401."""
+
+    key: str | None = None
+    requests: list[tuple[str, dict]] = []
+
+    def _authorized(self) -> bool:
+        if self.key is None or self.headers.get("Authorization") == f"Bearer {self.key}":
+            return True
+        error = {"message": "incorrect API key provided", "code": "invalid_api_key"}
+        self.send_json(401, {"error": error})
+        return False
+
+    def do_GET(self) -> None:  # noqa: N802 (the http.server name)
+        if self._authorized():
+            cards = [{"id": name, "object": "model", "created": 0, "owned_by": "double"}
+                     for name in ("served-model", hub.DEFAULT_EMBEDDING_MODEL)]  # fmt: skip
+            self.send_json(200, {"object": "list", "data": cards})
+
+    def do_POST(self) -> None:  # noqa: N802
+        if not self._authorized():
+            return
+        body = self.read_json()
+        self.requests.append((self.path, body))
+        chat = self.path.endswith("/chat/completions")
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.end_headers()
+        for text, finish in (("Hello", None), (" world", "length")):
+            part = {"delta": {"content": text}} if chat else {"text": text}
+            choice = {"index": 0, "finish_reason": finish, **part}
+            self._event({"choices": [choice]}, chat, body["model"])
+        usage = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+        self._event({"choices": [], "usage": usage}, chat, body["model"])
+        self.wfile.write(b"data: [DONE]\n\n")
+
+    def _event(self, chunk: dict, chat: bool, model: str) -> None:
+        kind = "chat.completion.chunk" if chat else "text_completion"
+        chunk = {"id": "x", "object": kind, "created": 0, "model": model, **chunk}
+        self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+
+
+@pytest.fixture
+def endpoint() -> Iterator[type[_StreamingDouble]]:
+    class Double(_StreamingDouble):
+        requests: list[tuple[str, dict]] = []
+
+    with serving(Double) as url:
+        Double.url = url
+        yield Double
+
+
+def test_generate_url_streams_the_endpoints_completion(endpoint) -> None:
+    result = run_sorai(
+        "generate", "Once upon", "--url", endpoint.url, "-t", "0", "-n", "5", "--top-k", "3",
+        "--stop", "END", "-v",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "Hello world\n"
+    assert STATS.match(result.stderr).groups() == ("3", "2")
+    [(path, body)] = endpoint.requests
+    assert path == "/v1/completions"
+    # --model (the default model) is not served: the endpoint's first chat model answers.
+    assert body["model"] == "served-model" and body["prompt"] == "Once upon"
+    assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
+    assert (body["max_tokens"], body["temperature"], body["top_k"]) == (5, 0, 3)
+    assert body["stop"] == ["END"]
+
+
+def test_generate_url_chat_uses_the_chat_endpoint(endpoint) -> None:
+    result = run_sorai(
+        "generate", "Hi", "--chat", "--system", "Be brief.", "--url", endpoint.url + "/v1/"
+    )
+    assert result.returncode == 0, result.stderr
+    assert (result.stdout, result.stderr) == ("Hello world\n", "")
+    [(path, body)] = endpoint.requests
+    assert path == "/v1/chat/completions"
+    assert body["messages"] == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+    ]
+    assert "top_k" not in body  # sorai's extras go only when not at their default
+
+
+def test_chat_url_answers_each_line_with_the_conversation_so_far(endpoint) -> None:
+    result = run_sorai("chat", "--url", endpoint.url, "-m", "served-model", stdin="Hi\nAnd?\n")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "Hello world\nHello world\n"
+    [(_, first), (_, second)] = endpoint.requests
+    assert first["model"] == second["model"] == "served-model"
+    assert second["messages"] == [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello world"},
+        {"role": "user", "content": "And?"},
+    ]
+
+
+@pytest.mark.parametrize("verb", [["chat"], ["generate", "hi"]])
+def test_url_with_a_refused_key_is_a_one_line_user_error(endpoint, verb: list[str]) -> None:
+    endpoint.key = "sk-right"
+    env = {**os.environ, "SORAI_API_KEY": "sk-wrong"}
+    line = assert_user_error(run_sorai(*verb, "--url", endpoint.url, stdin="hi\n", env=env))
+    assert "refused the API key (401)" in line and endpoint.url in line
+    right = run_sorai(*verb, "--url", endpoint.url, "--api-key", "sk-right", stdin="hi\n", env=env)
+    assert right.returncode == 0 and right.stdout == "Hello world\n"
+
+
+def test_url_at_a_closed_port_is_a_one_line_user_error(tmp_path: Path) -> None:
+    url = f"http://127.0.0.1:{closed_port()}"
+    assert "cannot reach" in assert_user_error(run_sorai("generate", "hi", "--url", url))
+    # The server decides the model: an adapter is refused before anything is asked of it.
+    with_adapter = run_sorai("generate", "hi", "--url", url, "--adapter", str(tmp_path))
+    assert "--adapter does not apply with --url" in assert_user_error(with_adapter)

@@ -21,7 +21,6 @@ from typing import IO, Any
 from sorai.errors import SoraiError
 
 TEXT_FIELD = "text"
-STARTING = "starting sorai's server in this process (--url uses a running endpoint)"
 
 
 def say(message: str) -> None:
@@ -67,8 +66,9 @@ def add_endpoint_args(
     group.add_argument(
         "--url",
         default=None,
-        help="an OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 (default: sorai's "
-        "own server, started in this process)",
+        help="an OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 (default: $SORAI_URL "
+        "or $OPENAI_BASE_URL, else a `sorai serve` on http://127.0.0.1:8000/v1, else sorai's "
+        "own server started in this process)",
     )
     group.add_argument(
         "--api-key",
@@ -81,7 +81,7 @@ def add_endpoint_args(
             "--model",
             default=None,
             metavar="NAME",
-            help="the chat model (default: the first the endpoint lists; without --url, "
+            help="the chat model (default: the first the endpoint lists; in this process, "
             "sorai's default model)",
         )
     if embeddings:
@@ -97,16 +97,19 @@ def api_key(args: argparse.Namespace) -> str | None:
     return args.api_key or os.environ.get("SORAI_API_KEY") or os.environ.get("OPENAI_API_KEY")
 
 
-def connect(args: argparse.Namespace, embedding_model: str | None = None):
-    """A `Client` for the endpoint the options name, or sorai's own server in this process."""
-    import sorai
+def connect(args: argparse.Namespace, embedding_model: str | None = None, chat: bool = True):
+    """A `Client` for the endpoint the options name, else the one `Client.find` picks: its
+    first stderr line says which and why. chat=False: only embeddings will be asked for."""
+    from sorai.apps.client import Client
 
-    embedding_model = getattr(args, "embedding_model", None) or embedding_model
-    model = getattr(args, "model", None)
-    if args.url is None:
-        say(STARTING)
-        return sorai.connect(model=model, embedding_model=embedding_model)
-    return sorai.connect(args.url, api_key(args), model, embedding_model)
+    return Client.find(
+        args.url,
+        args.api_key,
+        getattr(args, "model", None) if chat else None,
+        getattr(args, "embedding_model", None) or embedding_model,
+        chat=chat,
+        report=say,
+    )
 
 
 # -- input files ----------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import time
 import uvicorn
 from fastapi import FastAPI
 
+from sorai import hub
 from sorai.server.app import create_app
 from sorai.server.auth import APIKeys
 from sorai.server.state import ServerSettings
@@ -51,16 +52,20 @@ class ServerThread:
 
 
 class LocalServer:
-    """Loads `model` into an AsyncEngine and serves it on 127.0.0.1 with a one-off API key."""
+    """Loads `model` into an AsyncEngine and serves it on 127.0.0.1 with a one-off API key,
+    with `embedding_model` (loaded on its first request) for /v1/embeddings."""
 
     def __init__(
-        self, model: str | os.PathLike = "smollm2-135m-instruct", adapter: str | None = None
+        self,
+        model: str | os.PathLike = hub.DEFAULT_MODEL,
+        adapter: str | None = None,
+        embedding_model: str = hub.DEFAULT_EMBEDDING_MODEL,
     ) -> None:
         from sorai.engine.async_engine import AsyncEngine
 
         self.api_key = "sk-local-" + secrets.token_hex(16)
         engine = AsyncEngine.from_model(model, adapter=adapter)
-        settings = ServerSettings(api_keys=APIKeys([self.api_key]))
+        settings = ServerSettings(api_keys=APIKeys([self.api_key]), embedding_model=embedding_model)
         self.thread = ServerThread(create_app(engine, settings)).start()
         self.url = self.thread.url + "/v1"
         self.model = engine.model_name

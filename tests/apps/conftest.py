@@ -4,7 +4,6 @@ from collections.abc import Iterator
 
 import pytest
 
-import sorai
 from sorai.apps.client import Client
 
 
@@ -12,6 +11,6 @@ from sorai.apps.client import Client
 def client(default_gguf) -> Iterator[Client]:
     """The embedded default model (and the embedding model) behind sorai's own server, in this
     process: one per test session for every app's tests."""
-    client = sorai.connect()
+    client = Client.local()
     yield client
     client.close()

@@ -1,4 +1,5 @@
-"""`sorai serve` and `sorai chat --url` as real subprocesses: one server start for the module."""
+"""`sorai serve`, and `sorai chat --url` and `generate --url` against it, as real subprocesses:
+one server start for the module."""
 
 from __future__ import annotations
 
@@ -116,6 +117,12 @@ def test_serve_and_remote_chat(server: tuple[Process, str, str]) -> None:
     )  # fmt: skip
     assert chat.returncode == 0, chat.stderr
     assert chat.stdout.strip() == reply.choices[0].message.content
+    generate = run_sorai(
+        "generate", "--chat", "What is the capital of France?", "--url", url, "--api-key", KEY,
+        "-t", "0", "-n", "12",
+    )  # fmt: skip
+    assert generate.returncode == 0, generate.stderr
+    assert generate.stdout.strip() == reply.choices[0].message.content
     env = {**os.environ, "SORAI_API_KEY": "wrong"}
     denied = run_sorai("chat", "--url", url, stdin="hi\n", env=env)
     assert "API key" in assert_user_error(denied)

@@ -222,6 +222,8 @@ def run_eval(args: argparse.Namespace) -> int:
     resuming = (run_dir / "cache.jsonl").exists()
     needs_judge = any(e.uses_judge for e in evaluators)
     needs_embed = any(e.name == "embedding_similarity" for e in evaluators)
+    from sorai.apps.client import Client
+
     clients: list[Any] = []
     try:
         main = None
@@ -230,22 +232,20 @@ def run_eval(args: argparse.Namespace) -> int:
             clients.append(main)
         judge = main
         if args.judge_url:
-            import sorai
-
             key = args.judge_api_key or api_key(args)
-            judge = sorai.connect(args.judge_url, key, args.judge_model, args.embedding_model)
+            judge = Client.connect(args.judge_url, key, args.judge_model, args.embedding_model)
             clients.append(judge)
         elif args.judge_model and main is not None:
-            from sorai.apps.client import Client
-
-            judge = Client(main.openai, args.judge_model, main.embedding_model)
+            judge = Client(
+                main.openai, args.judge_model, main.embedding_model, in_process=main.in_process
+            )
         for client in clients:
             _own_retries(client)
         if judge is not None and judge not in clients:
             _own_retries(judge)
         target = _target(args, main) if args.target else None
         context = Context(judge, judge, args.prompts, args.judge_max_tokens)
-        if not args.judge_url and not args.url:
+        if judge is not None and judge.in_process:
             # sorai's own server listens on a new port each run: its URL must not key the
             # cache, or every resume would judge everything again.
             context.endpoint = IN_PROCESS

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
-from sorai.apps.command import STARTING, add_endpoint_args, api_key, say, shown
+from sorai.apps.command import add_endpoint_args, connect, say, shown
 from sorai.apps.rag.chunk import DEFAULT_CHUNK_SIZE, DEFAULT_OVERLAP, check_sizes
 from sorai.apps.rag.ingest import add_files, find_files
 from sorai.apps.rag.search import MODES, search
@@ -113,19 +113,10 @@ class _Deferred:
 
 
 def _embedder(args: argparse.Namespace, index: Index) -> _Deferred:
-    import sorai
-    from sorai.apps.client import DEFAULT_EMBEDDING_MODEL, Client
+    from sorai.apps.client import DEFAULT_EMBEDDING_MODEL
 
     name = args.embedding_model or index.embedding_model or DEFAULT_EMBEDDING_MODEL
-
-    def connect():
-        if args.url is None:
-            say(STARTING)
-            return sorai.connect(embedding_model=name)
-        # No chat here: naming the model spares the round trip that looks up a chat model.
-        return Client.connect(args.url, api_key(args), model=name, embedding_model=name)
-
-    return _Deferred(connect, name)
+    return _Deferred(lambda: connect(args, embedding_model=name, chat=False), name)
 
 
 def _add(args: argparse.Namespace) -> int:

@@ -1,11 +1,12 @@
 """`sorai classify|extract|summarize|sentiment|topics|ask`: the skills at the command line.
 
 Each verb talks to a model through `sorai.apps.client.Client`: `--url` names any
-OpenAI-compatible endpoint; without it sorai's own server starts in this process
-(`sorai.connect()`). classify, extract and sentiment take texts as arguments or, in batch mode,
-a file (`--input`: JSONL, CSV with a header row, or text with one item a line) and write one JSON
-line per input row: the row plus the result. A bad row is reported as `file:line: what is wrong`
-and the run goes on; the exit code is 1 when any row failed, 2 for a usage error.
+OpenAI-compatible endpoint; without it `Client.find` takes $SORAI_URL, a `sorai serve` on the
+default port, else starts sorai's own server in this process. classify, extract and sentiment
+take texts as arguments or, in batch mode, a file (`--input`: JSONL, CSV with a header row, or
+text with one item a line) and write one JSON line per input row: the row plus the result. A
+bad row is reported as `file:line: what is wrong` and the run goes on; the exit code is 1 when
+any row failed, 2 for a usage error.
 
 The skills are imported when a verb runs, so `import sorai.cli` stays fast.
 """

@@ -186,14 +186,16 @@ def test_outside_csv_bom_quoted_newline_numbers_empty_cells(tmp_path, capsys):
 def test_resume_with_the_in_process_judge_asks_nothing_again(tmp_path, monkeypatch, capsys):
     # Without --url the judge is sorai's own server, on a new port each run; stand in for it
     # with a judge double on a new port each run.
-    import sorai
     import sorai.apps.eval.command as command
+    from sorai.apps.client import Client
 
     servers: list[JudgeServer] = []
 
     def fresh_local_server(args, embedding_model=None):
         servers.append(JudgeServer())
-        return sorai.connect(servers[-1].url)
+        client = Client.connect(servers[-1].url)
+        client.in_process = True
+        return client
 
     monkeypatch.setattr(command, "connect", fresh_local_server)
     data = write_jsonl(tmp_path / "d.jsonl", warranty_rows(60)[:3])

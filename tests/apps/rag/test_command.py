@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from sorai.apps.client import Client
 from sorai.cli import main
 
 from ..http_double import JSONHandler, closed_port, embeddings_body, serving
@@ -110,12 +111,11 @@ def test_errors_are_one_line(docs: Path, tmp_path: Path, capsys):
 def test_bad_add_arguments_fail_before_connecting_or_creating(tmp_path: Path, capsys, monkeypatch):
     """A missing path or bad sizes are reported at once: no server started (seconds, for a
     typo), no index file left behind."""
-    import sorai
 
     def no_connect(*args, **kwargs):
         raise AssertionError("connected before checking the arguments")
 
-    monkeypatch.setattr(sorai, "connect", no_connect)
+    monkeypatch.setattr(Client, "find", no_connect)
     index = tmp_path / "new.sqlite"
     assert main(["index", "add", str(tmp_path / "nope"), "--index", str(index)]) == 2
     assert "no such file or directory" in capsys.readouterr().err
@@ -129,15 +129,13 @@ def test_bad_add_arguments_fail_before_connecting_or_creating(tmp_path: Path, ca
 
 
 def test_re_adding_unchanged_files_starts_no_server(endpoint, docs, tmp_path, capsys, monkeypatch):
-    import sorai
-
     index = str(tmp_path / "cli.sqlite")
     assert main(["index", "add", str(docs), "--index", index, "--url", endpoint]) == 0
 
     def no_connect(*args, **kwargs):
         raise AssertionError("started a server with nothing to embed")
 
-    monkeypatch.setattr(sorai, "connect", no_connect)
+    monkeypatch.setattr(Client, "find", no_connect)
     capsys.readouterr()
     assert main(["index", "add", str(docs), "--index", index]) == 0
     assert "0 added, 0 updated, 3 unchanged" in capsys.readouterr().out
