@@ -183,7 +183,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     llm = _load(args)
     if args.chat:
         messages = [{"role": "system", "content": args.system}] if args.system else []
-        ids = llm.tokenizer.encode_chat(messages + [{"role": "user", "content": prompt}])
+        ids = llm.encode_chat(messages + [{"role": "user", "content": prompt}])
     else:
         ids = llm.encode_prompt(prompt)
     _stream(llm, ids, params, args.verbose)
@@ -229,7 +229,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
             model = llm.name  # --model as typed, plus `+<adapter name>` with --adapter
 
             def respond(messages: list[dict[str, str]]) -> str:
-                return _stream(llm, llm.tokenizer.encode_chat(messages), params, args.verbose)
+                return _stream(llm, llm.encode_chat(messages), params, args.verbose)
 
         where = f" at {client.where}" if args.url else ""
         return _chat_loop(respond, args.system, f"{model}{where}")

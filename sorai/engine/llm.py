@@ -151,6 +151,11 @@ class LLM:
                 )
         return list(prompt)
 
+    def encode_chat(self, messages: Messages) -> list[int]:
+        """The prompt ids of a conversation, rendered as the server and `sorai train` render
+        it (sorai/model/chat.py), ending with the assistant's turn to speak."""
+        return ToolSetup().encode(self.tokenizer, messages)
+
     # -- whole results --------------------------------------------------------------------
 
     def generate(self, prompt: Prompt, **options: Any) -> Completion:
@@ -201,7 +206,7 @@ class LLM:
 
     def chat_stream(self, messages: Messages, **options: Any) -> Iterator[str]:
         """The answer to `messages` as text pieces, as they are generated."""
-        ids, params = ToolSetup().encode(self.tokenizer, messages), self.params(**options)
+        ids, params = self.encode_chat(messages), self.params(**options)
         return (d.text for d in self.stream_deltas(ids, params) if d.text)
 
     def stream_deltas(
