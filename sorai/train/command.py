@@ -86,13 +86,14 @@ def _estimate(config: TrainConfig, world_size: int | None) -> str:
     """The per-rank memory table for config.parallel over `world_size` ranks (None: the
     layout's own product, dp_shard -1 read as 1), then its ZeRO stages side by side."""
     from sorai import hub
+    from sorai.model.architectures import KNOWN_CONFIGS, known_config
     from sorai.model.loader import read_config, resolve_device
     from sorai.train import estimate as est
     from sorai.train.parallelize import autocast_dtype
 
     device = resolve_device(config.train.device)
-    if config.model in est.KNOWN_CONFIGS:
-        model = est.known_config(config.model)  # an architecture alone: nothing to read
+    if config.model in KNOWN_CONFIGS:
+        model = known_config(config.model)  # an architecture alone: nothing to read
     else:
         model = read_config(hub.resolve(config.model))
     layout = est.Layout.from_config(config.parallel, world_size)

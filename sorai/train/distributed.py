@@ -29,6 +29,11 @@ from sorai.train.config import ConfigError, ParallelConfig, TrainConfig
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
 
 
+class LayoutError(ConfigError, ValueError):
+    """A parallel layout that cannot run: sizes that do not make the world size, heads or
+    layers that do not split over the ranks, a ZeRO stage the other dimensions exclude."""
+
+
 def world_size() -> int:
     """The number of processes this run was started with (1 outside torchrun)."""
     return int(os.environ.get("WORLD_SIZE", "1"))
@@ -99,34 +104,38 @@ class ParallelDims:
         named = {"dp_replicate": config.dp_replicate, "tp": config.tp, "pp": config.pp}
         for name, size in named.items():
             if size < 1:
-                raise ConfigError(f"parallel.{name} must be at least 1, got {size}")
+                raise LayoutError(f"parallel.{name} must be at least 1, got {size}")
         dp_shard = config.dp_shard
         fixed = config.dp_replicate * config.tp * config.pp
         if dp_shard == -1:
             if world % fixed:
-                raise ConfigError(
+                raise LayoutError(
                     f"the world size {world} is not divisible by dp_replicate x tp x pp = "
                     f"{config.dp_replicate} x {config.tp} x {config.pp} = {fixed}"
                 )
             dp_shard = world // fixed
         elif dp_shard < 1:
-            raise ConfigError(f"parallel.dp_shard must be at least 1 (or -1), got {dp_shard}")
+            raise LayoutError(f"parallel.dp_shard must be at least 1 (or -1), got {dp_shard}")
         if fixed * dp_shard != world:
-            raise ConfigError(
+            raise LayoutError(
                 f"the layout needs dp_replicate x dp_shard x tp x pp = {config.dp_replicate} x "
                 f"{dp_shard} x {config.tp} x {config.pp} = {fixed * dp_shard} processes, but "
                 f"the world size is {world}; change the layout or --nproc"
             )
         dims = cls(config.dp_replicate, dp_shard, config.tp, config.pp, config.zero_stage)
-        if dims.zero_stage == 1 and dims.dp > 1 and (dims.tp > 1 or dims.pp > 1):
-            raise ConfigError(
-                "zero_stage 1 (DDP + ZeroRedundancyOptimizer) runs with data parallelism alone; "
-                "with tp or pp use zero_stage 2, which also shards the gradients"
-            )
+        dims.check()
         if dims.zero_stage == 0:
             # Nothing is sharded: every data-parallel rank is a replica.
             dims = cls(dims.dp, 1, dims.tp, dims.pp, 0)
         return dims
+
+    def check(self) -> None:
+        """Refuse a ZeRO stage the other dimensions exclude (sizes aside)."""
+        if self.zero_stage == 1 and self.dp > 1 and (self.tp > 1 or self.pp > 1):
+            raise LayoutError(
+                "zero_stage 1 (DDP + ZeroRedundancyOptimizer) runs with data parallelism alone; "
+                "with tp or pp use zero_stage 2, which also shards the gradients"
+            )
 
     @property
     def world_size(self) -> int:
@@ -175,10 +184,14 @@ def check_layout(config: TrainConfig, world: int) -> ParallelDims:
     the launcher before any process starts, and by each process."""
     dims = ParallelDims.from_config(config.parallel, world)
     if dims.pp > 1:
-        micro = config.parallel.microbatches or dims.pp
-        if micro < 1 or config.train.micro_batch_size % micro:
-            raise ConfigError(
-                f"train.micro_batch_size {config.train.micro_batch_size} does not split into "
-                f"parallel.microbatches {micro} pipeline micro-batches"
-            )
+        check_microbatches(config.train.micro_batch_size, config.parallel.microbatches or dims.pp)
     return dims
+
+
+def check_microbatches(micro_batch_size: int, microbatches: int) -> None:
+    """A pipeline micro-batch is a whole number of the micro-batch's rows."""
+    if microbatches < 1 or micro_batch_size % microbatches:
+        raise LayoutError(
+            f"train.micro_batch_size {micro_batch_size} does not split into "
+            f"parallel.microbatches {microbatches} pipeline micro-batches"
+        )

@@ -15,48 +15,52 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
-from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.pipelining import (
-    PipelineStage,
-    Schedule1F1B,
-    ScheduleGPipe,
-    ScheduleInterleaved1F1B,
-)
 
-from sorai.model.transformer import Transformer
-from sorai.train.config import ConfigError, ParallelConfig
+from sorai.train.config import ParallelConfig
+from sorai.train.distributed import LayoutError
 
-SCHEDULES = {
-    "gpipe": ScheduleGPipe,
-    "1f1b": Schedule1F1B,
-    "interleaved_1f1b": ScheduleInterleaved1F1B,
-}
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
+
+    from sorai.model.transformer import Transformer
+
+SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
 
 
-def stages_per_rank(schedule: str) -> int:
-    return 2 if schedule == "interleaved_1f1b" else 1
+def stages_per_rank(pp: int, schedule: str) -> int:
+    """Stages each pipeline rank runs: 2 under interleaved 1F1B, else 1 (and 1 without a
+    pipeline, pp 1, which runs no schedule at all)."""
+    return 2 if schedule == "interleaved_1f1b" and pp > 1 else 1
+
+
+def check_pp_layers(pp_layers: list[int], num_stages: int) -> None:
+    """`pp_layers` must give each of the `num_stages` stages a positive number of layers."""
+    if len(pp_layers) != num_stages or any(
+        isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in pp_layers
+    ):
+        raise LayoutError(
+            f"parallel.pp_layers {pp_layers}: needs {num_stages} positive layer counts "
+            "(one per stage)"
+        )
 
 
 def split_layers(num_layers: int, num_stages: int, pp_layers: list[int] | None) -> list[range]:
     """Layer ranges of each stage: `pp_layers` when given, else balanced by count (the first
     stages take one more layer when they do not divide evenly)."""
     if pp_layers is not None:
-        if len(pp_layers) != num_stages or any(n < 1 for n in pp_layers):
-            raise ConfigError(
-                f"parallel.pp_layers {pp_layers}: needs {num_stages} positive layer counts "
-                "(one per stage)"
-            )
+        check_pp_layers(pp_layers, num_stages)
         if sum(pp_layers) != num_layers:
-            raise ConfigError(
+            raise LayoutError(
                 f"parallel.pp_layers {pp_layers} sums to {sum(pp_layers)}; the model has "
                 f"{num_layers} layers"
             )
         counts = list(pp_layers)
     else:
         if num_layers < num_stages:
-            raise ConfigError(
+            raise LayoutError(
                 f"the model has {num_layers} layers, too few for {num_stages} pipeline stages"
             )
         base, extra = divmod(num_layers, num_stages)
@@ -71,7 +75,17 @@ def split_layers(num_layers: int, num_stages: int, pp_layers: list[int] | None) 
 def stage_ids(pp_rank: int, pp: int, schedule: str) -> list[int]:
     """The stages this pipeline rank runs: its own, plus rank + pp, ... when interleaved
     (a loop over the ranks, so consecutive stages always live on neighbouring ranks)."""
-    return [pp_rank + k * pp for k in range(stages_per_rank(schedule))]
+    return [pp_rank + k * pp for k in range(stages_per_rank(pp, schedule))]
+
+
+def check_tied_embeddings(tied: bool, trained: bool) -> None:
+    """A tied embedding and head on two stages are two copies: fine frozen, refused trained."""
+    if tied and trained:
+        raise LayoutError(
+            "pipeline parallelism with tied embeddings (tie_word_embeddings) needs the embedding "
+            "and the head on one stage; full fine-tuning would train two diverging copies. Use "
+            "LoRA (the embedding is frozen), or tp/dp without pp"
+        )
 
 
 def cut(model: Transformer, layers: range, first: bool, last: bool) -> Transformer:
@@ -91,18 +105,11 @@ def build_stage_models(
     model: Transformer, config: ParallelConfig, pp_rank: int, full_finetune: bool
 ) -> tuple[list[Transformer], list[int], int]:
     """This rank's stage models, their stage indices, and the number of stages."""
-    if (
-        full_finetune
-        and model.config.tie_word_embeddings
-        and model.lm_head is not None
-        and model.lm_head.weight.requires_grad
-    ):
-        raise ConfigError(
-            "pipeline parallelism with tied embeddings (tie_word_embeddings) needs the embedding "
-            "and the head on one stage; full fine-tuning would train two diverging copies. Use "
-            "LoRA (the embedding is frozen), or tp/dp without pp"
-        )
-    num_stages = config.pp * stages_per_rank(config.pp_schedule)
+    check_tied_embeddings(
+        model.config.tie_word_embeddings,
+        full_finetune and model.lm_head is not None and model.lm_head.weight.requires_grad,
+    )
+    num_stages = config.pp * stages_per_rank(config.pp, config.pp_schedule)
     ranges = split_layers(model.config.num_hidden_layers, num_stages, config.pp_layers)
     ids = stage_ids(pp_rank, config.pp, config.pp_schedule)
     models = []
@@ -125,12 +132,21 @@ def build_schedule(
 ):
     """The pipeline schedule over this rank's stages; the loss is already normalised by the
     step's targets, so the schedule must not scale gradients by the micro-batch count."""
+    # Imported here: the layout functions above serve the memory estimate too, which should
+    # not pay the seconds torch.distributed.pipelining takes to import.
+    from torch.distributed.pipelining import (
+        PipelineStage,
+        Schedule1F1B,
+        ScheduleGPipe,
+        ScheduleInterleaved1F1B,
+    )
+
     group = mesh.get_group()
     stages = [
         PipelineStage(module, stage, num_stages, device, group=group)
         for module, stage in zip(stage_models, ids, strict=True)
     ]
-    cls = SCHEDULES[config.pp_schedule]
-    if cls is ScheduleInterleaved1F1B:
-        return cls(stages, microbatches, loss_fn=loss_fn, scale_grads=False)
+    if config.pp_schedule == "interleaved_1f1b":
+        return ScheduleInterleaved1F1B(stages, microbatches, loss_fn=loss_fn, scale_grads=False)
+    cls = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[config.pp_schedule]
     return cls(stages[0], microbatches, loss_fn=loss_fn, scale_grads=False)

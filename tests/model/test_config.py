@@ -1,11 +1,15 @@
-"""ModelConfig from real-world config.json variants, and clear errors for malformed ones."""
+"""ModelConfig from real-world config.json variants, clear errors for malformed ones, and the
+named architectures."""
 
 from __future__ import annotations
 
 import pytest
+import torch
 
 from sorai.errors import ModelFormatError
+from sorai.model.architectures import KNOWN_CONFIGS, known_config
 from sorai.model.config import ModelConfig
+from sorai.model.transformer import Transformer
 
 BASE = {
     "model_type": "llama",
@@ -54,3 +58,15 @@ def test_unsupported_model_type_lists_the_supported_ones() -> None:
 def test_heads_that_do_not_group_are_a_format_error() -> None:
     with pytest.raises(ModelFormatError, match="multiple of num_key_value_heads"):
         ModelConfig.from_hf_dict({**BASE, "num_key_value_heads": 3})
+
+
+@pytest.mark.parametrize(("name", "expected"), [("llama-3-8b", 8.03e9), ("llama-3-70b", 70.6e9)])
+def test_named_architectures(name: str, expected: float) -> None:
+    config = known_config(name)
+    with torch.device("meta"):
+        model = Transformer(config)
+    assert sum(p.numel() for p in model.parameters()) == pytest.approx(expected, rel=0.005)
+    config.hidden_size = 1  # a copy: the registry stays as it was
+    assert KNOWN_CONFIGS[name].hidden_size in (4096, 8192)
+    with pytest.raises(ValueError, match="known: llama-3-70b, llama-3-8b"):
+        known_config("llama-4")
