@@ -3,7 +3,7 @@
 OpenAI's `response_format` ({"type": "text" | "json_object" | "json_schema"}) and vLLM's
 top-level extras (`guided_json`, `guided_regex`, `guided_choice`, `guided_grammar`) all become
 one GuidedSpec; at most one of them may constrain a request. GuidedSpec.from_fields
-(sorai/sampling.py) checks their shapes, its errors naming the field; here they become 400s.
+(sorai/engine/params.py) checks their shapes, its errors naming the field; here they become 400s.
 Whether llguidance can compile a schema, regex or grammar is the engine's call
 (engine.check_request), whose SamplingError becomes a 400 naming the same field (checked()).
 """

@@ -116,7 +116,7 @@ def _estimate(config: TrainConfig, world_size: int | None) -> str:
 def launch(config: TrainConfig, nproc: int, resume: bool | str, quiet: bool) -> int:
     """`sorai train` in `nproc` processes under torchrun on this machine, all reading the
     resolved configuration from one file. On several machines run torchrun yourself (see the
-    README): `torchrun --nnodes ... -m sorai.cli train config.yaml`."""
+    docs/parallel-training.md): `torchrun --nnodes ... -m sorai.cli train config.yaml`."""
     if nproc < 1:
         raise ConfigError(f"--nproc must be at least 1, got {nproc}")
     from sorai.train.distributed import check_layout
