@@ -49,7 +49,7 @@ def load(
     raises LoRAError (a SoraiError) naming the path.
 
     config: the engine's settings (KV cache, batch budgets, threads); by default a KV cache for
-    one whole context window and every core. The LLM runs on the same engine as `sorai serve`.
+    one whole context window (at most 1 GiB). The LLM runs on the same engine as `sorai serve`.
 
     >>> llm = sorai.load()
     >>> llm.chat([{"role": "user", "content": "Hi!"}], max_tokens=20).text
