@@ -18,6 +18,7 @@ from sorai.apps.command import say
 from sorai.apps.eval import command as eval_command
 from sorai.apps.rag import command as index_command
 from sorai.apps.skills import command as skills_command
+from sorai.apps.text import plural
 from sorai.errors import ContextLengthError, SoraiError
 from sorai.train import command as train_command
 
@@ -116,8 +117,8 @@ def _load(args: argparse.Namespace):
 def _print_stats(completion_tokens: int, prompt_tokens: int, seconds: float) -> None:
     rate = completion_tokens / seconds if seconds > 0 else 0.0
     say(
-        f"[{prompt_tokens} prompt tokens, {completion_tokens} generated in {seconds:.2f}s, "
-        f"{rate:.1f} tokens/s]"
+        f"[{plural(prompt_tokens, 'prompt token')}, {completion_tokens} generated in "
+        f"{seconds:.2f}s, {rate:.1f} tokens/s]"
     )
 
 

@@ -231,12 +231,12 @@ def _known(name: str) -> ModelSource:
     except KeyError:
         known = ", ".join(sorted(KNOWN_MODELS))
         raise ModelNotFoundError(
-            f"unknown model {name!r}{_did_you_mean(name)}: known models are {known}; "
+            f"unknown model {name!r}{did_you_mean(name)}: known models are {known}; "
             "or pass a path to a Hugging Face directory or a .gguf file"
         ) from None
 
 
-def _did_you_mean(name: str) -> str:
+def did_you_mean(name: str) -> str:
     """' (did you mean 'x'?)' naming the known models close to a mistyped name, else ''."""
     typed = name.strip().lower()
     close = difflib.get_close_matches(typed, KNOWN_MODELS, n=3, cutoff=0.6)
@@ -267,7 +267,7 @@ def _existing_path(text: str) -> Path:
         return path
     known = ", ".join(sorted(KNOWN_MODELS))
     raise ModelNotFoundError(
-        f"unknown model {text!r}{_did_you_mean(text)}: it is not a known model ({known}) "
+        f"unknown model {text!r}{did_you_mean(text)}: it is not a known model ({known}) "
         "nor a path to a Hugging Face directory or a .gguf file"
     )
 

@@ -46,7 +46,7 @@ def check_embedding_model(name: str) -> None:
     if not path.exists():
         raise SoraiError(
             f"embedding model {name!r} is neither a known embedding model nor a path to a "
-            "sentence-transformers directory"
+            f"sentence-transformers directory{hub.did_you_mean(name)}"
         )
     from sorai.model.bert import SentenceEncoderConfig
 

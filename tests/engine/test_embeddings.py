@@ -218,6 +218,11 @@ def test_a_closed_engine_refuses_requests(default_encoder_dir: Path) -> None:
         asyncio.run(engine.embed(["hi"]))
 
 
+def test_a_mistyped_embedding_model_name_gets_a_did_you_mean() -> None:
+    with pytest.raises(SoraiError, match="did you mean 'all-minilm-l6-v2'"):
+        check_embedding_model("all-minilm-l6")
+
+
 def test_check_embedding_model(tmp_path: Path) -> None:
     check_embedding_model(hub.DEFAULT_EMBEDDING_MODEL)  # known: nothing is read or pulled
     with pytest.raises(SoraiError, match="is a chat model, not an embedding model"):
