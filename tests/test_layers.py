@@ -124,3 +124,14 @@ def test_the_checker_sees_lazy_and_relative_imports(tmp_path: Path) -> None:
     assert "sorai.engine.llm" in _imports(PACKAGE / "__init__.py", top_level_only=False)
     assert "sorai.engine.llm" in _imports(PACKAGE / "__init__.py", top_level_only=True)  # types
     assert "sorai.engine.llm" not in _imports(PACKAGE / "cli.py", top_level_only=True)
+
+
+def test_checking_flags_pulls_in_no_torch() -> None:
+    # The CLI validates sampling flags before it loads anything, and `chat --url` never
+    # needs torch: the engine package loads its heavy modules on first use.
+    import subprocess
+    import sys
+
+    code = "import sys, sorai.cli, sorai.engine.params; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
