@@ -20,6 +20,7 @@ from sorai.apps.rag import command as index_command
 from sorai.apps.skills import command as skills_command
 from sorai.apps.text import plural
 from sorai.errors import ContextLengthError, SoraiError
+from sorai.model.config import check_chat_model
 from sorai.train import command as train_command
 
 EXIT_USAGE = 2
@@ -301,7 +302,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise SoraiError(f"--port must be in [0, 65535], got {args.port}")
     if args.max_body_bytes < 1024:
         raise SoraiError(f"--max-body-bytes must be >= 1024, got {args.max_body_bytes}")
-    hub.check_chat_model(args.model)  # a mistyped name or an embedding model (name or path)
+    check_chat_model(args.model)  # a mistyped name or an embedding model (name or path)
     embedding_model = args.embedding_model
     if embedding_model.strip().lower() == "none":
         embedding_model = None

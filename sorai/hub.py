@@ -11,7 +11,6 @@ import difflib
 import hashlib
 import json
 import os
-import shlex
 import shutil
 import subprocess
 import sys
@@ -21,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from sorai.errors import HubError, ModelFormatError, ModelNotFoundError
+from sorai.errors import HubError, ModelNotFoundError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_EMBEDDING_MODEL = "all-minilm-l6-v2"
@@ -248,20 +247,20 @@ def did_you_mean(name: str) -> str:
 
 def resolve(name_or_path: str | os.PathLike, progress: Callable[[str], None] | None = None) -> Path:
     """Turn a model argument into a local path, pulling a known model on first use."""
-    text = _model_text(name_or_path)
+    text = model_text(name_or_path)
     if text in KNOWN_MODELS:
         return pull(text, progress=progress)
-    return _existing_path(text)
+    return existing_path(text)
 
 
-def _model_text(name_or_path: str | os.PathLike) -> str:
+def model_text(name_or_path: str | os.PathLike) -> str:
     text = os.fspath(name_or_path)
     if not text.strip():
         raise ModelNotFoundError("the model name is empty; give a known name or a path")
     return text
 
 
-def _existing_path(text: str) -> Path:
+def existing_path(text: str) -> Path:
     path = Path(text).expanduser()
     if path.exists():
         return path
@@ -269,28 +268,6 @@ def _existing_path(text: str) -> Path:
     raise ModelNotFoundError(
         f"unknown model {text!r}{did_you_mean(text)}: it is not a known model ({known}) "
         "nor a path to a Hugging Face directory or a .gguf file"
-    )
-
-
-def check_chat_model(name_or_path: str | os.PathLike) -> None:
-    """Fail before anything is pulled or loaded on a model argument that cannot be a chat model:
-    an unknown name (naming the known ones close to it), or an embedding model, known by name
-    or a sentence-transformers / encoder directory (ModelFormatError, saying how to serve it)."""
-    text = _model_text(name_or_path)
-    source = KNOWN_MODELS.get(text)
-    if source is not None:
-        architecture = (source.architecture or EMBEDDING) if source.kind == EMBEDDING else None
-    else:
-        # model.config reads JSON only: this check imports no torch and loads no weights.
-        from sorai.model.config import embedding_architecture
-
-        architecture = embedding_architecture(_existing_path(text))
-    if architecture is None:
-        return
-    raise ModelFormatError(
-        f"{text!r} is an embedding model ({architecture}); chat, generate and serve --model "
-        f"need a chat model such as {DEFAULT_MODEL}; serve it with "
-        f"`sorai serve --embedding-model {shlex.quote(text)}`"
     )
 
 

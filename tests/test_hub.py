@@ -17,6 +17,7 @@ import pytest
 
 from sorai import hub
 from sorai.errors import HubError, ModelFormatError, ModelNotFoundError, SoraiError
+from sorai.model.config import check_chat_model
 
 SOURCE = hub.KNOWN_MODELS[hub.DEFAULT_MODEL]
 FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -184,7 +185,7 @@ def test_resolve_of_an_unknown_name_raises_model_not_found_listing_known_names(
 def test_a_mistyped_name_is_told_the_close_known_names(
     empty_home: Path, typed: str, meant: str
 ) -> None:
-    for find in (hub.resolve, hub.pull, hub.check_chat_model):
+    for find in (hub.resolve, hub.pull, check_chat_model):
         with pytest.raises(ModelNotFoundError) as excinfo:
             find(typed)
         assert f"unknown model {typed!r} (did you mean {meant!r}?)" in str(excinfo.value)
@@ -373,7 +374,7 @@ def test_an_embedding_model_by_name_is_refused_as_a_chat_model_before_it_is_pull
 ) -> None:
     import sorai
 
-    for check in (hub.check_chat_model, sorai.load):
+    for check in (check_chat_model, sorai.load):
         with pytest.raises(ModelFormatError) as excinfo:
             check(hub.DEFAULT_EMBEDDING_MODEL)
         assert str(excinfo.value) == _embedding_message(hub.DEFAULT_EMBEDDING_MODEL, "bert")
@@ -386,16 +387,16 @@ def test_a_sentence_transformers_directory_is_refused_as_a_chat_model(tmp_path: 
     _write_json(model / "modules.json", [{"path": "0_Transformer"}, {"path": "1_Pooling"}])
     _write_json(model / "0_Transformer" / "config.json", {"model_type": "xlm-roberta"})
     with pytest.raises(ModelFormatError) as excinfo:
-        hub.check_chat_model(model)
+        check_chat_model(model)
     assert str(excinfo.value) == _embedding_message(str(model), "xlm-roberta")
 
 
 def test_an_encoder_directory_is_refused_and_a_llama_one_is_not(tmp_path: Path) -> None:
     _write_json(tmp_path / "bert" / "config.json", {"model_type": "bert"})
     with pytest.raises(ModelFormatError, match=r"is an embedding model \(bert\)"):
-        hub.check_chat_model(tmp_path / "bert")
+        check_chat_model(tmp_path / "bert")
     _write_json(tmp_path / "llama" / "config.json", {"model_type": "llama"})
-    hub.check_chat_model(tmp_path / "llama")
+    check_chat_model(tmp_path / "llama")
     (tmp_path / "model.gguf").write_bytes(b"GGUF")
-    hub.check_chat_model(tmp_path / "model.gguf")
-    hub.check_chat_model(hub.DEFAULT_MODEL)
+    check_chat_model(tmp_path / "model.gguf")
+    check_chat_model(hub.DEFAULT_MODEL)

@@ -1,12 +1,16 @@
-"""ModelConfig: the shape of a Llama-family transformer, from HF config.json or GGUF metadata."""
+"""ModelConfig: the shape of a Llama-family transformer, from HF config.json or GGUF metadata;
+and whether a model argument names a chat model at all (read from JSON, before any load)."""
 
 from __future__ import annotations
 
 import json
+import os
+import shlex
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sorai import hub
 from sorai.errors import ModelFormatError
 
 # Architectures that are the same network up to the options below.
@@ -160,6 +164,27 @@ class ModelConfig:
         out["architectures"] = [SUPPORTED_ARCHITECTURES[self.model_type]]
         out.setdefault("hidden_act", "silu")
         return out
+
+
+def check_chat_model(name_or_path: str | os.PathLike) -> None:
+    """Fail before anything is pulled or loaded on a model argument that cannot be a chat model:
+    an unknown name (naming the known ones close to it), or an embedding model, known by name
+    or a sentence-transformers / encoder directory (ModelFormatError, saying how to serve it)."""
+    text = hub.model_text(name_or_path)
+    source = hub.KNOWN_MODELS.get(text)
+    if source is not None:
+        kind = source.kind
+        architecture = (source.architecture or kind) if kind == hub.EMBEDDING else None
+    else:
+        # JSON only: this check imports no torch and loads no weights.
+        architecture = embedding_architecture(hub.existing_path(text))
+    if architecture is None:
+        return
+    raise ModelFormatError(
+        f"{text!r} is an embedding model ({architecture}); chat, generate and serve --model "
+        f"need a chat model such as {hub.DEFAULT_MODEL}; serve it with "
+        f"`sorai serve --embedding-model {shlex.quote(text)}`"
+    )
 
 
 def embedding_architecture(path: Path) -> str | None:

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from sorai.errors import DeviceError, ModelFormatError
-from sorai.model.config import ModelConfig
+from sorai.model.config import ModelConfig, check_chat_model
 from sorai.model.gguf import GGUFFile, is_gguf
 from sorai.model.tokenizer import Tokenizer
 from sorai.model.transformer import Transformer
@@ -121,7 +121,7 @@ def load_pretrained(
     from sorai import hub
     from sorai.model.lora import adapter_name, check_adapter_dir, load_adapter, merge_lora
 
-    hub.check_chat_model(model)  # an unknown name or an embedding model, before any pull
+    check_chat_model(model)  # an unknown name or an embedding model, before any pull
     adapter_path = check_adapter_dir(adapter) if adapter is not None else None
     transformer, tokenizer = load_model(hub.resolve(model, progress=progress), dtype, device)
     name = os.fspath(model)
