@@ -1,14 +1,19 @@
 """Shared fixtures: the embedded default models (chat and embeddings), pulled once into the
-test cache, and an environment that names no endpoint."""
+test cache, the default chat model loaded once, and an environment that names no endpoint."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
+import sorai
 from sorai import hub
+
+if TYPE_CHECKING:
+    from sorai.engine.llm import LLM
 
 # What the apps' endpoint discovery reads (sorai.apps.client.find_endpoint): a developer's own
 # endpoint, key or `sorai serve` on the default port must not change what the tests talk to.
@@ -36,3 +41,12 @@ def default_gguf() -> Path:
 def default_encoder_dir() -> Path:
     """The default embedding model's sentence-transformers directory (pulled on first use)."""
     return hub.resolve(hub.DEFAULT_EMBEDDING_MODEL, progress=print)
+
+
+@pytest.fixture(scope="session")
+def default_llm(default_gguf: Path) -> LLM:
+    """The default model loaded once per session, shared by every test that only generates
+    from it. A test that changes the model (an adapter, its weights or dtype) loads its own;
+    one that needs other engine settings builds `LLM(LLMEngine(llm.model, llm.tokenizer,
+    EngineConfig(...)))` over these same weights."""
+    return sorai.load(default_gguf)
