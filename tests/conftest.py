@@ -3,7 +3,10 @@ test cache, the default chat model loaded once, and an environment that names no
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import io
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -50,3 +53,30 @@ def default_llm(default_gguf: Path) -> LLM:
     one that needs other engine settings builds `LLM(LLMEngine(llm.model, llm.tokenizer,
     EngineConfig(...)))` over these same weights."""
     return sorai.load(default_gguf)
+
+
+@pytest.fixture
+def sorai_main(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> Callable[..., subprocess.CompletedProcess[str]]:
+    """`sorai ARGS` run in this process by sorai.cli.main, returning the exit code, stdout and
+    stderr a subprocess would give, without a new interpreter's start-up (seconds of imports).
+    stdin: the text piped to it (not a terminal); env: variables set for the rest of the test.
+    The real console script keeps its own tests (tests/test_cli.py, test_serve_cli.py)."""
+    from sorai.cli import main
+
+    def run(
+        *args: str, stdin: str = "", env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        for name, value in (env or {}).items():
+            monkeypatch.setenv(name, value)
+        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+        capsys.readouterr()  # what the test printed before is not this command's output
+        try:
+            code = main(list(args))
+        except SystemExit as exit:  # argparse: --version, usage errors
+            code = 0 if exit.code is None else exit.code
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(["sorai", *args], code, out, err)
+
+    return run
