@@ -24,7 +24,7 @@ from sorai.model.scratch import write_random_model
 from sorai.train import estimate as est
 from sorai.train.config import ConfigError, ParallelConfig, resolve
 from sorai.train.distributed import ParallelDims, check_layout
-from sorai.train.pipeline import split_layers, stage_ids
+from sorai.train.pipeline import build_stage_models, split_layers, stage_ids
 from sorai.train.tensor_parallel import check_divisible
 from sorai.train.trainer import Trainer
 
@@ -140,7 +140,8 @@ def assert_parity(reference: Path, run: Path, method: str) -> None:
 # (name, method, processes, flags); data-parallel ranks split the ROWS rows of a step.
 # Each case is a real torchrun job (10-20 s on 2 cores), so the default tier keeps one of each
 # kind: ZeRO-3, tensor parallelism with sequence parallelism, a 1F1B pipeline and one
-# 4-process composition; `make test-all` runs them all.
+# 4-process composition; `make test-all` runs them all, and the resume across layouts and the
+# tied embeddings over pipeline stages below.
 DP2 = ["--train.micro_batch_size", "2"]
 SLOW = pytest.mark.slow
 
@@ -210,6 +211,7 @@ def assert_state_bytes_match_the_estimate(run: Path, model: Path, stage: int) ->
         assert abs(measured[kind] - want) <= 0.1 * want, (kind, measured[kind], want)
 
 
+@pytest.mark.slow
 def test_resume_across_layouts(model4, data4, tmp_path) -> None:
     """Written under tp2 at step 3, resumed under dp2 x ZeRO-3: the same 5 losses and
     weights as one uninterrupted process (a constant lr, so stopping at 3 is no other run)."""
@@ -283,11 +285,9 @@ def test_launcher_checks_the_layout_first(model4, data4, tmp_path) -> None:
 
 
 @pytest.mark.slow
-def test_tied_embeddings_lora_across_pipeline_stages(
-    tiny_model: Path, data4: Path, tmp_path
-) -> None:
+def test_tied_embeddings_across_pipeline_stages(tiny_model: Path, data4: Path, tmp_path) -> None:
     """SmolLM2 ties its head to the embedding. LoRA over two stages (each holds a frozen copy)
-    trains like one process."""
+    trains like one process; full fine-tuning would train two diverging copies: refused."""
     config = base_config(tiny_model, data4, "lora")
     single = tmp_path / "single"
     Trainer(resolve(overrides={**config, "output_dir": str(single)})).run()
@@ -295,13 +295,18 @@ def test_tied_embeddings_lora_across_pipeline_stages(
     result = train_parallel(config, 2, run, "--parallel.pp", "2")
     assert result.returncode == 0, result.stderr[-3000:]
     assert_parity(single, run, "lora")
-
-
-def test_tied_embeddings_full_fine_tuning_across_pipeline_stages_is_refused(
-    tiny_model: Path, data4: Path, tmp_path
-) -> None:
-    """Full fine-tuning of tied embeddings over two stages would train two diverging copies."""
-    config = base_config(tiny_model, data4, "lora")
     full = train_parallel(config, 2, tmp_path / "full", "--method", "full", "--parallel.pp", "2")
     assert full.returncode != 0
     assert "tied embeddings" in full.stderr and "Use LoRA" in full.stderr
+
+
+def test_tied_embeddings_are_not_split_over_pipeline_stages_for_full_fine_tuning(
+    tiny_model: Path,
+) -> None:
+    """What each rank checks before cutting the model into stages (the torchrun case above is
+    in the slow tier): a trainable tied head cannot go to another stage than the embedding."""
+    model, _ = load_model(tiny_model, torch.float32, torch.device("cpu"))
+    assert model.config.tie_word_embeddings
+    model.requires_grad_(True)  # as the trainer has it for full fine-tuning
+    with pytest.raises(ConfigError, match="tied embeddings .* Use LoRA"):
+        build_stage_models(model, ParallelConfig(pp=2), 0, full_finetune=True)
