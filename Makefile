@@ -37,9 +37,13 @@ format: install-test
 	$(BIN)/ruff format sorai tests benchmarks examples
 	$(BIN)/ruff check --fix sorai tests benchmarks examples
 
+# The default tier, what CI runs: every case not marked slow (each capability keeps a real-model
+# or real-server case here), in under 10 minutes on 2 cores.
 test: lint
 	$(BIN)/python -m pytest -m "not slow" -q
 
+# Everything: also the slow tier (the long real-model runs, every parallel layout, the property
+# tests), about half an hour on 2 cores.
 test-all: lint
 	$(BIN)/python -m pytest -q
 

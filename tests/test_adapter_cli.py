@@ -3,8 +3,8 @@
 One adapter is built per module: LoRA (r=4, every Linear of the blocks) applied to the loaded
 default model, B set to small random values (enough to change a greedy answer), written with
 save_adapter to `<tmp>/faq/adapter`, the layout `sorai train` writes, so the model's name gets
-`+faq`. The model with the adapter merged is loaded once; the CLI runs are subprocesses as in
-tests/test_cli.py.
+`+faq`. The model with the adapter merged is loaded once; the CLI runs go through sorai.cli.main
+in this process (the `sorai_main` fixture), `sorai serve --adapter` is a real subprocess.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from sorai.model.lora import (
     save_adapter,
 )
 from tests.server.test_serve_cli import URL_LINE, Process
-from tests.test_cli import assert_user_error, run_sorai
+from tests.test_cli import assert_user_error
 
 MESSAGES = [{"role": "user", "content": "Write one sentence about the sea."}]
 PROMPT = "The quick brown fox"
@@ -142,9 +142,9 @@ def test_saved_merged_model_reloads_with_the_same_greedy_tokens(
 
 
 def test_cli_generate_with_adapter_prints_the_python_api_text(
-    built: Built, default_gguf: Path, adapted_completion: Completion
+    built: Built, default_gguf: Path, adapted_completion: Completion, sorai_main
 ) -> None:
-    result = run_sorai(
+    result = sorai_main(
         "generate", "--adapter", str(built.adapter), "-m", str(default_gguf),
         "--temperature", "0", "-n", "8", PROMPT,
     )  # fmt: skip
@@ -152,22 +152,24 @@ def test_cli_generate_with_adapter_prints_the_python_api_text(
     assert result.stdout == adapted_completion.text + "\n"
 
 
-def test_missing_adapter_is_a_one_line_error_before_loading(tmp_path: Path) -> None:
+def test_missing_adapter_is_a_one_line_error_before_loading(tmp_path: Path, sorai_main) -> None:
     missing = tmp_path / "no-such-adapter"
     # -v would print "loaded ..." after a load: one line shows it failed before.
-    line = assert_user_error(run_sorai("generate", "hi", "-v", "--adapter", str(missing)))
+    line = assert_user_error(sorai_main("generate", "hi", "-v", "--adapter", str(missing)))
     assert str(missing) in line
 
 
-def test_corrupt_adapter_weights_are_a_one_line_error(built: Built, tmp_path: Path) -> None:
+def test_corrupt_adapter_weights_are_a_one_line_error(
+    built: Built, tmp_path: Path, sorai_main
+) -> None:
     bad = _corrupt_adapter(built, tmp_path / "bad")
-    line = assert_user_error(run_sorai("generate", "hi", "-v", "--adapter", str(bad)))
+    line = assert_user_error(sorai_main("generate", "hi", "-v", "--adapter", str(bad)))
     assert str(bad / WEIGHTS_FILE) in line
     assert "unreadable safetensors file" in line
 
 
-def test_remote_chat_rejects_adapter(built: Built) -> None:
-    result = run_sorai(
+def test_remote_chat_rejects_adapter(built: Built, sorai_main) -> None:
+    result = sorai_main(
         "chat", "--url", "http://127.0.0.1:9", "--adapter", str(built.adapter), stdin="hi\n"
     )
     assert "--adapter" in assert_user_error(result)

@@ -1,7 +1,10 @@
-"""`sorai` on the command line: real subprocesses of the console script on the real default model.
+"""`sorai` on the command line, on the real default model: the console script itself as real
+subprocesses (the acceptance command, chat over piped stdin, version and help, the model list),
+and the other cases through sorai.cli.main in this process (the `sorai_main` fixture,
+tests/conftest.py), which spares each an interpreter's start-up and imports.
 
-Runs that load the model cost ~10 s each, so the generate and chat runs happen once per module
-(fixtures) and several tests read their output.
+Runs that load the model cost seconds each, so the generate and chat runs happen once per
+module (fixtures) and several tests read their output.
 """
 
 from __future__ import annotations
@@ -109,10 +112,10 @@ def _hf_dir_without_config(tmp_path: Path, default_gguf: Path) -> Path:
     ids=["truncated-gguf", "text-file-named-gguf", "hf-dir-without-config"],
 )
 def test_unreadable_model_is_a_one_line_user_error(
-    tmp_path: Path, default_gguf: Path, make_model, expected: list[str]
+    tmp_path: Path, default_gguf: Path, make_model, expected: list[str], sorai_main
 ) -> None:
     model = make_model(tmp_path, default_gguf)
-    line = assert_user_error(run_sorai("generate", "hi", "-m", str(model), "-v"))
+    line = assert_user_error(sorai_main("generate", "hi", "-m", str(model), "-v"))
     for fragment in expected:
         assert fragment in line
 
@@ -129,16 +132,18 @@ def test_unreadable_model_is_a_one_line_user_error(
     ids=["unknown-model", "negative-temperature", "top-p-above-1"],
 )
 def test_bad_argument_is_a_one_line_user_error_before_loading(
-    default_gguf: Path, args: list[str], expected: list[str]
+    default_gguf: Path, args: list[str], expected: list[str], sorai_main
 ) -> None:
-    line = assert_user_error(run_sorai("generate", "hi", "-v", *args))
+    line = assert_user_error(sorai_main("generate", "hi", "-v", *args))
     for fragment in expected:
         assert fragment in line
 
 
-def test_prompt_longer_than_context_is_a_one_line_user_error(default_gguf: Path) -> None:
+def test_prompt_longer_than_context_is_a_one_line_user_error(
+    default_gguf: Path, sorai_main
+) -> None:
     prompt = "hello " * 9000  # ~9000 tokens; the default model's context window is 8192
-    line = assert_user_error(run_sorai("generate", "-", stdin=prompt))
+    line = assert_user_error(sorai_main("generate", "-", stdin=prompt))
     assert "maximum context length is 8192 tokens" in line
     prompt_tokens = re.search(r"\((\d+) in the prompt", line)
     assert prompt_tokens is not None
@@ -464,8 +469,8 @@ def endpoint() -> Iterator[type[_StreamingDouble]]:
         yield Double
 
 
-def test_generate_url_streams_the_endpoints_completion(endpoint) -> None:
-    result = run_sorai(
+def test_generate_url_streams_the_endpoints_completion(endpoint, sorai_main) -> None:
+    result = sorai_main(
         "generate", "Once upon", "--url", endpoint.url, "-t", "0", "-n", "5", "--top-k", "3",
         "--stop", "END", "-v",
     )  # fmt: skip
@@ -481,8 +486,8 @@ def test_generate_url_streams_the_endpoints_completion(endpoint) -> None:
     assert body["stop"] == ["END"]
 
 
-def test_generate_url_chat_uses_the_chat_endpoint(endpoint) -> None:
-    result = run_sorai(
+def test_generate_url_chat_uses_the_chat_endpoint(endpoint, sorai_main) -> None:
+    result = sorai_main(
         "generate", "Hi", "--chat", "--system", "Be brief.", "--url", endpoint.url + "/v1/"
     )
     assert result.returncode == 0, result.stderr
@@ -496,8 +501,8 @@ def test_generate_url_chat_uses_the_chat_endpoint(endpoint) -> None:
     assert "top_k" not in body  # sorai's extras go only when not at their default
 
 
-def test_chat_url_answers_each_line_with_the_conversation_so_far(endpoint) -> None:
-    result = run_sorai("chat", "--url", endpoint.url, "-m", "served-model", stdin="Hi\nAnd?\n")
+def test_chat_url_answers_each_line_with_the_conversation_so_far(endpoint, sorai_main) -> None:
+    result = sorai_main("chat", "--url", endpoint.url, "-m", "served-model", stdin="Hi\nAnd?\n")
     assert result.returncode == 0, result.stderr
     assert result.stdout == "Hello world\nHello world\n"
     [(_, first), (_, second)] = endpoint.requests
@@ -510,18 +515,20 @@ def test_chat_url_answers_each_line_with_the_conversation_so_far(endpoint) -> No
 
 
 @pytest.mark.parametrize("verb", [["chat"], ["generate", "hi"]])
-def test_url_with_a_refused_key_is_a_one_line_user_error(endpoint, verb: list[str]) -> None:
+def test_url_with_a_refused_key_is_a_one_line_user_error(
+    endpoint, verb: list[str], sorai_main
+) -> None:
     endpoint.key = "sk-right"
-    env = {**os.environ, "SORAI_API_KEY": "sk-wrong"}
-    line = assert_user_error(run_sorai(*verb, "--url", endpoint.url, stdin="hi\n", env=env))
+    env = {"SORAI_API_KEY": "sk-wrong"}
+    line = assert_user_error(sorai_main(*verb, "--url", endpoint.url, stdin="hi\n", env=env))
     assert "refused the API key (401)" in line and endpoint.url in line
-    right = run_sorai(*verb, "--url", endpoint.url, "--api-key", "sk-right", stdin="hi\n", env=env)
+    right = sorai_main(*verb, "--url", endpoint.url, "--api-key", "sk-right", stdin="hi\n", env=env)
     assert right.returncode == 0 and right.stdout == "Hello world\n"
 
 
-def test_url_at_a_closed_port_is_a_one_line_user_error(tmp_path: Path) -> None:
+def test_url_at_a_closed_port_is_a_one_line_user_error(tmp_path: Path, sorai_main) -> None:
     url = f"http://127.0.0.1:{closed_port()}"
-    assert "cannot reach" in assert_user_error(run_sorai("generate", "hi", "--url", url))
+    assert "cannot reach" in assert_user_error(sorai_main("generate", "hi", "--url", url))
     # The server decides the model: an adapter is refused before anything is asked of it.
-    with_adapter = run_sorai("generate", "hi", "--url", url, "--adapter", str(tmp_path))
+    with_adapter = sorai_main("generate", "hi", "--url", url, "--adapter", str(tmp_path))
     assert "--adapter does not apply with --url" in assert_user_error(with_adapter)

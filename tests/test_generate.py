@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
-import sorai
 from sorai.engine import EngineConfig, LLMEngine
 from sorai.engine.llm import LLM, Completion
 from sorai.engine.params import SamplingParams
@@ -19,8 +16,9 @@ GREEDY = {"temperature": 0, "max_tokens": 20}
 
 
 @pytest.fixture(scope="module")
-def llm(default_gguf: Path) -> LLM:
-    return sorai.load(default_gguf)
+def llm(default_llm: LLM) -> LLM:
+    """The session's default model (tests/conftest.py): nothing here changes its weights."""
+    return default_llm
 
 
 @pytest.fixture(scope="module")

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 
 import pytest
 
-import sorai
 from sorai.engine import AsyncEngine, EngineConfig, LLMEngine
 from sorai.engine.llm import LLM
 from sorai.engine.params import SamplingParams
@@ -16,8 +14,9 @@ from tests.engine.test_engine import chat_ids
 
 
 @pytest.fixture(scope="module")
-def llm(default_gguf: Path) -> LLM:
-    return sorai.load(default_gguf)
+def llm(default_llm: LLM) -> LLM:
+    """The session's default model (tests/conftest.py): nothing here changes its weights."""
+    return default_llm
 
 
 def make(llm: LLM, **config: object) -> AsyncEngine:

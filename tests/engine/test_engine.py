@@ -8,12 +8,10 @@ chunked, cached or preempted.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
-import sorai
 from sorai.engine import EngineConfig, LLMEngine, RequestOutput
 from sorai.engine.llm import LLM
 from sorai.engine.params import SamplingParams
@@ -32,8 +30,9 @@ GREEDY = SamplingParams(max_tokens=12, temperature=0)
 
 
 @pytest.fixture(scope="module")
-def llm(default_gguf: Path) -> LLM:
-    return sorai.load(default_gguf)
+def llm(default_llm: LLM) -> LLM:
+    """The session's default model (tests/conftest.py): nothing here changes its weights."""
+    return default_llm
 
 
 def make_engine(llm: LLM, **config: object) -> LLMEngine:

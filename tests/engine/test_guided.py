@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import pytest
 
-import sorai
 from sorai.engine import EngineConfig, LLMEngine
 from sorai.engine.llm import LLM
 from sorai.engine.params import GuidedSpec, SamplingParams
@@ -28,8 +26,9 @@ PERSON = {
 
 
 @pytest.fixture(scope="module")
-def llm(default_gguf: Path) -> LLM:
-    return sorai.load(default_gguf)
+def llm(default_llm: LLM) -> LLM:
+    """The session's default model (tests/conftest.py): nothing here changes its weights."""
+    return default_llm
 
 
 def test_constrained_and_free_requests_share_a_batch(llm: LLM) -> None:

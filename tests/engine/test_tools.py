@@ -5,12 +5,10 @@ parsing as the server."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import jsonschema
 import pytest
 
-import sorai
 from sorai.engine.llm import LLM
 from sorai.engine.params import GuidedSpec
 from sorai.engine.tools import ToolSetup
@@ -35,8 +33,9 @@ SHORT = {"max_tokens": 60, "temperature": 0}
 
 
 @pytest.fixture(scope="module")
-def llm(default_gguf: Path) -> LLM:
-    return sorai.load(default_gguf)
+def llm(default_llm: LLM) -> LLM:
+    """The session's default model (tests/conftest.py): nothing here changes its weights."""
+    return default_llm
 
 
 def check_call(call: dict, tool: dict) -> dict:

@@ -1,7 +1,7 @@
 """Servers for the API tests: real uvicorn on a free loopback port, in a background thread.
 
-`live` serves the real default model through the real AsyncEngine (loaded once per session),
-and the default embedding model next to it;
+`live` serves the real default model through the real AsyncEngine (once per session, over the
+session's loaded weights), and the default embedding model next to it;
 `fake` serves a scripted FakeEngine that can be told to refuse or abort requests.
 """
 
@@ -14,6 +14,7 @@ import openai
 import pytest
 
 from sorai import hub
+from sorai.engine.llm import LLM
 from sorai.model.gguf import GGUFFile
 from sorai.model.tokenizer import Tokenizer
 from sorai.server.app import create_app
@@ -76,12 +77,15 @@ def fake_engine(fake: Served) -> Iterator[FakeEngine]:
 
 
 @pytest.fixture(scope="session")
-def live(default_gguf: Path, default_encoder_dir: Path) -> Iterator[Served]:
-    """The default chat model and, loaded on the first embeddings request, the default
-    embedding model (both pulled already)."""
+def live(default_llm: LLM, default_encoder_dir: Path) -> Iterator[Served]:
+    """The default chat model (the session's weights, tests/conftest.py, under its own engine
+    and its name) and, loaded on the first embeddings request, the default embedding model."""
     from sorai.engine.async_engine import AsyncEngine
+    from sorai.engine.llm_engine import LLMEngine
 
-    engine = AsyncEngine.from_model(hub.DEFAULT_MODEL)
+    engine = AsyncEngine(
+        LLMEngine(default_llm.model, default_llm.tokenizer, name=hub.DEFAULT_MODEL)
+    )
     settings = ServerSettings(
         api_keys=APIKeys([API_KEY]), embedding_model=hub.DEFAULT_EMBEDDING_MODEL
     )

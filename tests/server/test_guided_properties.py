@@ -5,6 +5,10 @@ output of the model at temperature 1 must satisfy it: parse and validate with js
 (formats checked too), be one of the choices, fullmatch with Python's re. Constraints are
 bounded (maxLength, maxItems, bounded quantifiers) so that outputs end well inside max_tokens,
 and example counts are small: each example is a few seconds of generation on a 2-core CPU.
+
+Slow tier (`make test-all`): half a minute of generation; the default tier checks the same
+constraints through the server on the real model in test_structured_live.py (json_schema, choice,
+regex) and tests/engine/test_guided.py.
 """
 
 from __future__ import annotations
@@ -15,10 +19,13 @@ import re
 import string
 
 import jsonschema
+import pytest
 from hypothesis import Phase, given, note, settings
 from hypothesis import strategies as st
 
 from tests.server.conftest import Served
+
+pytestmark = pytest.mark.slow
 
 SETTINGS = settings(
     max_examples=15,

@@ -1,9 +1,9 @@
-"""`sorai serve`, and `sorai chat --url` and `generate --url` against it, as real subprocesses:
-one server start for the module."""
+"""`sorai serve` as a real subprocess (one server start for the module), and `sorai chat --url`
+and `generate --url` against it; the flag errors and the clients run in this process
+(the `sorai_main` fixture, tests/conftest.py)."""
 
 from __future__ import annotations
 
-import os
 import queue
 import re
 import signal
@@ -16,7 +16,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from tests.test_cli import SORAI, assert_user_error, run_sorai
+from tests.test_cli import SORAI, assert_user_error
 
 KEY = "serve-test-key"
 URL_LINE = re.compile(r"^sorai serving (\S+) at (http://\S+/v1)$")
@@ -74,26 +74,39 @@ def server(default_gguf: Path, default_encoder_dir: Path) -> Iterator[tuple[Proc
         process.stop()
 
 
-def test_bad_flags_fail_before_loading(tmp_path: Path) -> None:
-    line = assert_user_error(run_sorai("serve", "--api-key-file", str(tmp_path / "missing")))
+@pytest.fixture
+def serve_in_process(sorai_main, monkeypatch: pytest.MonkeyPatch):
+    """`sorai serve ARGS` in this process, failing the test if the model starts loading (in
+    process a server that started would never return)."""
+    from sorai.engine.async_engine import AsyncEngine
+
+    def loads(*args, **kwargs):
+        raise AssertionError("the chat model started loading: the error came too late")
+
+    monkeypatch.setattr(AsyncEngine, "from_model", loads)
+    return lambda *args: sorai_main("serve", *args)
+
+
+def test_bad_flags_fail_before_loading(tmp_path: Path, serve_in_process) -> None:
+    line = assert_user_error(serve_in_process("--api-key-file", str(tmp_path / "missing")))
     assert "missing" in line
-    line = assert_user_error(run_sorai("serve", "--port", "70000"))
+    line = assert_user_error(serve_in_process("--port", "70000"))
     assert "--port" in line
 
 
-def test_bad_embedding_models_fail_before_loading(tmp_path: Path) -> None:
-    line = assert_user_error(run_sorai("serve", "--embedding-model", str(tmp_path / "missing")))
+def test_bad_embedding_models_fail_before_loading(tmp_path: Path, serve_in_process) -> None:
+    line = assert_user_error(serve_in_process("--embedding-model", str(tmp_path / "missing")))
     assert "neither a known embedding model nor a path" in line
-    line = assert_user_error(run_sorai("serve", "--embedding-model", str(tmp_path)))
+    line = assert_user_error(serve_in_process("--embedding-model", str(tmp_path)))
     assert "has no modules.json" in line
-    line = assert_user_error(run_sorai("serve", "--embedding-model", "smollm2-135m-instruct"))
+    line = assert_user_error(serve_in_process("--embedding-model", "smollm2-135m-instruct"))
     assert "is a chat model, not an embedding model" in line
-    line = assert_user_error(run_sorai("serve", "--model", "all-minilm-l6-v2"))
+    line = assert_user_error(serve_in_process("--model", "all-minilm-l6-v2"))
     assert "is an embedding model (bert)" in line
     assert "serve it with `sorai serve --embedding-model all-minilm-l6-v2`" in line
 
 
-def test_serve_and_remote_chat(server: tuple[Process, str, str]) -> None:
+def test_serve_and_remote_chat(server: tuple[Process, str, str], sorai_main) -> None:
     _, name, url = server
     assert name == "my-model"
     client = openai.OpenAI(base_url=url, api_key=KEY, max_retries=0)
@@ -111,20 +124,19 @@ def test_serve_and_remote_chat(server: tuple[Process, str, str]) -> None:
     embedded = client.embeddings.create(model="all-minilm-l6-v2", input=["a", "b"])
     assert [len(item.embedding) for item in embedded.data] == [384, 384]
 
-    chat = run_sorai(
+    chat = sorai_main(
         "chat", "--url", url, "--api-key", KEY, "-t", "0", "-n", "12",
         stdin="What is the capital of France?\n",
     )  # fmt: skip
     assert chat.returncode == 0, chat.stderr
     assert chat.stdout.strip() == reply.choices[0].message.content
-    generate = run_sorai(
+    generate = sorai_main(
         "generate", "--chat", "What is the capital of France?", "--url", url, "--api-key", KEY,
         "-t", "0", "-n", "12",
     )  # fmt: skip
     assert generate.returncode == 0, generate.stderr
     assert generate.stdout.strip() == reply.choices[0].message.content
-    env = {**os.environ, "SORAI_API_KEY": "wrong"}
-    denied = run_sorai("chat", "--url", url, stdin="hi\n", env=env)
+    denied = sorai_main("chat", "--url", url, stdin="hi\n", env={"SORAI_API_KEY": "wrong"})
     assert "API key" in assert_user_error(denied)
 
 

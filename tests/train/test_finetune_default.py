@@ -1,5 +1,12 @@
 """LoRA on the real default model: it overfits 8 examples, reproduces them greedily, and its
-exports give the same logits in HF peft (the adapter) and transformers (the merged model)."""
+exports give the same logits in HF peft (the adapter) and transformers (the merged model).
+
+The overfitting run (16 steps over the 8 examples, the suite's longest setup) is in the slow
+tier (`make test-all`). The default tier trains the real model for a few steps on one packed row
+here, the training loop on a small random model (test_trainer.py, test_parallel.py), and checks
+a LoRA adapter over the real model against peft (tests/model/test_lora.py) and through load,
+generate and serve (tests/test_adapter_cli.py).
+"""
 
 from __future__ import annotations
 
@@ -18,6 +25,34 @@ from sorai.train.trainer import Trainer
 
 from ..model.reference import load_reference
 from .conftest import CHAT, write_chat
+
+
+def test_a_few_lora_steps_on_the_default_model_lower_its_loss_and_export(
+    default_gguf: Path, tmp_path: Path
+) -> None:
+    """Two examples packed in one row, the same row every step: the loss falls, and the adapter
+    written from the GGUF base loads back over it."""
+    data = write_chat(tmp_path / "two.jsonl", CHAT[:2])
+    cfg = resolve(
+        None,
+        {
+            "model": str(default_gguf),
+            "output_dir": str(tmp_path / "few"),
+            "data": {"train": str(data), "seq_len": 128},
+            "lora": {"r": 8, "alpha": 16, "target_modules": "all-linear"},
+            "optim": {"lr": 2e-3},
+            "schedule": {"kind": "constant"},
+            "train": {"micro_batch_size": 1, "max_steps": 3},
+            "checkpoint": {"every": 0, "keep": 1},
+            "log": {"progress": False, "tensorboard": False},
+        },
+    )
+    Trainer(cfg).run()
+    rows = [r for r in read_metrics(tmp_path / "few" / "metrics.jsonl") if "loss" in r]
+    assert [r["targets"] for r in rows] == [rows[0]["targets"]] * 3  # the same row each step
+    assert rows[-1]["loss"] < rows[0]["loss"], rows
+    llm = sorai.load(default_gguf, adapter=tmp_path / "few" / "adapter")
+    assert llm.name == f"{default_gguf}+few"
 
 
 @pytest.fixture(scope="module")
@@ -43,12 +78,14 @@ def run(default_gguf: Path, tmp_path_factory) -> Path:
     return tmp / "run"
 
 
+@pytest.mark.slow
 def test_lora_overfits_eight_examples(run: Path) -> None:
     losses = [r["loss"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
     assert losses[0] > 1.0
     assert losses[-1] < 0.1, losses
 
 
+@pytest.mark.slow
 def test_the_adapter_reproduces_the_examples_greedily(default_gguf: Path, run: Path) -> None:
     llm = sorai.load(default_gguf, adapter=run / "adapter")
     for question, answer in CHAT:
@@ -62,6 +99,7 @@ def _logits(model, ids: torch.Tensor) -> torch.Tensor:
     return out.logits if hasattr(out, "logits") else out
 
 
+@pytest.mark.slow
 def test_exports_match_peft_and_transformers(default_gguf: Path, run: Path, tmp_path: Path):
     from peft import PeftModel
 

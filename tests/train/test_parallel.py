@@ -24,7 +24,7 @@ from sorai.model.scratch import write_random_model
 from sorai.train import estimate as est
 from sorai.train.config import ConfigError, ParallelConfig, resolve
 from sorai.train.distributed import ParallelDims, check_layout
-from sorai.train.pipeline import split_layers, stage_ids
+from sorai.train.pipeline import build_stage_models, split_layers, stage_ids
 from sorai.train.tensor_parallel import check_divisible
 from sorai.train.trainer import Trainer
 
@@ -137,35 +137,52 @@ def assert_parity(reference: Path, run: Path, method: str) -> None:
         torch.testing.assert_close(weights[name], tensor, rtol=REL, atol=REL, msg=name)
 
 
-# (name, method, processes, flags): the data-parallel ranks split the ROWS rows of a step.
 # (name, method, processes, flags); data-parallel ranks split the ROWS rows of a step.
+# Each case is a real torchrun job (10-20 s on 2 cores), so the default tier keeps one of each
+# kind: ZeRO-3, tensor parallelism with sequence parallelism, a 1F1B pipeline and one
+# 4-process composition; `make test-all` runs them all, and the resume across layouts and the
+# tied embeddings over pipeline stages below.
 DP2 = ["--train.micro_batch_size", "2"]
+SLOW = pytest.mark.slow
+
+
+def layout(name: str, method: str, nproc: int, flags: list[str], *marks) -> object:
+    return pytest.param(name, method, nproc, flags, marks=marks, id=name)
+
+
 LAYOUTS = [
-    ("zero0-dp2", "full", 2, ["--parallel.zero_stage", "0", *DP2]),
-    ("zero1-dp2", "full", 2, ["--parallel.zero_stage", "1", *DP2]),
-    ("zero2-dp2", "full", 2, ["--parallel.zero_stage", "2", *DP2]),
-    ("zero3-dp2", "full", 2, ["--parallel.zero_stage", "3", *DP2]),
-    ("tp2", "full", 2, ["--parallel.tp", "2", "--parallel.sequence_parallel", "false"]),
-    ("tp2-sp", "full", 2, ["--parallel.tp", "2", "--parallel.sequence_parallel", "true"]),
-    ("pp2-gpipe", "full", 2, ["--parallel.pp", "2", "--parallel.pp_schedule", "gpipe"]),
-    ("pp2-1f1b", "full", 2, ["--parallel.pp", "2", "--parallel.pp_schedule", "1f1b"]),
-    ("lora-zero3-dp2", "lora", 2, DP2),
-    ("lora-tp2", "lora", 2, ["--parallel.tp", "2"]),
-    (
+    layout("zero0-dp2", "full", 2, ["--parallel.zero_stage", "0", *DP2], SLOW),
+    layout("zero1-dp2", "full", 2, ["--parallel.zero_stage", "1", *DP2], SLOW),
+    layout("zero2-dp2", "full", 2, ["--parallel.zero_stage", "2", *DP2], SLOW),
+    layout("zero3-dp2", "full", 2, ["--parallel.zero_stage", "3", *DP2]),
+    layout("tp2", "full", 2, ["--parallel.tp", "2", "--parallel.sequence_parallel", "false"], SLOW),
+    layout("tp2-sp", "full", 2, ["--parallel.tp", "2", "--parallel.sequence_parallel", "true"]),
+    layout("pp2-gpipe", "full", 2, ["--parallel.pp", "2", "--parallel.pp_schedule", "gpipe"], SLOW),
+    layout("pp2-1f1b", "full", 2, ["--parallel.pp", "2", "--parallel.pp_schedule", "1f1b"]),
+    layout("lora-zero3-dp2", "lora", 2, DP2, SLOW),
+    layout("lora-tp2", "lora", 2, ["--parallel.tp", "2"], SLOW),
+    layout(
         "lora-pp2-interleaved",
         "lora",
         2,
         ["--parallel.pp", "2", "--parallel.pp_schedule", "interleaved_1f1b"],
+        SLOW,
     ),
-    # 4 processes on 2 cores: about 25 s each here.
-    ("dp2-tp2", "full", 4, ["--parallel.tp", "2", *DP2]),
-    ("pp2-dp2-zero2", "full", 4, ["--parallel.pp", "2", "--parallel.zero_stage", "2", *DP2]),
-    ("pp2-tp2", "full", 4, ["--parallel.pp", "2", "--parallel.tp", "2"]),
-    ("pp2-dp2-zero0", "full", 4, ["--parallel.pp", "2", "--parallel.zero_stage", "0", *DP2]),
+    # 4 processes on 2 cores: about 15-25 s each here.
+    layout("dp2-tp2", "full", 4, ["--parallel.tp", "2", *DP2], SLOW),
+    layout("pp2-dp2-zero2", "full", 4, ["--parallel.pp", "2", "--parallel.zero_stage", "2", *DP2]),
+    layout("pp2-tp2", "full", 4, ["--parallel.pp", "2", "--parallel.tp", "2"], SLOW),
+    layout(
+        "pp2-dp2-zero0", "full", 4, ["--parallel.pp", "2", "--parallel.zero_stage", "0", *DP2], SLOW
+    ),
 ]
 
+# The pure data-parallel ZeRO layouts whose rank-0 model states are also checked against the
+# memory estimator (their runs are the estimator's inputs: full, fp32, 2 rows per rank, dp2).
+ZERO_STAGE = {"zero1-dp2": 1, "zero2-dp2": 2, "zero3-dp2": 3}
 
-@pytest.mark.parametrize(("name", "method", "nproc", "flags"), LAYOUTS, ids=[c[0] for c in LAYOUTS])
+
+@pytest.mark.parametrize(("name", "method", "nproc", "flags"), LAYOUTS)
 def test_layout_trains_like_one_process(
     name, method, nproc, flags, reference, model4, data4, val4, tmp_path
 ) -> None:
@@ -173,23 +190,17 @@ def test_layout_trains_like_one_process(
     result = train_parallel(base_config(model4, data4, method, val4), nproc, run, *flags)
     assert result.returncode == 0, result.stderr[-3000:]
     assert_parity(reference(method), run, method)
+    if name in ZERO_STAGE:
+        assert_state_bytes_match_the_estimate(run, model4, ZERO_STAGE[name])
 
 
-@pytest.mark.parametrize("stage", [1, 2, 3])
-def test_zero_stage_memory_matches_the_estimate(stage, model4, data4, tmp_path) -> None:
-    """Measured bytes of weights, gradients and optimizer states on rank 0 at dp2 are the
-    estimator's, within 10%."""
-    run = tmp_path / f"zero{stage}"
-    config = {
-        **base_config(model4, data4, "full"),
-        "train": {"micro_batch_size": 2, "max_steps": 1, "precision": "fp32"},
-    }
-    result = train_parallel(config, 2, run, "--parallel.zero_stage", str(stage))
-    assert result.returncode == 0, result.stderr[-3000:]
+def assert_state_bytes_match_the_estimate(run: Path, model: Path, stage: int) -> None:
+    """Measured bytes of weights, gradients and optimizer states on rank 0 at dp2 (after the
+    first step) are the estimator's, within 10%."""
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     measured = next(row["state_bytes_rank0"] for row in rows if "state_bytes_rank0" in row)
     estimate = est.estimate_memory(
-        read_config(model4),
+        read_config(model),
         method="full",
         micro_batch_size=2,
         seq_len=64,
@@ -200,6 +211,7 @@ def test_zero_stage_memory_matches_the_estimate(stage, model4, data4, tmp_path) 
         assert abs(measured[kind] - want) <= 0.1 * want, (kind, measured[kind], want)
 
 
+@pytest.mark.slow
 def test_resume_across_layouts(model4, data4, tmp_path) -> None:
     """Written under tp2 at step 3, resumed under dp2 x ZeRO-3: the same 5 losses and
     weights as one uninterrupted process (a constant lr, so stopping at 3 is no other run)."""
@@ -272,6 +284,7 @@ def test_launcher_checks_the_layout_first(model4, data4, tmp_path) -> None:
     ]
 
 
+@pytest.mark.slow
 def test_tied_embeddings_across_pipeline_stages(tiny_model: Path, data4: Path, tmp_path) -> None:
     """SmolLM2 ties its head to the embedding. LoRA over two stages (each holds a frozen copy)
     trains like one process; full fine-tuning would train two diverging copies: refused."""
@@ -285,3 +298,15 @@ def test_tied_embeddings_across_pipeline_stages(tiny_model: Path, data4: Path, t
     full = train_parallel(config, 2, tmp_path / "full", "--method", "full", "--parallel.pp", "2")
     assert full.returncode != 0
     assert "tied embeddings" in full.stderr and "Use LoRA" in full.stderr
+
+
+def test_tied_embeddings_are_not_split_over_pipeline_stages_for_full_fine_tuning(
+    tiny_model: Path,
+) -> None:
+    """What each rank checks before cutting the model into stages (the torchrun case above is
+    in the slow tier): a trainable tied head cannot go to another stage than the embedding."""
+    model, _ = load_model(tiny_model, torch.float32, torch.device("cpu"))
+    assert model.config.tie_word_embeddings
+    model.requires_grad_(True)  # as the trainer has it for full fine-tuning
+    with pytest.raises(ConfigError, match="tied embeddings .* Use LoRA"):
+        build_stage_models(model, ParallelConfig(pp=2), 0, full_finetune=True)

@@ -1,5 +1,9 @@
 """summarize and sentiment on the embedded default model (structure and paths; the wording is
-the small model's), and the text helpers by hand."""
+the small model's), and the text helpers by hand.
+
+The real model's map-reduce runs (a text five times its window: tens of seconds of prefill even
+with a 1024-token window) are in the slow tier; the default tier walks the same path with a
+scripted model (a test double) and summarizes directly on the real model."""
 
 from __future__ import annotations
 
@@ -10,8 +14,16 @@ import pytest
 from sorai.apps.client import Client
 from sorai.apps.skills.base import SkillError
 from sorai.apps.skills.sentiment import sentiment, sentiment_by_sentence
-from sorai.apps.skills.summarize import split, summarize
+from sorai.apps.skills.summarize import (
+    MIN_NOTES,
+    NOTES,
+    PROMPT_OVERHEAD,
+    STYLES,
+    split,
+    summarize,
+)
 from sorai.apps.text import estimate_tokens, sentences, truncate_words, word_count
+from tests.apps.agent.scripted import ScriptedModel
 
 TOPICS = ["the quarterly sales report", "the new office in Osaka", "the customer survey"]
 
@@ -52,9 +64,35 @@ def test_a_text_five_times_the_models_context_goes_map_reduce(client: Client) ->
     check_map_reduce(client, context)
 
 
+@pytest.mark.slow
 def test_a_text_five_times_a_small_window_goes_map_reduce(client: Client) -> None:
-    """The same path with the window set to 1024 tokens, fast enough for every run."""
+    """The same path with the window set to 1024 tokens (half a minute on 2 cores)."""
     check_map_reduce(client, 1024)
+
+
+def test_map_reduce_notes_every_piece_then_summarizes_the_notes() -> None:
+    """The map-reduce path with a scripted model: one notes request per piece of the split
+    text, then one request over the joined notes for the summary in the asked style."""
+    text = long_text(5 * 1024)
+    answer_tokens = 60 * 2 + 16
+    budget = 1024 - PROMPT_OVERHEAD - answer_tokens
+    pieces = split(text, budget)
+    notes = "- Revenue grew and costs fell."
+    final = "- Revenue grew in most weeks.\n- Costs fell."
+    model = ScriptedModel([notes] * len(pieces) + [final])
+    summary = summarize(model, text, style="bullets", max_words=60, context_tokens=1024)
+    assert (summary.path, summary.chunks, summary.levels) == ("map-reduce", len(pieces), 1)
+    assert summary.chunks >= 5
+    assert (summary.text, summary.words) == (final, word_count(final))
+    *mapped, reduced = model.requests
+    assert sorted(r["messages"][1]["content"] for r in mapped) == sorted(pieces)
+    assert reduced["messages"][1]["content"] == "\n\n".join([notes] * len(pieces))
+    assert reduced["messages"][0]["content"] == f"{STYLES['bullets']} Use at most 60 words."
+    assert reduced["max_tokens"] == answer_tokens
+    # Notes sized so that, joined, they fit one request.
+    notes_tokens = max(MIN_NOTES, min(answer_tokens * 2, int(0.8 * budget / len(pieces))))
+    assert all(r["messages"][0]["content"].startswith(NOTES) for r in mapped)
+    assert {r["max_tokens"] for r in mapped} == {notes_tokens}
 
 
 def test_a_short_text_is_summarized_directly(client: Client) -> None:
