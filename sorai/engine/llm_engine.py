@@ -249,4 +249,4 @@ class LLMEngine:
 def _kv_geometry(model: Transformer) -> tuple[int, int]:
     """(key/value heads, head dim) of the model's attention layers."""
     attention = next(iter(model.layers.values())).self_attn
-    return attention.k_proj.weight.shape[0] // attention.head_dim, attention.head_dim
+    return attention.num_local_kv_heads, attention.head_dim

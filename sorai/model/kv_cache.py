@@ -81,12 +81,10 @@ class ContiguousKVCache:
         """A cache shaped for `model` (a Transformer, whole or a tensor/pipeline shard)."""
         blocks = model.layers
         attention = next(iter(blocks.values())).self_attn
-        # Heads are counted from the weights: a tensor-parallel shard holds fewer of them.
-        num_kv_heads = attention.k_proj.weight.shape[0] // attention.head_dim
         return cls(
             [int(i) for i in blocks],
             batch_size,
-            num_kv_heads,
+            attention.num_local_kv_heads,
             attention.head_dim,
             max_len,
             dtype=model.dtype,

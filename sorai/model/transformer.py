@@ -86,6 +86,14 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(dim, kv_dim, bias=config.qkv_bias)
         self.o_proj = nn.Linear(q_dim, dim, bias=config.o_proj_bias)
 
+    @property
+    def num_local_kv_heads(self) -> int:
+        """Key/value heads this layer computes, from its projection's width: a tensor-parallel
+        shard holds fewer than the config says, and a low-bit layer has no float weight."""
+        proj = self.k_proj
+        width = proj.weight.shape[0] if isinstance(proj, nn.Linear) else proj.out_features
+        return width // self.head_dim
+
     def forward(
         self,
         x: Tensor,
