@@ -11,6 +11,7 @@ padded to the longest context and masked), then each multi-token chunk on its ow
 
 from __future__ import annotations
 
+import mmap
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +29,24 @@ class Chunk:
     length: int
     context: int  # tokens of this sequence already in the cache before the chunk
     slots: Tensor | None  # [context + length] slots to read (None: no cached prefix)
+
+
+def zeroed(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A zero tensor whose memory, on the CPU, is committed only as it is first written.
+
+    An anonymous mapping reads as zeros without the process owning the pages, so a server
+    with a 1 GiB cache starts at the size of its model and grows with the blocks it uses
+    (torch.zeros would touch, and so commit, every page at start). Masked slots are zero,
+    never stale garbage that could turn a masked-out product into NaN.
+    """
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    count = 1
+    for size in shape:
+        count *= size
+    nbytes = count * torch.empty((), dtype=dtype).element_size()
+    buffer = mmap.mmap(-1, max(nbytes, 1))
+    return torch.frombuffer(buffer, dtype=dtype, count=count).view(shape)
 
 
 @dataclass
@@ -53,8 +72,9 @@ class PagedKVCache:
         device: torch.device,
     ) -> None:
         shape = (num_blocks * block_size, num_kv_heads, head_dim)
-        self.keys = {i: torch.zeros(shape, dtype=dtype, device=device) for i in layers}
-        self.values = {i: torch.zeros(shape, dtype=dtype, device=device) for i in layers}
+        storage = zeroed((2, len(layers), *shape), dtype, torch.device(device))
+        self.keys = {layer: storage[0, i] for i, layer in enumerate(layers)}
+        self.values = {layer: storage[1, i] for i, layer in enumerate(layers)}
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.device = device
