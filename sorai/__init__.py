@@ -38,8 +38,9 @@ def load(
 ) -> LLM:
     """Load a known model name (pulled on first use), an HF directory or a .gguf file.
 
-    device defaults to the GPU when there is one, else the CPU; dtype to bfloat16 on a GPU and
-    float32 on the CPU.
+    device defaults to the GPU when there is one, else the CPU. dtype "auto" (or None) picks by
+    machine: bfloat16 on a GPU and on a CPU with bf16 dot products (AVX-512 BF16, AMX), float32
+    on other CPUs, where bfloat16 runs slower (sorai.model.hardware.auto_dtype).
 
     adapter: a LoRA adapter directory in PEFT format (adapter_config.json +
     adapter_model.safetensors) for this base model, e.g. what `sorai train` wrote. It is merged

@@ -41,9 +41,10 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--dtype",
-        default=None,
-        choices=["float32", "bfloat16", "float16"],
-        help="default: bfloat16 on a GPU, float32 on the CPU",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="auto (default): bfloat16 on a GPU and on a CPU with bf16 dot products "
+        "(AVX-512 BF16, AMX), else float32",
     )
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: auto)")
     parser.add_argument(

@@ -97,3 +97,14 @@ def machine() -> Machine:
         isa=torch.backends.cpu.get_cpu_capability(),
         gpu=gpu,
     )
+
+
+def auto_dtype(device: torch.device) -> tuple[torch.dtype, str]:
+    """The compute dtype `--dtype auto` picks on `device`, and why (for the banner)."""
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return torch.bfloat16, "bfloat16 on a GPU that has it"
+        return torch.float16, "float16: this GPU lacks bfloat16"
+    if cpu_has_fast_bf16():
+        return torch.bfloat16, "bfloat16: this CPU has bf16 dot products (AVX-512 BF16 / AMX)"
+    return torch.float32, "float32: this CPU has no bf16 dot products, where bfloat16 runs slower"

@@ -12,6 +12,7 @@ from torch import nn
 from sorai.errors import DeviceError, ModelFormatError
 from sorai.model.config import ModelConfig, check_chat_model
 from sorai.model.gguf import GGUFFile, is_gguf
+from sorai.model.hardware import auto_dtype
 from sorai.model.tokenizer import Tokenizer
 from sorai.model.transformer import Transformer
 from sorai.model.weights import load_gguf, load_hf_dir, parse_dtype
@@ -44,8 +45,8 @@ def load_model(
 ) -> tuple[Transformer, Tokenizer]:
     """The model (eval mode, on `device`) and its tokenizer; defaults as in `sorai.load`."""
     device = resolve_device(device)
-    if dtype is None:
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype is None or dtype == "auto":
+        dtype = auto_dtype(device)[0]
     dtype = parse_dtype(dtype)
     if path.is_dir():
         if not (path / "config.json").exists():
