@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from sorai.errors import ModelFormatError
 from sorai.model.config import ModelConfig
+from sorai.model.fusion import fused
 from sorai.model.kv_cache import KVCache, causal_attention
 
 
@@ -104,10 +105,21 @@ class Attention(nn.Module):
         batch, seq, _ = x.shape
         # Head counts come from the weights, not the config, so a tensor-parallel shard
         # (fewer heads per rank) runs through the same code.
-        q = self.q_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        qkv = fused(self, (self.q_proj, self.k_proj, self.v_proj))
+        if qkv is not None:
+            # One matmul, and one rotary pass over the query and key heads side by side.
+            q_dim = qkv.sizes[0]
+            out = qkv.module(x)
+            qk = out[..., : q_dim + qkv.sizes[1]].view(batch, seq, -1, self.head_dim)
+            qk = apply_rope(qk.transpose(1, 2), *rope)
+            q, k = qk.split((q_dim // self.head_dim, qkv.sizes[1] // self.head_dim), dim=1)
+            v = out[..., q_dim + qkv.sizes[1] :].view(batch, seq, -1, self.head_dim)
+            v = v.transpose(1, 2)
+        else:
+            q = self.q_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
+            k = self.k_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
+            v = self.v_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is None:
             out = causal_attention(q, k, v, mask)
         else:
@@ -124,6 +136,10 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(hidden, dim, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
+        gate_up = fused(self, (self.gate_proj, self.up_proj))
+        if gate_up is not None:
+            gate, up = gate_up(x)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
