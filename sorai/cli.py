@@ -111,8 +111,8 @@ def _load(args: argparse.Namespace):
         args.model, dtype=args.dtype, progress=say, device=args.device, adapter=args.adapter
     )
     if args.verbose:
-        where = f"{llm.model.dtype}".removeprefix("torch.") + f" on {llm.model.device}"
-        say(f"loaded {llm.name} ({where}) in {time.perf_counter() - started:.1f}s")
+        say(f"loaded {llm.name} in {time.perf_counter() - started:.1f}s")
+        say(f"running {llm.engine.runtime.line()}")
     return llm
 
 
@@ -332,6 +332,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         args.model, dtype=args.dtype, device=args.device, config=config, adapter=args.adapter
     )
     say(f"loaded {engine.model_name} in {time.perf_counter() - started:.1f}s")
+    say(f"running {engine.runtime.line()}")
     settings = ServerSettings(
         # The engine's name is --model as typed: what a client of `sorai serve --model X` will
         # naturally send back. With --adapter it is `X+<adapter name>`, so a client asking for

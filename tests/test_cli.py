@@ -532,3 +532,10 @@ def test_url_at_a_closed_port_is_a_one_line_user_error(tmp_path: Path, sorai_mai
     # The server decides the model: an adapter is refused before anything is asked of it.
     with_adapter = sorai_main("generate", "hi", "--url", url, "--adapter", str(tmp_path))
     assert "--adapter does not apply with --url" in assert_user_error(with_adapter)
+
+
+def test_verbose_chat_says_how_the_model_runs_on_this_machine(
+    chat_session: subprocess.CompletedProcess[str],
+) -> None:
+    line = next(x for x in chat_session.stderr.splitlines() if x.startswith("running "))
+    assert " on cpu; weights: " in line and "cores" in line

@@ -34,6 +34,7 @@ class AsyncEngine:
         self.tokenizer = engine.tokenizer
         self.context_length = engine.context_length
         self.vocab_size = engine.vocab_size
+        self.runtime = engine.runtime
         self.dead = False
         self._commands: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._wake = threading.Event()

@@ -27,6 +27,7 @@ from sorai.errors import ContextLengthError, SamplingError, SoraiError
 from sorai.hub import DEFAULT_MODEL
 from sorai.model.fusion import fuse_projections
 from sorai.model.loader import load_pretrained
+from sorai.model.runtime import describe
 from sorai.model.tokenizer import Tokenizer
 from sorai.model.transformer import Transformer
 
@@ -47,6 +48,7 @@ class LLMEngine:
         if model.device.type == "cpu":
             torch.set_num_threads(cfg.cpu_threads or max(1, len(os.sched_getaffinity(0)) - 1))
         fuse_projections(model)
+        self.runtime = describe(model)
         num_kv_heads, head_dim = _kv_geometry(model)
         per_block = PagedKVCache.bytes_per_block(
             len(model.layers), cfg.block_size, num_kv_heads, head_dim, model.dtype

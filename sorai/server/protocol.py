@@ -559,10 +559,12 @@ class ModelCard(_Response):
     owned_by: str = "sorai"
     # None (left out) for an embedding model whose files are not read yet.
     max_model_len: int | None
+    # sorai's extension: how the model runs here (device, dtype, weight formats, machine).
+    runtime: dict[str, str] | None = None
 
     @model_serializer(mode="wrap")
     def _drop_unknown_length(self, handler: Any) -> dict[str, Any]:
-        return _without_none(handler(self), keys=("max_model_len",))
+        return _without_none(handler(self), keys=("max_model_len", "runtime"))
 
 
 class ModelList(_Response):

@@ -27,10 +27,7 @@ router = APIRouter()
 @router.get("/v1/models")
 async def list_models(request: Request) -> Response:
     state = get_state(request)
-    cards = [
-        ModelCard(id=name, created=state.created, max_model_len=state.engine.context_length)
-        for name in state.model_names
-    ]
+    cards = [_chat_card(state, name) for name in state.model_names]
     if state.embeddings is not None:
         cards.append(_embedding_card(state))
     return json_response(ModelList(data=cards))
@@ -42,8 +39,15 @@ async def get_model(request: Request, model: str) -> Response:
     if state.embeddings is not None and model == state.embeddings.name:
         return json_response(_embedding_card(state))
     name = state.resolve_model(model)
-    return json_response(
-        ModelCard(id=name, created=state.created, max_model_len=state.engine.context_length)
+    return json_response(_chat_card(state, name))
+
+
+def _chat_card(state: ServerState, name: str) -> ModelCard:
+    return ModelCard(
+        id=name,
+        created=state.created,
+        max_model_len=state.engine.context_length,
+        runtime=state.engine.runtime.as_dict(),
     )
 
 

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from sorai.engine.outputs import ChoiceDelta, EngineStats, RequestOutput, TokenLogprob
 from sorai.engine.params import SamplingParams
 from sorai.errors import ContextLengthError, EngineDeadError, SamplingError
+from sorai.model.runtime import Runtime
 from sorai.model.tokenizer import Tokenizer
 
 REPLY = " The quick brown fox jumps over the lazy dog. It was a sunny day in the park."
@@ -20,6 +21,7 @@ REPLY = " The quick brown fox jumps over the lazy dog. It was a sunny day in the
 
 class FakeEngine:
     model_name = "fake-model"
+    runtime = Runtime("cpu", "float32", "none (a scripted engine)", "this machine")
 
     def __init__(self, tokenizer: Tokenizer, context_length: int = 256) -> None:
         self.tokenizer = tokenizer

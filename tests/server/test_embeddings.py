@@ -136,6 +136,10 @@ def test_models_lists_the_embedding_model(live: Served) -> None:
     assert ids == [live.model, EMBEDDING_MODEL]
     card = client.models.retrieve(EMBEDDING_MODEL)
     assert card.id == EMBEDDING_MODEL and card.max_model_len == 256
+    # The chat model says how it runs here: the path --dtype auto and its weights picked.
+    runtime = client.models.retrieve(live.model).runtime
+    assert runtime["device"] == "cpu" and runtime["dtype"] in ("float32", "bfloat16")
+    assert "cores" in runtime["machine"] and runtime["weights"]
 
 
 def test_chat_runs_while_an_embeddings_request_is_encoding(
