@@ -35,6 +35,7 @@ def load(
     device: str | torch.device | None = None,
     adapter: str | os.PathLike | None = None,
     config: EngineConfig | None = None,
+    quantize: str = "auto",
 ) -> LLM:
     """Load a known model name (pulled on first use), an HF directory or a .gguf file.
 
@@ -49,6 +50,10 @@ def load(
     (for `<output_dir>/adapter`, as `sorai train` writes it, output_dir's name). A bad adapter
     raises LoRAError (a SoraiError) naming the path.
 
+    quantize: "auto" keeps a GGUF's low-bit weights low-bit (int4/int8 layers on PyTorch's own
+    low-bit matmuls; a dense checkpoint stays dense), "none" dequantizes everything to `dtype`,
+    "int8"/"int4" quantize at load. See docs/models.md (Quantization).
+
     config: the engine's settings (KV cache, batch budgets, threads); by default a KV cache for
     one whole context window (at most 1 GiB). The LLM runs on the same engine as `sorai serve`.
 
@@ -58,7 +63,9 @@ def load(
     # Imported here so `import sorai` (and `sorai --version`) stays fast.
     from sorai.engine.llm import LLM
 
-    return LLM.from_model(model, dtype, device, adapter=adapter, config=config, progress=progress)
+    return LLM.from_model(
+        model, dtype, device, adapter=adapter, config=config, progress=progress, quantize=quantize
+    )
 
 
 def connect(

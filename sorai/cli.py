@@ -46,6 +46,13 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
         help="auto (default): bfloat16 on a GPU and on a CPU with bf16 dot products "
         "(AVX-512 BF16, AMX), else float32",
     )
+    parser.add_argument(
+        "--quantize",
+        default="auto",
+        choices=["auto", "none", "int8", "int4"],
+        help="auto (default): a GGUF's low-bit weights stay low-bit, a dense checkpoint stays "
+        "dense; none: dequantize everything to --dtype; int8/int4: quantize at load",
+    )
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: auto)")
     parser.add_argument(
         "--adapter",
@@ -108,7 +115,12 @@ def _sampling_options(args: argparse.Namespace) -> dict[str, Any]:
 def _load(args: argparse.Namespace):
     started = time.perf_counter()
     llm = sorai.load(
-        args.model, dtype=args.dtype, progress=say, device=args.device, adapter=args.adapter
+        args.model,
+        dtype=args.dtype,
+        progress=say,
+        device=args.device,
+        adapter=args.adapter,
+        quantize=args.quantize,
     )
     if args.verbose:
         say(f"loaded {llm.name} in {time.perf_counter() - started:.1f}s")
@@ -329,7 +341,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = EngineConfig(**{k: v for k, v in engine_options.items() if v is not None})
     started = time.perf_counter()
     engine = AsyncEngine.from_model(
-        args.model, dtype=args.dtype, device=args.device, config=config, adapter=args.adapter
+        args.model,
+        dtype=args.dtype,
+        device=args.device,
+        config=config,
+        adapter=args.adapter,
+        quantize=args.quantize,
     )
     say(f"loaded {engine.model_name} in {time.perf_counter() - started:.1f}s")
     say(f"running {engine.runtime.line()}")

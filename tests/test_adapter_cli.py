@@ -52,7 +52,7 @@ class Built:
 
 @pytest.fixture(scope="module")
 def built(default_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Built:
-    llm = sorai.load(default_gguf)
+    llm = sorai.load(default_gguf, quantize="none")  # LoRA wraps float layers
     base_chat = llm.chat(MESSAGES, max_tokens=16, temperature=0).text
     ids = torch.tensor([llm.tokenizer.encode_chat(MESSAGES)])
     # Seeded before A is drawn too: A came from whatever RNG state earlier tests left, so in

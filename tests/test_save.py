@@ -16,8 +16,10 @@ MESSAGES = [
 
 
 @pytest.fixture(scope="module")
-def saved(default_llm: sorai.LLM, tmp_path_factory) -> tuple[sorai.LLM, Path]:
-    llm = default_llm  # saving reads the weights and changes nothing
+def saved(default_gguf: Path, tmp_path_factory) -> tuple[sorai.LLM, Path]:
+    # Dense (the GGUF dequantized), as a Hugging Face directory reloads; a low-bit model saves
+    # the same float weights (test_saving_a_low_bit_model_writes_its_float_weights).
+    llm = sorai.load(default_gguf, quantize="none")
     path = tmp_path_factory.mktemp("saved")
     llm.save(path)
     return llm, path
@@ -60,3 +62,17 @@ def test_transformers_generates_the_same_greedy_tokens_from_the_saved_directory(
     expected = out[0, len(ids) :].tolist()
     ours = llm.generate(ids, max_tokens=16, temperature=0, ignore_eos=True).token_ids
     assert ours == expected[: len(ours)] and len(ours) == 16
+
+
+def test_saving_a_low_bit_model_writes_its_float_weights(
+    default_llm: sorai.LLM, saved, tmp_path: Path
+) -> None:
+    from safetensors.torch import load_file
+
+    _, dense_path = saved
+    default_llm.save(tmp_path)  # int4 blocks from the GGUF's Q4_1
+    ours = load_file(tmp_path / "model.safetensors")
+    dense = load_file(dense_path / "model.safetensors")
+    assert ours.keys() == dense.keys()
+    for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.29.mlp.down_proj.weight"):
+        torch.testing.assert_close(ours[name], dense[name], rtol=0, atol=1e-6)

@@ -52,9 +52,12 @@ class AsyncEngine:
         device: str | torch.device | None = None,
         config: EngineConfig | None = None,
         adapter: str | os.PathLike | None = None,
+        quantize: str = "auto",
     ) -> AsyncEngine:
         return cls(
-            LLMEngine.from_model(model, dtype=dtype, device=device, config=config, adapter=adapter)
+            LLMEngine.from_model(
+                model, dtype=dtype, device=device, config=config, adapter=adapter, quantize=quantize
+            )
         )
 
     # -- lifecycle ------------------------------------------------------------------------

@@ -89,9 +89,12 @@ class LLM:
         adapter: str | os.PathLike | None = None,
         config: EngineConfig | None = None,
         progress: Callable[[str], None] | None = None,
+        quantize: str = "auto",
     ) -> LLM:
         """Load a model as `sorai.load` documents; `config` tunes the engine underneath."""
-        transformer, tokenizer, name = load_pretrained(model, dtype, device, adapter, progress)
+        transformer, tokenizer, name = load_pretrained(
+            model, dtype, device, adapter, progress, quantize=quantize
+        )
         if config is None:
             config = facade_config(transformer)
         return cls(LLMEngine(transformer, tokenizer, config, name=name))

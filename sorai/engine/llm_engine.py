@@ -88,10 +88,13 @@ class LLMEngine:
         config: EngineConfig | None = None,
         adapter: str | os.PathLike | None = None,
         progress: Callable[[str], None] | None = None,
+        quantize: str = "auto",
     ) -> LLMEngine:
         """Load a known model name, an HF directory or a .gguf file, with an optional PEFT
         LoRA adapter merged in (see sorai.model.loader.load_pretrained)."""
-        transformer, tokenizer, name = load_pretrained(model, dtype, device, adapter, progress)
+        transformer, tokenizer, name = load_pretrained(
+            model, dtype, device, adapter, progress, quantize=quantize
+        )
         return cls(transformer, tokenizer, config, name=name)
 
     @staticmethod

@@ -189,17 +189,21 @@ class GGUFFile:
     def _data(self) -> np.memmap:
         return np.memmap(self.path, dtype=np.uint8, mode="r")
 
+    def raw(self, info: TensorInfo) -> np.ndarray:
+        """A tensor's encoded bytes, read from the mapped file."""
+        raw = self._data[info.offset : info.offset + info.nbytes]
+        if raw.size != info.nbytes:
+            raise ModelFormatError(f"{self.path}: tensor {info.name} runs past the end of the file")
+        return raw
+
     def _dequantize(self, info: TensorInfo) -> Tensor:
         """One tensor as float32, dequantized by the gguf package."""
         import gguf
 
         qtype = gguf.GGMLQuantizationType(info.qtype)
         block_size, type_size = gguf.GGML_QUANT_SIZES[qtype]
-        raw = self._data[info.offset : info.offset + info.nbytes]
-        if raw.size != info.nbytes:
-            raise ModelFormatError(f"{self.path}: tensor {info.name} runs past the end of the file")
         # gguf takes rows of raw bytes: innermost dimension, in blocks, times block bytes.
-        raw = raw.reshape(-1, info.shape[-1] // block_size * type_size)
+        raw = self.raw(info).reshape(-1, info.shape[-1] // block_size * type_size)
         try:
             array = gguf.quants.dequantize(raw, qtype)
         except NotImplementedError as e:
@@ -218,19 +222,32 @@ class GGUFFile:
                 return self._dequantize(info)
         return None
 
+    def entries(self) -> Iterator[tuple[str, TensorInfo]]:
+        """(our parameter name, its tensor in the file) for every weight we load."""
+        for info in self.tensor_infos:
+            if (name := _our_name(info.name)) is not None:
+                yield name, info
+
+    def permuted_heads(self, name: str, config: ModelConfig) -> int | None:
+        """The head count whose Q/K row permutation `name` carries in this file, else None."""
+        if self.architecture in PERMUTED_QK:
+            if name.endswith(("q_proj.weight", "q_proj.bias")):
+                return config.num_attention_heads
+            if name.endswith(("k_proj.weight", "k_proj.bias")):
+                return config.num_key_value_heads
+        return None
+
+    def dequantized(self, name: str, info: TensorInfo, config: ModelConfig) -> Tensor:
+        """One weight as float32 in our layout (Q/K permutation reversed)."""
+        value = self._dequantize(info)
+        if (heads := self.permuted_heads(name, config)) is not None:
+            value = unpermute_qk(value, heads)
+        return value
+
     def tensors(self, config: ModelConfig) -> Iterator[tuple[str, Tensor]]:
         """(our parameter name, float32 tensor) for every weight, Q/K permutation reversed."""
-        for info in self.tensor_infos:
-            name = _our_name(info.name)
-            if name is None:
-                continue
-            value = self._dequantize(info)
-            if self.architecture in PERMUTED_QK:
-                if name.endswith(("q_proj.weight", "q_proj.bias")):
-                    value = unpermute_qk(value, config.num_attention_heads)
-                elif name.endswith(("k_proj.weight", "k_proj.bias")):
-                    value = unpermute_qk(value, config.num_key_value_heads)
-            yield name, value
+        for name, info in self.entries():
+            yield name, self.dequantized(name, info, config)
 
 
 def _our_name(gguf_name: str) -> str | None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -13,6 +15,7 @@ from sorai.errors import DeviceError, ModelFormatError
 from sorai.model.config import ModelConfig, check_chat_model
 from sorai.model.gguf import GGUFFile, is_gguf
 from sorai.model.hardware import auto_dtype
+from sorai.model.quant.load import check_quantize, load_gguf_lowbit, quantize_dense
 from sorai.model.tokenizer import Tokenizer
 from sorai.model.transformer import Transformer
 from sorai.model.weights import load_gguf, load_hf_dir, parse_dtype
@@ -42,21 +45,37 @@ def load_model(
     path: Path,
     dtype: str | torch.dtype | None = None,
     device: str | torch.device | None = None,
+    quantize: str = "auto",
 ) -> tuple[Transformer, Tokenizer]:
-    """The model (eval mode, on `device`) and its tokenizer; defaults as in `sorai.load`."""
+    """The model (eval mode, on `device`) and its tokenizer; defaults as in `sorai.load`.
+
+    quantize: auto (a GGUF keeps its low-bit weights, a dense checkpoint stays dense), none
+    (every weight dequantized to `dtype`), int8 or int4 (see sorai.model.quant.load).
+    Low-bit layers run on the CPU; on a GPU, auto loads dense weights.
+    """
     device = resolve_device(device)
     if dtype is None or dtype == "auto":
         dtype = auto_dtype(device)[0]
     dtype = parse_dtype(dtype)
+    quantize = check_quantize(quantize)
+    if device.type != "cpu" and quantize in ("int8", "int4"):
+        raise DeviceError(
+            f"--quantize {quantize} runs on the CPU only; on {device} the weights load as "
+            f"{str(dtype).removeprefix('torch.')} (use --quantize auto or none)"
+        )
+    lowbit = device.type == "cpu" and quantize != "none"
     if path.is_dir():
         if not (path / "config.json").exists():
             raise ModelFormatError(
                 f"{path} is not a Hugging Face model directory: it has no config.json"
             )
         model, tokenizer = load_hf_dir(path, dtype), Tokenizer.from_dir(path)
+        if lowbit and quantize != "auto":
+            quantize_dense(model, quantize)
     elif path.suffix == ".gguf" or is_gguf(path):
         gguf = GGUFFile(path)
-        model, tokenizer = load_gguf(gguf, dtype), Tokenizer.from_gguf_metadata(gguf.metadata)
+        tokenizer = Tokenizer.from_gguf_metadata(gguf.metadata)
+        model = load_gguf_lowbit(gguf, dtype, quantize) if lowbit else load_gguf(gguf, dtype)
     else:
         raise ModelFormatError(
             f"{path}: not a model; expected a Hugging Face directory or a .gguf file"
@@ -64,7 +83,15 @@ def load_model(
     model = model.to(device)
     if device.type == "cpu" and dtype == torch.float32:
         use_column_major_weights(model)
+    release_free_memory()
     return model, tokenizer
+
+
+def release_free_memory() -> None:
+    """Hand the allocator's free pages back to the OS (glibc keeps them after a load's
+    temporaries are freed: measured 590 -> 420 MB RSS for the default model)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def read_config(path: Path) -> ModelConfig:
@@ -112,19 +139,25 @@ def load_pretrained(
     device: str | torch.device | None = None,
     adapter: str | os.PathLike | None = None,
     progress: Callable[[str], None] | None = None,
+    quantize: str = "auto",
 ) -> tuple[Transformer, Tokenizer, str]:
     """A known model name (pulled on first use), an HF directory or a .gguf file, with an
     optional PEFT LoRA adapter merged in; returns the model, its tokenizer and its name.
 
     The name is `model` as given, plus `+<adapter name>` with an adapter (see adapter_name).
-    A bad adapter raises LoRAError naming the path, before the (slow) model load.
+    A bad adapter raises LoRAError naming the path, before the (slow) model load. An adapter
+    merges into dense weights: with one, `auto` loads dense, and int8/int4 quantize after the
+    merge.
     """
     from sorai import hub
     from sorai.model.lora import adapter_name, check_adapter_dir, load_adapter, merge_lora
 
     check_chat_model(model)  # an unknown name or an embedding model, before any pull
     adapter_path = check_adapter_dir(adapter) if adapter is not None else None
-    transformer, tokenizer = load_model(hub.resolve(model, progress=progress), dtype, device)
+    check_quantize(quantize)
+    load_as = "none" if adapter_path is not None else quantize
+    path = hub.resolve(model, progress=progress)
+    transformer, tokenizer = load_model(path, dtype, device, quantize=load_as)
     name = os.fspath(model)
     if adapter_path is not None:
         # A and B stay float32 whatever the model's dtype: merge computes W + s·B·A in float32
@@ -132,4 +165,6 @@ def load_pretrained(
         load_adapter(transformer, adapter_path, dtype=torch.float32)
         merge_lora(transformer)
         name = f"{name}+{adapter_name(adapter_path)}"
+        if quantize in ("int8", "int4") and transformer.device.type == "cpu":
+            quantize_dense(transformer, quantize)
     return transformer, tokenizer, name

@@ -187,7 +187,10 @@ class Transformer(nn.Module):
         self.tie_weights()
 
     def tie_weights(self) -> None:
-        if self.config.tie_word_embeddings and self.embed_tokens and self.lm_head:
+        # Only float layers tie by sharing a Parameter; low-bit ones share their table when
+        # they are built (see sorai.model.quant.load).
+        plain = isinstance(self.embed_tokens, nn.Embedding) and isinstance(self.lm_head, nn.Linear)
+        if self.config.tie_word_embeddings and plain:
             self.lm_head.weight = self.embed_tokens.weight
 
     def rope(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:

@@ -74,11 +74,17 @@ def build_model(
     tensors: Iterable[tuple[str, Tensor]],
     dtype: torch.dtype,
     source: Path,
+    model: Transformer | None = None,
 ) -> Transformer:
-    """A Transformer whose parameters are exactly `tensors` (cast to dtype); names are checked."""
-    with torch.device("meta"):
-        model = Transformer(config)
-    expected = {name: p.shape for name, p in model.named_parameters()}
+    """A Transformer whose parameters are exactly `tensors` (cast to dtype); names are checked.
+
+    `model`: one built on the meta device whose low-bit layers are already in place; the
+    tensors fill the rest.
+    """
+    if model is None:
+        with torch.device("meta"):
+            model = Transformer(config)
+    expected = {name: p.shape for name, p in model.named_parameters() if p.is_meta}
     state = {}
     for name, tensor in tensors:
         if name not in expected:
@@ -112,6 +118,20 @@ def load_gguf(gguf: GGUFFile, dtype: torch.dtype) -> Transformer:
     return model
 
 
+def dense_state(model: Transformer) -> dict[str, Tensor]:
+    """The state dict with every low-bit layer's weight dequantized to the model's dtype
+    (exactly the float values it stands for), so any Hugging Face reader takes it."""
+    state: dict[str, Tensor] = {}
+    lowbit = {n: m for n, m in model.named_modules() if hasattr(m, "dequantize")}
+    for name, tensor in model.state_dict().items():
+        module = name.rpartition(".")[0]
+        if module not in lowbit or name.endswith(".bias"):
+            state[name] = tensor
+    for module, layer in lowbit.items():
+        state[f"{module}.weight"] = layer.dequantize(model.dtype)
+    return state
+
+
 def save_hf_dir(model: Transformer, path: Path, shard_bytes: int = SHARD_BYTES) -> None:
     """Write config.json and model*.safetensors (sharded with an index above shard_bytes)."""
     if not torch.equal(model.inv_freq.cpu(), rope_inv_freq(model.config)):
@@ -131,7 +151,7 @@ def save_hf_dir(model: Transformer, path: Path, shard_bytes: int = SHARD_BYTES) 
     (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     state = {
         _hf_name(name): p.detach().contiguous()
-        for name, p in model.state_dict().items()
+        for name, p in dense_state(model).items()
         if not (name == "lm_head.weight" and model.config.tie_word_embeddings)
     }
     shards: list[dict[str, Tensor]] = [{}]

@@ -221,7 +221,7 @@ class Trainer:
                 raise failed
         path = hub.resolve(cfg.model)
         # Weights stay float32 (the optimizer's master copy); bf16 comes from autocast.
-        model, self.tokenizer = load_model(path, torch.float32, self.device)
+        model, self.tokenizer = load_model(path, torch.float32, self.device, quantize="none")
         model.train()
         if cfg.method == "lora":
             self.adapter = apply_lora(model, self.lora_config(), dtype=torch.float32)
@@ -649,7 +649,9 @@ class Trainer:
         """The trained model on the CPU, in one piece, from a checkpoint of any layout."""
         if checkpoint is None:
             raise CheckpointError(f"{self.checkpoint_dir} holds no checkpoint to export from")
-        model, _ = load_model(hub.resolve(self.config.model), torch.float32, torch.device("cpu"))
+        model, _ = load_model(
+            hub.resolve(self.config.model), torch.float32, torch.device("cpu"), quantize="none"
+        )
         if self.adapter is not None:
             apply_lora(model, self.lora_config(), dtype=torch.float32)
         else:

@@ -16,7 +16,7 @@ def _logits(model, tokens):
 
 def test_fused_model_gives_the_same_logits_and_keeps_its_weights(default_gguf) -> None:
     # bfloat16: CPU float32 Linears are left unfused (see concat_linears).
-    model, tokenizer = load_model(default_gguf, dtype="bfloat16")
+    model, tokenizer = load_model(default_gguf, dtype="bfloat16", quantize="none")
     tokens = torch.tensor([tokenizer.encode("The capital of France is Paris, and the")])
     before = _logits(model, tokens)
     names = {n: p.shape for n, p in model.state_dict().items()}
@@ -37,7 +37,7 @@ def test_fused_model_gives_the_same_logits_and_keeps_its_weights(default_gguf) -
 
 
 def test_a_projection_wrapped_after_fusion_is_used(default_gguf) -> None:
-    model, tokenizer = load_model(default_gguf, dtype="bfloat16")
+    model, tokenizer = load_model(default_gguf, dtype="bfloat16", quantize="none")
     tokens = torch.tensor([tokenizer.encode("Hello there")])
     fuse_projections(model)
     wrapped = copy.deepcopy(model)
@@ -52,11 +52,25 @@ def test_a_projection_wrapped_after_fusion_is_used(default_gguf) -> None:
 
 
 def test_trainable_weights_are_not_fused(default_gguf) -> None:
-    model, _ = load_model(default_gguf, dtype="bfloat16")
+    model, _ = load_model(default_gguf, dtype="bfloat16", quantize="none")
     model.requires_grad_(True)
     assert fuse_projections(model) == 0
 
 
 def test_cpu_float32_is_left_unfused(default_gguf) -> None:
-    model, _ = load_model(default_gguf, dtype="float32")
+    model, _ = load_model(default_gguf, dtype="float32", quantize="none")
     assert fuse_projections(model) == 0
+
+
+def test_low_bit_layers_fuse_into_one_with_the_same_outputs(default_gguf) -> None:
+    model, tokenizer = load_model(default_gguf)  # int4 blocks, the GGUF's own
+    tokens = torch.tensor([tokenizer.encode("Low-bit layers join too")])
+    before = _logits(model, tokens)
+    assert fuse_projections(model) == 2 * len(model.layers)
+    torch.testing.assert_close(_logits(model, tokens), before, rtol=1e-3, atol=1e-3)
+    mlp = model.layers["3"].mlp
+    joined = fused(mlp, (mlp.gate_proj, mlp.up_proj)).module
+    # The parts are views of the joined layer's buffers: no second copy of the weights.
+    assert mlp.up_proj.packed.untyped_storage().data_ptr() == (
+        joined.packed.untyped_storage().data_ptr()
+    )

@@ -289,7 +289,7 @@ def test_default_model_adapter_matches_peft(default_gguf: Path, tmp_path: Path) 
 
     from sorai.model.loader import load_model
 
-    model, _ = load_model(default_gguf, "float32", "cpu")  # column-major, as sorai.load has it
+    model, _ = load_model(default_gguf, "float32", "cpu", quantize="none")  # column-major
     save_hf_dir(model, tmp_path / "base")
     ids = torch.randint(0, 49152, (1, 32), generator=torch.Generator().manual_seed(1))
     base = logits(model, ids)[0, -1]

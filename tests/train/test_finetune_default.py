@@ -104,7 +104,7 @@ def test_exports_match_peft_and_transformers(default_gguf: Path, run: Path, tmp_
     from peft import PeftModel
 
     ids = torch.randint(0, 49152, (1, 24), generator=torch.Generator().manual_seed(3))
-    model, _ = load_model(default_gguf, "float32", "cpu")
+    model, _ = load_model(default_gguf, "float32", "cpu", quantize="none")
     save_hf_dir(model, tmp_path / "base")
     load_adapter(model, run / "adapter")  # unmerged: base + (alpha/r) B A x
     ours = _logits(model.eval(), ids)

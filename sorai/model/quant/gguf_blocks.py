@@ -1,0 +1,73 @@
+"""GGUF's quantized blocks straight into low-bit layers, without a float copy of the model.
+
+Q4_0, Q4_1 and Q4_K hold 4-bit values with a scale and a minimum per 32 weights: exactly an
+Int4Linear (group 32). Q8_0 holds int8 values with a scale per 32 weights; an Int8Linear has one
+scale per row, so its rows are rescaled (error at most half a step of the row's scale).
+Byte layouts follow ggml (and the gguf package's reference dequantizers).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+INT4_TYPES = ("Q4_0", "Q4_1", "Q4_K")
+
+
+def _split(blocks: np.ndarray, *sizes: int) -> list[np.ndarray]:
+    return np.hsplit(blocks, list(np.cumsum(sizes)))
+
+
+def _half(raw: np.ndarray) -> np.ndarray:
+    return raw.copy().view(np.float16).astype(np.float32)
+
+
+def _nibbles(qs: np.ndarray, per_block: int) -> np.ndarray:
+    """ggml's nibble order: low halves are the first 16 (of 32) values, high halves the rest."""
+    n = qs.shape[0]
+    low, high = qs & 0x0F, qs >> 4
+    return np.concatenate((low.reshape(n, -1, 1, 16), high.reshape(n, -1, 1, 16)), axis=2).reshape(
+        n, per_block
+    )
+
+
+def int4_groups(raw: np.ndarray, qtype: str, rows: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(q uint8 [rows, cols], scale [rows, cols/32], minimum [rows, cols/32]) from the bytes."""
+    if qtype == "Q4_0":
+        d, qs = _split(raw.reshape(-1, 18), 2)
+        scale = _half(d)[:, 0]
+        q = _nibbles(qs, 32)
+        minimum = -8 * scale
+    elif qtype == "Q4_1":
+        d, m, qs = _split(raw.reshape(-1, 20), 2, 2)
+        scale, minimum = _half(d)[:, 0], _half(m)[:, 0]
+        q = _nibbles(qs, 32)
+    elif qtype == "Q4_K":
+        import gguf
+
+        blocks = raw.reshape(-1, 144)
+        d, dmin, scales, qs = _split(blocks, 2, 2, 12)
+        sc, mins = gguf.quants.Q4_K.get_scale_min(scales)
+        scale = (_half(d) * sc.astype(np.float32)).reshape(-1)  # 8 groups of 32 per block
+        minimum = (-_half(dmin) * mins.astype(np.float32)).reshape(-1)
+        # Each 64 values: 32 bytes whose low nibbles are the first 32, high nibbles the next.
+        qs = qs.reshape(-1, 4, 1, 32) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)
+        q = (qs & 0x0F).reshape(-1, 32)
+    else:
+        raise ValueError(f"{qtype} is not a 4-bit group type ({', '.join(INT4_TYPES)})")
+    q_t = torch.from_numpy(np.ascontiguousarray(q, dtype=np.uint8)).reshape(rows, -1)
+    scale_t = torch.from_numpy(np.ascontiguousarray(scale, dtype=np.float32)).reshape(rows, -1)
+    min_t = torch.from_numpy(np.ascontiguousarray(minimum, dtype=np.float32)).reshape(rows, -1)
+    return q_t, scale_t, min_t
+
+
+def q8_0_rows(raw: np.ndarray, rows: int) -> tuple[Tensor, Tensor]:
+    """(q int8 [rows, cols], scale float32 [rows]): Q8_0's per-32 scales folded into one per row."""
+    d, qs = _split(raw.reshape(-1, 34), 2)
+    d = torch.from_numpy(_half(d)).reshape(rows, -1)  # [rows, cols/32]
+    q = torch.from_numpy(qs.copy().view(np.int8)).reshape(rows, d.shape[1], 32)
+    weight = q.to(torch.float32) * d[..., None]  # one tensor at a time, never the model
+    row_scale = (weight.abs().amax(dim=(1, 2)) / 127).clamp(min=1e-10)
+    q_row = (weight / row_scale[:, None, None]).round().clamp(-127, 127).to(torch.int8)
+    return q_row.reshape(rows, -1), row_scale

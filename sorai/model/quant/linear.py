@@ -1,0 +1,210 @@
+"""int4 (group-wise, asymmetric) and int8 (per output channel) linear layers.
+
+Small batches (decoding) run PyTorch's weight-only low-bit kernels, which read 4 or 8 bits per
+weight instead of 32: `_weight_int4pack_mm_for_cpu` and `_weight_int8pack_mm`, both fast with
+bfloat16 activations (with float32 ones they fall back to a slow reference loop), so the layer
+casts its input to bfloat16 and its output back. Large batches (prompt chunks) are compute-
+bound, where these kernels lose to the dense GEMM (measured on a 2-core AVX2 CPU at 512 rows:
+int4 36 ms, int8 30 ms, float32 14 ms for a 576x1536 layer): from `dense_from_rows` rows on, the
+layer expands the weight the kernel would use (about 1 ms) and runs a float32 GEMM on the same
+bfloat16-rounded inputs, rounding the output to bfloat16 as the kernel does. Both paths thus
+compute the same products and differ only in summation order, so a request's tokens do not
+depend on how many other rows share its batch (the engine is checked against a one-request
+loop).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# Rows at and above which a layer runs dequantized weights through the dense GEMM.
+DENSE_FROM_ROWS = 48
+# The CPU int4 packing interleaves rows in blocks (32 or 64 by instruction set); layers joined
+# by concat must each hold whole blocks.
+INT4_ROW_BLOCK = 64
+
+
+class LowBitLinear(nn.Module):
+    """Shared plumbing: shapes, bias, the dense fallback for large batches."""
+
+    weight_format = "low-bit"
+    dense_from_rows = DENSE_FROM_ROWS
+
+    def __init__(self, in_features: int, out_features: int, bias: Tensor | None) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The float weight [out, in] the layer stands for (exact, for merging and saving)."""
+        raise NotImplementedError
+
+    def kernel_weight(self) -> Tensor:
+        """The float32 weight the low-bit kernel multiplies by (its scales are bfloat16)."""
+        raise NotImplementedError
+
+    def _lowbit(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        if rows.shape[0] >= self.dense_from_rows or rows.device.type != "cpu":
+            out = F.linear(rows.to(torch.float32), self.kernel_weight()).to(torch.bfloat16)
+        else:
+            out = self._lowbit(rows)
+        out = out.to(x.dtype)
+        if self.bias is not None:
+            out = out + self.bias.to(out.dtype)
+        return out.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
+class Int4Linear(LowBitLinear):
+    """w = q * scale + minimum per group of `group_size` inputs, q in 0..15.
+
+    Exactly the layout of GGUF's Q4_1 (and of Q4_0 with minimum = -8 * scale), so those
+    blocks load as they are. Holds the kernel's packed weight plus the plain nibbles
+    (two per byte, even input index in the low half) for dequantizing.
+    """
+
+    def __init__(
+        self,
+        q: Tensor,  # uint8 [out, in], values 0..15
+        scale: Tensor,  # float [out, in / group_size]
+        minimum: Tensor,  # float [out, in / group_size]
+        bias: Tensor | None = None,
+    ) -> None:
+        out_features, in_features = q.shape
+        super().__init__(in_features, out_features, bias)
+        self.group_size = in_features // scale.shape[1]
+        self.weight_format = f"int4 (group {self.group_size})"
+        q = q.to(torch.uint8)
+        self.register_buffer("nibbles", q[:, 0::2] | (q[:, 1::2] << 4))
+        self.register_buffer("scale", scale.float().contiguous())
+        self.register_buffer("minimum", minimum.float().contiguous())
+        # The kernel computes (q - 8) * scale + zero.
+        zero = minimum.float() + 8 * scale.float()
+        scales_zeros = torch.stack((scale.float(), zero), dim=-1).transpose(0, 1)
+        self.register_buffer("scales_zeros", scales_zeros.contiguous().to(torch.bfloat16))
+        self.register_buffer(
+            "packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
+        )
+
+    @classmethod
+    def quantize(
+        cls, weight: Tensor, group_size: int = 32, bias: Tensor | None = None
+    ) -> Int4Linear:
+        """Round a float weight to the nearest int4 per group (min/max, asymmetric)."""
+        out_features, in_features = weight.shape
+        if in_features % group_size:
+            raise ValueError(f"in_features {in_features} is not a multiple of {group_size}")
+        groups = weight.detach().float().reshape(out_features, -1, group_size)
+        low, high = groups.amin(-1), groups.amax(-1)
+        scale = ((high - low) / 15).clamp(min=1e-10)
+        q = ((groups - low[..., None]) / scale[..., None]).round().clamp(0, 15)
+        return cls(q.reshape(out_features, in_features).to(torch.uint8), scale, low, bias)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        q = torch.stack((self.nibbles & 15, self.nibbles >> 4), dim=-1)
+        groups = q.view(self.out_features, -1, self.group_size).to(torch.float32)
+        weight = groups * self.scale[..., None] + self.minimum[..., None]
+        return weight.view(self.out_features, self.in_features).to(dtype)
+
+    def kernel_weight(self) -> Tensor:
+        q = torch.stack((self.nibbles & 15, self.nibbles >> 4), dim=-1)
+        groups = q.view(self.out_features, -1, self.group_size).to(torch.float32) - 8
+        scale, zero = self.scales_zeros.to(torch.float32).transpose(0, 1).unbind(-1)
+        weight = groups * scale[..., None] + zero[..., None]
+        return weight.view(self.out_features, self.in_features)
+
+    def _lowbit(self, rows: Tensor) -> Tensor:
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(
+            rows, self.packed, self.group_size, self.scales_zeros.contiguous()
+        )
+
+    @classmethod
+    def concat(cls, parts: Sequence[Int4Linear]) -> Int4Linear | None:
+        """One layer computing the parts' outputs side by side; the parts become its views."""
+        if len({p.group_size for p in parts}) != 1 or any(
+            p.out_features % INT4_ROW_BLOCK or (p.bias is None) != (parts[0].bias is None)
+            for p in parts
+        ):
+            return None
+        joined = cls.__new__(cls)
+        width = sum(p.out_features for p in parts)
+        LowBitLinear.__init__(joined, parts[0].in_features, width, None)
+        joined.group_size = parts[0].group_size
+        joined.weight_format = parts[0].weight_format
+        for name, dim in (
+            ("nibbles", 0),
+            ("scale", 0),
+            ("minimum", 0),
+            ("scales_zeros", 1),
+            ("packed", 0),
+        ):
+            whole = torch.cat([getattr(p, name) for p in parts], dim=dim)
+            joined.register_buffer(name, whole)
+            start = 0
+            for part in parts:
+                end = start + part.out_features
+                setattr(part, name, whole.narrow(dim, start, end - start))
+                start = end
+        if parts[0].bias is not None:
+            joined.bias = nn.Parameter(torch.cat([p.bias for p in parts]), requires_grad=False)
+        return joined
+
+
+class Int8Linear(LowBitLinear):
+    """w = q * scale per output row, q in -127..127."""
+
+    weight_format = "int8"
+
+    def __init__(self, q: Tensor, scale: Tensor, bias: Tensor | None = None) -> None:
+        out_features, in_features = q.shape
+        super().__init__(in_features, out_features, bias)
+        self.register_buffer("q", q.to(torch.int8).contiguous())
+        self.register_buffer("scale", scale.float().contiguous())
+        self.register_buffer("scale_bf16", self.scale.to(torch.bfloat16))
+
+    @classmethod
+    def quantize(cls, weight: Tensor, bias: Tensor | None = None) -> Int8Linear:
+        q, scale = quantize_rows_int8(weight)
+        return cls(q, scale, bias)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        return (self.q.to(torch.float32) * self.scale[:, None]).to(dtype)
+
+    def kernel_weight(self) -> Tensor:
+        return self.q.to(torch.float32) * self.scale_bf16.to(torch.float32)[:, None]
+
+    def _lowbit(self, rows: Tensor) -> Tensor:
+        return torch._weight_int8pack_mm(rows, self.q, self.scale_bf16)
+
+    @classmethod
+    def concat(cls, parts: Sequence[Int8Linear]) -> Int8Linear | None:
+        if any((p.bias is None) != (parts[0].bias is None) for p in parts):
+            return None
+        bias = None if parts[0].bias is None else torch.cat([p.bias for p in parts])
+        joined = cls(torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts]), bias)
+        start = 0
+        for part in parts:
+            end = start + part.out_features
+            part.q, part.scale = joined.q[start:end], joined.scale[start:end]
+            part.scale_bf16 = joined.scale_bf16[start:end]
+            start = end
+        return joined
+
+
+def quantize_rows_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric int8 per row: (q int8 [out, in], scale float32 [out])."""
+    weight = weight.detach().float()
+    scale = (weight.abs().amax(dim=1) / 127).clamp(min=1e-10)
+    q = (weight / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
+    return q, scale
