@@ -1,31 +1,31 @@
-"""Online serving: sorai's server vs llama-cpp-python's server (and transformers), same work.
+"""Online serving: sorai's server vs llama.cpp's own llama-server, same GGUF, same work.
 
-    python benchmarks/bench_serving.py [--concurrency 1,4,16,64] [--max-tokens 64]
-        [--peers sorai,llama-cpp,transformers] [--sorai-url URL] [--llama-cpp-url URL]
-        [--no-llama-cpp] [--json out.json]
+    python benchmarks/bench_serving.py [--concurrency 1,4,16] [--max-tokens 64] [--requests 32]
+        [--peers sorai,llama-server,transformers] [--sorai-args "..."] [--sorai-url URL]
+        [--llama-cpp-url URL] [--json out.json]
 
 Peers, run one after another (never two servers at once, so they do not share the cores):
 
-- sorai: `sorai serve --model M` on a free loopback port (or `--sorai-url` for a running one);
-- llama-cpp-python: `python -m llama_cpp.server` on the same GGUF file, from its own venv
-  (default ~/.cache/sorai/bench-venv, created and built from source on first use: slow on
-  a small machine; `--no-llama-cpp` skips it; `--llama-cpp-url` uses a running one), with its
-  own default threads (half the cores: on 2 cores, 2 ggml threads that spin-wait for each
-  other slow down badly as soon as anything else runs, the server's own Python included);
-- transformers: `generate` on the same GGUF in float32, one stream, greedy: decode tokens/s as
-  in bench_generate.py: (N - 1) / (median time(N tokens) - median time(1 token)).
+- sorai: `sorai serve --model M` on a free loopback port (`--sorai-args` adds flags, e.g.
+  "--quantize none"; `--sorai-url` measures a running one);
+- llama-server: llama.cpp's own server, built from source once (benchmarks/llama_cpp_peer.py),
+  as `llama-server -m GGUF -np 16 -c 8192 -t <cores>` on the same GGUF file;
+- transformers (only with `--peers ...,transformers`): `generate` on the same GGUF in float32,
+  one stream, greedy: (N - 1) / (median time(N tokens) - median time(1 token)).
 
 Workload: the same fixed list of chat prompts for every server (built here with a fixed seed,
 ~35-300 prompt tokens; each request of a run gets its own, so a prefix cache helps only with
 what real traffic shares), temperature 0, `--max-tokens` each, every request streamed with
 `stream_options.include_usage`. Each concurrency level keeps C requests in flight until it has
-sent `--requests` (default max(8, 2*C)) or `--level-time` seconds have passed (then in-flight
+sent `--requests` (default 32) or `--level-time` seconds have passed (then in-flight
 requests are cut: their tokens still count toward tokens/s, they count in no latency).
 
 Per request: TTFT (request sent -> first content chunk), TPOT ((e2e - TTFT) / (tokens - 1)),
 ITL (gaps between content chunks), e2e. Output tokens are the server's `usage.completion_tokens`
-(the count of content chunks where a server sends no usage), since not every peer can be told to
-ignore EOS. Per level: output tokens/s = all output tokens / wall time of the level.
+(the count of content chunks where a server sends no usage); both peers get `ignore_eos` (unless
+`--no-ignore-eos`), so every answer is `--max-tokens` long. Per level: output tokens/s = all
+output tokens / wall time of the level; decode tok/s = 1 / mean TPOT. After each server's run its
+peak RSS (VmHWM) and start-up time (spawn -> healthy) are printed; then the ratios and the goals.
 
 The HTTP client is a small asyncio HTTP/1.1 + SSE reader over the standard library: on a 2-core
 machine a heavier client would take CPU from the server it measures, and it stamps each chunk
@@ -59,22 +59,23 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from common import (  # benchmarks/common.py: the script's folder is on sys.path
-    run_logged,
     without_nan,
 )
+from llama_cpp_peer import ensure_llama_cpp
 
 from sorai import hub
 
 SORAI = "sorai"
-LLAMA_CPP = "llama-cpp"
+LLAMA_CPP = "llama-server"
 TRANSFORMERS = "transformers"
 ALL_PEERS = (SORAI, LLAMA_CPP, TRANSFORMERS)
-DEFAULT_BENCH_VENV = Path("~/.cache/sorai/bench-venv").expanduser()
 
-# Goals from the serving issue.
-GOAL_THROUGHPUT_RATIO = 3.0  # sorai output tok/s at concurrency 16 vs llama-cpp-python's
-GOAL_TTFT_S = 1.1  # sorai mean TTFT at concurrency 16
-GOAL_DECODE_RATIO = 3.0  # sorai single-stream decode tok/s vs transformers fp32
+# Goals from the speed issue (ratios against llama-server on the same machine, one run).
+GOAL_THROUGHPUT_RATIO = 3.0  # sorai output tok/s at concurrency 16 vs llama-server's
+GOAL_TTFT_RATIO = 1 / 3  # sorai mean TTFT at concurrency 16 vs llama-server's, at most
+GOAL_DECODE_RATIO = 1.0  # sorai single-stream decode tok/s vs llama-server's, at least
+GOAL_RSS_MIB = 800.0  # sorai serve's peak RSS
+GOAL_READY_S = 10.0  # sorai serve: spawn -> healthy
 GOAL_CONCURRENCY = 16
 
 
@@ -501,6 +502,8 @@ class Server:
             prefix=f"bench-{name}-", suffix=".log", delete=False
         )
         self.process: subprocess.Popen[bytes] | None = None
+        self.ready_s: float | None = None  # spawn -> ready
+        self.peak_rss_mib: float | None = None  # read just before it is stopped
 
     def start(self, timeout: float) -> None:
         print(f"  starting {self.name}: {' '.join(self.command)}  (log {self.log.name})")
@@ -520,7 +523,8 @@ class Server:
                     f"{self.name} exited with code {self.process.returncode}:\n{self.tail()}"
                 )
             if http_status(self.base + self.ready_path) == 200:
-                print(f"  {self.name} ready in {time.monotonic() - started:.1f} s at {self.base}")
+                self.ready_s = time.monotonic() - started
+                print(f"  {self.name} ready in {self.ready_s:.1f} s at {self.base}")
                 return
             time.sleep(0.5)
         raise RuntimeError(f"{self.name} not ready after {timeout:.0f} s:\n{self.tail()}")
@@ -532,6 +536,8 @@ class Server:
         return "\n".join(text.splitlines()[-lines:])
 
     def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.peak_rss_mib = peak_rss_mib(self.process.pid)
         self.log.close()
         if self.process is None or self.process.poll() is not None:
             return
@@ -552,6 +558,12 @@ def running(server: Server, timeout: float) -> Iterator[str]:
         yield server.base
     finally:
         server.stop()
+        if server.peak_rss_mib is not None:
+            print(f"  {server.name}: peak RSS {server.peak_rss_mib:.0f} MiB")
+        SERVERS[server.name] = {"ready_s": server.ready_s, "peak_rss_mib": server.peak_rss_mib}
+
+
+SERVERS: dict[str, dict[str, float | None]] = {}  # per peer: start-up time and peak RSS
 
 
 def sorai_command(args: argparse.Namespace, port: int) -> list[str]:
@@ -563,60 +575,23 @@ def sorai_command(args: argparse.Namespace, port: int) -> list[str]:
     return command + shlex.split(args.sorai_args)
 
 
-def llama_cpp_python(venv: Path) -> Path | None:
-    """The venv's interpreter once llama_cpp.server imports there; installs it on first use."""
-    python = venv / "bin" / "python"
-    check = [str(python), "-c", "import llama_cpp, llama_cpp.server"]
-    if python.exists() and subprocess.run(check, capture_output=True).returncode == 0:
-        return python
-    log = venv.with_name(venv.name + "-install.log")
-    print(
-        f"  llama-cpp-python: installing into {venv} (built from source with cmake; this can "
-        f"take many minutes on a small machine; log {log})",
-        flush=True,
-    )
-    venv.parent.mkdir(parents=True, exist_ok=True)
-    steps = [
-        [sys.executable, "-m", "venv", str(venv)],
-        [str(python), "-m", "pip", "install", "--upgrade", "pip"],
-        [str(python), "-m", "pip", "install", "-v", "llama-cpp-python[server]"],
-    ]
-    env = dict(os.environ)
-    env.setdefault("CMAKE_ARGS", "-DGGML_NATIVE=ON")
-    started = time.monotonic()
-    with open(log, "w") as out:
-        for step in steps:
-            if not run_logged(step, out, "llama-cpp-python", started, env, lambda: progress(log)):
-                tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
-                print(f"  llama-cpp-python: install failed ({' '.join(step)}):\n{tail}")
-                return None
-    if subprocess.run(check, capture_output=True).returncode != 0:
-        print("  llama-cpp-python: installed but llama_cpp.server does not import")
+def llama_server_command(server: Path, gguf: Path, port: int, threads: int) -> list[str]:
+    """llama-server as the issue's reference run: 16 slots sharing an 8192-token context."""
+    command = [str(server), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port)]
+    command += ["-np", "16", "-c", "8192", "--no-webui"]
+    return command + ["-t", str(threads or os.cpu_count() or 1)]
+
+
+def peak_rss_mib(pid: int) -> float | None:
+    """The process's peak resident memory (VmHWM) in MiB, while it still runs."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
         return None
-    print(f"  llama-cpp-python: installed in {time.monotonic() - started:.0f} s")
-    return python
-
-
-def progress(log: Path) -> str:
-    """The build step ("[34/193]") or the last line of the install log."""
-    lines = log.read_text(errors="replace").splitlines()
-    for line in reversed(lines[-50:]):
-        step = line.strip().split(" ", 1)[0]
-        if step.startswith("[") and step.endswith("]") and "/" in step:
-            return f"build step {step}"
-    return lines[-1].strip()[:80] if lines else ""
-
-
-def llama_cpp_command(python: Path, gguf: Path, port: int, threads: int) -> list[str]:
-    command = [
-        str(python), "-m", "llama_cpp.server", "--model", str(gguf),
-        "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048",
-        # By default a new request interrupts the one being streamed: queue them instead.
-        "--interrupt_requests", "False",
-    ]  # fmt: skip
-    if threads:
-        command += ["--n_threads", str(threads), "--n_threads_batch", str(threads)]
-    return command
+    for line in status.splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -698,75 +673,68 @@ def report(
 ) -> dict[str, Any]:
     by = {(s.peer, s.concurrency): s for s in summaries}
     print()
+    print(f"CPU: {cpu_flags()}; load average now {os.getloadavg()[0]:.1f}")
     print_table(summaries)
     print()
-    print("sorai / llama-cpp-python, aggregate output tok/s:")
-    ratios: dict[str, float] = {}
+    print(f"sorai / {LLAMA_CPP}:")
+    ratios: dict[str, dict[str, float]] = {}
     for c in levels:
         ours, theirs = by.get((SORAI, c)), by.get((LLAMA_CPP, c))
         if ours and theirs and theirs.output_tok_s > 0:
-            ratios[str(c)] = ours.output_tok_s / theirs.output_tok_s
+            ratios[str(c)] = {
+                "tok_s": ours.output_tok_s / theirs.output_tok_s,
+                "ttft": ours.ttft_mean / theirs.ttft_mean if theirs.ttft_mean else float("nan"),
+                "decode": ours.decode_tok_s / theirs.decode_tok_s,
+            }
+            r = ratios[str(c)]
             print(
-                f"  concurrency {c:3d}: {ours.output_tok_s:7.1f} / {theirs.output_tok_s:7.1f} "
-                f"= {ratios[str(c)]:.2f}x"
+                f"  concurrency {c:3d}: output tok/s {ours.output_tok_s:6.1f} / "
+                f"{theirs.output_tok_s:6.1f} = {r['tok_s']:.2f}x; mean TTFT {ours.ttft_mean:.2f} "
+                f"/ {theirs.ttft_mean:.2f} s = {r['ttft']:.2f}x; decode {ours.decode_tok_s:.1f} / "
+                f"{theirs.decode_tok_s:.1f} tok/s = {r['decode']:.2f}x"
             )
     if not ratios:
         print("  n/a (both peers are needed)")
-    single = by.get((SORAI, 1))
-    decode_ratio = None
-    if single and transformers_tok_s and transformers_tok_s > 0:
-        decode_ratio = single.decode_tok_s / transformers_tok_s
-        print(
-            f"sorai single-stream decode {single.decode_tok_s:.1f} tok/s / transformers fp32 "
-            f"{transformers_tok_s:.1f} tok/s = {decode_ratio:.2f}x"
-        )
-    ours16 = by.get((SORAI, GOAL_CONCURRENCY))
-    ratio16 = ratios.get(str(GOAL_CONCURRENCY))
-    ttft16 = ours16.ttft_mean if ours16 else None
+    for name, facts in SERVERS.items():
+        rss, ready = facts.get("peak_rss_mib"), facts.get("ready_s")
+        print(f"  {name}: ready in {fmt(ready, 1)} s, peak RSS {fmt(rss, 0)} MiB")
+    if transformers_tok_s:
+        print(f"  transformers float32 single-stream decode: {transformers_tok_s:.1f} tok/s")
+    at16, at1 = ratios.get(str(GOAL_CONCURRENCY), {}), ratios.get("1", {})
+    ours_server = SERVERS.get(SORAI, {})
+    rss, ready = ours_server.get("peak_rss_mib"), ours_server.get("ready_s")
     goals = {
-        "throughput_ratio_c16": (
-            ratio16,
-            None if ratio16 is None else ratio16 >= GOAL_THROUGHPUT_RATIO,
-        ),
-        "ttft_mean_c16_s": (ttft16, None if ttft16 is None else ttft16 < GOAL_TTFT_S),
-        "decode_ratio_vs_transformers": (
-            decode_ratio,
-            None if decode_ratio is None else decode_ratio >= GOAL_DECODE_RATIO,
-        ),
+        "tok_s_ratio_c16": (at16.get("tok_s"), ">=", GOAL_THROUGHPUT_RATIO),
+        "ttft_ratio_c16": (at16.get("ttft"), "<=", GOAL_TTFT_RATIO),
+        "decode_ratio_c1": (at1.get("decode"), ">=", GOAL_DECODE_RATIO),
+        "sorai_peak_rss_mib": (rss, "<=", GOAL_RSS_MIB),
+        "sorai_ready_s": (ready, "<=", GOAL_READY_S),
     }
     print()
     print("Goals:")
-    print(
-        goal_line(
-            f"sorai / llama-cpp-python output tok/s at concurrency {GOAL_CONCURRENCY}",
-            goals["throughput_ratio_c16"][0],
-            f">= {GOAL_THROUGHPUT_RATIO:g}x",
-            goals["throughput_ratio_c16"][1],
+    verdicts = {}
+    for name, (value, op, target) in goals.items():
+        met = (
+            None
+            if value is None or value != value
+            else (value >= target if op == ">=" else value <= target)
         )
-    )
-    print(
-        goal_line(
-            f"sorai mean TTFT at concurrency {GOAL_CONCURRENCY} (s)",
-            goals["ttft_mean_c16_s"][0],
-            f"< {GOAL_TTFT_S:g} s",
-            goals["ttft_mean_c16_s"][1],
-        )
-    )
-    print(
-        goal_line(
-            "sorai single-stream decode / transformers fp32",
-            goals["decode_ratio_vs_transformers"][0],
-            f">= {GOAL_DECODE_RATIO:g}x",
-            goals["decode_ratio_vs_transformers"][1],
-        )
-    )
+        verdicts[name] = {"value": value, "goal": f"{op} {target:g}", "met": met}
+        print(goal_line(name, value, f"{op} {target:.3g}", met))
     return {
+        "cpu": cpu_flags(),
         "levels": [dataclasses.asdict(s) for s in summaries],
+        "servers": SERVERS,
         "transformers_fp32_decode_tok_s": transformers_tok_s,
-        "sorai_over_llama_cpp_tok_s": ratios,
-        "sorai_decode_over_transformers": decode_ratio,
-        "goals": {name: {"value": v, "met": m} for name, (v, m) in goals.items()},
+        "sorai_over_llama_server": ratios,
+        "goals": verdicts,
     }
+
+
+def cpu_flags() -> str:
+    from sorai.model.hardware import machine
+
+    return machine().describe()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -779,28 +747,27 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", default=hub.DEFAULT_MODEL)
     parser.add_argument("--dtype", default=None, help="passed to `sorai serve --dtype`")
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--concurrency", default="1,4,16,64", help="comma-separated levels")
+    parser.add_argument("--concurrency", default="1,4,16", help="comma-separated levels")
     parser.add_argument(
-        "--requests", type=int, default=0, help="requests per level (default max(8, 2*C))"
+        "--requests", type=int, default=32, help="requests per level (default: %(default)s)"
     )
     parser.add_argument("--level-time", type=float, default=120.0, help="seconds per level")
     parser.add_argument("--seed", type=int, default=0, help="seed of the prompt set")
-    parser.add_argument("--peers", default=",".join(ALL_PEERS))
+    parser.add_argument("--peers", default=f"{SORAI},{LLAMA_CPP}")
     parser.add_argument(
         "--sorai-args", default="", help='more `sorai serve` flags, e.g. "--cpu-threads 2"'
     )
     parser.add_argument("--sorai-url", default=None, help="use this running sorai server")
     parser.add_argument("--llama-cpp-url", default=None, help="use this running llama.cpp server")
-    parser.add_argument("--no-llama-cpp", action="store_true", help="skip llama-cpp-python")
-    parser.add_argument("--bench-venv", type=Path, default=DEFAULT_BENCH_VENV)
+    parser.add_argument("--no-llama-cpp", action="store_true", help="skip llama-server")
     parser.add_argument(
-        "--llama-cpp-threads",
-        type=int,
-        default=0,
-        help="llama.cpp threads (default: llama-cpp-python's own, half the cores)",
+        "--llama-cpp-threads", type=int, default=0, help="llama-server -t (default: every core)"
     )
     parser.add_argument(
-        "--ignore-eos", action="store_true", help="send ignore_eos (not every server takes it)"
+        "--no-ignore-eos",
+        dest="ignore_eos",
+        action="store_false",
+        help="let answers end at EOS (default: every answer is --max-tokens long)",
     )
     parser.add_argument("--rounds", type=int, default=3, help="transformers timing rounds")
     parser.add_argument(
@@ -855,20 +822,20 @@ def main(argv: Sequence[str] | None = None) -> None:
             except (RuntimeError, HTTPError, OSError) as exc:
                 print(f"  {SORAI}: skipped: {exc}")
         if LLAMA_CPP in args.peers:
-            print("llama-cpp-python:")
+            print(f"{LLAMA_CPP}:")
             try:
                 if args.llama_cpp_url:
                     asyncio.run(bench_server(LLAMA_CPP, args.llama_cpp_url, args, summaries))
                 elif path.suffix != ".gguf":
                     print(f"  {LLAMA_CPP}: skipped: {path} is not a GGUF file")
-                elif python := llama_cpp_python(args.bench_venv):
+                else:
+                    built = ensure_llama_cpp()
+                    print(f"  llama.cpp {built.version}")
                     port = free_port()
                     base = f"http://127.0.0.1:{port}"
-                    command = llama_cpp_command(python, path, port, args.llama_cpp_threads)
-                    with running(Server(LLAMA_CPP, command, base, "/v1/models"), 300):
+                    command = llama_server_command(built.server, path, port, args.llama_cpp_threads)
+                    with running(Server(LLAMA_CPP, command, base, "/health"), 300):
                         asyncio.run(bench_server(LLAMA_CPP, base, args, summaries))
-                else:
-                    print(f"  {LLAMA_CPP}: skipped (not installed)")
             except (RuntimeError, HTTPError, OSError) as exc:
                 print(f"  {LLAMA_CPP}: skipped: {exc}")
         if TRANSFORMERS in args.peers:
