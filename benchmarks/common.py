@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import time
 from collections.abc import Callable, Mapping
@@ -26,12 +27,23 @@ def run_logged(
     started: float,
     env: Mapping[str, str] | None = None,
     note: Callable[[], str] = lambda: "",
+    doing: str = "installing",
+    nice: int = 0,
+    cwd: str | None = None,
 ) -> bool:
-    """Run one install step with its output in `out`, printing "<label>: installing (N s)"
-    every 30 s (plus `note()`), so a long build does not look hung; True when it succeeds."""
+    """Run one install or build step with its output in `out`, printing "<label>: <doing>
+    (N s)" every 30 s (plus `note()`), so a long build does not look hung; True when it
+    succeeds. `nice` > 0 runs the step at that lower priority (a build on a shared machine)."""
     out.write(f"$ {' '.join(command)}\n")
     out.flush()
-    process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+    process = subprocess.Popen(
+        command,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        env=env,
+        cwd=cwd,
+        preexec_fn=(lambda: os.nice(nice)) if nice > 0 else None,  # noqa: PLW1509 - no threads
+    )
     next_note = time.monotonic() + 30
     try:
         while process.poll() is None:
@@ -39,7 +51,7 @@ def run_logged(
             if time.monotonic() >= next_note:
                 next_note += 30
                 elapsed = time.monotonic() - started
-                print(f"  {label}: installing ({elapsed:.0f} s) {note()}".rstrip(), flush=True)
+                print(f"  {label}: {doing} ({elapsed:.0f} s) {note()}".rstrip(), flush=True)
     finally:
         if process.poll() is None:
             process.terminate()
