@@ -9,7 +9,8 @@ Peers, run one after another (never two servers at once, so they do not share th
 - sorai: `sorai serve --model M` on a free loopback port (`--sorai-args` adds flags, e.g.
   "--quantize none"; `--sorai-url` measures a running one);
 - llama-server: llama.cpp's own server, built from source once (benchmarks/llama_cpp_peer.py),
-  as `llama-server -m GGUF -np 16 -c 8192 -t <cores>` on the same GGUF file;
+  as `llama-server -m GGUF -np 16 -c 8192 -t <cores>` on the same GGUF file (`--llama-cpp-url`
+  measures a running one, `--llama-cpp-threads` sets -t);
 - transformers (only with `--peers ...,transformers`): `generate` on the same GGUF in float32,
   one stream, greedy: (N - 1) / (median time(N tokens) - median time(1 token)).
 
@@ -24,8 +25,12 @@ Per request: TTFT (request sent -> first content chunk), TPOT ((e2e - TTFT) / (t
 ITL (gaps between content chunks), e2e. Output tokens are the server's `usage.completion_tokens`
 (the count of content chunks where a server sends no usage); both peers get `ignore_eos` (unless
 `--no-ignore-eos`), so every answer is `--max-tokens` long. Per level: output tokens/s = all
-output tokens / wall time of the level; decode tok/s = 1 / mean TPOT. After each server's run its
-peak RSS (VmHWM) and start-up time (spawn -> healthy) are printed; then the ratios and the goals.
+output tokens / wall time of the level; decode tok/s = 1 / mean TPOT. An answer of another
+length (a peer that ignores `ignore_eos`) is counted and flagged. Each server is started once and
+stopped, then started again for the run: that second, warm start (spawn -> healthy) is the one
+timed (`--single-start` skips the first). After the run its peak RSS (VmHWM of the server
+process) is read. The report prints the CPU's flags, the load average, the llama.cpp version,
+the table, the ratios and the goals.
 
 The HTTP client is a small asyncio HTTP/1.1 + SSE reader over the standard library: on a 2-core
 machine a heavier client would take CPU from the server it measures, and it stamps each chunk
@@ -52,7 +57,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,7 +66,7 @@ from urllib.parse import urlsplit
 from common import (  # benchmarks/common.py: the script's folder is on sys.path
     without_nan,
 )
-from llama_cpp_peer import ensure_llama_cpp
+from llama_cpp_peer import cores, ensure_llama_cpp
 
 from sorai import hub
 
@@ -74,7 +79,7 @@ ALL_PEERS = (SORAI, LLAMA_CPP, TRANSFORMERS)
 GOAL_THROUGHPUT_RATIO = 3.0  # sorai output tok/s at concurrency 16 vs llama-server's
 GOAL_TTFT_RATIO = 1 / 3  # sorai mean TTFT at concurrency 16 vs llama-server's, at most
 GOAL_DECODE_RATIO = 1.0  # sorai single-stream decode tok/s vs llama-server's, at least
-GOAL_RSS_MIB = 800.0  # sorai serve's peak RSS
+GOAL_RSS_MB = 800.0  # sorai serve's peak RSS, in MB (10^6 bytes)
 GOAL_READY_S = 10.0  # sorai serve: spawn -> healthy
 GOAL_CONCURRENCY = 16
 
@@ -362,12 +367,18 @@ class LevelSummary:
     e2e_mean: float
     decode_tok_s: float  # sum(tokens - 1) / sum(e2e - TTFT): per-stream decode speed
     usage_reported: bool
+    wrong_length: int = 0  # completed answers not `--max-tokens` long although ignore_eos was sent
     first_error: str = ""
 
 
 def summarize(
-    peer: str, concurrency: int, results: list[RequestResult], wall: float
+    peer: str,
+    concurrency: int,
+    results: list[RequestResult],
+    wall: float,
+    expected_tokens: int | None = None,
 ) -> LevelSummary:
+    """The level's figures; `expected_tokens` (sent with ignore_eos) is each answer's length."""
     ok = [r for r in results if r.ok]
     cut = [r for r in results if not r.finished]
     errors = [r for r in results if r.finished and not r.ok]
@@ -397,6 +408,9 @@ def summarize(
         e2e_mean=mean([r.e2e for r in ok]),
         decode_tok_s=decode_tokens / decode_time if decode_time > 0 else float("nan"),
         usage_reported=bool(ok) and all(r.usage_reported for r in ok),
+        wrong_length=0
+        if expected_tokens is None
+        else sum(r.output_tokens != expected_tokens for r in ok),
         first_error=errors[0].error if errors else "",
     )
 
@@ -451,6 +465,12 @@ async def bench_server(
         raise HTTPError(f"warm-up request failed: {warm.error or 'no content'}")
     if not warm.usage_reported:
         print(f"  {peer}: no usage in the stream; counting content chunks as tokens")
+    if args.ignore_eos:
+        honoured = "honoured" if warm.output_tokens == args.max_tokens else "NOT honoured"
+        print(
+            f"  {peer}: warm-up answer {warm.output_tokens} tokens for max_tokens "
+            f"{args.max_tokens} (ignore_eos {honoured})"
+        )
     offset = 1
     for concurrency, n_requests in plan:
         print(
@@ -461,7 +481,8 @@ async def bench_server(
         level_bodies = bodies[offset : offset + n_requests]
         offset += n_requests
         results, wall = await run_level(base, level_bodies, concurrency, args.level_time)
-        summary = summarize(peer, concurrency, results, wall)
+        expected = args.max_tokens if args.ignore_eos else None
+        summary = summarize(peer, concurrency, results, wall, expected)
         summaries.append(summary)
         print(
             f"  {peer}: concurrency {concurrency}: {summary.output_tok_s:.1f} output tok/s, "
@@ -471,6 +492,11 @@ async def bench_server(
         )
         if summary.first_error:
             print(f"  {peer}: {summary.errors} errors, first: {summary.first_error}")
+        if summary.wrong_length:
+            print(
+                f"  {peer}: WARNING {summary.wrong_length}/{summary.completed} answers are not "
+                f"{args.max_tokens} tokens long: ignore_eos not honoured, the peers' work differs"
+            )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -503,7 +529,7 @@ class Server:
         )
         self.process: subprocess.Popen[bytes] | None = None
         self.ready_s: float | None = None  # spawn -> ready
-        self.peak_rss_mib: float | None = None  # read just before it is stopped
+        self.peak_rss_mb: float | None = None  # read just before it is stopped
 
     def start(self, timeout: float) -> None:
         print(f"  starting {self.name}: {' '.join(self.command)}  (log {self.log.name})")
@@ -537,7 +563,7 @@ class Server:
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
-            self.peak_rss_mib = peak_rss_mib(self.process.pid)
+            self.peak_rss_mb = peak_rss_mb(self.process.pid)
         self.log.close()
         if self.process is None or self.process.poll() is not None:
             return
@@ -552,18 +578,41 @@ class Server:
 
 
 @contextlib.contextmanager
-def running(server: Server, timeout: float) -> Iterator[str]:
+def running(
+    make: Callable[[int], Server], timeout: float, warm_start: bool = True
+) -> Iterator[str]:
+    """A server from `make(port)`, stopped on the way out; yields its base URL.
+
+    With `warm_start` it is first started once and stopped, so the start that is timed and
+    measured finds the model file in the page cache and any on-disk cache the server keeps
+    (compiled kernels) filled, as every start after the first one on a machine does.
+    """
+    first_s = None
+    if warm_start:
+        first = make(free_port())
+        try:
+            first.start(timeout)
+        finally:
+            first.stop()
+        first_s = first.ready_s
+        print(f"  {first.name}: stopped; starting it again for the warm start and the run")
+    server = make(free_port())
     try:
         server.start(timeout)
         yield server.base
     finally:
         server.stop()
-        if server.peak_rss_mib is not None:
-            print(f"  {server.name}: peak RSS {server.peak_rss_mib:.0f} MiB")
-        SERVERS[server.name] = {"ready_s": server.ready_s, "peak_rss_mib": server.peak_rss_mib}
+        if server.peak_rss_mb is not None:
+            print(f"  {server.name}: peak RSS {server.peak_rss_mb:.0f} MB")
+        SERVERS[server.name] = {
+            "first_start_s": first_s,
+            "ready_s": server.ready_s,
+            "peak_rss_mb": server.peak_rss_mb,
+        }
 
 
-SERVERS: dict[str, dict[str, float | None]] = {}  # per peer: start-up time and peak RSS
+# Per peer: start-up times (first start, the timed warm start) and the peak RSS of the run.
+SERVERS: dict[str, dict[str, float | None]] = {}
 
 
 def sorai_command(args: argparse.Namespace, port: int) -> list[str]:
@@ -575,22 +624,41 @@ def sorai_command(args: argparse.Namespace, port: int) -> list[str]:
     return command + shlex.split(args.sorai_args)
 
 
+# llama-server as in the reference run: 16 slots sharing an 8192-token context.
+LLAMA_SERVER_SLOTS = 16
+LLAMA_SERVER_CTX = 8192
+LLAMA_SERVER_SLOT_CTX = LLAMA_SERVER_CTX // LLAMA_SERVER_SLOTS
+MAX_PROMPT_TOKENS = 320  # build_prompts' longest chat prompt, with the template, is ~300
+
+
 def llama_server_command(server: Path, gguf: Path, port: int, threads: int) -> list[str]:
-    """llama-server as the issue's reference run: 16 slots sharing an 8192-token context."""
+    """`llama-server -m GGUF -np 16 -c 8192 -t THREADS` on loopback (threads 0: every core)."""
     command = [str(server), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port)]
-    command += ["-np", "16", "-c", "8192", "--no-webui"]
-    return command + ["-t", str(threads or os.cpu_count() or 1)]
+    command += ["-np", str(LLAMA_SERVER_SLOTS), "-c", str(LLAMA_SERVER_CTX), "--no-webui"]
+    return command + ["-t", str(threads or cores())]
 
 
-def peak_rss_mib(pid: int) -> float | None:
-    """The process's peak resident memory (VmHWM) in MiB, while it still runs."""
+LLAMA_CPP_VERSION = ["not run"]  # the llama.cpp build measured, for the report
+
+
+async def build_info(base: str) -> str:
+    """A running llama-server's own build ("b1234-abcdef0"), from its /props."""
+    with contextlib.suppress(OSError, HTTPError, ValueError, KeyError, TypeError):
+        status, data = await get_json(base + "/props")
+        if status == 200 and data.get("build_info"):
+            return f"{data['build_info']} (a running server at {base})"
+    return f"unknown (a running server at {base})"
+
+
+def peak_rss_mb(pid: int) -> float | None:
+    """The process's peak resident memory (VmHWM) in MB (10^6 bytes), while it still runs."""
     try:
         status = Path(f"/proc/{pid}/status").read_text()
     except OSError:
         return None
     for line in status.splitlines():
         if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
+            return int(line.split()[1]) * 1024 / 1e6  # the kernel's "kB" are KiB
     return None
 
 
@@ -669,12 +737,25 @@ def goal_line(name: str, value: float | None, target: str, met: bool | None) -> 
 
 
 def report(
-    summaries: list[LevelSummary], transformers_tok_s: float | None, levels: Sequence[int]
+    summaries: list[LevelSummary],
+    transformers_tok_s: float | None,
+    levels: Sequence[int],
+    max_tokens: int | None = None,
 ) -> dict[str, Any]:
+    """Prints the table, the ratios and the goals; returns them all for `--json`.
+
+    `max_tokens` is each answer's expected length where ignore_eos was sent."""
     by = {(s.peer, s.concurrency): s for s in summaries}
     print()
-    print(f"CPU: {cpu_flags()}; load average now {os.getloadavg()[0]:.1f}")
+    print(f"CPU: {cpu_flags()}")
+    print(f"load average now {load_average()}; llama.cpp {LLAMA_CPP_VERSION[0]}")
     print_table(summaries)
+    if max_tokens is not None:
+        for peer in dict.fromkeys(s.peer for s in summaries):
+            wrong = sum(s.wrong_length for s in summaries if s.peer == peer)
+            done = sum(s.completed for s in summaries if s.peer == peer)
+            verdict = "yes" if not wrong else f"NO: {wrong}/{done} answers of another length"
+            print(f"  {peer}: every answer {max_tokens} tokens (ignore_eos): {verdict}")
     print()
     print(f"sorai / {LLAMA_CPP}:")
     ratios: dict[str, dict[str, float]] = {}
@@ -696,39 +777,57 @@ def report(
     if not ratios:
         print("  n/a (both peers are needed)")
     for name, facts in SERVERS.items():
-        rss, ready = facts.get("peak_rss_mib"), facts.get("ready_s")
-        print(f"  {name}: ready in {fmt(ready, 1)} s, peak RSS {fmt(rss, 0)} MiB")
+        rss, ready, first = facts["peak_rss_mb"], facts["ready_s"], facts["first_start_s"]
+        starts = f"warm start {fmt(ready, 1)} s (spawn -> healthy)"
+        if first is not None:
+            starts = f"first start {fmt(first, 1)} s, " + starts
+        print(f"  {name}: {starts}, peak RSS {fmt(rss, 0)} MB")
     if transformers_tok_s:
         print(f"  transformers float32 single-stream decode: {transformers_tok_s:.1f} tok/s")
     at16, at1 = ratios.get(str(GOAL_CONCURRENCY), {}), ratios.get("1", {})
     ours_server = SERVERS.get(SORAI, {})
-    rss, ready = ours_server.get("peak_rss_mib"), ours_server.get("ready_s")
-    goals = {
-        "tok_s_ratio_c16": (at16.get("tok_s"), ">=", GOAL_THROUGHPUT_RATIO),
-        "ttft_ratio_c16": (at16.get("ttft"), "<=", GOAL_TTFT_RATIO),
-        "decode_ratio_c1": (at1.get("decode"), ">=", GOAL_DECODE_RATIO),
-        "sorai_peak_rss_mib": (rss, "<=", GOAL_RSS_MIB),
-        "sorai_ready_s": (ready, "<=", GOAL_READY_S),
-    }
+    rss, ready = ours_server.get("peak_rss_mb"), ours_server.get("ready_s")
+    c16 = GOAL_CONCURRENCY
+    goals = {  # name: (what it is, value, comparison, target)
+        "tok_s_ratio_c16": (
+            f"c{c16} output tok/s, sorai / {LLAMA_CPP}",
+            at16.get("tok_s"), ">=", GOAL_THROUGHPUT_RATIO,
+        ),
+        "ttft_ratio_c16": (
+            f"c{c16} mean TTFT, sorai / {LLAMA_CPP}", at16.get("ttft"), "<=", GOAL_TTFT_RATIO
+        ),
+        "decode_ratio_c1": (
+            f"c1 decode tok/s (1/TPOT), sorai / {LLAMA_CPP}",
+            at1.get("decode"), ">=", GOAL_DECODE_RATIO,
+        ),
+        "sorai_peak_rss_mb": ("sorai serve peak RSS (MB)", rss, "<=", GOAL_RSS_MB),
+        "sorai_ready_s": ("sorai serve warm start to healthy (s)", ready, "<=", GOAL_READY_S),
+    }  # fmt: skip
     print()
     print("Goals:")
     verdicts = {}
-    for name, (value, op, target) in goals.items():
+    for name, (what, value, op, target) in goals.items():
         met = (
             None
             if value is None or value != value
             else (value >= target if op == ">=" else value <= target)
         )
         verdicts[name] = {"value": value, "goal": f"{op} {target:g}", "met": met}
-        print(goal_line(name, value, f"{op} {target:.3g}", met))
+        print(goal_line(what, value, f"{op} {target:.3g}", met))
     return {
         "cpu": cpu_flags(),
+        "load_average": os.getloadavg(),
+        "llama_cpp_version": LLAMA_CPP_VERSION[0],
         "levels": [dataclasses.asdict(s) for s in summaries],
         "servers": SERVERS,
         "transformers_fp32_decode_tok_s": transformers_tok_s,
         "sorai_over_llama_server": ratios,
         "goals": verdicts,
     }
+
+
+def load_average() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg()) + " (1, 5, 15 min)"
 
 
 def cpu_flags() -> str:
@@ -774,6 +873,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--decode-tokens", type=int, default=128, help="transformers: new tokens per round"
     )
     parser.add_argument("--startup-timeout", type=float, default=600.0)
+    parser.add_argument(
+        "--single-start",
+        action="store_true",
+        help="start each server once (default: start, stop, and time the second, warm start)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args(argv)
     args.concurrency = [int(c) for c in args.concurrency.split(",") if c.strip()]
@@ -801,10 +905,18 @@ def main(argv: Sequence[str] | None = None) -> None:
         signal.signal(signum, _interrupt)
     path = hub.resolve(args.model, progress=print)
     print(
-        f"model {args.model} ({path.name}), max_tokens {args.max_tokens}, temperature 0, "
-        f"concurrency {args.concurrency}, peers {','.join(args.peers)}, {os.cpu_count()} cores, "
-        f"load average {os.getloadavg()[0]:.1f} (other work on the machine skews the results)"
+        f"model {args.model} ({path}), max_tokens {args.max_tokens}, temperature 0, "
+        f"ignore_eos {args.ignore_eos}, concurrency {args.concurrency}, {args.requests} requests "
+        f"a level, peers {','.join(args.peers)}"
     )
+    print(f"CPU: {cpu_flags()}")
+    print(f"load average {load_average()} (other work on the machine skews the results)")
+    if LLAMA_CPP in args.peers and args.max_tokens + MAX_PROMPT_TOKENS > LLAMA_SERVER_SLOT_CTX:
+        print(
+            f"  note: llama-server's slots hold {LLAMA_SERVER_SLOT_CTX} tokens each (-c "
+            f"{LLAMA_SERVER_CTX} over -np {LLAMA_SERVER_SLOTS}): prompts up to "
+            f"{MAX_PROMPT_TOKENS} tokens plus {args.max_tokens} may not fit"
+        )
     summaries: list[LevelSummary] = []
     transformers_tok_s = None
     try:
@@ -814,10 +926,13 @@ def main(argv: Sequence[str] | None = None) -> None:
                 if args.sorai_url:
                     asyncio.run(bench_server(SORAI, args.sorai_url, args, summaries))
                 else:
-                    port = free_port()
-                    base = f"http://127.0.0.1:{port}"
-                    server = Server(SORAI, sorai_command(args, port), base, "/health")
-                    with running(server, args.startup_timeout):
+
+                    def sorai_server(port: int) -> Server:
+                        base = f"http://127.0.0.1:{port}"
+                        return Server(SORAI, sorai_command(args, port), base, "/health")
+
+                    warm = not args.single_start
+                    with running(sorai_server, args.startup_timeout, warm) as base:
                         asyncio.run(bench_server(SORAI, base, args, summaries))
             except (RuntimeError, HTTPError, OSError) as exc:
                 print(f"  {SORAI}: skipped: {exc}")
@@ -825,16 +940,24 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(f"{LLAMA_CPP}:")
             try:
                 if args.llama_cpp_url:
+                    LLAMA_CPP_VERSION[0] = asyncio.run(build_info(args.llama_cpp_url))
+                    print(f"  llama.cpp {LLAMA_CPP_VERSION[0]}")
                     asyncio.run(bench_server(LLAMA_CPP, args.llama_cpp_url, args, summaries))
                 elif path.suffix != ".gguf":
                     print(f"  {LLAMA_CPP}: skipped: {path} is not a GGUF file")
                 else:
                     built = ensure_llama_cpp()
+                    LLAMA_CPP_VERSION[0] = built.version
                     print(f"  llama.cpp {built.version}")
-                    port = free_port()
-                    base = f"http://127.0.0.1:{port}"
-                    command = llama_server_command(built.server, path, port, args.llama_cpp_threads)
-                    with running(Server(LLAMA_CPP, command, base, "/health"), 300):
+
+                    def llama_server(port: int) -> Server:
+                        command = llama_server_command(
+                            built.server, path, port, args.llama_cpp_threads
+                        )
+                        return Server(LLAMA_CPP, command, f"http://127.0.0.1:{port}", "/health")
+
+                    warm = not args.single_start
+                    with running(llama_server, args.startup_timeout, warm) as base:
                         asyncio.run(bench_server(LLAMA_CPP, base, args, summaries))
             except (RuntimeError, HTTPError, OSError) as exc:
                 print(f"  {LLAMA_CPP}: skipped: {exc}")
@@ -843,7 +966,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             transformers_tok_s = bench_transformers(path, args)
     except KeyboardInterrupt:
         print("\ninterrupted; servers stopped; results so far:")
-    results = report(summaries, transformers_tok_s, args.concurrency)
+    expected = args.max_tokens if args.ignore_eos else None
+    results = report(summaries, transformers_tok_s, args.concurrency, expected)
     if args.json:
         args.json.write_text(json.dumps(without_nan(results), indent=2) + "\n")
         print(f"\nwrote {args.json}")
