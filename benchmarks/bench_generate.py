@@ -38,7 +38,11 @@ PROMPT = [{"role": "user", "content": "Write a long story about a lighthouse kee
 
 
 def load_reference(path: Path, dtype: torch.dtype):
+    os.environ.setdefault("TQDM_DISABLE", "1")  # transformers' GGUF conversion progress bar
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
 
     if path.is_dir():
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
