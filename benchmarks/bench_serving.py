@@ -850,7 +850,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--requests", type=int, default=32, help="requests per level (default: %(default)s)"
     )
-    parser.add_argument("--level-time", type=float, default=120.0, help="seconds per level")
+    parser.add_argument(
+        "--level-time",
+        type=float,
+        default=600.0,
+        help="seconds per level at most (32 x 64 tokens at 15 tok/s take ~140 s)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the prompt set")
     parser.add_argument("--peers", default=f"{SORAI},{LLAMA_CPP}")
     parser.add_argument(
