@@ -115,6 +115,18 @@ def vendored_commit(root: Path) -> str:
     return found.group(1) if found else ""
 
 
+def cpu_signature() -> str:
+    """This CPU's model and flags: a GGML_NATIVE build is only good on a CPU that matches."""
+    model, flags = "", ""
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name") and not model:
+                model = line.partition(":")[2].strip()
+            elif line.startswith("flags") and not flags:
+                flags = " ".join(sorted(line.partition(":")[2].split()))
+    return f"{model}; {flags}"
+
+
 def version_of(root: Path) -> str:
     commit = vendored_commit(root) or "commit unknown"
     return f"{commit} (vendored by llama-cpp-python {SDIST_VERSION})"
@@ -155,14 +167,22 @@ def ensure_llama_cpp(cache: Path = CACHE) -> LlamaCpp:
     root = cache / f"llama.cpp-{SDIST_VERSION}"
     bin_dir = root / "build" / "bin"
     stamp = root / "VERSION"  # written last: its presence means the build finished
+    cpu_stamp = root / "CPU"  # the CPU it was built for (-march=native)
 
     def built() -> LlamaCpp | None:
-        if stamp.exists() and all((bin_dir / t).exists() for t in TARGETS):
-            version = version_of(root)
-            if stamp.read_text().strip() != version:  # a stamp from an older script
-                stamp.write_text(version + "\n")
-            return LlamaCpp(bin_dir, version)
-        return None
+        if not (stamp.exists() and all((bin_dir / t).exists() for t in TARGETS)):
+            return None
+        if not cpu_stamp.exists():  # built by an older script, on this machine
+            cpu_stamp.write_text(cpu_signature() + "\n")
+        if cpu_stamp.read_text().strip() != cpu_signature():
+            _say("the cached build is for another CPU (a GGML_NATIVE build): building again")
+            shutil.rmtree(root / "build", ignore_errors=True)
+            stamp.unlink()
+            return None
+        version = version_of(root)
+        if stamp.read_text().strip() != version:  # a stamp from an older script
+            stamp.write_text(version + "\n")
+        return LlamaCpp(bin_dir, version)
 
     if found := built():
         return found
@@ -208,6 +228,7 @@ def ensure_llama_cpp(cache: Path = CACHE) -> LlamaCpp:
         _say(f"compiling with {jobs} jobs under nice {NICE} (many minutes on 2 cores)")
         build_command = [cmake, "--build", str(build), "--target", *TARGETS, "-j", str(jobs)]
         _run(build_command, log, started, "building", nice=NICE)
+        cpu_stamp.write_text(cpu_signature() + "\n")
         stamp.write_text(version_of(root) + "\n")
         _say(f"built in {time.monotonic() - started:.0f} s: {bin_dir}")
     return LlamaCpp(bin_dir, version_of(root))
