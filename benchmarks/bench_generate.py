@@ -29,16 +29,18 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-import torch
+# No progress bar from transformers' GGUF conversion in the report (tqdm reads this on import).
+os.environ.setdefault("TQDM_DISABLE", "1")
 
-import sorai
-from sorai import hub
+import torch  # noqa: E402
+
+import sorai  # noqa: E402
+from sorai import hub  # noqa: E402
 
 PROMPT = [{"role": "user", "content": "Write a long story about a lighthouse keeper and a cat."}]
 
 
 def load_reference(path: Path, dtype: torch.dtype):
-    os.environ.setdefault("TQDM_DISABLE", "1")  # transformers' GGUF conversion progress bar
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as transformers_logging
 
@@ -172,7 +174,7 @@ def main() -> None:
         del ref
     if args.no_llama_bench or path.suffix != ".gguf":
         return
-    from llama_cpp_peer import BuildError
+    from llama_cpp_peer import BuildError, busy_warning
 
     try:
         peer = llama_bench(path, args.tokens, args.prompt_tokens, args.threads, args.rounds)
@@ -184,6 +186,8 @@ def main() -> None:
         f"\nllama.cpp {peer.version}, {peer.threads} threads; load average "
         f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}"
     )
+    if warning := busy_warning():
+        print(warning)
     print(f"llama-bench tg{n} {peer.tg:7.1f} tok/s   pp{p} {peer.pp:7.1f} tok/s")
     print(f"{'sorai path':28s} {'decode':>7s} {'/ tg':>6s} {'prefill':>8s} {'/ pp':>6s}")
     for label, ours in rates.items():

@@ -66,7 +66,7 @@ from urllib.parse import urlsplit
 from common import (  # benchmarks/common.py: the script's folder is on sys.path
     without_nan,
 )
-from llama_cpp_peer import cores, ensure_llama_cpp
+from llama_cpp_peer import busy_warning, cores, ensure_llama_cpp
 
 from sorai import hub
 
@@ -749,6 +749,8 @@ def report(
     print()
     print(f"CPU: {cpu_flags()}")
     print(f"load average now {load_average()}; llama.cpp {LLAMA_CPP_VERSION[0]}")
+    if warning := busy_warning():
+        print(warning)
     print_table(summaries)
     if max_tokens is not None:
         for peer in dict.fromkeys(s.peer for s in summaries):
@@ -916,6 +918,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     print(f"CPU: {cpu_flags()}")
     print(f"load average {load_average()} (other work on the machine skews the results)")
+    if warning := busy_warning():
+        print(warning)
     if LLAMA_CPP in args.peers and args.max_tokens + MAX_PROMPT_TOKENS > LLAMA_SERVER_SLOT_CTX:
         print(
             f"  note: llama-server's slots hold {LLAMA_SERVER_SLOT_CTX} tokens each (-c "

@@ -61,6 +61,18 @@ def cores() -> int:
         return os.cpu_count() or 1
 
 
+def busy_warning() -> str:
+    """A warning line where the machine runs more than it has cores, else ""."""
+    load, n = os.getloadavg()[0], cores()
+    if load <= n - 0.5:
+        return ""
+    return (
+        f"WARNING: load average {load:.1f} on {n} cores: llama.cpp's threads spin-wait for each "
+        "other and slow down many times over when they share the cores (-t 1 may then beat "
+        f"-t {n}); compare peers only on a quiet machine"
+    )
+
+
 def build_progress(log: Path) -> str:
     """The build's last step ("step [34/210]") from its log, for the progress lines."""
     with contextlib.suppress(OSError):
