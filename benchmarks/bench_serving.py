@@ -713,7 +713,7 @@ def fmt(value: float | None, digits: int = 3) -> str:
 
 def print_table(summaries: list[LevelSummary]) -> None:
     header = (
-        f"{'peer':10s} {'conc':>4s} {'reqs':>7s} {'out tok':>7s} {'tok/s':>7s} "
+        f"{'peer':12s} {'conc':>4s} {'reqs':>7s} {'out tok':>7s} {'tok/s':>7s} "
         f"{'TTFT mean':>9s} {'p50':>6s} {'p99':>6s} {'TPOT ms':>7s} {'ITL ms':>6s} "
         f"{'e2e s':>6s} {'prompt':>6s}"
     )
@@ -722,7 +722,7 @@ def print_table(summaries: list[LevelSummary]) -> None:
     for s in summaries:
         reqs = f"{s.completed}/{s.sent}"
         print(
-            f"{s.peer:10s} {s.concurrency:4d} {reqs:>7s} {s.output_tokens:7d} "
+            f"{s.peer:12s} {s.concurrency:4d} {reqs:>7s} {s.output_tokens:7d} "
             f"{fmt(s.output_tok_s, 1):>7s} {fmt(s.ttft_mean):>9s} {fmt(s.ttft_p50):>6s} "
             f"{fmt(s.ttft_p99):>6s} {fmt(s.tpot_mean * 1000, 1):>7s} "
             f"{fmt(s.itl_mean * 1000, 1):>6s} {fmt(s.e2e_mean, 2):>6s} "
@@ -731,7 +731,7 @@ def print_table(summaries: list[LevelSummary]) -> None:
 
 
 def goal_line(name: str, value: float | None, target: str, met: bool | None) -> str:
-    verdict = "n/a (peer not measured)" if met is None else ("MET" if met else "NOT MET")
+    verdict = "n/a (not measured)" if met is None else ("MET" if met else "NOT MET")
     shown = "-" if value is None else f"{value:.2f}"
     return f"  {name:58s} {shown:>6s}  goal {target:8s} {verdict}"
 
