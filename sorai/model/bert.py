@@ -41,9 +41,12 @@ _ACTIVATIONS = {
     "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
     "relu": F.relu,
 }
-# Padded tokens per batch when no batch size is given: 32 sequences of 256 tokens (the
-# batch sentence-transformers runs by default), hundreds of short queries.
+# Batches when no batch size is given: texts of similar lengths (each row pads by under 1/8 of
+# its batch's width), up to 32 sequences of 256 tokens (sentence-transformers' default batch)
+# or as many padded tokens of shorter ones. Padding costs as much as real tokens, while a
+# batch's own overhead is a few tokens' worth, so small batches of equal lengths win.
 BATCH_TOKENS = 8192
+MAX_PADDING = 0.125
 
 
 def _read_json(path: Path) -> dict[str, Any] | list[Any]:
@@ -438,18 +441,28 @@ def encoder_dtype(device: torch.device) -> torch.dtype:
 
 
 def length_batches(
-    lengths: Sequence[int], batch_size: int | None = None, batch_tokens: int = BATCH_TOKENS
+    lengths: Sequence[int],
+    batch_size: int | None = None,
+    batch_tokens: int = BATCH_TOKENS,
+    max_padding: float = MAX_PADDING,
 ) -> list[list[int]]:
-    """Indices of `lengths` in batches of neighbours by length, longest first, so each batch
-    pads little to its own longest: batch_size sequences each, or (None) as many as fit in
-    `batch_tokens` padded tokens (at least one)."""
+    """Indices of `lengths` in batches of neighbours by length, longest first, each to be padded
+    to its first (longest): batch_size sequences each, or (None) length buckets: a sequence
+    joins the batch while its padding stays under `max_padding` of the batch's width and the
+    batch within `batch_tokens` padded tokens (a batch holds at least one sequence)."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     batches: list[list[int]] = []
     for i in order:
         if batches:
             batch = batches[-1]
-            rows = len(batch) + 1
-            if (rows <= batch_size) if batch_size else (rows * lengths[batch[0]] <= batch_tokens):
+            width = lengths[batch[0]]
+            if batch_size:
+                fits = len(batch) < batch_size
+            else:
+                fits = (len(batch) + 1) * width <= batch_tokens and (
+                    width - lengths[i] < max_padding * width
+                )
+            if fits:
                 batch.append(i)
                 continue
         batches.append([i])
@@ -531,8 +544,8 @@ class SentenceEncoder:
         in their order.
 
         The sequences run in batches of similar lengths (length_batches: batch_size sequences
-        each, or by default up to BATCH_TOKENS padded tokens), each padded only to its own
-        longest; a batch with no padding runs attention without a mask.
+        each, or by default length buckets), each padded only to its own longest; a batch with
+        no padding runs attention without a mask.
         """
         sequences = [list(ids[: self.max_seq_length]) for ids in token_ids]
         if any(not ids for ids in sequences):
