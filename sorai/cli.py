@@ -527,7 +527,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--cpu-threads",
         type=int,
         default=None,
-        help="torch threads on the CPU (default: one less than the cores, at least 1)",
+        help="torch threads for decode steps on the CPU (default: one less than the cores, "
+        "at least 1; steps with 64+ prompt tokens use every core)",
     )
     serve.add_argument(
         "--max-body-bytes",

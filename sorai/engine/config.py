@@ -18,10 +18,15 @@ class EngineConfig:
     max_waiting: int = 256  # queued requests beyond which new ones are refused
     enable_prefix_caching: bool = True
     max_model_len: int | None = None  # None: the model's context window
-    # Torch threads on the CPU; None: one less than the cores this process may use, leaving a
-    # core to the HTTP server (measured on 2 cores: 1 thread decodes a batch of 16 twice as
-    # fast as 2, whose small matrix products stall on thread synchronisation).
+    # Torch threads on the CPU for decode steps; None: one less than the cores this process may
+    # use, leaving a core to the HTTP server (measured on 2 cores under a server: 1 thread
+    # decodes a batch of 16 twice as fast as 2, whose small matrix products stall whenever the
+    # server's thread takes a core from one of them).
     cpu_threads: int | None = None
+    # Threads for steps that compute at least `prefill_threads_from` prompt tokens: their large
+    # matrix products are compute-bound and scale with cores. None: every core.
+    cpu_prefill_threads: int | None = None
+    prefill_threads_from: int = 64
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
@@ -32,7 +37,9 @@ class EngineConfig:
             raise SoraiError(f"engine num_blocks must be >= 2, got {self.num_blocks!r}")
         if self.kv_cache_gib <= 0:
             raise SoraiError(f"engine kv_cache_gib must be > 0, got {self.kv_cache_gib!r}")
-        if self.cpu_threads is not None and self.cpu_threads < 1:
-            raise SoraiError(f"engine cpu_threads must be >= 1, got {self.cpu_threads!r}")
+        for name in ("cpu_threads", "cpu_prefill_threads"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise SoraiError(f"engine {name} must be an integer >= 1, got {value!r}")
         if self.max_waiting < 0:
             raise SoraiError(f"engine max_waiting must be >= 0, got {self.max_waiting!r}")

@@ -80,11 +80,18 @@ class _Job:
 
 class EmbeddingEngine:
     """The embedding model `name` (a known model or a path, as the user gave it): loaded on
-    first use, run on one worker thread, so an event loop never waits for it."""
+    first use, run on one worker thread, so an event loop never waits for it. device and dtype
+    go to SentenceEncoder.from_dir (None: the GPU if any, and the fastest dtype there)."""
 
-    def __init__(self, name: str, device: str | torch.device | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+    ) -> None:
         self.name = name
         self._device = device
+        self._dtype = dtype
         self._encoder: SentenceEncoder | None = None
         self._max_seq_length: int | None = None
         self._load_lock = threading.Lock()
@@ -127,9 +134,11 @@ class EmbeddingEngine:
                 log.info("loading embedding model %s", self.name)
                 try:
                     path = hub.resolve(self.name, progress=log.info)
-                    self._encoder = SentenceEncoder.from_dir(path, device=self._device)
+                    encoder = SentenceEncoder.from_dir(path, self._device, self._dtype)
                 except OSError as e:
                     raise ModelFormatError(str(e)) from e
+                log.info("embedding model %s: %s on %s", self.name, encoder.dtype, encoder.device)
+                self._encoder = encoder
                 self._max_seq_length = self._encoder.max_seq_length
             return self._encoder
 
@@ -201,6 +210,8 @@ class EmbeddingEngine:
         if not batch:
             return
         try:
+            # One call for every request: the encoder sorts all their inputs into length
+            # buckets together, and hands the vectors back in this order.
             vectors = encoder.encode_ids([seq for _, ids in batch for seq in ids])
         except BaseException as e:
             for job, _ in batch:

@@ -45,8 +45,12 @@ class LLMEngine:
         self.config = config or EngineConfig()
         self.model_name = name
         cfg = self.config
+        self.threads: tuple[int, int] | None = None  # (decode, prompt) steps, on the CPU
         if model.device.type == "cpu":
-            torch.set_num_threads(cfg.cpu_threads or max(1, len(os.sched_getaffinity(0)) - 1))
+            cores = len(os.sched_getaffinity(0))
+            decode = cfg.cpu_threads or max(1, cores - 1)
+            self.threads = (decode, cfg.cpu_prefill_threads or max(decode, cores))
+            torch.set_num_threads(decode)
         fuse_projections(model)
         self.runtime = describe(model)
         num_kv_heads, head_dim = _kv_geometry(model)
@@ -170,6 +174,7 @@ class LLMEngine:
         outputs = self._apply_aborts()
         sched = self.scheduler.schedule()
         if sched.scheduled:
+            self._set_threads(sched.scheduled)
             seqs, logits = self.runner.execute(sched.scheduled)
             self.scheduler.after_step(sched)
             if seqs:
@@ -182,6 +187,14 @@ class LLMEngine:
                     self.scheduler.finish(seq)
             outputs.append(self._output(request))
         return [o for o in outputs if o.choices or o.finished]
+
+    def _set_threads(self, scheduled: Seq[tuple[Sequence, int]]) -> None:
+        if self.threads is None:
+            return
+        prompt_tokens = sum(n for _, n in scheduled if n > 1)
+        wanted = self.threads[prompt_tokens >= self.config.prefill_threads_from]
+        if torch.get_num_threads() != wanted:
+            torch.set_num_threads(wanted)
 
     def _sample(self, seqs: list[Sequence], logits: Tensor) -> None:
         states = [s.state for s in seqs]

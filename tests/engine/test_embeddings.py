@@ -1,5 +1,7 @@
 """EmbeddingEngine on the default embedding model: lazy loading, one worker thread, requests that
-wait together encoded as one batch, and its errors."""
+wait together encoded as one batch (their inputs sorted into length buckets together, each
+answer in its own order), the dtype it runs in, and its errors. The fixtures pin float32, so
+the exact comparisons hold on a machine whose default is bf16."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from sorai import hub
 from sorai.engine import EmbeddingEngine
@@ -22,12 +25,12 @@ TEXTS = ["The cat sits on the mat.", "How do I reset my password?", "Paris is in
 
 @pytest.fixture(scope="module")
 def encoder(default_encoder_dir: Path) -> SentenceEncoder:
-    return SentenceEncoder.from_dir(default_encoder_dir, device="cpu")
+    return SentenceEncoder.from_dir(default_encoder_dir, device="cpu", dtype="float32")
 
 
 @pytest.fixture(scope="module")
 def engine(default_encoder_dir: Path) -> Iterator[EmbeddingEngine]:
-    engine = EmbeddingEngine(str(default_encoder_dir), device="cpu")
+    engine = EmbeddingEngine(str(default_encoder_dir), device="cpu", dtype="float32")
     yield engine
     engine.close()
 
@@ -111,6 +114,43 @@ def test_requests_that_wait_together_are_one_batch(
         np.testing.assert_allclose(result.vectors.numpy(), expected[i : i + 1], atol=1e-6)
     np.testing.assert_allclose(results[3].vectors.numpy(), expected[:2], atol=1e-6)
     assert results[3].token_counts == [len(ids) for ids in encoder.tokenize(TEXTS[:2])]
+
+
+def test_requests_of_mixed_lengths_in_one_batch_each_get_their_own_vectors_in_order(
+    engine: EmbeddingEngine, encoder: SentenceEncoder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    held = HeldEncoder(engine, monkeypatch)
+    long_ja = "東京は日本の首都です。" * 40  # cut to 256 tokens
+    requests = [
+        ["a", long_ja, TEXTS[1]],
+        [" ".join(TEXTS * 4), "b"],
+        [TEXTS[0], long_ja[:30], TEXTS[2], "c"],
+    ]
+
+    async def scenario() -> list:
+        first = await held.hold(engine)
+        waiting = [asyncio.create_task(engine.embed(inputs)) for inputs in requests]
+        await asyncio.sleep(0.05)
+        held.release.set()
+        await first
+        return await asyncio.gather(*waiting)
+
+    results = asyncio.run(scenario())
+    assert len(held.calls) == 2  # all three requests went in one call
+    for inputs, result in zip(requests, results, strict=True):
+        alone = torch.cat([encoder.encode([text]) for text in inputs])
+        torch.testing.assert_close(result.vectors, alone, atol=1e-5, rtol=0)
+        assert result.token_counts == [len(ids) for ids in encoder.tokenize(inputs)]
+    assert results[0].token_counts[1] == 256
+
+
+def test_the_engine_runs_in_the_dtype_it_is_given(default_encoder_dir: Path) -> None:
+    engine = EmbeddingEngine(str(default_encoder_dir), device="cpu", dtype="bfloat16")
+    try:
+        assert engine.encoder().dtype == torch.bfloat16
+        assert asyncio.run(engine.embed(TEXTS)).vectors.dtype == torch.float32
+    finally:
+        engine.close()
 
 
 def test_a_bad_request_leaves_its_batchmates_alone(

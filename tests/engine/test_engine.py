@@ -221,3 +221,23 @@ def test_requests_that_cannot_fit_are_refused_with_the_numbers(llm: LLM) -> None
         engine.check_request([1, 2], SamplingParams(max_tokens=2, logit_bias={10**7: 1}))
     with pytest.raises(ContextLengthError, match="empty"):
         engine.check_request([], SamplingParams())
+
+
+def test_prompt_steps_use_every_core_and_decode_steps_the_decode_threads(llm: LLM) -> None:
+    engine = make_engine(llm, cpu_threads=1, cpu_prefill_threads=2, prefill_threads_from=64)
+    seen: list[tuple[int, int]] = []  # (prompt tokens in the step, torch threads during it)
+    execute = engine.runner.execute
+
+    def recording(scheduled):
+        seen.append((sum(n for _, n in scheduled if n > 1), torch.get_num_threads()))
+        return execute(scheduled)
+
+    engine.runner.execute = recording
+    long_prompt = chat_ids(llm, "Tell me about the sea. " * 20)
+    assert len(long_prompt) >= 64
+    try:
+        run(engine, {"a": (long_prompt, SamplingParams(max_tokens=3, temperature=0))})
+    finally:
+        torch.set_num_threads(1)
+    assert seen[0] == (len(long_prompt), 2)
+    assert [threads for _, threads in seen[1:]] == [1, 1]

@@ -1,8 +1,10 @@
 """Sentence embeddings (sorai/model/bert.py) against sentence-transformers itself.
 
 The default embedding model (all-MiniLM-L6-v2, pulled from its wheel) must give the same
-vectors as `SentenceTransformer.encode`; small random BERTs written by the tests cover the other
-pooling modes, no Normalize, and truncation; broken directories must fail with one clear line.
+vectors as `SentenceTransformer.encode` (float32 to 1e-5; bfloat16, the fast dtype where the
+CPU has it, to 0.999 cosine), whatever the batching; small random BERTs written by the tests
+cover the other pooling modes, no Normalize, and truncation; broken directories must fail with
+one clear line. The exact comparisons pin float32, so they hold on a machine that picks bf16.
 """
 
 from __future__ import annotations
@@ -17,7 +19,14 @@ import torch
 import torch.nn.functional as F
 
 from sorai.errors import ModelFormatError
-from sorai.model.bert import SentenceEncoder, SentenceEncoderConfig
+from sorai.model import hardware
+from sorai.model.bert import (
+    MAX_PADDING,
+    SentenceEncoder,
+    SentenceEncoderConfig,
+    encoder_dtype,
+    length_batches,
+)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # sentence-transformers must not look online
 
@@ -48,7 +57,7 @@ def reference(path: Path, texts: list[str]) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def minilm(default_encoder_dir: Path) -> SentenceEncoder:
-    return SentenceEncoder.from_dir(default_encoder_dir, device="cpu")
+    return SentenceEncoder.from_dir(default_encoder_dir, device="cpu", dtype="float32")
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +116,98 @@ def test_a_vector_does_not_depend_on_its_batch(minilm: SentenceEncoder) -> None:
     together = minilm.encode(ENGLISH, batch_size=4)
     alone = torch.cat([minilm.encode([text]) for text in ENGLISH])
     torch.testing.assert_close(together, alone, atol=1e-5, rtol=0)
+
+
+# Lengths far apart (1 to 256 tokens), shuffled, so the length buckets reorder them.
+MIXED = [
+    JAPANESE[0] * 24,  # cut to 256 tokens
+    "short",
+    ENGLISH[3] + " " + ENGLISH[4],
+    ENGLISH[0],
+    JAPANESE[1],
+    " ".join(ENGLISH),
+    ENGLISH[1],
+    "",
+    ENGLISH[6],
+    ENGLISH[2],
+    JAPANESE[0] * 3,
+    ENGLISH[7],
+]
+
+
+def test_vectors_come_back_in_input_order_and_padding_changes_none(
+    minilm: SentenceEncoder,
+) -> None:
+    alone = torch.cat([minilm.encode([text]) for text in MIXED])  # no padding at all
+    lengths = [len(ids) for ids in minilm.tokenize(MIXED)]
+    buckets = length_batches(lengths)
+    assert any(lengths[b[-1]] < lengths[b[0]] for b in buckets)  # some rows are padded
+    bucketed = minilm.encode(MIXED)
+    one_batch = minilm.encode(MIXED, batch_size=len(MIXED))  # all padded to 256 tokens
+    torch.testing.assert_close(bucketed, alone, atol=1e-5, rtol=0)
+    torch.testing.assert_close(one_batch, alone, atol=1e-5, rtol=0)
+    reversed_order = minilm.encode(MIXED[::-1])
+    torch.testing.assert_close(reversed_order.flip(0), alone, atol=1e-5, rtol=0)
+
+
+def test_length_buckets_cover_every_input_once_and_pad_little() -> None:
+    lengths = [5, 256, 14, 6, 256, 13, 4, 200, 12, 180, 11, 256, 7, 7, 1, 230]
+    batches = length_batches(lengths, batch_tokens=600)
+    assert sorted(i for batch in batches for i in batch) == list(range(len(lengths)))
+    for batch in batches:
+        width = lengths[batch[0]]
+        assert all(lengths[i] <= width for i in batch)  # padded to its first, the longest
+        assert all(width - lengths[i] < MAX_PADDING * width for i in batch)
+        assert len(batch) == 1 or len(batch) * width <= 600
+    assert [lengths[b[0]] for b in batches] == sorted(
+        (lengths[b[0]] for b in batches), reverse=True
+    )
+    assert [[lengths[i] for i in b] for b in batches][:3] == [[256, 256], [256, 230], [200, 180]]
+    # A batch size: that many per batch, longest first, whatever their lengths.
+    fixed = length_batches(lengths, batch_size=5)
+    assert [len(b) for b in fixed] == [5, 5, 5, 1]
+    assert [lengths[i] for i in fixed[0]] == [256, 256, 256, 230, 200]
+
+
+def test_bfloat16_matches_sentence_transformers_within_cosine_0999(
+    default_encoder_dir: Path, minilm_reference
+) -> None:
+    bf16 = SentenceEncoder.from_dir(default_encoder_dir, device="cpu", dtype="bfloat16")
+    assert bf16.dtype == torch.bfloat16
+    # The residual stream, LayerNorms and pooling stay float32; only the matmuls round.
+    assert bf16.model.embed_norm.weight.dtype == torch.float32
+    texts = ENGLISH + JAPANESE + MIXED[:5]
+    ours = bf16.encode(texts)
+    assert ours.dtype == torch.float32
+    theirs = torch.from_numpy(minilm_reference.encode(texts))
+    assert F.cosine_similarity(ours, theirs, dim=-1).min().item() >= 0.999
+
+
+def test_the_default_dtype_is_the_fast_one_for_this_machine(default_encoder_dir: Path) -> None:
+    encoder = SentenceEncoder.from_dir(default_encoder_dir, device="cpu")
+    fast = hardware.cpu_has_fast_bf16()
+    assert encoder.dtype == (torch.bfloat16 if fast else torch.float32)
+
+
+@pytest.mark.parametrize(
+    ("flags", "dtype"),
+    [
+        ({"avx2", "fma"}, torch.float32),  # bf16 is emulated there: slower than float32
+        ({"avx2", "avx512f", "avx512_bf16"}, torch.bfloat16),
+        ({"avx2", "avx512f", "amx_tile", "amx_bf16"}, torch.bfloat16),
+    ],
+)
+def test_the_cpu_dtype_follows_the_cpu_flags(
+    flags: set[str], dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Stands in for /proc/cpuinfo of CPUs other than the one the tests run on.
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset(flags))
+    assert encoder_dtype(torch.device("cpu")) == dtype
+
+
+def test_an_unknown_dtype_is_refused(default_encoder_dir: Path) -> None:
+    with pytest.raises(ModelFormatError, match="dtype 'int8' is not supported; choose one of"):
+        SentenceEncoder.from_dir(default_encoder_dir, device="cpu", dtype="int8")
 
 
 def test_similar_sentences_are_closer_than_unrelated_ones(minilm: SentenceEncoder) -> None:
@@ -190,7 +291,7 @@ def test_pooling_modes_match_sentence_transformers(
 ) -> None:
     path = write_tiny_encoder(tmp_path / "tiny", default_encoder_dir, POOLINGS[pooling])
     texts = ENGLISH[:4] + [" ".join(["long"] * 40)]  # the last is cut to 16 tokens
-    encoder = SentenceEncoder.from_dir(path, device="cpu")
+    encoder = SentenceEncoder.from_dir(path, device="cpu", dtype="float32")
     assert not encoder.config.normalize and encoder.max_seq_length == 16
     ours = encoder.encode(texts, batch_size=2)
     theirs = reference(path, texts)
@@ -202,7 +303,7 @@ def test_normalize_module_of_a_tiny_encoder(tmp_path: Path, default_encoder_dir:
     path = write_tiny_encoder(
         tmp_path / "tiny", default_encoder_dir, {"pooling_mode": "mean"}, normalize=True
     )
-    ours = SentenceEncoder.from_dir(path, device="cpu").encode(ENGLISH[:3])
+    ours = SentenceEncoder.from_dir(path, device="cpu", dtype="float32").encode(ENGLISH[:3])
     torch.testing.assert_close(ours, reference(path, ENGLISH[:3]), atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(ours.norm(dim=-1), torch.ones(3))
 

@@ -1,0 +1,68 @@
+"""Quality of the low-bit path: perplexity against the dequantized float32 path, same model.
+
+    python benchmarks/bench_quality.py [--model smollm2-135m-instruct] [--quantize auto,int8]
+
+On the held-out English and Japanese texts in benchmarks/data (written for this benchmark, so no
+model has seen them), each `--quantize` path's perplexity is printed beside the dequantized
+float32 path's (`--quantize none`: the reference), with the relative difference; the goal is
+within 1%. Then the share of positions where the two paths' greedy next token agrees.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+import torch
+
+from sorai import hub
+from sorai.model.hardware import machine
+from sorai.model.loader import load_model
+
+DATA = Path(__file__).resolve().parent / "data"
+TEXTS = {"English": DATA / "heldout_en.txt", "Japanese": DATA / "heldout_ja.txt"}
+
+
+def logits_of(model, ids: list[int], window: int = 512) -> torch.Tensor:
+    """Next-token logits for every position, in non-overlapping windows of `window` tokens."""
+    pieces = []
+    with torch.inference_mode():
+        for start in range(0, len(ids) - 1, window):
+            chunk = torch.tensor([ids[start : start + window]])
+            pieces.append(model(chunk)[0].float())
+    return torch.cat(pieces)[: len(ids) - 1]
+
+
+def perplexity(logits: torch.Tensor, ids: list[int]) -> float:
+    targets = torch.tensor(ids[1:])
+    return math.exp(torch.nn.functional.cross_entropy(logits, targets).item())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=hub.DEFAULT_MODEL)
+    parser.add_argument("--quantize", default="auto,int8", help="paths to compare with none")
+    args = parser.parse_args()
+    path = hub.resolve(args.model, progress=print)
+    print(f"model {args.model}; {machine().describe()}")
+    reference, tokenizer = load_model(path, "float32", quantize="none")
+    texts = {name: tokenizer.encode(file.read_text()) for name, file in TEXTS.items()}
+    base = {name: logits_of(reference, ids) for name, ids in texts.items()}
+    del reference
+    for quantize in args.quantize.split(","):
+        model, _ = load_model(path, "float32", quantize=quantize)
+        for name, ids in texts.items():
+            ours = logits_of(model, ids)
+            ppl, ref = perplexity(ours, ids), perplexity(base[name], ids)
+            agree = (ours.argmax(-1) == base[name].argmax(-1)).float().mean().item()
+            print(
+                f"{name:8s} {len(ids):4d} tokens  quantize={quantize:5s} ppl {ppl:8.3f}  "
+                f"none {ref:8.3f}  {100 * (ppl / ref - 1):+.2f}%  greedy agreement "
+                f"{100 * agree:.1f}%"
+            )
+        del model
+
+
+if __name__ == "__main__":
+    main()
