@@ -136,6 +136,25 @@ def checkpoint_blocks(model: Transformer, mode: str = "full") -> None:
         block.forward = functools.partial(checkpoint, block.forward, **kwargs)
 
 
+@torch.no_grad()
+def lower_frozen_weights(model: Transformer, dtype: torch.dtype) -> int:
+    """Store the blocks' frozen Linear weights in `dtype` (row-major), once; returns how many.
+
+    Under autocast every matmul casts its float32 weight to the autocast dtype, on every
+    forward, and keeps the cast for backward; a frozen weight has no master copy to protect, so
+    casting it once gives the very same products without the per-step casts, their copies kept
+    for backward, or the float32 originals (half the base weights' memory under LoRA). The
+    embedding, norms and head keep their dtype: the embedding's output and the norms stay
+    float32, as autocast leaves them."""
+    lowered = 0
+    for module in model.layers.modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(module, nn.Linear) and not weight.requires_grad and weight.dtype != dtype:
+            module.weight.data = weight.data.to(dtype, memory_format=torch.contiguous_format)
+            lowered += 1
+    return lowered
+
+
 def compile_blocks(model: Transformer) -> None:
     """torch.compile each block (all blocks share one compiled graph)."""
     for block in model.layers.values():
@@ -240,7 +259,8 @@ def choose_precision(precision: str, device: torch.device) -> Precision:
     if device.type == "cpu":
         if cpu_has_fast_bf16():
             flags = [f for f in machine().flags if "bf16" in f or f.startswith("amx")]
-            return Precision(torch.bfloat16, f"auto: the CPU has {' '.join(flags)}")
+            has = " ".join(flags) or "bf16 dot products"
+            return Precision(torch.bfloat16, f"auto: the CPU has {has}")
         return Precision(
             None,
             "auto: the CPU has neither avx512_bf16 nor amx_bf16, so bf16 matmuls would be "
