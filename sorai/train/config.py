@@ -76,6 +76,9 @@ class ScheduleConfig:
     min_lr_ratio: float = _f(0.0, "the decay ends at lr * min_lr_ratio")
 
 
+CheckpointMode = Literal["none", "selective", "full"]
+
+
 @dataclass
 class TrainSection:
     micro_batch_size: int = _f(8, "rows per forward pass")
@@ -83,9 +86,16 @@ class TrainSection:
     epochs: int = _f(1, "passes over the training data")
     max_steps: int | None = _f(None, "stop after this many optimizer steps (overrides epochs)")
     precision: Literal["auto", "fp32", "bf16"] = _f(
-        "auto", "bf16 = bfloat16 autocast over float32 weights; auto: bf16 on a GPU that has it"
+        "auto",
+        "bf16 = bfloat16 autocast over float32 master weights; auto: bf16 where matmuls run "
+        "fast in it (a GPU with bf16, a CPU with AVX-512 BF16 or AMX), else fp32",
     )
-    activation_checkpointing: bool = _f(False, "recompute each block in backward (less memory)")
+    activation_checkpointing: CheckpointMode | bool = _f(
+        "none",
+        "recompute in backward instead of keeping: selective = the pointwise ops (norms, RoPE, "
+        "SiLU; matmul and attention outputs kept), full = each whole block (least memory, "
+        "about a third more compute); true/false mean full/none",
+    )
     compile: bool = _f(False, "torch.compile each block")
     loss_chunk: int = _f(1024, "positions projected to logits at a time by the loss")
     device: str | None = _f(None, "cpu, cuda, cuda:N (default: a GPU when there is one)")
@@ -159,6 +169,9 @@ class TrainConfig:
     export: ExportConfig = field(default_factory=ExportConfig)
 
     def validate(self) -> None:
+        checkpointing = self.train.activation_checkpointing
+        if isinstance(checkpointing, bool):  # the older on/off form
+            self.train.activation_checkpointing = "full" if checkpointing else "none"
         if not self.data.train:
             raise ConfigError("data.train is required: the training JSONL file")
         positive = {

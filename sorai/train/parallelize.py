@@ -25,27 +25,134 @@ all-reduced: DDP's semantics) and stage 1 is refused (stage 2 shards the optimiz
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
+from typing import get_args
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import (
+    CheckpointPolicy,
+    SelectiveCheckpointContext,
+    checkpoint,
+    create_selective_checkpoint_contexts,
+)
 
+from sorai.model.hardware import cpu_has_fast_bf16, machine
+from sorai.model.lora import LoRALinear
 from sorai.model.transformer import Transformer
-from sorai.train.config import ParallelConfig, TrainSection
+from sorai.train.config import CheckpointMode, ConfigError, ParallelConfig, TrainSection
 from sorai.train.distributed import ParallelDims
 from sorai.train.tensor_parallel import apply_tensor_parallel
 
+CHECKPOINT_MODES = get_args(CheckpointMode)
 
-def checkpoint_blocks(model: Transformer) -> None:
-    """Keep only each block's input for backward and recompute the block then: activation
-    memory drops from every intermediate of every layer to one tensor per layer, for about a
-    third more compute. The block's forward is wrapped in place (no wrapper module), so
-    parameter names do not change."""
+
+_aten = torch.ops.aten
+# The ops whose outputs selective checkpointing keeps: the matmuls and the fused attention
+# kernels, where a block's compute is. What lies between them (norms, RoPE, SiLU and the gating
+# product, casts, residual adds) is recomputed from these in backward, for a few percent of the
+# step: the pointwise ops are most of a block's saved bytes and little of its FLOPs.
+KEPT_OPS = frozenset(
+    op
+    for name in (
+        "mm",
+        "addmm",
+        "bmm",
+        "baddbmm",
+        "_scaled_dot_product_flash_attention_for_cpu",
+        "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_efficient_attention",
+        "_scaled_dot_product_cudnn_attention",
+    )
+    if (op := getattr(getattr(_aten, name, None), "default", None)) is not None
+)
+
+
+class KeepMatmuls:
+    """The selective checkpointing policy (see KEPT_OPS) for one checkpointed call of a block;
+    `create_selective_checkpoint_contexts` asks it op by op during the forward pass.
+
+    A matmul whose inner dimension is a LoRA rank (B applied to A's r-wide output) is redone
+    instead of kept: it costs r / hidden of the base matmul, and its output is as large as the
+    layer's. An in-place op on a kept matmul output is kept too: LoRA adds its update into the
+    base layer's output in place, and replaying that add on the kept, already updated output
+    would count the update twice. Any other in-place op is replayed on its recomputed input.
+    """
+
+    def __init__(self, lora_ranks: frozenset[int]) -> None:
+        self.lora_ranks = lora_ranks
+        self.kept: set[int] = set()  # storages of the matmul outputs kept so far in this call
+
+    def __call__(
+        self, ctx: SelectiveCheckpointContext, func: torch._ops.OpOverload, *args, **kwargs
+    ) -> CheckpointPolicy:
+        if func in KEPT_OPS:
+            if func is _aten.mm.default and args[0].shape[-1] in self.lora_ranks:
+                return CheckpointPolicy.PREFER_RECOMPUTE
+            if isinstance(ctx.op_output, Tensor):
+                self.kept.add(ctx.op_output.untyped_storage().data_ptr())
+            return CheckpointPolicy.MUST_SAVE
+        if (
+            func._schema.is_mutable
+            and args
+            and isinstance(args[0], Tensor)
+            and args[0].untyped_storage().data_ptr() in self.kept
+        ):
+            return CheckpointPolicy.MUST_SAVE
+        return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def selective_contexts(lora_ranks: frozenset[int]) -> tuple:
+    """The forward and recompute contexts of one selectively checkpointed call: a fresh policy
+    each time, so a storage address seen in an earlier step cannot match."""
+    # Kept outputs are mutated on purpose: the in-place LoRA add (see KeepMatmuls).
+    return create_selective_checkpoint_contexts(
+        KeepMatmuls(lora_ranks), allow_cache_entry_mutation=True
+    )
+
+
+def checkpoint_blocks(model: Transformer, mode: str = "full") -> None:
+    """Recompute parts of each block in backward instead of keeping them from forward.
+
+    full: keep only each block's input and recompute the whole block then; activation memory
+    drops from every intermediate of every layer to one tensor per layer, for about a third
+    more compute. selective: keep the matmul and attention outputs and recompute the rest
+    (KEPT_OPS); about a third less activation memory for a few percent more compute. The
+    block's forward is wrapped in place (no wrapper module), so parameter names do not change.
+    """
+    if mode not in CHECKPOINT_MODES:
+        modes = ", ".join(CHECKPOINT_MODES)
+        raise ConfigError(f"train.activation_checkpointing must be one of {modes}, got {mode!r}")
+    if mode == "none":
+        return
+    kwargs: dict = {"use_reentrant": False}
+    if mode == "selective":
+        ranks = frozenset(m.r for m in model.modules() if isinstance(m, LoRALinear))
+        kwargs["context_fn"] = functools.partial(selective_contexts, ranks)
     for block in model.layers.values():
-        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+        block.forward = functools.partial(checkpoint, block.forward, **kwargs)
+
+
+@torch.no_grad()
+def lower_frozen_weights(model: Transformer, dtype: torch.dtype) -> int:
+    """Store the blocks' frozen Linear weights in `dtype` (row-major), once; returns how many.
+
+    Under autocast every matmul casts its float32 weight to the autocast dtype, on every
+    forward, and keeps the cast for backward; a frozen weight has no master copy to protect, so
+    casting it once gives the very same products without the per-step casts, their copies kept
+    for backward, or the float32 originals (half the base weights' memory under LoRA). The
+    embedding, norms and head keep their dtype: the embedding's output and the norms stay
+    float32, as autocast leaves them."""
+    lowered = 0
+    for module in model.layers.modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(module, nn.Linear) and not weight.requires_grad and weight.dtype != dtype:
+            module.weight.data = weight.data.to(dtype, memory_format=torch.contiguous_format)
+            lowered += 1
+    return lowered
 
 
 def compile_blocks(model: Transformer) -> None:
@@ -107,8 +214,7 @@ def parallelize(
     if dims is not None and dims.tp > 1:
         assert mesh is not None and parallel is not None
         apply_tensor_parallel(model, mesh["tp"], parallel.sequence_parallel, parallel.loss_parallel)
-    if config.activation_checkpointing:
-        checkpoint_blocks(model)
+    checkpoint_blocks(model, config.activation_checkpointing)
     if config.compile:
         compile_blocks(model)
     if dims is None or dims.dp == 1:
@@ -120,13 +226,49 @@ def parallelize(
     return replicate_model(model, dims, mesh)
 
 
+@dataclass(frozen=True)
+class Precision:
+    """What `train.precision` resolved to on this device, and why (for the banner)."""
+
+    autocast: torch.dtype | None  # None: plain float32
+    reason: str
+
+    def describe(self) -> str:
+        kind = "bf16 autocast over float32 master weights" if self.autocast else "float32"
+        return f"{kind} ({self.reason})"
+
+
+def choose_precision(precision: str, device: torch.device) -> Precision:
+    """Resolve `train.precision` (auto, fp32, bf16) for `device`.
+
+    auto takes bf16 only where bf16 matmuls are fast: a GPU that supports bf16, or a CPU with
+    AVX-512 BF16 or AMX (read at run time). Elsewhere, e.g. an AVX2-only CPU, bf16 matmuls run
+    far slower than float32 (each element is converted in software), so auto stays float32.
+    """
+    if precision == "fp32":
+        return Precision(None, "train.precision: fp32")
+    if precision == "bf16":
+        return Precision(torch.bfloat16, "train.precision: bf16")
+    if precision != "auto":
+        raise ConfigError(f"train.precision must be one of auto, fp32, bf16, got {precision!r}")
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        if torch.cuda.is_bf16_supported():
+            return Precision(torch.bfloat16, f"auto: {name} has bf16")
+        return Precision(None, f"auto: {name} has no bf16")
+    if device.type == "cpu":
+        if cpu_has_fast_bf16():
+            flags = [f for f in machine().flags if "bf16" in f or f.startswith("amx")]
+            has = " ".join(flags) or "bf16 dot products"
+            return Precision(torch.bfloat16, f"auto: the CPU has {has}")
+        return Precision(
+            None,
+            "auto: the CPU has neither avx512_bf16 nor amx_bf16, so bf16 matmuls would be "
+            "slower than float32",
+        )
+    return Precision(None, f"auto: float32 on {device.type}")
+
+
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for `precision` on `device`, None for plain float32."""
-    if precision == "fp32":
-        return None
-    if precision == "bf16":
-        return torch.bfloat16
-    # auto: bf16 only where it is fast; CPUs without AMX run bf16 matmuls far slower than fp32.
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return None
+    return choose_precision(precision, device).autocast

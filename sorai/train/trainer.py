@@ -34,6 +34,7 @@ from torch.distributed.tensor.parallel import loss_parallel
 
 from sorai import hub
 from sorai.errors import SoraiError
+from sorai.model.hardware import machine
 from sorai.model.loader import load_model, resolve_device
 from sorai.model.lora import LoRAConfig, apply_lora, merge_lora, save_adapter
 from sorai.model.tokenizer import Tokenizer
@@ -51,10 +52,11 @@ from sorai.train.checkpoint import (
 )
 from sorai.train.config import TrainConfig
 from sorai.train.data import Batch, BatchLoader, Dataset, load_dataset, pack
+from sorai.train.host_memory import own_weights, tune_allocator
 from sorai.train.loss import chunked_cross_entropy
 from sorai.train.metrics import MetricsLog, Progress, plot_loss, read_metrics
 from sorai.train.optim import build_optimizer, build_scheduler
-from sorai.train.parallelize import autocast_dtype, parallelize
+from sorai.train.parallelize import choose_precision, lower_frozen_weights, parallelize
 from sorai.train.pipeline import build_schedule, build_stage_models
 
 log = logging.getLogger("sorai.train")
@@ -204,7 +206,10 @@ class Trainer:
         cfg = self.config
         self._init_distributed()
         self._threads()
-        self.autocast = autocast_dtype(cfg.train.precision, self.device)
+        self.precision = choose_precision(cfg.train.precision, self.device)
+        self.autocast = self.precision.autocast
+        if self.device.type == "cpu":
+            tune_allocator()
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         if self.mesh is not None:
@@ -222,12 +227,17 @@ class Trainer:
         path = hub.resolve(cfg.model)
         # Weights stay float32 (the optimizer's master copy); bf16 comes from autocast.
         model, self.tokenizer = load_model(path, torch.float32, self.device, quantize="none")
+        own_weights(model)
         model.train()
         if cfg.method == "lora":
             self.adapter = apply_lora(model, self.lora_config(), dtype=torch.float32)
         else:
             self.adapter = None
             model.requires_grad_(True)
+        # On one device only: sharding and pipeline stages take one dtype per unit.
+        self.lowered_weights = 0
+        if self.autocast is not None and self.mesh is None:
+            self.lowered_weights = lower_frozen_weights(model, self.autocast)
         dims = self.dims
         self.loss_parallel = dims.tp > 1 and cfg.parallel.loss_parallel
         self.schedule = None
@@ -549,6 +559,13 @@ class Trainer:
                 self.dims.world_size,
                 "es" if self.dims.world_size > 1 else "",
             )
+            log.info("machine: %s", machine().describe())
+            lowered = ""
+            if self.lowered_weights:
+                dtype = str(self.autocast).removeprefix("torch.")
+                lowered = f"; {self.lowered_weights} frozen Linear weights stored in {dtype}"
+            log.info("precision: %s%s", self.precision.describe(), lowered)
+            log.info("activation checkpointing: %s", cfg.train.activation_checkpointing)
         metrics = MetricsLog(
             self.run_dir,
             self.step if self.resume_from is not None else None,
@@ -630,9 +647,11 @@ class Trainer:
         if self.adapter is None or cfg.export.merged:
             model_dir = self.run_dir / "model"
         if distributed.is_main():
-            if self.mesh is None:
+            if self.mesh is None and not self.lowered_weights:
                 model = self.model
             else:
+                # Frozen weights stored in bf16 would merge at bf16's precision: the export
+                # starts again from the float32 base.
                 model = self.single_device_model(latest_checkpoint(self.checkpoint_dir))
             if adapter is not None:
                 save_adapter(model, adapter, base_model_name=cfg.model)

@@ -22,13 +22,14 @@ For one pipeline micro-batch of rows x seq_len tokens, per layer:
   weights are cached for the step and counted once; frozen weights are cast, and kept, per
   micro-batch.
 
-Multiplied by the tokens, summed over the layers. With activation checkpointing only each
-block's input is kept, plus one block's activations while it is recomputed. The loss adds, with
-chunked_loss (sorai.train.loss): the gradient of the final hidden states made in the forward
-pass, a float32 gradient of the head weight when it is trained, and one chunk's float32 logits
-(plus a low-precision copy under bf16); without it (a plain loop: full logits, then
-cross_entropy) three float32 [tokens, vocab] tensors at the peak of the loss's backward: the
-log-softmax output, its gradient and the logits' gradient.
+Multiplied by the tokens, summed over the layers. With full activation checkpointing only each
+block's input is kept, plus one block's activations while it is recomputed; selective
+checkpointing keeps the matmul outputs, LoRA A's outputs and the attention output besides.
+The loss adds, with chunked_loss (sorai.train.loss): the gradient of the final hidden
+states made in the forward pass, a float32 gradient of the head weight when it is trained, and
+one chunk's float32 logits (plus a low-precision copy under bf16); without it (a plain loop:
+full logits, then cross_entropy) three float32 [tokens, vocab] tensors at the peak of the
+loss's backward: the log-softmax output, its gradient and the logits' gradient.
 
 Under tensor parallelism activations of width heads x head_dim or intermediate divide by tp; the
 [tokens, hidden] input of q/k/v and gate/up is all-gathered and kept whole; the norms (and the
@@ -54,6 +55,7 @@ _INDEX = 8  # int64 token ids / indices
 # The activation rows of the table, in its order.
 PARTS = (
     "block inputs (checkpointed)",
+    "matmul outputs (selective)",
     "one block recomputed",
     "blocks",
     "loss (chunked)",
@@ -121,6 +123,7 @@ class _Block:
     weight_copies: int  # autocast's bf16 copies of trained weights (bytes, not per token)
     frozen_copies: int  # autocast's bf16 copies of frozen weights
     grad_out: bool  # whether the block's output needs a gradient
+    kept_per_token: int  # bytes per token selective checkpointing keeps (matmul, attention out)
 
 
 @dataclass(frozen=True)
@@ -136,7 +139,7 @@ class Workload:
     rows: int  # rows of one pipeline micro-batch
     seq_len: int
     precision: Precision
-    activation_checkpointing: bool
+    activation_checkpointing: str  # none, selective or full (sorai.train.parallelize)
     chunked_loss: bool
     loss_chunk_tokens: int
     attention: str
@@ -233,8 +236,18 @@ class Workload:
         trained, frozen = weight_copies(("down_proj",), grad_gate)
         copies, frozen_copies = copies + trained, frozen_copies + frozen
         grad_out = grad_gate or full or lora["down_proj"]
+        # Selective checkpointing keeps every matmul's output (the LoRA B matmul's is redone),
+        # LoRA A's r-wide outputs and the attention output with its log-sum-exp.
+        kept_per_token = (2 * q_dim + 2 * kv_dim + 2 * h + 2 * inter) * p.compute
+        kept_per_token += sum(lora.values()) * r * p.compute + heads * FLOAT32
         return _Block(
-            per_token, per_local_token, per_token_position, copies, frozen_copies, grad_out
+            per_token,
+            per_local_token,
+            per_token_position,
+            copies,
+            frozen_copies,
+            grad_out,
+            kept_per_token,
         )
 
     def stage(
@@ -261,12 +274,15 @@ class Workload:
         once: dict[str, int] = {}
         copies = sum(b.weight_copies for b in blocks)
         frozen_copies = sum(b.frozen_copies for b in blocks)
-        if self.activation_checkpointing:
+        if self.activation_checkpointing in ("full", "selective"):
             each["block inputs (checkpointed)"] = len(layers) * local_tokens * h * p.stream
             once["one block recomputed"] = max(per_block, default=0) + max(
                 (b.weight_copies + b.frozen_copies for b in blocks), default=0
             )
             copies = frozen_copies = 0
+            if self.activation_checkpointing == "selective":
+                kept = sum(b.kept_per_token for b in blocks) * tokens
+                each["matmul outputs (selective)"] = kept
         else:
             each["blocks"] = sum(per_block)
 

@@ -120,7 +120,7 @@ def estimate_memory(
     seq_len: int,
     param_dtype: torch.dtype = torch.float32,
     autocast_bf16: bool = False,
-    activation_checkpointing: bool = False,
+    activation_checkpointing: bool | str = "none",
     chunked_loss: bool = True,
     loss_chunk_tokens: int = 1024,
     attention: Attention = "fused",
@@ -132,12 +132,21 @@ def estimate_memory(
     method: "lora" (only A and B train, in float32) or "full". param_dtype: the weights' dtype;
     autocast_bf16: bfloat16 autocast over them (the trainer's precision=bf16). attention:
     "fused" (flash / memory-efficient SDPA kernels, the default on CUDA and the CPU) or "math".
-    document_mask: packed rows attend through a boolean [B, 1, T, T] mask. layout: the parallel
+    activation_checkpointing: none, selective or full (sorai.train.parallelize; True and False
+    mean full and none). document_mask: packed rows attend through a boolean [B, 1, T, T]
+    mask. layout: the parallel
     layout; the figures are then one rank's, at the pipeline position that needs the most.
     micro_batch_size is per data-parallel rank (what train.micro_batch_size means).
     """
     if method not in ("lora", "full"):
         raise ValueError(f"method must be 'lora' or 'full', got {method!r}")
+    if isinstance(activation_checkpointing, bool):
+        activation_checkpointing = "full" if activation_checkpointing else "none"
+    if activation_checkpointing not in ("none", "selective", "full"):
+        raise ValueError(
+            "activation_checkpointing must be none, selective or full, "
+            f"got {activation_checkpointing!r}"
+        )
     if attention not in ("fused", "math"):
         raise ValueError(f"attention must be 'fused' or 'math', got {attention!r}")
     if not param_dtype.is_floating_point:

@@ -155,7 +155,7 @@ def activation_notes(work: Workload, micro_batch_size: int, dtype_name: str) -> 
         if work.attention == "fused"
         else "math SDPA (float32 T x T probabilities per head)"
     )
-    checkpointing = "on" if work.activation_checkpointing else "off"
+    checkpointing = work.activation_checkpointing
     notes = [
         f"activations: micro-batch {micro_batch_size} x {work.seq_len} tokens, {precision}, "
         f"checkpointing {checkpointing}, {kernel}"
