@@ -13,6 +13,7 @@ from sorai.model.gguf import GGUFFile
 from sorai.model.loader import load_model
 from sorai.model.quant import Int4Linear, Int8Linear
 from sorai.model.quant.gguf_blocks import int4_groups, q8_0_rows
+from sorai.model.quant.table import Int8Embedding, Int8Head
 from sorai.model.weights import save_hf_dir
 
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "日本の首都は？"]
@@ -79,7 +80,10 @@ def test_the_default_gguf_keeps_its_int4_blocks_and_answers_like_the_dense_model
     dense, _ = load_model(default_gguf, quantize="none")
     layers = [m for m in lowbit.modules() if isinstance(m, Int4Linear)]
     assert len(layers) == 7 * len(lowbit.layers)  # every block projection, from Q4_1
-    assert isinstance(lowbit.lm_head, torch.nn.Linear)  # the head stays float
+    # The Q8_0 token table: int8, one tensor for the embedding and the tied head.
+    assert isinstance(lowbit.embed_tokens, Int8Embedding)
+    assert isinstance(lowbit.lm_head, Int8Head)
+    assert lowbit.lm_head.q.data_ptr() == lowbit.embed_tokens.q.data_ptr()
     for prompt in PROMPTS:
         ids = torch.tensor([tokenizer.encode_chat([{"role": "user", "content": prompt}])])
         with torch.inference_mode():

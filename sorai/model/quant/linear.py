@@ -26,6 +26,10 @@ DENSE_FROM_ROWS = 48
 # The CPU int4 packing interleaves rows in blocks (32 or 64 by instruction set); layers joined
 # by concat must each hold whole blocks.
 INT4_ROW_BLOCK = 64
+# What the kernels take (measured on torch 2.13): the int4 packing refuses other row counts, the
+# int8 kernel crashes the process on other input widths.
+INT4_OUT_MULTIPLE = 16
+INT8_IN_MULTIPLE = 8
 
 
 class LowBitLinear(nn.Module):
@@ -82,6 +86,11 @@ class Int4Linear(LowBitLinear):
         bias: Tensor | None = None,
     ) -> None:
         out_features, in_features = q.shape
+        if not int4_fits(out_features, in_features, in_features // scale.shape[1]):
+            raise ValueError(
+                f"a {out_features}x{in_features} weight does not fit the int4 kernel "
+                f"(rows a multiple of {INT4_OUT_MULTIPLE}, columns of the group size)"
+            )
         super().__init__(in_features, out_features, bias)
         self.group_size = in_features // scale.shape[1]
         self.weight_format = f"int4 (group {self.group_size})"
@@ -103,8 +112,11 @@ class Int4Linear(LowBitLinear):
     ) -> Int4Linear:
         """Round a float weight to the nearest int4 per group (min/max, asymmetric)."""
         out_features, in_features = weight.shape
-        if in_features % group_size:
-            raise ValueError(f"in_features {in_features} is not a multiple of {group_size}")
+        if not int4_fits(out_features, in_features, group_size):
+            raise ValueError(
+                f"a {out_features}x{in_features} weight does not fit the int4 kernel "
+                f"(rows a multiple of {INT4_OUT_MULTIPLE}, columns of {group_size})"
+            )
         groups = weight.detach().float().reshape(out_features, -1, group_size)
         low, high = groups.amin(-1), groups.amax(-1)
         scale = ((high - low) / 15).clamp(min=1e-10)
@@ -168,6 +180,12 @@ class Int8Linear(LowBitLinear):
 
     def __init__(self, q: Tensor, scale: Tensor, bias: Tensor | None = None) -> None:
         out_features, in_features = q.shape
+        if in_features % INT8_IN_MULTIPLE:
+            # The kernel reads past the row's end otherwise (a segfault, not an error).
+            raise ValueError(
+                f"in_features {in_features} is not a multiple of {INT8_IN_MULTIPLE}, "
+                "which the int8 kernel needs"
+            )
         super().__init__(in_features, out_features, bias)
         self.register_buffer("q", q.to(torch.int8).contiguous())
         self.register_buffer("scale", scale.float().contiguous())
@@ -208,3 +226,13 @@ def quantize_rows_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
     scale = (weight.abs().amax(dim=1) / 127).clamp(min=1e-10)
     q = (weight / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
     return q, scale
+
+
+def int4_fits(out_features: int, in_features: int, group_size: int = 32) -> bool:
+    """Whether the int4 kernel takes a weight of this shape."""
+    return out_features % INT4_OUT_MULTIPLE == 0 and in_features % group_size == 0
+
+
+def int8_fits(in_features: int) -> bool:
+    """Whether the int8 kernel takes inputs this wide."""
+    return in_features % INT8_IN_MULTIPLE == 0

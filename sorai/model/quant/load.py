@@ -6,10 +6,11 @@ Which format each matmul gets (`quantize`):
         int4 (fewer); float tensors and dense checkpoints stay dense.
   int8  every block projection in int8.
   int4  every block projection in int4 (group 32).
-The head (and the embedding table it is often tied to) stays in the model's dtype: its logits
-pick every token, and the low-bit kernels round their output to bfloat16, where near-equal top
-logits tie (measured on the default model: the first answer token of "What is the capital of
-France?" tied at 25.25). Norms and biases stay in the model's dtype too.
+The token table (embedding, and the head tied to it or not) goes to int8 per row whenever it
+is quantized in the file or the scheme is int8/int4 (see sorai.model.quant.table): the head is
+the largest matmul, and 4 bits would cost its logits too much. A matrix whose shape a kernel
+does not take stays dense (int4 falls back to int8 first). Norms and biases stay in the model's
+dtype.
 """
 
 from __future__ import annotations
@@ -23,7 +24,14 @@ from sorai.errors import ModelFormatError
 from sorai.model.config import ModelConfig
 from sorai.model.gguf import GGUFFile, TensorInfo, unpermute_qk
 from sorai.model.quant.gguf_blocks import INT4_TYPES, int4_groups, q8_0_rows
-from sorai.model.quant.linear import Int4Linear, Int8Linear
+from sorai.model.quant.linear import (
+    Int4Linear,
+    Int8Linear,
+    int4_fits,
+    int8_fits,
+    quantize_rows_int8,
+)
+from sorai.model.quant.table import Int8Embedding, Int8Head
 from sorai.model.transformer import Transformer
 from sorai.model.weights import build_model
 
@@ -48,26 +56,47 @@ def _target(qtype: str, scheme: str) -> str:
     return scheme
 
 
+def _table_target(qtype: str, scheme: str) -> str:
+    """'int8' or 'dense' for the token table (embedding or head) of GGUF type `qtype`."""
+    return "dense" if scheme == "auto" and qtype in FLOAT_TYPES else "int8"
+
+
+def fitting(target: str, out_features: int, in_features: int) -> str:
+    """The target, or the next format down whose kernel takes this shape."""
+    if target == "int4" and not int4_fits(out_features, in_features):
+        target = "int8"
+    if target == "int8" and not int8_fits(in_features):
+        target = "dense"
+    return target
+
+
 def _unpermute(t: Tensor, heads: int | None) -> Tensor:
     return t if heads is None else unpermute_qk(t, heads)
+
+
+def _int8_rows(
+    gguf: GGUFFile, name: str, info: TensorInfo, config: ModelConfig
+) -> tuple[Tensor, Tensor]:
+    """(q int8, scale per row) of one weight: Q8_0 blocks rescaled, other types requantized."""
+    if _qtype_name(info) == "Q8_0":
+        q, scale = q8_0_rows(gguf.raw(info), info.shape[0])
+        heads = gguf.permuted_heads(name, config)
+        return _unpermute(q, heads), _unpermute(scale, heads)
+    return quantize_rows_int8(gguf.dequantized(name, info, config))
 
 
 def _gguf_layer(
     gguf: GGUFFile, name: str, info: TensorInfo, config: ModelConfig, target: str
 ) -> nn.Module:
     qtype = _qtype_name(info)
-    heads = gguf.permuted_heads(name, config)
-    rows = info.shape[0]
-    if target == "int4" and qtype in INT4_TYPES and info.shape[1] % 32 == 0:
-        q, scale, minimum = int4_groups(gguf.raw(info), qtype, rows)
+    if target == "int4" and qtype in INT4_TYPES:
+        q, scale, minimum = int4_groups(gguf.raw(info), qtype, info.shape[0])
+        heads = gguf.permuted_heads(name, config)
         return Int4Linear(*(_unpermute(t, heads) for t in (q, scale, minimum)))
-    if target == "int8" and qtype == "Q8_0":
-        q, scale = q8_0_rows(gguf.raw(info), rows)
-        return Int8Linear(_unpermute(q, heads), _unpermute(scale, heads))
-    weight = gguf.dequantized(name, info, config)  # this tensor only: requantized below
-    if target == "int4" and weight.shape[1] % 32 == 0:
-        return Int4Linear.quantize(weight)
-    return Int8Linear.quantize(weight)
+    if target == "int8":
+        return Int8Linear(*_int8_rows(gguf, name, info, config))
+    # this tensor only, dequantized and requantized
+    return Int4Linear.quantize(gguf.dequantized(name, info, config))
 
 
 def _module_name(name: str) -> str:
@@ -88,35 +117,69 @@ def _place(model: Transformer, module: str, layer: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, layer)
 
 
+TABLES = ("embed_tokens.weight", "lm_head.weight")
+
+
 def load_gguf_lowbit(gguf: GGUFFile, dtype: torch.dtype, scheme: str) -> Transformer:
     config = gguf.config()
     with torch.device("meta"):
         model = Transformer(config)
     dense: list[tuple[str, Tensor]] = []
     for name, info in gguf.entries():
-        target = _target(_qtype_name(info), scheme) if _is_block_matmul(model, name) else "dense"
+        qtype = _qtype_name(info)
+        if _is_block_matmul(model, name):
+            target = fitting(_target(qtype, scheme), *info.shape)
+        elif name in TABLES:
+            target = fitting(_table_target(qtype, scheme), *info.shape)
+        else:
+            target = "dense"
         if target == "dense":
             dense.append((name, gguf.dequantized(name, info, config)))
+        elif name == "embed_tokens.weight":
+            model.embed_tokens = Int8Embedding(*_int8_rows(gguf, name, info, config), dtype)
+        elif name == "lm_head.weight":
+            model.lm_head = Int8Head(*_int8_rows(gguf, name, info, config))
         else:
             _place(model, _module_name(name), _gguf_layer(gguf, name, info, config, target))
+    _tie_table(model)
     model = build_model(config, _cast_biases(model, dense, dtype), dtype, gguf.path, model=model)
     if (factors := gguf.rope_freq_factors()) is not None:
         model.inv_freq = model.inv_freq / factors
     return model
 
 
+def _tie_table(model: Transformer) -> None:
+    """A tied head reads the int8 embedding's own table (the float tie is a shared Parameter)."""
+    if (
+        model.config.tie_word_embeddings
+        and isinstance(model.embed_tokens, Int8Embedding)
+        and isinstance(model.lm_head, nn.Linear)
+    ):
+        model.lm_head = Int8Head.tied_to(model.embed_tokens)
+
+
 def quantize_dense(model: Transformer, scheme: str) -> Transformer:
-    """Replace a dense model's block projections with low-bit layers, in place."""
+    """Replace a dense model's block projections (and token table) with low-bit layers."""
     layers: dict[str, nn.Module] = {}
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear) and name.startswith("layers."):
+            target = fitting(scheme, module.out_features, module.in_features)
             bias = None if module.bias is None else module.bias.detach()
-            if scheme == "int4" and module.in_features % 32 == 0:
+            if target == "int4":
                 layers[name] = Int4Linear.quantize(module.weight, bias=bias)
-            else:
+            elif target == "int8":
                 layers[name] = Int8Linear.quantize(module.weight, bias=bias)
     for module_name, layer in layers.items():
         _place(model, module_name, layer)
+    embed, head = model.embed_tokens, model.lm_head
+    tied = isinstance(embed, nn.Embedding) and head is not None and head.weight is embed.weight
+    if isinstance(embed, nn.Embedding) and int8_fits(embed.embedding_dim):
+        model.embed_tokens = Int8Embedding.quantize(embed.weight)
+        if tied:
+            model.lm_head = Int8Head.tied_to(model.embed_tokens)
+    if isinstance(model.lm_head, nn.Linear) and int8_fits(model.lm_head.in_features):
+        bias = None if head.bias is None else head.bias.detach()
+        model.lm_head = Int8Head(*quantize_rows_int8(head.weight), bias)
     return model
 
 
