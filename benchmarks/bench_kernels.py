@@ -92,7 +92,7 @@ def per_layer(rows: list[int], rounds: int) -> None:
         layers = {fmt: make_layer(fmt, n_in, n_out) for fmt in FORMATS}
         for m in rows:
             xs = {fmt: rows_for(fmt, m, n_in) for fmt in FORMATS}
-            fns = {fmt: (lambda f=fmt: layers[f](xs[f])) for fmt in FORMATS}
+            fns = {fmt: (lambda f=fmt, xs=xs: layers[f](xs[f])) for fmt in FORMATS}  # noqa: B023
             ms = median_ms(fns, rounds, budget_s=0.3)
             cells = "".join(f"{ms[f]:>8.3f} ({ms[f] / ms['fp32']:4.2f})" for f in FORMATS)
             print(f"{label:<20}{m:>5}{cells}", flush=True)
@@ -112,12 +112,15 @@ def decode_step(rows: list[int], rounds: int) -> None:
         for m in rows:
             xs = {fmt: {n: rows_for(fmt, m, n) for n in (HIDDEN, FFN)} for fmt in FORMATS}
 
-            def blocks(fmt: str) -> None:
+            def blocks(fmt: str, stacks=stacks, shapes=shapes, xs=xs) -> None:
                 for layer, (n_in, _) in zip(stacks[fmt], shapes * BLOCKS, strict=True):
                     layer(xs[fmt][n_in])
 
             fns = {f"{fmt} blocks": (lambda f=fmt: blocks(f)) for fmt in FORMATS}
-            fns |= {f"{fmt} head": (lambda f=fmt: heads[f](xs[f][HIDDEN])) for fmt in FORMATS}
+            fns |= {
+                f"{fmt} head": (lambda f=fmt, xs=xs, heads=heads: heads[f](xs[f][HIDDEN]))
+                for fmt in FORMATS
+            }
             ms = median_ms(fns, rounds, budget_s=1.0)
             base = ms["fp32 blocks"]
             cells = "".join(
@@ -125,9 +128,10 @@ def decode_step(rows: list[int], rounds: int) -> None:
             )
             print(f"  {m:>6}{'':>8}{cells}")
             head = ms["fp32 head"]
-            cells = "".join(f"{ms[f'{f} head']:>8.2f} ({ms[f'{f} head'] / head:4.2f})" for f in FORMATS)
+            cells = "".join(
+                f"{ms[f'{f} head']:>8.2f} ({ms[f'{f} head'] / head:4.2f})" for f in FORMATS
+            )
             print(f"  {'':>6}{'head':>8}{cells}", flush=True)
-        del stacks, heads
 
 
 def main() -> None:
