@@ -13,6 +13,7 @@ from torch import Tensor
 
 from sorai.engine.paged_cache import Chunk, PagedKVCache, StepLayout
 from sorai.engine.sequence import Sequence
+from sorai.model.quant.linear import kernel_rows_of
 from sorai.model.transformer import Transformer
 
 
@@ -30,6 +31,7 @@ class ModelRunner:
         tokens: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
+        generated: list[bool] = []  # per token: generated (not a prompt token)
         sample_seqs: list[Sequence] = []
         logit_rows: list[int] = []
         cache = self.cache
@@ -45,6 +47,7 @@ class ModelRunner:
                 chunks.append(Chunk(len(tokens), n, start, context_slots))
             tokens.extend(seq.token_ids[start : start + n])
             positions.extend(range(start, start + n))
+            generated.extend(p >= seq.num_prompt for p in range(start, start + n))
             slots.extend(cache.slots(seq.blocks, start, start + n))
             if start + n == seq.num_tokens:
                 sample_seqs.append(seq)
@@ -68,7 +71,9 @@ class ModelRunner:
             chunks=chunks,
         )
         try:
-            with torch.inference_mode():
+            # Low-bit layers run generated tokens on their kernel and prompt tokens on a dense
+            # GEMM, whatever the batch holds (sorai.model.quant.linear).
+            with torch.inference_mode(), kernel_rows_of(generated):
                 logits = self.model(
                     torch.tensor(tokens, device=self.device)[None],
                     torch.tensor(positions, device=self.device),

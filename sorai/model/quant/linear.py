@@ -8,21 +8,65 @@ bound, where these kernels lose to the dense GEMM (measured on a 2-core AVX2 CPU
 int4 36 ms, int8 30 ms, float32 14 ms for a 576x1536 layer): from `dense_from_rows` rows on, the
 layer expands the weight the kernel would use (about 1 ms) and runs a float32 GEMM on the same
 bfloat16-rounded inputs, rounding the output to bfloat16 as the kernel does. Both paths thus
-compute the same products and differ only in summation order, so a request's tokens do not
-depend on how many other rows share its batch (the engine is checked against a one-request
-loop).
+compute the same products and differ only in summation order.
+
+Which path a row takes depends on what the row's token is, never on how many rows share the
+batch: the engine marks its step's generated tokens (`kernel_rows_of`), which run the kernel,
+while prompt tokens run the dense GEMM, so a request answers the same alone, among fifteen
+others, in prompt chunks or recomputed after a preemption. Without a mark, an input
+[..., 1, in] (one new token per sequence: decoding) runs the kernel, a longer one the GEMM, and
+a plain matrix follows the row count.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
+from contextvars import ContextVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-# Rows at and above which a layer runs dequantized weights through the dense GEMM.
+# Rows at and above which a plain matrix input runs the dense GEMM (see the module docstring).
 DENSE_FROM_ROWS = 48
+_KERNEL_ROWS: ContextVar[Tensor | None] = ContextVar("sorai_kernel_rows", default=None)
+
+
+@contextlib.contextmanager
+def kernel_rows_of(generated: Sequence[bool]) -> Iterator[None]:
+    """Within the block, the rows of a step's flat token row whose token is a generated one
+    run the low-bit kernel, the prompt tokens' rows the dense GEMM (the module docstring)."""
+    token = _KERNEL_ROWS.set(torch.tensor(generated, dtype=torch.bool))
+    try:
+        yield
+    finally:
+        _KERNEL_ROWS.reset(token)
+
+
+def kernel_mask(x: Tensor, dense_from_rows: int, marks: bool = True) -> Tensor | bool:
+    """Which rows of `x` run the low-bit kernel: a bool per row, or one bool for all."""
+    rows = x.numel() // x.shape[-1]
+    if x.device.type != "cpu":
+        return False
+    marked = _KERNEL_ROWS.get() if marks else None
+    if marked is not None and marked.numel() == rows:
+        return bool(marked.all()) if marked.all() or not marked.any() else marked
+    if x.dim() >= 3:
+        return x.shape[-2] == 1
+    return rows < dense_from_rows
+
+
+def by_rows(rows: Tensor, mask: Tensor | bool, kernel, dense) -> Tensor:
+    """kernel(rows) where mask, dense(rows) elsewhere, each on its own rows only."""
+    if isinstance(mask, bool):
+        return kernel(rows) if mask else dense(rows)
+    out_k, out_d = kernel(rows[mask]), dense(rows[~mask])
+    out = out_k.new_empty(rows.shape[0], out_k.shape[1])
+    out[mask], out[~mask] = out_k, out_d
+    return out
+
+
 # The CPU int4 packing interleaves rows in blocks (32 or 64 by instruction set); layers joined
 # by concat must each hold whole blocks.
 INT4_ROW_BLOCK = 64
@@ -57,14 +101,14 @@ class LowBitLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        if rows.shape[0] >= self.dense_from_rows or rows.device.type != "cpu":
-            out = F.linear(rows.to(torch.float32), self.kernel_weight()).to(torch.bfloat16)
-        else:
-            out = self._lowbit(rows)
-        out = out.to(x.dtype)
+        mask = kernel_mask(x, self.dense_from_rows)
+        out = by_rows(rows, mask, self._lowbit, self._dense).to(x.dtype)
         if self.bias is not None:
             out = out + self.bias.to(out.dtype)
         return out.view(*x.shape[:-1], self.out_features)
+
+    def _dense(self, rows: Tensor) -> Tensor:
+        return F.linear(rows.to(torch.float32), self.kernel_weight()).to(torch.bfloat16)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sorai.model.quant.linear import Int8Linear, quantize_rows_int8
+from sorai.model.quant.linear import Int8Linear, by_rows, kernel_mask, quantize_rows_int8
 
 # Logits per row recomputed in float32 after the kernel's bfloat16 pass.
 EXACT_TOP = 8
@@ -76,10 +76,15 @@ class Int8Head(Int8Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         rows = x.reshape(-1, self.in_features)
-        if rows.shape[0] >= self.dense_from_rows or rows.device.type != "cpu":
-            logits = self._dense_chunks(rows.to(torch.bfloat16).to(torch.float32))
-        else:
-            logits = self._lowbit(rows.to(torch.bfloat16))
+        # The engine's marks name rows of the whole step; the head sees only the rows it
+        # samples, and its top logits are recomputed exactly anyway.
+        mask = kernel_mask(x, self.dense_from_rows, marks=False)
+        logits = by_rows(
+            rows.to(torch.bfloat16),
+            mask,
+            self._lowbit,
+            lambda r: self._dense_chunks(r.to(torch.float32)),
+        )
         if x.dtype != torch.bfloat16 and rows.shape[0] > 0:
             logits = self._exact_top(rows, logits.to(torch.float32))
         if self.bias is not None:
