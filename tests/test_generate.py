@@ -162,6 +162,9 @@ JAPANESE_PROMPT = "東京は日本の首都です。"
 
 def test_japanese_stream_pieces_are_whole_characters(llm: LLM) -> None:
     options = {"temperature": 0, "max_tokens": 40, "stop": ["。"]}
+    # Both runs start from the same prefix-cache state: a prompt computed whole and one whose
+    # first block comes from the cache may break a near-tie differently (sorai.model.quant.linear).
+    llm.generate(JAPANESE_PROMPT, **options)
     pieces = list(llm.generate_stream(JAPANESE_PROMPT, **options))
     completion = llm.generate(JAPANESE_PROMPT, **options)
     assert completion.finish_reason == "stop"

@@ -12,10 +12,12 @@ compute the same products and differ only in summation order.
 
 Which path a row takes depends on what the row's token is, never on how many rows share the
 batch: the engine marks its step's generated tokens (`kernel_rows_of`), which run the kernel,
-while prompt tokens run the dense GEMM, so a request answers the same alone, among fifteen
-others, in prompt chunks or recomputed after a preemption. Without a mark, an input
-[..., 1, in] (one new token per sequence: decoding) runs the kernel, a longer one the GEMM, and
-a plain matrix follows the row count.
+while prompt tokens run the dense GEMM, so a request's tokens take the same path alone or among
+fifteen others. (A prompt computed in pieces, after a prefix-cache hit or in chunks, still sums
+in another order inside the GEMM and attention kernels, whose tiling follows the row count: a
+near-tie can then go the other way, as in vLLM without its batch-invariant mode.) Without a
+mark, an input [..., 1, in] (one new token per sequence: decoding) runs the kernel, a longer one
+the GEMM, and a plain matrix follows the row count.
 """
 
 from __future__ import annotations
