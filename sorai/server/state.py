@@ -14,6 +14,7 @@ from sorai.server.body import DEFAULT_MAX_BODY_BYTES
 from sorai.server.errors import APIError
 from sorai.server.logprobs import TokenText
 from sorai.server.metrics import ServerMetrics
+from sorai.server.runner import Running
 
 if TYPE_CHECKING:
     import torch
@@ -31,6 +32,8 @@ class ServerSettings:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     # Seconds in-flight requests get to finish at shutdown before they are aborted.
     shutdown_timeout: float = 10.0
+    # Seconds one request may run (queueing included) before it is stopped; None: no limit.
+    request_timeout: float | None = None
     # What /v1/embeddings serves: a known embedding model or a sentence-transformers directory,
     # loaded on the first embeddings request; None serves none.
     embedding_model: str | None = hub.DEFAULT_EMBEDDING_MODEL
@@ -48,6 +51,7 @@ class ServerState:
         self.settings = settings
         self.embeddings = embeddings
         self.metrics = ServerMetrics(engine.stats)
+        self.running = Running()
         self.token_text = TokenText(engine.tokenizer)
         self.created = int(time.time())
         names = list(settings.served_model_names) or [engine.model_name]
