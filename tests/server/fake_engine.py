@@ -40,6 +40,7 @@ class FakeEngine:
 
     async def start(self) -> None:
         self.started = True
+        self.loop = asyncio.get_running_loop()  # the server's, for tests that act on it
 
     async def stop(self, timeout: float = 10.0) -> None:
         self.stopped = True
