@@ -86,6 +86,8 @@ def bind(host: str, port: int) -> socket.socket:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
         raise SoraiError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    # IPv4 first: "localhost" then means 127.0.0.1, where most clients look.
+    infos.sort(key=lambda info: info[0] != socket.AF_INET)
     family, kind, proto, _, address = infos[0]
     sock = socket.socket(family, kind, proto)
     # As uvicorn binds: a port whose old connections linger in TIME_WAIT is free to take.
