@@ -29,6 +29,7 @@ from sorai.server.limits import (
     MAX_TOP_LOGPROBS,
     MEDIA_PARTS,
     REFUSAL_PART,
+    ROLES,
     TEXT_PARTS,
     check_range,
     check_stop,
@@ -104,6 +105,13 @@ class ChatMessage(_Request):
         if role == "assistant" and isinstance(call, dict) and data.get("tool_calls") is None:
             data = {**data, "tool_calls": [{"id": call.get("name"), "function": call}]}
         return data
+
+    @field_validator("role", mode="before")
+    @classmethod
+    def _known_role(cls, role: Any) -> Any:
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {', '.join(ROLES)}; got {_short(role)}")
+        return role
 
     @field_validator("content", mode="before")
     @classmethod
