@@ -17,7 +17,7 @@ from starlette.requests import Request
 from sorai.engine.outputs import RequestOutput
 from sorai.engine.params import SamplingParams
 from sorai.errors import EngineDeadError, SoraiError
-from sorai.server.errors import APIError, engine_unavailable
+from sorai.server.errors import APIError
 from sorai.server.responses import aborted
 
 if TYPE_CHECKING:
@@ -51,6 +51,7 @@ class Generation:
         # Why this server aborted the engine requests (time limit, shutdown), once it has.
         self._error: APIError | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._aborts: list[asyncio.Future[None]] = []  # referenced until they have run
 
     def check(self) -> None:
         """Length and vocabulary checks of every job, before any is admitted."""
@@ -60,14 +61,14 @@ class Generation:
     async def start(self) -> None:
         if self._engine.dead:
             raise EngineDeadError("the inference engine has stopped and serves no more requests")
+        running = self._state.running
+        if running.refusal is not None:
+            raise running.refusal
         timeout = self._state.settings.request_timeout
         if timeout is not None:
             left = timeout - (time.perf_counter() - self._arrival)
             error = request_timed_out(timeout)
             self._timer = asyncio.get_running_loop().call_later(max(0.0, left), self.expire, error)
-        running = self._state.running
-        if running.refusal is not None:
-            raise running.refusal
         running.generations.add(self)
         try:
             for (prompt_ids, params), request_id in zip(self._jobs, self._request_ids, strict=True):
@@ -160,8 +161,10 @@ class Generation:
         if self._error is not None or all(self._finished):
             return
         self._error = error
-        for request_id in self._request_ids[: len(self._streams)]:
+        self._aborts = [
             asyncio.ensure_future(self._engine.abort(request_id))
+            for request_id in self._request_ids[: len(self._streams)]
+        ]
 
     def aborted(self) -> APIError:
         """The error for a request whose engine requests ended with "abort"."""
@@ -195,35 +198,6 @@ def request_timed_out(seconds: float) -> APIError:
         code="request_timeout",
         headers={"x-should-retry": "false"},
     )
-
-
-def shutting_down(grace: float) -> APIError:
-    return engine_unavailable(
-        f"the server is shutting down and this request was still running after the {grace:g} s "
-        "grace period; it was stopped"
-    )
-
-
-class Running:
-    """The API requests on the engine now, so that a shutdown can end them in time."""
-
-    def __init__(self) -> None:
-        self.generations: set[Generation] = set()
-        self.stopping = False
-        self.refusal: APIError | None = None  # for requests that arrive after the grace period
-
-    def begin_shutdown(self, grace: float) -> None:
-        """The server stops: requests still running after `grace` seconds end with an error
-        (a stream: a final error event, before the connection closes). On the event loop."""
-        if self.stopping:
-            return
-        self.stopping = True
-        asyncio.get_running_loop().call_later(grace, self._expire_all, shutting_down(grace))
-
-    def _expire_all(self, error: APIError) -> None:
-        self.refusal = error
-        for generation in list(self.generations):
-            generation.expire(error)
 
 
 async def _disconnected(request: Request) -> None:

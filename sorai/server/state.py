@@ -12,9 +12,9 @@ from sorai import hub
 from sorai.server.auth import APIKeys
 from sorai.server.body import DEFAULT_MAX_BODY_BYTES
 from sorai.server.errors import APIError
+from sorai.server.lifecycle import Running
 from sorai.server.logprobs import TokenText
 from sorai.server.metrics import ServerMetrics
-from sorai.server.runner import Running
 
 if TYPE_CHECKING:
     import torch
