@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import difflib
+import math
 import os
 import sys
 import time
@@ -315,6 +316,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise SoraiError(f"--port must be in [0, 65535], got {args.port}")
     if args.max_body_bytes < 1024:
         raise SoraiError(f"--max-body-bytes must be >= 1024, got {args.max_body_bytes}")
+    timeouts = {
+        "--request-timeout": args.request_timeout,
+        "--shutdown-timeout": args.shutdown_timeout,
+    }
+    for flag, value in timeouts.items():
+        if value is not None and not 0 < value < math.inf:
+            raise SoraiError(f"{flag} must be a number of seconds > 0, got {value:g}")
     check_chat_model(args.model)  # a mistyped name or an embedding model (name or path)
     embedding_model = args.embedding_model
     if embedding_model.strip().lower() == "none":
@@ -324,11 +332,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from sorai.engine.async_engine import AsyncEngine
     from sorai.engine.config import EngineConfig
     from sorai.engine.embeddings import check_embedding_model
-    from sorai.server.serve import serve
+    from sorai.server.serve import bind, serve
     from sorai.server.state import ServerSettings
 
     if embedding_model is not None:
         check_embedding_model(embedding_model)  # before the chat model loads; pulls nothing
+    # Bound now and held while the model loads: a port in use fails here, and nothing can
+    # take the port in the meantime.
+    sock = bind(args.host, args.port)
 
     engine_options = {
         "max_num_seqs": args.max_num_seqs,
@@ -357,6 +368,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         served_model_names=tuple(args.served_model_name or [engine.model_name]),
         api_keys=api_keys,
         max_body_bytes=args.max_body_bytes,
+        shutdown_timeout=args.shutdown_timeout,
+        request_timeout=args.request_timeout,
         embedding_model=embedding_model,
         embedding_device=args.device,
     )
@@ -364,7 +377,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         say(f"API keys required ({len(api_keys)} configured)")
     if embedding_model is not None:
         say(f"embeddings: {embedding_model} (loaded on the first /v1/embeddings request)")
-    return serve(engine, settings, host=args.host, port=args.port, log_level=args.log_level)
+    return serve(
+        engine, settings, host=args.host, port=args.port, log_level=args.log_level, sock=sock
+    )
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
@@ -535,6 +550,22 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=4 * 1024 * 1024,
         help="largest request body accepted (default: 4 MiB)",
+    )
+    serve.add_argument(
+        "--request-timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="stop a request that runs longer (queueing included) with a clear error, "
+        "freeing its memory (default: no limit)",
+    )
+    serve.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="on SIGTERM/SIGINT, how long running requests may finish before they end with an "
+        "error (default: %(default)s)",
     )
     serve.add_argument(
         "--log-level",

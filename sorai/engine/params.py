@@ -20,6 +20,7 @@ __all__ = ["GUIDED_FIELDS", "GuidedSpec", "SamplingParams"]
 _GREEDY_EPS = 1e-5
 MAX_N = 128
 MAX_LOGPROBS = 20  # OpenAI's top_logprobs limit
+MAX_TEMPERATURE = 2.0  # OpenAI's range is [0, 2]; beyond it the distribution is near uniform
 # torch.Generator.manual_seed accepts any value that fits in 64 bits unsigned.
 _SEED_LIMIT = 2**64
 
@@ -327,10 +328,13 @@ class SamplingParams:
 
         if not _is_int(self.max_tokens) or self.max_tokens < 1:
             raise SamplingError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
-        if self.temperature < 0:
-            raise SamplingError(f"temperature must be >= 0, got {self.temperature!r}")
-        if not 0 < self.top_p <= 1:
-            raise SamplingError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not 0 <= self.temperature <= MAX_TEMPERATURE:
+            raise SamplingError(
+                f"temperature must be in [0, {MAX_TEMPERATURE:g}], got {self.temperature!r}"
+            )
+        # top_p 0 (OpenAI accepts it) keeps only the most likely token: the sampler always does.
+        if not 0 <= self.top_p <= 1:
+            raise SamplingError(f"top_p must be in [0, 1], got {self.top_p!r}")
         if not _is_int(self.top_k) or self.top_k < 0:
             raise SamplingError(
                 f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}"

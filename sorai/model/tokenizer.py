@@ -52,6 +52,22 @@ _END_OF_TURN_TOKENS = (
     "<|call|>",
 )
 
+# Fill-in-the-middle tokens of code models: (prefix, suffix, middle, the token that ends the
+# middle where it is not EOS). All are prefix-suffix-middle: the model writes what goes between.
+_FIM_CONVENTIONS = (
+    ("<fim_prefix>", "<fim_suffix>", "<fim_middle>", None),  # StarCoder, SantaCoder
+    ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>", None),  # Qwen2.5-Coder
+    ("\u2581<PRE>", "\u2581<SUF>", "\u2581<MID>", "\u2581<EOT>"),  # CodeLlama (SentencePiece)
+    ("<PRE>", "<SUF>", "<MID>", "<EOT>"),  # CodeLlama, spelled without the word marker
+    # DeepSeek-Coder: <｜fim▁begin｜>, <｜fim▁hole｜>, <｜fim▁end｜>
+    (
+        "<\uff5cfim\u2581begin\uff5c>",
+        "<\uff5cfim\u2581hole\uff5c>",
+        "<\uff5cfim\u2581end\uff5c>",
+        None,
+    ),
+)
+
 # A template that reads the `tools` variable renders tool definitions (and so calls) itself.
 _TOOLS_VARIABLE = re.compile(r"\btools\b")
 
@@ -89,6 +105,16 @@ _GPT4O_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
     r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+
+
+@dataclass(frozen=True)
+class FimTokens:
+    """A code model's fill-in-the-middle token ids."""
+
+    prefix: int
+    suffix: int
+    middle: int
+    end: tuple[int, ...] = ()  # ends the middle besides the model's EOS ids
 
 
 @dataclass(frozen=True)
@@ -658,6 +684,38 @@ class Tokenizer:
         return self.decode([token_id]).encode("utf-8")
 
     @property
+    def fim_tokens(self) -> FimTokens | None:
+        """The fill-in-the-middle tokens of the first convention whose three tokens are all in
+        the vocabulary, or None for a model that has none (most chat models)."""
+        for prefix, suffix, middle, end in _FIM_CONVENTIONS:
+            ids = [self.token_to_id(t) for t in (prefix, suffix, middle)]
+            if all(i is not None for i in ids):
+                end_id = self.token_to_id(end)
+                return FimTokens(*ids, end=() if end_id is None else (end_id,))  # type: ignore[arg-type]
+        return None
+
+    def encode_fim(self, prefix: str | Sequence[int], suffix: str) -> list[int]:
+        """The prompt asking a code model for what goes between `prefix` (text, or token ids
+        used as they are) and `suffix`: BOS if the model adds one, then prefix, suffix, middle.
+        SoraiError (param "suffix") for a model without fill-in-the-middle tokens."""
+        fim = self.fim_tokens
+        if fim is None:
+            raise SoraiError(
+                f"model {self.name} has no fill-in-the-middle tokens (StarCoder's <fim_prefix>, "
+                "<fim_suffix>, <fim_middle>, Qwen2.5-Coder's <|fim_prefix|>..., or CodeLlama's "
+                "<PRE> <SUF> <MID>), so it cannot complete text before a suffix; serve a code "
+                "model that has them, or send no suffix",
+                param="suffix",
+            )
+        if isinstance(prefix, str):
+            bos = self.bos_token_id
+            head = [bos] if self.add_bos_token and bos is not None else []
+            prefix_ids = head + [fim.prefix] + self.encode(prefix)
+        else:
+            prefix_ids = [fim.prefix, *prefix]
+        return prefix_ids + [fim.suffix] + self.encode(suffix) + [fim.middle]
+
+    @property
     def renders_tools(self) -> bool:
         """True when the chat template renders tool definitions, calls and results itself (a
         "tool_use" template, or one that mentions `tools`); sorai/model/chat.py falls back to
@@ -788,7 +846,13 @@ class IncrementalDetokenizer:
         return piece
 
     def flush(self) -> str:
-        """Whatever text is still held back at the end of the stream."""
+        """Whatever text is still held back at the end of the stream, less the bytes of a
+        character the stream ended inside (max_tokens or a stop cut it): they would decode to
+        U+FFFD, so they are dropped, as vLLM does."""
         if len(self._window) == self._read:
             return ""
-        return self._emit(self._decode(self._window))
+        text = self._decode(self._window)
+        complete = text.rstrip("\ufffd")
+        if len(complete) < len(self._prefix_text):
+            complete = self._prefix_text
+        return self._emit(complete)

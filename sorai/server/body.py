@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from typing import TypeVar
+import re
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
@@ -12,6 +13,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from sorai.server.errors import APIError, bad_request, describe_validation_error
 
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
+
+# A JSON escape of a UTF-16 surrogate: only then can the parsed body hold a lone one.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 
 Model = TypeVar("Model", bound=BaseModel)
 
@@ -106,7 +110,53 @@ async def read_json(request: Request, model: type[Model]) -> Model:
         raise bad_request("the request body is nested too deeply") from None
     if not isinstance(data, dict):
         raise bad_request(f"the request body must be a JSON object, got {type(data).__name__}")
+    if _SURROGATE_ESCAPE.search(raw):
+        _refuse_lone_surrogates(data)
     try:
         return model.model_validate(data)
     except ValidationError as exc:
         raise describe_validation_error(exc) from None
+
+
+def _refuse_lone_surrogates(data: dict[str, Any]) -> None:
+    """A 400 naming the first field whose text holds a lone UTF-16 surrogate ("\\ud800").
+
+    JSON may escape one, Python keeps it, but it is not a character: it cannot be encoded as
+    UTF-8, so the tokenizer, the grammar compiler and the response writer would each fail on it.
+    """
+    stack: list[tuple[str, Any]] = [(key, value) for key, value in reversed(data.items())]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, str):
+            bad = _lone_surrogate(value)
+        elif isinstance(value, dict):
+            bad = next((k for k in value if _lone_surrogate(k) is not None), None)
+            if bad is not None:
+                raise bad_request(
+                    f"{path} has a key holding a lone UTF-16 surrogate, which is not valid "
+                    "Unicode; send text that is valid UTF-8",
+                    param=path,
+                )
+            stack.extend((f"{path}.{k}", v) for k, v in reversed(value.items()))
+            continue
+        elif isinstance(value, list):
+            stack.extend((f"{path}.{i}", v) for i, v in reversed(list(enumerate(value))))
+            continue
+        else:
+            continue
+        if bad is not None:
+            raise bad_request(
+                f"{path} holds a lone UTF-16 surrogate (\\u{ord(value[bad]):04x} at character "
+                f"{bad}), which is not valid Unicode; send text that is valid UTF-8",
+                param=path,
+            )
+
+
+def _lone_surrogate(text: str) -> int | None:
+    """Where `text` holds a surrogate code point, or None (a valid pair was already joined by
+    the JSON parser into one character)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return exc.start
+    return None

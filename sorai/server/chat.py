@@ -35,7 +35,6 @@ from sorai.server.responses import (
     DONE,
     EventStream,
     UsageTally,
-    aborted,
     guarded,
     json_response,
     new_id,
@@ -117,7 +116,7 @@ async def _collect(reply: _Reply, generation: Generation) -> Response:
             if delta.finish_reason is not None:
                 finish[delta.index] = delta.finish_reason
     if "abort" in finish or None in finish:
-        raise aborted()
+        raise generation.aborted()
     choices = []
     for j in range(reply.n):
         content, calls, reason = reply.tools.answer("".join(texts[j]), finish[j])
@@ -161,7 +160,7 @@ async def _stream(reply: _Reply, generation: Generation) -> AsyncIterator[str]:
         tally.add(i, output)
         for delta in output.choices:
             if delta.finish_reason == "abort":
-                raise aborted()
+                raise generation.aborted()
             if tool_streams is not None:
                 for piece in _tool_pieces(reply, tool_streams[delta.index], delta):
                     yield chunk([piece])

@@ -1,10 +1,14 @@
 """POST /v1/completions: raw prompts, one engine request per prompt.
 
-Choices are numbered prompt_index * n + j, as OpenAI numbers them for a list of prompts.
+Choices are numbered prompt_index * n + j, as OpenAI numbers them for a list of prompts. With
+`suffix`, a code model's fill-in-the-middle tokens frame each prompt (Tokenizer.encode_fim);
+with best_of > n, best_of candidates are generated per prompt and the n whose tokens' summed
+logprob is highest are returned.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import AsyncIterator
 
@@ -12,8 +16,9 @@ from fastapi import APIRouter
 from starlette.requests import Request
 from starlette.responses import Response
 
+from sorai.errors import SoraiError
 from sorai.server.body import read_json
-from sorai.server.errors import bad_request
+from sorai.server.errors import bad_request, from_sorai_error
 from sorai.server.guided import checked
 from sorai.server.logprobs import CompletionLogprobsBuilder, TokenText
 from sorai.server.protocol import (
@@ -27,7 +32,6 @@ from sorai.server.responses import (
     DONE,
     EventStream,
     UsageTally,
-    aborted,
     guarded,
     json_response,
     new_id,
@@ -40,33 +44,44 @@ router = APIRouter()
 
 
 class _Reply:
-    def __init__(self, body: CompletionRequest, model: str, n: int, prompt_texts: list[str]):
+    def __init__(
+        self, body: CompletionRequest, model: str, candidates: int, prompt_texts: list[str]
+    ):
         self.id = new_id("cmpl")
         self.created = int(time.time())
         self.model = model
-        self.n = n
+        self.n = candidates  # choices generated per prompt
+        self.returned = body.n or 1  # of which the best are returned (best_of)
         self.logprobs = body.logprobs is not None
         self.echo = bool(body.echo)
         self.include_usage = body.include_usage
         self.prompt_texts = prompt_texts
-        self.choices = len(prompt_texts) * n
+        self.choices = len(prompt_texts) * candidates
 
     def prompt_of(self, choice: int) -> str:
         return self.prompt_texts[choice // self.n]
 
 
-def _encode(state: ServerState, prompt: str | list[int]) -> tuple[list[int], str]:
+def _encode(
+    state: ServerState, prompt: str | list[int], suffix: str | None
+) -> tuple[list[int], str]:
     """(ids, text) of one prompt; token ids must be inside the model's vocabulary."""
-    engine = state.engine
-    if isinstance(prompt, str):
-        ids = engine.tokenizer.encode(prompt, add_special_tokens=True)
-        text = prompt
-    else:
-        vocab = engine.vocab_size
+    tokenizer = state.engine.tokenizer
+    if not isinstance(prompt, str):
+        vocab = state.engine.vocab_size
         bad = next((t for t in prompt if not 0 <= t < vocab), None)
         if bad is not None:
             raise bad_request(f"prompt token ids must be in [0, {vocab}), got {bad}", "prompt")
-        ids, text = list(prompt), engine.tokenizer.decode(prompt)
+    text = prompt if isinstance(prompt, str) else tokenizer.decode(prompt)
+    if suffix:
+        try:
+            return tokenizer.encode_fim(prompt, suffix), text
+        except SoraiError as exc:
+            raise from_sorai_error(exc) from None
+    if isinstance(prompt, str):
+        ids = tokenizer.encode(prompt, add_special_tokens=True)
+    else:
+        ids = list(prompt)
     if not ids:
         raise bad_request("the prompt is empty: give at least one token", "prompt")
     return ids, text
@@ -82,9 +97,15 @@ async def create_completion(request: Request) -> Response:
     guided, guided_param = body.guided()
     jobs: list[Job] = []
     texts: list[str] = []
+    fim = state.engine.tokenizer.fim_tokens if body.suffix else None
     for prompt in body.prompts():
-        ids, text = _encode(state, prompt)
-        jobs.append((ids, body.sampling_params(len(ids), state.engine.context_length, guided)))
+        ids, text = _encode(state, prompt, body.suffix)
+        params = body.sampling_params(len(ids), state.engine.context_length, guided)
+        if fim is not None and fim.end:
+            # The middle ends with the convention's own token (CodeLlama's <EOT>), not EOS.
+            stop_ids = params.stop_token_ids + fim.end
+            params = dataclasses.replace(params, stop_token_ids=stop_ids)
+        jobs.append((ids, params))
         texts.append(text)
     reply = _Reply(body, model, jobs[0][1].n, texts)
     generation = Generation(state, jobs, reply.id, arrival)
@@ -106,24 +127,36 @@ async def _collect(reply: _Reply, generation: Generation, token_text: TokenText)
     logprobs = [CompletionLogprobs() if reply.logprobs else None for _ in range(count)]
     builders = [CompletionLogprobsBuilder(token_text) for _ in range(count)]
     finish: list[str | None] = [None] * count
+    scores = [0.0] * count  # summed token logprobs, which best_of ranks by
     tally = UsageTally(len(reply.prompt_texts))
     async for i, output in generation.outputs():
         tally.add(i, output)
         for delta in output.choices:
             c = i * reply.n + delta.index
             texts[c].append(delta.text)
-            if logprobs[c] is not None and delta.logprobs:
-                builders[c].add(delta.logprobs, logprobs[c])
+            if delta.logprobs:
+                scores[c] += sum(entry.logprob for entry in delta.logprobs)
+                if logprobs[c] is not None:
+                    builders[c].add(delta.logprobs, logprobs[c])
             if delta.finish_reason is not None:
                 finish[c] = delta.finish_reason
     if "abort" in finish or None in finish:
-        raise aborted()
-    choices = [
-        CompletionChoice(
-            index=c, text="".join(texts[c]), logprobs=logprobs[c], finish_reason=finish[c]
-        )
-        for c in range(count)
-    ]
+        raise generation.aborted()
+    choices = []
+    for p in range(len(reply.prompt_texts)):
+        candidates = list(range(p * reply.n, (p + 1) * reply.n))
+        if reply.returned < reply.n:
+            # sorted() is stable: equal scores keep the order they were generated in.
+            candidates = sorted(candidates, key=lambda c: -scores[c])[: reply.returned]
+        for j, c in enumerate(candidates):
+            choices.append(
+                CompletionChoice(
+                    index=p * reply.returned + j,
+                    text="".join(texts[c]),
+                    logprobs=logprobs[c],
+                    finish_reason=finish[c],
+                )
+            )
     return json_response(
         CompletionResponse(
             id=reply.id,
@@ -157,7 +190,7 @@ async def _stream(
         tally.add(i, output)
         for delta in output.choices:
             if delta.finish_reason == "abort":
-                raise aborted()
+                raise generation.aborted()
             c = i * reply.n + delta.index
             logprobs = None
             if reply.logprobs and delta.logprobs:

@@ -72,7 +72,7 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
     return APIError(400, message, param=param, code=code)
 
 
-# SamplingError messages start with the field's name ("top_p must be in (0, 1], got 2.0");
+# SamplingError messages start with the field's name ("top_p must be in [0, 1], got 2.0");
 # other first words ("the JSON schema is not valid") name no field.
 _LEADING_NAME = re.compile(r"^([a-z_]+) ")
 _FIELD_NAMES = frozenset(SamplingParams.field_names()) - {"guided"}

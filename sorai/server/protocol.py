@@ -23,10 +23,23 @@ from pydantic import (
 from sorai.engine.params import GuidedSpec, SamplingParams
 from sorai.server.errors import bad_request
 from sorai.server.guided import guided_spec
+from sorai.server.limits import (
+    MAX_BEST_OF,
+    MAX_COMPLETION_LOGPROBS,
+    MAX_TOP_LOGPROBS,
+    MEDIA_PARTS,
+    REFUSAL_PART,
+    ROLES,
+    TEXT_PARTS,
+    check_range,
+    check_stop,
+    check_tools,
+)
 
 # Completions' legacy default, as in OpenAI's API (chat uses the rest of the context window).
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
 
+# "function" (OpenAI's deprecated function calling) is read as "tool": see ChatMessage.
 Role = Literal["system", "developer", "user", "assistant", "tool"]
 
 
@@ -74,6 +87,32 @@ class ChatMessage(_Request):
     tool_calls: list[ToolCallIn] | None = None  # assistant turns
     tool_call_id: str | None = None  # tool turns: the call this is the result of
 
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_functions(cls, data: Any) -> Any:
+        # OpenAI's deprecated function calling, as tool calling: an assistant `function_call`
+        # is a tool call and a "function" message its result, both known by the function's
+        # name (the legacy protocol has no call ids).
+        if not isinstance(data, dict):
+            return data
+        role = data.get("role")
+        if role == "function":
+            name = data.get("name")
+            if not isinstance(name, str) or not name:
+                raise ValueError("a function message needs 'name' (the function it answers)")
+            data = {**data, "role": "tool", "tool_call_id": name}
+        call = data.get("function_call")
+        if role == "assistant" and isinstance(call, dict) and data.get("tool_calls") is None:
+            data = {**data, "tool_calls": [{"id": call.get("name"), "function": call}]}
+        return data
+
+    @field_validator("role", mode="before")
+    @classmethod
+    def _known_role(cls, role: Any) -> Any:
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {', '.join(ROLES)}; got {_short(role)}")
+        return role
+
     @field_validator("content", mode="before")
     @classmethod
     def _content_shape(cls, content: Any) -> Any:
@@ -82,15 +121,29 @@ class ChatMessage(_Request):
             return content
         if not isinstance(content, list):
             raise ValueError(f"{_CONTENT_SHAPE}; got {_short(content)}")
-        for part in content:
+        parts = []
+        for i, part in enumerate(content):
             kind = part.get("type") if isinstance(part, dict) else None
-            if kind != "text":
+            if kind in MEDIA_PARTS:
                 raise ValueError(
-                    f"content parts of type {kind!r} are not supported; {_CONTENT_SHAPE}"
+                    f"content[{i}] is of type {kind!r}: this server's models read text only, "
+                    "so send the content as text parts"
+                )
+            if kind == REFUSAL_PART and isinstance(part.get("refusal"), str):
+                # An assistant turn's refusal, sent back: its text is what the model said.
+                parts.append({"type": "text", "text": part["refusal"]})
+                continue
+            if kind not in TEXT_PARTS:
+                raise ValueError(
+                    f"content[{i}] has type {kind!r}, which is not a content part type "
+                    f"(text, refusal, {', '.join(MEDIA_PARTS)}); {_CONTENT_SHAPE}"
                 )
             if not isinstance(part.get("text"), str):
-                raise ValueError(f"a text content part needs a 'text' string; {_CONTENT_SHAPE}")
-        return content
+                raise ValueError(
+                    f"content[{i}] is a text part without a 'text' string; {_CONTENT_SHAPE}"
+                )
+            parts.append(part)
+        return parts
 
     @model_validator(mode="after")
     def _content_present(self) -> ChatMessage:
@@ -158,18 +211,23 @@ class _SamplingFields(_Request):
             }
         )
 
-    def _check_stream_options(self) -> None:
+    def _check_common(self) -> None:
         if self.stream_options is not None and not self.stream:
             raise bad_request(
                 "stream_options is only allowed when stream is true", param="stream_options"
             )
+        check_stop(self.stop)
 
     @property
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
     def _sampling(
-        self, max_tokens: int, logprobs: int | None, guided: GuidedSpec | None = None
+        self,
+        max_tokens: int,
+        logprobs: int | None,
+        guided: GuidedSpec | None = None,
+        n: int | None = None,
     ) -> SamplingParams:
         top_k = self.top_k
         if top_k == -1:  # vLLM's spelling of "off"
@@ -189,7 +247,7 @@ class _SamplingFields(_Request):
                 "stop_token_ids": self.stop_token_ids,
                 "ignore_eos": self.ignore_eos,
                 "min_tokens": self.min_tokens,
-                "n": self.n,
+                "n": n or self.n,
                 "logprobs": logprobs,
                 "logit_bias": self.logit_bias,
                 "guided": guided,
@@ -222,9 +280,11 @@ class ChatCompletionRequest(_SamplingFields):
 
     def check(self) -> None:
         """OpenAI's cross-field rules, and features this server refuses rather than ignores."""
-        self._check_stream_options()
+        self._check_common()
+        check_range("top_logprobs", self.top_logprobs, 0, MAX_TOP_LOGPROBS)
         if self.top_logprobs is not None and not self.logprobs:
             raise bad_request("top_logprobs requires logprobs to be true", param="top_logprobs")
+        check_tools(self.tools)
 
     def sampling_params(
         self, prompt_len: int, context_length: int, guided: GuidedSpec | None = None
@@ -271,16 +331,29 @@ class CompletionRequest(_SamplingFields):
         raise ValueError(f"{shape} (none empty); got {_short(prompt)}")
 
     def check(self) -> None:
-        self._check_stream_options()
-        if self.best_of is not None and self.best_of != (self.n or 1):
-            raise bad_request("best_of is not supported (only best_of == n)", param="best_of")
-        if self.suffix:
-            raise bad_request("suffix is not supported by this server", param="suffix")
+        self._check_common()
+        check_range("logprobs", self.logprobs, 0, MAX_COMPLETION_LOGPROBS)
+        n = self.n or 1
+        check_range("best_of", self.best_of, 1, MAX_BEST_OF)
+        if self.best_of is not None and self.best_of < n:
+            raise bad_request(f"best_of must be >= n ({n}), got {self.best_of}", param="best_of")
+        if self.candidates > n and self.stream:
+            raise bad_request(
+                "best_of > n cannot be streamed: the best choices are known only at the end",
+                param="best_of",
+            )
         if self.echo and self.logprobs is not None:
             raise bad_request(
                 "echo with logprobs is not supported (prompt logprobs are not computed)",
                 param="echo",
             )
+        if self.echo and self.suffix:
+            raise bad_request("echo cannot be combined with suffix", param="echo")
+
+    @property
+    def candidates(self) -> int:
+        """Choices generated per prompt: best_of, of which the n most likely are returned."""
+        return max(self.best_of or 1, self.n or 1)
 
     def prompts(self) -> list[str | list[int]]:
         """One entry per engine request: a text or a token-id list."""
@@ -297,6 +370,10 @@ class CompletionRequest(_SamplingFields):
         requested = self.max_tokens
         if requested is None:
             requested = _remaining(prompt_len, context_length)
+        if self.candidates > (self.n or 1):
+            # Ranking the candidates needs each token's logprob.
+            logprobs = self.logprobs or 0
+            return self._sampling(requested, logprobs, guided, n=self.candidates)
         return self._sampling(requested, self.logprobs, guided)
 
 

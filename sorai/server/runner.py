@@ -1,5 +1,6 @@
 """One API request on the engine: an engine request per prompt, their outputs merged, every
-engine request aborted (and its KV blocks freed) however the API request ends.
+engine request aborted (and its KV blocks freed) however the API request ends: by the client,
+by the server's per-request time limit, or by a shutdown whose grace period ran out.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from sorai.engine.outputs import RequestOutput
 from sorai.engine.params import SamplingParams
 from sorai.errors import EngineDeadError, SoraiError
 from sorai.server.errors import APIError
+from sorai.server.responses import aborted
 
 if TYPE_CHECKING:
     from sorai.server.state import ServerState
@@ -36,7 +38,9 @@ class Generation:
     """
 
     def __init__(self, state: ServerState, jobs: list[Job], request_id: str, arrival: float):
+        self._state = state
         self._engine = state.engine
+        self._arrival = arrival
         self._jobs = jobs
         self._request_ids = [f"{request_id}-{i}" for i in range(len(jobs))]
         self._trackers = [state.metrics.tracker(arrival, params.n) for _, params in jobs]
@@ -44,6 +48,10 @@ class Generation:
         self._first: list[RequestOutput | None] = [None] * len(jobs)
         self._finished = [False] * len(jobs)
         self._merged: Any = None
+        # Why this server aborted the engine requests (time limit, shutdown), once it has.
+        self._error: APIError | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._aborts: list[asyncio.Future[None]] = []  # referenced until they have run
 
     def check(self) -> None:
         """Length and vocabulary checks of every job, before any is admitted."""
@@ -53,6 +61,15 @@ class Generation:
     async def start(self) -> None:
         if self._engine.dead:
             raise EngineDeadError("the inference engine has stopped and serves no more requests")
+        running = self._state.running
+        if running.refusal is not None:
+            raise running.refusal
+        timeout = self._state.settings.request_timeout
+        if timeout is not None:
+            left = timeout - (time.perf_counter() - self._arrival)
+            error = request_timed_out(timeout)
+            self._timer = asyncio.get_running_loop().call_later(max(0.0, left), self.expire, error)
+        running.generations.add(self)
         try:
             for (prompt_ids, params), request_id in zip(self._jobs, self._request_ids, strict=True):
                 self._streams.append(self._engine.generate(prompt_ids, params, request_id))
@@ -137,7 +154,26 @@ class Generation:
             with anyio.CancelScope(shield=True):
                 await asyncio.gather(*tasks, return_exceptions=True)
 
+    def expire(self, error: APIError) -> None:
+        """End the request with `error`: its engine requests are aborted (their KV blocks
+        freed at the next step), and the handler, seeing them end with "abort", answers with
+        aborted() (a stream: a final error event)."""
+        if self._error is not None or all(self._finished):
+            return
+        self._error = error
+        self._aborts = [
+            asyncio.ensure_future(self._engine.abort(request_id))
+            for request_id in self._request_ids[: len(self._streams)]
+        ]
+
+    def aborted(self) -> APIError:
+        """The error for a request whose engine requests ended with "abort"."""
+        return self._error if self._error is not None else aborted()
+
     async def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._state.running.generations.discard(self)
         # Shielded: this runs while a disconnected client's task is being cancelled, and an
         # interrupted cleanup would leave engine requests holding KV blocks.
         with anyio.CancelScope(shield=True):
@@ -149,6 +185,19 @@ class Generation:
                     await stream.aclose()
             for tracker in self._trackers:
                 tracker.close()
+
+
+def request_timed_out(seconds: float) -> APIError:
+    # 408, and no automatic retry: the openai client would otherwise resend a request that
+    # is as slow the second time.
+    return APIError(
+        408,
+        f"the request ran past this server's time limit of {seconds:g} s (--request-timeout) "
+        "and was stopped; ask for fewer tokens (max_tokens) or a shorter prompt",
+        type="timeout_error",
+        code="request_timeout",
+        headers={"x-should-retry": "false"},
+    )
 
 
 async def _disconnected(request: Request) -> None:

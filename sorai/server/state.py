@@ -12,6 +12,7 @@ from sorai import hub
 from sorai.server.auth import APIKeys
 from sorai.server.body import DEFAULT_MAX_BODY_BYTES
 from sorai.server.errors import APIError
+from sorai.server.lifecycle import Running
 from sorai.server.logprobs import TokenText
 from sorai.server.metrics import ServerMetrics
 
@@ -31,6 +32,8 @@ class ServerSettings:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     # Seconds in-flight requests get to finish at shutdown before they are aborted.
     shutdown_timeout: float = 10.0
+    # Seconds one request may run (queueing included) before it is stopped; None: no limit.
+    request_timeout: float | None = None
     # What /v1/embeddings serves: a known embedding model or a sentence-transformers directory,
     # loaded on the first embeddings request; None serves none.
     embedding_model: str | None = hub.DEFAULT_EMBEDDING_MODEL
@@ -48,6 +51,7 @@ class ServerState:
         self.settings = settings
         self.embeddings = embeddings
         self.metrics = ServerMetrics(engine.stats)
+        self.running = Running()
         self.token_text = TokenText(engine.tokenizer)
         self.created = int(time.time())
         names = list(settings.served_model_names) or [engine.model_name]

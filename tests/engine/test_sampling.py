@@ -43,19 +43,23 @@ def random_logits(rows: int = 1, vocab: int = VOCAB, seed: int = 0) -> torch.Ten
 # --- SamplingParams validation ---------------------------------------------------------------
 
 
-def test_negative_temperature_is_rejected_with_range():
-    with pytest.raises(SamplingError, match=r"temperature must be >= 0, got -1\.0"):
+def test_temperature_outside_openai_range_is_rejected_with_range():
+    with pytest.raises(SamplingError, match=r"temperature must be in \[0, 2\], got -1\.0"):
         SamplingParams(temperature=-1.0)
+    with pytest.raises(SamplingError, match=r"temperature must be in \[0, 2\], got 2\.5"):
+        SamplingParams(temperature=2.5)
+    assert SamplingParams(temperature=2).temperature == 2.0
 
 
 def test_top_p_above_one_is_rejected_with_range():
-    with pytest.raises(SamplingError, match=r"top_p must be in \(0, 1\], got 1\.5"):
+    with pytest.raises(SamplingError, match=r"top_p must be in \[0, 1\], got 1\.5"):
         SamplingParams(top_p=1.5)
 
 
-def test_top_p_zero_is_rejected_with_range():
-    with pytest.raises(SamplingError, match=r"top_p must be in \(0, 1\], got 0\.0"):
-        SamplingParams(top_p=0)
+def test_top_p_zero_keeps_only_the_most_likely_token():
+    # OpenAI accepts top_p 0; the sampler always keeps the top token, so it is argmax.
+    out = process_logits(hand_logits(), [state(SamplingParams(top_p=0), vocab=5)])
+    assert kept(out) == {4}
 
 
 def test_negative_top_k_is_rejected_with_range():

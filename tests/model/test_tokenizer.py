@@ -312,10 +312,14 @@ def test_detokenizer_holds_back_partial_japanese_character(tok: Tokenizer) -> No
     assert detok.flush() == ""
 
 
-def test_detokenizer_flush_releases_unfinished_bytes(tok: Tokenizer) -> None:
+def test_detokenizer_flush_drops_a_character_cut_in_its_bytes(tok: Tokenizer) -> None:
+    # A stream that ends (max_tokens, a stop) inside a character: its bytes would be U+FFFD.
     detok = IncrementalDetokenizer(tok)
     assert detok.add(tok.encode("東")[0]) == ""
-    assert detok.flush() == "\ufffd"
+    assert detok.flush() == ""
+    detok = IncrementalDetokenizer(tok)
+    pieces = _stream(detok, tok.encode("日本") + tok.encode("東")[:1])
+    assert "".join(pieces) == detok.text == "日本"
 
 
 def test_detokenizer_continues_after_prompt(tok: Tokenizer) -> None:

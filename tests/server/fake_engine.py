@@ -33,12 +33,14 @@ class FakeEngine:
         self.abort_after: int | None = None  # steps after which every choice is aborted
         self.step_delay = 0.0
         self.active: set[str] = set()
+        self.aborted: set[str] = set()  # told to abort: their streams end at the next step
         self.started = False
         self.stopped = False
         self.requests: list[tuple[list[int], SamplingParams, str]] = []
 
     async def start(self) -> None:
         self.started = True
+        self.loop = asyncio.get_running_loop()  # the server's, for tests that act on it
 
     async def stop(self, timeout: float = 10.0) -> None:
         self.stopped = True
@@ -58,7 +60,8 @@ class FakeEngine:
         return EngineStats(running=len(self.active), kv_blocks_total=100)
 
     async def abort(self, request_id: str) -> None:
-        self.active.discard(request_id)
+        if request_id in self.active:
+            self.aborted.add(request_id)
 
     async def generate(
         self, prompt_ids: list[int], params: SamplingParams, request_id: str
@@ -80,7 +83,8 @@ class FakeEngine:
                 for j in range(params.n):
                     if finished[j]:
                         continue
-                    if self.abort_after is not None and step > self.abort_after:
+                    told = request_id in self.aborted
+                    if told or (self.abort_after is not None and step > self.abort_after):
                         finished[j] = True
                         deltas.append(ChoiceDelta(j, "", [], finish_reason="abort"))
                         continue
@@ -115,3 +119,4 @@ class FakeEngine:
                 )
         finally:
             self.active.discard(request_id)
+            self.aborted.discard(request_id)

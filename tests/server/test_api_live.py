@@ -401,3 +401,62 @@ def test_prompt_longer_than_one_step(live: Served, tokenizer: Tokenizer) -> None
         model=live.model, prompt=prompt, max_tokens=2, temperature=0
     )
     assert reply.usage.prompt_tokens > 512 and reply.usage.completion_tokens == 2
+
+
+JAPANESE = [{"role": "user", "content": "日本の首都はどこですか？日本語で答えてください。"}]
+
+
+@pytest.mark.slow
+def test_japanese_streams_never_split_a_character(live: Served) -> None:
+    """At every max_tokens from 1 to 40 (some cut a character in the middle of its bytes), the
+    stream has no U+FFFD and joins to the whole answer's text."""
+
+    async def both(client: openai.AsyncOpenAI, max_tokens: int) -> tuple[str, list[str]]:
+        options = dict(model=live.model, messages=JAPANESE, max_tokens=max_tokens, temperature=0)
+        whole = await client.chat.completions.create(**options)
+        stream = await client.chat.completions.create(**options, stream=True)
+        pieces = [c.choices[0].delta.content or "" async for c in stream if c.choices]
+        return whole.choices[0].message.content or "", pieces
+
+    async def run() -> list[tuple[str, list[str]]]:
+        client = live.async_client()
+        return await asyncio.gather(*(both(client, k) for k in range(1, 41)))
+
+    answers = asyncio.run(run())
+    assert any(ord(ch) > 0x3000 for ch in answers[-1][0])  # the answer is Japanese
+    for max_tokens, (whole, pieces) in enumerate(answers, start=1):
+        assert "\ufffd" not in whole, (max_tokens, whole)
+        assert not any("\ufffd" in piece for piece in pieces), (max_tokens, pieces)
+        assert "".join(pieces) == whole, max_tokens
+    # Greedy: each answer is the next one's beginning (a cut character only held back).
+    assert all(b.startswith(a) for (a, _), (b, _) in zip(answers, answers[1:], strict=False))
+
+
+def test_request_timeout_stops_and_frees_the_request(live: Served) -> None:
+    """A request past --request-timeout ends with a 408 (a stream: a final error event), and
+    the engine request is aborted: its KV blocks are freed."""
+    wait_idle(live)
+    settings = live.state.settings
+    settings.request_timeout = 1.0
+    options = dict(
+        model=live.model,
+        messages=ask("Describe the ocean in detail."),
+        max_tokens=4000,
+        extra_body={"ignore_eos": True},
+    )
+    try:
+        with pytest.raises(openai.APIStatusError) as info:
+            live.client().chat.completions.create(**options)
+        assert info.value.status_code == 408
+        assert info.value.body["code"] == "request_timeout"
+        assert "time limit of 1 s" in info.value.body["message"]
+        received = []
+        with pytest.raises(openai.APIError, match="time limit of 1 s"):
+            for chunk in live.client().chat.completions.create(**options, stream=True):
+                received.append(chunk)
+        assert received  # the stream ran until the limit, then the error event came
+    finally:
+        settings.request_timeout = None
+    metrics = wait_idle(live, timeout=30)
+    assert metrics["sorai_kv_cache_blocks_used"] == 0
+    assert metrics["sorai_num_requests_running"] == 0

@@ -146,10 +146,21 @@ def test_stream_options_need_stream() -> None:
 
 def test_unsupported_features_are_refused_not_ignored() -> None:
     chat(response_format={"type": "text"}, tools=[]).check()
-    with pytest.raises(APIError, match="best_of"):
-        completion(best_of=3).check()
-    with pytest.raises(APIError, match="suffix"):
-        completion(suffix="x").check()
+    completion(best_of=3, n=2).check()
+    for fields in ({"best_of": 3, "stream": True}, {"best_of": 1, "n": 2}, {"best_of": 21}):
+        with pytest.raises(APIError, match="best_of"):
+            completion(**fields).check()
+    with pytest.raises(APIError, match="echo"):
+        completion(echo=True, logprobs=1).check()
+    with pytest.raises(APIError, match="echo"):
+        completion(echo=True, suffix="x").check()
+
+
+def test_best_of_generates_candidates_with_logprobs() -> None:
+    params = completion(best_of=3).sampling_params(3, 100)
+    assert (params.n, params.logprobs) == (3, 0)  # ranked by the tokens' logprobs
+    params = completion(best_of=2, n=2, logprobs=4).sampling_params(3, 100)
+    assert (params.n, params.logprobs) == (2, 4)
 
 
 @pytest.mark.parametrize(
@@ -195,11 +206,11 @@ def test_sorai_errors_map_to_statuses() -> None:
     # A message's first word names the field only when it is one.
     error = from_sorai_error(SamplingError("the JSON schema is not valid: oops"))
     assert (error.status, error.param) == (400, None)
-    error = from_sorai_error(SamplingError("top_p must be in (0, 1], got 2.0"))
+    error = from_sorai_error(SamplingError("top_p must be in [0, 1], got 2.0"))
     assert (error.status, error.param) == (400, "top_p")
     assert error.body() == {
         "error": {
-            "message": "top_p must be in (0, 1], got 2.0",
+            "message": "top_p must be in [0, 1], got 2.0",
             "type": "invalid_request_error",
             "param": "top_p",
             "code": None,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import queue
 import re
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -65,8 +66,9 @@ class Process:
 @pytest.fixture(scope="module")
 def server(default_gguf: Path, default_encoder_dir: Path) -> Iterator[tuple[Process, str, str]]:
     process = Process(
-        "--port", "0", "--api-key", KEY, "--served-model-name", "my-model", "--max-num-seqs", "4"
-    )
+        "--port", "0", "--api-key", KEY, "--served-model-name", "my-model", "--max-num-seqs", "4",
+        "--shutdown-timeout", "20",
+    )  # fmt: skip
     try:
         match = process.wait_for(URL_LINE)
         yield process, match.group(1), match.group(2)
@@ -92,6 +94,20 @@ def test_bad_flags_fail_before_loading(tmp_path: Path, serve_in_process) -> None
     assert "missing" in line
     line = assert_user_error(serve_in_process("--port", "70000"))
     assert "--port" in line
+    line = assert_user_error(serve_in_process("--request-timeout", "0"))
+    assert "--request-timeout must be a number of seconds > 0" in line
+    line = assert_user_error(serve_in_process("--shutdown-timeout", "nan"))
+    assert "--shutdown-timeout" in line
+
+
+def test_a_port_in_use_fails_before_loading(serve_in_process) -> None:
+    # Was: the model loaded, then uvicorn's own error and exit 3.
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        line = assert_user_error(serve_in_process("--port", str(port), "--embedding-model", "none"))
+    assert f"cannot listen on 127.0.0.1:{port}" in line and "in use" in line
 
 
 def test_bad_embedding_models_fail_before_loading(tmp_path: Path, serve_in_process) -> None:
@@ -141,20 +157,29 @@ def test_serve_and_remote_chat(server: tuple[Process, str, str], sorai_main) -> 
 
 
 def test_sigterm_finishes_in_flight_then_exits_0(server: tuple[Process, str, str]) -> None:
+    """A stream that fits the grace period (--shutdown-timeout 20) finishes; one that does not
+    gets a final error event before its connection closes (was: a bare close)."""
     process, _, url = server
     client = openai.OpenAI(base_url=url, api_key=KEY, max_retries=0)
-    stream = client.chat.completions.create(
-        model="my-model",
-        messages=[{"role": "user", "content": "Tell me a story."}],
-        max_tokens=24,
-        stream=True,
-        extra_body={"ignore_eos": True},
-    )
-    chunks = iter(stream)
+
+    def story(max_tokens: int):
+        return client.chat.completions.create(
+            model="my-model",
+            messages=[{"role": "user", "content": "Tell me a story."}],
+            max_tokens=max_tokens,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+
+    chunks = iter(story(12))
+    endless = iter(story(8000))  # far more tokens than any machine writes in the grace period
     next(chunks)
+    next(endless)
     process.popen.send_signal(signal.SIGTERM)
     rest = list(chunks)
     assert [c.choices[0].finish_reason for c in rest if c.choices][-1] == "length"
+    with pytest.raises(openai.APIError, match="shutting down"):
+        list(endless)
     assert process.popen.wait(timeout=120) == 0
     with pytest.raises(openai.APIConnectionError):
         client.models.list()
