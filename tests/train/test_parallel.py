@@ -139,9 +139,9 @@ def assert_parity(reference: Path, run: Path, method: str) -> None:
 
 # (name, method, processes, flags); data-parallel ranks split the ROWS rows of a step.
 # Each case is a real torchrun job (10-20 s on 2 cores), so the default tier keeps one of each
-# kind: ZeRO-3, tensor parallelism with sequence parallelism, a 1F1B pipeline and one
-# 4-process composition; `make test-all` runs them all, and the resume across layouts and the
-# tied embeddings over pipeline stages below.
+# kind: ZeRO-3, tensor parallelism with sequence parallelism and a 1F1B pipeline (a 4-process
+# composition takes a minute on 2 cores); `make test-all` runs them all, and the resume across
+# layouts and the tied embeddings over pipeline stages below.
 DP2 = ["--train.micro_batch_size", "2"]
 SLOW = pytest.mark.slow
 
@@ -170,7 +170,9 @@ LAYOUTS = [
     ),
     # 4 processes on 2 cores: about 15-25 s each here.
     layout("dp2-tp2", "full", 4, ["--parallel.tp", "2", *DP2], SLOW),
-    layout("pp2-dp2-zero2", "full", 4, ["--parallel.pp", "2", "--parallel.zero_stage", "2", *DP2]),
+    layout(
+        "pp2-dp2-zero2", "full", 4, ["--parallel.pp", "2", "--parallel.zero_stage", "2", *DP2], SLOW
+    ),
     layout("pp2-tp2", "full", 4, ["--parallel.pp", "2", "--parallel.tp", "2"], SLOW),
     layout(
         "pp2-dp2-zero0", "full", 4, ["--parallel.pp", "2", "--parallel.zero_stage", "0", *DP2], SLOW

@@ -104,6 +104,10 @@ def test_ask_embeds_the_question_once(client: Client, index: Index, monkeypatch)
 def test_japanese_keyword_search_finds_the_japanese_chunk(client: Client, index: Index) -> None:
     hits = search(index, "営業時間", client, mode="keyword")
     assert hits and "営業時間" in hits[0].text
+
+
+@pytest.mark.slow  # the default model's Japanese answer runs to its length bound: ~25 s
+def test_japanese_question_cites_the_japanese_chunk(client: Client, index: Index) -> None:
     answer = ask(client, "店舗の営業時間は何時から何時までですか？", index, k=3)
     assert any("営業時間" in c.text for c in answer.citations)
 
