@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import os
 import stat
+import time
+import uuid
 from pathlib import Path
 from typing import Annotated
 
 from pydantic import Field
 
+from sorai import hub
 from sorai.apps.agent.tools import MAX_OBSERVATION, Tool, ToolFailure, tool
 from sorai.errors import SoraiError
 
@@ -81,6 +84,15 @@ class Workspace:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         return full
+
+
+def fresh_workspace() -> Path:
+    """A new, empty directory for one run: `$SORAI_HOME/agent/workspaces/<time>-<id>`. What a
+    run writes stays there for the user to find, and nowhere else."""
+    name = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    path = hub.sorai_home() / "agent" / "workspaces" / name
+    path.mkdir(parents=True)
+    return path
 
 
 def _is_image(data: bytes) -> bool:
