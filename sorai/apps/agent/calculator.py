@@ -129,18 +129,20 @@ EXPRESSION_PATTERN = rf"^{_NUMBER}( ?(\*\*|//|[-+*/%^]) ?{_NUMBER})*$"
 SCHEMA_LENGTH = 200
 
 
+# The descriptions are worded so: with the pattern, which the prompt shows too, other wordings
+# led the default model to write "1234.5678" for 1234 * 5678.
 def calculator(
     expression: Annotated[
         str,
         Field(
-            description="numbers and + - * / ( ), e.g. 2 * (3 + 4)",
+            description="e.g. 2 * (3 + 4)",
             min_length=1,
             max_length=MAX_LENGTH,
             json_schema_extra={"pattern": EXPRESSION_PATTERN, "maxLength": SCHEMA_LENGTH},
         ),
     ],
 ) -> str:
-    """Calculate the value of an arithmetic expression."""
+    """Evaluate an arithmetic expression: numbers, + - * / // % ** and parentheses."""
     return str(evaluate(expression))
 
 

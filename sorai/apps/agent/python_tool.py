@@ -27,7 +27,7 @@ from sorai.apps.agent.tools import MAX_OBSERVATION, Tool, tool
 
 DEFAULT_SECONDS = 10.0
 DEFAULT_MEMORY_MB = 1024
-MAX_PROCESSES = 64  # processes and threads the code may add (not enforced for root)
+MAX_PROCESSES = 64  # processes and threads the code may add (root: no process at all)
 MAX_CAPTURE = 64 * 1024  # bytes of each stream kept while the code runs
 DRAIN_SECONDS = 5.0  # after the kill, for the output still in the pipes
 RUN_MARK = "SORAI_SANDBOX_RUN"  # in each run's environment, to find what it left behind
