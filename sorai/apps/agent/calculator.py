@@ -120,12 +120,29 @@ def evaluate(expression: str) -> int | float:
     return value
 
 
+# What guided decoding lets a model write: numbers joined by operators, with parentheses and
+# signs; no letters, so no "{{number}}" template and no words, and no comma to start a list
+# with. Only the schema carries it: `evaluate` accepts more (math functions, "1,234") and says
+# what is wrong with the rest, which tells a model without guided decoding more than a regex.
+_NUMBER = r"[(-]*[0-9]+(\.[0-9]+)?\)*"
+EXPRESSION_PATTERN = rf"^{_NUMBER}( ?(\*\*|//|[-+*/%^]) ?{_NUMBER})*$"
+SCHEMA_LENGTH = 200
+
+
+# The descriptions are worded so: with the pattern, which the prompt shows too, other wordings
+# led the default model to write "1234.5678" for 1234 * 5678.
 def calculator(
     expression: Annotated[
-        str, Field(description="e.g. 2 * (3 + 4) or sqrt(2)", min_length=1, max_length=MAX_LENGTH)
+        str,
+        Field(
+            description="e.g. 2 * (3 + 4)",
+            min_length=1,
+            max_length=MAX_LENGTH,
+            json_schema_extra={"pattern": EXPRESSION_PATTERN, "maxLength": SCHEMA_LENGTH},
+        ),
     ],
 ) -> str:
-    """Evaluate an arithmetic expression: numbers, + - * / // % ** and math functions."""
+    """Evaluate an arithmetic expression: numbers, + - * / // % ** and parentheses."""
     return str(evaluate(expression))
 
 

@@ -22,6 +22,9 @@ tools (--tools, comma-separated; groups: files, images):
   mark_regions                          image edits writing image/<id>_<tool>_<parent>.png
   search_documents                      passages of a `sorai index` (--index)
 
+The file, image and python tools work in --workspace; without it, in a new empty directory
+under $SORAI_HOME/agent/workspaces (printed at the start), so a run writes nowhere else.
+
 examples:
   sorai agent "What is 1234 * 5678? Use the calculator." --tools calculator
   sorai agent "photo.png: make it grayscale and then watercolor" --workspace pics
@@ -48,10 +51,10 @@ def add_parser(verbs: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--workspace",
-        default=".",
+        default=None,
         metavar="DIR",
-        help="the directory the file, image and python tools are confined to (default: the "
-        "current one)",
+        help="the directory the file, image and python tools are confined to (default: a new "
+        "empty one under $SORAI_HOME/agent/workspaces)",
     )
     parser.add_argument(
         "--strategy",
@@ -96,8 +99,9 @@ def run(args: argparse.Namespace) -> int:
         raise SoraiError(f"--max-iterations must be at least 1, got {args.max_iterations}")
     if not args.max_seconds > 0:
         raise SoraiError(f"--max-seconds must be positive, got {args.max_seconds:g}")
-    workspace = Path(args.workspace).expanduser()
-    if set(names) & NEEDS_WORKSPACE and not workspace.is_dir():
+    workspace = None if args.workspace is None else Path(args.workspace).expanduser()
+    needs_workspace = bool(set(names) & NEEDS_WORKSPACE)
+    if needs_workspace and workspace is not None and not workspace.is_dir():
         raise SoraiError(f"--workspace {args.workspace} is not a directory")
     embedding_model = None
     if "search_documents" in names:
@@ -106,6 +110,12 @@ def run(args: argparse.Namespace) -> int:
         with Index(args.index, create=False) as index:
             embedding_model = index.embedding_model
     with connect(args, embedding_model=embedding_model) as client:
+        if needs_workspace and workspace is None:
+            # Not the current directory: a small model writes wherever it is let.
+            from sorai.apps.agent.files import fresh_workspace
+
+            workspace = fresh_workspace()
+            say(f"workspace: {shown(str(workspace))} (new; --workspace DIR to work elsewhere)")
         agent = Agent(
             client,
             tools=names,

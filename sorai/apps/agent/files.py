@@ -9,13 +9,17 @@ the agent would have to win) is not guarded against.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import stat
+import time
+import uuid
 from pathlib import Path
 from typing import Annotated
 
 from pydantic import Field
 
+from sorai import hub
 from sorai.apps.agent.tools import MAX_OBSERVATION, Tool, ToolFailure, tool
 from sorai.errors import SoraiError
 
@@ -24,9 +28,21 @@ from sorai.errors import SoraiError
 MAX_READ = MAX_OBSERVATION - 100
 _IMAGE_MAGIC = (b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"BM", b"RIFF", b"II*\x00", b"MM\x00*")
 MAX_LISTED = 200
+MAX_OFFERED = 100  # paths offered as a schema's enum
+MAX_SCANNED = 5000  # directory entries looked at to find them, per request
+# A relative path of names joined by "/", none starting with a dot (no "..", no "/" first):
+# what guided decoding lets a model write for a new file. Only in the schema: the tools take
+# any path and say why one outside the workspace is refused.
+PATH_PATTERN = r"^[\w-][\w .-]*(/[\w-][\w .-]*)*$"
 # Non-empty: under guided decoding a small model otherwise "calls" with an empty path.
 WorkspacePath = Annotated[
-    str, Field(description="relative to the workspace", min_length=1, max_length=500)
+    str,
+    Field(
+        description="relative to the workspace",
+        min_length=1,
+        max_length=500,
+        json_schema_extra={"pattern": PATH_PATTERN},
+    ),
 ]
 
 
@@ -83,6 +99,50 @@ class Workspace:
         return full
 
 
+def paths_in(
+    workspace: Workspace,
+    directories: bool = False,
+    suffixes: frozenset[str] | set[str] | None = None,
+    scanned: int = MAX_SCANNED,
+) -> list[str]:
+    """The workspace's files (or directories, "." first) as relative paths, shallow ones first
+    within each directory, at most MAX_OFFERED; hidden ones left out. The walk stops after
+    `scanned` entries, as it runs for every request and a workspace may be large."""
+    names: list[str] = ["."] if directories else []
+    seen = 0
+    for dirpath, dirnames, filenames in os.walk(workspace.root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        seen += len(dirnames) + len(filenames)
+        if seen > scanned:
+            return names
+        found = dirnames if directories else sorted(f for f in filenames if f[:1] != ".")
+        for name in found:
+            if suffixes is None or Path(name).suffix.lower() in suffixes:
+                names.append(workspace.relative(Path(dirpath) / name))
+                if len(names) == MAX_OFFERED:
+                    return names
+    return names
+
+
+def _offer(parameters: dict, names: list[str]) -> dict:
+    """`parameters` with the path's values narrowed to `names` (the pattern goes: the enum is
+    tighter); none: left open, so a call fails with "no file" rather than not at all."""
+    if names:
+        path = parameters["properties"]["path"]
+        path.pop("pattern", None)
+        path["enum"] = names
+    return parameters
+
+
+def fresh_workspace() -> Path:
+    """A new, empty directory for one run: `$SORAI_HOME/agent/workspaces/<time>-<id>`. What a
+    run writes stays there for the user to find, and nowhere else."""
+    name = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    path = hub.sorai_home() / "agent" / "workspaces" / name
+    path.mkdir(parents=True)
+    return path
+
+
 def _is_image(data: bytes) -> bool:
     return data.startswith(_IMAGE_MAGIC)
 
@@ -119,7 +179,12 @@ def file_tools(workspace: Workspace) -> list[Tool]:
 
     def list_files(
         path: Annotated[
-            str, Field(description="a directory in the workspace", max_length=500)
+            str,
+            Field(
+                description="a directory in the workspace",
+                max_length=500,
+                json_schema_extra={"pattern": rf"^\.$|{PATH_PATTERN}"},
+            ),
         ] = ".",
     ) -> str:
         """List the files in a workspace directory (recursively), with their sizes."""
@@ -137,4 +202,12 @@ def file_tools(workspace: Workspace) -> list[Tool]:
                 lines.append(f"{workspace.relative(full)}\t{size} bytes")
         return "\n".join(lines) or "(no files)"
 
-    return [tool(read_file), tool(write_file), tool(list_files)]
+    # The paths that exist are offered by name in each request: a small model picks one whole
+    # (it used to drop the directory and call read_file("todo.txt") for "notes/todo.txt").
+    return [
+        dataclasses.replace(tool(read_file), refine=lambda p: _offer(p, paths_in(workspace))),
+        tool(write_file),
+        dataclasses.replace(
+            tool(list_files), refine=lambda p: _offer(p, paths_in(workspace, directories=True))
+        ),
+    ]

@@ -12,23 +12,21 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import os
 import uuid
 from collections.abc import Callable
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 from typing import Annotated
 
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageOps, UnidentifiedImageError
 from pydantic import Field
 
-from sorai.apps.agent.files import Workspace
+from sorai.apps.agent.files import Workspace, paths_in
 from sorai.apps.agent.tools import Tool, ToolFailure, tool
 
 OUTPUT_DIR = "image"
 MAX_SIDE = 8192
 MAX_PIXELS = 64 * 10**6  # decoded size refused above this (an RGBA copy is ~256 MB)
 MAX_BYTES = 64 * 2**20  # image files read at most
-MAX_LISTED = 100  # image names offered in a request's schema
 MAX_SCANNED = 5000  # directory entries looked at to find them
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
 Pixel = Annotated[int, Field(ge=0, le=MAX_SIDE)]  # bounded: guided decoding stops
@@ -65,22 +63,8 @@ def _normalised(image: Image.Image) -> Image.Image:
 
 
 def _images_in(workspace: Workspace) -> list[str]:
-    """The workspace's image files by name (at most MAX_LISTED, originals before edits). The
-    walk stops after MAX_SCANNED entries: the default workspace is the current directory,
-    which may be a home directory, and this runs for every request."""
-    names: list[str] = []
-    scanned = 0
-    for dirpath, dirnames, filenames in os.walk(workspace.root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        scanned += len(dirnames) + len(filenames)
-        if scanned > MAX_SCANNED:
-            return names
-        for name in sorted(filenames):
-            if PurePosixPath(name).suffix.lower() in IMAGE_SUFFIXES:
-                names.append(workspace.relative(Path(dirpath) / name))
-                if len(names) == MAX_LISTED:
-                    return names
-    return names
+    """The workspace's image files by name (at most files.MAX_OFFERED, originals before edits)."""
+    return paths_in(workspace, suffixes=IMAGE_SUFFIXES, scanned=MAX_SCANNED)
 
 
 def _colour_name(rgb: tuple[int, ...]) -> str:

@@ -27,7 +27,7 @@ from sorai.apps.agent.tools import MAX_OBSERVATION, Tool, tool
 
 DEFAULT_SECONDS = 10.0
 DEFAULT_MEMORY_MB = 1024
-MAX_PROCESSES = 64  # processes and threads the code may add (not enforced for root)
+MAX_PROCESSES = 64  # processes and threads the code may add (root: no process at all)
 MAX_CAPTURE = 64 * 1024  # bytes of each stream kept while the code runs
 DRAIN_SECONDS = 5.0  # after the kill, for the output still in the pipes
 RUN_MARK = "SORAI_SANDBOX_RUN"  # in each run's environment, to find what it left behind
@@ -41,6 +41,8 @@ class PythonRun:
     stderr: str
     seconds: float
     timed_out: bool
+    # The sandbox layers the child got (sandbox_child.py's names), "" if it died before saying.
+    sandbox: str = ""
 
     def observation(self) -> str:
         parts = []
@@ -56,7 +58,10 @@ class PythonRun:
             parts.append(f"stdout:\n{_cut(self.stdout, room - len(stderr))}")
         if self.stderr:
             parts.append(f"stderr:\n{stderr}")
-        return "\n".join(parts) or "(no output)"
+        parts = parts or ["(no output)"]
+        # Which confinement held, so a trace shows what the code could and could not reach.
+        parts.append(f"[sandbox: {self.sandbox or 'unknown'}]")
+        return "\n".join(parts)
 
 
 def _cut(text: str, limit: int) -> str:
@@ -83,6 +88,8 @@ def run_python(
         "processes": MAX_PROCESSES,
         "os_layers": os_layers,
     }
+    report_read, report_write = os.pipe()
+    config["report_fd"] = report_write
     env = {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "HOME": str(workspace.root),
@@ -96,15 +103,22 @@ def run_python(
         RUN_MARK: secrets.token_hex(16),
     }
     started = time.monotonic()
-    process = subprocess.Popen(
-        [sys.executable, "-I", "-c", _CHILD],
-        cwd=workspace.root,
-        env=env,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        start_new_session=True,  # its own process group, killed whole at the limit
-    )
+    try:
+        process = subprocess.Popen(
+            [sys.executable, "-I", "-c", _CHILD],
+            cwd=workspace.root,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,  # its own process group, killed whole at the limit
+            pass_fds=(report_write,),
+        )
+    except BaseException:
+        os.close(report_read)
+        raise
+    finally:
+        os.close(report_write)
     # The pipes are read into bounded buffers: code printing in a loop would otherwise pile up
     # gigabytes in this process (communicate() keeps everything) before the time limit.
     out, err = _Capture(process.stdout), _Capture(process.stderr)
@@ -135,7 +149,20 @@ def run_python(
         stderr,
         time.monotonic() - started,
         timed_out,
+        _read_report(report_read),
     )
+
+
+def _read_report(fd: int) -> str:
+    """The layers line the child wrote before the code ran (it closed its end then, and the
+    process is over: the read does not wait on anyone)."""
+    os.set_blocking(fd, False)
+    try:
+        return os.read(fd, 4096).decode("utf-8", errors="replace").strip()
+    except OSError:  # BlockingIOError: nothing was written
+        return ""
+    finally:
+        os.close(fd)
 
 
 class _Capture:

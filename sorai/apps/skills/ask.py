@@ -84,7 +84,7 @@ def ask(client: Client, question: str, index: Index, k: int = 5, mode: str = "hy
         "type": "object",
         "properties": {
             # Bounded, so that a model that loops still closes the JSON within max_tokens.
-            "answer": {"type": "string", "maxLength": MAX_ANSWER},
+            "answer": {"type": "string", "minLength": 1, "maxLength": MAX_ANSWER},
             "passages": {
                 "type": "array",
                 "items": {"type": "integer", "enum": list(range(1, len(passages) + 1))},

@@ -94,10 +94,16 @@ def silhouette(vectors: np.ndarray, assign: np.ndarray, seed: int = 0) -> float:
     return float(np.mean(scores))
 
 
+LABEL_PATTERN = r"^[^\n\r{}]+$"
+
+
 def _label(client: Client, examples: list[str]) -> str:
     schema = {
         "type": "object",
-        "properties": {"label": {"type": "string", "maxLength": 60}},
+        # One line of text: no newline to start a list on, no braces for a template.
+        "properties": {
+            "label": {"type": "string", "minLength": 1, "maxLength": 60, "pattern": LABEL_PATTERN}
+        },
         "required": ["label"],
         "additionalProperties": False,
     }

@@ -4,10 +4,12 @@ server's endpoint, so the CLI goes through the same protocol as with any other).
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 
 import pytest
 
 from sorai import cli
+from tests.apps.agent.scripted import Calls, ScriptedModel
 
 
 @pytest.mark.parametrize(
@@ -49,3 +51,27 @@ def test_agent_verb_against_an_endpoint(client, tmp_path, capsys):
     assert "7006652" in trace["answer"]
     assert "Action: calculator" in err and "trace:" in err  # the live steps, on stderr
     assert len(list(tmp_path.glob("*.json"))) == 1
+
+
+def test_without_workspace_a_run_writes_in_a_fresh_directory(tmp_path, monkeypatch, capsys):
+    # The default used to be the current directory. A scripted model (tests/apps/agent/
+    # scripted.py) makes the write the test is about; the real one cannot be relied on to.
+    model = ScriptedModel(
+        [
+            Calls([("write_file", {"path": "notes/todo.txt", "content": "hi"})]),
+            Calls([("final_answer", {"answer": "done"})]),
+        ]
+    )
+    monkeypatch.setattr("sorai.apps.agent.command.connect", lambda *a, **k: nullcontext(model))
+    monkeypatch.setenv("SORAI_HOME", str(tmp_path / "home"))
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    argv = ["agent", "Write hi to notes/todo.txt", "--tools", "files"]
+    assert cli.main([*argv, "--trace-dir", str(tmp_path / "traces")]) == 0
+    out, err = capsys.readouterr()
+    assert out.strip() == "done"
+    assert list(here.iterdir()) == []
+    (workspace,) = (tmp_path / "home" / "agent" / "workspaces").iterdir()
+    assert (workspace / "notes" / "todo.txt").read_text() == "hi"
+    assert f"workspace: {workspace}" in err

@@ -95,6 +95,62 @@ def test_python_cannot_write_outside_the_workspace(space, os_layers, target):
     assert not (space.root / path).exists() and not os.path.exists(path)
 
 
+@pytest.mark.parametrize(
+    "code",
+    [
+        "print(open('../secret.txt').read())",
+        "print(open('/etc/passwd').read())",
+        "import os; print(os.listdir('/'))",
+        # HOME is the workspace: one level up is outside
+        "import pathlib; print(pathlib.Path('~/../secret.txt').expanduser().read_text())",
+    ],
+)
+def test_python_cannot_read_outside_the_workspace(space, os_layers, code):
+    run = run_python(code, space, os_layers=os_layers)
+    assert run.returncode != 0 and "may only read the workspace" in run.stderr, run.observation()
+    assert "outside" not in run.stdout and "root:" not in run.stdout
+
+
+def test_python_still_reads_its_own_files(space, os_layers):
+    # The interpreter's prefix, site-packages and system libraries stay readable: imports of
+    # C extensions with their bundled libraries work, and so does /proc/self.
+    code = (
+        "import json, numpy, PIL.Image\n"
+        "print(int(numpy.arange(4).sum()), open('notes.txt').read())\n"
+        "print(open('/proc/self/status').readline().split()[0])"
+    )
+    run = run_python(code, space, os_layers=os_layers)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["6", "inside", "Name:"]
+
+
+def test_the_read_walls_hold_without_the_audit_hook(space, tmp_path):
+    """Landlock's read rules: a raw open(2) through ctypes, which the audit hook never sees,
+    fails outside the workspace and Python's files (and works inside)."""
+    layers = run_python("pass", space).sandbox
+    if "landlock" not in layers:
+        pytest.skip(f"this kernel does not allow Landlock ({layers})")
+    code = (
+        "import ctypes\n"
+        "libc = ctypes.CDLL(None, use_errno=True)\n"
+        f"print(libc.open({str(tmp_path / 'secret.txt').encode()!r}, 0),"
+        " libc.open(b'/etc/passwd', 0), libc.open(b'notes.txt', 0) >= 0)"
+    )
+    run = run_python(code, space)
+    assert run.stdout.split() == ["-1", "-1", "True"], run.observation()
+
+
+def test_the_result_says_which_confinement_held(space, os_layers):
+    run = run_python("print('hi')", space, os_layers=os_layers)
+    layers = run.sandbox.split()
+    assert layers[0] == "rlimits" and layers[-1] == "audit-hook"
+    if not os_layers:
+        assert layers == ["rlimits", "audit-hook"]
+    assert run.observation() == f"stdout:\nhi\n\n[sandbox: {run.sandbox}]"
+    if os_layers:  # what the model sees from the tool itself
+        assert python_tool(space)({"code": "print(1)"}).output.endswith(f"[sandbox: {run.sandbox}]")
+
+
 def test_python_is_killed_at_its_time_limit(space, os_layers):
     started = time.monotonic()
     run = run_python("while True:\n    pass", space, seconds=1.0, os_layers=os_layers)
@@ -112,6 +168,8 @@ def test_python_children_die_with_it(space):
         "while True: pass"
     )
     run = run_python(code, space, seconds=2.0)
+    if "may not start processes" in run.stderr:
+        pytest.skip(f"no process may be started here ({run.sandbox})")
     assert run.timed_out
 
 
@@ -239,22 +297,28 @@ def test_python_has_a_process_limit(space):
     assert limit != resource.RLIM_INFINITY and limit > MAX_PROCESSES
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="the kernel exempts root from RLIMIT_NPROC")
 def test_a_fork_bomb_stops_at_the_process_limit(space):
+    # fork() through ctypes, below the audit hook, so that the OS's limit is what stops it:
+    # RLIMIT_NPROC for a user, and for root (whom the kernel exempts from it) the seccomp
+    # filter, which fails the first fork.
     code = (
-        "import os, time\n"
+        "import ctypes, os, time\n"
+        "fork = ctypes.CDLL(None, use_errno=True).fork\n"
         "n = 0\n"
-        "try:\n"
-        "    for _ in range(5000):\n"
-        "        if os.fork() == 0:\n"
-        "            time.sleep(3)\n"
-        "            os._exit(0)\n"
-        "        n += 1\n"
-        "except OSError as e:\n"
-        "    print('stopped after', n)\n"
+        "for _ in range(5000):\n"
+        "    pid = fork()\n"
+        "    if pid == 0:\n"
+        "        time.sleep(3)\n"
+        "        os._exit(0)\n"
+        "    if pid < 0:\n"
+        "        print('stopped after', n)\n"
+        "        break\n"
+        "    n += 1\n"
     )
     run = run_python(code, space, seconds=20.0)
     assert "stopped after" in run.stdout, run.observation()
+    if os.getuid() == 0:
+        assert "no-processes" in run.sandbox and run.stdout.split() == ["stopped", "after", "0"]
 
 
 def test_read_file_refuses_binary_files_and_bounds_huge_ones(tools, space):

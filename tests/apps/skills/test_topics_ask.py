@@ -210,3 +210,24 @@ def test_max_topics_is_a_ceiling() -> None:
     assert len(topics(endpoint, ["a", "b", "c", "d"], max_topics=2)) == 2  # type: ignore[arg-type]
     with pytest.raises(SkillError, match="max_topics must be at least 1"):
         topics(endpoint, ["a", "b"], max_topics=0)  # type: ignore[arg-type]
+
+
+def test_the_label_and_answer_schemas_leave_no_room_for_templates_or_blanks(three_chunks) -> None:
+    """What the schemas say is what guided decoding holds a small model to, and what an
+    endpoint that ignores them is checked against: a topic label is one line without braces,
+    an answer is not empty."""
+    labeller = _FixedEndpointDouble()
+    sent = []
+
+    def template_label(messages, schema, **kwargs):
+        sent.append(schema)
+        return {"label": "{{topic}}\n- billing"}
+
+    labeller.chat_json = template_label
+    with pytest.raises(SkillError, match="topic label does not fit"):
+        topics(labeller, ["a", "b"])  # type: ignore[arg-type]
+    label = sent[0]["properties"]["label"]
+    assert label["minLength"] == 1 and label["maxLength"] == 60 and "pattern" in label
+    endpoint = _AskEndpointDouble([1.0, 0.0, 0.0], {"answer": "", "passages": [1], "found": True})
+    with pytest.raises(SkillError, match="answer does not fit"):
+        ask(endpoint, "motor price?", three_chunks)  # type: ignore[arg-type]
