@@ -14,7 +14,7 @@ from starlette.responses import Response
 
 from sorai.server.body import read_json
 from sorai.server.errors import bad_request
-from sorai.server.guided import checked
+from sorai.server.guided import checked, failed
 from sorai.server.logprobs import CompletionLogprobsBuilder, TokenText
 from sorai.server.protocol import (
     CompletionChoice,
@@ -106,11 +106,14 @@ async def _collect(reply: _Reply, generation: Generation, token_text: TokenText)
     logprobs = [CompletionLogprobs() if reply.logprobs else None for _ in range(count)]
     builders = [CompletionLogprobsBuilder(token_text) for _ in range(count)]
     finish: list[str | None] = [None] * count
+    stop_reasons: list[str | int | None] = [None] * count
     tally = UsageTally(len(reply.prompt_texts))
     async for i, output in generation.outputs():
         tally.add(i, output)
         for delta in output.choices:
+            failed(delta)
             c = i * reply.n + delta.index
+            stop_reasons[c] = delta.stop_reason
             texts[c].append(delta.text)
             if logprobs[c] is not None and delta.logprobs:
                 builders[c].add(delta.logprobs, logprobs[c])
@@ -120,7 +123,11 @@ async def _collect(reply: _Reply, generation: Generation, token_text: TokenText)
         raise aborted()
     choices = [
         CompletionChoice(
-            index=c, text="".join(texts[c]), logprobs=logprobs[c], finish_reason=finish[c]
+            index=c,
+            text="".join(texts[c]),
+            logprobs=logprobs[c],
+            finish_reason=finish[c],
+            stop_reason=stop_reasons[c],
         )
         for c in range(count)
     ]
@@ -158,6 +165,7 @@ async def _stream(
         for delta in output.choices:
             if delta.finish_reason == "abort":
                 raise aborted()
+            failed(delta)
             c = i * reply.n + delta.index
             logprobs = None
             if reply.logprobs and delta.logprobs:
@@ -170,6 +178,7 @@ async def _stream(
                     text=delta.text,
                     logprobs=logprobs,
                     finish_reason=delta.finish_reason,
+                    stop_reason=delta.stop_reason,
                 )
             )
     if reply.include_usage:

@@ -5,7 +5,8 @@ compiled into an llguidance grammar and a matcher for the model's tokenizer; com
 matchers are cached by the spec's key and each sequence gets a cheap copy. Every step the
 matcher fills a bitmask of the tokens that keep the output valid, the logits of the rest
 become -inf, and the sampled token advances the matcher. When the grammar is complete only
-EOS stays allowed, so the sequence ends with finish_reason "stop".
+EOS stays allowed, so the sequence ends with finish_reason "stop"; a matcher that fails
+mid-generation ends it with finish_reason "error" (never a normal stop).
 
 llguidance over xgrammar: no dependencies (xgrammar pulls transformers and triton), masks in
 tens of microseconds on a 49k vocabulary thanks to its lexer/slicer, and it takes JSON
@@ -14,15 +15,16 @@ schema, regex and Lark (with embedded %json) in one grammar format.
 
 from __future__ import annotations
 
-import json
 import threading
 from collections import OrderedDict
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from sorai.engine.guided.budget import Budget, Planner, Scan
 from sorai.engine.params import GuidedSpec
 from sorai.errors import SamplingError
 from sorai.model.tokenizer import Tokenizer
@@ -30,6 +32,7 @@ from sorai.model.tokenizer import Tokenizer
 # JSON without free whitespace: a small model given the choice tends to emit it forever.
 _JSON_OPTIONS: Any = {"whitespace_flexible": False}
 _CACHE_SIZE = 256
+_WALK_LIMIT = 512  # tokens of the shortest completion tried when a constraint is compiled
 
 
 def grammar_for(spec: GuidedSpec) -> str:
@@ -47,10 +50,42 @@ def grammar_for(spec: GuidedSpec) -> str:
     if spec.regex is not None:
         return matcher.grammar_from_regex(spec.regex)
     if spec.choice is not None:
-        # Lark string literals take JSON's escapes, so any choice text is quoted exactly.
-        alternatives = " | ".join(json.dumps(c, ensure_ascii=False) for c in spec.choice)
-        return matcher.grammar_from_lark(f"start: {alternatives}")
+        return matcher.grammar_from_regex(choice_regex(spec.choice))
     return matcher.grammar_from_lark(str(spec.grammar))
+
+
+def choice_regex(choices: Iterable[str]) -> str:
+    """One regex matching exactly the given strings, written as a trie (shared prefixes once).
+
+    A Lark rule of N alternatives puts N items in one Earley row, and llguidance refuses rows
+    of over 2,000 items mid-generation; one regex is one lexeme, matched by the lexer's automaton
+    at any size. Every character but letters and digits is written as a \\x{..} escape, which
+    Rust's regex syntax (llguidance's) reads as that character whatever it is.
+    """
+    trie: dict[str, Any] = {}
+    for choice in choices:
+        node = trie
+        for char in choice:
+            node = node.setdefault(char, {})
+        node[_END] = {}
+    return _trie_regex(trie)
+
+
+_END = ""  # the trie key that marks the end of a choice (choices are never empty)
+
+
+def _trie_regex(node: dict[str, Any]) -> str:
+    branches = [_literal(c) + _trie_regex(child) for c, child in node.items() if c != _END]
+    if not branches:
+        return ""
+    body = branches[0] if len(branches) == 1 else "(?:" + "|".join(branches) + ")"
+    if _END in node:  # a choice ends here and others go on
+        body = body + "?" if len(branches) == 1 and len(branches[0]) == 1 else f"(?:{body})?"
+    return body
+
+
+def _literal(char: str) -> str:
+    return char if char.isalnum() else f"\\x{{{ord(char):x}}}"
 
 
 class GrammarCompiler:
@@ -62,6 +97,7 @@ class GrammarCompiler:
         self._ll_tokenizer: Any = None
         self._cache: OrderedDict[str, Any] = OrderedDict()
         self._lock = threading.Lock()
+        self._planner: Planner | None = None
 
     def _llg_tokenizer(self) -> Any:
         if self._ll_tokenizer is None:
@@ -84,21 +120,53 @@ class GrammarCompiler:
             if template is not None:
                 self._cache.move_to_end(spec.key)
                 return template
-            # The constructor compiles and, on a bad grammar, holds the reason in get_error():
-            # one compilation, where validate_grammar first would make it two.
-            template = llguidance.LLMatcher(self._llg_tokenizer(), grammar_for(spec), log_level=0)
-            if template.is_error():
-                raise SamplingError(
-                    f"the guided decoding constraint cannot be used: {template.get_error()}"
-                )
+            tokenizer = self._llg_tokenizer()
+        # The constructor compiles and, on a bad grammar, holds the reason in get_error():
+        # one compilation, where validate_grammar first would make it two.
+        template = llguidance.LLMatcher(tokenizer, grammar_for(spec), log_level=0)
+        error = template.get_error() if template.is_error() else self._walk_error(template, spec)
+        if error:
+            raise SamplingError(f"the guided decoding constraint cannot be used: {error}")
+        with self._lock:
             self._cache[spec.key] = template
             if len(self._cache) > _CACHE_SIZE:
                 self._cache.popitem(last=False)
             return template
 
+    def _walk_error(self, template: Any, spec: GuidedSpec) -> str:
+        """Why the shortest completion from the start fails, if it does ("" if not): a
+        schema such as {"$ref": "#"} or a $ref cycle compiles, then admits no token or fails
+        mid-way; that must be refused before queueing, not found while generating."""
+        scan = Scan() if _is_json(spec) else None
+        walk = self.planner().shortest(template, scan, _WALK_LIMIT)
+        if walk.complete or not walk.error:
+            return ""
+        reason = _reason(walk.error)
+        if reason.startswith("NoExtension"):
+            return (
+                "it admits no complete output (e.g. a schema that only refers to itself, such "
+                'as {"$ref": "#"}, or a cycle of $refs)'
+            )
+        return reason
+
     def matcher(self, spec: GuidedSpec) -> Any:
         """A fresh matcher for one sequence (a cheap copy of the compiled one)."""
         return self.compile(spec).deep_copy()
+
+    def planner(self) -> Planner:
+        """The shortest-completion walk for this tokenizer (built on first use)."""
+        with self._lock:
+            if self._planner is None:
+                self._planner = Planner(self._llg_tokenizer(), self.vocab_size)
+            return self._planner
+
+    def budget(self, spec: GuidedSpec) -> Budget:
+        """A fresh budget keeper and loop guard for one sequence under `spec`."""
+        return Budget(self.planner(), _is_json(spec), spec.max_string_repeats)
+
+
+def _is_json(spec: GuidedSpec) -> bool:
+    return spec.json_schema is not None or spec.json_object
 
 
 def mask_logits(logits: Tensor, matchers: list[Any]) -> None:
@@ -123,9 +191,18 @@ def mask_logits(logits: Tensor, matchers: list[Any]) -> None:
     logits.index_copy_(0, index, sub)
 
 
-def advance(matcher: Any, token_id: int) -> bool:
-    """Feed the sampled token; True when the constrained output is complete."""
+def advance(matcher: Any, token_id: int) -> tuple[bool, str | None]:
+    """Feed the sampled token: (the constrained output is complete, the matcher's error).
+
+    A matcher in an error state (a grammar llguidance gave up on mid-generation, or a token
+    it refused) is never a completed output: the caller ends the choice as an error.
+    """
     if not matcher.consume_token(token_id) or matcher.is_error():
-        # Cannot happen for a token the mask allowed; end the sequence rather than go on blind.
-        return True
-    return bool(matcher.is_stopped())
+        reason = _reason(matcher.get_error())
+        return False, f"guided decoding failed during generation: {reason}"
+    return bool(matcher.is_stopped()), None
+
+
+def _reason(error: str) -> str:
+    # llguidance appends its parser state (<state> ...) to an error: not for the user.
+    return error.split("\n<state>", 1)[0].strip() or "the matcher failed"
