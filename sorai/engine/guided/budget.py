@@ -4,7 +4,8 @@ Every step a guided sequence's Budget checks that the output could still be comp
 max_tokens after the sampled token: it walks a copy of the matcher along a short valid
 completion (forced tokens, then EOS if the grammar is complete, else, for JSON, the token that
 closes most: `"` inside a string, `}` `]` (or `"}`, `]}` ...) outside one, a due `,`, `0` for a
-value; for other grammars the first single-byte token after which the allowed set changes).
+value; for other grammars a breadth-first search over single-byte tokens, in the last
+_SEARCH_WINDOW tokens only).
 When that completion would not fit, the sampled token is replaced by the completion's first
 token from where the output stands, and the sequence follows it to the end: the output ends
 complete and valid with finish_reason "stop" and stop_reason "budget"; only a budget smaller
@@ -18,12 +19,17 @@ decoding goes on from there.
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import numpy as np
 
 _MAX_PERIOD = 16  # the longest repeated run of tokens the loop guard looks for
+_MAX_PROBES = 160  # matcher copies one search of a non-JSON grammar may make (~50 ms)
+# A non-JSON grammar's search runs only this close to max_tokens: it is costlier than JSON's
+# walk, and regex or choice outputs are short.
+_SEARCH_WINDOW = 32
 _QUOTE, _BACKSLASH = 0x22, 0x5C
 
 
@@ -74,10 +80,9 @@ class Planner:
         # Longest first: `"}` closes a string and its object in one token where both may end.
         self._closers_in = [t for _, t in sorted(closers_in, reverse=True)]
         self._closers_out = [t for _, t in sorted(closers_out, reverse=True)]
-        self._single_bytes = np.array(sorted(single), dtype=np.int64)
-        self._single_mask = np.zeros((vocab_size + 31) // 32, dtype=np.uint32)
-        for token in single:
-            self._single_mask[token >> 5] |= np.uint32(1 << (token & 31))
+        single.sort()
+        self._single_bytes = single
+        self._single_kinds = [_kind(ll_tokenizer.decode_bytes([t])[0]) for t in single]
         self._quote = self._single(b'"')
         # Outside a string, after the closers: a comma where one is due (a required key, an
         # array's minItems), else the shortest values.
@@ -103,6 +108,8 @@ class Planner:
         `scan` is the JSON lexical state of the output so far, or None for a non-JSON grammar.
         The tokens end with an EOS when the grammar, complete, would still take more.
         """
+        if scan is None:
+            return self._search(matcher, limit)
         m = matcher.deep_copy()
         plan: list[int] = []
         words = np.empty((self.vocab_size + 31) // 32, dtype=np.uint32)
@@ -123,7 +130,7 @@ class Planner:
             eos = next((t for t in self.eos if _allowed(words, t)), None)
             if eos is not None:
                 return Walk(plan + [eos], True)
-            token = self._pick(m, words, scan)
+            token = self._pick(words, scan)
             if token is None:
                 return Walk(plan, False, "no token is allowed")
             if not m.consume_token(token):
@@ -137,27 +144,88 @@ class Planner:
         """The closing quote alone, if allowed now."""
         return self._quote if _allowed(words, self._quote) else None
 
-    def _pick(self, m: Any, words: np.ndarray, scan: Scan | None) -> int | None:
-        if scan is not None:
-            preferred = self._closers_in if scan.in_string else self._closers_out + self._values
-            for token in preferred:
-                if _allowed(words, token):
-                    return token
-            return _lowest(words)
-        # Any grammar: the first single-byte token (lowest id first) after which the allowed
-        # single bytes change, i.e. that moves on (past `[a-z]+` to what follows) instead of
-        # staying; longer tokens are left out of the comparison, as they change with counts.
-        allowed = [int(t) for t in self._single_bytes if _allowed(words, int(t))]
-        now = words & self._single_mask
-        after = np.empty_like(words)
-        for token in allowed:
-            probe = m.deep_copy()
-            if not probe.consume_token(token):
-                continue
-            probe.unsafe_compute_mask_ptr(after.ctypes.data, after.nbytes)
-            if not probe.is_error() and not np.array_equal(after & self._single_mask, now):
+    def _pick(self, words: np.ndarray, scan: Scan) -> int | None:
+        preferred = self._closers_in if scan.in_string else self._closers_out + self._values
+        for token in preferred:
+            if _allowed(words, token):
                 return token
-        return allowed[0] if allowed else _lowest(words)
+        return _lowest(words)
+
+    def _candidates(self, words: np.ndarray) -> list[int]:
+        """The allowed single-byte tokens, one per class: a lowercase letter, an uppercase
+        one, a digit, a non-ASCII byte, and each other byte (punctuation, space) on its own."""
+        picked: dict[int, int] = {}
+        for token, kind in zip(self._single_bytes, self._single_kinds, strict=True):
+            if kind not in picked and _allowed(words, int(token)):
+                picked[kind] = int(token)
+        return list(picked.values())
+
+    def _search(self, matcher: Any, limit: int) -> Walk:
+        """Any grammar: the shortest completion over single-byte tokens (and forced tokens),
+        breadth-first, one token per byte class (see _kind) and one state per length, last
+        token and mask; at most _MAX_PROBES matcher copies."""
+        words = np.empty((self.vocab_size + 31) // 32, dtype=np.uint32)
+        queue: list[tuple[int, int, list[int], Any]] = [(0, 0, [], matcher.deep_copy())]
+        seen: set[bytes] = set()
+        probes = 0
+        while queue and probes < _MAX_PROBES:
+            _, _, path, m = heapq.heappop(queue)
+            if m.is_error():
+                if not path:
+                    return Walk([], False, m.get_error())
+                continue
+            if m.is_stopped():
+                return Walk(path, True)
+            forced = m.compute_ff_tokens()
+            if forced:
+                if len(path) + len(forced) <= limit and m.consume_tokens(forced):
+                    probes += 1
+                    heapq.heappush(queue, (len(path) + len(forced), probes, path + forced, m))
+                continue
+            m.unsafe_compute_mask_ptr(words.ctypes.data, words.nbytes)
+            if m.is_error():
+                if not path:
+                    return Walk([], False, m.get_error())
+                continue
+            eos = next((t for t in self.eos if _allowed(words, t)), None)
+            if eos is not None and len(path) < limit:
+                return Walk(path + [eos], True)
+            # Same length, last token and mask: the same state for the search's purposes (a
+            # mask alone does not tell `[0-9]{2}` after one digit from after a space before it).
+            last = path[-1] if path else -1
+            key = len(path).to_bytes(4, "little") + last.to_bytes(4, "little", signed=True)
+            key += words.tobytes()
+            if key in seen or len(path) >= limit:
+                continue
+            seen.add(key)
+            candidates = self._candidates(words)
+            if not candidates:
+                lowest = _lowest(words)
+                if lowest is None:
+                    if not path:
+                        return Walk([], False, "no token is allowed")
+                    continue
+                candidates = [lowest]
+            for token in candidates:
+                child = m.deep_copy()
+                probes += 1
+                if child.consume_token(token):
+                    heapq.heappush(queue, (len(path) + 1, probes, path + [token], child))
+        return Walk([], False)
+
+
+def _kind(byte: int) -> int:
+    """Bytes that grammars rarely tell apart share a kind (a search tries one of each)."""
+    char = chr(byte)
+    if byte >= 0x80:
+        return 256
+    if char.islower():
+        return 257
+    if char.isupper():
+        return 258
+    if char.isdigit():
+        return 259
+    return byte
 
 
 def _lowest(words: np.ndarray) -> int | None:
@@ -184,6 +252,7 @@ class Budget:
     scan: Scan = field(default_factory=Scan)
     _string: list[int] = field(default_factory=list)  # the current string's tokens
     _end_string: bool = False  # the loop guard fired: force the closing quote
+    _plan: list[int] = field(default_factory=list)  # the completion being followed
 
     def force(self, matcher: Any, remaining: int, sampled: int) -> int | None:
         """The token this step must take instead of `sampled` (None: the sampled one stands).
@@ -200,6 +269,8 @@ class Budget:
             quote = planner.close_string(words)
             if quote is not None:
                 return quote
+        if scan is None and remaining > _SEARCH_WINDOW:
+            return None
         if not self.closing:
             after = matcher.deep_copy()
             if not after.consume_token(sampled) or after.is_error() or after.is_stopped():
@@ -208,11 +279,14 @@ class Budget:
             walk = planner.shortest(after, scan.after(data) if scan else None, remaining - 1)
             if walk.complete or (walk.error and len(walk.tokens) < remaining - 1):
                 return None  # it still fits, or the walk failed (decode on as usual)
-        walk = planner.shortest(matcher, scan, remaining)
-        if not walk.tokens:
-            return None
+        if not self._plan:
+            # Followed from here to the end: the output is now the plan's (a recomputed plan
+            # would be the same for JSON's greedy walk, and costly for other grammars).
+            self._plan = planner.shortest(matcher, scan, remaining).tokens
+            if not self._plan:
+                return None
         self.closing = True
-        return walk.tokens[0]
+        return self._plan.pop(0)
 
     def accept(self, token: int) -> None:
         """Record the token the sequence took (after the matcher consumed it)."""

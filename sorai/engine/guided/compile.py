@@ -78,10 +78,12 @@ def _trie_regex(node: dict[str, Any]) -> str:
     branches = [_literal(c) + _trie_regex(child) for c, child in node.items() if c != _END]
     if not branches:
         return ""
-    body = branches[0] if len(branches) == 1 else "(?:" + "|".join(branches) + ")"
-    if _END in node:  # a choice ends here and others go on
-        body = body + "?" if len(branches) == 1 and len(branches[0]) == 1 else f"(?:{body})?"
-    return body
+    if len(branches) > 1:
+        group = "(?:" + "|".join(branches) + ")"
+        return group + "?" if _END in node else group
+    if _END in node:  # a choice ends here and another goes on
+        return branches[0] + "?" if len(branches[0]) == 1 else f"(?:{branches[0]})?"
+    return branches[0]
 
 
 def _literal(char: str) -> str:
