@@ -395,7 +395,7 @@ def test_a_closed_early_answer_says_so_in_stop_reason(live: Served) -> None:
     for seed, max_tokens in enumerate((12, 16, 20, 24)):
         request = {**body, "seed": seed, "max_tokens": max_tokens}
         response = httpx2.post(
-            live.url + "/v1/chat/completions", json=request, headers=live.headers
+            live.url + "/v1/chat/completions", json=request, headers=live.headers, timeout=300
         )
         choice = response.json()["choices"][0]
         assert choice["finish_reason"] == "stop", choice
