@@ -4,8 +4,9 @@ The prompt, the fallback format and parsing calls out of the output live in sora
 (see its docstring); this adds only what needs the engine's request parameters: a forced call
 (tool_choice "required" or a named function) becomes a JSON-schema GuidedSpec whose argument
 objects are closed (only declared properties, as OpenAI's strict mode) unless the tool says
-`"strict": false`. `LLM.chat` uses it directly; the server (sorai/server/tools.py) wraps it in
-its protocol types.
+`"strict": false`; with "auto", an answer that starts as a JSON object is held to the same
+call schemas (a grammar: a call, or text that does not start with `{`). `LLM.chat` uses it
+directly; the server (sorai/server/tools.py) wraps it in its protocol types.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Self
 
+from sorai.engine.guided.compile import TOOL_CALL_OR_TEXT
 from sorai.engine.guided.schema import close_objects
 from sorai.engine.params import GuidedSpec
 from sorai.errors import ToolError
@@ -64,10 +66,24 @@ class ToolSetup(ToolChoice):
             return None
         return GuidedSpec(json_schema=json.dumps(schema, ensure_ascii=False))
 
+    def auto_constraint(self) -> GuidedSpec:
+        """tool_choice "auto": text that does not start with `{`, or a call under the tools'
+        (closed) schemas. A call inside text (a fence, tags) stays free, parsed as before."""
+        schema = dataclasses.replace(self, mode="required").call_schema() or {}
+        # No free whitespace, as for the other JSON constraints (sorai/engine/guided/compile.py).
+        schema["x-guidance"] = {"whitespace_flexible": False}
+        text = json.dumps(schema, ensure_ascii=False)
+        return GuidedSpec(
+            grammar=f"{TOOL_CALL_OR_TEXT}start: call | TEXT\ncall: %json {text}\n"
+            "TEXT: /[^{][\\s\\S]*/\n"
+        )
+
     def constrain(self, guided: GuidedSpec | None, source: str | None = None) -> GuidedSpec | None:
         """The constraint to generate under: a forced call's, else `guided` (the request's
         own, from the field `source`); both at once is a ToolError naming `source`."""
         if not self.forced:
+            if guided is None and self.mode == "auto" and self.tools:
+                return self.auto_constraint()
             return guided
         if guided is not None:
             choice = "'required'" if self.mode == "required" else f"naming {self.name!r}"

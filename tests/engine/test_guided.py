@@ -400,3 +400,26 @@ def test_repeats_finds_runs_of_tokens() -> None:
     assert _repeats([5, 5, 5, 5], 3) and not _repeats([5, 5, 5], 3)
     with pytest.raises(SamplingError, match="max_string_repeats"):
         GuidedSpec(json_object=True, max_string_repeats=0)
+
+
+def test_auto_tool_choice_holds_a_json_answer_to_the_closed_call_schemas(llm: LLM) -> None:
+    setup = ToolSetup.from_request([GET_TIME], "auto")
+    spec = setup.constrain(None)
+    assert spec is not None and setup.constrain(GuidedSpec(regex="a")) == GuidedSpec(regex="a")
+    engine = LLMEngine(llm.model, llm.tokenizer, EngineConfig(num_blocks=16))
+    template = engine.guided.compile(spec)
+    tokenize = engine.guided._llg_tokenizer().tokenize_str
+    for text, whole in [
+        ('It is noon in "Tokyo" {maybe}.', True),
+        ('{"name":"get_time","arguments":{"city":"Tokyo"}}', True),
+        ('{"name":"get_time","arguments":{"city":"Tokyo","zone":"JST"}}', False),
+        ('{"answer": 12}', False),
+    ]:
+        matcher = template.deep_copy()
+        ids = tokenize(text)
+        assert (matcher.try_consume_tokens(ids) == len(ids) and matcher.is_accepting()) is whole
+    # The budget keeps to calls: text cut by max_tokens ends with "length", as unguided.
+    tools = [GET_TIME]
+    messages = [{"role": "user", "content": "Tell me a joke."}]
+    out = llm.chat(messages, tools=tools, max_tokens=6, temperature=0)
+    assert out.finish_reason == "length" and out.tool_calls is None

@@ -248,11 +248,13 @@ class Budget:
     planner: Planner
     json: bool  # the output is JSON text: the loop guard and the string-aware walk apply
     max_string_repeats: int
+    call_only: bool = False  # off unless the output starts with `{` (tool_choice "auto")
     closing: bool = False  # following the shortest completion to the end
     scan: Scan = field(default_factory=Scan)
     _string: list[int] = field(default_factory=list)  # the current string's tokens
     _end_string: bool = False  # the loop guard fired: force the closing quote
     _plan: list[int] = field(default_factory=list)  # the completion being followed
+    _text: bool | None = None  # call_only: the output is text (None: nothing taken yet)
 
     def force(self, matcher: Any, remaining: int, sampled: int) -> int | None:
         """The token this step must take instead of `sampled` (None: the sampled one stands).
@@ -262,6 +264,11 @@ class Budget:
         the budget; else (or once closing) the shortest completion's next token is taken.
         """
         planner = self.planner
+        if self.call_only:
+            if self._text is None:
+                self._text = not planner.token_bytes(sampled).startswith(b"{")
+            if self._text:
+                return None
         scan = self.scan if self.json else None
         if self._end_string and self.scan.in_string:
             words = np.empty((planner.vocab_size + 31) // 32, dtype=np.uint32)
@@ -290,7 +297,9 @@ class Budget:
 
     def accept(self, token: int) -> None:
         """Record the token the sequence took (after the matcher consumed it)."""
-        if not self.json:
+        if self.call_only and self._text is None:
+            self._text = not self.planner.token_bytes(token).startswith(b"{")
+        if not self.json or (self.call_only and self._text):
             return
         was_in = self.scan.in_string
         self.scan = self.scan.after(self.planner.token_bytes(token))

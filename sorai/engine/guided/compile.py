@@ -32,6 +32,9 @@ from sorai.model.tokenizer import Tokenizer
 # JSON without free whitespace: a small model given the choice tends to emit it forever.
 _JSON_OPTIONS: Any = {"whitespace_flexible": False}
 _CACHE_SIZE = 256
+# The first line of tool_choice "auto"'s grammar (sorai/engine/tools.py): its budget applies to
+# a call only, never to text (plain text cut by max_tokens ends with "length", as unguided).
+TOOL_CALL_OR_TEXT = "// a tool call or text\n"
 _WALK_LIMIT = 512  # tokens of the shortest completion tried when a constraint is compiled
 
 
@@ -164,7 +167,13 @@ class GrammarCompiler:
 
     def budget(self, spec: GuidedSpec) -> Budget:
         """A fresh budget keeper and loop guard for one sequence under `spec`."""
-        return Budget(self.planner(), _is_json(spec), spec.max_string_repeats)
+        call_or_text = spec.grammar is not None and spec.grammar.startswith(TOOL_CALL_OR_TEXT)
+        return Budget(
+            self.planner(),
+            _is_json(spec) or call_or_text,
+            spec.max_string_repeats,
+            call_only=call_or_text,
+        )
 
 
 def _is_json(spec: GuidedSpec) -> bool:
