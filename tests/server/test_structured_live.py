@@ -455,3 +455,32 @@ def test_five_thousand_choices_answer_one_of_them(live: Served) -> None:
     )
     assert reply.choices[0].message.content in choices
     assert reply.choices[0].finish_reason == "stop"
+
+
+def test_the_docs_json_schema_snippet_ends_without_max_tokens(live: Served) -> None:
+    # docs/structured-outputs.md's example, as written (no max_tokens: the rest of the context).
+    # Without closed objects the model added keys for minutes; strict closes them.
+    schema = {
+        "type": "object",
+        "required": ["name", "age"],
+        "properties": {
+            "name": {"type": "string", "maxLength": 20},
+            "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        },
+    }
+    fmt = {
+        "type": "json_schema",
+        "json_schema": {"name": "person", "strict": True, "schema": schema},
+    }
+    for seed in range(3):
+        reply = live.client().chat.completions.create(
+            model=live.model,
+            messages=[{"role": "user", "content": "A person as JSON."}],
+            response_format=fmt,
+            seed=seed,
+        )
+        (choice,) = reply.choices
+        assert choice.finish_reason == "stop" and reply.usage.completion_tokens < 40
+        person = json.loads(choice.message.content)
+        assert set(person) == {"name", "age"}
+        jsonschema.validate(person, schema)
