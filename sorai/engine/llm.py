@@ -135,7 +135,8 @@ class LLM:
             raise TypeError("pass either a SamplingParams or keyword options, not both")
         if sampling is not None:
             return sampling
-        constraint = {k: options.pop(k) for k in GUIDED_FIELDS if k in options}
+        names = (*GUIDED_FIELDS, "max_string_repeats")
+        constraint = {k: options.pop(k) for k in names if k in options}
         if constraint:
             options["guided"] = GuidedSpec.from_request(**constraint)
         return SamplingParams.from_options(options)
@@ -244,6 +245,9 @@ class LLM:
         try:
             while True:
                 output = self._next_output(request_id)
+                for delta in output.choices:
+                    if delta.finish_reason == "error":
+                        raise SamplingError(delta.error or "guided decoding failed")
                 yield output
                 if output.finished:
                     return

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from sorai.engine.block_manager import BlockPool
 from sorai.engine.config import EngineConfig
-from sorai.engine.guided import GrammarCompiler, advance, mask_logits
+from sorai.engine.guided.compile import GrammarCompiler, advance, mask_logits
 from sorai.engine.outputs import EngineStats, RequestOutput, TokenLogprob
 from sorai.engine.paged_cache import PagedKVCache
 from sorai.engine.params import SamplingParams
@@ -154,6 +154,7 @@ class LLMEngine:
             arrival=time.monotonic(),
             device=self.model.device,
             new_matcher=self.guided.matcher,
+            new_budget=self.guided.budget,
         )
         self.requests[request_id] = request
         for seq in request.sequences:
@@ -204,6 +205,8 @@ class LLMEngine:
         if guided:
             mask_logits(allowed, matchers)
         tokens = sample(process_logits(allowed, states), states)
+        if guided:
+            _force_budget(seqs, tokens)
         top = max((s.request.params.logprobs or 0) for s in seqs)
         want = [s.request.params.logprobs is not None for s in seqs]
         logprob_rows: list[TokenLogprob | None] = [None] * len(seqs)
@@ -220,8 +223,12 @@ class LLMEngine:
                 k = seq.request.params.logprobs or 0
                 alternatives = list(zip(top_ids[i][:k], top_values[i][:k], strict=True))
                 logprob_rows[i] = TokenLogprob(token_list[i], chosen[i], alternatives)
-            done = seq.matcher is not None and advance(seq.matcher, token_list[i])
-            seq.append(token_list[i], logprob_rows[i], grammar_done=done)
+            done, error = False, None
+            if seq.matcher is not None:
+                done, error = advance(seq.matcher, token_list[i])
+                if error is None and seq.budget is not None:
+                    seq.budget.accept(token_list[i])
+            seq.append(token_list[i], logprob_rows[i], grammar_done=done, error=error)
         self.generation_tokens += len(seqs)
 
     def _output(self, request: Request) -> RequestOutput:
@@ -264,6 +271,17 @@ class LLMEngine:
             generation_tokens=self.generation_tokens,
             steps=self.steps,
         )
+
+
+def _force_budget(seqs: list[Sequence], tokens: Tensor) -> None:
+    """Replace, in place, the sampled token of each guided sequence whose budget says which
+    token it must take (its output closing within max_tokens, or a looping string ending)."""
+    for i, seq in enumerate(seqs):
+        if seq.budget is not None and seq.matcher is not None:
+            sampled = int(tokens[i])
+            forced = seq.budget.force(seq.matcher, seq.max_len - seq.num_tokens, sampled)
+            if forced is not None:
+                tokens[i] = forced
 
 
 def _kv_geometry(model: Transformer) -> tuple[int, int]:

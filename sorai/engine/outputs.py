@@ -26,8 +26,13 @@ class ChoiceDelta:
     text: str  # new text; stop strings and held-back partial matches are never in it
     token_ids: list[int]  # new tokens (a stop token that ended the choice is not included)
     logprobs: list[TokenLogprob] | None = None  # one per new token, when requested
-    finish_reason: str | None = None  # "stop", "length" or "abort" on the choice's last delta
-    stop_reason: str | int | None = None  # the stop string or stop token id that matched
+    # "stop", "length", "abort" or "error" (guided decoding failed: see `error`) on the
+    # choice's last delta.
+    finish_reason: str | None = None
+    # The stop string or stop token id that matched, or "budget": a guided output closed early
+    # (its shortest valid completion taken) so that it ends complete within max_tokens.
+    stop_reason: str | int | None = None
+    error: str | None = None  # why the choice ended in error, for the caller to raise
 
 
 @dataclass

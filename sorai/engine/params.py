@@ -8,9 +8,10 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
+from sorai.engine.guided.schema import close_objects
 from sorai.errors import SamplingError
 
 __all__ = ["GUIDED_FIELDS", "GuidedSpec", "SamplingParams"]
@@ -83,6 +84,8 @@ def _schema_text(schema: Any, name: str) -> str:
 
 # The request fields that may constrain the output: OpenAI's response_format and vLLM's
 # top-level extras. At most one may be given (a response_format of type "text" is none).
+DEFAULT_STRING_REPEATS = 8
+
 GUIDED_FIELDS = (
     "response_format",
     "guided_json",
@@ -106,8 +109,17 @@ class GuidedSpec:
     regex: str | None = None
     choice: tuple[str, ...] | None = None
     grammar: str | None = None
+    # Inside a JSON string, a run of tokens repeated more than this many times in a row ends
+    # the string (a small model otherwise loops there until max_tokens).
+    max_string_repeats: int = DEFAULT_STRING_REPEATS
 
     def __post_init__(self) -> None:
+        repeats = self.max_string_repeats
+        if not _is_int(repeats) or repeats < 1:
+            raise SamplingError(
+                f"max_string_repeats must be an integer >= 1, got {repeats!r:.40}",
+                param="max_string_repeats",
+            )
         if self.choice is not None:
             choice = tuple(self.choice) if not isinstance(self.choice, str) else None
             if not choice or not all(isinstance(c, str) and c for c in choice):
@@ -135,6 +147,7 @@ class GuidedSpec:
         guided_regex: str | None = None,
         guided_choice: Sequence[str] | None = None,
         guided_grammar: str | None = None,
+        max_string_repeats: int | None = None,
     ) -> GuidedSpec | None:
         """The constraint an OpenAI-style request asks for (response_format, or one of the
         guided_* extras), or None; SamplingError when it is malformed or several are given."""
@@ -145,6 +158,7 @@ class GuidedSpec:
                 "guided_regex": guided_regex,
                 "guided_choice": guided_choice,
                 "guided_grammar": guided_grammar,
+                "max_string_repeats": max_string_repeats,
             }
         )
         return spec
@@ -153,9 +167,10 @@ class GuidedSpec:
     def from_fields(cls, fields: Mapping[str, Any]) -> tuple[GuidedSpec | None, str | None]:
         """(the constraint, the field that asked for it), or (None, None) without one.
 
-        `fields` maps GUIDED_FIELDS to their values (None: absent). Errors are SamplingErrors
-        whose `param` names the field at fault ("response_format.type", "guided_choice.1");
-        whether llguidance can compile the constraint is checked later, by the engine.
+        `fields` maps GUIDED_FIELDS, and optionally "max_string_repeats" (the loop guard's
+        bound), to their values (None: absent). Errors are SamplingErrors whose `param` names
+        the field at fault ("response_format.type", "guided_choice.1"); whether llguidance can
+        compile the constraint is checked later, by the engine.
         """
         found: list[tuple[str, GuidedSpec]] = []
         for name in GUIDED_FIELDS:
@@ -180,6 +195,9 @@ class GuidedSpec:
         if not found:
             return None, None
         name, spec = found[0]
+        repeats = fields.get("max_string_repeats")
+        if repeats is not None:
+            spec = replace(spec, max_string_repeats=repeats)
         return spec, name
 
     @classmethod
@@ -244,8 +262,12 @@ class GuidedSpec:
             if spec.get("schema") is None:
                 # OpenAI makes the schema optional: without one, any JSON object.
                 return cls(json_object=True)
-            # Always enforced, strict or not: the output matches the schema.
-            return cls(json_schema=_schema_text(spec["schema"], f"{param}.json_schema.schema"))
+            # Always enforced, strict or not: the output matches the schema. Strict also
+            # closes the objects that do not say otherwise, as OpenAI's strict mode.
+            text = _schema_text(spec["schema"], f"{param}.json_schema.schema")
+            if strict:
+                text = json.dumps(close_objects(json.loads(text)), ensure_ascii=False)
+            return cls(json_schema=text)
         raise SamplingError(
             f"response_format type must be 'text', 'json_object' or 'json_schema', "
             f"got {kind!r:.60}",

@@ -44,6 +44,8 @@ class Sequence:
     stop_reason: str | int | None = None
     reported_finish: bool = False
     matcher: Any = None  # llguidance matcher when the request is guided
+    budget: Any = None  # its Budget (sorai/engine/guided/budget.py): max_tokens and loop guard
+    error: str | None = None  # why guided decoding failed (finish_reason "error")
 
     @property
     def num_tokens(self) -> int:
@@ -73,22 +75,34 @@ class Sequence:
             logprobs=self.pending_logprobs if self.request.params.logprobs is not None else None,
             finish_reason=self.finish_reason if report_finish else None,
             stop_reason=self.stop_reason if report_finish else None,
+            error=self.error if report_finish else None,
         )
         self.pending_text, self.pending_ids, self.pending_logprobs = "", [], []
         self.reported_finish = self.reported_finish or report_finish
         return delta
 
     def append(
-        self, token_id: int, logprob: TokenLogprob | None, grammar_done: bool = False
+        self,
+        token_id: int,
+        logprob: TokenLogprob | None,
+        grammar_done: bool = False,
+        error: str | None = None,
     ) -> None:
         """Take a sampled token: record it, detokenize it and check every stop condition
-        (grammar_done: the guided output is complete, nothing may follow)."""
+        (grammar_done: the guided output is complete, nothing may follow; error: the guided
+        decoding failed, the choice ends with finish_reason "error")."""
         self.token_ids.append(token_id)
         self.state.append(token_id)
+        # A guided output that followed its shortest completion says so (vLLM's stop_reason).
+        closed = "budget" if self.budget is not None and self.budget.closing else None
+        if error is not None:
+            self.error = error
+            self._finish("error", None)
+            return
         if token_id in self.state.stop_token_ids:
             # The stop token itself is neither text nor a listed output token (as OpenAI).
             explicit = token_id in self.request.params.stop_token_ids
-            self._finish("stop", token_id if explicit else None)
+            self._finish("stop", token_id if explicit else closed)
             return
         self.pending_ids.append(token_id)
         if logprob is not None:
@@ -98,7 +112,7 @@ class Sequence:
         if stopped:
             self._finish("stop", self.stopper.matched)
         elif grammar_done:
-            self._finish("stop", None)
+            self._finish("stop", closed)
         elif self.num_tokens >= self.max_len:
             self._finish("length", None)
 
@@ -137,6 +151,7 @@ class Request:
         arrival: float,
         device: object,
         new_matcher: Callable[[GuidedSpec], Any] | None = None,
+        new_budget: Callable[[GuidedSpec], Any] | None = None,
     ) -> Request:
         request = cls(request_id, list(prompt_ids), params, arrival)
         for i in range(params.n):
@@ -162,6 +177,7 @@ class Request:
                     stopper=StopStringMatcher(params.stop),
                     max_len=max_len,
                     matcher=new_matcher(params.guided) if params.guided and new_matcher else None,
+                    budget=new_budget(params.guided) if params.guided and new_budget else None,
                 )
             )
         return request

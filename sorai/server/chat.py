@@ -19,7 +19,7 @@ from starlette.responses import Response
 
 from sorai.engine.outputs import ChoiceDelta
 from sorai.server.body import read_json
-from sorai.server.guided import checked
+from sorai.server.guided import checked, failed
 from sorai.server.logprobs import TokenText, chat_logprobs
 from sorai.server.protocol import (
     AssistantMessage,
@@ -106,10 +106,13 @@ async def _collect(reply: _Reply, generation: Generation) -> Response:
     texts: list[list[str]] = [[] for _ in range(reply.n)]
     logprobs: list[list] = [[] for _ in range(reply.n)]
     finish: list[str | None] = [None] * reply.n
+    stop_reasons: list[str | int | None] = [None] * reply.n
     tally = UsageTally(1)
     async for i, output in generation.outputs():
         tally.add(i, output)
         for delta in output.choices:
+            failed(delta)
+            stop_reasons[delta.index] = delta.stop_reason
             texts[delta.index].append(delta.text)
             if delta.logprobs:
                 logprobs[delta.index] += delta.logprobs
@@ -126,6 +129,7 @@ async def _collect(reply: _Reply, generation: Generation) -> Response:
                 message=AssistantMessage(content=content, tool_calls=calls),
                 logprobs=reply.logprobs_of(logprobs[j]),
                 finish_reason=reason,
+                stop_reason=stop_reasons[j],
             )
         )
     return json_response(
@@ -161,6 +165,7 @@ async def _stream(reply: _Reply, generation: Generation) -> AsyncIterator[str]:
         for delta in output.choices:
             if delta.finish_reason == "abort":
                 raise generation.aborted()
+            failed(delta)
             if tool_streams is not None:
                 for piece in _tool_pieces(reply, tool_streams[delta.index], delta):
                     yield chunk([piece])
@@ -175,6 +180,7 @@ async def _stream(reply: _Reply, generation: Generation) -> AsyncIterator[str]:
                         delta=DeltaMessage(content=delta.text or None),
                         logprobs=logprobs,
                         finish_reason=delta.finish_reason,
+                        stop_reason=delta.stop_reason,
                     )
                 ]
             )
@@ -216,6 +222,7 @@ def _tool_pieces(reply: _Reply, stream: ToolStream, delta: ChoiceDelta) -> list[
                 delta=message,
                 logprobs=logprobs,
                 finish_reason=finish_reason if last else None,
+                stop_reason=delta.stop_reason if last else None,
             )
         )
     return pieces

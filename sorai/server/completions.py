@@ -19,7 +19,7 @@ from starlette.responses import Response
 from sorai.errors import SoraiError
 from sorai.server.body import read_json
 from sorai.server.errors import bad_request, from_sorai_error
-from sorai.server.guided import checked
+from sorai.server.guided import checked, failed
 from sorai.server.logprobs import CompletionLogprobsBuilder, TokenText
 from sorai.server.protocol import (
     CompletionChoice,
@@ -128,11 +128,14 @@ async def _collect(reply: _Reply, generation: Generation, token_text: TokenText)
     builders = [CompletionLogprobsBuilder(token_text) for _ in range(count)]
     finish: list[str | None] = [None] * count
     scores = [0.0] * count  # summed token logprobs, which best_of ranks by
+    stop_reasons: list[str | int | None] = [None] * count
     tally = UsageTally(len(reply.prompt_texts))
     async for i, output in generation.outputs():
         tally.add(i, output)
         for delta in output.choices:
+            failed(delta)
             c = i * reply.n + delta.index
+            stop_reasons[c] = delta.stop_reason
             texts[c].append(delta.text)
             if delta.logprobs:
                 scores[c] += sum(entry.logprob for entry in delta.logprobs)
@@ -155,6 +158,7 @@ async def _collect(reply: _Reply, generation: Generation, token_text: TokenText)
                     text="".join(texts[c]),
                     logprobs=logprobs[c],
                     finish_reason=finish[c],
+                    stop_reason=stop_reasons[c],
                 )
             )
     return json_response(
@@ -191,6 +195,7 @@ async def _stream(
         for delta in output.choices:
             if delta.finish_reason == "abort":
                 raise generation.aborted()
+            failed(delta)
             c = i * reply.n + delta.index
             logprobs = None
             if reply.logprobs and delta.logprobs:
@@ -203,6 +208,7 @@ async def _stream(
                     text=delta.text,
                     logprobs=logprobs,
                     finish_reason=delta.finish_reason,
+                    stop_reason=delta.stop_reason,
                 )
             )
     if reply.include_usage:

@@ -5,7 +5,8 @@ top-level extras (`guided_json`, `guided_regex`, `guided_choice`, `guided_gramma
 one GuidedSpec; at most one of them may constrain a request. GuidedSpec.from_fields
 (sorai/engine/params.py) checks their shapes, its errors naming the field; here they become 400s.
 Whether llguidance can compile a schema, regex or grammar is the engine's call
-(engine.check_request), whose SamplingError becomes a 400 naming the same field (checked()).
+(engine.check_request), whose SamplingError becomes a 400 naming the same field (checked()); a
+matcher that fails while generating ends its choice with finish_reason "error", a 400 (failed()).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
+from sorai.engine.outputs import ChoiceDelta
 from sorai.engine.params import GuidedSpec
 from sorai.errors import SamplingError
 from sorai.server.errors import bad_request, from_sorai_error
@@ -41,3 +43,10 @@ def checked(param: str | None) -> Iterator[None]:
         if param is not None and error.param is None:
             error = bad_request(error.message, param=param)
         raise error from None
+
+
+def failed(delta: ChoiceDelta) -> None:
+    """Raise the API error for a choice whose guided decoding failed mid-generation
+    (finish_reason "error"): a 400 the client sees, whole or streamed, never a normal stop."""
+    if delta.finish_reason == "error":
+        raise bad_request(delta.error or "guided decoding failed", code="guided_decoding_failed")

@@ -198,6 +198,7 @@ class _SamplingFields(_Request):
     guided_regex: Any = None
     guided_choice: Any = None
     guided_grammar: Any = None
+    max_string_repeats: Any = None  # the loop guard's bound (sorai's extra; checked by GuidedSpec)
 
     def guided(self) -> tuple[GuidedSpec | None, str | None]:
         """The requested output constraint and the field that asked for it (or None, None)."""
@@ -208,6 +209,7 @@ class _SamplingFields(_Request):
                 "guided_regex": self.guided_regex,
                 "guided_choice": self.guided_choice,
                 "guided_grammar": self.guided_grammar,
+                "max_string_repeats": self.max_string_repeats,
             }
         )
 
@@ -532,6 +534,13 @@ class ChatChoice(_Response):
     message: AssistantMessage
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None
+    # vLLM's extra: the stop string or stop token id that ended the choice, or "budget" when a
+    # guided output was closed early to end complete within max_tokens; listed only when set.
+    stop_reason: str | int | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_no_stop_reason(self, handler: Any) -> dict[str, Any]:
+        return _without_none(handler(self), keys=("stop_reason",))
 
 
 class ChatCompletionResponse(_Response):
@@ -583,6 +592,13 @@ class ChatChunkChoice(_Response):
     delta: DeltaMessage
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
+    # vLLM's extra: the stop string or stop token id that ended the choice, or "budget" when a
+    # guided output was closed early to end complete within max_tokens; listed only when set.
+    stop_reason: str | int | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_no_stop_reason(self, handler: Any) -> dict[str, Any]:
+        return _without_none(handler(self), keys=("stop_reason",))
 
 
 class ChatCompletionChunk(_Response):
@@ -607,6 +623,13 @@ class CompletionChoice(_Response):
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None
+    # vLLM's extra: the stop string or stop token id that ended the choice, or "budget" when a
+    # guided output was closed early to end complete within max_tokens; listed only when set.
+    stop_reason: str | int | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_no_stop_reason(self, handler: Any) -> dict[str, Any]:
+        return _without_none(handler(self), keys=("stop_reason",))
 
 
 class CompletionResponse(_Response):

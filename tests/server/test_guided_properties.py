@@ -8,7 +8,10 @@ and example counts are small: each example is a few seconds of generation on a 2
 
 Slow tier (`make test-all`): half a minute of generation; the default tier checks the same
 constraints through the server on the real model in test_structured_live.py (json_schema, choice,
-regex) and tests/engine/test_guided.py.
+regex) and tests/engine/test_guided.py, and runs a few examples of the budget property below:
+unbounded schemas (strings and integers without bounds, patterns, enums, nested objects and
+arrays, any required set) under a random max_tokens in 8..200 always give an answer that parses
+and validates, unless max_tokens is below the schema's shortest completion ("length").
 """
 
 from __future__ import annotations
@@ -24,8 +27,6 @@ from hypothesis import Phase, given, note, settings
 from hypothesis import strategies as st
 
 from tests.server.conftest import Served
-
-pytestmark = pytest.mark.slow
 
 SETTINGS = settings(
     max_examples=15,
@@ -105,6 +106,7 @@ INNER = st.one_of(LEAVES, arrays(LEAVES), objects(LEAVES, max_properties=2))
 SCHEMAS = st.one_of(objects(INNER), arrays(objects(LEAVES, max_properties=2)))
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(schema=SCHEMAS, seed=SEEDS)
 def test_json_schema_outputs_validate(live: Served, schema: dict, seed: int) -> None:
@@ -132,6 +134,7 @@ CHOICE_TEXT = st.text(
 )
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(choices=st.lists(CHOICE_TEXT, min_size=1, max_size=5, unique=True), seed=SEEDS)
 def test_guided_choice_outputs_are_choices(live: Served, choices: list[str], seed: int) -> None:
@@ -175,6 +178,7 @@ def regexes(draw, depth: int = 0) -> str:
     return "".join(parts)
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(pattern=regexes(), seed=SEEDS)
 def test_guided_regex_outputs_fullmatch(live: Served, pattern: str, seed: int) -> None:
@@ -191,3 +195,90 @@ def test_guided_regex_outputs_fullmatch(live: Served, pattern: str, seed: int) -
         note(f"output: {choice.text!r} ({choice.finish_reason})")
         assert choice.finish_reason == "stop"
         assert re.fullmatch(pattern, choice.text)
+
+
+# -- any budget ------------------------------------------------------------------------------
+
+PATTERNS = st.sampled_from(["^[a-z]{1,8}$", "^[A-Z][a-z]+$", "^[0-9]{3}-[0-9]{4}$", "^(yes|no)$"])
+FREE_LEAVES = st.one_of(
+    st.just({"type": "string"}),  # unbounded: a small model may ramble until max_tokens
+    st.just({"type": "integer"}),
+    st.just({"type": "number"}),
+    st.just({"type": "boolean"}),
+    PATTERNS.map(lambda p: {"type": "string", "pattern": p}),
+    st.lists(WORDS, min_size=1, max_size=4, unique=True).map(lambda values: {"enum": values}),
+)
+
+
+@st.composite
+def open_objects(draw, values: st.SearchStrategy[dict], max_properties: int = 3) -> dict:
+    """Objects with any required set, closed or not (an open one lets the model add keys)."""
+    names = draw(st.lists(NAMES, min_size=1, max_size=max_properties, unique=True))
+    schema = {
+        "type": "object",
+        "properties": {name: draw(values) for name in names},
+        "required": [name for name in names if draw(st.booleans())],
+    }
+    if draw(st.booleans()):
+        schema["additionalProperties"] = False
+    return schema
+
+
+FREE_INNER = st.one_of(
+    FREE_LEAVES,
+    FREE_LEAVES.map(lambda s: {"type": "array", "items": s}),
+    open_objects(FREE_LEAVES, max_properties=2),
+)
+FREE_SCHEMAS = st.one_of(
+    open_objects(FREE_INNER), open_objects(FREE_INNER).map(lambda s: {"type": "array", "items": s})
+)
+
+
+def shortest_completion(live: Served, schema: dict) -> int:
+    """Tokens of the schema's shortest completion, as the engine's budget walk finds it."""
+    from sorai.engine.guided.budget import Scan
+    from sorai.engine.params import GuidedSpec
+
+    compiler = live.engine.engine.guided
+    matcher = compiler.matcher(GuidedSpec(json_schema=json.dumps(schema)))
+    walk = compiler.planner().shortest(matcher, Scan(), 512)
+    assert walk.complete, schema
+    return len(walk.tokens)
+
+
+def check_budget(live: Served, schema: dict, max_tokens: int, seed: int) -> None:
+    reply = live.client().chat.completions.create(
+        model=live.model,
+        messages=[{"role": "user", "content": "Fill in this JSON for a customer record."}],
+        temperature=1.0,
+        seed=seed,
+        max_tokens=max_tokens,
+        response_format={"type": "json_schema", "json_schema": {"name": "s", "schema": schema}},
+    )
+    (choice,) = reply.choices
+    note(f"output: {choice.message.content!r} ({choice.finish_reason})")
+    if choice.finish_reason == "length":
+        assert max_tokens < shortest_completion(live, schema)
+        return
+    assert choice.finish_reason == "stop"
+    jsonschema.validate(json.loads(choice.message.content), schema, format_checker=FORMAT_CHECKER)
+
+
+BUDGETS = st.integers(min_value=8, max_value=200)
+
+
+@settings(SETTINGS, max_examples=4)
+@given(schema=FREE_SCHEMAS, max_tokens=BUDGETS, seed=SEEDS)
+def test_any_budget_gives_a_valid_answer(
+    live: Served, schema: dict, max_tokens: int, seed: int
+) -> None:
+    check_budget(live, schema, max_tokens, seed)
+
+
+@pytest.mark.slow
+@settings(SETTINGS, max_examples=30)
+@given(schema=FREE_SCHEMAS, max_tokens=BUDGETS, seed=SEEDS)
+def test_any_budget_gives_a_valid_answer_many(
+    live: Served, schema: dict, max_tokens: int, seed: int
+) -> None:
+    check_budget(live, schema, max_tokens, seed)

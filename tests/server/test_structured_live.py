@@ -372,3 +372,115 @@ def test_flight_ticket_extraction(live: Served) -> None:
     fields = json.loads(choice.message.content)
     jsonschema.validate(fields, FLIGHT_SCHEMA)
     assert list(fields) == list(FLIGHT_SCHEMA["properties"])
+
+
+# -- output that fits its budget, and constraints that fail ----------------------------------
+
+OPEN_RECORD = {  # open objects, unbounded strings: what a small model rambles in
+    "type": "object",
+    "properties": {"name": {"type": "string"}, "city": {"type": "string"}},
+    "required": ["name", "city"],
+}
+
+
+def test_a_closed_early_answer_says_so_in_stop_reason(live: Served) -> None:
+    fmt = {"type": "json_schema", "json_schema": {"name": "r", "schema": OPEN_RECORD}}
+    body = {
+        "model": live.model,
+        "messages": [{"role": "user", "content": "A person as JSON with name and city."}],
+        "response_format": fmt,
+        "temperature": 1.0,
+    }
+    seen = set()
+    for seed, max_tokens in enumerate((12, 16, 20, 24)):
+        request = {**body, "seed": seed, "max_tokens": max_tokens}
+        response = httpx2.post(
+            live.url + "/v1/chat/completions", json=request, headers=live.headers, timeout=300
+        )
+        choice = response.json()["choices"][0]
+        assert choice["finish_reason"] == "stop", choice
+        jsonschema.validate(json.loads(choice["message"]["content"]), OPEN_RECORD)
+        # vLLM's extra field, listed only when set.
+        seen.add(choice.get("stop_reason", "absent"))
+        assert choice.get("stop_reason", "absent") in ("budget", "absent")
+        options = {k: v for k, v in request.items() if k not in ("model", "messages")}
+        chunks = list(chat(live, body["messages"], stream=True, **options))
+        last = chunks[-1].choices[0]
+        assert last.finish_reason == "stop"
+        streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert streamed == choice["message"]["content"]
+        assert getattr(last, "stop_reason", None) == choice.get("stop_reason")
+    assert "budget" in seen
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [
+        {"$ref": "#"},
+        {"$defs": {"x": {"$ref": "#/$defs/y"}, "y": {"$ref": "#/$defs/x"}}, "$ref": "#/$defs/x"},
+    ],
+)
+def test_a_schema_that_admits_no_output_is_400(live: Served, schema: dict) -> None:
+    # Before: 200 with an empty answer and finish_reason "stop".
+    with pytest.raises(openai.BadRequestError) as info:
+        chat(live, ASK_WEATHER, max_tokens=5, extra_body={"guided_json": schema})
+    assert info.value.body["param"] == "guided_json"
+    assert "admits no complete output" in info.value.body["message"]
+
+
+def test_a_matcher_error_mid_generation_is_an_error_the_client_sees(
+    live: Served, tokenizer: Tokenizer
+) -> None:
+    # llguidance refuses the 2,500-item row after "b", which logit_bias makes the model pick
+    # (tests/engine/test_guided.py has the engine's side). Before: a normal "stop".
+    items = " | ".join(f'"item{i}"' for i in range(2500))
+    b = tokenizer.encode("b")
+    options = {
+        "max_tokens": 8,
+        "logit_bias": {str(b[0]): 100},
+        "extra_body": {"guided_grammar": f'start: "a" | "b" many\nmany: {items}'},
+    }
+    with pytest.raises(openai.BadRequestError) as info:
+        chat(live, ASK_WEATHER, **options)
+    assert info.value.body["code"] == "guided_decoding_failed"
+    assert "during generation" in info.value.body["message"]
+    with pytest.raises(openai.APIError, match="during generation"):
+        list(chat(live, ASK_WEATHER, stream=True, **options))
+
+
+def test_five_thousand_choices_answer_one_of_them(live: Served) -> None:
+    choices = [f"option {i}" for i in range(5000)]
+    reply = chat(
+        live, ASK_WEATHER, max_tokens=12, temperature=1.0, extra_body={"guided_choice": choices}
+    )
+    assert reply.choices[0].message.content in choices
+    assert reply.choices[0].finish_reason == "stop"
+
+
+def test_the_docs_json_schema_snippet_ends_without_max_tokens(live: Served) -> None:
+    # docs/structured-outputs.md's example, as written (no max_tokens: the rest of the context).
+    # Without closed objects the model added keys for minutes; strict closes them.
+    schema = {
+        "type": "object",
+        "required": ["name", "age"],
+        "properties": {
+            "name": {"type": "string", "maxLength": 20},
+            "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        },
+    }
+    fmt = {
+        "type": "json_schema",
+        "json_schema": {"name": "person", "strict": True, "schema": schema},
+    }
+    for seed in range(3):
+        reply = live.client().chat.completions.create(
+            model=live.model,
+            messages=[{"role": "user", "content": "A person as JSON."}],
+            response_format=fmt,
+            seed=seed,
+        )
+        (choice,) = reply.choices
+        assert choice.finish_reason == "stop" and reply.usage.completion_tokens < 40
+        person = json.loads(choice.message.content)
+        assert set(person) == {"name", "age"}
+        jsonschema.validate(person, schema)
