@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import signal
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 from sorai.train.config import ConfigError, TrainConfig, add_flags, flag_values, resolve
+from sorai.train.interrupt import SIGNALS, exit_code, signal_name
+
+SHUTDOWN_TIMEOUT_S = 600
+# Set by `--nproc` for the processes it starts: it passes signals on to them itself.
+RELAYED = "SORAI_TRAIN_SIGNALS_RELAYED"
 
 DESCRIPTION = """\
 Fine-tune a model with LoRA or full fine-tuning.
@@ -28,6 +35,10 @@ examples:
   sorai train --data.train data.jsonl --data.val val.jsonl --lora.r 16 --output-dir runs/a
   sorai train config.yaml --estimate              # memory per device, then exit
   sorai train config.yaml --resume                # continue from the latest checkpoint
+  sorai train config.yaml --resume-fallback       # ... or the newest whole one before it
+
+Ctrl-C or SIGTERM saves a checkpoint at the end of the step under way, then exits 130 or 143;
+--resume continues from it. A second Ctrl-C stops at once.
   sorai chat --adapter runs/a/adapter             # use the result
 """
 
@@ -48,6 +59,14 @@ def add_parser(verbs: argparse._SubParsersAction) -> argparse.ArgumentParser:
         metavar="CHECKPOINT",
         help="continue the run in output_dir from its latest checkpoint, or from CHECKPOINT; "
         "with no CONFIG, the run's own config.yaml is used",
+    )
+    parser.add_argument(
+        "--resume-fallback",
+        action="store_true",
+        help="resume (implies --resume) and, when the checkpoint is damaged (a truncated or "
+        "missing shard, an unreadable .metadata), continue from the newest whole one before it, "
+        "setting the damaged one aside as damaged-step-NNNNNN/; without it a damaged checkpoint "
+        "is a one-line error",
     )
     parser.add_argument(
         "--estimate",
@@ -113,7 +132,9 @@ def _estimate(config: TrainConfig, world_size: int | None) -> str:
     return f"{estimate.report()}\n\n{zero.table()}"
 
 
-def launch(config: TrainConfig, nproc: int, resume: bool | str, quiet: bool) -> int:
+def launch(
+    config: TrainConfig, nproc: int, resume: bool | str, quiet: bool, fallback: bool = False
+) -> int:
     """`sorai train` in `nproc` processes under torchrun on this machine, all reading the
     resolved configuration from one file. On several machines run torchrun yourself (see the
     docs/parallel-training.md): `torchrun --nnodes ... -m sorai.cli train config.yaml`."""
@@ -144,28 +165,86 @@ def launch(config: TrainConfig, nproc: int, resume: bool | str, quiet: bool) -> 
             command.append("--resume")
         elif resume:
             command += ["--resume", str(resume)]
+        if fallback:
+            command.append("--resume-fallback")
         if quiet:
             command.append("-q")
         # torchrun would give each process one thread; they share the machine's cores.
         threads = str(max(1, (os.cpu_count() or 1) // nproc))
-        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", threads)}
-        return subprocess.run(command, check=False, env=env).returncode
+        env = {
+            **os.environ,
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", threads),
+            # When torchrun itself is signalled (not through this process), how long it lets
+            # the processes save a checkpoint before it kills them (its default is 30 s).
+            "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": os.environ.get(
+                "TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(SHUTDOWN_TIMEOUT_S)
+            ),
+        }
+        return _relay_signals(command, env)
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is `pid`, from /proc (empty where there is none)."""
+    found = []
+    for entry in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            # The fields after the command name, which is in parentheses and may hold spaces.
+            fields = entry.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == pid:
+                found.append(int(entry.parent.name))
+    return found
+
+
+def _relay_signals(command: list[str], env: dict[str, str]) -> int:
+    """Run torchrun in a session of its own and pass each SIGINT/SIGTERM this process gets to
+    its training processes (in sessions of their own too, so a terminal's Ctrl-C reaches them
+    only this way, once). They save a checkpoint and stop, one of them saying so; torchrun is
+    not signalled, so it neither prints its own traceback nor cuts the save short. Returns
+    torchrun's status, or 128 + the signal when one stopped the run."""
+    process = subprocess.Popen(command, env={**env, RELAYED: "1"}, start_new_session=True)
+    received: list[int] = []
+
+    def relay(signum: int, frame: object) -> None:
+        received.append(signum)
+        for pid in _children(process.pid) or [process.pid]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+    previous = {sig: signal.signal(sig, relay) for sig in SIGNALS}
+    try:
+        code = process.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return exit_code(received[0]) if received else code
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.resume_fallback and not args.resume:
+        args.resume = True
     config = _config(args)
     if args.estimate:
         print(_estimate(config, args.nproc))
         return 0
     if args.nproc is not None and "TORCHELASTIC_RUN_ID" not in os.environ:
-        return launch(config, args.nproc, args.resume, args.quiet)
+        return launch(config, args.nproc, args.resume, args.quiet, args.resume_fallback)
     from sorai.train.trainer import Trainer
 
     # Under torchrun every rank runs this; the first speaks for them.
     rank = int(os.environ.get("RANK", "0"))
     level = logging.INFO if rank == 0 else logging.WARNING
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
-    result = Trainer(config, resume=args.resume).run()
+    result = Trainer(config, resume=args.resume, fallback=args.resume_fallback).run()
+    if result.interrupted:
+        if rank == 0:
+            print(
+                f"sorai: {signal_name(result.interrupted)} at step {result.steps}: saved "
+                f"checkpoint {result.checkpoint}; continue with --resume",
+                file=sys.stderr,
+            )
+        # Under `--nproc` the launcher reports the signal in its status: a process stopped
+        # as asked that exited non-zero would have torchrun report a failure.
+        return 0 if os.environ.get(RELAYED) else exit_code(result.interrupted)
     if rank != 0:
         return 0
     steps = f"{result.steps} step{'s' if result.steps != 1 else ''}"
