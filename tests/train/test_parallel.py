@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -379,3 +381,47 @@ def test_ragged_epoch_end_trains_like_one_process(
     ref_weights, weights = exported(ragged_reference, method), exported(run, method)
     for name_, tensor in ref_weights.items():
         torch.testing.assert_close(weights[name_], tensor, rtol=REL, atol=REL, msg=name_)
+
+
+@pytest.mark.slow
+def test_sigterm_under_zero3_saves_and_resume_trains_like_one_process(
+    model4, data4, tmp_path
+) -> None:
+    """SIGTERM to `sorai train --nproc 2` (passed on to both ranks, which agree on the step to
+    stop at): one checkpoint of that step, one line, exit 143; `--resume` then ends where one
+    uninterrupted process does."""
+    steps = 12
+    config = base_config(model4, data4, "full")
+    config["train"] = {**config["train"], "max_steps": steps}
+    config["log"] = {**config["log"], "eval_every": 0}
+    single = tmp_path / "single"
+    Trainer(resolve(overrides={**config, "output_dir": str(single)})).run()
+    run = tmp_path / "run"
+    config_file = write_config(tmp_path / "run.yaml", {**config, "output_dir": str(run)})
+    command = [sys.executable, "-m", "sorai.cli", "train", str(config_file), "-q"]
+    command += ["--nproc", "2", *DP2]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = run / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not metrics.exists() or len(metrics.read_text().splitlines()) < 2:
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 143, err[-3000:]
+    (checkpoint,) = (run / "checkpoints").iterdir()
+    stopped = int(checkpoint.name.removeprefix("step-"))
+    assert 2 <= stopped < steps
+    assert err.strip().splitlines()[-1] == (
+        f"sorai: SIGTERM at step {stopped}: saved checkpoint {checkpoint}; continue with --resume"
+    )
+    resumed = train_parallel(config, 2, run, "--resume", *DP2)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    expected, got = losses(single), losses(run)
+    assert len(got) == steps
+    for step, (a, b) in enumerate(zip(expected, got, strict=True), start=1):
+        assert abs(a - b) <= REL * abs(a), f"step {step}: loss {b} vs one process {a}"
+    weights = exported(run, "full")
+    for name, tensor in exported(single, "full").items():
+        torch.testing.assert_close(weights[name], tensor, rtol=REL, atol=REL, msg=name)
