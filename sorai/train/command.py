@@ -12,6 +12,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from sorai.model.config import ModelConfig
 from sorai.train.config import ConfigError, TrainConfig, add_flags, flag_values, resolve
 from sorai.train.interrupt import SIGNALS, exit_code, signal_name
 
@@ -101,20 +102,42 @@ def _config(args: argparse.Namespace) -> TrainConfig:
     return resolve(file, overrides)
 
 
+def _model_config(config: TrainConfig) -> ModelConfig:
+    from sorai import hub
+    from sorai.model.architectures import KNOWN_CONFIGS, known_config
+    from sorai.model.loader import read_config
+
+    if config.model in KNOWN_CONFIGS:
+        return known_config(config.model)  # an architecture alone: nothing to read
+    return read_config(hub.resolve(config.model))
+
+
+def _fit_memory(config: TrainConfig, nproc: int) -> None:
+    """The memory check each process makes, made once before any starts: a configuration
+    that cannot fit fails here in one line; one that fits once lowered is lowered here."""
+    from sorai.model.loader import resolve_device
+    from sorai.train import estimate as est
+    from sorai.train.fit import fit_memory, memory_limit
+    from sorai.train.parallelize import autocast_dtype
+
+    device = resolve_device(config.train.device)
+    limit, source = memory_limit(config, device, 1 if device.type == "cuda" else nproc)
+    layout = est.Layout.from_config(config.parallel, nproc)
+    autocast = autocast_dtype(config.train.precision, device) is not None
+    note = fit_memory(config, _model_config(config), layout, autocast, limit, source)
+    if note is not None:
+        print(note, file=sys.stderr)
+
+
 def _estimate(config: TrainConfig, world_size: int | None) -> str:
     """The per-rank memory table for config.parallel over `world_size` ranks (None: the
     layout's own product, dp_shard -1 read as 1), then its ZeRO stages side by side."""
-    from sorai import hub
-    from sorai.model.architectures import KNOWN_CONFIGS, known_config
-    from sorai.model.loader import read_config, resolve_device
+    from sorai.model.loader import resolve_device
     from sorai.train import estimate as est
     from sorai.train.parallelize import autocast_dtype
 
     device = resolve_device(config.train.device)
-    if config.model in KNOWN_CONFIGS:
-        model = known_config(config.model)  # an architecture alone: nothing to read
-    else:
-        model = read_config(hub.resolve(config.model))
+    model = _model_config(config)
     layout = est.Layout.from_config(config.parallel, world_size)
     lora = {"lora_r": config.lora.r, "lora_targets": config.lora.target_modules}
     estimate = est.estimate_memory(
@@ -147,6 +170,7 @@ def launch(
     from sorai import hub
 
     hub.resolve(config.model)  # a missing model too; a download happens once, here
+    _fit_memory(config, nproc)
     with tempfile.TemporaryDirectory(prefix="sorai-train-") as tmp:
         resolved = Path(tmp) / "config.yaml"
         config.save(resolved)

@@ -36,7 +36,7 @@ from torch.distributed.tensor.parallel import loss_parallel
 from sorai import hub
 from sorai.errors import SoraiError
 from sorai.model.hardware import machine
-from sorai.model.loader import load_model, resolve_device
+from sorai.model.loader import load_model, read_config, resolve_device
 from sorai.model.lora import LoRAConfig, apply_lora, merge_lora, save_adapter
 from sorai.model.tokenizer import Tokenizer
 from sorai.model.transformer import Transformer
@@ -56,6 +56,8 @@ from sorai.train.checkpoint import (
 )
 from sorai.train.config import TrainConfig
 from sorai.train.data import Batch, BatchLoader, Dataset, load_dataset, pack
+from sorai.train.estimate import Layout
+from sorai.train.fit import fit_memory, memory_limit
 from sorai.train.host_memory import own_weights, tune_allocator
 from sorai.train.interrupt import StopRequests
 from sorai.train.loss import chunked_cross_entropy
@@ -277,6 +279,7 @@ class Trainer:
             if failed is not None:
                 raise failed
         path = hub.resolve(cfg.model)
+        self._fit_memory(path)
         # Weights stay float32 (the optimizer's master copy); bf16 comes from autocast.
         model, self.tokenizer = load_model(path, torch.float32, self.device, quantize="none")
         own_weights(model)
@@ -345,6 +348,24 @@ class Trainer:
         self.tokens_seen = 0
         self._loss_scale = 1.0
         self.first_state_bytes: dict[str, int] | None = None
+
+    def _fit_memory(self, path: Path) -> None:
+        """Check the memory estimate against what a process may use, before anything is
+        loaded: lower the batch settings to fit (train.fit_memory), or refuse in one line."""
+        cfg = self.config
+        processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        limit, source = memory_limit(cfg, self.device, processes)
+        if self.mesh is not None:
+            # Every rank reads the memory at its own moment: the least of them decides for
+            # all, so all train with the same settings.
+            tensor = torch.tensor([float(limit)], dtype=torch.float64, device=self.device)
+            dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+            limit = int(tensor.item())
+        layout = Layout.from_config(cfg.parallel, self.dims.world_size)
+        autocast = self.autocast is not None
+        note = fit_memory(cfg, read_config(path), layout, autocast, limit, source)
+        if note is not None and distributed.is_main():
+            log.info("%s", note)
 
     def lora_config(self) -> LoRAConfig:
         cfg = self.config.lora
