@@ -258,7 +258,8 @@ def run(args: argparse.Namespace) -> int:
     rank = int(os.environ.get("RANK", "0"))
     level = logging.INFO if rank == 0 else logging.WARNING
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
-    result = Trainer(config, resume=args.resume, fallback=args.resume_fallback).run()
+    trainer = Trainer(config, resume=args.resume, fallback=args.resume_fallback)
+    result = trainer.run(catch_signals=True)
     if result.interrupted:
         if rank == 0:
             print(

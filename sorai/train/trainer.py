@@ -630,14 +630,17 @@ class Trainer:
         total, targets = self._sum([total if reporting else 0.0, targets if reporting else 0])
         return total / max(targets, 1)
 
-    def run(self) -> TrainResult:
+    def run(self, catch_signals: bool = False) -> TrainResult:
+        """Train to the end. catch_signals (what `sorai train` asks for): a SIGINT or SIGTERM
+        stops at the next step boundary with a checkpoint, and the result says which
+        (`interrupted`); off, they do what the calling program has them do."""
         try:
             self.setup()
-            return self._run()
+            return self._run(catch_signals)
         finally:
             distributed.shutdown()
 
-    def _run(self) -> TrainResult:
+    def _run(self, catch_signals: bool) -> TrainResult:
         cfg = self.config
         main = distributed.is_main()
         if main:
@@ -673,7 +676,7 @@ class Trainer:
         started = time.perf_counter()
         stop, interrupted, checkpoint = StopRequests(), 0, None
         try:
-            with stop:
+            with stop if catch_signals else contextlib.nullcontext():
                 interrupted, saved_step, last_loss, val_loss, val_step, rate = self._loop(
                     stream, metrics, progress, steps_per_epoch, stop
                 )
