@@ -9,7 +9,8 @@ the same checkpoints under any layout.
 
 Atomic: a checkpoint is written to `.tmp-step-000120/` and renamed into place only once it is
 complete, so a run killed mid-save leaves the previous checkpoint as the latest whole one and a
-stray temporary directory that the next save clears away.
+stray temporary directory that the next save clears away. A checkpoint damaged afterwards (a
+disk that filled, a copy cut short) is found by `checkpoint_problem` before anything is loaded.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -36,6 +38,10 @@ from torch.distributed.checkpoint.state_dict import (
 from sorai.errors import SoraiError
 
 _NAME = re.compile(r"^step-(\d+)$")
+# What DCP's planner raises for a checkpoint of another run (a key or a shape this run does
+# not have); any other failure to load files whose lengths are right is damaged bytes (a
+# shard's pickle, torch's zip reader).
+_MISMATCH = re.compile(r"missing key|unexpected key|size mismatch|shape", re.IGNORECASE)
 _OPTIONS = StateDictOptions(ignore_frozen_params=True)
 # Frozen parameters are not in a checkpoint; the trainable ones are all checked by dcp.load,
 # whose template holds exactly them.
@@ -44,6 +50,10 @@ _SET_OPTIONS = StateDictOptions(ignore_frozen_params=True, strict=False)
 
 class CheckpointError(SoraiError):
     """A checkpoint that cannot be found or loaded into this run."""
+
+
+class DamagedCheckpointError(CheckpointError):
+    """A checkpoint whose files are cut short, missing or unreadable: an earlier one may do."""
 
 
 def _is_main() -> bool:
@@ -75,6 +85,12 @@ def list_checkpoints(directory: Path) -> list[Path]:
     return [path for _, path in sorted(found)]
 
 
+def checkpoint_step(path: Path) -> int | None:
+    """The step of checkpoint directory `path` by its name (step-000120), else None."""
+    match = _NAME.match(path.name)
+    return int(match.group(1)) if match else None
+
+
 def latest_checkpoint(directory: Path) -> Path | None:
     found = list_checkpoints(directory)
     return found[-1] if found else None
@@ -85,6 +101,51 @@ def _fsync_tree(path: Path) -> None:
         if file.is_file():
             with open(file, "rb") as f:
                 os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename in `path` durable (where directories can be opened: POSIX)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _reason(error: BaseException) -> str:
+    """One line for `error`: the first failure DCP gathered from the ranks, else the error."""
+    if isinstance(error, CheckpointException) and error.failures:
+        error = next(iter(error.failures.values()))[0]
+    text = str(error).strip().splitlines()
+    if not text:
+        return type(error).__name__
+    first = text[0] if len(text[0]) <= 160 else text[0][:157] + "..."
+    return f"{type(error).__name__}: {first}"
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """What is wrong with checkpoint `path` on disk, or None when it looks whole: its .metadata
+    reads and every shard it indexes is there, at least as long as the index says. Cheap (file
+    sizes, no tensor is read), so a resume can check before it loads anything."""
+    if not (path / ".metadata").is_file():
+        return "it has no .metadata (its save did not finish)"
+    try:
+        metadata = dcp.FileSystemReader(path).read_metadata()
+    except Exception as e:  # a truncated or overwritten pickle: any unpickling error
+        return f"its .metadata cannot be read ({_reason(e)})"
+    needed: dict[str, int] = {}
+    for info in (getattr(metadata, "storage_data", None) or {}).values():
+        end = info.offset + info.length
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), end)
+    for name, end in sorted(needed.items()):
+        shard = path / name
+        if not shard.is_file():
+            return f"its shard {name} is missing"
+        size = shard.stat().st_size
+        if size < end:
+            return f"its shard {name} is truncated ({size} bytes; the index needs {end})"
+    return None
 
 
 def trainable_state(model: nn.Module) -> dict[str, Any]:
@@ -185,10 +246,29 @@ def save_checkpoint(
         if final.exists():  # the same step saved again (e.g. at the end): replace it
             shutil.rmtree(final)
         os.replace(tmp, final)
+        _fsync_dir(directory)
         for old in list_checkpoints(directory)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return final
+
+
+def _load(state: dict[str, Any], path: Path, no_dist: bool) -> None:
+    """dcp.load, its failures as one-line CheckpointErrors. DCP raises CheckpointException,
+    which is a BaseException (an `except Exception` lets it through), gathering every rank's
+    failure; bytes that do not decode are damage, anything else (DCP's missing key or size
+    mismatch) a checkpoint of another run."""
+    try:
+        with _single_process_quiet():
+            dcp.load(state, checkpoint_id=path, no_dist=no_dist)
+    except (Exception, CheckpointException) as e:
+        reason = _reason(e)
+        if not _MISMATCH.search(reason):
+            raise DamagedCheckpointError(f"checkpoint {path} is damaged: {reason}") from None
+        raise CheckpointError(
+            f"checkpoint {path} cannot be loaded into this run ({reason}); was it written "
+            "with another model, method (lora/full) or LoRA configuration?"
+        ) from None
 
 
 def load_checkpoint(
@@ -199,8 +279,9 @@ def load_checkpoint(
 ) -> dict[str, Any]:
     """Load `path` into the model and optimizer (in place, whatever layout wrote it); returns
     the trainer state, whose keys and types are those of the `trainer_state` template."""
-    if not (path / ".metadata").exists():
-        raise CheckpointError(f"{path}: not a complete checkpoint (no .metadata)")
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise DamagedCheckpointError(f"checkpoint {path} is damaged: {problem}")
     parts = _parts(model)
     init_optimizer_state(optimizer)
     state = {
@@ -208,15 +289,7 @@ def load_checkpoint(
         "optim": _optimizer_state(parts, optimizer),
         "trainer": trainer_state,
     }
-    try:
-        with _single_process_quiet():
-            dcp.load(state, checkpoint_id=path, no_dist=not dist.is_initialized())
-    except Exception as e:  # DCP raises CheckpointException wrapping per-rank failures
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(
-            f"{path}: cannot be loaded into this run ({first}); was it written with another "
-            "model, method (lora/full) or LoRA configuration?"
-        ) from None
+    _load(state, path, no_dist=not dist.is_initialized())
     for part in parts:
         set_model_state_dict(part, state["model"], options=_SET_OPTIONS)
     # The optimizer's tensors were loaded in place.
@@ -226,9 +299,9 @@ def load_checkpoint(
 def load_weights(path: Path, model: nn.Module) -> None:
     """Load only the trained weights of checkpoint `path` into `model`, in this process alone
     (an export: one model in one piece, whatever layout wrote the checkpoint)."""
-    if not (path / ".metadata").exists():
-        raise CheckpointError(f"{path}: not a complete checkpoint (no .metadata)")
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise DamagedCheckpointError(f"checkpoint {path} is damaged: {problem}")
     state = {"model": trainable_state(model)}
-    with _single_process_quiet():
-        dcp.load(state, checkpoint_id=path, no_dist=True)
+    _load(state, path, no_dist=True)
     set_model_state_dict(model, state["model"], options=_SET_OPTIONS)

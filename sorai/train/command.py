@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import signal
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+from sorai.model.config import ModelConfig
 from sorai.train.config import ConfigError, TrainConfig, add_flags, flag_values, resolve
+from sorai.train.interrupt import SIGNALS, exit_code, signal_name
+
+SHUTDOWN_TIMEOUT_S = 600
+# Set by `--nproc` for the processes it starts: it passes signals on to them itself.
+RELAYED = "SORAI_TRAIN_SIGNALS_RELAYED"
 
 DESCRIPTION = """\
 Fine-tune a model with LoRA or full fine-tuning.
@@ -28,6 +36,10 @@ examples:
   sorai train --data.train data.jsonl --data.val val.jsonl --lora.r 16 --output-dir runs/a
   sorai train config.yaml --estimate              # memory per device, then exit
   sorai train config.yaml --resume                # continue from the latest checkpoint
+  sorai train config.yaml --resume-fallback       # ... or the newest whole one before it
+
+Ctrl-C or SIGTERM saves a checkpoint at the end of the step under way, then exits 130 or 143;
+--resume continues from it. A second Ctrl-C stops at once.
   sorai chat --adapter runs/a/adapter             # use the result
 """
 
@@ -48,6 +60,14 @@ def add_parser(verbs: argparse._SubParsersAction) -> argparse.ArgumentParser:
         metavar="CHECKPOINT",
         help="continue the run in output_dir from its latest checkpoint, or from CHECKPOINT; "
         "with no CONFIG, the run's own config.yaml is used",
+    )
+    parser.add_argument(
+        "--resume-fallback",
+        action="store_true",
+        help="resume (implies --resume) and, when the checkpoint is damaged (a truncated or "
+        "missing shard, an unreadable .metadata), continue from the newest whole one before it, "
+        "setting the damaged one aside as damaged-step-NNNNNN/; without it a damaged checkpoint "
+        "is a one-line error",
     )
     parser.add_argument(
         "--estimate",
@@ -82,20 +102,42 @@ def _config(args: argparse.Namespace) -> TrainConfig:
     return resolve(file, overrides)
 
 
+def _model_config(config: TrainConfig) -> ModelConfig:
+    from sorai import hub
+    from sorai.model.architectures import KNOWN_CONFIGS, known_config
+    from sorai.model.loader import read_config
+
+    if config.model in KNOWN_CONFIGS:
+        return known_config(config.model)  # an architecture alone: nothing to read
+    return read_config(hub.resolve(config.model))
+
+
+def _fit_memory(config: TrainConfig, nproc: int) -> None:
+    """The memory check each process makes, made once before any starts: a configuration
+    that cannot fit fails here in one line; one that fits once lowered is lowered here."""
+    from sorai.model.loader import resolve_device
+    from sorai.train import estimate as est
+    from sorai.train.fit import fit_memory, memory_limit
+    from sorai.train.parallelize import autocast_dtype
+
+    device = resolve_device(config.train.device)
+    limit, source = memory_limit(config, device, 1 if device.type == "cuda" else nproc)
+    layout = est.Layout.from_config(config.parallel, nproc)
+    autocast = autocast_dtype(config.train.precision, device) is not None
+    note = fit_memory(config, _model_config(config), layout, autocast, limit, source)
+    if note is not None:
+        print(note, file=sys.stderr)
+
+
 def _estimate(config: TrainConfig, world_size: int | None) -> str:
     """The per-rank memory table for config.parallel over `world_size` ranks (None: the
     layout's own product, dp_shard -1 read as 1), then its ZeRO stages side by side."""
-    from sorai import hub
-    from sorai.model.architectures import KNOWN_CONFIGS, known_config
-    from sorai.model.loader import read_config, resolve_device
+    from sorai.model.loader import resolve_device
     from sorai.train import estimate as est
     from sorai.train.parallelize import autocast_dtype
 
     device = resolve_device(config.train.device)
-    if config.model in KNOWN_CONFIGS:
-        model = known_config(config.model)  # an architecture alone: nothing to read
-    else:
-        model = read_config(hub.resolve(config.model))
+    model = _model_config(config)
     layout = est.Layout.from_config(config.parallel, world_size)
     lora = {"lora_r": config.lora.r, "lora_targets": config.lora.target_modules}
     estimate = est.estimate_memory(
@@ -113,7 +155,9 @@ def _estimate(config: TrainConfig, world_size: int | None) -> str:
     return f"{estimate.report()}\n\n{zero.table()}"
 
 
-def launch(config: TrainConfig, nproc: int, resume: bool | str, quiet: bool) -> int:
+def launch(
+    config: TrainConfig, nproc: int, resume: bool | str, quiet: bool, fallback: bool = False
+) -> int:
     """`sorai train` in `nproc` processes under torchrun on this machine, all reading the
     resolved configuration from one file. On several machines run torchrun yourself (see the
     docs/parallel-training.md): `torchrun --nnodes ... -m sorai.cli train config.yaml`."""
@@ -126,6 +170,7 @@ def launch(config: TrainConfig, nproc: int, resume: bool | str, quiet: bool) -> 
     from sorai import hub
 
     hub.resolve(config.model)  # a missing model too; a download happens once, here
+    _fit_memory(config, nproc)
     with tempfile.TemporaryDirectory(prefix="sorai-train-") as tmp:
         resolved = Path(tmp) / "config.yaml"
         config.save(resolved)
@@ -144,28 +189,87 @@ def launch(config: TrainConfig, nproc: int, resume: bool | str, quiet: bool) -> 
             command.append("--resume")
         elif resume:
             command += ["--resume", str(resume)]
+        if fallback:
+            command.append("--resume-fallback")
         if quiet:
             command.append("-q")
         # torchrun would give each process one thread; they share the machine's cores.
         threads = str(max(1, (os.cpu_count() or 1) // nproc))
-        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", threads)}
-        return subprocess.run(command, check=False, env=env).returncode
+        env = {
+            **os.environ,
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", threads),
+            # When torchrun itself is signalled (not through this process), how long it lets
+            # the processes save a checkpoint before it kills them (its default is 30 s).
+            "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": os.environ.get(
+                "TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(SHUTDOWN_TIMEOUT_S)
+            ),
+        }
+        return _relay_signals(command, env)
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is `pid`, from /proc (empty where there is none)."""
+    found = []
+    for entry in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            # The fields after the command name, which is in parentheses and may hold spaces.
+            fields = entry.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == pid:
+                found.append(int(entry.parent.name))
+    return found
+
+
+def _relay_signals(command: list[str], env: dict[str, str]) -> int:
+    """Run torchrun in a session of its own and pass each SIGINT/SIGTERM this process gets to
+    its training processes (in sessions of their own too, so a terminal's Ctrl-C reaches them
+    only this way, once). They save a checkpoint and stop, one of them saying so; torchrun is
+    not signalled, so it neither prints its own traceback nor cuts the save short. Returns
+    torchrun's status, or 128 + the signal when one stopped the run."""
+    process = subprocess.Popen(command, env={**env, RELAYED: "1"}, start_new_session=True)
+    received: list[int] = []
+
+    def relay(signum: int, frame: object) -> None:
+        received.append(signum)
+        for pid in _children(process.pid) or [process.pid]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+    previous = {sig: signal.signal(sig, relay) for sig in SIGNALS}
+    try:
+        code = process.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return exit_code(received[0]) if received else code
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.resume_fallback and not args.resume:
+        args.resume = True
     config = _config(args)
     if args.estimate:
         print(_estimate(config, args.nproc))
         return 0
     if args.nproc is not None and "TORCHELASTIC_RUN_ID" not in os.environ:
-        return launch(config, args.nproc, args.resume, args.quiet)
+        return launch(config, args.nproc, args.resume, args.quiet, args.resume_fallback)
     from sorai.train.trainer import Trainer
 
     # Under torchrun every rank runs this; the first speaks for them.
     rank = int(os.environ.get("RANK", "0"))
     level = logging.INFO if rank == 0 else logging.WARNING
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
-    result = Trainer(config, resume=args.resume).run()
+    trainer = Trainer(config, resume=args.resume, fallback=args.resume_fallback)
+    result = trainer.run(catch_signals=True)
+    if result.interrupted:
+        if rank == 0:
+            print(
+                f"sorai: {signal_name(result.interrupted)} at step {result.steps}: saved "
+                f"checkpoint {result.checkpoint}; continue with --resume",
+                file=sys.stderr,
+            )
+        # Under `--nproc` the launcher reports the signal in its status: a process stopped
+        # as asked that exited non-zero would have torchrun report a failure.
+        return 0 if os.environ.get(RELAYED) else exit_code(result.interrupted)
     if rank != 0:
         return 0
     steps = f"{result.steps} step{'s' if result.steps != 1 else ''}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -100,6 +101,18 @@ class TrainSection:
     loss_chunk: int = _f(1024, "positions projected to logits at a time by the loss")
     device: str | None = _f(None, "cpu, cuda, cuda:N (default: a GPU when there is one)")
     threads: int | None = _f(None, "CPU threads for torch (default: all cores)")
+    memory_limit: str | None = _f(
+        None,
+        "memory one process may use, e.g. 6GiB or 512MiB (default: what is free: the "
+        "machine's available memory, or a container's limit, shared by its processes; a GPU's "
+        "free memory); the memory estimate must stay under 0.85 of it",
+    )
+    fit_memory: bool = _f(
+        True,
+        "when the estimate exceeds memory_limit: lower micro_batch_size (raising grad_accum "
+        "so a step keeps its rows), then turn on activation checkpointing, until it fits; "
+        "false: refuse, naming the flags that fit",
+    )
 
 
 @dataclass
@@ -197,6 +210,8 @@ class TrainConfig:
         for name, value in non_negative.items():
             if value < 0:
                 raise ConfigError(f"{name} must not be negative, got {value}")
+        if self.train.memory_limit is not None:
+            parse_bytes(self.train.memory_limit, "train.memory_limit")
         if self.train.max_steps is not None and self.train.max_steps < 1:
             raise ConfigError(f"train.max_steps must be at least 1, got {self.train.max_steps}")
         if not self.optim.lr > 0:
@@ -216,6 +231,20 @@ class TrainConfig:
 
     def save(self, path: Path) -> None:
         path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True))
+
+
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
+
+
+def parse_bytes(text: str, name: str) -> int:
+    """A memory size: bytes, or a number with K/M/G/T (binary: 6GiB = 6G = 6 x 2^30)."""
+    match = _SIZE.match(str(text))
+    if match is None or float(match.group(1)) <= 0:
+        raise ConfigError(
+            f"{name}: expected a memory size such as 6GiB, 512MiB or 8000000000, got {text!r}"
+        )
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
 
 
 def _sections() -> dict[str, type]:

@@ -90,3 +90,34 @@ def tune_allocator() -> bool:
     if not ok:
         log.debug("mallopt refused the allocator settings")
     return ok
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None  # "max": no limit
+
+
+def available_bytes() -> int | None:
+    """Memory this machine can give a new workload now: the kernel's MemAvailable, lowered to
+    what is left under this process's cgroup limit (a container's memory.max); None where
+    neither can be read."""
+    figures = []
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                figures.append(int(line.split()[1]) * 1024)  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    cgroup = Path("/sys/fs/cgroup")
+    for limit_file, usage_file in (
+        ("memory.max", "memory.current"),  # cgroup v2
+        ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes"),  # v1
+    ):
+        limit, usage = _read_int(cgroup / limit_file), _read_int(cgroup / usage_file)
+        # v1 reports "no limit" as a huge number, larger than any machine's memory.
+        if limit is not None and usage is not None and limit < 1 << 60:
+            figures.append(max(0, limit - usage))
+    return min(figures) if figures else None

@@ -74,8 +74,10 @@ def chunked_cross_entropy(
     labels = labels.reshape(-1)
     keep = (labels != IGNORE_INDEX).nonzero().squeeze(1)
     if keep.numel() == 0:
-        # Still connected to the graph, so backward (and a data-parallel all-reduce) runs.
-        return hidden.sum() * 0.0
+        # Still connected to the graph through the head too, so every parameter gets a (zero)
+        # gradient: a rank whose rows are all padding (a ragged epoch end) must run the same
+        # gradient collectives as the others, or FSDP's reduce-scatters go out of step.
+        return (hidden.sum() + weight.sum()) * 0.0
     rows = hidden.index_select(0, keep)
     targets = labels.index_select(0, keep)
     if weight.dtype != rows.dtype:

@@ -19,6 +19,7 @@ import math
 import os
 import random
 import resource
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ from torch.distributed.tensor.parallel import loss_parallel
 from sorai import hub
 from sorai.errors import SoraiError
 from sorai.model.hardware import machine
-from sorai.model.loader import load_model, resolve_device
+from sorai.model.loader import load_model, read_config, resolve_device
 from sorai.model.lora import LoRAConfig, apply_lora, merge_lora, save_adapter
 from sorai.model.tokenizer import Tokenizer
 from sorai.model.transformer import Transformer
@@ -43,6 +44,9 @@ from sorai.model.weights import save_hf_dir
 from sorai.train import distributed
 from sorai.train.checkpoint import (
     CheckpointError,
+    DamagedCheckpointError,
+    checkpoint_problem,
+    checkpoint_step,
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
@@ -52,7 +56,10 @@ from sorai.train.checkpoint import (
 )
 from sorai.train.config import TrainConfig
 from sorai.train.data import Batch, BatchLoader, Dataset, load_dataset, pack
+from sorai.train.estimate import Layout
+from sorai.train.fit import fit_memory, memory_limit
 from sorai.train.host_memory import own_weights, tune_allocator
+from sorai.train.interrupt import StopRequests
 from sorai.train.loss import chunked_cross_entropy
 from sorai.train.metrics import MetricsLog, Progress, plot_loss, read_metrics
 from sorai.train.optim import build_optimizer, build_scheduler
@@ -73,6 +80,9 @@ class TrainResult:
     export: Path | None
     tokens_per_s: float
     seconds: float = 0.0  # the training loop's wall time
+    # Stopped early by this signal (SIGINT, SIGTERM) after saving `checkpoint`; 0: ran to the end.
+    interrupted: int = 0
+    checkpoint: Path | None = None
 
 
 GIB = 1024**3
@@ -151,11 +161,18 @@ class Trainer:
     """`Trainer(config).run()`; `resume` is True (the latest checkpoint in the run directory)
     or a checkpoint directory."""
 
-    def __init__(self, config: TrainConfig, resume: bool | str | Path = False) -> None:
+    def __init__(
+        self, config: TrainConfig, resume: bool | str | Path = False, fallback: bool = False
+    ) -> None:
+        """fallback: a damaged checkpoint to resume from is skipped (and set aside as
+        `damaged-step-NNNNNN/`) for the newest whole one before it, instead of an error."""
         config.validate()
         self.config = config
         self.run_dir = Path(config.output_dir)
         self.checkpoint_dir = self.run_dir / "checkpoints"
+        self.fallback = fallback
+        self.damaged: list[Path] = []  # checkpoints skipped as damaged, newest first
+        self._candidates: list[Path] = []
         self.resume_from = self._find_resume(resume)
 
     # -- setup --------------------------------------------------------------------------------
@@ -170,16 +187,53 @@ class Trainer:
                 )
             return None
         if resume is True:
-            found = latest_checkpoint(self.checkpoint_dir)
-            if found is None:
+            # Newest first: with fallback, the older ones are what a damaged one falls back to.
+            candidates = list_checkpoints(self.checkpoint_dir)[::-1]
+            if not candidates:
                 raise CheckpointError(
                     f"--resume: {self.checkpoint_dir} holds no complete checkpoint to resume from"
                 )
-            return found
-        path = Path(resume)
-        if not (path / ".metadata").exists():
-            raise CheckpointError(f"--resume {path}: not a complete checkpoint directory")
-        return path
+        else:
+            path = Path(resume)
+            if not (path / ".metadata").exists():
+                raise CheckpointError(f"--resume {path}: not a complete checkpoint directory")
+            step = checkpoint_step(path)
+            older = []
+            if step is not None:
+                found = list_checkpoints(path.parent)[::-1]
+                older = [p for p in found if (checkpoint_step(p) or 0) < step]
+            candidates = [path, *older]
+        self._candidates = candidates
+        return self._next_whole()
+
+    def _next_whole(self) -> Path:
+        """The first candidate checkpoint whose files are whole; without fallback, the first
+        candidate or a one-line error saying what is wrong with it (and what fallback would
+        resume from)."""
+        while self._candidates:
+            path = self._candidates.pop(0)
+            problem = checkpoint_problem(path)
+            if problem is None:
+                return path
+            self._skip(path, f"checkpoint {path} is damaged: {problem}")
+        raise CheckpointError(
+            "--resume: no whole checkpoint to resume from ("
+            + ", ".join(p.name for p in self.damaged)
+            + " damaged)"
+        )
+
+    def _skip(self, path: Path, message: str) -> None:
+        """A damaged checkpoint: an error without fallback, else noted and passed over."""
+        if not self.fallback:
+            earlier = next((p for p in self._candidates if checkpoint_problem(p) is None), None)
+            hint = (
+                f"--resume-fallback continues from {earlier.name}, the newest whole one before it"
+                if earlier is not None
+                else "no earlier checkpoint is whole"
+            )
+            raise DamagedCheckpointError(f"{message}; {hint}")
+        log.warning("%s; falling back to an earlier checkpoint", message)
+        self.damaged.append(path)
 
     def _threads(self) -> None:
         # Processes on one machine share its cores.
@@ -225,6 +279,7 @@ class Trainer:
             if failed is not None:
                 raise failed
         path = hub.resolve(cfg.model)
+        self._fit_memory(path)
         # Weights stay float32 (the optimizer's master copy); bf16 comes from autocast.
         model, self.tokenizer = load_model(path, torch.float32, self.device, quantize="none")
         own_weights(model)
@@ -294,6 +349,24 @@ class Trainer:
         self._loss_scale = 1.0
         self.first_state_bytes: dict[str, int] | None = None
 
+    def _fit_memory(self, path: Path) -> None:
+        """Check the memory estimate against what a process may use, before anything is
+        loaded: lower the batch settings to fit (train.fit_memory), or refuse in one line."""
+        cfg = self.config
+        processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        limit, source = memory_limit(cfg, self.device, processes)
+        if self.mesh is not None:
+            # Every rank reads the memory at its own moment: the least of them decides for
+            # all, so all train with the same settings.
+            tensor = torch.tensor([float(limit)], dtype=torch.float64, device=self.device)
+            dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+            limit = int(tensor.item())
+        layout = Layout.from_config(cfg.parallel, self.dims.world_size)
+        autocast = self.autocast is not None
+        note = fit_memory(cfg, read_config(path), layout, autocast, limit, source)
+        if note is not None and distributed.is_main():
+            log.info("%s", note)
+
     def lora_config(self) -> LoRAConfig:
         cfg = self.config.lora
         return LoRAConfig(
@@ -349,7 +422,15 @@ class Trainer:
         )
 
     def restore(self, path: Path) -> None:
-        state = load_checkpoint(path, self.parts, self.optimizer, self.trainer_state())
+        while True:
+            try:
+                state = load_checkpoint(path, self.parts, self.optimizer, self.trainer_state())
+                break
+            except DamagedCheckpointError as e:
+                # Bytes that do not decode although every file has its full length: found
+                # only by loading. Every rank gets DCP's gathered error, so all fall back.
+                self._skip(path, str(e))
+                path = self.resume_from = self._next_whole()
         self.step = int(state["step"])
         self.tokens_seen = int(state["tokens_seen"])
         self.loader.load_state_dict(state["loader"])
@@ -364,6 +445,19 @@ class Trainer:
         random.setstate(state["python_rng"])
         if "cuda_rng" in state:
             torch.cuda.set_rng_state(state["cuda_rng"], self.device)
+
+    def _set_aside_damaged(self) -> None:
+        """Rename the damaged checkpoints skipped by fallback to `damaged-step-NNNNNN/`: kept
+        for a look, but no longer the latest checkpoint nor counted by `checkpoint.keep`."""
+        if distributed.is_main():
+            for path in self.damaged:
+                aside = path.with_name(f"damaged-{path.name}")
+                if aside.exists():
+                    shutil.rmtree(aside)
+                path.rename(aside)
+                log.warning("set the damaged %s aside as %s", path, aside.name)
+        if self.mesh is not None:
+            dist.barrier()
 
     # -- collectives --------------------------------------------------------------------------
 
@@ -536,14 +630,17 @@ class Trainer:
         total, targets = self._sum([total if reporting else 0.0, targets if reporting else 0])
         return total / max(targets, 1)
 
-    def run(self) -> TrainResult:
+    def run(self, catch_signals: bool = False) -> TrainResult:
+        """Train to the end. catch_signals (what `sorai train` asks for): a SIGINT or SIGTERM
+        stops at the next step boundary with a checkpoint, and the result says which
+        (`interrupted`); off, they do what the calling program has them do."""
         try:
             self.setup()
-            return self._run()
+            return self._run(catch_signals)
         finally:
             distributed.shutdown()
 
-    def _run(self) -> TrainResult:
+    def _run(self, catch_signals: bool) -> TrainResult:
         cfg = self.config
         main = distributed.is_main()
         if main:
@@ -551,6 +648,7 @@ class Trainer:
         if self.resume_from is not None:
             self.restore(self.resume_from)
             log.info("resumed from %s at step %d", self.resume_from, self.step)
+            self._set_aside_damaged()
         if main:
             cfg.save(self.run_dir / CONFIG_FILE)
             log.info(
@@ -575,64 +673,112 @@ class Trainer:
         progress = Progress(self.total_steps, self.step, cfg.log.progress and main)
         stream = self._micro_batches()
         steps_per_epoch = max(1, math.ceil(len(self.loader) / cfg.train.grad_accum))
-        last_loss, val_loss, rate, val_step = math.nan, None, 0.0, -1
         started = time.perf_counter()
+        stop, interrupted, checkpoint = StopRequests(), 0, None
         try:
-            while self.step < self.total_steps:
-                epoch_before = self.loader.epoch
-                batches = [b for _, b in zip(range(cfg.train.grad_accum), stream, strict=False)]
-                if not batches:
-                    break
-                t0 = time.perf_counter()
-                lr = self.scheduler.get_last_lr()[0]
-                row = self.train_step(batches)
-                elapsed = time.perf_counter() - t0
-                self.step += 1
-                self.tokens_seen += row["tokens"]
-                rate = row["tokens"] / elapsed
-                last_loss = row["loss"]
-                if self.step % cfg.log.every == 0 or self.step == self.total_steps:
-                    extra = {}
-                    if self.first_state_bytes is not None:
-                        # Once, in the first row written: rank 0's model states after step 1.
-                        extra = {"state_bytes_rank0": self.first_state_bytes}
-                        self.first_state_bytes = None
-                    metrics.write(
-                        {
-                            "step": self.step,
-                            "epoch": round(self.step / steps_per_epoch, 4),
-                            **row,
-                            "lr": lr,
-                            "step_time": round(elapsed, 4),
-                            "tokens_per_s": round(rate, 1),
-                            "tokens_seen": self.tokens_seen,
-                            **extra,
-                        }
-                    )
-                progress.update(self.step, last_loss, rate)
-                epoch_done = self.loader.epoch != epoch_before
-                due = cfg.log.eval_every and self.step % cfg.log.eval_every == 0
-                if (due or (not cfg.log.eval_every and epoch_done)) and self.data.val:
-                    val_loss, val_step = self.evaluate(), self.step
+            with stop if catch_signals else contextlib.nullcontext():
+                interrupted, saved_step, last_loss, val_loss, val_step, rate = self._loop(
+                    stream, metrics, progress, steps_per_epoch, stop
+                )
+            if interrupted:
+                # The step is done and counted: saved now, it is where --resume continues.
+                checkpoint = self.checkpoint_dir / f"step-{self.step:06d}"
+                if saved_step != self.step:
+                    checkpoint = self.save()
+            else:
+                if self.data.val and val_step != self.step:
+                    val_loss = self.evaluate()
                     metrics.write({"step": self.step, "val_loss": val_loss})
-                    progress.note(f"step {self.step}: val_loss {val_loss:.4f}")
-                every = cfg.checkpoint.every
-                if every and self.step % every == 0 and self.step < self.total_steps:
-                    path = self.save()
-                    progress.note(f"step {self.step}: checkpoint {path}")
-            if self.data.val and val_step != self.step:
-                val_loss = self.evaluate()
-                metrics.write({"step": self.step, "val_loss": val_loss})
-            self.save()
+                self.save()
         finally:
             progress.close()
             metrics.close()
+        if interrupted:
+            seconds = time.perf_counter() - started
+            return TrainResult(
+                self.run_dir,
+                self.step,
+                last_loss,
+                val_loss,
+                None,
+                rate,
+                seconds,
+                interrupted,
+                checkpoint,
+            )
         export = self.export()
         if main:
             plot_loss(read_metrics(metrics.path), self.run_dir / "loss.png", title=cfg.model)
         # No summary line here: the caller reports the result (`sorai train` prints it once).
         seconds = time.perf_counter() - started
         return TrainResult(self.run_dir, self.step, last_loss, val_loss, export, rate, seconds)
+
+    def _stop_agreed(self, signum: int) -> int:
+        """The stop signal any rank received (0: none), the same on every rank, so all stop
+        at the same step boundary and save one checkpoint together."""
+        if self.mesh is None:
+            return signum
+        return int(self._max(float(signum)))
+
+    def _loop(
+        self,
+        stream: Iterator[Batch],
+        metrics: MetricsLog,
+        progress: Progress,
+        steps_per_epoch: int,
+        stop: StopRequests,
+    ) -> tuple[int, int, float, float | None, int, float]:
+        """Optimizer steps until the end or a stop request; returns (the stop signal or 0,
+        the step last checkpointed, the last loss, the last val_loss and its step, tokens/s)."""
+        cfg = self.config
+        last_loss, val_loss, rate, val_step, saved_step = math.nan, None, 0.0, -1, -1
+        while self.step < self.total_steps:
+            epoch_before = self.loader.epoch
+            batches = [b for _, b in zip(range(cfg.train.grad_accum), stream, strict=False)]
+            if not batches:
+                break
+            t0 = time.perf_counter()
+            lr = self.scheduler.get_last_lr()[0]
+            row = self.train_step(batches)
+            elapsed = time.perf_counter() - t0
+            self.step += 1
+            self.tokens_seen += row["tokens"]
+            rate = row["tokens"] / elapsed
+            last_loss = row["loss"]
+            if self.step % cfg.log.every == 0 or self.step == self.total_steps:
+                extra = {}
+                if self.first_state_bytes is not None:
+                    # Once, in the first row written: rank 0's model states after step 1.
+                    extra = {"state_bytes_rank0": self.first_state_bytes}
+                    self.first_state_bytes = None
+                metrics.write(
+                    {
+                        "step": self.step,
+                        "epoch": round(self.step / steps_per_epoch, 4),
+                        **row,
+                        "lr": lr,
+                        "step_time": round(elapsed, 4),
+                        "tokens_per_s": round(rate, 1),
+                        "tokens_seen": self.tokens_seen,
+                        **extra,
+                    }
+                )
+            progress.update(self.step, last_loss, rate)
+            epoch_done = self.loader.epoch != epoch_before
+            due = cfg.log.eval_every and self.step % cfg.log.eval_every == 0
+            if (due or (not cfg.log.eval_every and epoch_done)) and self.data.val:
+                val_loss, val_step = self.evaluate(), self.step
+                metrics.write({"step": self.step, "val_loss": val_loss})
+                progress.note(f"step {self.step}: val_loss {val_loss:.4f}")
+            every = cfg.checkpoint.every
+            if every and self.step % every == 0 and self.step < self.total_steps:
+                path = self.save()
+                saved_step = self.step
+                progress.note(f"step {self.step}: checkpoint {path}")
+            signum = self._stop_agreed(stop.signum)
+            if signum and self.step < self.total_steps:
+                return signum, saved_step, last_loss, val_loss, val_step, rate
+        return 0, saved_step, last_loss, val_loss, val_step, rate
 
     # -- exports ------------------------------------------------------------------------------
 

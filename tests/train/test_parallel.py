@@ -10,8 +10,11 @@ micro_batch_size / dp rows, so every layout sees the same rows per step.
 from __future__ import annotations
 
 import json
+import math
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -312,3 +315,115 @@ def test_tied_embeddings_are_not_split_over_pipeline_stages_for_full_fine_tuning
     model.requires_grad_(True)  # as the trainer has it for full fine-tuning
     with pytest.raises(ConfigError, match="tied embeddings .* Use LoRA"):
         build_stage_models(model, ParallelConfig(pp=2), 0, full_finetune=True)
+
+
+# -- ragged epoch ends ---------------------------------------------------------------------------
+
+RAGGED = 9  # records: one per row (no packing), so a step of 2 ranks x 2 rows leaves 1 over
+
+
+@pytest.fixture(scope="session")
+def data9(tmp_path_factory) -> Path:
+    pairs = [(f"What is {i} plus {i}?", str(2 * i)) for i in range(RAGGED)]
+    return write_chat(tmp_path_factory.mktemp("data9") / "chat.jsonl", pairs)
+
+
+def ragged_config(model: Path, data: Path) -> dict:
+    """One epoch of RAGGED rows, ROWS per step: the last step holds one row, so under dp2 one
+    rank's micro-batch is all padding (no targets at all)."""
+    config = base_config(model, data, "full")
+    config["data"] = {**config["data"], "pack": False}
+    config["train"] = {"micro_batch_size": ROWS, "epochs": 1, "precision": "fp32"}
+    config["log"] = {**config["log"], "eval_every": 0}
+    return config
+
+
+@pytest.fixture(scope="session")
+def ragged_reference(model4: Path, data9: Path, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ragged-single") / "run"
+    Trainer(resolve(overrides={**ragged_config(model4, data9), "output_dir": str(out)})).run()
+    return out
+
+
+RAGGED_LAYOUTS = [
+    layout("zero3-dp2", "full", 2, ["--parallel.zero_stage", "3"]),
+    layout("zero2-dp2", "full", 2, ["--parallel.zero_stage", "2"], SLOW),
+    layout("zero1-dp2", "full", 2, ["--parallel.zero_stage", "1"], SLOW),
+    layout("zero0-dp2", "full", 2, ["--parallel.zero_stage", "0"], SLOW),
+    # HSDP: replicas over dp_replicate, each sharding over dp_shard (1 here: 2 processes).
+    layout("hsdp-rep2", "full", 2, ["--parallel.dp_replicate", "2", "--parallel.dp_shard", "1"]),
+    layout(
+        "hsdp-rep2-shard2",
+        "full",
+        4,
+        ["--parallel.dp_replicate", "2", "--parallel.dp_shard", "2"],
+        SLOW,
+    ),
+]
+
+
+@pytest.mark.parametrize(("name", "method", "nproc", "flags"), RAGGED_LAYOUTS)
+def test_ragged_epoch_end_trains_like_one_process(
+    name, method, nproc, flags, ragged_reference, model4, data9, tmp_path
+) -> None:
+    """9 records, 4 rows a step: the last step leaves a data-parallel rank nothing but padding.
+    Every layout finishes the epoch (ZeRO-3 crashed in gloo: "Received data size doesn't match
+    expected size", the padding rank's head had no gradient) with one process's losses and
+    weights."""
+    config = ragged_config(model4, data9)
+    dp = 4 if nproc == 4 else 2
+    run = tmp_path / name
+    flags = [*flags, "--train.micro_batch_size", str(ROWS // dp)]
+    result = train_parallel(config, nproc, run, *flags)
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected, got = losses(ragged_reference), losses(run)
+    assert len(got) == len(expected) == math.ceil(RAGGED / ROWS)
+    for step, (a, b) in enumerate(zip(expected, got, strict=True), start=1):
+        assert abs(a - b) <= REL * abs(a), f"step {step}: loss {b} vs one process {a}"
+    ref_weights, weights = exported(ragged_reference, method), exported(run, method)
+    for name_, tensor in ref_weights.items():
+        torch.testing.assert_close(weights[name_], tensor, rtol=REL, atol=REL, msg=name_)
+
+
+@pytest.mark.slow
+def test_sigterm_under_zero3_saves_and_resume_trains_like_one_process(
+    model4, data4, tmp_path
+) -> None:
+    """SIGTERM to `sorai train --nproc 2` (passed on to both ranks, which agree on the step to
+    stop at): one checkpoint of that step, one line, exit 143; `--resume` then ends where one
+    uninterrupted process does."""
+    steps = 12
+    config = base_config(model4, data4, "full")
+    config["train"] = {**config["train"], "max_steps": steps}
+    config["log"] = {**config["log"], "eval_every": 0}
+    single = tmp_path / "single"
+    Trainer(resolve(overrides={**config, "output_dir": str(single)})).run()
+    run = tmp_path / "run"
+    config_file = write_config(tmp_path / "run.yaml", {**config, "output_dir": str(run)})
+    command = [sys.executable, "-m", "sorai.cli", "train", str(config_file), "-q"]
+    command += ["--nproc", "2", *DP2]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = run / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not metrics.exists() or len(metrics.read_text().splitlines()) < 2:
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 143, err[-3000:]
+    (checkpoint,) = (run / "checkpoints").iterdir()
+    stopped = int(checkpoint.name.removeprefix("step-"))
+    assert 2 <= stopped < steps
+    assert err.strip().splitlines()[-1] == (
+        f"sorai: SIGTERM at step {stopped}: saved checkpoint {checkpoint}; continue with --resume"
+    )
+    resumed = train_parallel(config, 2, run, "--resume", *DP2)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    expected, got = losses(single), losses(run)
+    assert len(got) == steps
+    for step, (a, b) in enumerate(zip(expected, got, strict=True), start=1):
+        assert abs(a - b) <= REL * abs(a), f"step {step}: loss {b} vs one process {a}"
+    weights = exported(run, "full")
+    for name, tensor in exported(single, "full").items():
+        torch.testing.assert_close(weights[name], tensor, rtol=REL, atol=REL, msg=name)

@@ -66,10 +66,15 @@ def test_chunked_loss_equals_plain_cross_entropy_and_its_gradients(chunk: int) -
 
 
 def test_loss_with_no_target_is_zero_and_still_backpropagates() -> None:
+    """An all-padding micro-batch (a ragged epoch end on some data-parallel rank) still gives
+    the head a (zero) gradient: FSDP and DDP reduce every parameter's gradient, and a rank
+    that had none for the head would send a different collective than the others."""
     hidden = torch.randn(1, 4, 8, requires_grad=True)
-    loss = chunked_cross_entropy(hidden, torch.randn(10, 8), torch.full((1, 4), IGNORE_INDEX))
+    weight = torch.randn(10, 8, requires_grad=True)
+    loss = chunked_cross_entropy(hidden, weight, torch.full((1, 4), IGNORE_INDEX))
     loss.backward()
     assert loss.item() == 0 and hidden.grad is not None
+    assert weight.grad is not None and weight.grad.abs().max() == 0
 
 
 def test_packed_documents_do_not_see_each_other(tiny_model: Path) -> None:
