@@ -109,7 +109,10 @@ def test_logprob_bytes_join_into_the_text(client: Client) -> None:
     )
     choice = response.choices[0]
     joined = b"".join(bytes(t.bytes) for t in choice.logprobs.content)
-    assert joined.decode("utf-8", errors="replace") == choice.message.content
+    text = choice.message.content.encode("utf-8")
+    # max_tokens may cut the last character: the text drops its bytes, the tokens keep them.
+    assert joined.startswith(text) and len(joined) - len(text) < 4
+    assert joined.decode("utf-8", errors="ignore") == choice.message.content
     assert any("\ufffd" in t.token for t in choice.logprobs.content)  # split characters exist
 
 
