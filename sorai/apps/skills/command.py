@@ -183,6 +183,13 @@ def add_parsers(verbs: argparse._SubParsersAction) -> None:
         help='few-shot examples, a JSONL file of {"text": ..., "label": ...}',
     )
     classify.add_argument("--instruction", default=None, help="the task, in your words")
+    classify.add_argument(
+        "--method",
+        choices=("auto", "llm", "embedding"),
+        default="auto",
+        help="llm: the model's constrained answer; embedding: the examples' vote; auto "
+        "(default): the vote, with the model asked when the vote is unsure",
+    )
     _add_batch(classify)
     _add_common(classify)
     classify.set_defaults(run=run_classify)
@@ -388,15 +395,22 @@ def run_classify(args: argparse.Namespace) -> int:
     examples = _classify_examples(args)
     instruction = args.instruction or skill.INSTRUCTION
     skill.messages("", named, examples, instruction)
+    method = args.method
+    vote = None
 
     def work(text: str) -> dict[str, Any]:
-        result = skill.classify(client, text, labels, examples, instruction)
+        result = skill.classify(client, text, labels, examples, instruction, method, vote)
         return {"label": result.label, "confidence": result.confidence, "scores": result.scores}
 
     with connect(args) as client:
+        if method == "embedding" or (method == "auto" and examples):
+            vote = skill.fit_vote(client, named, examples)  # once for every text
         if args.input is not None:
             return _batch(args, client, work)
-        results = [skill.classify(client, t, labels, examples, instruction) for t in args.texts]
+        results = [
+            skill.classify(client, t, labels, examples, instruction, method, vote)
+            for t in args.texts
+        ]
     if args.json:
         print_json([asdict(r) for r in results])
         return 0

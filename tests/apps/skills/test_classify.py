@@ -7,11 +7,18 @@ import json
 import math
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 from sorai.apps.client import Client
 from sorai.apps.skills.base import SkillError
-from sorai.apps.skills.classify import classify, classify_many, label_scores
+from sorai.apps.skills.classify import classify, classify_many, fit_vote, label_scores
+from sorai.apps.skills.classify_embed import (
+    TEMPERATURES,
+    expected_calibration_error,
+    fit,
+    ngram_vectors,
+)
 from sorai.apps.skills.extract import extract
 from sorai.apps.skills.sentiment import sentiment_by_sentence
 
@@ -205,3 +212,67 @@ def test_another_spelling_of_a_shared_prefix_splits_as_the_path_taken() -> None:
     )
     scores = label_scores(content, '{"label": "New York"}', ["New York", "New Jersey", "Boston"])
     assert scores == pytest.approx({"New York": 0.2, "New Jersey": 0.6, "Boston": 0.2})
+
+
+# -- the examples' vote -----------------------------------------------------------------------
+
+
+def test_readme_inquiries_get_their_labels_by_default(client: Client) -> None:
+    """The README's flight inquiry: the model alone answered その他; the examples' vote (with the
+    model asked where the vote is unsure) labels all four."""
+    results = classify_many(client, NEW, LABELS, EXAMPLES, INSTRUCTION)
+    assert [r.label for r in results] == [
+        "航空機の手配",
+        "レストラン予約",
+        "その他",
+        "航空機の手配",
+    ]
+    assert results[0].method == "embedding" and results[0].confidence > 0.5
+
+
+def test_embedding_method_needs_no_model_answer(client: Client) -> None:
+    result = classify(client, NEW[0], LABELS, EXAMPLES, INSTRUCTION, method="embedding")
+    assert result.method == "embedding" and result.label == "航空機の手配"
+    assert math.isclose(sum(result.scores.values()), 1.0, rel_tol=1e-6)
+
+
+def test_unknown_method_is_a_clear_error() -> None:
+    with pytest.raises(SkillError, match="unknown classify method 'knn'.*auto, llm, embedding"):
+        classify(None, "x", ["a", "b"], method="knn")  # type: ignore[arg-type]
+
+
+def test_an_example_with_an_unknown_label_is_an_error() -> None:
+    with pytest.raises(SkillError, match="'weather' is not one of the labels"):
+        fit_vote(None, ["a", "b"], [("x", "weather")])  # type: ignore[arg-type]
+
+
+# Written for these tests: three topics, four examples each, no encoder (n-grams alone).
+TOPICS = {
+    "料理": ["カレーの作り方", "パスタを茹でる時間", "味噌汁の出汁の取り方", "ケーキを焼く温度"],
+    "天気": ["明日の天気は晴れ", "雨が降りそうです", "台風が近づいています", "今日の気温と天気"],
+    "電車": ["電車が遅れています", "新宿駅で乗り換え", "終電の時刻を知りたい", "電車の定期券"],
+}
+
+
+def test_ngram_vote_fits_on_japanese_without_an_encoder() -> None:
+    examples = [(t, label) for label, texts in TOPICS.items() for t in texts]
+    vote = fit({name: "" for name in TOPICS}, examples)
+    assert vote.feature == "ngram" and vote.loo_accuracy is not None
+    assert vote.loo_accuracy >= 0.75
+    assert TEMPERATURES[0] <= vote.temperature <= TEMPERATURES[-1]
+    (p,) = vote.probabilities(["週末の天気が心配"])
+    assert max(p, key=p.__getitem__) == "天気"
+    assert math.isclose(sum(p.values()), 1.0, rel_tol=1e-9)
+
+
+def test_ngram_vectors_are_unit_length_over_the_documents_vocabulary() -> None:
+    docs, texts = ngram_vectors(["abc", "abd"], ["abc", "zzz"])
+    assert np.allclose(np.linalg.norm(docs, axis=1), 1.0)
+    assert math.isclose(float(texts[0] @ docs[0]), 1.0, rel_tol=1e-9)
+    assert not texts[1].any()  # nothing in common with the documents
+
+
+def test_expected_calibration_error_by_hand() -> None:
+    # Bin 0.9: two answers at 0.9, one right (gap 0.4); bin 0.6: one right at 0.6 (gap 0.4).
+    assert math.isclose(expected_calibration_error([0.9, 0.9, 0.6], [True, False, True]), 0.4)
+    assert expected_calibration_error([1.0, 1.0], [True, True]) == 0.0
