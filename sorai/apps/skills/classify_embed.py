@@ -29,7 +29,8 @@ DEFAULT_TEMPERATURE = 0.05
 def _grams(text: str) -> Counter[str]:
     norm = " ".join(unicodedata.normalize("NFKC", text).lower().split())
     padded = f" {norm} "
-    return Counter(padded[i : i + n] for n in NGRAMS for i in range(len(padded) - n + 1))
+    grams = (padded[i : i + n] for n in NGRAMS for i in range(len(padded) - n + 1))
+    return Counter(g for g in grams if g.strip())  # a lone space says nothing of the topic
 
 
 def ngram_vectors(documents: Sequence[str], texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:

