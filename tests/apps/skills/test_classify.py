@@ -276,3 +276,19 @@ def test_expected_calibration_error_by_hand() -> None:
     # Bin 0.9: two answers at 0.9, one right (gap 0.4); bin 0.6: one right at 0.6 (gap 0.4).
     assert math.isclose(expected_calibration_error([0.9, 0.9, 0.6], [True, False, True]), 0.4)
     assert expected_calibration_error([1.0, 1.0], [True, True]) == 0.0
+
+
+def test_cli_method_flag(client: Client, capsys) -> None:
+    from sorai.cli import main
+
+    argv = ["classify", NEW[0], "--labels", ",".join(LABELS), "--instruction", INSTRUCTION]
+    argv += [flag for text, label in EXAMPLES for flag in ("--example", f"{text}=>{label}")]
+    argv += ["--url", str(client.openai.base_url), "--api-key", client.openai.api_key, "--json"]
+    decided = {}
+    for method in ("auto", "llm", "embedding"):
+        assert main([*argv, "--method", method]) == 0
+        (row,) = json.loads(capsys.readouterr().out)
+        decided[method] = (row["label"], row["method"])
+    assert decided["auto"] == ("航空機の手配", "embedding")
+    assert decided["embedding"] == ("航空機の手配", "embedding")
+    assert decided["llm"][1] == "llm"
