@@ -129,7 +129,9 @@ def main() -> None:
             for method in args.methods.split(","):
                 started = time.perf_counter()
                 right, confidences, used = [], [], {}
-                for text, truth in tests:
+                for done, (text, truth) in enumerate(tests):
+                    if done and done % 20 == 0:
+                        print(f"    {method}: {done}/{len(tests)}", flush=True)
                     r = classify(client, text, labels, examples, instruction, method, vote)
                     right.append(r.label == truth)
                     confidences.append(r.confidence if r.confidence is not None else 0.0)
