@@ -31,7 +31,9 @@ def terms(text: str) -> list[str]:
 
 def class_keywords(clusters: Sequence[Sequence[str]], top: int = 3) -> list[list[str]]:
     """The `top` keywords of each cluster of texts, by c-TF-IDF: a term's share of the
-    cluster's terms times log(1 + mean terms per cluster / the term's count in all). A term
+    cluster's terms times log(1 + mean terms per cluster / the term's count in all), times
+    log(1 + clusters / clusters using the term), so that a term every cluster uses ranks below
+    one only this cluster does. A term
     in fewer than two of a cluster's texts (when it has two or more) is passed over, so one
     long text cannot name its cluster; overlapping CJK bigrams are taken once."""
     counts = [Counter(t for text in texts for t in terms(text)) for texts in clusters]
@@ -40,6 +42,9 @@ def class_keywords(clusters: Sequence[Sequence[str]], top: int = 3) -> list[list
     for count in counts:
         overall.update(count)
     mean = sum(overall.values()) / max(1, len(clusters))
+    # A term every cluster uses ("propose", "existing") names none of them.
+    present = Counter(t for count in counts for t in count)
+    k = len(clusters)
     out = []
     for texts, count, docs in zip(clusters, counts, spread, strict=True):
         total = sum(count.values()) or 1
@@ -48,7 +53,7 @@ def class_keywords(clusters: Sequence[Sequence[str]], top: int = 3) -> list[list
             count,
             key=lambda t: (
                 -(docs[t] >= least),
-                -count[t] / total * math.log1p(mean / overall[t]),
+                -count[t] / total * math.log1p(mean / overall[t]) * math.log1p(k / present[t]),
                 t,
             ),
         )
