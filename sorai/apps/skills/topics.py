@@ -28,6 +28,7 @@ LABEL_PROMPT = (
 )
 MAX_NAME_WORDS = 6  # a CJK character counts as a word: twelve would be a sentence
 MAX_NAME_CJK = 12
+MAX_NAME_CHARS = 60  # the schema's maxLength
 # Words that make a name a sentence or a reply to the user rather than a noun phrase.
 NOT_A_NAME = frozenset(
     [
@@ -141,7 +142,12 @@ def _label(client: Client, examples: list[str]) -> str:
         "type": "object",
         # One line of text: no newline to start a list on, no braces for a template.
         "properties": {
-            "label": {"type": "string", "minLength": 1, "maxLength": 60, "pattern": LABEL_PATTERN}
+            "label": {
+                "type": "string",
+                "minLength": 1,
+                "maxLength": MAX_NAME_CHARS,
+                "pattern": LABEL_PATTERN,
+            }
         },
         "required": ["label"],
         "additionalProperties": False,
@@ -169,7 +175,9 @@ def is_name(label: str, members: Sequence[str]) -> bool:
     label = label.strip()
     words = label.lower().replace("’", "'").split()
     cjk = sum(1 for ch in label if "\u3040" <= ch <= "\u9fff")
-    if not label or is_refusal(label) or label[-1] in ".!?。！？:":
+    # A name as long as the schema allows was cut there ("... outperforms state-of-the-art
+    # syntactic-t"): a sentence run on, not a name.
+    if not label or len(label) >= MAX_NAME_CHARS or is_refusal(label) or label[-1] in ".!?。！？:":
         return False
     if (cjk and cjk > MAX_NAME_CJK) or (not cjk and word_count(label) > MAX_NAME_WORDS):
         return False
