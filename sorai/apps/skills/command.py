@@ -535,6 +535,10 @@ def run_summarize(args: argparse.Namespace) -> int:
     print(summary.text)
     chunks = plural(summary.chunks, "chunk")
     how = "one request" if summary.path == "direct" else f"map-reduce over {chunks}"
+    if summary.extractive:
+        how += "; the source's own key sentences: the model's summary failed the checks"
+    if summary.dropped:
+        how += f"; {plural(len(summary.dropped), 'sentence')} with a number not in the text dropped"
     say(f"({plural(summary.words, 'word')}; {how})")
     return 0
 

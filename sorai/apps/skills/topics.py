@@ -3,8 +3,10 @@ a count and the members of each: the seed's "pattern recognition".
 
 Embeddings come from the endpoint (`/v1/embeddings`); clustering is k-means (k-means++ seeding,
 cosine on normalised vectors). Without k, k is chosen by the mean silhouette over 2..max_topics.
-Each cluster is labelled by the chat model from the members nearest its centre, under a JSON
-schema so the label is always a string.
+Each cluster gets keywords (class-based TF-IDF, CJK-aware: keywords.py) always, and a name
+from the chat model (from the members nearest its centre, under a JSON schema) only when the
+name passes checks: short, a noun phrase rather than a sentence, not a refusal, and made of
+words the members use; else the keywords are the label.
 """
 
 from __future__ import annotations
@@ -16,10 +18,46 @@ import numpy as np
 
 from sorai.apps.client import Client
 from sorai.apps.skills.base import SkillError, checked
+from sorai.apps.skills.keywords import class_keywords, terms
+from sorai.apps.skills.summary_checks import is_refusal
+from sorai.apps.text import word_count
 
 LABEL_PROMPT = (
     "These texts belong to one group. Give the group a short label of 2 to 5 words naming "
     'what they have in common. Answer with JSON: {"label": "..."}.'
+)
+MAX_NAME_WORDS = 6  # a CJK character counts as a word: twelve would be a sentence
+MAX_NAME_CJK = 12
+MAX_NAME_CHARS = 60  # the schema's maxLength
+# Words that make a name a sentence or a reply to the user rather than a noun phrase.
+NOT_A_NAME = frozenset(
+    [
+        "i",
+        "i'm",
+        "me",
+        "my",
+        "you",
+        "your",
+        "we",
+        "our",
+        "is",
+        "are",
+        "was",
+        "were",
+        "be",
+        "sorry",
+        "unable",
+        "cannot",
+        "can't",
+        "please",
+        "here",
+        "label",
+        "group",
+        "these",
+        "this",
+        "that",
+        "texts",
+    ]
 )
 SILHOUETTE_SAMPLE = 2000  # points the silhouette is measured on (it is quadratic)
 
@@ -30,6 +68,8 @@ class Topic:
     count: int
     members: list[int]  # indices into the texts, nearest the centre first
     examples: list[str] = field(default_factory=list)
+    keywords: list[str] = field(default_factory=list)  # c-TF-IDF terms, most telling first
+    named: bool = False  # the label is the model's name (it passed the checks), else keywords
 
 
 def kmeans(vectors: np.ndarray, k: int, seed: int = 0, restarts: int = 8) -> np.ndarray:
@@ -102,7 +142,12 @@ def _label(client: Client, examples: list[str]) -> str:
         "type": "object",
         # One line of text: no newline to start a list on, no braces for a template.
         "properties": {
-            "label": {"type": "string", "minLength": 1, "maxLength": 60, "pattern": LABEL_PATTERN}
+            "label": {
+                "type": "string",
+                "minLength": 1,
+                "maxLength": MAX_NAME_CHARS,
+                "pattern": LABEL_PATTERN,
+            }
         },
         "required": ["label"],
         "additionalProperties": False,
@@ -119,7 +164,30 @@ def _label(client: Client, examples: list[str]) -> str:
         schema,
         "topic label",
     )
-    return " ".join(str(answer["label"]).split()) or "(unlabelled)"
+    return " ".join(str(answer["label"]).split())
+
+
+def is_name(label: str, members: Sequence[str]) -> bool:
+    """Whether the model's `label` for a cluster of `members` is fit to show: not empty, short
+    (MAX_NAME_WORDS words, MAX_NAME_CJK CJK characters), not a sentence (no closing
+    punctuation, no pronoun or verb of a reply), not a refusal, and sharing a term with the
+    members (a name about something else is not theirs)."""
+    label = label.strip()
+    words = label.lower().replace("’", "'").split()
+    cjk = sum(1 for ch in label if "\u3040" <= ch <= "\u9fff")
+    # A name as long as the schema allows was cut there ("... outperforms state-of-the-art
+    # syntactic-t"): a sentence run on, not a name.
+    if not label or len(label) >= MAX_NAME_CHARS or is_refusal(label) or label[-1] in ".!?。！？:":
+        return False
+    if (cjk and cjk > MAX_NAME_CJK) or (not cjk and word_count(label) > MAX_NAME_WORDS):
+        return False
+    if any(w.strip(",;:\"'") in NOT_A_NAME for w in words):
+        return False
+    mine = set(terms(label))
+    theirs = {t for text in members for t in terms(text)}
+    # Word stems: "refund" names "refunds", "billing" names "billed".
+    stems = {t[:5] for t in theirs}
+    return bool(mine & theirs or {t[:5] for t in mine if len(t) >= 4} & stems)
 
 
 def topics(
@@ -148,13 +216,24 @@ def topics(
         scored = [(silhouette(vectors, kmeans(vectors, c, seed), seed), c) for c in candidates]
         k = max(scored)[1]
     assign = kmeans(vectors, k, seed)
-    found = []
+    orders = []
     for c in range(k):
         members = np.flatnonzero(assign == c)
-        if len(members) == 0:
-            continue
-        centre = vectors[members].mean(axis=0)
-        order = members[np.argsort(-(vectors[members] @ centre))]
+        if len(members):
+            centre = vectors[members].mean(axis=0)
+            orders.append(members[np.argsort(-(vectors[members] @ centre))])
+    keywords = class_keywords([[texts[i] for i in order] for order in orders])
+    found = []
+    for order, words in zip(orders, keywords, strict=True):
         examples = [texts[i] for i in order[:8]]
-        found.append(Topic(_label(client, examples), len(order), order.tolist(), examples[:3]))
+        name = _label(client, examples)
+        named = is_name(name, [texts[i] for i in order])
+        label = name if named else ", ".join(words) or short_text(examples[0])
+        found.append(Topic(label, len(order), order.tolist(), examples[:3], words, named))
     return sorted(found, key=lambda t: -t.count)
+
+
+def short_text(text: str, limit: int = 40) -> str:
+    """The first `limit` characters of a text, for a cluster with no telling term."""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"

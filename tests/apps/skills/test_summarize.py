@@ -19,9 +19,11 @@ from sorai.apps.skills.summarize import (
     NOTES,
     PROMPT_OVERHEAD,
     STYLES,
+    checked_summary,
     split,
     summarize,
 )
+from sorai.apps.skills.summary_checks import cut_loop, has_loop, key_sentences, numbers
 from sorai.apps.text import estimate_tokens, sentences, truncate_words, word_count
 from tests.apps.agent.scripted import ScriptedModel
 
@@ -147,3 +149,56 @@ def test_split_keeps_the_text_in_order_around_a_huge_sentence() -> None:
     pieces = split(text, 500)
     assert pieces[0] == "A short opening paragraph."  # not after the huge sentence's runs
     assert "".join(pieces[1:]) == ("word " * 3000).strip()
+
+
+def test_a_looping_summary_is_cut_where_it_repeats() -> None:
+    looped = "Q3 2026: Q3 2026: Q3 2026: Q3 2026: Q3 2026:"
+    assert has_loop(looped) and not has_loop("Sales rose. Costs fell in the second quarter.")
+    assert cut_loop("Sales rose in May. The team met the plan and the team met the plan.") == (
+        "Sales rose in May."
+    )
+    # Nothing left of a loop that starts at once: the source's key sentences instead.
+    source = "Revenue rose 12 percent in Q3 2026. The Osaka office opened in May. Costs fell."
+    text, fallback, _ = checked_summary(looped, source, "one-line", 25)
+    assert fallback and text in sentences(source)
+
+
+def test_a_sentence_with_a_number_not_in_the_source_is_dropped() -> None:
+    source = "Revenue rose 12 percent to 1,200 million yen. The Osaka office opened in May."
+    generated = "Revenue rose 12 percent to 1200 million yen. Profit rose 45 percent."
+    text, fallback, dropped = checked_summary(generated, source, "paragraph", 60)
+    assert not fallback and text == "Revenue rose 12 percent to 1200 million yen."
+    assert dropped == ["Profit rose 45 percent."]
+
+
+def test_bullets_run_together_are_split_and_a_refusal_falls_back() -> None:
+    source = "The plan was approved. The budget grows next year. Hiring starts in April."
+    text, fallback, _ = checked_summary(
+        "- The plan was approved. - The budget grows.", source, "bullets", 60
+    )
+    assert not fallback and text == "- The plan was approved.\n- The budget grows."
+    text, fallback, _ = checked_summary(
+        "I'm sorry, but I'm unable to assist with that.", source, "bullets", 60
+    )
+    assert fallback and all(line.startswith("- ") for line in text.splitlines())
+
+
+def test_key_sentences_are_the_sources_own_within_the_length() -> None:
+    text = long_text(600) + "\n\n売上は前年より増えました。大阪の新しい事務所が開きました。"
+    picked = key_sentences(text, 40)
+    assert picked and sum(word_count(s) for s in picked) <= 40
+    assert all(s in sentences(text) for s in picked)
+
+
+@pytest.mark.parametrize("style", ["bullets", "one-line"])
+def test_the_default_model_summary_is_checked(client: Client, style: str) -> None:
+    """The README's case: the default model's summary in each style, with no loop and no
+    number the source does not hold (a generated one, or the extractive fallback)."""
+    source = long_text(300)
+    summary = summarize(client, source, style=style, max_words=40)
+    assert 0 < summary.words <= 40 and not has_loop(summary.text)
+    assert all(n in numbers(source) for n in numbers(summary.text))
+    if style == "bullets":
+        assert all(line.startswith("- ") for line in summary.text.splitlines())
+    else:
+        assert "\n" not in summary.text

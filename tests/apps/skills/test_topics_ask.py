@@ -14,7 +14,8 @@ from sorai.apps.rag import Index, add_files, search
 from sorai.apps.rag.chunk import Chunk
 from sorai.apps.skills.ask import DONT_KNOW, ask
 from sorai.apps.skills.base import SkillError
-from sorai.apps.skills.topics import topics
+from sorai.apps.skills.keywords import class_keywords, terms
+from sorai.apps.skills.topics import is_name, topics
 
 GROUPS = {
     "billing": [
@@ -50,6 +51,9 @@ def test_topics_group_the_tickets(client: Client) -> None:
     # Each cluster is mostly one group: 10 of the 12 tickets at least sit with their group.
     agree = sum(max(sum(group_of[texts[i]] == g for i in t.members) for g in GROUPS) for t in found)
     assert agree >= 10
+    for topic in found:  # keywords always; the model's name only when it passes the checks
+        assert topic.keywords and (topic.named or topic.label == ", ".join(topic.keywords))
+        assert not topic.named or is_name(topic.label, [texts[i] for i in topic.members])
     chosen = topics(client, texts)  # k by silhouette
     assert 2 <= len(chosen) <= 8
     with pytest.raises(SkillError, match="at least two texts"):
@@ -114,7 +118,7 @@ def test_japanese_question_cites_the_japanese_chunk(client: Client, index: Index
 
 class _FixedEndpointDouble:
     """Test double for an endpoint: every text embeds to the same vector (as identical texts
-    do), every topic is labelled "same"."""
+    do), every topic is named "same" (a name the texts do not bear out: keywords label them)."""
 
     def embed(self, texts):
         return [[0.6, 0.8, 0.0] for _ in texts]
@@ -127,7 +131,7 @@ class _FixedEndpointDouble:
 def test_identical_texts_are_one_topic(count: int) -> None:
     found = topics(_FixedEndpointDouble(), ["Where is my parcel?"] * count)  # type: ignore[arg-type]
     assert [(t.label, t.count, sorted(t.members)) for t in found] == [
-        ("same", count, list(range(count)))
+        ("parcel", count, list(range(count)))
     ]
 
 
@@ -231,3 +235,43 @@ def test_the_label_and_answer_schemas_leave_no_room_for_templates_or_blanks(thre
     endpoint = _AskEndpointDouble([1.0, 0.0, 0.0], {"answer": "", "passages": [1], "found": True})
     with pytest.raises(SkillError, match="answer does not fit"):
         ask(endpoint, "motor price?", three_chunks)  # type: ignore[arg-type]
+
+
+def test_a_refusal_or_sentence_is_not_a_topic_name() -> None:
+    members = GROUPS["billing"]
+    assert is_name("Billing and refunds", members)
+    assert is_name("Duplicate payment", members)
+    for bad in [
+        "I'm sorry for any inconvenience, but I'm unable to assist by",
+        "",
+        "These texts are about billing.",
+        "Space travel",  # not what the members say
+        "Customer complaints about charges, refunds, invoices and bills going up",
+        # A run-on cut at the schema's 60 characters, though short in words.
+        "Refunds of duplicate-payment-charges-on-credit-card-invoices-and-bills"[:60],
+    ]:
+        assert not is_name(bad, members), bad
+
+
+def test_a_refused_name_gives_way_to_the_keywords() -> None:
+    endpoint = _FixedEndpointDouble()
+    endpoint.embed = lambda texts: [[1.0, 0.0]] * 4 + [[0.0, 1.0]] * 4
+    endpoint.chat_json = lambda messages, schema, **kwargs: {
+        "label": "I'm sorry, but I'm unable to assist"
+    }
+    texts = GROUPS["billing"] + GROUPS["login"]
+    found = topics(endpoint, texts, k=2)  # type: ignore[arg-type]
+    assert all(not t.named and t.label == ", ".join(t.keywords) for t in found)
+    assert any("password" in t.keywords for t in found)
+
+
+def test_japanese_keywords_are_character_bigrams_without_particles() -> None:
+    assert "ログ" in terms("パスワードを忘れてログインできません")
+    assert not any("を" in t or "で" in t for t in terms("パスワードを忘れてログインできません"))
+    keywords = class_keywords(
+        [
+            ["請求書の金額が間違っています", "請求が二重です"],
+            ["荷物がまだ届きません", "荷物の追跡番号"],
+        ]
+    )
+    assert keywords[0][0] == "請求" and keywords[1][0] == "荷物"
