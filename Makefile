@@ -40,7 +40,7 @@ format: install-test
 # The default tier, what CI runs: every case not marked slow (each capability keeps a real-model
 # or real-server case here), in under 10 minutes on 2 cores.
 test: lint
-	$(BIN)/python -m pytest -m "not slow" -q
+	$(BIN)/python -m pytest -m "not slow" -q --durations=25
 
 # Everything: also the slow tier (the long real-model runs, every parallel layout, the property
 # tests), about half an hour on 2 cores.

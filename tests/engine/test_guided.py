@@ -327,15 +327,18 @@ SENTENCE = r"[A-Z][A-Za-z ,]+ [0-9]{2}\."
 CHOICES = ["yes, a long and winding answer to the question", "ok"]
 
 
-def _budget_cases() -> list[tuple[str, dict, tuple[int, ...], object]]:
+def _budget_cases() -> list:
     """(name, chat options, budgets from the shortest completion's length up, check of the
     text) for each kind of constraint."""
     return [
-        (
+        pytest.param(
             "json_schema",
             {"response_format": {"type": "json_schema", "json_schema": {"schema": RECORD}}},
             (26, 30, 36, 48),
             lambda text: jsonschema.validate(json.loads(text), RECORD),
+            # ~40 s; json_schema under a tight budget stays in the default tier through
+            # tests/server/test_langchain.py and the budget property.
+            marks=pytest.mark.slow,
         ),
         (
             "json_object",
@@ -343,11 +346,12 @@ def _budget_cases() -> list[tuple[str, dict, tuple[int, ...], object]]:
             (2, 5, 9, 16),
             lambda text: isinstance(json.loads(text), dict) or pytest.fail(text),
         ),
-        (
+        pytest.param(
             "regex",
             {"guided_regex": SENTENCE},
             (6, 8, 12),
             lambda text: re.fullmatch(SENTENCE, text) or pytest.fail(text),
+            marks=pytest.mark.slow,  # ~15 s; choice covers the search-based closing
         ),
         ("choice", {"guided_choice": CHOICES}, (2, 3, 4), lambda t: t in CHOICES or pytest.fail(t)),
     ]

@@ -142,9 +142,9 @@ def assert_parity(reference: Path, run: Path, method: str) -> None:
 
 # (name, method, processes, flags); data-parallel ranks split the ROWS rows of a step.
 # Each case is a real torchrun job (10-20 s on 2 cores), so the default tier keeps one of each
-# kind: ZeRO-3, tensor parallelism with sequence parallelism and a 1F1B pipeline (a 4-process
-# composition takes a minute on 2 cores); `make test-all` runs them all, and the resume across
-# layouts and the tied embeddings over pipeline stages below.
+# kind: ZeRO-3 (its ragged-epoch case, below), tensor parallelism with sequence parallelism and a
+# 1F1B pipeline (a 4-process composition takes a minute on 2 cores); `make test-all` runs them
+# all, and the resume across layouts and the tied embeddings over pipeline stages below.
 DP2 = ["--train.micro_batch_size", "2"]
 SLOW = pytest.mark.slow
 
@@ -157,7 +157,8 @@ LAYOUTS = [
     layout("zero0-dp2", "full", 2, ["--parallel.zero_stage", "0", *DP2], SLOW),
     layout("zero1-dp2", "full", 2, ["--parallel.zero_stage", "1", *DP2], SLOW),
     layout("zero2-dp2", "full", 2, ["--parallel.zero_stage", "2", *DP2], SLOW),
-    layout("zero3-dp2", "full", 2, ["--parallel.zero_stage", "3", *DP2]),
+    # ZeRO-3 stays in the default tier through its ragged-epoch case below.
+    layout("zero3-dp2", "full", 2, ["--parallel.zero_stage", "3", *DP2], SLOW),
     layout("tp2", "full", 2, ["--parallel.tp", "2", "--parallel.sequence_parallel", "false"], SLOW),
     layout("tp2-sp", "full", 2, ["--parallel.tp", "2", "--parallel.sequence_parallel", "true"]),
     layout("pp2-gpipe", "full", 2, ["--parallel.pp", "2", "--parallel.pp_schedule", "gpipe"], SLOW),
@@ -351,7 +352,9 @@ RAGGED_LAYOUTS = [
     layout("zero1-dp2", "full", 2, ["--parallel.zero_stage", "1"], SLOW),
     layout("zero0-dp2", "full", 2, ["--parallel.zero_stage", "0"], SLOW),
     # HSDP: replicas over dp_replicate, each sharding over dp_shard (1 here: 2 processes).
-    layout("hsdp-rep2", "full", 2, ["--parallel.dp_replicate", "2", "--parallel.dp_shard", "1"]),
+    layout(
+        "hsdp-rep2", "full", 2, ["--parallel.dp_replicate", "2", "--parallel.dp_shard", "1"], SLOW
+    ),
     layout(
         "hsdp-rep2-shard2",
         "full",

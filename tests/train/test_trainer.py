@@ -191,6 +191,7 @@ def _train_cli(cfg_path: Path, *extra: str) -> subprocess.Popen:
     )
 
 
+@pytest.mark.slow  # ~25 s; the default tier resumes after SIGINT (tests/train/test_faults.py)
 def test_kill_9_and_resume_follows_the_uninterrupted_loss_curve(
     tiny_model: Path, tmp_path: Path
 ) -> None:
