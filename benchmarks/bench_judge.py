@@ -25,7 +25,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-
 from pydoc_data.topics import topics
 
 from sorai.apps.client import Client
@@ -134,9 +133,8 @@ def bench_judge(client: Client, rows: list[dict], rubric_rows: int) -> None:
     print(f"  AUROC evidence part:         {auroc(evidence, labels):.3f}")
     for kind in ("negated", "swapped", "other topic"):
         keep = [i for i, r in enumerate(rows) if r["label"] or r["kind"] == kind]
-        print(
-            f"  AUROC grounded vs {kind:<12} {auroc([final[i] for i in keep], [labels[i] for i in keep]):.3f}"
-        )
+        value = auroc([final[i] for i in keep], [labels[i] for i in keep])
+        print(f"  AUROC grounded vs {kind:<12} {value:.3f}")
     if rubric_rows:
         rubric, t0 = [], time.perf_counter()
         old = load_prompt("groundedness_no_query")

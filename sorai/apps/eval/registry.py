@@ -104,9 +104,21 @@ def prompt_evaluator(
 def claim_evaluator(name: str, needs: tuple[str, ...], description: str) -> Evaluator:
     """A built-in 1-5 evaluator scored from per-claim yes/no verdicts (see verdicts.py): the
     prompt `NAME_claim`, the evidence check groundedness' context, similarity's ground truth
-    or relevance's query."""
+    or relevance's query. A `--prompts` folder with a rubric `NAME.md` (the free 1-5 judge of
+    the rubric prompts) is judged by that rubric instead: an override keeps its meaning."""
+    rubric = prompt_evaluator(
+        name,
+        name,
+        description,
+        alternative="groundedness_no_query" if name == "groundedness" else None,
+    )
+
+    def overridden(ctx: Context) -> bool:
+        return bool(ctx.prompts_dir) and (Path(ctx.prompts_dir) / f"{name}.md").is_file()
 
     def run(row: EvalRow, ctx: Context) -> Score:
+        if overridden(ctx):
+            return rubric.run(row, ctx)
         values = _values(row)
         if name == "relevance":
             check = answers(values["query"])
@@ -114,12 +126,13 @@ def claim_evaluator(name: str, needs: tuple[str, ...], description: str) -> Eval
             check = grounded_in(values["ground_truth"])
         else:
             check = grounded_in(values["context"])
-        verdict = claim_score(
-            ctx.judge, load_prompt(f"{name}_claim", ctx.prompts_dir), values, check
-        )
+        prompt = load_prompt(f"{name}_claim", ctx.prompts_dir)
+        verdict = claim_score(ctx.judge, prompt, values, check)
         return Score(verdict.score, verdict.reason)
 
     def digest(ctx: Context) -> str:
+        if overridden(ctx):
+            return rubric.digest(ctx)
         return "claims+" + load_prompt(f"{name}_claim", ctx.prompts_dir).digest
 
     return Evaluator(

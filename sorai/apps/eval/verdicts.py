@@ -38,7 +38,7 @@ _STOP = frozenset(
         "why how do does did has have had can could will would shall should may might must i "
         "you he she we they me him her us them my your his our their so than then too very "
         "just also about into over under up down out only own same such any all each some "
-        "most more other",
+        "most more other long many much often",
     )
 )
 
