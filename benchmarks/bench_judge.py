@@ -158,8 +158,8 @@ def cloze(sentence: str, rng: random.Random) -> tuple[str, str] | None:
 
 
 def bench_ask(client: Client, count: int, seed: int = 1) -> None:
-    from sorai.apps.rag import Index, add_documents  # noqa: F401  (checked below)
-    from sorai.apps.skills import ask as ask_module
+    from sorai.apps.rag import Index, add_files
+    from sorai.apps.skills.ask import ask
 
     rng = random.Random(seed)
     docs = corpus()
@@ -180,9 +180,10 @@ def bench_ask(client: Client, count: int, seed: int = 1) -> None:
             folder.mkdir()
             for n in chosen:
                 (folder / f"{n}.txt").write_text(" ".join(docs[n]), encoding="utf-8")
-            index = ask_module_index(client, folder, Path(tmp) / f"q{i}.db")
-            answer = ask_module.ask(client, question, index)
-            before = getattr(answer, "model_found", answer.found)
+            index = Index(Path(tmp) / f"q{i}.sqlite")
+            add_files(index, [folder], client)
+            answer = ask(client, question, index)
+            before = bool(answer.model_found)  # None: no passage relevant, the model not asked
             agree_after += answer.found == present
             agree_before += before == present
             results.append((present, answer.found, before, question, answer.text[:80]))
@@ -194,12 +195,6 @@ def bench_ask(client: Client, count: int, seed: int = 1) -> None:
     )
     for present, found, before, question, text in results[:6]:
         print(f"  present={present} found={found} model={before} {question[:60]!r} -> {text!r}")
-
-
-def ask_module_index(client: Client, folder: Path, path: Path):
-    from sorai.apps.rag import build_index
-
-    return build_index(client, [str(folder)], str(path))
 
 
 def main() -> None:
