@@ -40,7 +40,7 @@ _DONT_KNOW = re.compile(
     r"\b(?:does|do) not (?:contain|mention|say|state)|わかりません|分かりません",
     re.IGNORECASE,
 )
-_SENTENCE_END = re.compile(r"[.!?。！？](?=\s|$)")
+_SENTENCE_END = re.compile(r"[.!?](?=\s|$)|[。！？]")
 INSTRUCTION = (
     "Answer the question using only the numbered passages. Say which passages you used. If "
     "the passages do not contain the answer, set found to false and say you don't know."

@@ -12,7 +12,7 @@ import pytest
 from sorai.apps.client import Client
 from sorai.apps.rag import Index, add_files, search
 from sorai.apps.rag.chunk import Chunk
-from sorai.apps.skills.ask import DONT_KNOW, ask
+from sorai.apps.skills.ask import DONT_KNOW, NOT_IN_PASSAGES, ask, complete_sentences
 from sorai.apps.skills.base import SkillError
 from sorai.apps.skills.topics import topics
 
@@ -80,6 +80,17 @@ def test_ask_cites_the_chunk_with_the_answer(client: Client, index: Index) -> No
     assert answer.citations
     assert any("90 days" in c.text for c in answer.citations)
     assert all(c.number >= 1 and Path(c.path).name for c in answer.citations)
+
+
+def test_ask_s_found_agrees_with_the_answer_on_the_default_model(
+    client: Client, index: Index
+) -> None:
+    # Before, the model's own flag said False next to a right answer.
+    answer = ask(client, "How long is the warranty of the ABC blender?", index, k=3)
+    if answer.found:
+        assert "90" in answer.text and any("90 days" in c.text for c in answer.citations)
+    else:
+        assert answer.text == NOT_IN_PASSAGES and not answer.citations
 
 
 def test_ask_says_it_does_not_know(client: Client, index: Index) -> None:
@@ -231,3 +242,30 @@ def test_the_label_and_answer_schemas_leave_no_room_for_templates_or_blanks(thre
     endpoint = _AskEndpointDouble([1.0, 0.0, 0.0], {"answer": "", "passages": [1], "found": True})
     with pytest.raises(SkillError, match="answer does not fit"):
         ask(endpoint, "motor price?", three_chunks)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("reply", "found", "cited"),
+    [
+        # The model's flag is not what decides: a backed answer flagged false is found ...
+        ({"answer": "The motor costs 50 dollars.", "passages": [1], "found": False}, True, [1]),
+        # ... and an answer the passages do not hold, flagged true, is not.
+        ({"answer": "The motor costs 80 dollars.", "passages": [1], "found": True}, False, []),
+        ({"answer": "I don't know.", "passages": [1], "found": True}, False, []),
+        # The citation is the passage that backs the answer, not the one the model named.
+        ({"answer": "The motor price is 50 dollars.", "passages": [2], "found": True}, True, [1]),
+    ],
+)
+def test_found_and_citations_come_from_the_evidence(three_chunks, reply, found, cited) -> None:
+    endpoint = _AskEndpointDouble([0.8, 0.0, 0.6], reply)
+    answer = ask(endpoint, "What is the motor price?", three_chunks)  # type: ignore[arg-type]
+    assert answer.found is found and answer.model_found is reply["found"]
+    assert [c.number for c in answer.citations] == cited
+    if not found:
+        assert answer.text == NOT_IN_PASSAGES
+
+
+def test_an_answer_cut_by_the_budget_ends_at_its_last_full_sentence() -> None:
+    assert complete_sentences("It lasts 90 days. Call the shop at") == "It lasts 90 days."
+    assert complete_sentences("$50") == "$50"
+    assert complete_sentences("保証は90日です。修理は") == "保証は90日です。"
