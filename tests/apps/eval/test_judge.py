@@ -201,3 +201,12 @@ def test_a_score_out_of_range_is_the_judge_s_error(given):
             load_prompt("fluency"),
             {"response": "Hi."},
         )
+
+
+def test_choice_probabilities_read_the_first_token_of_the_default_model(client):
+    messages = [{"role": "user", "content": "Is Paris in France? Answer yes or no."}]
+    found = client.choice_probabilities(messages, ["yes", "no"])
+    assert set(found) == {"yes", "no"} and sum(found.values()) == pytest.approx(1.0)
+    # No choice among the top tokens: uniform, not a division by zero.
+    none = client.choice_probabilities(messages, ["zzzqx", "qqxz"])
+    assert none == {"zzzqx": 0.5, "qqxz": 0.5}
