@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from sorai.apps.client import Client
-from sorai.apps.eval.verdicts import content_words, evidence_support, grounded_in, split_claims
+from sorai.apps.eval.verdicts import content_words, evidence_support, numbers
 from sorai.apps.rag import Index, search
 from sorai.apps.skills.base import SkillError, checked
 
@@ -30,8 +30,9 @@ MIN_KEYWORD_SIMILARITY = 0.15
 MAX_ANSWER = 400  # characters
 DONT_KNOW = "I don't know: no passage in the index is relevant to the question."
 NOT_IN_PASSAGES = "I don't know: the passages found do not hold the answer."
-# found: the best passage holds at least this share of the question's content words ...
-MIN_QUESTION_COVERAGE = 0.5
+# found: the best passage holds at least this share of the question's content words (a
+# passage on another subject shares a few of them, often half) ...
+MIN_QUESTION_COVERAGE = 0.75
 # ... and the answer's claims are backed by the passages at least this much (0-1).
 MIN_ANSWER_SUPPORT = 0.5
 MIN_CITATION_SUPPORT = 0.5  # a passage is cited when it backs this much of the answer
@@ -160,9 +161,15 @@ def answer_found(question: str, answer: str, passages: list[str]) -> bool:
         coverage = max(len(wanted & content_words(p)) / len(wanted) for p in passages)
         if coverage < MIN_QUESTION_COVERAGE:
             return False
-    check = grounded_in("\n".join(passages))
-    claims = split_claims(answer)
-    return sum(check(c) for c in claims) / len(claims) >= MIN_ANSWER_SUPPORT
+    # What the answer adds to the question must be in the passages: words it merely takes
+    # from the question prove nothing.
+    text = "\n".join(passages)
+    if numbers(answer) - numbers(text):
+        return False
+    words = content_words(answer) - wanted
+    if not words:
+        return True  # "Yes.", "$50": nothing beyond the question and numbers to check
+    return len(words & content_words(text)) / len(words) >= MIN_ANSWER_SUPPORT
 
 
 def cited(answer: str, passages: list[str], named: list[int]) -> list[int]:
