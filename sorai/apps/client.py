@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
+import math
 import os
 import re
 import urllib.error
@@ -488,6 +489,30 @@ class Client:
                 f"the model's answer is not the JSON asked for (finish_reason "
                 f"{response.choices[0].finish_reason!r}): {text[:200]!r}"
             ) from None
+
+    def choice_probabilities(
+        self, messages: Sequence[dict[str, Any]], choices: Sequence[str], **kwargs: Any
+    ) -> dict[str, float]:
+        """The probability of each choice as the model's next answer, read from the first
+        token's top logprobs (one token generated): a token counts for a choice when it is,
+        case and spaces aside, a prefix of it ("Yes", " yes" for "yes"). Normalized over the
+        choices; uniform when the model puts none of them among its top tokens."""
+        response = self.chat(
+            messages, max_tokens=1, temperature=0, logprobs=True, top_logprobs=20, **kwargs
+        )
+        logprobs = response.choices[0].logprobs
+        first = logprobs.content[0].top_logprobs if logprobs and logprobs.content else []
+        mass = dict.fromkeys(choices, 0.0)
+        for entry in first:
+            token = entry.token.strip().lower()
+            for choice in choices:
+                if token and choice.lower().startswith(token):
+                    mass[choice] += math.exp(entry.logprob)
+                    break  # a token shared by two choices' starts counts once, for the first
+        total = sum(mass.values())
+        if total <= 0.0:
+            return {choice: 1.0 / len(choices) for choice in choices}
+        return {choice: value / total for choice, value in mass.items()}
 
     def embed(self, texts: Sequence[str], model: str | None = None) -> list[list[float]]:
         """One embedding vector per text, in order. Batches of EMBED_BATCH inputs; an endpoint

@@ -134,6 +134,7 @@ def load_prompt(name: str, prompts_dir: str | None = None) -> Prompt:
         path = Path(prompts_dir) / f"{name}.md"
         if path.is_file():
             also = ("statements",) if name == "faithfulness_verdicts" else ()
+            also = ("claim",) if name.endswith("_claim") else also
             return read_prompt(str(path), name, also)
     resource = resources.files("sorai.apps.eval").joinpath("prompts", f"{name}.md")
     if not resource.is_file():

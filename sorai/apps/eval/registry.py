@@ -22,6 +22,7 @@ from sorai.apps.eval import text_metrics
 from sorai.apps.eval.data import EvalRow, as_text
 from sorai.apps.eval.extraction import field_counts
 from sorai.apps.eval.judge import Prompt, faithfulness, judge, load_prompt, read_prompt
+from sorai.apps.eval.verdicts import answers, claim_score, grounded_in
 from sorai.errors import SoraiError
 
 JUDGE_THRESHOLD = 3.0  # 1-5 scales pass at 3 and above, as Azure AI evaluation's default
@@ -100,6 +101,45 @@ def prompt_evaluator(
     )
 
 
+def claim_evaluator(name: str, needs: tuple[str, ...], description: str) -> Evaluator:
+    """A built-in 1-5 evaluator scored from per-claim yes/no verdicts (see verdicts.py): the
+    prompt `NAME_claim`, the evidence check groundedness' context, similarity's ground truth
+    or relevance's query. A `--prompts` folder with a rubric `NAME.md` (the free 1-5 judge of
+    the rubric prompts) is judged by that rubric instead: an override keeps its meaning."""
+    rubric = prompt_evaluator(
+        name,
+        name,
+        description,
+        alternative="groundedness_no_query" if name == "groundedness" else None,
+    )
+
+    def overridden(ctx: Context) -> bool:
+        return bool(ctx.prompts_dir) and (Path(ctx.prompts_dir) / f"{name}.md").is_file()
+
+    def run(row: EvalRow, ctx: Context) -> Score:
+        if overridden(ctx):
+            return rubric.run(row, ctx)
+        values = _values(row)
+        if name == "relevance":
+            check = answers(values["query"])
+        elif name == "similarity":
+            check = grounded_in(values["ground_truth"])
+        else:
+            check = grounded_in(values["context"])
+        prompt = load_prompt(f"{name}_claim", ctx.prompts_dir)
+        verdict = claim_score(ctx.judge, prompt, values, check)
+        return Score(verdict.score, verdict.reason)
+
+    def digest(ctx: Context) -> str:
+        if overridden(ctx):
+            return rubric.digest(ctx)
+        return "claims+" + load_prompt(f"{name}_claim", ctx.prompts_dir).digest
+
+    return Evaluator(
+        name, needs, run, "judge", JUDGE_THRESHOLD, (1.0, 5.0), True, description, digest
+    )
+
+
 def _faithfulness(row: EvalRow, ctx: Context) -> Score:
     verdict = faithfulness(
         ctx.judge,
@@ -167,18 +207,25 @@ def _usage(key: str) -> Callable[[EvalRow, Context], Score]:
 def _builtins() -> dict[str, Evaluator]:
     both = ("response", "ground_truth")
     found = [
-        prompt_evaluator(
+        claim_evaluator(
             "groundedness",
-            "groundedness",
-            "is the response supported by the context (1-5; with the query when the row has one)",
-            alternative="groundedness_no_query",
+            ("context", "response"),
+            "share of the response's claims the context supports (1-5; yes/no per claim)",
         ),
-        prompt_evaluator("relevance", "relevance", "does the response answer the query (1-5)"),
+        claim_evaluator(
+            "relevance",
+            ("query", "response"),
+            "share of the response's claims that answer the query (1-5; yes/no per claim)",
+        ),
         prompt_evaluator(
             "coherence", "coherence", "is the response logical and well ordered (1-5)"
         ),
         prompt_evaluator("fluency", "fluency", "language quality of the response (1-5)"),
-        prompt_evaluator("similarity", "similarity", "same meaning as the ground truth (1-5)"),
+        claim_evaluator(
+            "similarity",
+            ("response", "ground_truth"),
+            "share of the response's claims the ground truth says too (1-5; yes/no per claim)",
+        ),
         Evaluator(
             "faithfulness",
             ("context", "response"),

@@ -642,6 +642,9 @@ def run_ask(args: argparse.Namespace) -> int:
     if args.json:
         print_json(asdict(answer))
         return 0
+    if answer.model_found is not None and not answer.found:  # passages, but not the answer
+        print(answer.text)
+        return 0
     if not answer.citations:  # nothing relevant was retrieved: the model was not asked
         print(f"No relevant passage was found in {path} for this question.")
         return 0

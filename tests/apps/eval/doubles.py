@@ -54,6 +54,19 @@ def answer(messages: list[dict[str, Any]], schema_name: str) -> dict[str, Any]:
     return {"reason": f"{', '.join(missing)} is not in the context", "score": 1}
 
 
+_CLAIM = re.compile(r"^(?:Claim|Sentence): (.*)$", re.M)
+_EVIDENCE = re.compile(r"^(?:Context|Reference answer):\n?(.*?)\n\n", re.M | re.S)
+
+
+def claim_supported(messages: list[dict[str, Any]]) -> bool:
+    """The double's yes/no to a built-in claim prompt: the claim's numbers are all in the
+    context (or the reference answer; a relevance question has none: yes)."""
+    text = messages[-1]["content"]
+    claim = _CLAIM.search(text)
+    evidence = _EVIDENCE.search(text)
+    return evidence is None or supported(claim.group(1) if claim else "", evidence.group(1))
+
+
 class NumberJudge:
     """A deterministic judge double with the Client's `chat_json`; counts its calls, and can
     fail a call on purpose (`fail(call_number, queries)` returns an exception or None)."""
@@ -71,6 +84,15 @@ class NumberJudge:
         if self.fail is not None and (error := self.fail(count, self.calls[-1])) is not None:
             raise error
         return answer(messages, name)
+
+    def choice_probabilities(self, messages, choices, **kwargs):
+        with self._lock:
+            self.calls.append(_CLAIM.search(messages[-1]["content"]).group(1))
+            count = len(self.calls)
+        if self.fail is not None and (error := self.fail(count, self.calls[-1])) is not None:
+            raise error
+        yes = claim_supported(messages)
+        return {c: float(yes == (c == "yes")) for c in choices}
 
 
 class JudgeServer:
@@ -98,7 +120,20 @@ class JudgeServer:
                 if status is not None:
                     self.send_json(status, {"error": {"message": "busy", "type": "server_error"}})
                     return
-                if "response_format" in body:
+                logprobs = None
+                if body.get("logprobs"):  # a yes/no verdict on one claim
+                    yes = claim_supported(body["messages"])
+                    content = "yes" if yes else "no"
+                    top = [
+                        {"token": "yes", "logprob": 0.0 if yes else -30.0, "bytes": None},
+                        {"token": "no", "logprob": -30.0 if yes else 0.0, "bytes": None},
+                    ]
+                    logprobs = {
+                        "content": [
+                            {**top[0 if yes else 1], "top_logprobs": top},
+                        ]
+                    }
+                elif "response_format" in body:
                     name = body["response_format"]["json_schema"]["name"]
                     content = json.dumps(answer(body["messages"], name))
                 else:  # a target's plain chat request: the right answer to the seed's table
@@ -115,6 +150,7 @@ class JudgeServer:
                                 "index": 0,
                                 "finish_reason": "stop",
                                 "message": {"role": "assistant", "content": content},
+                                "logprobs": logprobs,
                             }
                         ],
                         "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15},

@@ -53,13 +53,15 @@ def test_a_clearly_better_run_has_a_positive_difference_excluding_zero(tmp_path,
     b = make_run(tmp_path, "b", correct=set(range(18)))
     diffs = {d.metric: d for d in compare(str(a), str(b))}
     g = diffs["groundedness"]
-    assert (g.mean_a, g.mean_b, g.pairs) == (pytest.approx(1.8), pytest.approx(4.6), 20)
-    assert g.diff == pytest.approx(2.8)
+    # The claim judge scores a right answer 4 (90 and its words in the context, 'lasts' not),
+    # a wrong one 1.
+    assert (g.mean_a, g.mean_b, g.pairs) == (pytest.approx(1.6), pytest.approx(3.7), 20)
+    assert g.diff == pytest.approx(2.1)
     assert 0 < g.low < g.diff < g.high and g.significant
     assert diffs["f1"].diff > 0 and diffs["f1"].low > 0
-    # Rows 4-17 went from 1 to 5; the rest did not change and are not listed.
+    # Rows 4-17 went from 1 to 4; the rest did not change and are not listed.
     assert [c.index for c in g.changed] == [4, 5, 6, 7, 8]
-    assert {c.delta for c in g.changed} == {4.0}
+    assert {c.delta for c in g.changed} == {3.0}
 
     assert main(["eval", "compare", str(a), str(b), "--json"]) == 0
     out = {m["metric"]: m for m in json.loads(capsys.readouterr().out)}
@@ -69,7 +71,7 @@ def test_a_clearly_better_run_has_a_positive_difference_excluding_zero(tmp_path,
     assert "B better" in text and "most changed, groundedness:" in text
     # The other way round: worse, interval below zero.
     (back,) = [d for d in compare(str(b), str(a)) if d.metric == "groundedness"]
-    assert back.diff == pytest.approx(-2.8) and back.high < 0
+    assert back.diff == pytest.approx(-2.1) and back.high < 0
 
 
 def test_a_run_against_itself_shows_no_change(tmp_path):
@@ -112,14 +114,14 @@ def test_a_damaged_run_is_one_line_naming_the_file(tmp_path, capsys):
 
 
 def test_too_few_rows_are_flagged(tmp_path, capsys):
-    # Three rows that all improved: the bootstrap interval is [4, 4], which proves nothing.
+    # Three rows that all improved: the bootstrap interval is [3, 3], which proves nothing.
     a = make_run(tmp_path, "a", correct=set())
     b = make_run(tmp_path, "b", correct=set(range(20)))
     for run in (a, b):
         lines = (run / "rows.jsonl").read_text().splitlines()[:3]
         (run / "rows.jsonl").write_text("\n".join(lines) + "\n")
     (g,) = [d for d in compare(str(a), str(b)) if d.metric == "groundedness"]
-    assert (g.pairs, g.low, g.high, g.few) == (3, 4.0, 4.0, True)
+    assert (g.pairs, g.low, g.high, g.few) == (3, 3.0, 3.0, True)
     assert main(["eval", "compare", str(a), str(b)]) == 0
     assert "B better (only 3 rows: not enough to decide)" in capsys.readouterr().out
     assert main(["eval", "compare", str(a), str(b), "--json"]) == 0

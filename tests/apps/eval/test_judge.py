@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 
 from sorai.apps.eval.data import load_rows
-from sorai.apps.eval.judge import SCORE_SCHEMA, JudgeError, judge, load_prompt, read_prompt
+from sorai.apps.eval.judge import JudgeError, judge, load_prompt, read_prompt
 from sorai.apps.eval.registry import Context, register, resolve
 from sorai.apps.eval.runner import Retry, Runner
+from sorai.apps.eval.verdicts import answers, grounded_in, split_claims
 from sorai.errors import SoraiError
 
 from .conftest import write_jsonl
@@ -36,19 +37,41 @@ def evaluate(tmp_path: Path, rows: list[dict], metrics: list[str], judge, **kw) 
     return runner.run(load_rows(str(data)))
 
 
-def test_seed_table_with_the_small_default_judge(client, tmp_path):
-    # The 60-day table only: on the corrected one this judge is no better (all 1 too, in one
-    # row after a 300-character run of "1.1.1..."), and that row alone takes ~40 s on 2 cores.
-    results = evaluate(tmp_path, warranty_rows(60), ["groundedness"], client, concurrency=5)
-    print("\nsmollm2-135m-instruct groundedness on the seed's table (output 60 days):")
-    assert len(results) == 5
-    for r in results:
-        print(f"  {r['index']}: {r.get('groundedness')} {r.get('groundedness_reason')!r}")
+def test_the_small_default_judge_separates_the_seed_table_s_right_and_wrong_answers(
+    client, tmp_path
+):
+    # Before, the free 1-5 answer of the 135M model scored all of these 1, right or wrong.
+    wrong = evaluate(tmp_path / "a", warranty_rows(60), ["groundedness"], client)
+    right = evaluate(tmp_path / "b", warranty_rows(90), ["groundedness"], client)
+    print("\nsmollm2-135m-instruct groundedness on the seed's table (60 wrong, 90 right):")
+    for r in wrong + right:
+        print(f"  {r['response']!r}: {r.get('groundedness')} {r.get('groundedness_reason')!r}")
         assert "groundedness_error" not in r, r
-        assert r["groundedness"] in {1.0, 2.0, 3.0, 4.0, 5.0}
-        assert isinstance(r["groundedness_reason"], str)
-        assert len(r["groundedness_reason"]) <= SCORE_SCHEMA["properties"]["reason"]["maxLength"]
+        assert 1.0 <= r["groundedness"] <= 5.0
         assert r["groundedness_result"] == ("pass" if r["groundedness"] >= 3 else "fail")
+    assert max(r["groundedness"] for r in wrong) < min(r["groundedness"] for r in right)
+    assert [r["groundedness_result"] for r in wrong + right] == ["fail"] * 5 + ["pass"] * 5
+    assert "60 days" in wrong[0]["groundedness_reason"]
+
+
+def test_claims_and_their_evidence():
+    assert split_claims("It lasts 90 days. Repairs are free!\n- Call us") == [
+        "It lasts 90 days.",
+        "Repairs are free!",
+        "Call us",
+    ]
+    assert split_claims("保証は90日です。修理は無料です。") == [
+        "保証は90日です。",
+        "修理は無料です。",
+    ]
+    context = "The warranty period is 90 days. Repairs within the period are free of charge."
+    check = grounded_in(context)
+    assert check("The warranty period is 90 days.") == 1.0
+    assert check("The warranty period is 60 days.") == 0.0  # a number not in the context
+    assert check("Repairs within the period are not free.") < 0.5  # a negation of its own
+    assert check("The product is made in France.") == 0.0  # nothing of it in the context
+    assert answers("How long is the warranty?")("The warranty lasts 90 days.") == 1.0
+    assert answers("How long is the warranty?")("Bananas are yellow.") == 0.0
 
 
 def test_seed_table_verdicts_with_the_judge_double(tmp_path):
@@ -178,3 +201,12 @@ def test_a_score_out_of_range_is_the_judge_s_error(given):
             load_prompt("fluency"),
             {"response": "Hi."},
         )
+
+
+def test_choice_probabilities_read_the_first_token_of_the_default_model(client):
+    messages = [{"role": "user", "content": "Is Paris in France? Answer yes or no."}]
+    found = client.choice_probabilities(messages, ["yes", "no"])
+    assert set(found) == {"yes", "no"} and sum(found.values()) == pytest.approx(1.0)
+    # No choice among the top tokens: uniform, not a division by zero.
+    none = client.choice_probabilities(messages, ["zzzqx", "qqxz"])
+    assert none == {"zzzqx": 0.5, "qqxz": 0.5}

@@ -110,7 +110,7 @@ def test_resume_after_a_kill_requests_only_unfinished_rows(tmp_path):
     assert sorted(second.calls) == sorted(r["response"] for r in rows[3:])
     assert again.cached == 3
     # Only 90 is in the context; the cached scores come back with the fresh ones.
-    assert [r["groundedness"] for r in results] == [1.0] * 8 + [5.0, 1.0]
+    assert [r["groundedness"] for r in results] == [1.0] * 8 + [3.5, 1.0]
 
     third = NumberJudge()
     runner(tmp_path, third).run(load_rows(str(data)))
@@ -132,7 +132,7 @@ def test_a_torn_last_cache_line_costs_only_its_own_result(tmp_path):
     third = NumberJudge()
     results = runner(tmp_path, third).run(load_rows(str(data)))
     assert third.calls == []
-    assert [r["groundedness"] for r in results] == [1.0, 1.0, 5.0]
+    assert [r["groundedness"] for r in results] == [1.0, 1.0, 3.5]
 
 
 def test_a_changed_judge_or_prompt_is_not_read_from_the_cache(tmp_path):
