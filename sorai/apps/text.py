@@ -12,7 +12,8 @@ SENTENCE_END = re.compile(
     r"|[。！？｡][」』）)\"'’”]*\s*"  # Japanese ones do not
     r"|\n\s*"  # a line break (list items, PDF lines) is as good as a sentence end
 )
-_UNITS = re.compile(r"[A-Za-z0-9][A-Za-z0-9'’-]*|[^\x00-\x7f\s]")
+# A word of Latin-script text, or one CJK (any non-ASCII) character: the unit of word_count.
+WORD_UNITS = re.compile(r"[A-Za-z0-9][A-Za-z0-9'’-]*|[^\x00-\x7f\s]")
 
 
 def is_cjk(char: str) -> bool:
@@ -84,7 +85,7 @@ def pack(units: Iterable[str], budget: int, join: Callable[[str, str], str]) -> 
 
 def word_count(text: str) -> int:
     """Words of Latin-script text plus characters of CJK text: the unit of a target length."""
-    return len(_UNITS.findall(text))
+    return len(WORD_UNITS.findall(text))
 
 
 def truncate_words(text: str, max_words: int) -> str:
@@ -100,5 +101,5 @@ def truncate_words(text: str, max_words: int) -> str:
         kept = candidate
     if kept:
         return kept
-    matches = list(_UNITS.finditer(text))
+    matches = list(WORD_UNITS.finditer(text))
     return text[: matches[max_words - 1].end()].strip()

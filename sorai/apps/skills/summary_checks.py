@@ -8,12 +8,11 @@ import math
 import re
 from collections import Counter
 
-from sorai.apps.text import is_cjk, sentences, word_count
+from sorai.apps.text import WORD_UNITS, is_cjk, sentences, word_count
 
 LOOP_NGRAM = 4  # words (a CJK character is a word): a run this long said twice is a loop
 CJK_LOOP_NGRAM = 8  # CJK characters: common two-character words recur legitimately
 _NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
-_WORDS = re.compile(r"[A-Za-z0-9][A-Za-z0-9'’-]*|[^\x00-\x7f\s]")
 _CONTENT = re.compile(r"[a-z0-9]{3,}|[^\x00-\x7f\s]")
 REFUSALS = re.compile(
     r"\b(i'?m sorry|i am sorry|i apologi[sz]e|i (?:can(?:no|')t|am unable|'m unable)"
@@ -120,14 +119,14 @@ STOPWORDS = frozenset(
 
 def units(text: str) -> list[str]:
     """The words of `text` lowercased, each CJK character a word (word_count's units)."""
-    return [w.lower() for w in _WORDS.findall(text)]
+    return [w.lower() for w in WORD_UNITS.findall(text)]
 
 
 def cut_loop(text: str) -> str:
     """`text` up to where it starts to repeat itself: before the second occurrence of a run of
     LOOP_NGRAM words (CJK_LOOP_NGRAM characters), at the last sentence end before it when
     there is one. Text that does not repeat comes back unchanged."""
-    spans = [(m.start(), m.group().lower()) for m in _WORDS.finditer(text)]
+    spans = [(m.start(), m.group().lower()) for m in WORD_UNITS.finditer(text)]
     seen: set[tuple[str, ...]] = set()
     for i in range(len(spans)):
         cjk = is_cjk(spans[i][1][0])
@@ -223,7 +222,7 @@ def _all_kana(text: str) -> bool:
 
 
 def _first_words(text: str, max_words: int) -> str:
-    spans = list(_WORDS.finditer(text))
+    spans = list(WORD_UNITS.finditer(text))
     if len(spans) <= max_words:
         return text
     return text[: spans[max_words - 1].end()]
