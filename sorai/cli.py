@@ -383,7 +383,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
-    path = hub.pull(args.name, progress=say, force=args.force)
+    path = hub.pull_model(args.name, file=args.file, progress=say, force=args.force)
     print(path)
     return 0
 
@@ -575,8 +575,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.set_defaults(run=cmd_serve)
 
-    pull = verbs.add_parser("pull", help="fetch a known model into the cache")
-    pull.add_argument("name", nargs="?", default=hub.DEFAULT_MODEL)
+    pull = verbs.add_parser(
+        "pull", help="fetch a known model or a Hugging Face repository (hf:ORG/REPO) into the cache"
+    )
+    pull.add_argument(
+        "name",
+        nargs="?",
+        default=hub.DEFAULT_MODEL,
+        help="a known model, or hf:ORG/REPO[@REVISION] (safetensors) or hf:ORG/REPO/FILE.gguf "
+        "(default: %(default)s)",
+    )
+    pull.add_argument("--file", default=None, help="the .gguf file of an hf: repository to fetch")
     pull.add_argument("--force", action="store_true", help="fetch again even if cached")
     pull.set_defaults(run=cmd_pull)
 
