@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import Any, NoReturn
 
 import sorai
-from sorai import hub
+from sorai import catalog, hub
 from sorai.apps.agent import command as agent_command
 from sorai.apps.command import say
 from sorai.apps.eval import command as eval_command
@@ -591,6 +591,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     models = verbs.add_parser("models", help="list known and cached models")
     models.set_defaults(run=cmd_models)
+
+    catalog.add_parsers(verbs)  # ls, show, rm
 
     train = train_command.add_parser(verbs)
     train.set_defaults(run=train_command.run)

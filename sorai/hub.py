@@ -11,6 +11,7 @@ import difflib
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -357,6 +358,8 @@ def register_export(path: Path, run_dir: Path, base: str) -> registry.Entry:
     run's name, so it is served and shown by that name; its files stay in the run."""
     path = Path(path).resolve()
     adapter = (path / "adapter_config.json").exists()
+    if base not in KNOWN_MODELS and registered(base) is None and Path(base).exists():
+        base = str(Path(base).resolve())  # a relative path would mean nothing from elsewhere
     entry = registry.Entry(
         name=Path(run_dir).resolve().name,
         kind=registry.ADAPTER if adapter else registry.MODEL,
@@ -406,3 +409,11 @@ def pull_model(
             f"({', '.join(sorted(KNOWN_MODELS))}) or a Hub repository as hf:ORG/REPO"
         )
     return Path(hf.pull(hf.parse(text, file), sorai_home(), progress=progress, force=force).path)
+
+
+def serve_command(entry: registry.Entry) -> str:
+    """The `sorai serve` line that serves a registered model or adapter."""
+    if entry.kind == registry.ADAPTER:
+        base = shlex.quote(entry.base or "BASE")
+        return f"sorai serve -m {base} --adapter {shlex.quote(entry.name)}"
+    return f"sorai serve -m {shlex.quote(entry.name)}"

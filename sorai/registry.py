@@ -47,14 +47,18 @@ class Entry:
 
 
 def registry_path(home: Path) -> Path:
-    return home / "registry.json"
+    """`$SORAI_REGISTRY` when set (the test suite keeps its registrations apart from the
+    user's that way), else `registry.json` in the cache root."""
+    override = os.environ.get("SORAI_REGISTRY")
+    return Path(override) if override else home / "registry.json"
 
 
 @contextlib.contextmanager
 def _locked(home: Path) -> Iterator[None]:
     """Held across a read-modify-write, so two pulls finishing together both get recorded."""
-    home.mkdir(parents=True, exist_ok=True)
-    with open(home / ".registry.lock", "a") as lock:
+    path = registry_path(home)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(".registry.lock"), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield
@@ -87,7 +91,7 @@ def _save(home: Path, entries: dict[str, Entry]) -> None:
     }
     # Written beside the file and renamed over it: a reader sees the old or the new registry,
     # never half of one, whatever happens mid-write.
-    fd, tmp = tempfile.mkstemp(dir=home, prefix=".registry-", suffix=".json")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".registry-", suffix=".json")
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(body, f, indent=2)

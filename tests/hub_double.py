@@ -13,6 +13,7 @@ import socket
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 LFS_SUFFIXES = (".safetensors", ".gguf", ".bin")
@@ -189,3 +190,24 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             return
         self.wfile.write(data[start:])
+
+
+def tiny_checkpoint_files(default_gguf: Path, directory: Path) -> dict[str, bytes]:
+    """A repository's files: a tiny random Llama (2 layers, hidden 64) with the default model's
+    tokenizer, plus what real repositories also hold and a pull leaves on the Hub."""
+    from sorai.model.scratch import write_random_model
+
+    checkpoint = write_random_model(
+        default_gguf,
+        directory,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+    )
+    files = {p.name: p.read_bytes() for p in checkpoint.iterdir() if p.is_file()}
+    files["README.md"] = b"# tiny\n"
+    files["pytorch_model.bin"] = b"not fetched"
+    return files

@@ -15,8 +15,7 @@ import pytest
 import sorai
 from sorai import hub, registry
 from sorai.errors import HubError
-from sorai.model.scratch import write_random_model
-from tests.hub_double import FakeHub, FakeRepo
+from tests.hub_double import FakeHub, FakeRepo, tiny_checkpoint_files
 
 MAIN = "0123456789abcdef0123456789abcdef01234567"
 V1 = "fedcba9876543210fedcba9876543210fedcba98"
@@ -25,20 +24,7 @@ GGUF_BYTES = b"GGUF" + bytes(range(256)) * 64
 
 @pytest.fixture(scope="module")
 def fake_hub(default_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeHub]:
-    checkpoint = write_random_model(
-        default_gguf,
-        tmp_path_factory.mktemp("tiny-repo"),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-    )
-    files = {p.name: p.read_bytes() for p in checkpoint.iterdir() if p.is_file()}
-    # What a real repository also holds and a pull leaves on the Hub.
-    files["README.md"] = b"# tiny\n"
-    files["pytorch_model.bin"] = b"not fetched"
+    files = tiny_checkpoint_files(default_gguf, tmp_path_factory.mktemp("tiny-repo"))
     hub_double = FakeHub()
     hub_double.repos["org/tiny"] = FakeRepo(files, commit=MAIN, branches={"main": MAIN, "v1": V1})
     hub_double.repos["org/quants"] = FakeRepo(
@@ -51,6 +37,7 @@ def fake_hub(default_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> It
 @pytest.fixture
 def home(fake_hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     monkeypatch.setenv("SORAI_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("SORAI_REGISTRY")  # the registry of this home, looked at below
     monkeypatch.setenv("HF_ENDPOINT", fake_hub.url)
     monkeypatch.setenv("HF_TOKEN", "hf_test_token")
     fake_hub.seen.clear()
