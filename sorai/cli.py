@@ -33,12 +33,20 @@ CHAT_HELP = """commands:
   /exit           leave (or Ctrl-D); Ctrl-C stops an answer mid-way"""
 
 
-def _add_model_args(parser: argparse.ArgumentParser) -> None:
+def _add_model_args(parser: argparse.ArgumentParser, repeatable: bool = False) -> None:
+    default = os.environ.get("SORAI_MODEL", hub.DEFAULT_MODEL)
     parser.add_argument(
         "-m",
         "--model",
-        default=os.environ.get("SORAI_MODEL", hub.DEFAULT_MODEL),
-        help="a known model name, an HF directory or a .gguf file (default: %(default)s)",
+        default=None if repeatable else default,
+        action="append" if repeatable else "store",
+        help="a known model name, a pulled one (sorai ls), hf:ORG/REPO, an HF directory or a "
+        f".gguf file (default: {default})"
+        + (
+            "; repeatable: each one loads beside the first, with its own engine"
+            if repeatable
+            else ""
+        ),
     )
     parser.add_argument(
         "--dtype",
@@ -304,8 +312,79 @@ def _chat_loop(respond, system: str | None, talking_to: str) -> int:
         history += [messages[-1], {"role": "assistant", "content": answer}]
 
 
+def _add_model_pool_args(parser: argparse.ArgumentParser) -> None:
+    """`sorai serve`'s several models: how many stay loaded, and for how long."""
+    group = parser.add_argument_group("several models (-m A -m B, or loaded on demand)")
+    group.add_argument(
+        "--max-models",
+        type=int,
+        default=None,
+        metavar="N",
+        help="models loaded at once; with room beyond the -m models, a request naming a chat "
+        "model of the cache (sorai ls) loads it, unloading the least recently used idle one "
+        "when full (default: the number of -m models)",
+    )
+    group.add_argument(
+        "--max-memory-gib",
+        type=float,
+        default=None,
+        metavar="GIB",
+        help="memory budget of the loaded models (their files plus KV cache each); loading "
+        "one more unloads idle ones to fit (default: no budget)",
+    )
+    group.add_argument(
+        "--keep-alive",
+        default="5m",
+        metavar="DURATION",
+        help="how long a model other than the first stays loaded after its last request: "
+        "seconds or 30s, 5m, 1h; 0 unloads at once, negative never; a request's `keep_alive` "
+        "field overrides it (default: %(default)s)",
+    )
+    group.add_argument(
+        "--pin",
+        action="append",
+        default=None,
+        metavar="NAME",
+        help="never unload this model (repeatable; the first -m model never unloads)",
+    )
+
+
+def _model_pool(args: argparse.Namespace, models: list[str], load, kv_bytes: int):
+    """The ModelPool of `sorai serve -m A -m B` (or --max-models N), None for one model."""
+    from sorai import registry
+    from sorai.server.models import ModelPool, parse_keep_alive
+
+    max_models = args.max_models if args.max_models is not None else len(models)
+    if max_models < len(models):
+        raise SoraiError(f"--max-models {max_models} is fewer than the {len(models)} -m models")
+    if max_models == 1 and args.max_memory_gib is None:
+        return None
+    keep_alive = parse_keep_alive(args.keep_alive, "--keep-alive")
+
+    def size_of(name: str) -> int:
+        path = hub.local_path(name)
+        return (registry.disk_size(path) if path is not None else 0) + kv_bytes
+
+    budget = args.max_memory_gib
+    return ModelPool(
+        load,
+        size_of,
+        max_models=max_models,
+        max_bytes=int(budget * 2**30) if budget is not None else None,
+        keep_alive=keep_alive,
+        pinned=args.pin or (),
+        default_size=size_of(models[0]),
+    )
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from sorai.server.auth import APIKeys
+
+    # -m is repeatable: the first model is the server's own, the others load beside it.
+    models = list(dict.fromkeys(args.model or [os.environ.get("SORAI_MODEL", hub.DEFAULT_MODEL)]))
+    args.model = models[0]
+    for extra in models[1:]:
+        check_chat_model(extra)
 
     # Everything that can be wrong with the flags fails before torch and the model load.
     keys = list(args.api_key or [])
@@ -350,6 +429,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "cpu_threads": args.cpu_threads,
     }
     config = EngineConfig(**{k: v for k, v in engine_options.items() if v is not None})
+
+    def load(name: str) -> AsyncEngine:
+        return AsyncEngine.from_model(
+            name, dtype=args.dtype, device=args.device, config=config, quantize=args.quantize
+        )
+
+    pool = _model_pool(args, models, load, int(config.kv_cache_gib * 2**30))
     started = time.perf_counter()
     engine = AsyncEngine.from_model(
         args.model,
@@ -360,6 +446,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         quantize=args.quantize,
     )
     say(f"loaded {engine.model_name} in {time.perf_counter() - started:.1f}s")
+    for name in models[1:]:
+        started = time.perf_counter()
+        pool.add(name, load(name))
+        say(f"loaded {name} in {time.perf_counter() - started:.1f}s")
     say(f"running {engine.runtime.line()}")
     settings = ServerSettings(
         # The engine's name is --model as typed: what a client of `sorai serve --model X` will
@@ -377,8 +467,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
         say(f"API keys required ({len(api_keys)} configured)")
     if embedding_model is not None:
         say(f"embeddings: {embedding_model} (loaded on the first /v1/embeddings request)")
+    if pool is not None:
+        loadable = pool.max_models - len(models)
+        say(
+            f"models: {', '.join(models)}"
+            + (f"; up to {loadable} more loaded on demand from the cache" if loadable else "")
+        )
     return serve(
-        engine, settings, host=args.host, port=args.port, log_level=args.log_level, sock=sock
+        engine,
+        settings,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        sock=sock,
+        models=pool,
     )
 
 
@@ -487,7 +589,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate.set_defaults(run=cmd_generate)
 
     serve = verbs.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
-    _add_model_args(serve)
+    _add_model_args(serve, repeatable=True)
+    _add_model_pool_args(serve)
     serve.add_argument("--host", default="127.0.0.1", help="(default: %(default)s)")
     serve.add_argument("--port", type=int, default=8000, help="0 picks a free port (default: 8000)")
     serve.add_argument(

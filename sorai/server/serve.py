@@ -30,6 +30,7 @@ _CLOSE_MARGIN_S = 5.0
 
 if TYPE_CHECKING:
     from sorai.engine.async_engine import AsyncEngine
+    from sorai.server.models import ModelPool
 
 
 class _Server(uvicorn.Server):
@@ -110,9 +111,10 @@ def serve(
     port: int = 8000,
     log_level: str = "info",
     sock: socket.socket | None = None,
+    models: ModelPool | None = None,
 ) -> int:
     """Serve until stopped (on `sock` when given, from bind()); returns the exit status."""
-    app = create_app(engine, settings)
+    app = create_app(engine, settings, models)
     name = app.state.sorai.model_names[0]
 
     def announce(bound_port: int) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
 
@@ -57,6 +57,12 @@ class ServerState:
         names = list(settings.served_model_names) or [engine.model_name]
         self.model_names: tuple[str, ...] = tuple(dict.fromkeys(names))
         self._accepted = frozenset(self.model_names) | {engine.model_name}
+        # A ModelPool (server/models.py) when the server carries more models than this one.
+        self.models: Any = None
+
+    def serves(self, name: str) -> bool:
+        """Whether `name` is one of the names of the first model (ServerState.engine)."""
+        return name in self._accepted
 
     def resolve_model(self, requested: str | None) -> str:
         """The name to answer with; 404 for a model this server does not serve."""
