@@ -349,14 +349,25 @@ def _add_model_pool_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _check_model_pool_args(args: argparse.Namespace, models: list[str]) -> None:
+    from sorai.server.models import parse_keep_alive
+
+    parse_keep_alive(args.keep_alive, "--keep-alive")
+    if args.max_models is not None and args.max_models < len(models):
+        raise SoraiError(
+            f"--max-models {args.max_models} is fewer than the {len(models)} -m models; give "
+            f"at least {len(models)}"
+        )
+    if args.max_memory_gib is not None and not 0 < args.max_memory_gib < math.inf:
+        raise SoraiError(f"--max-memory-gib must be a number > 0, got {args.max_memory_gib:g}")
+
+
 def _model_pool(args: argparse.Namespace, models: list[str], load, kv_bytes: int):
     """The ModelPool of `sorai serve -m A -m B` (or --max-models N), None for one model."""
     from sorai import registry
     from sorai.server.models import ModelPool, parse_keep_alive
 
     max_models = args.max_models if args.max_models is not None else len(models)
-    if max_models < len(models):
-        raise SoraiError(f"--max-models {max_models} is fewer than the {len(models)} -m models")
     if max_models == 1 and args.max_memory_gib is None:
         return None
     keep_alive = parse_keep_alive(args.keep_alive, "--keep-alive")
@@ -385,6 +396,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     args.model = models[0]
     for extra in models[1:]:
         check_chat_model(extra)
+    _check_model_pool_args(args, models)
 
     # Everything that can be wrong with the flags fails before torch and the model load.
     keys = list(args.api_key or [])

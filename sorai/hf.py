@@ -361,6 +361,9 @@ def pull(
     files: dict[str, str] = {}
     bar = _progress_class()
     with _staging_lock(staging):
+        again = registry.get(home, spec.name)
+        if not force and again is not None and again != existing and again.revision == commit:
+            return again  # another pull of the same commit finished while this one waited
         for sibling in siblings:
             url = hf_hub_url(spec.repo, sibling.rfilename, revision=commit, endpoint=where)
             try:

@@ -175,7 +175,7 @@ class ModelPool:
                 code="model_not_found",
             )
         size = self._size_of(name)
-        self._make_room(name, size)
+        await self._make_room(name, size)
         log.info("loading %s on demand", name)
         started = time.perf_counter()
         try:
@@ -193,8 +193,9 @@ class ModelPool:
         sizes = [m.size for m in self.loaded.values()]
         return 1 + len(sizes), self.default_size + sum(sizes)
 
-    def _make_room(self, name: str, size: int) -> None:
-        """Unload idle unpinned models, least recently used first, until `name` fits."""
+    async def _make_room(self, name: str, size: int) -> None:
+        """Unload idle unpinned models, least recently used first, until `name` fits; their
+        memory is given back before the new model loads."""
         while True:
             count, used = self._used()
             over_count = count + 1 > self.max_models
@@ -217,7 +218,9 @@ class ModelPool:
                     code="model_capacity",
                     headers={"Retry-After": "5"},
                 )
-            self._unload_soon(min(idle, key=lambda m: m.last_used))
+            victim = min(idle, key=lambda m: m.last_used)
+            del self.loaded[victim.name]
+            await self._stop(victim)
 
     def _unload_soon(self, loaded: Loaded) -> None:
         # Out of the table at once (no new request gets it); its engine stops in the background.

@@ -14,7 +14,7 @@ import openai
 import pytest
 
 import sorai
-from sorai import registry
+from sorai import hub, registry
 from sorai.engine.async_engine import AsyncEngine
 from sorai.engine.config import EngineConfig
 from sorai.errors import SoraiError
@@ -185,3 +185,13 @@ def test_sorai_serve_with_two_models(cache: Cache, monkeypatch: pytest.MonkeyPat
         assert loaded()["tiny-b"] is None
     finally:
         process.stop()
+
+
+def test_serve_flag_errors_come_before_anything_loads(sorai_main) -> None:
+    bad = sorai_main("serve", "--keep-alive", "soon")
+    assert bad.returncode == 2 and "--keep-alive must be seconds or a duration" in bad.stderr
+    few = sorai_main("serve", "-m", "smollm2-135m-instruct", "-m", "x/y", "--max-models", "1")
+    assert few.returncode == 2
+    assert "unknown model 'x/y'" in few.stderr  # every -m is checked first
+    two = sorai_main("serve", "-m", hub.DEFAULT_MODEL, "-m", "hf:org/later", "--max-models", "1")
+    assert two.returncode == 2 and "--max-models 1 is fewer than the 2 -m models" in two.stderr
