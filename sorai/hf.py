@@ -19,6 +19,7 @@ import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from sorai import registry
 from sorai.errors import HubError, ModelNotFoundError
@@ -377,8 +378,9 @@ def pull(
                 )
             remote = _remote(spec, sibling, head)
             dest = staging / sibling.rfilename
+            location = head.location or url
             if not dest.exists() or force:
-                _fetch(spec, remote, head.location or url, dest, headers, bar)
+                _fetch(spec, remote, location, dest, _for_host(headers, url, location), bar)
             files[remote.name] = remote.checksum
         (staging / ".lock").unlink()
         base = _adapter_base(staging) if kind == registry.ADAPTER else None
@@ -405,6 +407,14 @@ def pull(
         remove_files(home, previous)
     say(f"{spec.name} ready at {path}")
     return entry
+
+
+def _for_host(headers: dict, url: str, location: str) -> dict:
+    """The token goes to the Hub only: an LFS file redirected to a CDN host (its URL signed)
+    is fetched without it."""
+    if urlsplit(location).netloc == urlsplit(url).netloc:
+        return headers
+    return {k: v for k, v in headers.items() if k.lower() != "authorization"}
 
 
 def _adapter_base(path: Path) -> str | None:

@@ -64,6 +64,9 @@ class FakeHub:
         self.repos: dict[str, FakeRepo] = {}
         self.faults: dict[str, list[str]] = {}
         self.seen: list[Seen] = []
+        # As the Hub does: LFS files answer with a redirect to a CDN host (here "localhost"
+        # rather than "127.0.0.1": another host to the client), whose URL carries no token.
+        self.cdn = False
         hub = self
 
         class Handler(_Handler):
@@ -87,6 +90,7 @@ class FakeHub:
 
 _INFO = re.compile(r"^/api/models/(?P<repo>[^/]+(?:/[^/]+)?)(?:/revision/(?P<rev>[^/]+))?$")
 _RESOLVE = re.compile(r"^/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<file>.+)$")
+_CDN = re.compile(r"^/cdn/(?P<repo>[^/]+/[^/]+)/(?P<rev>[^/]+)/(?P<file>.+)$")
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -121,6 +125,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._info(match["repo"], match["rev"])
         if match := _RESOLVE.match(path):
             return self._resolve(match["repo"], match["rev"], match["file"])
+        if match := _CDN.match(path):
+            return self._resolve(match["repo"], match["rev"], match["file"], cdn=True)
         self._error(404, "RepoNotFound")
 
     def _info(self, repo_id: str, revision: str | None) -> None:
@@ -147,7 +153,7 @@ class _Handler(BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self.wfile.write(body)
 
-    def _resolve(self, repo_id: str, revision: str, name: str) -> None:
+    def _resolve(self, repo_id: str, revision: str, name: str, cdn: bool = False) -> None:
         repo = self.hub.repos.get(repo_id)
         if repo is None:
             return self._error(404, "RepoNotFound")
@@ -157,6 +163,16 @@ class _Handler(BaseHTTPRequestHandler):
         if name not in repo.files:
             return self._error(404, "EntryNotFound")
         data = repo.files[name]
+        if self.hub.cdn and is_lfs(name) and not cdn:
+            port = self.server.server_address[1]
+            self.send_response(302)
+            self.send_header("Location", f"http://localhost:{port}/cdn/{repo_id}/{commit}/{name}")
+            self.send_header("X-Repo-Commit", commit)
+            self.send_header("X-Linked-Etag", f'"{etag(name, data)}"')
+            self.send_header("X-Linked-Size", str(len(data)))
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         fault = None
         if self.command == "GET" and self.hub.faults.get(name):
             fault = self.hub.faults[name].pop(0)

@@ -73,6 +73,19 @@ def test_pull_registers_a_checkpoint_that_loads_and_generates(
     assert not fake_hub.gets("model.safetensors")[1:]  # nothing fetched twice
 
 
+def test_lfs_files_redirected_to_a_cdn_get_no_token(home: Path, fake_hub: FakeHub) -> None:
+    fake_hub.cdn = True
+    try:
+        path = hub.pull_model("hf:org/quants/tiny.Q4_0.gguf")
+    finally:
+        fake_hub.cdn = False
+    assert path.read_bytes() == GGUF_BYTES
+    cdn = [s for s in fake_hub.seen if s.path.startswith("/cdn/")]
+    assert [s.method for s in cdn] == ["GET"] and cdn[0].authorization is None
+    head = [s for s in fake_hub.seen if s.method == "HEAD" and "tiny.Q4_0.gguf" in s.path]
+    assert head[0].authorization == "Bearer hf_test_token"
+
+
 def test_a_revision_is_pinned_in_the_record(home: Path) -> None:
     path = hub.pull_model("hf:org/tiny@v1")
     entry = registry.get(home, "org/tiny")
