@@ -54,6 +54,7 @@ def test_pull_registers_a_checkpoint_that_loads_and_generates(
     assert entry is not None and entry.revision == MAIN
     assert entry.source == f"hf:org/tiny@{MAIN}" and entry.format == "safetensors"
     assert result.stdout.strip() == entry.path
+    assert "%|" not in result.stderr  # no progress bar when stderr is no terminal
     fetched = {p.name for p in Path(entry.path).iterdir()}
     assert "model.safetensors" in fetched and "tokenizer.json" in fetched
     assert not {"README.md", "pytorch_model.bin"} & fetched  # only what sorai loads

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from sorai import hub, registry
+from sorai import hf, hub, registry
 from sorai.errors import SoraiError
 from sorai.server.errors import APIError
 from sorai.server.logprobs import TokenText
@@ -271,7 +271,8 @@ async def route(
             seconds = parse_keep_alive(keep_alive)
         except SoraiError as e:
             raise APIError(400, str(e), param="keep_alive") from None
-    loaded = await pool.acquire(requested, seconds)
+    # `hf:org/repo` and `org/repo` are one model (the registry's name).
+    loaded = await pool.acquire(requested.removeprefix(hf.PREFIX), seconds)
     leases = request.scope.get(_LEASES)
     if leases is None:  # no ModelLeases around this app: nothing would release the lease
         pool.release(loaded)

@@ -111,6 +111,7 @@ def test_a_cached_model_loads_on_demand_answers_and_unloads(served: Served, cach
     # keep_alive 0: unloaded once its request is over; the first model stays.
     assert wait_until(lambda: "tiny-b" not in served.pool.loaded)
     assert answer(served.client, "tiny-b")[1] == expected  # and back on the next request
+    assert answer(served.client, "hf:tiny-b") == ("hf:tiny-b", expected)  # the same model
     assert "tiny-b" in served.pool.loaded
 
     with pytest.raises(openai.NotFoundError, match="loads on demand the chat models"):
