@@ -361,6 +361,9 @@ def pull(
     say(f"pulling {spec} (commit {commit[:12]}): {len(siblings)} files, {total / 1e6:.1f} MB")
     files: dict[str, str] = {}
     bar = _progress_class()
+    # An adapter sits in a directory named after its repository: that name is what it is
+    # served as (BASE+NAME), not the commit's.
+    inner = spec.repo.split("/")[-1] if kind == registry.ADAPTER else ""
     with _staging_lock(staging):
         again = registry.get(home, spec.name)
         if not force and again is not None and again != existing and again.revision == commit:
@@ -377,19 +380,19 @@ def pull(
                     f"not {commit}; pull again"
                 )
             remote = _remote(spec, sibling, head)
-            dest = staging / sibling.rfilename
+            dest = staging / inner / sibling.rfilename
             location = head.location or url
             if not dest.exists() or force:
                 _fetch(spec, remote, location, dest, _for_host(headers, url, location), bar)
             files[remote.name] = remote.checksum
         (staging / ".lock").unlink()
-        base = _adapter_base(staging) if kind == registry.ADAPTER else None
+        base = _adapter_base(staging / inner) if kind == registry.ADAPTER else None
         if final.exists():
             shutil.rmtree(final)
         final.parent.mkdir(parents=True, exist_ok=True)
         # One rename: the model appears under its final path whole, or not at all.
         os.replace(staging, final)
-    path = final / spec.file if spec.file else final
+    path = final / (spec.file or inner) if spec.file or inner else final
     entry = registry.Entry(
         name=spec.name,
         kind=kind,
@@ -428,10 +431,12 @@ def _adapter_base(path: Path) -> str | None:
 def remove_files(home: Path, entry: registry.Entry) -> int:
     """Delete a pulled entry's commit directory (and its repository's, once empty); returns
     the bytes freed. Files outside the cache are never touched."""
-    path = Path(entry.path)
     root = home / "models" / "hf"
-    commit_dir = path if path.is_dir() else path.parent
-    if root not in commit_dir.parents or not commit_dir.exists():
+    revision = entry.revision or ""
+    commit_dir = next((p for p in Path(entry.path).parents if p.name == revision), None)
+    if commit_dir is None and Path(entry.path).name == revision:
+        commit_dir = Path(entry.path)
+    if commit_dir is None or root not in commit_dir.parents or not commit_dir.exists():
         return 0
     freed = registry.disk_size(commit_dir)
     shutil.rmtree(commit_dir)

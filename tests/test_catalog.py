@@ -38,6 +38,10 @@ def cache(default_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Cache
         apply_lora(llm.model, LoRAConfig(r=4))
         save_adapter(llm.model, run / "adapter", base_model_name="org/tiny")
         entry = hub.register_export(run / "adapter", run, "org/tiny")
+        # The same adapter published on the Hub as its own repository.
+        adapter_files = {p.name: p.read_bytes() for p in (run / "adapter").iterdir()}
+        fake.repos["org/faq-lora"] = FakeRepo(adapter_files)
+        hub.pull_model("hf:org/faq-lora")
     fake.close()
     return Cache(home, run, hub.serve_command(entry))
 
@@ -56,6 +60,13 @@ def test_train_registers_its_adapter_by_the_run_name(in_cache: Cache) -> None:
     assert in_cache.serve == "sorai serve -m org/tiny --adapter faq"
     llm = sorai.load("org/tiny", adapter="faq")  # by name, as `sorai serve --adapter faq`
     assert llm.name == "org/tiny+faq"
+
+
+def test_a_pulled_adapter_is_served_by_its_repository_name(in_cache: Cache) -> None:
+    entry = registry.get(in_cache.home, "org/faq-lora")
+    assert entry is not None and entry.kind == registry.ADAPTER and entry.format == "peft"
+    assert entry.base == "org/tiny"  # from its adapter_config.json
+    assert sorai.load("org/tiny", adapter="org/faq-lora").name == "org/tiny+faq-lora"
 
 
 def test_ls_lists_models_adapters_and_runs(in_cache: Cache, sorai_main) -> None:
@@ -101,15 +112,21 @@ def test_an_adapter_named_as_a_model_says_how_to_use_it(in_cache: Cache, sorai_m
 def test_rm_refuses_a_base_in_use_then_frees_it(in_cache: Cache, sorai_main) -> None:
     refused = sorai_main("rm", "org/tiny")
     assert refused.returncode == 2
-    assert "'org/tiny' is the base of faq; remove it first, or pass --force" in refused.stderr
+    assert "'org/tiny' is the base of faq, org/faq-lora; remove them first, or pass --force" in (
+        refused.stderr
+    )
     path = Path(registry.get(in_cache.home, "org/tiny").path)
     forgot = sorai_main("rm", "faq")
     assert (
         forgot.returncode == 0 and f"its files stay in {in_cache.run / 'adapter'}" in forgot.stdout
     )
     assert (in_cache.run / "adapter").exists()  # the user's run directory is left alone
-    removed = sorai_main("rm", "org/tiny")
+    refused = sorai_main("rm", "org/tiny")
+    assert "'org/tiny' is the base of org/faq-lora" in refused.stderr
+    adapter = Path(registry.get(in_cache.home, "org/faq-lora").path)
+    removed = sorai_main("rm", "org/tiny", "org/faq-lora")  # together: nothing is left over
     assert removed.returncode == 0 and "removed org/tiny (freed " in removed.stdout
+    assert not adapter.parent.exists() and not adapter.parent.parent.exists()
     assert not path.exists() and not path.parent.exists()
     assert registry.load(in_cache.home) == {}
     missing = sorai_main("rm", "org/tiny")
