@@ -22,6 +22,7 @@ from sorai.apps.skills import command as skills_command
 from sorai.apps.text import plural
 from sorai.errors import ContextLengthError, SoraiError
 from sorai.model.config import check_chat_model
+from sorai.server import model_flags
 from sorai.train import command as train_command
 
 EXIT_USAGE = 2
@@ -312,82 +313,6 @@ def _chat_loop(respond, system: str | None, talking_to: str) -> int:
         history += [messages[-1], {"role": "assistant", "content": answer}]
 
 
-def _add_model_pool_args(parser: argparse.ArgumentParser) -> None:
-    """`sorai serve`'s several models: how many stay loaded, and for how long."""
-    group = parser.add_argument_group("several models (-m A -m B, or loaded on demand)")
-    group.add_argument(
-        "--max-models",
-        type=int,
-        default=None,
-        metavar="N",
-        help="models loaded at once; with room beyond the -m models, a request naming a chat "
-        "model of the cache (sorai ls) loads it, unloading the least recently used idle one "
-        "when full (default: the number of -m models)",
-    )
-    group.add_argument(
-        "--max-memory-gib",
-        type=float,
-        default=None,
-        metavar="GIB",
-        help="memory budget of the loaded models (their files plus KV cache each); loading "
-        "one more unloads idle ones to fit (default: no budget)",
-    )
-    group.add_argument(
-        "--keep-alive",
-        default="5m",
-        metavar="DURATION",
-        help="how long a model other than the first stays loaded after its last request: "
-        "seconds or 30s, 5m, 1h; 0 unloads at once, negative never; a request's `keep_alive` "
-        "field overrides it (default: %(default)s)",
-    )
-    group.add_argument(
-        "--pin",
-        action="append",
-        default=None,
-        metavar="NAME",
-        help="never unload this model (repeatable; the first -m model never unloads)",
-    )
-
-
-def _check_model_pool_args(args: argparse.Namespace, models: list[str]) -> None:
-    from sorai.server.models import parse_keep_alive
-
-    parse_keep_alive(args.keep_alive, "--keep-alive")
-    if args.max_models is not None and args.max_models < len(models):
-        raise SoraiError(
-            f"--max-models {args.max_models} is fewer than the {len(models)} -m models; give "
-            f"at least {len(models)}"
-        )
-    if args.max_memory_gib is not None and not 0 < args.max_memory_gib < math.inf:
-        raise SoraiError(f"--max-memory-gib must be a number > 0, got {args.max_memory_gib:g}")
-
-
-def _model_pool(args: argparse.Namespace, models: list[str], load, kv_bytes: int):
-    """The ModelPool of `sorai serve -m A -m B` (or --max-models N), None for one model."""
-    from sorai import registry
-    from sorai.server.models import ModelPool, parse_keep_alive
-
-    max_models = args.max_models if args.max_models is not None else len(models)
-    if max_models == 1 and args.max_memory_gib is None:
-        return None
-    keep_alive = parse_keep_alive(args.keep_alive, "--keep-alive")
-
-    def size_of(name: str) -> int:
-        path = hub.local_path(name)
-        return (registry.disk_size(path) if path is not None else 0) + kv_bytes
-
-    budget = args.max_memory_gib
-    return ModelPool(
-        load,
-        size_of,
-        max_models=max_models,
-        max_bytes=int(budget * 2**30) if budget is not None else None,
-        keep_alive=keep_alive,
-        pinned=args.pin or (),
-        default_size=size_of(models[0]),
-    )
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
     from sorai.server.auth import APIKeys
 
@@ -396,7 +321,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     args.model = models[0]
     for extra in models[1:]:
         check_chat_model(extra)
-    _check_model_pool_args(args, models)
+    model_flags.check(args, models)
 
     # Everything that can be wrong with the flags fails before torch and the model load.
     keys = list(args.api_key or [])
@@ -447,7 +372,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             name, dtype=args.dtype, device=args.device, config=config, quantize=args.quantize
         )
 
-    pool = _model_pool(args, models, load, int(config.kv_cache_gib * 2**30))
+    pool = model_flags.pool(args, models, load, int(config.kv_cache_gib * 2**30))
     started = time.perf_counter()
     engine = AsyncEngine.from_model(
         args.model,
@@ -602,7 +527,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = verbs.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
     _add_model_args(serve, repeatable=True)
-    _add_model_pool_args(serve)
+    model_flags.add(serve)
     serve.add_argument("--host", default="127.0.0.1", help="(default: %(default)s)")
     serve.add_argument("--port", type=int, default=8000, help="0 picks a free port (default: 8000)")
     serve.add_argument(
