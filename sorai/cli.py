@@ -399,6 +399,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         request_timeout=args.request_timeout,
         embedding_model=embedding_model,
         embedding_device=args.device,
+        models=pool,
     )
     if api_keys.enabled:
         say(f"API keys required ({len(api_keys)} configured)")
@@ -411,13 +412,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             + (f"; up to {loadable} more loaded on demand from the cache" if loadable else "")
         )
     return serve(
-        engine,
-        settings,
-        host=args.host,
-        port=args.port,
-        log_level=args.log_level,
-        sock=sock,
-        models=pool,
+        engine, settings, host=args.host, port=args.port, log_level=args.log_level, sock=sock
     )
 
 

@@ -21,10 +21,8 @@ if TYPE_CHECKING:
     from sorai.engine.async_engine import AsyncEngine
 
 
-def create_app(
-    engine: AsyncEngine, settings: ServerSettings | None = None, models: ModelPool | None = None
-) -> FastAPI:
-    """An app serving `engine` (and the models of `models`, when given); the app starts the
+def create_app(engine: AsyncEngine, settings: ServerSettings | None = None) -> FastAPI:
+    """An app serving `engine` (and settings.models' models beside it); the app starts the
     engines on startup and stops them on shutdown."""
     settings = settings or ServerSettings()
     embedding_engine = None
@@ -34,7 +32,7 @@ def create_app(
             settings.embedding_model, device=settings.embedding_device
         )
     state = ServerState(engine, settings, embedding_engine)
-    state.models = models
+    models: ModelPool | None = settings.models
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -30,7 +30,6 @@ _CLOSE_MARGIN_S = 5.0
 
 if TYPE_CHECKING:
     from sorai.engine.async_engine import AsyncEngine
-    from sorai.server.models import ModelPool
 
 
 class _Server(uvicorn.Server):
@@ -111,10 +110,9 @@ def serve(
     port: int = 8000,
     log_level: str = "info",
     sock: socket.socket | None = None,
-    models: ModelPool | None = None,
 ) -> int:
     """Serve until stopped (on `sock` when given, from bind()); returns the exit status."""
-    app = create_app(engine, settings, models)
+    app = create_app(engine, settings)
     name = app.state.sorai.model_names[0]
 
     def announce(bound_port: int) -> None:

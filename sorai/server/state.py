@@ -38,6 +38,8 @@ class ServerSettings:
     # loaded on the first embeddings request; None serves none.
     embedding_model: str | None = hub.DEFAULT_EMBEDDING_MODEL
     embedding_device: str | torch.device | None = None  # default: the GPU if any, else the CPU
+    # A ModelPool (server/models.py): the models served beside the engine (`-m A -m B`).
+    models: Any = None
 
 
 class ServerState:
@@ -57,8 +59,7 @@ class ServerState:
         names = list(settings.served_model_names) or [engine.model_name]
         self.model_names: tuple[str, ...] = tuple(dict.fromkeys(names))
         self._accepted = frozenset(self.model_names) | {engine.model_name}
-        # A ModelPool (server/models.py) when the server carries more models than this one.
-        self.models: Any = None
+        self.models = settings.models
 
     def serves(self, name: str) -> bool:
         """Whether `name` is one of the names of the first model (ServerState.engine)."""

@@ -74,8 +74,8 @@ class Served:
 def served(cache: Cache) -> Iterator[Served]:
     """tiny-a as the server's own; room for one more, loaded on demand."""
     pool = ModelPool(load, lambda name: 0, max_models=2, keep_alive=300.0)
-    settings = ServerSettings(embedding_model=None)
-    thread = ServerThread(create_app(load("tiny-a"), settings, pool)).start()
+    settings = ServerSettings(embedding_model=None, models=pool)
+    thread = ServerThread(create_app(load("tiny-a"), settings)).start()
     client = openai.OpenAI(base_url=thread.url + "/v1", api_key="none", max_retries=0)
     yield Served(pool, client)
     thread.stop()
