@@ -389,6 +389,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         say(f"loaded {name} in {time.perf_counter() - started:.1f}s")
     say(f"running {engine.runtime.line()}")
     settings = ServerSettings(
+        models=pool,  # the -m models after the first, and those loaded on demand
         # The engine's name is --model as typed: what a client of `sorai serve --model X` will
         # naturally send back. With --adapter it is `X+<adapter name>`, so a client asking for
         # the plain base model gets a 404 rather than the fine-tune.
@@ -399,7 +400,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         request_timeout=args.request_timeout,
         embedding_model=embedding_model,
         embedding_device=args.device,
-        models=pool,
     )
     if api_keys.enabled:
         say(f"API keys required ({len(api_keys)} configured)")

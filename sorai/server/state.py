@@ -28,6 +28,8 @@ class ServerSettings:
     # Names clients may send as `model` (besides the engine's own name); the first is the one
     # /v1/models lists first.
     served_model_names: tuple[str, ...] = ()
+    # A ModelPool (server/models.py): the models served beside the engine (`-m A -m B`).
+    models: Any = None
     api_keys: APIKeys = field(default_factory=APIKeys)
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     # Seconds in-flight requests get to finish at shutdown before they are aborted.
@@ -38,8 +40,6 @@ class ServerSettings:
     # loaded on the first embeddings request; None serves none.
     embedding_model: str | None = hub.DEFAULT_EMBEDDING_MODEL
     embedding_device: str | torch.device | None = None  # default: the GPU if any, else the CPU
-    # A ModelPool (server/models.py): the models served beside the engine (`-m A -m B`).
-    models: Any = None
 
 
 class ServerState:
