@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import Any, NoReturn
 
 import sorai
-from sorai import hub
+from sorai import catalog, hub
 from sorai.apps.agent import command as agent_command
 from sorai.apps.command import say
 from sorai.apps.eval import command as eval_command
@@ -22,6 +22,7 @@ from sorai.apps.skills import command as skills_command
 from sorai.apps.text import plural
 from sorai.errors import ContextLengthError, SoraiError
 from sorai.model.config import check_chat_model
+from sorai.server import model_flags
 from sorai.train import command as train_command
 
 EXIT_USAGE = 2
@@ -33,12 +34,20 @@ CHAT_HELP = """commands:
   /exit           leave (or Ctrl-D); Ctrl-C stops an answer mid-way"""
 
 
-def _add_model_args(parser: argparse.ArgumentParser) -> None:
+def _add_model_args(parser: argparse.ArgumentParser, repeatable: bool = False) -> None:
+    default = os.environ.get("SORAI_MODEL", hub.DEFAULT_MODEL)
     parser.add_argument(
         "-m",
         "--model",
-        default=os.environ.get("SORAI_MODEL", hub.DEFAULT_MODEL),
-        help="a known model name, an HF directory or a .gguf file (default: %(default)s)",
+        default=None if repeatable else default,
+        action="append" if repeatable else "store",
+        help="a known model name, a pulled one (sorai ls), hf:ORG/REPO, an HF directory or a "
+        f".gguf file (default: {default})"
+        + (
+            "; repeatable: each one loads beside the first, with its own engine"
+            if repeatable
+            else ""
+        ),
     )
     parser.add_argument(
         "--dtype",
@@ -307,6 +316,13 @@ def _chat_loop(respond, system: str | None, talking_to: str) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from sorai.server.auth import APIKeys
 
+    # -m is repeatable: the first model is the server's own, the others load beside it.
+    models = list(dict.fromkeys(args.model or [os.environ.get("SORAI_MODEL", hub.DEFAULT_MODEL)]))
+    args.model = models[0]
+    for extra in models[1:]:
+        check_chat_model(extra)
+    model_flags.check(args, models)
+
     # Everything that can be wrong with the flags fails before torch and the model load.
     keys = list(args.api_key or [])
     if not keys and not args.api_key_file and os.environ.get("SORAI_API_KEY"):
@@ -350,6 +366,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "cpu_threads": args.cpu_threads,
     }
     config = EngineConfig(**{k: v for k, v in engine_options.items() if v is not None})
+
+    def load(name: str) -> AsyncEngine:
+        return AsyncEngine.from_model(
+            name, dtype=args.dtype, device=args.device, config=config, quantize=args.quantize
+        )
+
+    pool = model_flags.pool(args, models, load, int(config.kv_cache_gib * 2**30))
     started = time.perf_counter()
     engine = AsyncEngine.from_model(
         args.model,
@@ -360,8 +383,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         quantize=args.quantize,
     )
     say(f"loaded {engine.model_name} in {time.perf_counter() - started:.1f}s")
+    for name in models[1:]:
+        started = time.perf_counter()
+        pool.add(name, load(name))
+        say(f"loaded {name} in {time.perf_counter() - started:.1f}s")
     say(f"running {engine.runtime.line()}")
     settings = ServerSettings(
+        models=pool,  # the -m models after the first, and those loaded on demand
         # The engine's name is --model as typed: what a client of `sorai serve --model X` will
         # naturally send back. With --adapter it is `X+<adapter name>`, so a client asking for
         # the plain base model gets a 404 rather than the fine-tune.
@@ -377,13 +405,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
         say(f"API keys required ({len(api_keys)} configured)")
     if embedding_model is not None:
         say(f"embeddings: {embedding_model} (loaded on the first /v1/embeddings request)")
+    if pool is not None:
+        loadable = pool.max_models - len(models)
+        say(
+            f"models: {', '.join(models)}"
+            + (f"; up to {loadable} more loaded on demand from the cache" if loadable else "")
+        )
     return serve(
         engine, settings, host=args.host, port=args.port, log_level=args.log_level, sock=sock
     )
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
-    path = hub.pull(args.name, progress=say, force=args.force)
+    path = hub.pull_model(args.name, file=args.file, progress=say, force=args.force)
     print(path)
     return 0
 
@@ -487,7 +521,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate.set_defaults(run=cmd_generate)
 
     serve = verbs.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
-    _add_model_args(serve)
+    _add_model_args(serve, repeatable=True)
+    model_flags.add(serve)
     serve.add_argument("--host", default="127.0.0.1", help="(default: %(default)s)")
     serve.add_argument("--port", type=int, default=8000, help="0 picks a free port (default: 8000)")
     serve.add_argument(
@@ -575,13 +610,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.set_defaults(run=cmd_serve)
 
-    pull = verbs.add_parser("pull", help="fetch a known model into the cache")
-    pull.add_argument("name", nargs="?", default=hub.DEFAULT_MODEL)
+    pull = verbs.add_parser(
+        "pull", help="fetch a known model or a Hugging Face repository (hf:ORG/REPO) into the cache"
+    )
+    pull.add_argument(
+        "name",
+        nargs="?",
+        default=hub.DEFAULT_MODEL,
+        help="a known model, or hf:ORG/REPO[@REVISION] (safetensors) or hf:ORG/REPO/FILE.gguf "
+        "(default: %(default)s)",
+    )
+    pull.add_argument("--file", default=None, help="the .gguf file of an hf: repository to fetch")
     pull.add_argument("--force", action="store_true", help="fetch again even if cached")
     pull.set_defaults(run=cmd_pull)
 
     models = verbs.add_parser("models", help="list known and cached models")
     models.set_defaults(run=cmd_models)
+
+    catalog.add_parsers(verbs)  # ls, show, rm
 
     train = train_command.add_parser(verbs)
     train.set_defaults(run=train_command.run)

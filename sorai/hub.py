@@ -11,6 +11,7 @@ import difflib
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from sorai import hf, registry
 from sorai.errors import HubError, ModelNotFoundError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -250,6 +252,11 @@ def resolve(name_or_path: str | os.PathLike, progress: Callable[[str], None] | N
     text = model_text(name_or_path)
     if text in KNOWN_MODELS:
         return pull(text, progress=progress)
+    entry = registered(text)
+    if entry is not None:
+        return entry_path(entry)
+    if hf.is_spec(text):
+        return Path(hf.pull(hf.parse(text), sorai_home(), progress=progress).path)
     return existing_path(text)
 
 
@@ -266,8 +273,9 @@ def existing_path(text: str) -> Path:
         return path
     known = ", ".join(sorted(KNOWN_MODELS))
     raise ModelNotFoundError(
-        f"unknown model {text!r}{did_you_mean(text)}: it is not a known model ({known}) "
-        "nor a path to a Hugging Face directory or a .gguf file"
+        f"unknown model {text!r}{did_you_mean(text)}: it is not a known model ({known}), "
+        "a pulled one (sorai ls), hf:ORG/REPO nor a path to a Hugging Face directory or a "
+        ".gguf file"
     )
 
 
@@ -288,3 +296,124 @@ def list_models() -> list[ModelEntry]:
             ModelEntry(name, source.description, cached_path(name), source.size, source.kind)
         )
     return entries
+
+
+# ---- pulled and trained models: the registry ------------------------------------------------
+
+
+def registered(text: str) -> registry.Entry | None:
+    """The registry's entry for a model argument (`org/repo`, `hf:org/repo`, a run's name);
+    None when it names none, or names another revision than the one pulled."""
+    spec = hf.parse(text) if hf.is_spec(text) else None
+    entry = registry.get(sorai_home(), spec.name if spec else text)
+    if entry is None or spec is None or spec.revision is None:
+        return entry
+    pinned = spec.revision == entry.ref or (entry.revision or "").startswith(spec.revision)
+    return entry if pinned else None
+
+
+def entry_path(entry: registry.Entry) -> Path:
+    """A registered model's files; a clear error when they were deleted behind its back."""
+    path = Path(entry.path)
+    if not path.exists():
+        raise ModelNotFoundError(
+            f"{entry.name!r} is registered but {path} is gone; `sorai rm {entry.name}` forgets "
+            f"it{', then pull it again' if entry.source.startswith(hf.PREFIX) else ''}"
+        )
+    return path
+
+
+def local_path(name_or_path: str | os.PathLike) -> Path | None:
+    """What a model argument names on disk without fetching anything: a pulled or trained
+    model, an existing path; None for a known or `hf:` model not pulled yet."""
+    text = model_text(name_or_path)
+    if text in KNOWN_MODELS:
+        return cached_path(text)
+    entry = registered(text)
+    if entry is not None:
+        if entry.kind == registry.ADAPTER:
+            base = f" of {entry.base}" if entry.base else ""
+            raise ModelNotFoundError(
+                f"{entry.name!r} is a LoRA adapter{base}, not a model: use it with "
+                f"--adapter {entry.name}" + (f" --model {entry.base}" if entry.base else "")
+            )
+        return entry_path(entry)
+    if hf.is_spec(text):
+        hf.parse(text)  # a malformed spec fails here, before anything loads
+        return None
+    return existing_path(text)
+
+
+def resolve_adapter(name_or_path: str | os.PathLike) -> str | os.PathLike:
+    """A registered adapter's directory for its name (a run's name, a pulled adapter);
+    anything else is returned as given (a path)."""
+    entry = registry.get(sorai_home(), os.fspath(name_or_path).removeprefix(hf.PREFIX))
+    if entry is None or entry.kind != registry.ADAPTER:
+        return name_or_path
+    return entry_path(entry)
+
+
+def register_export(path: Path, run_dir: Path, base: str) -> registry.Entry:
+    """Record a training run's export (a PEFT adapter or a full model directory) under the
+    run's name, so it is served and shown by that name; its files stay in the run."""
+    path = Path(path).resolve()
+    adapter = (path / "adapter_config.json").exists()
+    if base not in KNOWN_MODELS and registered(base) is None and Path(base).exists():
+        base = str(Path(base).resolve())  # a relative path would mean nothing from elsewhere
+    entry = registry.Entry(
+        name=Path(run_dir).resolve().name,
+        kind=registry.ADAPTER if adapter else registry.MODEL,
+        format="peft" if adapter else "safetensors",
+        path=str(path),
+        source=f"train:{Path(run_dir).resolve()}",
+        size=registry.disk_size(path),
+        base=base,
+        run=str(Path(run_dir).resolve()),
+        owned=False,
+    )
+    registry.put(sorai_home(), entry)
+    return entry
+
+
+def cached_entries() -> list[registry.Entry]:
+    """Everything the cache holds: the known models pulled, then the registry's entries."""
+    entries = []
+    for name, source in sorted(KNOWN_MODELS.items()):
+        path = cached_path(name)
+        if path is not None:
+            entries.append(
+                registry.Entry(
+                    name=name,
+                    kind=registry.MODEL if source.kind == CHAT else EMBEDDING,
+                    format="sentence-transformers" if source.is_dir else "gguf",
+                    path=str(path),
+                    source=f"pypi:{source.package}",
+                    size=registry.disk_size(path),
+                )
+            )
+    return entries + sorted(registry.load(sorai_home()).values(), key=lambda e: e.name)
+
+
+def pull_model(
+    text: str,
+    file: str | None = None,
+    progress: Callable[[str], None] | None = None,
+    force: bool = False,
+) -> Path:
+    """`sorai pull`: a known model (from PyPI) or an `hf:` repository (from the Hub)."""
+    if text in KNOWN_MODELS and file is None:
+        return pull(text, progress=progress, force=force)
+    if not hf.is_spec(text):
+        raise ModelNotFoundError(
+            f"unknown model {text!r}{did_you_mean(text)}: pull a known model "
+            f"({', '.join(sorted(KNOWN_MODELS))}) or a Hub repository as hf:ORG/REPO"
+        )
+    return Path(hf.pull(hf.parse(text, file), sorai_home(), progress=progress, force=force).path)
+
+
+def serve_command(entry: registry.Entry) -> str:
+    """The `sorai serve` line that serves a registered model or adapter."""
+    if entry.kind == registry.ADAPTER:
+        base = shlex.quote(entry.base or "BASE")
+        return f"sorai serve -m {base} --adapter {shlex.quote(entry.name)}"
+    return f"sorai serve -m {shlex.quote(entry.name)}"

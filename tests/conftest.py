@@ -34,6 +34,16 @@ def no_endpoint_from_the_environment() -> Iterator[None]:
         yield
 
 
+@pytest.fixture(scope="session", autouse=True)
+def registry_of_the_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Runs trained and models pulled by the tests are registered in a registry of the
+    session's own (here and in subprocesses), never in the developer's (`sorai ls`)."""
+    path = tmp_path_factory.mktemp("registry") / "registry.json"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SORAI_REGISTRY", str(path))
+        yield
+
+
 @pytest.fixture(scope="session")
 def default_gguf() -> Path:
     """The embedded default model's .gguf file (pulled into $SORAI_HOME on first use)."""

@@ -75,6 +75,8 @@ def _arrows(source_layer: str, top_level_only: bool = False) -> list[tuple[str, 
         ("train", {"engine", "server", "apps"}),
         ("server", {"train", "apps", "cli"}),
         ("hub", {"model", "engine", "server", "train", "apps", "cli"}),
+        ("hf", {"hub", "model", "engine", "server", "train", "apps", "cli"}),
+        ("registry", {"hf", "hub", "model", "engine", "server", "train", "apps", "cli"}),
         ("errors", {"hub", "model", "engine", "server", "train", "apps", "cli"}),
     ],
 )

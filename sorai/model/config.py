@@ -176,8 +176,10 @@ def check_chat_model(name_or_path: str | os.PathLike) -> None:
         kind = source.kind
         architecture = (source.architecture or kind) if kind == hub.EMBEDDING else None
     else:
-        # JSON only: this check imports no torch and loads no weights.
-        architecture = embedding_architecture(hub.existing_path(text))
+        # JSON only: this check imports no torch and loads no weights. A Hub model not
+        # pulled yet is checked once it is there.
+        path = hub.local_path(text)
+        architecture = embedding_architecture(path) if path is not None else None
     if architecture is None:
         return
     raise ModelFormatError(

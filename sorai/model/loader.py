@@ -153,7 +153,7 @@ def load_pretrained(
     from sorai.model.lora import adapter_name, check_adapter_dir, load_adapter, merge_lora
 
     check_chat_model(model)  # an unknown name or an embedding model, before any pull
-    adapter_path = check_adapter_dir(adapter) if adapter is not None else None
+    adapter_path = check_adapter_dir(hub.resolve_adapter(adapter)) if adapter is not None else None
     check_quantize(quantize)
     load_as = "none" if adapter_path is not None else quantize
     path = hub.resolve(model, progress=progress)

@@ -14,6 +14,7 @@ from sorai.server import chat, completions, embeddings, routes
 from sorai.server.auth import APIKeyMiddleware
 from sorai.server.body import BodyLimitMiddleware
 from sorai.server.errors import install_error_handlers
+from sorai.server.models import ModelLeases, ModelPool
 from sorai.server.state import ServerSettings, ServerState
 
 if TYPE_CHECKING:
@@ -21,7 +22,8 @@ if TYPE_CHECKING:
 
 
 def create_app(engine: AsyncEngine, settings: ServerSettings | None = None) -> FastAPI:
-    """An app serving `engine`; the app starts the engine on startup and stops it on shutdown."""
+    """An app serving `engine` (and settings.models' models beside it); the app starts the
+    engines on startup and stops them on shutdown."""
     settings = settings or ServerSettings()
     embedding_engine = None
     if settings.embedding_model is not None:
@@ -30,15 +32,20 @@ def create_app(engine: AsyncEngine, settings: ServerSettings | None = None) -> F
             settings.embedding_model, device=settings.embedding_device
         )
     state = ServerState(engine, settings, embedding_engine)
+    models: ModelPool | None = settings.models
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await engine.start()
+        if models is not None:
+            await models.start()
         try:
             yield
         finally:
             # In-flight requests get shutdown_timeout seconds, then the rest are aborted.
             await engine.stop(timeout=settings.shutdown_timeout)
+            if models is not None:
+                await models.stop(timeout=settings.shutdown_timeout)
             if embedding_engine is not None:
                 embedding_engine.close()
 
@@ -61,4 +68,6 @@ def create_app(engine: AsyncEngine, settings: ServerSettings | None = None) -> F
     # Added last = runs first: a request without a valid key is refused before its body is read.
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
     app.add_middleware(APIKeyMiddleware, keys=settings.api_keys)
+    if models is not None:
+        app.add_middleware(ModelLeases, pool=models)  # outermost: sees every response end
     return app

@@ -21,6 +21,7 @@ from sorai.engine.outputs import ChoiceDelta
 from sorai.server.body import read_json
 from sorai.server.guided import checked, failed
 from sorai.server.logprobs import TokenText, chat_logprobs
+from sorai.server.models import route
 from sorai.server.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -79,7 +80,7 @@ async def create_chat_completion(request: Request) -> Response:
     state = get_state(request)
     body = await read_json(request, ChatCompletionRequest)
     body.check()
-    model = state.resolve_model(body.model)
+    state, model = await route(request, body.model, body.keep_alive)  # -m A -m B: A or B
     engine = state.engine
     tools = ToolSetup.from_request(body.tools, body.tool_choice, body.parallel_tool_calls)
     guided, guided_param = body.guided()

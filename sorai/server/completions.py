@@ -21,6 +21,7 @@ from sorai.server.body import read_json
 from sorai.server.errors import bad_request, from_sorai_error
 from sorai.server.guided import checked, failed
 from sorai.server.logprobs import CompletionLogprobsBuilder, TokenText
+from sorai.server.models import route
 from sorai.server.protocol import (
     CompletionChoice,
     CompletionChunk,
@@ -93,7 +94,7 @@ async def create_completion(request: Request) -> Response:
     state = get_state(request)
     body = await read_json(request, CompletionRequest)
     body.check()
-    model = state.resolve_model(body.model)
+    state, model = await route(request, body.model, body.keep_alive)  # -m A -m B: A or B
     guided, guided_param = body.guided()
     jobs: list[Job] = []
     texts: list[str] = []

@@ -174,6 +174,9 @@ class _SamplingFields(_Request):
     """Fields both endpoints share, OpenAI's and the vLLM extras."""
 
     model: str | None = None
+    # Ollama's: how long `model` stays loaded after this request (seconds or "5m"; 0 unloads
+    # it after, negative keeps it); the server's --keep-alive when left out.
+    keep_alive: int | float | str | None = None
     n: int | None = None
     temperature: float | None = None
     top_p: float | None = None
@@ -661,10 +664,12 @@ class ModelCard(_Response):
     max_model_len: int | None
     # sorai's extension: how the model runs here (device, dtype, weight formats, machine).
     runtime: dict[str, str] | None = None
+    # sorai's extension: False for a cached model loaded on the first request naming it.
+    loaded: bool | None = None
 
     @model_serializer(mode="wrap")
     def _drop_unknown_length(self, handler: Any) -> dict[str, Any]:
-        return _without_none(handler(self), keys=("max_model_len", "runtime"))
+        return _without_none(handler(self), keys=("max_model_len", "runtime", "loaded"))
 
 
 class ModelList(_Response):

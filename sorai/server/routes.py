@@ -9,6 +9,7 @@ from starlette.responses import JSONResponse, Response
 from sorai.server.body import read_json
 from sorai.server.errors import bad_request, engine_unavailable
 from sorai.server.metrics import CONTENT_TYPE
+from sorai.server.models import route
 from sorai.server.protocol import (
     DetokenizeRequest,
     DetokenizeResponse,
@@ -28,6 +29,10 @@ router = APIRouter()
 async def list_models(request: Request) -> Response:
     state = get_state(request)
     cards = [_chat_card(state, name) for name in state.model_names]
+    if state.models is not None:  # -m A -m B: the others loaded, then those loadable
+        cards += [_chat_card(state, name, m.engine) for name, m in state.models.loaded.items()]
+        listed = {card.id for card in cards} | {state.engine.model_name}
+        cards += [_cached_card(state, n) for n in state.models.cached() if n not in listed]
     if state.embeddings is not None:
         cards.append(_embedding_card(state))
     return json_response(ModelList(data=cards))
@@ -38,17 +43,27 @@ async def get_model(request: Request, model: str) -> Response:
     state = get_state(request)
     if state.embeddings is not None and model == state.embeddings.name:
         return json_response(_embedding_card(state))
+    if state.models is not None and not state.serves(model):
+        if (loaded := state.models.loaded.get(model)) is not None:
+            return json_response(_chat_card(state, model, loaded.engine))
+        if model in state.models.cached():
+            return json_response(_cached_card(state, model))
     name = state.resolve_model(model)
     return json_response(_chat_card(state, name))
 
 
-def _chat_card(state: ServerState, name: str) -> ModelCard:
+def _chat_card(state: ServerState, name: str, engine=None) -> ModelCard:
+    engine = engine or state.engine
     return ModelCard(
         id=name,
         created=state.created,
-        max_model_len=state.engine.context_length,
-        runtime=state.engine.runtime.as_dict(),
+        max_model_len=engine.context_length,
+        runtime=engine.runtime.as_dict(),
     )
+
+
+def _cached_card(state: ServerState, name: str) -> ModelCard:
+    return ModelCard(id=name, created=state.created, max_model_len=None, loaded=False)
 
 
 def _embedding_card(state: ServerState) -> ModelCard:
@@ -76,7 +91,7 @@ async def metrics(request: Request) -> Response:
 async def tokenize(request: Request) -> Response:
     state = get_state(request)
     body = await read_json(request, TokenizeRequest)
-    state.resolve_model(body.model)
+    state, _ = await route(request, body.model)
     tokenizer = state.engine.tokenizer
     if body.messages is not None:
         # Chat templates write their own BOS, so no special tokens are added by default.
@@ -97,7 +112,7 @@ async def tokenize(request: Request) -> Response:
 async def detokenize(request: Request) -> Response:
     state = get_state(request)
     body = await read_json(request, DetokenizeRequest)
-    state.resolve_model(body.model)
+    state, _ = await route(request, body.model)
     vocab = state.engine.vocab_size
     bad = next((t for t in body.tokens if not 0 <= t < vocab), None)
     if bad is not None:

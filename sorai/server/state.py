@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
 
@@ -28,6 +28,8 @@ class ServerSettings:
     # Names clients may send as `model` (besides the engine's own name); the first is the one
     # /v1/models lists first.
     served_model_names: tuple[str, ...] = ()
+    # A ModelPool (server/models.py): the models served beside the engine (`-m A -m B`).
+    models: Any = None
     api_keys: APIKeys = field(default_factory=APIKeys)
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     # Seconds in-flight requests get to finish at shutdown before they are aborted.
@@ -57,6 +59,11 @@ class ServerState:
         names = list(settings.served_model_names) or [engine.model_name]
         self.model_names: tuple[str, ...] = tuple(dict.fromkeys(names))
         self._accepted = frozenset(self.model_names) | {engine.model_name}
+        self.models = settings.models
+
+    def serves(self, name: str) -> bool:
+        """Whether `name` is one of the names of the first model (ServerState.engine)."""
+        return name in self._accepted
 
     def resolve_model(self, requested: str | None) -> str:
         """The name to answer with; 404 for a model this server does not serve."""

@@ -279,4 +279,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"\nrun directory: {result.run_dir}")
     if result.export is not None:
         print(f"exported: {result.export}")
+        from sorai import hub
+
+        entry = hub.register_export(result.export, result.run_dir, config.model)
+        print(f"registered as {entry.name}; serve it with: {hub.serve_command(entry)}")
     return 0

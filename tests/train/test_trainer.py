@@ -158,6 +158,8 @@ def test_sorai_train_prints_its_summary_once(
     assert everything.count("trained ") == 1, everything
     assert stdout.startswith("trained 1 step in ")  # and not "1 steps"
     assert f"run directory: {out}" in stdout
+    # Registered by the run's name (in the session's registry, tests/conftest.py).
+    assert f"registered as run; serve it with: sorai serve -m {tiny_model} --adapter run" in stdout
 
 
 def test_full_fine_tuning_exports_a_model_that_loads_back(
