@@ -38,14 +38,17 @@ format: install-test
 	$(BIN)/ruff check --fix sorai tests benchmarks examples
 
 # The default tier, what CI runs: every case not marked slow (each capability keeps a real-model
-# or real-server case here), in under 10 minutes on 2 cores.
+# or real-server case here), in under 10 minutes on 2 cores. Two worker processes, each file on
+# one worker (its module fixtures, such as a live server, start once): much of a case's time is
+# waiting on a server or a subprocess, which the other worker fills. TEST_WORKERS=0 runs serially.
+TEST_WORKERS ?= 2
 test: lint
-	$(BIN)/python -m pytest -m "not slow" -q --durations=25
+	$(BIN)/python -m pytest -m "not slow" -q --durations=25 -n $(TEST_WORKERS) --dist loadfile
 
 # Everything: also the slow tier (the long real-model runs, every parallel layout, the property
 # tests), about half an hour on 2 cores.
 test-all: lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 bench: install-test
 	$(BIN)/python benchmarks/bench_generate.py
