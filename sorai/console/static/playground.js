@@ -145,7 +145,10 @@ export function Playground({ models }) {
   ];
 
   let request = null, requestError = "";
-  try { request = buildRequest(form, model, messagesFor(current, input || "Hello!")); }
+  // "View code" shows the request the Send button would make now (a placeholder message
+  // while there is none yet).
+  const pending = messagesFor(current, input);
+  try { request = buildRequest(form, model, pending.length ? pending : [{ role: "user", content: "Hello!" }]); }
   catch (e) { requestError = "Not valid JSON: " + e.message; }
 
   const send = async (e) => {
