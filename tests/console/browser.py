@@ -142,9 +142,8 @@ class Browser:
     def type(self, selector: str, text: str) -> None:
         """Focus `selector`, clear it and type `text` as keyboard input."""
         self._present(selector)
-        self.eval(
-            f"(e => {{ e.focus(); e.select && e.select(); }})(document.querySelector({json.dumps(selector)}))"
-        )
+        found = f"document.querySelector({json.dumps(selector)})"
+        self.eval(f"(e => {{ e.focus(); e.select && e.select(); }})({found})")
         self.send("Input.insertText", {"text": text})
 
     def click(self, selector: str) -> None:

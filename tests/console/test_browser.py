@@ -25,17 +25,17 @@ WATCH_REPLY = """(() => {
 
 
 def _open(browser, console, page: str) -> None:
-    browser.goto(f"{console.url}/#/{page}")
-    browser.wait(f"document.querySelector('#page-{page}')")
+    browser.click(f"#tab-{page}")
+    browser.wait(f"document.querySelector('#page-{page}') !== null")
 
 
 def _unlock(browser, console) -> None:
     """Loads the console and gives it the key when it asks (once per browser session)."""
     browser.goto(console.url + "/")
-    if browser.wait("document.querySelector('#key-gate, #tab-playground') !== null"):
-        if browser.eval("document.querySelector('#key-gate') !== null"):
-            browser.type("#api-key", API_KEY)
-            browser.click("#key-submit")
+    browser.wait("document.querySelector('#key-gate, #tab-playground') !== null")
+    if browser.eval("document.querySelector('#key-gate') !== null"):
+        browser.type("#api-key", API_KEY)
+        browser.click("#key-submit")
     browser.wait("document.querySelector('#tab-playground') !== null")
 
 
@@ -91,4 +91,152 @@ def test_key_prompt_then_a_streamed_chat(console, browser):
     assert "logprobs=True" in python and "curl -N" in browser.text("#code-curl")
     assert API_KEY not in python + browser.text("#code-curl")
     browser.screenshot("playground")
+    assert not browser.errors, browser.errors
+
+
+# -- slow: the other pages -------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_schema_constrained_reply_is_valid_json(console, browser):
+    import jsonschema
+
+    _unlock(browser, console)
+    _open(browser, console, "playground")
+    browser.click("#new-conversation")
+    browser.type("#p-temperature", "0")
+    browser.type("#p-max_tokens", "60")
+    browser.select("#structured-kind", "json_schema")
+    schema = json.loads(browser.eval("document.querySelector('#structured-spec').value"))
+    browser.type("#chat-input", "Invent a person.")
+    browser.click("#send")
+    browser.wait("document.querySelector('#json-check-0') !== null")
+    assert browser.text("#json-check-0") == "valid JSON"
+    reply = browser.eval("document.querySelector('#reply [data-choice=\"0\"] .content').innerText")
+    jsonschema.validate(json.loads(reply), schema)
+    python = (browser.click("#view-code"), browser.text("#code-python"))[1]
+    assert '"type": "json_schema"' in python
+    browser.screenshot("playground-json-schema")
+    assert not browser.errors, browser.errors
+
+
+@pytest.fixture(scope="module")
+def small_index(console):
+    """The index the console serves as `docs`: three small files, embedded by the server."""
+    from sorai.apps.client import Client
+    from sorai.apps.rag import Index, add_files
+
+    docs = console.root / "docs"
+    docs.mkdir()
+    (docs / "warranty.md").write_text(
+        "# Warranty\n\nThe ABC blender comes with a warranty of 90 days from the date of "
+        "purchase. The warranty covers the motor and the jar.\n"
+    )
+    (docs / "shipping.txt").write_text(
+        "Orders ship within two business days. Delivery takes three to five days.\n"
+    )
+    (docs / "hours.txt").write_text(
+        "The shop opens at 10 and closes at 8, every day but Wednesday.\n"
+    )
+    with (
+        Client.connect(console.url, API_KEY) as client,
+        Index(console.settings.indexes["docs"]) as index,
+    ):
+        report = add_files(index, [docs], client)
+    assert report.failures == []
+    return docs
+
+
+@pytest.mark.slow
+def test_search_and_ask_with_a_citation_that_opens_its_passage(console, browser, small_index):
+    _unlock(browser, console)
+    _open(browser, console, "data")
+    browser.wait("document.querySelector('#data-query') !== null")
+    browser.type("#data-query", "warranty days")
+    browser.select("#search-mode", "keyword")
+    browser.click("#search")
+    browser.wait("document.querySelectorAll('#hits .hit').length > 0")
+    assert "warranty.md" in browser.text("#hits .hit") and "score" in browser.text("#hits .hit")
+    browser.type("#data-query", "How long is the warranty of the ABC blender?")
+    browser.select("#search-mode", "hybrid")
+    browser.click("#ask")
+    browser.wait("document.querySelector('#answer') !== null")
+    assert "90" in browser.text("#answer")
+    browser.click("#citations .citation")
+    browser.wait("document.querySelector('#passage-text') !== null")
+    assert "90 days" in browser.text("#passage-text")
+    browser.screenshot("data-ask")
+    assert not browser.errors, browser.errors
+
+
+@pytest.mark.slow
+def test_an_eval_run_and_a_comparison(console, browser):
+    _unlock(browser, console)
+    _open(browser, console, "evals")
+    browser.click('[data-run="base"]')
+    browser.wait("document.querySelector('#eval-summary') !== null")
+    assert browser.eval("document.querySelectorAll('#eval-rows tbody tr').length") == 12
+    assert browser.eval("document.querySelectorAll('.bars').length") == 2  # f1, rouge_l
+    browser.type("#row-filter", "warranty")
+    browser.wait("document.querySelector('#rows-shown').innerText.startsWith('6 of 12')")
+    browser.screenshot("evals-run")
+    browser.select("#compare-a", "base")
+    browser.select("#compare-b", "better")
+    browser.click("#compare")
+    browser.wait("document.querySelector('#compare-table') !== null")
+    table = browser.text("#compare-table")
+    assert "f1" in table and "rouge_l" in table and "better" in table
+    browser.screenshot("evals-compare")
+    assert not browser.errors, browser.errors
+
+
+@pytest.mark.slow
+def test_a_training_chart_gains_points_as_the_run_writes_them(console, browser):
+    # The run directory is faked (conftest.write_training_run) and this test appends the rows
+    # a training run would write; a real `sorai train` run is tests/train's to test.
+    _unlock(browser, console)
+    _open(browser, console, "training")
+    browser.click('[data-run="tiny"]')
+    browser.wait("document.querySelector('#chart-loss[data-points=\"2\"]') !== null")
+    assert "sorai serve --model smollm2-135m-instruct --adapter" in browser.text("#serve-command")
+    with (console.root / "runs" / "tiny" / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps({"step": 3, "loss": 2.0, "lr": 1e-4}) + "\n")
+        f.write(json.dumps({"step": 3, "val_loss": 2.1}) + "\n")
+    browser.wait("document.querySelector('#chart-loss[data-points=\"3\"]') !== null")
+    assert "step 3" in browser.text("#training-points")
+    browser.screenshot("training")
+    assert not browser.errors, browser.errors
+
+
+@pytest.mark.slow
+def test_models_and_an_agent_run(console, browser):
+    _unlock(browser, console)
+    _open(browser, console, "models")
+    browser.wait("document.querySelector('#metrics-now') !== null")
+    assert "smollm2-135m-instruct" in browser.text(".model-card")
+    browser.screenshot("models")
+    _open(browser, console, "agents")
+    browser.type("#agent-task", "What is 12 * 7? Use the calculator.")
+    browser.click("#agent-run")
+    browser.wait("document.querySelector('#agent-answer, [role=alert]') !== null")
+    assert browser.text("[role=alert]") is None, browser.text("[role=alert]")
+    assert browser.eval("document.querySelectorAll('#agent-steps .step').length") >= 1
+    browser.screenshot("agents")
+    traces = list((console.root / "traces").glob("*.json"))
+    assert len(traces) == 1  # the run's trace, saved where the server was told
+    assert not browser.errors, browser.errors
+
+
+@pytest.mark.slow
+def test_every_page_fits_a_narrow_window(console, browser):
+    _unlock(browser, console)
+    browser.viewport(420, 800)
+    try:
+        for page in ("playground", "models", "data", "evals", "training", "agents"):
+            _open(browser, console, page)
+            width = browser.eval("document.documentElement.scrollWidth")
+            assert width <= 430, (page, width)
+            browser.screenshot(f"narrow-{page}")
+    finally:
+        browser.viewport(1280, 800)
     assert not browser.errors, browser.errors

@@ -62,7 +62,7 @@ export function Agents() {
               <option value="tools">native tool calls</option><option value="react">ReAct (text)</option></select></div>
           ${indexes.length > 0 && html`<label><input type="checkbox" checked=${useDocs} onChange=${(e) => setUseDocs(e.target.checked)} /> search an index</label>
             ${useDocs && html`<div><label for="agent-index">Index</label><select id="agent-index" value=${index} onChange=${(e) => setIndex(e.target.value)}>
-              ${indexes.map((i) => html`<option>${i.name}</option>`)}</select></div>`}`}
+              ${indexes.map((i) => html`<option value=${i.name}>${i.name}</option>`)}</select></div>`}`}
           <button type="submit" id="agent-run" disabled=${busy}>Run</button>
         </div>
         <p class="muted">Tools: the calculator${indexes.length ? ", and search over an index" : ""}. File and Python tools stay with <code>sorai agent</code>.</p>

@@ -85,9 +85,9 @@ export function Evaluations() {
         onClick=${() => setView({ run: r.name })}>${r.name} <span class="muted">${r.rows ?? "?"} rows</span></button>`)}</div>
       <h3>Compare</h3>
       <label for="compare-a">Run A</label>
-      <select id="compare-a" value=${a} onChange=${(e) => setA(e.target.value)}>${runs.data.map((r) => html`<option>${r.name}</option>`)}</select>
+      <select id="compare-a" value=${a} onChange=${(e) => setA(e.target.value)}>${runs.data.map((r) => html`<option value=${r.name}>${r.name}</option>`)}</select>
       <label for="compare-b">Run B</label>
-      <select id="compare-b" value=${b} onChange=${(e) => setB(e.target.value)}>${runs.data.map((r) => html`<option>${r.name}</option>`)}</select>
+      <select id="compare-b" value=${b} onChange=${(e) => setB(e.target.value)}>${runs.data.map((r) => html`<option value=${r.name}>${r.name}</option>`)}</select>
       <p><button id="compare" disabled=${!a || !b} onClick=${() => setView({ a, b })}>Compare</button></p>
     </aside>
     <section>${view === null ? html`<p class="muted">Pick a run, or two to compare.</p>`
