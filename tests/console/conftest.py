@@ -5,6 +5,7 @@ training run directory (all in a temporary directory); and a headless Chromium t
 from __future__ import annotations
 
 import json
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,9 +109,11 @@ def console(default_llm, default_encoder_dir, tmp_path_factory) -> Iterator[Cons
 
 
 @pytest.fixture(scope="module")
-def shots(tmp_path_factory) -> Path:
-    """Where the screenshots go (printed, so a person can look at them)."""
-    path = tmp_path_factory.mktemp("console-screenshots")
+def shots() -> Path:
+    """Where the screenshots go (printed, so a person can look at them): a directory of its
+    own under the system's temp directory, which pytest's rotation of its basetemp (3 runs,
+    shared by every pytest of this user) does not remove."""
+    path = Path(tempfile.mkdtemp(prefix="sorai-console-screenshots-"))
     print(f"\nconsole screenshots: {path}")
     return path
 

@@ -117,7 +117,8 @@ function Choice({ c, index, structured }) {
 }
 
 export function Playground({ models }) {
-  const chatModels = models.filter((m) => m.runtime !== undefined || !/minilm|embed/i.test(m.id));
+  // Chat models list their runtime; the embedding model does not.
+  const chatModels = models.some((m) => m.runtime) ? models.filter((m) => m.runtime) : models;
   const [form, setForm] = useState({ ...DEFAULTS, structured: "none", spec: "", tools: TOOLS_EXAMPLE, top_logprobs: "5" });
   const [model, setModel] = useState((chatModels[0] || models[0] || {}).id || "");
   const [all, setAll] = useState(loadAll);
@@ -211,7 +212,7 @@ export function Playground({ models }) {
     <aside class="panel" aria-label="Request settings">
       <label for="model">Model</label>
       <select id="model" value=${model} onChange=${(e) => setModel(e.target.value)}>
-        ${models.map((m) => html`<option value=${m.id}>${m.id}</option>`)}
+        ${chatModels.map((m) => html`<option value=${m.id}>${m.id}</option>`)}
       </select>
       <label for="system">System prompt</label>
       <textarea id="system" rows="3" value=${current.system || ""}
