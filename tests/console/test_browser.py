@@ -120,6 +120,36 @@ def test_a_schema_constrained_reply_is_valid_json(console, browser):
     assert not browser.errors, browser.errors
 
 
+@pytest.mark.slow
+def test_two_choices_and_a_tool_call(console, browser):
+    _unlock(browser, console)
+    _open(browser, console, "playground")
+    browser.click("#new-conversation")
+    browser.type("#p-max_tokens", "40")
+    browser.type("#p-temperature", "0.8")
+    browser.type("#p-n", "2")
+    browser.click("#use-tools")
+    browser.wait("document.querySelector('#tools') !== null")  # the get_weather example
+    browser.select("#tool-choice", "required")
+    browser.type("#chat-input", "What is the weather in Paris? Call the tool.")
+    browser.click("#send")
+    browser.wait(
+        "document.querySelectorAll('#reply [data-choice] .who').length === 2 && [...document"
+        ".querySelectorAll('#reply [data-choice] .who')].every(w => w.innerText.includes('·'))"
+    )
+    assert browser.text("#chat-error") is None, browser.text("#chat-error")
+    calls = browser.eval(
+        "[...document.querySelectorAll('#reply .tool-calls')].map(e => JSON.parse(e.innerText))"
+    )
+    # tool_choice required: each choice is a call, decoded under the tool's schema.
+    assert len(calls) == 2, calls
+    for made in calls:
+        assert made and all(c["name"] == "get_weather" for c in made)
+        assert all(isinstance(json.loads(c["arguments"])["city"], str) for c in made)
+    browser.screenshot("playground-n2-tools")
+    assert not browser.errors, browser.errors
+
+
 @pytest.fixture(scope="module")
 def small_index(console):
     """The index the console serves as `docs`: three small files, embedded by the server."""
@@ -228,7 +258,7 @@ def test_models_and_an_agent_run(console, browser):
 
 
 @pytest.mark.slow
-def test_every_page_fits_a_narrow_window(console, browser):
+def test_every_page_fits_a_narrow_window_and_follows_dark_mode(console, browser):
     _unlock(browser, console)
     browser.viewport(420, 800)
     try:
@@ -239,4 +269,16 @@ def test_every_page_fits_a_narrow_window(console, browser):
             browser.screenshot(f"narrow-{page}")
     finally:
         browser.viewport(1280, 800)
+    # Dark: the system's setting (prefers-color-scheme) turns the page dark.
+    browser.send(
+        "Emulation.setEmulatedMedia",
+        {"features": [{"name": "prefers-color-scheme", "value": "dark"}]},
+    )
+    try:
+        _open(browser, console, "evals")
+        background = browser.eval("getComputedStyle(document.body).backgroundColor")
+        assert background == "rgb(17, 20, 24)", background
+        browser.screenshot("dark-evals")
+    finally:
+        browser.send("Emulation.setEmulatedMedia", {"features": []})
     assert not browser.errors, browser.errors

@@ -53,7 +53,7 @@ export function buildRequest(form, model, messages) {
   else if (form.structured === "json_object") body.response_format = { type: "json_object" };
   else if (form.structured === "regex" && spec) extra.guided_regex = spec;
   else if (form.structured === "choice" && spec) extra.guided_choice = spec.split("\n").map((s) => s.trim()).filter(Boolean);
-  if (form.useTools && (form.tools || "").trim()) { body.tools = JSON.parse(form.tools); body.tool_choice = "auto"; }
+  if (form.useTools && (form.tools || "").trim()) { body.tools = JSON.parse(form.tools); body.tool_choice = form.tool_choice || "auto"; }
   return { body, extra };
 }
 
@@ -238,7 +238,11 @@ export function Playground({ models }) {
         <textarea id="structured-spec" rows="6" value=${form.spec} onInput=${set("spec")}></textarea>`}
       <label><input type="checkbox" id="use-tools" checked=${!!form.useTools} onChange=${set("useTools")} /> Tools</label>
       ${form.useTools && html`<label for="tools">Tool definitions (JSON)</label>
-        <textarea id="tools" rows="8" value=${form.tools} onInput=${set("tools")}></textarea>`}
+        <textarea id="tools" rows="8" value=${form.tools} onInput=${set("tools")}></textarea>
+        <label for="tool-choice">Tool choice</label>
+        <select id="tool-choice" value=${form.tool_choice || "auto"} onChange=${set("tool_choice")}>
+          <option value="auto">auto</option><option value="required">required</option><option value="none">none</option>
+        </select>`}
       <h3>Conversations</h3>
       <div class="list">
         <button class="plain" id="new-conversation" onClick=${() => { setCurrent(newConversation()); setReply(null); }}>+ New conversation</button>
