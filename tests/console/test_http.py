@@ -106,3 +106,15 @@ def test_serve_checks_the_console_flags_before_loading(sorai_main, tmp_path):
     result = sorai_main("serve", "--eval-dir", str(tmp_path / "missing"))
     assert result.returncode == 2 and "--eval-dir" in result.stderr
     assert "is not a directory" in result.stderr
+
+
+def test_serve_adds_the_console_unless_told_not_to(tmp_path):
+    from sorai.cli import build_parser
+    from sorai.console.command import extension
+
+    parser = build_parser()
+    assert extension(parser.parse_args(["serve", "--no-console"])) is None
+    args = parser.parse_args(["serve", "--eval-dir", str(tmp_path), "--runs-dir", str(tmp_path)])
+    assert callable(extension(args))
+    with pytest.raises(SoraiError, match="--runs-dir .* is not a directory"):
+        extension(parser.parse_args(["serve", "--runs-dir", str(tmp_path / "nope")]))
