@@ -17,7 +17,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, StreamingResponse
 
-from sorai.console.data import _body, _text
+from sorai.console.fields import count, json_body, text
 from sorai.console.loopback import client_for
 from sorai.console.settings import ConsoleSettings, NotFound
 from sorai.errors import SoraiError
@@ -42,8 +42,8 @@ def _event(kind: str, data: Any) -> bytes:
 async def run_agent(request: Request) -> StreamingResponse:
     from sorai.apps.agent import STRATEGIES, Agent
 
-    body = await _body(request)
-    task = _text(body, "task")
+    body = await json_body(request)
+    task = text(body, "task")
     tools = body.get("tools", ["calculator"])
     if not isinstance(tools, list) or any(t not in TOOLS for t in tools):
         raise SoraiError(f"tools must be a list of {', '.join(TOOLS)}, got {tools!r}")
@@ -58,12 +58,10 @@ async def run_agent(request: Request) -> StreamingResponse:
             )
         index = settings.indexes[name]
     strategy = body.get("strategy", "tools")
-    iterations = body.get("max_iterations", 6)
+    iterations = count(body, "max_iterations", 6, 1, 20)
     # Checked before the stream starts, so a bad strategy is a 400 rather than an event.
     if strategy not in STRATEGIES:
         raise SoraiError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
-    if not isinstance(iterations, int) or not 1 <= iterations <= 20:
-        raise SoraiError(f"max_iterations must be an integer in [1, 20], got {iterations!r}")
 
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[bytes | None] = asyncio.Queue()

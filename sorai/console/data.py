@@ -11,9 +11,9 @@ from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse
 
+from sorai.console.fields import count, json_body, text
 from sorai.console.loopback import client_for
 from sorai.console.settings import ConsoleSettings, NotFound
-from sorai.errors import SoraiError
 
 router = APIRouter(prefix="/v1/sorai/indexes")
 
@@ -28,30 +28,6 @@ def _path(request: Request, name: str) -> Path:
         known = ", ".join(sorted(indexes)) or "none: start sorai serve with --index NAME=PATH"
         raise NotFound(f"no index named {name!r} (indexes: {known})")
     return indexes[name]
-
-
-async def _body(request: Request) -> dict[str, Any]:
-    try:
-        body = await request.json()
-    except ValueError:
-        raise SoraiError("the request body must be a JSON object") from None
-    if not isinstance(body, dict):
-        raise SoraiError("the request body must be a JSON object")
-    return body
-
-
-def _text(body: dict[str, Any], key: str) -> str:
-    value = body.get(key)
-    if not isinstance(value, str) or not value.strip():
-        raise SoraiError(f"{key} must be a non-empty string, got {value!r}")
-    return value
-
-
-def _k(body: dict[str, Any]) -> int:
-    k = body.get("k", 5)
-    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= 50:
-        raise SoraiError(f"k must be an integer in [1, 50], got {k!r}")
-    return k
 
 
 @router.get("")
@@ -81,8 +57,9 @@ async def search_index(request: Request, name: str) -> JSONResponse:
     from sorai.apps.rag import Index, search
 
     path = _path(request, name)
-    body = await _body(request)
-    query, k, mode = _text(body, "query"), _k(body), body.get("mode", "hybrid")
+    body = await json_body(request)
+    query, mode = text(body, "query"), body.get("mode", "hybrid")
+    k = count(body, "k", 5, 1, 50)
 
     def run() -> list[dict[str, Any]]:
         with Index(path, create=False) as index:
@@ -100,8 +77,8 @@ async def ask_index(request: Request, name: str) -> JSONResponse:
     from sorai.apps.skills.ask import ask
 
     path = _path(request, name)
-    body = await _body(request)
-    question, k = _text(body, "question"), _k(body)
+    body = await json_body(request)
+    question, k = text(body, "question"), count(body, "k", 5, 1, 50)
     mode, model = body.get("mode", "hybrid"), body.get("model")
 
     def run() -> dict[str, Any]:

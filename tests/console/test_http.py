@@ -118,3 +118,19 @@ def test_serve_adds_the_console_unless_told_not_to(tmp_path):
     assert callable(extension(args))
     with pytest.raises(SoraiError, match="--runs-dir .* is not a directory"):
         extension(parser.parse_args(["serve", "--runs-dir", str(tmp_path / "nope")]))
+
+
+def test_bad_requests_are_400s_that_name_the_field(console):
+    post = lambda path, **kw: httpx.post(console.url + path, headers=console.headers, **kw)  # noqa: E731
+    cases = [
+        ("/v1/sorai/indexes/docs/search", {"json": {"query": "x", "k": 0}}, "k must be"),
+        ("/v1/sorai/indexes/docs/ask", {"json": {"question": " "}}, "question must be"),
+        ("/v1/sorai/indexes/docs/search", {"content": b"{not json"}, "JSON object"),
+        ("/v1/sorai/agents/run", {"json": {"task": "x", "tools": ["python"]}}, "tools must"),
+        ("/v1/sorai/agents/run", {"json": {"task": "x", "strategy": "y"}}, "strategy must"),
+    ]
+    for path, body, message in cases:
+        response = post(path, **body)
+        assert response.status_code == 400 and message in response.json()["error"]["message"]
+    missing = post("/v1/sorai/indexes/nope/search", json={"query": "x"})
+    assert missing.status_code == 404 and "docs" in missing.json()["error"]["message"]
