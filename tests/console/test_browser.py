@@ -266,6 +266,16 @@ def test_every_page_fits_a_narrow_window_and_follows_dark_mode(console, browser)
             _open(browser, console, page)
             width = browser.eval("document.documentElement.scrollWidth")
             assert width <= 430, (page, width)
+            # Every control is labelled, and reachable with Tab (nothing taken out of the order).
+            unlabelled = browser.eval(
+                "[...document.querySelectorAll('input, select, textarea')]"
+                ".filter(e => !e.labels.length && !e.getAttribute('aria-label')).map(e => e.id)"
+            )
+            assert unlabelled == [], (page, unlabelled)
+            assert (
+                browser.eval("document.querySelectorAll('[tabindex^=\"-\"]:not(#passage)').length")
+                == 0
+            )
             browser.screenshot(f"narrow-{page}")
     finally:
         browser.viewport(1280, 800)
