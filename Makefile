@@ -24,7 +24,8 @@ $(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
-# Serves the default model at http://127.0.0.1:8000/v1 until Ctrl-C.
+# Serves the default model at http://127.0.0.1:8000/v1 until Ctrl-C, and the web console at
+# http://127.0.0.1:8000/ (sorai serve prints both addresses).
 run: install
 	$(BIN)/sorai pull
 	$(BIN)/sorai serve

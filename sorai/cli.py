@@ -20,6 +20,7 @@ from sorai.apps.eval import command as eval_command
 from sorai.apps.rag import command as index_command
 from sorai.apps.skills import command as skills_command
 from sorai.apps.text import plural
+from sorai.console import command as console_command
 from sorai.errors import ContextLengthError, SoraiError
 from sorai.model.config import check_chat_model
 from sorai.server import model_flags
@@ -340,6 +341,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if value is not None and not 0 < value < math.inf:
             raise SoraiError(f"{flag} must be a number of seconds > 0, got {value:g}")
     check_chat_model(args.model)  # a mistyped name or an embedding model (name or path)
+    console = console_command.extension(args)  # the web console's flags, checked now
     embedding_model = args.embedding_model
     if embedding_model.strip().lower() == "none":
         embedding_model = None
@@ -412,7 +414,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
             + (f"; up to {loadable} more loaded on demand from the cache" if loadable else "")
         )
     return serve(
-        engine, settings, host=args.host, port=args.port, log_level=args.log_level, sock=sock
+        engine,
+        settings,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        sock=sock,
+        extend=console,
     )
 
 
@@ -608,6 +616,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["critical", "error", "warning", "info", "debug"],
         help="(default: %(default)s)",
     )
+    console_command.add_serve_args(serve)
     serve.set_defaults(run=cmd_serve)
 
     pull = verbs.add_parser(

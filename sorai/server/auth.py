@@ -20,6 +20,15 @@ from sorai.server.errors import APIError
 
 # Probes and scrapers must work without a key (and expose nothing secret).
 OPEN_PATHS = frozenset({"/health", "/metrics"})
+# The web console's page and static assets (sorai/console): code, no data; it asks for a key
+# before it reads anything, and every data endpoint it reads sits under /v1, behind the key.
+CONSOLE_PATHS = frozenset({"/"})
+CONSOLE_PREFIX = "/console/"
+
+
+def is_open(path: str) -> bool:
+    """Whether `path` is served without a key."""
+    return path in OPEN_PATHS or path in CONSOLE_PATHS or path.startswith(CONSOLE_PREFIX)
 
 
 def _digest(key: str) -> bytes:
@@ -89,7 +98,7 @@ class APIKeyMiddleware:
         self.keys = keys
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self.keys.enabled or scope["path"] in OPEN_PATHS:
+        if scope["type"] != "http" or not self.keys.enabled or is_open(scope["path"]):
             await self.app(scope, receive, send)
             return
         key = _bearer(scope)

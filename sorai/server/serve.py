@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 import uvicorn
+from fastapi import FastAPI
 
 from sorai.errors import SoraiError
 from sorai.server.app import create_app
@@ -110,14 +111,20 @@ def serve(
     port: int = 8000,
     log_level: str = "info",
     sock: socket.socket | None = None,
+    extend: Callable[[FastAPI], object] | None = None,
 ) -> int:
-    """Serve until stopped (on `sock` when given, from bind()); returns the exit status."""
+    """Serve until stopped (on `sock` when given, from bind()); returns the exit status.
+    extend: called with the app before it serves, to add routes (the web console)."""
     app = create_app(engine, settings)
+    if extend is not None:
+        extend(app)
     name = app.state.sorai.model_names[0]
 
     def announce(bound_port: int) -> None:
         shown = f"[{host}]" if ":" in host else host
         print(f"sorai serving {name} at http://{shown}:{bound_port}/v1", flush=True)
+        if hasattr(app.state, "console"):
+            print(f"console at http://{shown}:{bound_port}/", flush=True)
 
     config = uvicorn.Config(
         app,
