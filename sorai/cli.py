@@ -23,6 +23,7 @@ from sorai.apps.text import plural
 from sorai.errors import ContextLengthError, SoraiError
 from sorai.model.config import check_chat_model
 from sorai.train import command as train_command
+from sorai.vision import command as vision_command
 
 EXIT_USAGE = 2
 
@@ -324,6 +325,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if value is not None and not 0 < value < math.inf:
             raise SoraiError(f"{flag} must be a number of seconds > 0, got {value:g}")
     check_chat_model(args.model)  # a mistyped name or an embedding model (name or path)
+    media = vision_command.media_policy(args)
     embedding_model = args.embedding_model
     if embedding_model.strip().lower() == "none":
         embedding_model = None
@@ -372,6 +374,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         request_timeout=args.request_timeout,
         embedding_model=embedding_model,
         embedding_device=args.device,
+        media=media,
     )
     if api_keys.enabled:
         say(f"API keys required ({len(api_keys)} configured)")
@@ -573,6 +576,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["critical", "error", "warning", "info", "debug"],
         help="(default: %(default)s)",
     )
+    vision_command.add_media_args(serve)
     serve.set_defaults(run=cmd_serve)
 
     pull = verbs.add_parser("pull", help="fetch a known model into the cache")
@@ -592,6 +596,7 @@ def build_parser() -> argparse.ArgumentParser:
     skills_command.add_parsers(verbs)
     agent_command.add_parser(verbs)
     eval_command.add_parser(verbs)
+    vision_command.add_parsers(verbs)
     return parser
 
 

@@ -43,6 +43,7 @@ from sorai.server.responses import (
 from sorai.server.runner import Generation, unless_disconnected
 from sorai.server.state import get_state
 from sorai.server.tools import ToolSetup, ToolStream, api_errors
+from sorai.server.vision import render_images
 
 router = APIRouter()
 
@@ -81,6 +82,7 @@ async def create_chat_completion(request: Request) -> Response:
     body.check()
     model = state.resolve_model(body.model)
     engine = state.engine
+    await render_images(state.settings.media, body.messages)
     tools = ToolSetup.from_request(body.tools, body.tool_choice, body.parallel_tool_calls)
     guided, guided_param = body.guided()
     with api_errors():
