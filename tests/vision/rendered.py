@@ -96,3 +96,33 @@ def png(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+ENGLISH = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Invoice 2026-0314: total due $1,284.50",
+    "Set-of-Mark prompting grounds answers in regions.",
+]
+JAPANESE = [
+    "吾輩は猫である。名前はまだ無い。",
+    "東京都千代田区丸の内一丁目",
+    "お問い合わせは平日の午前九時から",
+    "カタカナとひらがなと漢字を読む",
+]
+
+
+def ocr_cases(fonts: bool = True) -> list[tuple[str, str, int, float, list[str]]]:
+    """(language, font, size, angle, lines) for every page the CER figures cover; only the
+    fonts installed here."""
+    cases = []
+    for language, names, lines in (
+        ("en", LATIN_FONTS, ENGLISH),
+        ("ja", JAPANESE_FONTS, JAPANESE),
+    ):
+        for name in names:
+            if font(name, 10) is None:
+                continue
+            for size in (20, 36):
+                for angle in (0.0, 5.0, 180.0):
+                    cases.append((language, name, size, angle, lines))
+    return cases
