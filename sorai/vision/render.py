@@ -68,3 +68,19 @@ def render(result: OCRResult, number: int, question: str = "", positions: bool =
     out.extend(f"The question asks about: {text}" for text in named)
     out.append(f"[end of image {number}]")
     return "\n".join(out)
+
+
+def image_file_text(path: str, max_bytes: int | None = None) -> str:
+    """The rendering (without positions) of the image file at `path`: what the skills'
+    `--image` reads, the text a text-only model is given for it."""
+    from sorai.errors import ImageError
+    from sorai.vision.decode import ImageLimits, decode_image
+    from sorai.vision.ocr import read_text
+
+    limits = ImageLimits() if max_bytes is None else ImageLimits(max_bytes=max_bytes)
+    try:
+        with open(path, "rb") as f:
+            data = f.read(limits.max_bytes + 1)
+    except OSError as exc:
+        raise ImageError(f"cannot read {path!r}: {exc.strerror}") from None
+    return render(read_text(decode_image(data, repr(path), limits)), 1, positions=False)

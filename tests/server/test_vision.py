@@ -83,7 +83,7 @@ def test_form_fields_under_a_json_schema(live: Served) -> None:
 
 
 def test_ocr_endpoint_reads_lines_and_needs_the_key(live: Served) -> None:
-    body = {"image": data_url(png(form()))}
+    body = {"image": data_url(png(form())), "marks": True}
     assert httpx.post(live.url + "/v1/ocr", json=body).status_code == 401
     response = httpx.post(live.url + "/v1/ocr", json=body, headers=live.headers, timeout=120)
     assert response.status_code == 200, response.text
@@ -93,6 +93,10 @@ def test_ocr_endpoint_reads_lines_and_needs_the_key(live: Served) -> None:
     first = result["lines"][0]
     assert first["confidence"] > 0.9 and len(first["box"]) == 4
     assert result["text"].splitlines()[0] == "Name:  " + dict(FORM)["Name"]
+    # Set-of-Mark: one mark per line (a form has no other regions), and the marked image.
+    assert [m["text"] for m in result["marks"]] == texts
+    assert [m["box"] for m in result["marks"]] == [line["box"] for line in result["lines"]]
+    assert result["marked_image"].startswith("data:image/png;base64,")
 
 
 # -- bad images: a 400 each, and the server goes on serving ----------------------------------
