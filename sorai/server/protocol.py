@@ -295,6 +295,9 @@ class ChatCompletionRequest(_SamplingFields):
     tools: Any = None
     tool_choice: Any = None
     parallel_tool_calls: bool | None = None
+    # sorai's extra: image parts read as numbered marks, and the answer's [n] mapped back to
+    # boxes in the response's `set_of_marks` (sorai/server/vision.py).
+    set_of_marks: bool | None = None
 
     @field_validator("messages")
     @classmethod

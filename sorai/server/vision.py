@@ -9,6 +9,8 @@ the part. Decoding and OCR run in a worker thread, so the event loop keeps servi
 
 from __future__ import annotations
 
+import json
+from dataclasses import replace
 from typing import Any
 
 from fastapi import APIRouter
@@ -29,9 +31,47 @@ from sorai.vision.sources import MediaPolicy, read_source
 router = APIRouter()
 
 
-def _read(url: str, policy: MediaPolicy, name: str) -> ocr.OCRResult:
+def _read(
+    url: str, policy: MediaPolicy, name: str, marks: bool
+) -> tuple[ocr.OCRResult, som.MarkedImage | None]:
     image = decode_image(read_source(url, policy, name), name, policy.limits)
-    return ocr.read_text(image)
+    result = ocr.read_text(image)
+    return result, som.mark(image, result) if marks else None
+
+
+class MarkTable:
+    """The marks of a request's images (numbered across them: image 2's first mark follows
+    image 1's last), for the response's `set_of_marks`."""
+
+    def __init__(self) -> None:
+        self.marks: list[tuple[int, som.Mark]] = []  # (image number, mark)
+
+    def add(self, number: int, marked: som.MarkedImage) -> str:
+        """Image `number`'s marks renumbered after those already here; its text rendering."""
+        offset = len(self.marks)
+        renumbered = [replace(m, number=m.number + offset) for m in marked.marks]
+        self.marks += [(number, m) for m in renumbered]
+        width, height = marked.image.size
+        lines = [
+            f"[image {number}: {width}x{height} pixels; its regions are numbered, cite them as [n]]"
+        ]
+        lines += [m.describe() for m in renumbered] or ["(no regions found)"]
+        lines.append(f"[end of image {number}]")
+        return "\n".join(lines)
+
+    def response_field(self, answers: list[str]) -> dict[str, Any]:
+        """{"marks": [{mark, image, box, kind, text}], "cited": [[n, ...] per choice]}."""
+        marks = [m for _, m in self.marks]
+        return {
+            "marks": [{**m.as_dict(), "image": image} for image, m in self.marks],
+            "cited": [[m.number for m in som.cited(a, marks)] for a in answers],
+        }
+
+    def response(self, body: BaseModel, answers: list[str]) -> Response:
+        """`body` (a chat completion) as JSON with `set_of_marks` added."""
+        data = json.loads(body.model_dump_json())
+        data["set_of_marks"] = self.response_field(answers)
+        return JSONResponse(data)
 
 
 def _api_error(exc: SoraiError, param: str) -> APIError:
@@ -41,9 +81,12 @@ def _api_error(exc: SoraiError, param: str) -> APIError:
     return APIError(501, str(exc), type="server_error", param=param, code="ocr_unavailable")
 
 
-async def render_images(policy: MediaPolicy, messages: list[ChatMessage]) -> None:
-    """Every image part of `messages` replaced, in place, by its OCR rendering; the system
-    message gains the note saying so. APIError 400 for a refused image or too many."""
+async def render_images(
+    policy: MediaPolicy, messages: list[ChatMessage], marks: bool = False
+) -> MarkTable | None:
+    """Every image part of `messages` replaced, in place, by its OCR rendering (with `marks`:
+    its numbered regions, returned in the MarkTable); the system message gains the note
+    saying so. APIError 400 for a refused image or too many."""
     found = [
         (i, j, part)
         for i, message in enumerate(messages)
@@ -51,8 +94,9 @@ async def render_images(policy: MediaPolicy, messages: list[ChatMessage]) -> Non
         for j, part in enumerate(message.content)
         if part.type == "image_url"
     ]
+    table = MarkTable() if marks else None
     if not found:
-        return
+        return table
     if len(found) > policy.max_images:
         raise bad_request(
             f"the request holds {len(found)} images; at most {policy.max_images} are accepted",
@@ -62,15 +106,21 @@ async def render_images(policy: MediaPolicy, messages: list[ChatMessage]) -> Non
         assert part.image_url is not None
         param = f"messages.{i}.content.{j}.image_url.url"
         try:
-            result = await run_in_threadpool(_read, part.image_url.url, policy, f"image {number}")
+            result, marked = await run_in_threadpool(
+                _read, part.image_url.url, policy, f"image {number}", marks
+            )
         except SoraiError as exc:
             raise _api_error(exc, param) from None
         message = messages[i]
-        question = "\n".join(p.text or "" for p in message.content if p.type == "text")
-        positions = part.image_url.detail != "low"
-        text = render.render(result, number, question, positions=positions)
+        if table is not None and marked is not None:
+            text = table.add(number, marked)
+        else:
+            question = "\n".join(p.text or "" for p in message.content if p.type == "text")
+            positions = part.image_url.detail != "low"
+            text = render.render(result, number, question, positions=positions)
         message.content[j] = ContentPart(type="text", text=text)
     _add_system_note(messages)
+    return table
 
 
 def _add_system_note(messages: list[ChatMessage]) -> None:

@@ -60,15 +60,20 @@ class MarkedImage:
         return "data:image/png;base64," + base64.b64encode(self.png()).decode("ascii")
 
     def references(self, answer: str) -> list[Mark]:
-        """The marks `answer` cites as [n], in the order first cited; numbers with no mark
-        (a model inventing [99]) are left out."""
-        by_number = {m.number: m for m in self.marks}
-        seen: dict[int, Mark] = {}
-        for match in _REFERENCE.finditer(answer):
-            number = int(match.group(1))
-            if number in by_number and number not in seen:
-                seen[number] = by_number[number]
-        return list(seen.values())
+        """The marks `answer` cites as [n] (see cited())."""
+        return cited(answer, self.marks)
+
+
+def cited(answer: str, marks: list[Mark]) -> list[Mark]:
+    """The marks `answer` cites as [n], in the order first cited; numbers with no mark (a
+    model inventing [99]) are left out."""
+    by_number = {m.number: m for m in marks}
+    seen: dict[int, Mark] = {}
+    for match in _REFERENCE.finditer(answer):
+        number = int(match.group(1))
+        if number in by_number and number not in seen:
+            seen[number] = by_number[number]
+    return list(seen.values())
 
 
 def _covered(box: Box, by: list[Box]) -> float:

@@ -148,3 +148,29 @@ def test_too_many_images_are_refused(fake: Served) -> None:
         fake.client().chat.completions.create(
             model="fake-model", messages=[{"role": "user", "content": parts}], max_tokens=2
         )
+
+
+@pytest.mark.slow
+def test_set_of_marks_maps_the_answers_reference_back_to_a_box(live: Served) -> None:
+    # The answer is held to "[n]" (guided_regex): what is tested is the mapping, not the model.
+    answer = live.client().chat.completions.create(
+        model=live.model,
+        messages=[
+            {
+                "role": "user",
+                "content": [
+                    image_part(data_url(png(form()))),
+                    {"type": "text", "text": "Which mark is the phone number?"},
+                ],
+            }
+        ],
+        temperature=0,
+        max_tokens=8,
+        extra_body={"set_of_marks": True, "guided_regex": r"\[[1-8]\]"},
+    )
+    text = answer.choices[0].message.content
+    extra = answer.model_extra["set_of_marks"]
+    marks = {m["mark"]: m for m in extra["marks"]}
+    assert [marks[n]["text"] for n in sorted(marks)][:2] == ["Name:", dict(FORM)["Name"]]
+    assert all(m["image"] == 1 and len(m["box"]) == 4 for m in marks.values())
+    assert extra["cited"] == [[int(text.strip("[]"))]]
