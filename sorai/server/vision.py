@@ -29,13 +29,15 @@ from sorai.vision.decode import decode_image
 from sorai.vision.sources import MediaPolicy, read_source
 
 router = APIRouter()
+results = ocr.ResultCache()  # the server's OCR results, by image bytes
 
 
 def _read(
     url: str, policy: MediaPolicy, name: str, marks: bool
 ) -> tuple[ocr.OCRResult, som.MarkedImage | None]:
-    image = decode_image(read_source(url, policy, name), name, policy.limits)
-    result = ocr.read_text(image)
+    data = read_source(url, policy, name)
+    image = decode_image(data, name, policy.limits)
+    result = results.read(data, image)
     return result, som.mark(image, result) if marks else None
 
 
@@ -160,8 +162,9 @@ async def create_ocr(request: Request) -> Response:
 
 
 def _ocr_entry(url: str, policy: MediaPolicy, name: str, marks: bool) -> dict[str, Any]:
-    image = decode_image(read_source(url, policy, name), name, policy.limits)
-    result = ocr.read_text(image)
+    data = read_source(url, policy, name)
+    image = decode_image(data, name, policy.limits)
+    result = results.read(data, image)
     entry: dict[str, Any] = {"object": "ocr", **result.as_dict()}
     if marks:
         marked = som.mark(image, result)

@@ -8,8 +8,10 @@ at run time. It loads once per process, on first use.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -115,6 +117,32 @@ def available() -> bool:
     except ImportError:
         return False
     return True
+
+
+class ResultCache:
+    """The last `size` OCR results by the SHA-256 of the image's bytes: a conversation sends
+    its image again with every turn, and OCR is the slow part of reading it."""
+
+    def __init__(self, size: int = 64) -> None:
+        self.size = size
+        self.hits = 0
+        self._lock = threading.Lock()
+        self._results: OrderedDict[str, OCRResult] = OrderedDict()
+
+    def read(self, data: bytes, image: Image.Image) -> OCRResult:
+        """read_text(image), or the result kept for the same `data` (image's encoded bytes)."""
+        key = hashlib.sha256(data).hexdigest()
+        with self._lock:
+            if key in self._results:
+                self._results.move_to_end(key)
+                self.hits += 1
+                return self._results[key]
+        result = read_text(image)
+        with self._lock:
+            self._results[key] = result
+            while len(self._results) > self.size:
+                self._results.popitem(last=False)
+        return result
 
 
 def read_text(image: Image.Image) -> OCRResult:

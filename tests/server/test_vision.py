@@ -13,6 +13,7 @@ import openai
 import pytest
 from PIL import Image
 
+from sorai.server import vision
 from sorai.vision.sources import MediaPolicy
 from tests.server.conftest import Served
 from tests.vision.rendered import FORM, RECEIPT_TOTAL, font, form, png, receipt
@@ -97,6 +98,11 @@ def test_ocr_endpoint_reads_lines_and_needs_the_key(live: Served) -> None:
     assert [m["text"] for m in result["marks"]] == texts
     assert [m["box"] for m in result["marks"]] == [line["box"] for line in result["lines"]]
     assert result["marked_image"].startswith("data:image/png;base64,")
+    # The same bytes again (a conversation resends its image each turn): OCR is not rerun.
+    hits = vision.results.hits
+    again = httpx.post(live.url + "/v1/ocr", json=body, headers=live.headers, timeout=120)
+    assert again.json() == response.json()
+    assert vision.results.hits == hits + 1
 
 
 # -- bad images: a 400 each, and the server goes on serving ----------------------------------
