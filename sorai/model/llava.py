@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -205,7 +206,7 @@ def preprocess(image: Image.Image, size: int) -> Tensor:
     image = image.resize((width, height), Image.BICUBIC)
     left, top = (width - size) // 2, (height - size) // 2
     image = image.crop((left, top, left + size, top + size))
-    pixels = torch.tensor(list(image.getdata()), dtype=torch.float32).view(size, size, 3)
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32).copy())
     mean, std = torch.tensor(CLIP_MEAN), torch.tensor(CLIP_STD)
     return ((pixels / 255 - mean) / std).permute(2, 0, 1)
 
