@@ -25,6 +25,7 @@ from sorai.errors import ContextLengthError, SoraiError
 from sorai.model.config import check_chat_model
 from sorai.server import model_flags
 from sorai.train import command as train_command
+from sorai.vision import command as vision_command
 
 EXIT_USAGE = 2
 
@@ -342,6 +343,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise SoraiError(f"{flag} must be a number of seconds > 0, got {value:g}")
     check_chat_model(args.model)  # a mistyped name or an embedding model (name or path)
     console = console_command.extension(args)  # the web console's flags, checked now
+    media = vision_command.media_policy(args)
     embedding_model = args.embedding_model
     if embedding_model.strip().lower() == "none":
         embedding_model = None
@@ -402,6 +404,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         request_timeout=args.request_timeout,
         embedding_model=embedding_model,
         embedding_device=args.device,
+        media=media,
     )
     if api_keys.enabled:
         say(f"API keys required ({len(api_keys)} configured)")
@@ -617,6 +620,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="(default: %(default)s)",
     )
     console_command.add_serve_args(serve)
+    vision_command.add_media_args(serve)
     serve.set_defaults(run=cmd_serve)
 
     pull = verbs.add_parser(
@@ -647,6 +651,7 @@ def build_parser() -> argparse.ArgumentParser:
     skills_command.add_parsers(verbs)
     agent_command.add_parser(verbs)
     eval_command.add_parser(verbs)
+    vision_command.add_parsers(verbs)
     return parser
 
 

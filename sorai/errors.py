@@ -62,3 +62,8 @@ class DocumentError(SoraiError, ValueError):
 class SearchIndexError(SoraiError, RuntimeError):
     """A search index that cannot be used as asked: missing, not an index, or built with
     another embedding model."""
+
+
+class ImageError(SoraiError, ValueError):
+    """An image that cannot be used: not an image, truncated, too large, or from a source the
+    operator does not allow (a path outside the allowed directories, a URL with fetching off)."""

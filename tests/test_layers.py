@@ -80,6 +80,7 @@ def _arrows(source_layer: str, top_level_only: bool = False) -> list[tuple[str, 
         ("hf", {"hub", "model", "engine", "server", "train", "apps", "cli"}),
         ("registry", {"hf", "hub", "model", "engine", "server", "train", "apps", "cli"}),
         ("errors", {"hub", "model", "engine", "server", "train", "apps", "cli"}),
+        ("vision", {"hub", "model", "engine", "server", "train", "apps", "cli"}),
     ],
 )
 def test_a_layer_imports_nothing_above_it(layer: str, forbidden: set[str]) -> None:

@@ -10,7 +10,7 @@ from fastapi import FastAPI
 
 import sorai
 from sorai.engine.embeddings import EmbeddingEngine
-from sorai.server import chat, completions, embeddings, routes
+from sorai.server import chat, completions, embeddings, routes, vision
 from sorai.server.auth import APIKeyMiddleware
 from sorai.server.body import BodyLimitMiddleware
 from sorai.server.errors import install_error_handlers
@@ -65,6 +65,7 @@ def create_app(engine: AsyncEngine, settings: ServerSettings | None = None) -> F
     app.include_router(completions.router)
     app.include_router(embeddings.router)
     app.include_router(routes.router)
+    app.include_router(vision.router)
     # Added last = runs first: a request without a valid key is refused before its body is read.
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
     app.add_middleware(APIKeyMiddleware, keys=settings.api_keys)

@@ -44,6 +44,7 @@ from sorai.server.responses import (
 from sorai.server.runner import Generation, unless_disconnected
 from sorai.server.state import get_state
 from sorai.server.tools import ToolSetup, ToolStream, api_errors
+from sorai.server.vision import MarkTable, render_images
 
 router = APIRouter()
 
@@ -67,6 +68,7 @@ class _Reply:
         self.include_usage = body.include_usage
         self.token_text = token_text
         self.tools = tools
+        self.marks: MarkTable | None = None  # set_of_marks: the images' marks (not streamed)
 
     def logprobs_of(self, entries: list | None) -> ChatLogprobs | None:
         if not self.logprobs:
@@ -82,6 +84,7 @@ async def create_chat_completion(request: Request) -> Response:
     body.check()
     state, model = await route(request, body.model, body.keep_alive)  # -m A -m B: A or B
     engine = state.engine
+    marks = await render_images(state.settings.media, body.messages, bool(body.set_of_marks))
     tools = ToolSetup.from_request(body.tools, body.tool_choice, body.parallel_tool_calls)
     guided, guided_param = body.guided()
     with api_errors():
@@ -91,6 +94,7 @@ async def create_chat_completion(request: Request) -> Response:
     prompt_ids = tools.encode(engine.tokenizer, body.messages)
     params = body.sampling_params(len(prompt_ids), engine.context_length, guided)
     reply = _Reply(body, model, params.n, state.token_text, tools)
+    reply.marks = marks
     generation = Generation(state, [(prompt_ids, params)], reply.id, arrival)
     with checked(guided_param):
         generation.check()
@@ -133,15 +137,16 @@ async def _collect(reply: _Reply, generation: Generation) -> Response:
                 stop_reason=stop_reasons[j],
             )
         )
-    return json_response(
-        ChatCompletionResponse(
-            id=reply.id,
-            created=reply.created,
-            model=reply.model,
-            choices=choices,
-            usage=tally.usage(),
-        )
+    response = ChatCompletionResponse(
+        id=reply.id,
+        created=reply.created,
+        model=reply.model,
+        choices=choices,
+        usage=tally.usage(),
     )
+    if reply.marks is not None:
+        return reply.marks.response(response, ["".join(t) for t in texts])
+    return json_response(response)
 
 
 async def _stream(reply: _Reply, generation: Generation) -> AsyncIterator[str]:

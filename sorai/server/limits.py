@@ -25,6 +25,7 @@ ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 TEXT_PARTS = ("text",)
 REFUSAL_PART = "refusal"  # assistant turns only, read as text
 MEDIA_PARTS = ("image_url", "input_audio", "file")
+IMAGE_PART = "image_url"  # read through OCR (sorai/server/vision.py); the others are refused
 
 
 def check_stop(stop: str | list[str] | None) -> None:

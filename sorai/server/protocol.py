@@ -24,6 +24,7 @@ from sorai.engine.params import GuidedSpec, SamplingParams
 from sorai.server.errors import bad_request
 from sorai.server.guided import guided_spec
 from sorai.server.limits import (
+    IMAGE_PART,
     MAX_BEST_OF,
     MAX_COMPLETION_LOGPROBS,
     MAX_TOP_LOGPROBS,
@@ -58,12 +59,23 @@ class StreamOptions(_Request):
     include_usage: bool | None = None
 
 
+class ImageURL(_Request):
+    url: str
+    detail: Literal["auto", "low", "high"] | None = None
+
+
 class ContentPart(_Request):
-    type: Literal["text"]
-    text: str
+    # An image part is replaced by a text part (its OCR rendering, sorai/server/vision.py)
+    # before the prompt is built.
+    type: Literal["text", "image_url"]
+    text: str | None = None
+    image_url: ImageURL | None = None
 
 
-_CONTENT_SHAPE = 'content is a string or a list of text parts ({"type": "text", "text": ...})'
+_CONTENT_SHAPE = (
+    'content is a string or a list of text parts ({"type": "text", "text": ...}) and image '
+    'parts ({"type": "image_url", "image_url": {"url": ...}})'
+)
 
 
 class FunctionCallIn(_Request):
@@ -124,10 +136,21 @@ class ChatMessage(_Request):
         parts = []
         for i, part in enumerate(content):
             kind = part.get("type") if isinstance(part, dict) else None
+            if kind == IMAGE_PART:
+                image = part.get("image_url")
+                if isinstance(image, str):  # some clients send the URL itself
+                    image = {"url": image}
+                if not isinstance(image, dict) or not isinstance(image.get("url"), str):
+                    raise ValueError(
+                        f"content[{i}] is an image part without an 'image_url' object holding "
+                        "a 'url' string (a data: URL, or a path or URL the server allows)"
+                    )
+                parts.append({**part, "image_url": image})
+                continue
             if kind in MEDIA_PARTS:
                 raise ValueError(
-                    f"content[{i}] is of type {kind!r}: this server's models read text only, "
-                    "so send the content as text parts"
+                    f"content[{i}] is of type {kind!r}, which this server does not read; "
+                    "send text parts and image_url parts"
                 )
             if kind == REFUSAL_PART and isinstance(part.get("refusal"), str):
                 # An assistant turn's refusal, sent back: its text is what the model said.
@@ -275,6 +298,9 @@ class ChatCompletionRequest(_SamplingFields):
     tools: Any = None
     tool_choice: Any = None
     parallel_tool_calls: bool | None = None
+    # sorai's extra: image parts read as numbered marks, and the answer's [n] mapped back to
+    # boxes in the response's `set_of_marks` (sorai/server/vision.py).
+    set_of_marks: bool | None = None
 
     @field_validator("messages")
     @classmethod

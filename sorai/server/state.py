@@ -15,6 +15,7 @@ from sorai.server.errors import APIError
 from sorai.server.lifecycle import Running
 from sorai.server.logprobs import TokenText
 from sorai.server.metrics import ServerMetrics
+from sorai.vision.sources import MediaPolicy
 
 if TYPE_CHECKING:
     import torch
@@ -40,6 +41,8 @@ class ServerSettings:
     # loaded on the first embeddings request; None serves none.
     embedding_model: str | None = hub.DEFAULT_EMBEDDING_MODEL
     embedding_device: str | torch.device | None = None  # default: the GPU if any, else the CPU
+    # Where image parts may come from and how large they may be (sorai/vision/sources.py).
+    media: MediaPolicy = field(default_factory=MediaPolicy)
 
 
 class ServerState:

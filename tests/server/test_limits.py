@@ -118,9 +118,9 @@ def test_completion_limits_are_400(fake: Served, fields: dict, param: str) -> No
 @pytest.mark.parametrize(
     ("content", "words"),
     [
-        ([{"type": "image_url", "image_url": {"url": "http://x/a.png"}}], "text only"),
-        ([{"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}], "text only"),
-        ([{"type": "file", "file": {"file_id": "f"}}], "text only"),
+        ([{"type": "image_url", "image_url": {}}], "without an 'image_url' object"),
+        ([{"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}], "does not read"),
+        ([{"type": "file", "file": {"file_id": "f"}}], "does not read"),
         ([{"type": "text", "text": "a"}, {"type": "video"}], "content[1] has type 'video'"),
         ([{"type": "text"}], "without a 'text' string"),
     ],

@@ -3,9 +3,10 @@ writes a new one, `image/<id>_<tool>_<parent>.png` (parent: the input's id, or i
 for an original), so a chain of edits can be read back from the names; the tool returns the
 new file's name for the next step (or the answer) to use.
 
-OCR is a seam: `describe_image` reports text found by `ocr` when one is set (a function from a
-PIL image to its text, which the vision work will provide) and says it is not available
-otherwise.
+OCR is a seam: `describe_image` reports the text `ocr` finds (a function from a PIL image to
+its text): by default sorai's OCR (sorai/vision, the `vision` extra) when it is installed, and
+"not available" otherwise. `mark_regions` without boxes numbers the image's regions itself
+(Set-of-Mark, sorai/vision/som.py) and returns the mark -> box table with the new file.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pydantic import Field
 
 from sorai.apps.agent.files import Workspace, paths_in
 from sorai.apps.agent.tools import Tool, ToolFailure, tool
+from sorai.errors import SoraiError
 
 OUTPUT_DIR = "image"
 MAX_SIDE = 8192
@@ -34,8 +36,21 @@ ImagePath = Annotated[
     str, Field(description="an image file in the workspace", min_length=1, max_length=500)
 ]
 
-# Set by the vision work (or by you): PIL image -> the text in it.
-ocr: Callable[[Image.Image], str] | None = None
+
+def _vision_ocr(image: Image.Image) -> str:
+    from sorai.vision.ocr import read_text
+
+    return read_text(image.convert("RGB")).text() or "(no text found)"
+
+
+def _default_ocr() -> Callable[[Image.Image], str] | None:
+    from sorai.vision.ocr import available
+
+    return _vision_ocr if available() else None
+
+
+# PIL image -> the text in it; replace it to use another OCR, None to turn it off.
+ocr: Callable[[Image.Image], str] | None = _default_ocr()
 
 
 def new_name(tool_name: str, parent: str) -> str:
@@ -169,12 +184,26 @@ def image_tools(workspace: Workspace) -> list[Tool]:
     def mark_regions(
         image: ImagePath,
         regions: Annotated[
-            list[Annotated[list[Pixel], Field(min_length=4, max_length=4)]],
-            Field(description="boxes [left, top, right, bottom]", min_length=1, max_length=50),
-        ],
+            list[Annotated[list[Pixel], Field(min_length=4, max_length=4)]] | None,
+            Field(
+                description="boxes [left, top, right, bottom]; omitted: found automatically "
+                "(text lines and other regions)",
+                max_length=50,
+            ),
+        ] = None,
     ) -> str:
-        """Draw numbered boxes on regions of an image; returns the new file."""
+        """Draw numbered marks on regions of an image (given boxes, or found: text lines and
+        objects); returns the new file and what each number marks."""
         picture = load(image).convert("RGB")
+        if not regions:
+            from sorai.vision.ocr import read_text
+            from sorai.vision.som import mark
+
+            try:
+                marked = mark(picture, read_text(picture))
+            except SoraiError as e:
+                raise ToolFailure(str(e)) from None
+            return f"{save(marked.image, 'marks', image)}\n{marked.table() or '(no regions)'}"
         draw = ImageDraw.Draw(picture)
         for number, (left, top, right, bottom) in enumerate(regions, start=1):
             if left >= right or top >= bottom:

@@ -52,6 +52,7 @@ examples:
   sorai classify "全日空の羽田発、ロサンゼルス行きで、10/20 で手配できますか。" \\
       --labels レストラン予約,航空機の手配,その他 \\
       --example "オペレーターにつないでいただけませんか。=>その他"
+  sorai classify --image scan.png --labels invoice,receipt,letter
   sorai classify --labels-file labels.json --examples-file few_shot.jsonl \\
       --input inquiries.jsonl --output labelled.jsonl
 """
@@ -64,6 +65,7 @@ examples:
   sorai extract "Call Ann Lee at 555-0100 on Monday." --fields "name: the person" \\
       --fields "phone: the phone number"
   sorai extract --schema invoice.schema.json --input mails.csv --text-field body
+  sorai extract --image form.png --schema form.schema.json
 """
 
 SUMMARIZE_DESCRIPTION = """\
@@ -136,8 +138,17 @@ def _add_batch(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_texts(parser: argparse.ArgumentParser) -> None:
+def _add_texts(parser: argparse.ArgumentParser, images: bool = False) -> None:
     parser.add_argument("texts", nargs="*", metavar="TEXT", help="the texts (or --input FILE)")
+    if images:
+        parser.add_argument(
+            "--image",
+            action="append",
+            default=[],
+            metavar="FILE",
+            help="an image whose text (read by OCR, rows as 'label: value') is one more TEXT "
+            "(repeatable; needs the vision extra)",
+        )
 
 
 def _verb(
@@ -156,7 +167,7 @@ def add_parsers(verbs: argparse._SubParsersAction) -> None:
     classify = _verb(
         verbs, "classify", "label texts with one of a fixed set of labels", CLASSIFY_DESCRIPTION
     )
-    _add_texts(classify)
+    _add_texts(classify, images=True)
     classify.add_argument(
         "--labels",
         default=None,
@@ -195,7 +206,7 @@ def add_parsers(verbs: argparse._SubParsersAction) -> None:
     classify.set_defaults(run=run_classify)
 
     extract = _verb(verbs, "extract", "pull fields out of texts as JSON", EXTRACT_DESCRIPTION)
-    _add_texts(extract)
+    _add_texts(extract, images=True)
     extract.add_argument(
         "--fields",
         action="append",
@@ -301,6 +312,13 @@ def add_parsers(verbs: argparse._SubParsersAction) -> None:
 
 
 def _texts_or_input(args: argparse.Namespace) -> None:
+    images = getattr(args, "image", None) or []
+    if images and args.input is not None:
+        raise SkillError("give --image FILE or --input FILE, not both")
+    if images:
+        from sorai.vision.render import image_file_text
+
+        args.texts = [*args.texts, *(image_file_text(path) for path in images)]
     if args.input is not None and args.texts:
         raise SkillError("give TEXT arguments or --input FILE, not both")
     if args.input is None and not args.texts:

@@ -7,12 +7,19 @@ import re
 import pytest
 from PIL import Image
 
-from sorai.apps.agent import Agent
+from sorai.apps.agent import Agent, images
 from sorai.apps.agent.files import Workspace
 from sorai.apps.agent.images import image_tools
 from tests.apps.agent.scripted import Calls, ScriptedModel
 
 NAME = re.compile(r"^image/([0-9a-f]{6})_(\w+?)_(\w+)\.png$")
+
+
+@pytest.fixture(autouse=True)
+def no_ocr(monkeypatch):
+    """OCR off (the seam set to None) unless a test puts it back: the tools' cases run on
+    blank pictures, where OCR only costs time; tests/vision covers it."""
+    monkeypatch.setattr(images, "ocr", None)
 
 
 @pytest.fixture
@@ -215,3 +222,24 @@ def test_the_image_enum_walk_is_bounded(space, monkeypatch):
     assert images._images_in(space) == ["photo.png"]  # the top level, then it stopped
     monkeypatch.setattr(images, "MAX_SCANNED", 100)
     assert images._images_in(space) == ["photo.png", "deep/late.png"]
+
+
+def test_describe_reads_text_and_mark_regions_finds_regions(space, tools, monkeypatch):
+    # The seam filled by default: sorai's OCR when the vision extra is installed.
+    pytest.importorskip("rapidocr", reason="the vision extra (rapidocr) is not installed")
+    from PIL import ImageDraw, ImageFont
+
+    monkeypatch.setattr(images, "ocr", images._default_ocr())
+    page = Image.new("RGB", (420, 160), "white")
+    draw = ImageDraw.Draw(page)
+    font = ImageFont.truetype("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf", 28)
+    draw.text((20, 20), "Total 42.00", font=font, fill="black")
+    draw.ellipse((300, 60, 380, 140), fill=(0, 90, 200))  # an object with no text
+    page.save(space.root / "note.png")
+    assert "Total 42.00" in tools["describe_image"]({"image": "note.png"}).output
+    result = tools["mark_regions"]({"image": "note.png"})
+    assert result.ok, result.output
+    marked, *table = result.output.splitlines()
+    assert NAME.match(marked).group(2) == "marks"
+    assert table[0].startswith("[1] 'Total 42.00' at ")
+    assert table[1] == "[2] a region at [300, 60, 381, 141]"

@@ -173,3 +173,26 @@ def test_read_rows_csv_and_txt(tmp_path: Path) -> None:
 
 def test_styles_match_the_skill() -> None:
     assert tuple(STYLES) == command.STYLES
+
+
+@pytest.mark.slow
+def test_extract_and_classify_read_images(endpoint, capsys, tmp_path: Path) -> None:
+    pytest.importorskip("rapidocr", reason="the vision extra (rapidocr) is not installed")
+    from tests.vision.rendered import FORM, form
+
+    form().save(tmp_path / "form.png")
+    schema = {"name": "the person's name", "phone": "the phone number"}
+    (tmp_path / "form.schema.json").write_text(json.dumps(schema))
+    argv = ["extract", "--image", str(tmp_path / "form.png")]
+    assert main([*argv, "--schema", str(tmp_path / "form.schema.json"), "--json", *endpoint]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["text"].splitlines()[1] == "Name: " + dict(FORM)["Name"]
+    assert row["record"] == {"name": dict(FORM)["Name"], "phone": dict(FORM)["Phone"]}
+    argv = ["classify", "--image", str(tmp_path / "form.png"), "--labels", "form,poem,recipe"]
+    assert main([*argv, "--method", "llm", "--json", *endpoint]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["label"] in ("form", "poem", "recipe")
+
+
+def test_image_and_input_do_not_mix(tmp_path: Path) -> None:
+    assert main(["extract", "--image", "a.png", "--input", "b.jsonl", "--fields", "a: b"]) == 2

@@ -1,0 +1,84 @@
+"""OCR figures: character error rate on Pillow-rendered English and Japanese pages (fonts x
+sizes x rotations), and the time of sorai's OCR (decode_image + read_text) against rapidocr
+called directly on the same PNG bytes, interleaved, medians."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from rapidocr import RapidOCR  # noqa: E402
+
+from sorai.vision.decode import decode_image  # noqa: E402
+from sorai.vision.ocr import read_text  # noqa: E402
+from sorai.vision.quality import character_error_rate  # noqa: E402
+from tests.vision.rendered import ocr_cases, png, text_page  # noqa: E402
+
+
+def cpu_line() -> str:
+    flags: set[str] = set()
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    shown = sorted(f for f in flags if f == "avx2" or f.startswith(("avx512", "amx")))
+    return f"cpus {os.cpu_count()}, flags {' '.join(shown) or '-'}, load {os.getloadavg()}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rounds", type=int, default=5, help="timing rounds (default: 5)")
+    args = parser.parse_args()
+    print(cpu_line())
+
+    # -- character error rate ------------------------------------------------------------------
+    groups: dict[tuple[str, float], list[float]] = {}
+    print(f"{'lang':4} {'font':20} {'size':>4} {'angle':>5} {'CER':>6}")
+    for language, font, size, angle, lines in ocr_cases():
+        page = text_page(lines, font, size, angle)
+        got = read_text(decode_image(png(page))).text()
+        cer = character_error_rate("".join(lines), got)
+        groups.setdefault((language, angle), []).append(cer)
+        print(f"{language:4} {font:20} {size:4} {angle:5g} {cer:6.3f}")
+    print("mean CER by language and rotation:")
+    for (language, angle), values in sorted(groups.items()):
+        print(
+            f"  {language} {angle:5g} deg: {statistics.mean(values):.4f} over {len(values)} pages"
+        )
+
+    # -- speed against rapidocr called directly -------------------------------------------------
+    from tests.vision.rendered import JAPANESE, receipt
+
+    images = {
+        "receipt 616x590": png(receipt()),
+        "ja page": png(text_page(JAPANESE, "noto-sans-cjk", 28)),
+    }
+    direct = RapidOCR(params={"Global.log_level": "error"})
+    for name, data in images.items():
+        read_text(decode_image(data))  # warm both
+        direct(data)
+        ours, theirs = [], []
+        for _ in range(args.rounds):
+            start = time.perf_counter()
+            read_text(decode_image(data))
+            ours.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            direct(data)
+            theirs.append(time.perf_counter() - start)
+        a, b = statistics.median(ours), statistics.median(theirs)
+        print(
+            f"speed {name}: sorai {a * 1000:.0f} ms, rapidocr {b * 1000:.0f} ms, ratio {a / b:.3f}"
+        )
+    print(cpu_line())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
