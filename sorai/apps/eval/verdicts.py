@@ -89,6 +89,17 @@ def numbers(text: str) -> set[str]:
     return {n.replace(",", "") for n in _NUMBER.findall(text)}
 
 
+def key_terms(text: str) -> set[str]:
+    """What a text is about, to look for elsewhere: its content words and its numbers."""
+    return content_words(text) | numbers(text)
+
+
+def coverage(text: str, evidence: str) -> float:
+    """0-1: the share of the text's key terms that the evidence holds (0 when it has none)."""
+    terms = key_terms(text)
+    return len(terms & key_terms(evidence)) / len(terms) if terms else 0.0
+
+
 def evidence_support(claim: str, evidence: str) -> float:
     """0-1: how far the evidence backs the claim's wording. A number of the claim missing
     from the evidence is a contradiction (0); otherwise the share of the claim's content words
