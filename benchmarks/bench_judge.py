@@ -29,7 +29,13 @@ from pydoc_data.topics import topics
 
 from sorai.apps.client import Client
 from sorai.apps.eval.judge import judge, load_prompt
-from sorai.apps.eval.verdicts import MODEL_WEIGHT, claim_verdicts, content_words, grounded_in
+from sorai.apps.eval.verdicts import (
+    MODEL_WEIGHT,
+    claim_verdicts,
+    content_words,
+    grounded_in,
+    model_weight,
+)
 
 _SENTENCE = re.compile(r"(?<=[.!?])\s+")
 BEFORE = "fe24c1a"  # the commit whose ask decided found from the model's answer
@@ -178,16 +184,19 @@ def weight_sweep(claims: list[list[tuple[float, float]]], labels: list[int], see
 def bench_judge(client: Client, name: str, rows: list[dict], rubric_rows: int) -> list:
     prompt = load_prompt("groundedness_claim")
     final, model, evidence, claims, t0 = [], [], [], [], time.perf_counter()
+    weight = model_weight(client.model)  # the default's; P(yes) is asked for the sweep
     for row in rows:
-        verdicts = claim_verdicts(client, prompt, row, grounded_in(row["context"]))
-        final.append(sum(v.support for v in verdicts) / len(verdicts))
+        verdicts = claim_verdicts(client, prompt, row, grounded_in(row["context"]), MODEL_WEIGHT)
+        final.append(
+            sum(weight * v.p_yes + (1 - weight) * v.evidence for v in verdicts) / len(verdicts)
+        )
         model.append(sum(v.p_yes for v in verdicts) / len(verdicts))
         evidence.append(sum(v.evidence for v in verdicts) / len(verdicts))
         claims.append([(v.p_yes, v.evidence) for v in verdicts])
     seconds = (time.perf_counter() - t0) / len(rows)
     labels = [r["label"] for r in rows]
     print(f"\ngroundedness, {name}: {len(rows)} rows ({sum(labels)} grounded), {seconds:.2f} s/row")
-    print(f"  AUROC claim judge (default, weight {MODEL_WEIGHT}): {auroc(final, labels):.3f}")
+    print(f"  AUROC claim judge (default, weight {weight}): {auroc(final, labels):.3f}")
     print(f"  AUROC model part, P(yes):    {auroc(model, labels):.3f}")
     print(f"  AUROC evidence part:         {auroc(evidence, labels):.3f}")
     for kind in sorted({r["kind"] for r in rows} - {"grounded"}):

@@ -17,13 +17,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from sorai import hub
 from sorai.apps.eval.judge import Prompt, Verdict
 
 MAX_CLAIMS = 12
 MAX_CLAIM_CHARS = 400
-# How much of a claim's support is the model's P(yes); the rest is the evidence check. A
-# small model's P(yes) hardly moves between a true and a false claim (0.13-0.15 on the
-# warranty example), so it cannot carry the score alone.
+# How much of a claim's support is the judge model's P(yes); the rest is the evidence check.
+# Tuned with benchmarks/bench_judge.py on the default model (76 labelled rows, a random half to
+# choose on, the other held out): its P(yes) ranks bad claims above grounded ones (AUROC
+# 0.31-0.46 alone), and the score's AUROC falls as the weight grows (held out: 0.977 at 0,
+# 0.955 at 0.05-0.35, 0.875 at 0.75), so the default model's weight is 0: its verdict is the
+# evidence check's. Other judges keep MODEL_WEIGHT (not tuned here: a larger model's P(yes)
+# carries signal that the evidence check, blind to paraphrase, lacks).
+DEFAULT_MODEL_WEIGHT = 0.0
 MODEL_WEIGHT = 0.25
 _SENTENCE = re.compile(r"(?<=[.!?。！？])\s+|(?<=[。！？])|\n+")
 _NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
@@ -57,7 +63,7 @@ class ChoiceJudge(Protocol):
 class ClaimVerdict:
     claim: str
     support: float  # 0-1
-    p_yes: float
+    p_yes: float  # NaN: the model was not asked (weight 0)
     evidence: float
 
 
@@ -152,21 +158,33 @@ def answers(query: str) -> Callable[[str], float]:
     return check
 
 
+def model_weight(model: str) -> float:
+    """The weight of a judge model's P(yes): DEFAULT_MODEL_WEIGHT for sorai's default model
+    (its name, or a file or directory named after it), MODEL_WEIGHT for any other."""
+    return DEFAULT_MODEL_WEIGHT if hub.DEFAULT_MODEL in str(model).lower() else MODEL_WEIGHT
+
+
 def claim_verdicts(
     client: ChoiceJudge,
     prompt: Prompt,
     values: dict[str, Any],
     check: Callable[[str], float],
-    model_weight: float = MODEL_WEIGHT,
+    weight: float | None = None,
 ) -> list[ClaimVerdict]:
     """One verdict per claim of values["response"]: the model's P(yes) to the prompt (which
-    sees the claim as {{ claim }}) mixed with check(claim)."""
+    sees the claim as {{ claim }}) mixed with check(claim), P(yes) weighing `weight` (default:
+    model_weight of the judge's model). At weight 0 the model is not asked: p_yes is NaN."""
+    if weight is None:
+        weight = model_weight(client.model)
     verdicts = []
     for claim in split_claims(str(values.get("response") or "")):
         messages = prompt.render(**values, claim=claim)
-        p_yes = client.choice_probabilities(messages, ["yes", "no"])["yes"]
         evidence = check(claim)
-        support = model_weight * p_yes + (1.0 - model_weight) * evidence
+        if weight:
+            p_yes = client.choice_probabilities(messages, ["yes", "no"])["yes"]
+            support = weight * p_yes + (1.0 - weight) * evidence
+        else:
+            p_yes, support = float("nan"), evidence
         verdicts.append(ClaimVerdict(claim, support, p_yes, evidence))
     return verdicts
 
