@@ -226,12 +226,20 @@ def backed(question: str, answer: str, passages: list[str]) -> bool:
 
 
 def best_sentence(question: str, passages: dict[int, str]) -> tuple[str, int]:
-    """(the sentence of the passages that holds most of the question's key terms, the number
-    of its passage); the first such in passage order, at most MAX_ANSWER characters."""
-    best, number, score = "", next(iter(passages)), -1.0
+    """(the passages' sentence that best answers the question, the number of its passage):
+    the one holding most of the question's key terms, then the one most about them (the share
+    of its own terms that are the question's: "Rotate the keys every 90 days." before a long
+    how-to that mentions the keys), the first in passage order on a tie. A heading, or any
+    sentence that adds nothing to the question, is passed over while another is left. At most
+    MAX_ANSWER characters."""
+    asked = key_terms(question)
+    best, number, score = "", next(iter(passages)), (-1.0, -1.0, -1.0)
     for n, text in passages.items():
         for sentence in sentences(text):
-            value = coverage(question, sentence)
+            terms = key_terms(sentence)
+            adds = float(bool(terms - asked) and not sentence.startswith("#"))
+            focus = len(terms & asked) / len(terms) if terms else 0.0
+            value = (adds, coverage(question, sentence), focus)
             if value > score:
                 best, number, score = sentence, n, value
     if len(best) > MAX_ANSWER:

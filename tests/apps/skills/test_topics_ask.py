@@ -17,6 +17,7 @@ from sorai.apps.skills.ask import (
     MAX_ANSWER,
     NOT_IN_PASSAGES,
     ask,
+    best_sentence,
     complete_sentences,
     retrieve,
 )
@@ -349,6 +350,21 @@ def test_found_and_citations_come_from_the_evidence(three_chunks, reply, text, c
     assert answer.found and answer.model_found is reply["found"]
     assert answer.text == text and answer.extractive is (text != reply["answer"])
     assert [c.number for c in answer.citations] == cited
+
+
+def test_the_passages_sentence_is_the_one_about_the_question_not_a_heading() -> None:
+    """Seen on the README's ask example ("How often are the keys rotated?"): the answer was
+    the heading "## Rotating the keys", which holds the question's terms and nothing else."""
+    keys = (
+        "## Rotating the keys\n\nTo rotate the API keys, add the new key to `keys.txt`, restart "
+        "the server, then delete the old key. Rotate the keys every 90 days."
+    )
+    question = "How often are the keys rotated?"
+    assert best_sentence(question, {2: keys}) == ("Rotate the keys every 90 days.", 2)
+    assert best_sentence("What is the motor price?", {1: "Motor price: 50 dollars."}) == (
+        "Motor price: 50 dollars.",
+        1,
+    )
 
 
 def test_without_a_passage_holding_the_question_the_model_is_not_asked(three_chunks) -> None:
