@@ -76,17 +76,24 @@ def split_claims(text: str) -> list[str]:
 
 
 def _stem(word: str) -> str:
+    """A light stem: "rotated", "rotating", "rotates" and "rotate" are all "rotat", "keys"
+    is "key"."""
     word = word.lower()
-    for suffix in ("ing", "ed", "es", "s"):
+    for suffix in ("ing", "ed", "es"):
         if len(word) > len(suffix) + 3 and word.endswith(suffix):
             return word[: -len(suffix)]
+    if len(word) > 3 and word.endswith("s") and not word.endswith("ss"):
+        return word[:-1]
+    if len(word) > 4 and word.endswith("e"):
+        return word[:-1]
     return word
 
 
 def content_words(text: str) -> set[str]:
     """Stemmed words that carry meaning (stop words aside); CJK text as character pairs."""
-    words = {_stem(w) for w in _WORD.findall(text) if not _CJK.search(w)}
-    words -= _STOP
+    # Stop words go before stemming ("there" is not "ther") and after ("notes" is "not").
+    found = (w.lower() for w in _WORD.findall(text) if not _CJK.search(w))
+    words = {_stem(w) for w in found if w not in _STOP} - _STOP
     cjk = "".join(_CJK.findall(text))
     return words | {cjk[i : i + 2] for i in range(len(cjk) - 1)}
 

@@ -232,3 +232,14 @@ def test_the_default_model_s_p_yes_weighs_nothing() -> None:
     prompt = load_prompt("groundedness_claim")
     (verdict,) = claim_verdicts(DefaultJudge(), prompt, row, grounded_in(row["context"]))
     assert verdict.support == verdict.evidence == 0.0
+
+
+def test_content_words_match_across_inflections_and_drop_stop_words() -> None:
+    """Seen on the README's ask example: "rotated" did not match "Rotate", nor "key" "keys";
+    and a stop word stemmed ("there" -> "ther") passed as content."""
+    from sorai.apps.eval.verdicts import content_words
+
+    assert content_words("How often are the keys rotated?") == content_words("Rotate the key")
+    assert content_words("prices") == content_words("price") == {"pric"}
+    assert not content_words("there were these and those")
+    assert content_words("class") == {"class"}
