@@ -25,9 +25,9 @@ MAX_CLAIM_CHARS = 400
 # How much of a claim's support is the judge model's P(yes); the rest is the evidence check.
 # Tuned with benchmarks/bench_judge.py on the default model (76 labelled rows, a random half to
 # choose on, the other held out): its P(yes) ranks bad claims above grounded ones (AUROC
-# 0.31-0.46 alone), and the score's AUROC falls as the weight grows (held out: 0.977 at 0,
-# 0.955 at 0.05-0.35, 0.875 at 0.75), so the default model's weight is 0: its verdict is the
-# evidence check's. Other judges keep MODEL_WEIGHT (not tuned here: a larger model's P(yes)
+# 0.29-0.46 alone), and the score's AUROC does not rise with the weight (train: 0.969 at 0,
+# 0.938 at 0.05-0.5, 0.761 at 0.75; held out: 1.0 up to 0.35, 0.881 at 0.75), so the default
+# model's weight is 0: its verdict is the evidence check's. Other judges keep MODEL_WEIGHT (not tuned here: a larger model's P(yes)
 # carries signal that the evidence check, blind to paraphrase, lacks).
 DEFAULT_MODEL_WEIGHT = 0.0
 MODEL_WEIGHT = 0.25
