@@ -6,8 +6,9 @@ each claim (a sentence of the response) gets a support in 0-1: the model's proba
 "yes" to the prompt's question, read from its token logprobs (`Client.choice_probabilities`),
 mixed with a check of the evidence that does not depend on the model's size: the claim's
 numbers must appear in the evidence (the context, the query or the ground truth), its content
-words should, and a negation must not be the claim's alone. The score is 1 + 4 x the mean
-support, on the 1-5 scale of the rubric prompts.
+words should, and a negation must not be the claim's alone (for the default model, the check
+alone: its P(yes) was measured to lower the AUROC). The score is 1 + 4 x the mean support, on
+the 1-5 scale of the rubric prompts.
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ MAX_CLAIM_CHARS = 400
 # choose on, the other held out): its P(yes) ranks bad claims above grounded ones (AUROC
 # 0.29-0.46 alone), and the score's AUROC does not rise with the weight (train: 0.969 at 0,
 # 0.938 at 0.05-0.5, 0.761 at 0.75; held out: 1.0 up to 0.35, 0.881 at 0.75), so the default
-# model's weight is 0: its verdict is the evidence check's. Other judges keep MODEL_WEIGHT (not tuned here: a larger model's P(yes)
-# carries signal that the evidence check, blind to paraphrase, lacks).
+# model's weight is 0: its verdict is the evidence check's. Other judges keep MODEL_WEIGHT
+# (not tuned here: a larger model's P(yes) carries signal that the evidence check, blind to
+# paraphrase, lacks).
 DEFAULT_MODEL_WEIGHT = 0.0
 MODEL_WEIGHT = 0.25
 _SENTENCE = re.compile(r"(?<=[.!?。！？])\s+|(?<=[。！？])|\n+")
