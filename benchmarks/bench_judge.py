@@ -29,9 +29,16 @@ from pydoc_data.topics import topics
 
 from sorai.apps.client import Client
 from sorai.apps.eval.judge import judge, load_prompt
-from sorai.apps.eval.verdicts import claim_verdicts, content_words, grounded_in
+from sorai.apps.eval.verdicts import (
+    MODEL_WEIGHT,
+    claim_verdicts,
+    content_words,
+    grounded_in,
+    model_weight,
+)
 
 _SENTENCE = re.compile(r"(?<=[.!?])\s+")
+BEFORE = "fe24c1a"  # the commit whose ask decided found from the model's answer
 
 
 def _cpu_flags() -> str:
@@ -117,24 +124,86 @@ def auroc(scores: list[float], labels: list[int]) -> float:
     return sum(pairs) / len(pairs) if pairs else float("nan")
 
 
-def bench_judge(client: Client, rows: list[dict], rubric_rows: int) -> None:
+def public_rows(seed: int = 0) -> list[dict]:
+    """Groundedness rows from the public QA samples: a context of three sentences of a
+    question's document around the one that holds its answer; grounded: that sentence;
+    contradicted: the same sentence with its answer replaced by another question's answer of
+    the same kind (a number for a number)."""
+    from public_qa import holds, load
+
+    from sorai.apps.text import sentences
+
+    rng = random.Random(seed)
+    docs, questions = load()
+    rows, seen = [], set()
+    for q in questions:
+        for name in q.documents:
+            lines = sentences(docs[name])
+            at = next((i for i, s in enumerate(lines) if holds(s, q.answers)), None)
+            if at is None or lines[at] in seen:
+                continue
+            seen.add(lines[at])
+            sentence = lines[at]
+            answer = next(a for a in q.answers if holds(sentence, (a,)))
+            kind = answer.isdigit()
+            pool = sorted(
+                {a for o in questions for a in o.answers[:1] if a.isdigit() == kind}
+                - set(q.answers)
+            )
+            wrong = rng.choice(pool) if pool else str(int(answer) + 1)
+            changed = re.sub(re.escape(answer), wrong, sentence, count=1, flags=re.I)
+            context = " ".join(lines[max(0, at - 1) : at + 2])
+            rows.append({"context": context, "response": sentence, "label": 1, "kind": "grounded"})
+            rows.append({"context": context, "response": changed, "label": 0, "kind": "swapped"})
+            break
+    return rows
+
+
+def weight_sweep(claims: list[list[tuple[float, float]]], labels: list[int], seed: int = 0) -> None:
+    """AUROC of the groundedness score for each weight of P(yes) against the evidence check,
+    on a random half of the rows (train) and the other half (held out); the weight chosen on
+    train (the smallest of the best) and its held-out AUROC."""
+    order = list(range(len(labels)))
+    random.Random(seed).shuffle(order)
+    train, held = sorted(order[: len(order) // 2]), sorted(order[len(order) // 2 :])
+    weights = [round(0.05 * i, 2) for i in range(21)]
+
+    def area(rows: list[int], w: float) -> float:
+        scores = [sum(w * p + (1 - w) * e for p, e in claims[i]) / len(claims[i]) for i in rows]
+        return auroc(scores, [labels[i] for i in rows])
+
+    table = [(w, area(train, w), area(held, w)) for w in weights]
+    print(f"  weight of P(yes): AUROC train ({len(train)} rows) / held out ({len(held)} rows)")
+    for w, a, b in table:
+        print(f"    {w:.2f}: {a:.3f} / {b:.3f}")
+    best = max(a for _, a, _ in table)
+    w, a, b = next(t for t in table if t[1] == best)
+    print(f"  chosen on train: weight {w:.2f} (train {a:.3f}), held out {b:.3f}")
+
+
+def bench_judge(client: Client, name: str, rows: list[dict], rubric_rows: int) -> list:
     prompt = load_prompt("groundedness_claim")
-    final, model, evidence, t0 = [], [], [], time.perf_counter()
+    final, model, evidence, claims, t0 = [], [], [], [], time.perf_counter()
+    weight = model_weight(client.model)  # the default's; P(yes) is asked for the sweep
     for row in rows:
-        verdicts = claim_verdicts(client, prompt, row, grounded_in(row["context"]))
-        final.append(sum(v.support for v in verdicts) / len(verdicts))
+        verdicts = claim_verdicts(client, prompt, row, grounded_in(row["context"]), MODEL_WEIGHT)
+        final.append(
+            sum(weight * v.p_yes + (1 - weight) * v.evidence for v in verdicts) / len(verdicts)
+        )
         model.append(sum(v.p_yes for v in verdicts) / len(verdicts))
         evidence.append(sum(v.evidence for v in verdicts) / len(verdicts))
+        claims.append([(v.p_yes, v.evidence) for v in verdicts])
     seconds = (time.perf_counter() - t0) / len(rows)
     labels = [r["label"] for r in rows]
-    print(f"\ngroundedness, {len(rows)} rows ({sum(labels)} grounded), {seconds:.2f} s/row")
-    print(f"  AUROC claim judge (default): {auroc(final, labels):.3f}")
+    print(f"\ngroundedness, {name}: {len(rows)} rows ({sum(labels)} grounded), {seconds:.2f} s/row")
+    print(f"  AUROC claim judge (default, weight {weight}): {auroc(final, labels):.3f}")
     print(f"  AUROC model part, P(yes):    {auroc(model, labels):.3f}")
     print(f"  AUROC evidence part:         {auroc(evidence, labels):.3f}")
-    for kind in ("negated", "swapped", "other topic"):
+    for kind in sorted({r["kind"] for r in rows} - {"grounded"}):
         keep = [i for i, r in enumerate(rows) if r["label"] or r["kind"] == kind]
         value = auroc([final[i] for i in keep], [labels[i] for i in keep])
         print(f"  AUROC grounded vs {kind:<12} {value:.3f}")
+    weight_sweep(claims, labels)
     if rubric_rows:
         rubric, t0 = [], time.perf_counter()
         old = load_prompt("groundedness_no_query")
@@ -146,6 +215,7 @@ def bench_judge(client: Client, rows: list[dict], rubric_rows: int) -> None:
             f"{auroc(rubric, labels[:rubric_rows]):.3f}, scores {sorted(set(rubric))}; claim "
             f"judge on the same rows {auroc(final[:rubric_rows], labels[:rubric_rows]):.3f}"
         )
+    return claims
 
 
 def cloze(sentence: str, rng: random.Random) -> tuple[str, str] | None:
@@ -157,59 +227,170 @@ def cloze(sentence: str, rng: random.Random) -> tuple[str, str] | None:
     return re.sub(rf"\b{word}\b", "what", sentence, count=1).rstrip(".") + "?", word
 
 
-def bench_ask(client: Client, count: int, seed: int = 1) -> None:
-    from sorai.apps.rag import Index, add_files
-    from sorai.apps.skills.ask import ask
+class CachedEmbedder:
+    """The client with its embeddings kept by text: the ask benchmark indexes the same
+    documents again and again."""
 
+    def __init__(self, client: Client) -> None:
+        self.client, self.memo = client, {}
+
+    def __getattr__(self, name: str):
+        return getattr(self.client, name)
+
+    def embed(self, texts: list[str]) -> list[list[float]]:
+        todo = [t for t in dict.fromkeys(texts) if t not in self.memo]
+        if todo:
+            self.memo.update(zip(todo, self.client.embed(todo), strict=True))
+        return [self.memo[t] for t in texts]
+
+
+def cloze_questions(count: int, seed: int = 1) -> list[dict]:
+    """Cloze questions over indexes of 3 topics, the sentence's topic among them every other
+    time; present: the sentence is in one of the index's documents (topics share sentences)."""
     rng = random.Random(seed)
     docs = corpus()
     names = list(docs)
-    agree_after = agree_before = 0
-    results = []
+    items = []
+    for i in range(count):
+        name, *others = rng.sample(names, 4)
+        sentence = rng.choice(docs[name])
+        made = cloze(sentence, rng)
+        if made is None:
+            continue
+        chosen = ([name] if i % 2 == 0 else []) + others[: 2 if i % 2 == 0 else 3]
+        texts = {n: " ".join(docs[n]) for n in chosen}
+        present = any(sentence in t for t in texts.values())
+        items.append({"question": made[0], "answers": [made[1]], "docs": texts, "present": present})
+    return items
+
+
+def public_questions(seed: int = 0) -> list[dict]:
+    """Each public question twice: over its own documents and two others (present), and over
+    three others that hold none of its (non-numeric) answers (absent)."""
+    from public_qa import holds, load
+
+    rng = random.Random(seed)
+    docs, questions = load()
+    items, seen = [], set()
+    for q in questions:
+        if q.question in seen:
+            continue
+        seen.add(q.question)
+        words = tuple(a for a in q.answers if not a.isdigit())
+        others = [n for n in docs if n not in q.documents and not (words and holds(docs[n], words))]
+        for present in (True, False):
+            chosen = list(q.documents) + rng.sample(others, 2) if present else rng.sample(others, 3)
+            items.append(
+                {
+                    "question": q.question,
+                    "answers": list(q.answers),
+                    "docs": {n: docs[n] for n in chosen},
+                    "present": present,
+                    "source": q.source,
+                }
+            )
+    return items
+
+
+def _before_ask():
+    """ask as it was before found came from the passages (commit BEFORE), for comparison."""
+    import importlib.util
+    import subprocess
+
+    source = subprocess.run(
+        ["git", "show", f"{BEFORE}:sorai/apps/skills/ask.py"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).parent,
+    ).stdout
+    path = Path(tempfile.mkdtemp()) / "ask_before.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location("ask_before", path)
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    sys.modules["ask_before"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module.ask
+
+
+def bench_ask(client: Client, name: str, items: list[dict], answers: int, before: bool) -> None:
+    """found agreement with presence over every item (found is decided from the passages
+    before the model is asked: `retrieve`), and the full ask, with the model's answer, on the
+    first `answers` items."""
+    from public_qa import holds
+
+    from sorai.apps.rag import Index, add_files
+    from sorai.apps.skills.ask import ask, retrieve
+
+    old = _before_ask() if before else None
+    embedder = CachedEmbedder(client)
+    agree, wrong, asked, t0 = 0, [], [], time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        for i in range(count):
-            name, *others = rng.sample(names, 4)
-            sentence = rng.choice(docs[name])
-            made = cloze(sentence, rng)
-            if made is None:
-                continue
-            question, _ = made
-            present = i % 2 == 0
-            chosen = ([name] if present else []) + others[: 3 if not present else 2]
+        for i, item in enumerate(items):
             folder = Path(tmp) / f"q{i}"
             folder.mkdir()
-            for n in chosen:
-                (folder / f"{n}.txt").write_text(" ".join(docs[n]), encoding="utf-8")
-            index = Index(Path(tmp) / f"q{i}.sqlite")
-            add_files(index, [folder], client)
-            answer = ask(client, question, index)
-            before = bool(answer.model_found)  # None: no passage relevant, the model not asked
-            agree_after += answer.found == present
-            agree_before += before == present
-            results.append((present, answer.found, before, question, answer.text[:80]))
-    n = len(results)
-    print(f"\nask found agreement over {n} questions ({sum(r[0] for r in results)} answerable)")
-    print(
-        f"  after (from evidence): {agree_after / n:.0%}   before (model's flag): "
-        f"{agree_before / n:.0%}"
-    )
-    for present, found, before, question, text in results[:6]:
-        print(f"  present={present} found={found} model={before} {question[:60]!r} -> {text!r}")
+            for n, text in item["docs"].items():
+                (folder / (n.replace("/", "__") + ".txt")).write_text(text, encoding="utf-8")
+            with Index(Path(tmp) / f"q{i}.sqlite") as index:
+                add_files(index, [folder], embedder)
+                found = bool(retrieve(embedder, item["question"], index)[1])
+                agree += found == item["present"]
+                if found != item["present"]:
+                    wrong.append((item["present"], item["question"]))
+                if i < answers:
+                    answer = ask(embedder, item["question"], index)
+                    assert answer.found == found
+                    flag = old(embedder, item["question"], index).found if old else None
+                    right = answer.found and holds(answer.text, tuple(item["answers"]))
+                    asked.append((item, answer, flag, right))
+    seconds = (time.perf_counter() - t0) / len(items)
+    n, present = len(items), sum(i["present"] for i in items)
+    print(f"\nask, {name}: {n} questions ({present} with the answer in the index), {seconds:.1f} s")
+    print(f"  found agrees with presence: {agree}/{n} = {agree / n:.1%}")
+    for present, question in wrong:
+        print(f"    wrong: present={present} found={not present} {question[:90]!r}")
+    if asked:
+        m = len(asked)
+        same = sum(a.found == it["present"] for it, a, _, _ in asked)
+        print(f"  full ask on the first {m}: found agrees {same}/{m}")
+        if before:
+            same = sum(f == it["present"] for it, _, f, _ in asked)
+            print(f"  before ({BEFORE}, the answer's support decided): {same}/{m} = {same / m:.1%}")
+        found = [(it, a, r) for it, a, _, r in asked if a.found]
+        if found:
+            extractive = sum(a.extractive for _, a, _ in found)
+            right = sum(r for _, _, r in found)
+            print(
+                f"  of {len(found)} found: {extractive} extractive (the model's answer not backed),"
+                f" {right} hold the labelled answer"
+            )
+        for it, a, _, _ in asked[:4]:
+            print(f"    {it['question'][:60]!r} -> found={a.found} {a.text[:90]!r}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=40)
     parser.add_argument("--rubric-rows", type=int, default=12)
-    parser.add_argument("--questions", type=int, default=30)
+    parser.add_argument("--questions", type=int, default=200, help="cloze questions")
+    parser.add_argument("--answers", type=int, default=10, help="full asks per set (the model)")
+    parser.add_argument("--before", action="store_true", help=f"also run ask as of {BEFORE}")
     args = parser.parse_args()
     with open("/proc/loadavg") as f:
         print(f"cpu flags: {_cpu_flags()} | load average: {' '.join(f.read().split()[:3])}")
     print(f"python {sys.version.split()[0]}; data: pydoc_data.topics ({len(corpus())} topics)")
     with Client.local() as client:
-        bench_judge(client, labelled_rows(args.rows), args.rubric_rows)
+        if args.rows:
+            made = labelled_rows(args.rows)
+            public = public_rows()
+            a = bench_judge(client, "made from pydoc topics", made, args.rubric_rows)
+            b = bench_judge(client, "public QA samples, answer swapped", public, 0)
+            print("\ngroundedness, both sets together:")
+            weight_sweep(a + b, [r["label"] for r in made + public])
         if args.questions:
-            bench_ask(client, args.questions)
+            items = cloze_questions(args.questions)
+            bench_ask(client, "cloze", items, args.answers, args.before)
+            bench_ask(client, "public", public_questions(), args.answers, args.before)
 
 
 if __name__ == "__main__":

@@ -6,8 +6,9 @@ each claim (a sentence of the response) gets a support in 0-1: the model's proba
 "yes" to the prompt's question, read from its token logprobs (`Client.choice_probabilities`),
 mixed with a check of the evidence that does not depend on the model's size: the claim's
 numbers must appear in the evidence (the context, the query or the ground truth), its content
-words should, and a negation must not be the claim's alone. The score is 1 + 4 x the mean
-support, on the 1-5 scale of the rubric prompts.
+words should, and a negation must not be the claim's alone (for the default model, the check
+alone: its P(yes) was measured to lower the AUROC). The score is 1 + 4 x the mean support, on
+the 1-5 scale of the rubric prompts.
 """
 
 from __future__ import annotations
@@ -17,13 +18,20 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from sorai import hub
 from sorai.apps.eval.judge import Prompt, Verdict
 
 MAX_CLAIMS = 12
 MAX_CLAIM_CHARS = 400
-# How much of a claim's support is the model's P(yes); the rest is the evidence check. A
-# small model's P(yes) hardly moves between a true and a false claim (0.13-0.15 on the
-# warranty example), so it cannot carry the score alone.
+# How much of a claim's support is the judge model's P(yes); the rest is the evidence check.
+# Tuned with benchmarks/bench_judge.py on the default model (76 labelled rows, a random half to
+# choose on, the other held out): its P(yes) ranks bad claims above grounded ones (AUROC
+# 0.29-0.46 alone), and the score's AUROC does not rise with the weight (train: 0.969 at 0,
+# 0.938 at 0.05-0.5, 0.761 at 0.75; held out: 1.0 up to 0.35, 0.881 at 0.75), so the default
+# model's weight is 0: its verdict is the evidence check's. Other judges keep MODEL_WEIGHT
+# (not tuned here: a larger model's P(yes) carries signal that the evidence check, blind to
+# paraphrase, lacks).
+DEFAULT_MODEL_WEIGHT = 0.0
 MODEL_WEIGHT = 0.25
 _SENTENCE = re.compile(r"(?<=[.!?。！？])\s+|(?<=[。！？])|\n+")
 _NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
@@ -57,7 +65,7 @@ class ChoiceJudge(Protocol):
 class ClaimVerdict:
     claim: str
     support: float  # 0-1
-    p_yes: float
+    p_yes: float  # NaN: the model was not asked (weight 0)
     evidence: float
 
 
@@ -70,23 +78,41 @@ def split_claims(text: str) -> list[str]:
 
 
 def _stem(word: str) -> str:
+    """A light stem: "rotated", "rotating", "rotates" and "rotate" are all "rotat", "keys"
+    is "key"."""
     word = word.lower()
-    for suffix in ("ing", "ed", "es", "s"):
+    for suffix in ("ing", "ed", "es"):
         if len(word) > len(suffix) + 3 and word.endswith(suffix):
             return word[: -len(suffix)]
+    if len(word) > 3 and word.endswith("s") and not word.endswith("ss"):
+        return word[:-1]
+    if len(word) > 4 and word.endswith("e"):
+        return word[:-1]
     return word
 
 
 def content_words(text: str) -> set[str]:
     """Stemmed words that carry meaning (stop words aside); CJK text as character pairs."""
-    words = {_stem(w) for w in _WORD.findall(text) if not _CJK.search(w)}
-    words -= _STOP
+    # Stop words go before stemming ("there" is not "ther") and after ("notes" is "not").
+    found = (w.lower() for w in _WORD.findall(text) if not _CJK.search(w))
+    words = {_stem(w) for w in found if w not in _STOP} - _STOP
     cjk = "".join(_CJK.findall(text))
     return words | {cjk[i : i + 2] for i in range(len(cjk) - 1)}
 
 
 def numbers(text: str) -> set[str]:
     return {n.replace(",", "") for n in _NUMBER.findall(text)}
+
+
+def key_terms(text: str) -> set[str]:
+    """What a text is about, to look for elsewhere: its content words and its numbers."""
+    return content_words(text) | numbers(text)
+
+
+def coverage(text: str, evidence: str) -> float:
+    """0-1: the share of the text's key terms that the evidence holds (0 when it has none)."""
+    terms = key_terms(text)
+    return len(terms & key_terms(evidence)) / len(terms) if terms else 0.0
 
 
 def evidence_support(claim: str, evidence: str) -> float:
@@ -141,21 +167,33 @@ def answers(query: str) -> Callable[[str], float]:
     return check
 
 
+def model_weight(model: str) -> float:
+    """The weight of a judge model's P(yes): DEFAULT_MODEL_WEIGHT for sorai's default model
+    (its name, or a file or directory named after it), MODEL_WEIGHT for any other."""
+    return DEFAULT_MODEL_WEIGHT if hub.DEFAULT_MODEL in str(model).lower() else MODEL_WEIGHT
+
+
 def claim_verdicts(
     client: ChoiceJudge,
     prompt: Prompt,
     values: dict[str, Any],
     check: Callable[[str], float],
-    model_weight: float = MODEL_WEIGHT,
+    weight: float | None = None,
 ) -> list[ClaimVerdict]:
     """One verdict per claim of values["response"]: the model's P(yes) to the prompt (which
-    sees the claim as {{ claim }}) mixed with check(claim)."""
+    sees the claim as {{ claim }}) mixed with check(claim), P(yes) weighing `weight` (default:
+    model_weight of the judge's model). At weight 0 the model is not asked: p_yes is NaN."""
+    if weight is None:
+        weight = model_weight(client.model)
     verdicts = []
     for claim in split_claims(str(values.get("response") or "")):
         messages = prompt.render(**values, claim=claim)
-        p_yes = client.choice_probabilities(messages, ["yes", "no"])["yes"]
         evidence = check(claim)
-        support = model_weight * p_yes + (1.0 - model_weight) * evidence
+        if weight:
+            p_yes = client.choice_probabilities(messages, ["yes", "no"])["yes"]
+            support = weight * p_yes + (1.0 - weight) * evidence
+        else:
+            p_yes, support = float("nan"), evidence
         verdicts.append(ClaimVerdict(claim, support, p_yes, evidence))
     return verdicts
 

@@ -649,7 +649,7 @@ def run_topics(args: argparse.Namespace) -> int:
 
 def run_ask(args: argparse.Namespace) -> int:
     from sorai.apps.rag.store import Index
-    from sorai.apps.skills.ask import ask
+    from sorai.apps.skills.ask import DONT_KNOW, ask
 
     if not args.question.strip():
         raise SkillError("the question is empty")
@@ -660,15 +660,12 @@ def run_ask(args: argparse.Namespace) -> int:
     if args.json:
         print_json(asdict(answer))
         return 0
-    if answer.model_found is not None and not answer.found:  # passages, but not the answer
-        print(answer.text)
-        return 0
-    if not answer.citations:  # nothing relevant was retrieved: the model was not asked
+    if answer.text == DONT_KNOW:  # nothing relevant was retrieved: the model was not asked
         print(f"No relevant passage was found in {path} for this question.")
         return 0
     print(answer.text)
-    if not answer.found:
-        print("(the model says the passages do not hold the answer)")
+    if not answer.found:  # relevant passages, none holding the answer
+        return 0
     if answer.citations:
         print()
     for c in answer.citations:

@@ -210,3 +210,36 @@ def test_choice_probabilities_read_the_first_token_of_the_default_model(client):
     # No choice among the top tokens: uniform, not a division by zero.
     none = client.choice_probabilities(messages, ["zzzqx", "qqxz"])
     assert none == {"zzzqx": 0.5, "qqxz": 0.5}
+
+
+def test_the_default_model_s_p_yes_weighs_nothing() -> None:
+    """Tuned on bench_judge.py: the default model's P(yes) lowers the AUROC, so its verdicts
+    are the evidence check's and it is not asked; other judges' P(yes) weighs MODEL_WEIGHT."""
+    from sorai.apps.eval.judge import load_prompt
+    from sorai.apps.eval.verdicts import MODEL_WEIGHT, claim_verdicts, grounded_in, model_weight
+
+    assert model_weight("smollm2-135m-instruct") == 0.0
+    assert model_weight("/models/SmolLM2-135M-Instruct-Q4_1.gguf") == 0.0
+    assert model_weight("gpt-4o-mini") == MODEL_WEIGHT > 0
+
+    class DefaultJudge:  # a double: asking it would fail, as the default is not to be asked
+        model = "smollm2-135m-instruct"
+
+        def choice_probabilities(self, messages, choices, **kwargs):
+            raise AssertionError("the default model's P(yes) is not asked")
+
+    row = {"context": "The warranty lasts 90 days.", "response": "The warranty lasts 60 days."}
+    prompt = load_prompt("groundedness_claim")
+    (verdict,) = claim_verdicts(DefaultJudge(), prompt, row, grounded_in(row["context"]))
+    assert verdict.support == verdict.evidence == 0.0
+
+
+def test_content_words_match_across_inflections_and_drop_stop_words() -> None:
+    """Seen on the README's ask example: "rotated" did not match "Rotate", nor "key" "keys";
+    and a stop word stemmed ("there" -> "ther") passed as content."""
+    from sorai.apps.eval.verdicts import content_words
+
+    assert content_words("How often are the keys rotated?") == content_words("Rotate the key")
+    assert content_words("prices") == content_words("price") == {"pric"}
+    assert not content_words("there were these and those")
+    assert content_words("class") == {"class"}
