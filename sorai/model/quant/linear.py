@@ -165,7 +165,9 @@ class Int4Linear(LowBitLinear):
             )
         groups = weight.detach().float().reshape(out_features, -1, group_size)
         low, high = groups.amin(-1), groups.amax(-1)
-        scale = ((high - low) / 15).clamp(min=1e-10)
+        # Scale and minimum are kept to float16 values, so the layer is exactly a GGUF Q4_1
+        # tensor (sorai quantize writes it as one, bit for bit).
+        scale, low = _fp16_scale((high - low) / 15), _fp16_values(low)
         q = ((groups - low[..., None]) / scale[..., None]).round().clamp(0, 15)
         return cls(q.reshape(out_features, in_features).to(torch.uint8), scale, low, bias)
 
@@ -267,11 +269,29 @@ class Int8Linear(LowBitLinear):
 
 
 def quantize_rows_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
-    """Symmetric int8 per row: (q int8 [out, in], scale float32 [out])."""
+    """Symmetric int8 per row: (q int8 [out, in], scale float32 [out]).
+
+    The scales are float16 values, so the rows are exactly a GGUF Q8_0 tensor whose blocks
+    share their row's scale (what sorai quantize writes).
+    """
     weight = weight.detach().float()
-    scale = (weight.abs().amax(dim=1) / 127).clamp(min=1e-10)
+    scale = _fp16_scale(weight.abs().amax(dim=1) / 127)
     q = (weight / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
     return q, scale
+
+
+# The smallest positive float16 (a subnormal): the least scale a block can hold.
+_FP16_TINY = 2.0**-24
+
+
+def _fp16_values(t: Tensor) -> Tensor:
+    """t rounded to the nearest float16 value, kept float32."""
+    return t.clamp(-65504.0, 65504.0).to(torch.float16).to(torch.float32)
+
+
+def _fp16_scale(t: Tensor) -> Tensor:
+    """A scale (>= 0) rounded to float16, at least _FP16_TINY so that dividing by it is safe."""
+    return _fp16_values(t).clamp(min=_FP16_TINY)
 
 
 def int4_fits(out_features: int, in_features: int, group_size: int = 32) -> bool:
