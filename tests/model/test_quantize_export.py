@@ -159,6 +159,8 @@ def test_quantize_names_the_accepted_targets(sorai_main, tiny_dir: Path, tmp_pat
     assert "--to 'int3' is not supported; choose one of int4, int8, q4_0, q4_1, q8_0" in (
         result.stderr
     )
+    result = sorai_main("quantize", str(tiny_dir), "--to", "int4", "-o", str(tiny_dir))
+    assert result.returncode != 0 and "is not an empty directory; name a new one" in result.stderr
 
 
 # ---- the default model, and llama.cpp on the written files (slow) ---------------------------

@@ -96,6 +96,10 @@ def quantize_model(
     from sorai.model.loader import load_model
     from sorai.model.quant.lowbit_dir import save_lowbit_dir
 
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        # Old weight files left beside the new ones would be read as part of the model.
+        raise ModelFormatError(f"{out} exists and is not an empty directory; name a new one")
+
     if to in ("int4", "int8"):  # exactly the layers --quantize builds at load
         model, _ = load_model(source, "float32", "cpu", quantize=to)
         save_lowbit_dir(model, source_tokenizer(source), out)

@@ -23,12 +23,14 @@ the GEMM, and a plain matrix follows the row count.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextvars import ContextVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from sorai.model.hardware import cpu_count
 
 # Rows at and above which a plain matrix input runs the dense GEMM (see the module docstring).
 DENSE_FROM_ROWS = 48
@@ -59,6 +61,27 @@ def kernel_mask(x: Tensor, dense_from_rows: int, marks: bool = True) -> Tensor |
     return rows < dense_from_rows
 
 
+# Rows from which a kernel call runs on every core the process may use. The int4/int8 kernels
+# split a call's output columns between threads, never a dot product, so their numbers do not
+# depend on the thread count (tests/model/test_decode_path.py checks it): switching by row count
+# keeps a row's result independent of its batch. Their cost grows with the rows (they expand
+# the weights again for every few rows): on 2 cores limited to AVX2, 30 blocks' int4 matmuls
+# for 16 sequences took 93.9 ms on one thread and 73.8 on two (benchmarks/bench_decode_path.py).
+ALL_CORES_FROM_ROWS = 4
+
+
+def on_all_cores(kernel: Callable[[Tensor], Tensor], rows: Tensor) -> Tensor:
+    """kernel(rows), on every core from ALL_CORES_FROM_ROWS rows (the engine decodes on fewer)."""
+    threads, cores = torch.get_num_threads(), cpu_count()
+    if rows.shape[0] < ALL_CORES_FROM_ROWS or threads >= cores:
+        return kernel(rows)
+    torch.set_num_threads(cores)
+    try:
+        return kernel(rows)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def by_rows(rows: Tensor, mask: Tensor | bool, kernel, dense) -> Tensor:
     """kernel(rows) where mask, dense(rows) elsewhere, each on its own rows only."""
     if isinstance(mask, bool):
@@ -83,6 +106,10 @@ class LowBitLinear(nn.Module):
 
     weight_format = "low-bit"
     dense_from_rows = DENSE_FROM_ROWS
+    # Set per server by sorai.model.quant.decode_path: every row, decoding included, runs the
+    # dense GEMM on a float32 copy of the kernel's weight made on first use.
+    dense_decode = False
+    dense_cache: Tensor | None = None
 
     def __init__(self, in_features: int, out_features: int, bias: Tensor | None) -> None:
         super().__init__()
@@ -101,16 +128,25 @@ class LowBitLinear(nn.Module):
     def _lowbit(self, x: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def _kernel(self, rows: Tensor) -> Tensor:
+        return on_all_cores(self._lowbit, rows)
+
     def forward(self, x: Tensor) -> Tensor:
         rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        mask = kernel_mask(x, self.dense_from_rows)
-        out = by_rows(rows, mask, self._lowbit, self._dense).to(x.dtype)
+        mask = False if self.dense_decode else kernel_mask(x, self.dense_from_rows)
+        out = by_rows(rows, mask, self._kernel, self._dense).to(x.dtype)
         if self.bias is not None:
             out = out + self.bias.to(out.dtype)
         return out.view(*x.shape[:-1], self.out_features)
 
     def _dense(self, rows: Tensor) -> Tensor:
-        return F.linear(rows.to(torch.float32), self.kernel_weight()).to(torch.bfloat16)
+        weight = self.dense_cache
+        if weight is None and self.dense_decode:
+            # Column-major, as the loader lays float32 weights (MKL streams it faster).
+            weight = self.dense_cache = self.kernel_weight().t().contiguous().t()
+        if weight is None:
+            weight = self.kernel_weight()
+        return F.linear(rows.to(torch.float32), weight).to(torch.bfloat16)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
