@@ -6,7 +6,7 @@ Paths, each over the default model's 30 blocks (q/k/v and gate/up fused, as the 
 them; the int8 head is the same in every path and left out):
   int4      Int4Linear's kernel (`_weight_int4pack_mm_for_cpu`, bf16 activations) on the
             decode threads alone (the engine decodes on one core less than it has)
-  int4/all  the same kernel on every core from 4 rows (linear.on_all_cores: the default now)
+  int4/all  the same kernel on every core from 4 rows (SORAI_LOWBIT_DECODE=all-cores)
   fp32      the same int4 weights expanded once into a float32 copy, one GEMM per layer on the
             same bf16-rounded rows (SORAI_LOWBIT_DECODE=dense)
   fp32/8    the float32 copy in fixed 8-row tiles (the last one padded), an attempt at a batch-
@@ -19,8 +19,8 @@ average. `--threads` defaults to the engine's decode threads (one less than the 
 
 `--engine` then times whole engine decode steps of the default model (sampling, attention and
 all) with M sequences decoding, switching step by step between the kernels on the decode
-threads (before), on every core from 4 rows (now) and the float32 copy (opt-in), and says which
-path a server picks on this machine.
+threads (the default), on every core from 4 rows and the float32 copy (the two opt-ins), and
+says which path a server picks.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from torch import Tensor
 
 from sorai.model.hardware import machine
 from sorai.model.quant import Int4Linear, Int8Linear
+from sorai.model.quant.linear import ALL_CORES_FROM_ROWS, on_all_cores
 
 HIDDEN, KV, FFN, BLOCKS = 576, 192, 1536, 30
 FUSED = [(HIDDEN, HIDDEN + 2 * KV), (HIDDEN, HIDDEN), (HIDDEN, 2 * FFN), (FFN, HIDDEN)]
@@ -65,7 +66,9 @@ def make_layer(path: str, n_in: int, n_out: int) -> Callable[[Tensor], Tensor]:
     if path == "int4":
         return lambda x: layer._lowbit(x.to(torch.bfloat16)).float()
     if path == "int4/all":
-        return lambda x: layer._kernel(x.to(torch.bfloat16)).float()
+        return lambda x: on_all_cores(
+            layer._lowbit, x.to(torch.bfloat16), ALL_CORES_FROM_ROWS
+        ).float()
     cache = layer.kernel_weight().t().contiguous().t()  # column-major, as the loader lays fp32
     if path == "fp32":
         return lambda x: F.linear(x.to(torch.bfloat16).float(), cache)
@@ -131,18 +134,14 @@ def engine_steps(rows: list[int], rounds: int) -> None:
     import sorai
     from sorai.engine import EngineConfig, LLMEngine
     from sorai.engine.params import SamplingParams
-    from sorai.model.quant import decode_path, linear
+    from sorai.model.quant import decode_path
 
     llm = sorai.load()
     model, tokenizer = llm.model, llm.tokenizer
     chosen, why = llm.engine.decode_path
     print(f"\nthis server decodes on: {chosen} ({why})")
-    default_from = linear.ALL_CORES_FROM_ROWS
-    variants = {  # (decode path, rows from which kernels use every core)
-        "int4 decode threads": ("kernel", 1 << 30),
-        "int4 all cores >=4": ("kernel", default_from),
-        "fp32 copy": ("dense", default_from),
-    }
+    variants = {"int4 decode threads": "kernel", "int4 all cores": "all-cores"}
+    variants["fp32 copy"] = "dense"
     print("ms per engine decode step, default model (ratio to int4 on the decode threads)")
     print(f"{'rows':>5}" + "".join(f"{v:>26}" for v in variants))
     prompt = tokenizer.encode_chat([{"role": "user", "content": "Tell me a long story."}])
@@ -154,9 +153,8 @@ def engine_steps(rows: list[int], rounds: int) -> None:
         engine.step()  # the prompts
         samples: dict[str, list[float]] = {v: [] for v in variants}
         for _ in range(rounds):
-            for variant, (path, from_rows) in variants.items():
+            for variant, path in variants.items():
                 decode_path.use(model, path)
-                linear.ALL_CORES_FROM_ROWS = from_rows
                 engine.step()  # a first step on the path (its copy made), not timed
                 started = time.perf_counter()
                 engine.step()
@@ -166,7 +164,6 @@ def engine_steps(rows: list[int], rounds: int) -> None:
         print(f"{m:>5}" + "".join(f"{ms[v]:>18.1f} ({ms[v] / base:4.2f})" for v in variants))
         for i in range(m):
             engine.abort(f"r{i}")
-    linear.ALL_CORES_FROM_ROWS = default_from
     decode_path.use(model, chosen)
 
 

@@ -1,5 +1,5 @@
-"""The low-bit decode path: the kernels by default (batch- and thread-invariant, every core for
-larger steps), a float32 copy only where a server opts in, computing the same products."""
+"""The low-bit decode path: the kernels by default (batch- and thread-invariant), on every core
+or as a float32 copy only where a server opts in, computing the same products."""
 
 from __future__ import annotations
 
@@ -36,7 +36,8 @@ def test_a_kernel_rows_numbers_depend_on_neither_its_batch_nor_the_threads(kind)
         torch.set_num_threads(threads)
     assert torch.equal(one_thread, two_threads)
     assert all(torch.equal(two_threads[i : i + 1], alone[i]) for i in range(16))
-    assert torch.equal(on_all_cores(layer._lowbit, x[:ALL_CORES_FROM_ROWS]), one_thread[:4])
+    four = on_all_cores(layer._lowbit, x[:ALL_CORES_FROM_ROWS], ALL_CORES_FROM_ROWS)
+    assert torch.equal(four, one_thread[:ALL_CORES_FROM_ROWS])
     assert torch.get_num_threads() == threads  # put back after the call
 
 
@@ -44,6 +45,12 @@ def test_the_kernels_unless_a_server_opts_into_the_float32_copy(monkeypatch) -> 
     model = _model()
     monkeypatch.delenv(decode_path.ENVIRONMENT, raising=False)
     assert decode_path.choose(model, 32)[0] == "kernel"
+    monkeypatch.setenv(decode_path.ENVIRONMENT, "all-cores")
+    assert decode_path.choose(model, 32)[0] == "all-cores"
+    decode_path.use(model, "all-cores")
+    assert model[0].all_cores_from_rows == ALL_CORES_FROM_ROWS and not model[0].dense_decode
+    decode_path.use(model, "kernel")
+    assert model[0].all_cores_from_rows is None
     monkeypatch.setenv(decode_path.ENVIRONMENT, "dense")
     path, why = decode_path.choose(model, 32)
     assert path == "dense" and "SORAI_LOWBIT_DECODE=dense" in why and "32 sequences" in why

@@ -1,4 +1,5 @@
-"""Which path a server's low-bit layers decode on: the kernels (default) or a float32 copy.
+"""Which path a server's low-bit layers decode on: the kernels (default, or on every core) or a
+float32 copy of their weights.
 
 PyTorch's int4/int8 weight-only kernels expand the weights again for every few rows, so their
 cost grows with the rows of a step; a float32 GEMM reads four times the bytes but handles large
@@ -12,11 +13,15 @@ But MKL's float32 GEMM sums a row in an order that depends on the row count (a r
 the same row among 16 differ in the last bits, on both machines), so decoding on it makes a
 request's tokens depend on its batch: seeded sampling among other requests drew other tokens
 than alone (tests/engine/test_engine.py). The kernels' results depend on neither the batch nor
-the thread count, so the default stays on them, with every core from ALL_CORES_FROM_ROWS rows
-(sorai.model.quant.linear: 93.9 -> 73.8 ms at 16 sequences above). SORAI_LOWBIT_DECODE=dense
-opts a server into the float32 copy (the kernel's own weight expanded once per layer on first
-use, ~405 MB for the default model, where it fits in half the available memory), trading that
-invariance for large-batch speed on such CPUs; it is chosen once per loaded model, never per step.
+the thread count, so the default stays on them, on the engine's decode threads (one core less
+than the machine has: on 2 cores shared with other work, two OpenMP threads per kernel call ran
+10-30x slower than one). Two opt-ins, SORAI_LOWBIT_DECODE=...:
+  all-cores  the kernels on every core from ALL_CORES_FROM_ROWS rows (the same numbers; for a
+             machine the server has to itself: 93.9 -> 73.8 ms at 16 sequences above)
+  dense      a float32 copy of each layer's kernel weight (expanded once, on first use: ~405 MB
+             for the default model, where it fits in half the available memory), for large
+             batches on AVX2-only CPUs, at the cost of that invariance
+chosen once per loaded model, never per step.
 """
 
 from __future__ import annotations
@@ -27,24 +32,24 @@ from torch import nn
 
 from sorai.errors import SoraiError
 from sorai.model.hardware import machine
-from sorai.model.quant.linear import LowBitLinear
+from sorai.model.quant.linear import ALL_CORES_FROM_ROWS, LowBitLinear
 from sorai.model.quant.table import Int8Head
 
 # The float32 copies may take at most this share of the memory available at start.
 MEMORY_SHARE = 0.5
-PATHS = ("auto", "kernel", "dense")
+PATHS = ("auto", "kernel", "all-cores", "dense")
 ENVIRONMENT = "SORAI_LOWBIT_DECODE"
 
 
 def _decoding_layers(model: nn.Module) -> list[LowBitLinear]:
-    """The low-bit block layers that run (fused ones included; the head keeps its kernel)."""
+    """The low-bit layers that run (fused ones included)."""
     from sorai.model.fusion import FUSED_ATTRIBUTE
 
     layers: list[LowBitLinear] = []
     for module in model.modules():
         found = module.__dict__.get(FUSED_ATTRIBUTE)
         for candidate in (module, getattr(found, "module", None)):
-            if isinstance(candidate, LowBitLinear) and not isinstance(candidate, Int8Head):
+            if isinstance(candidate, LowBitLinear):
                 layers.append(candidate)
     return layers
 
@@ -71,6 +76,11 @@ def choose(model: nn.Module, max_num_seqs: int, wanted: str | None = None) -> tu
     layers = [m for m in layers if not isinstance(m, Int8Head)]
     if not layers:
         return "kernel", "no low-bit layers"
+    if wanted == "all-cores":
+        return "all-cores", (
+            f"{ENVIRONMENT}=all-cores: the low-bit kernels on every core from "
+            f"{ALL_CORES_FROM_ROWS} rows"
+        )
     if wanted != "dense":
         return "kernel", "the low-bit kernels: a row's numbers do not depend on its batch"
     need = sum(m.in_features * m.out_features * 4 for m in layers)  # parts, not fused twice
@@ -103,6 +113,9 @@ def settle(model: nn.Module, max_num_seqs: int) -> tuple[str, str]:
 def use(model: nn.Module, path: str) -> None:
     """Set every running low-bit layer of `model` to decode on `path`."""
     for layer in _decoding_layers(model):
+        layer.all_cores_from_rows = ALL_CORES_FROM_ROWS if path == "all-cores" else None
+        if isinstance(layer, Int8Head):
+            continue  # its kernel runs every batch; its top logits are recomputed anyway
         layer.dense_decode = path == "dense"
         if path != "dense":
             layer.dense_cache = None

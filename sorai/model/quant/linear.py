@@ -61,19 +61,21 @@ def kernel_mask(x: Tensor, dense_from_rows: int, marks: bool = True) -> Tensor |
     return rows < dense_from_rows
 
 
-# Rows from which a kernel call runs on every core the process may use. The int4/int8 kernels
-# split a call's output columns between threads, never a dot product, so their numbers do not
-# depend on the thread count (tests/model/test_decode_path.py checks it): switching by row count
-# keeps a row's result independent of its batch. Their cost grows with the rows (they expand
-# the weights again for every few rows): on 2 cores limited to AVX2, 30 blocks' int4 matmuls
-# for 16 sequences took 93.9 ms on one thread and 73.8 on two (benchmarks/bench_decode_path.py).
+# Rows from which a kernel call runs on every core the process may use, where a server opts in
+# (sorai.model.quant.decode_path, "all-cores"). The int4/int8 kernels split a call's output
+# columns between threads, never a dot product, so their numbers do not depend on the thread
+# count (tests/model/test_decode_path.py checks it): switching by row count keeps a row's result
+# independent of its batch. On 2 quiet cores limited to AVX2, 30 blocks' int4 matmuls for 16
+# sequences took 93.9 ms on one thread and 73.8 on two; on 2 cores shared with other work,
+# 10-30x longer than on one thread (OpenMP threads wait for each other's time slices), which is
+# why the engine decodes on one core less than it has and this is not the default.
 ALL_CORES_FROM_ROWS = 4
 
 
-def on_all_cores(kernel: Callable[[Tensor], Tensor], rows: Tensor) -> Tensor:
-    """kernel(rows), on every core from ALL_CORES_FROM_ROWS rows (the engine decodes on fewer)."""
+def on_all_cores(kernel: Callable[[Tensor], Tensor], rows: Tensor, from_rows: int | None) -> Tensor:
+    """kernel(rows), on every core where `from_rows` is set and rows reach it."""
     threads, cores = torch.get_num_threads(), cpu_count()
-    if rows.shape[0] < ALL_CORES_FROM_ROWS or threads >= cores:
+    if from_rows is None or rows.shape[0] < from_rows or threads >= cores:
         return kernel(rows)
     torch.set_num_threads(cores)
     try:
@@ -106,10 +108,12 @@ class LowBitLinear(nn.Module):
 
     weight_format = "low-bit"
     dense_from_rows = DENSE_FROM_ROWS
-    # Set per server by sorai.model.quant.decode_path: every row, decoding included, runs the
-    # dense GEMM on a float32 copy of the kernel's weight made on first use.
+    # Set per server by sorai.model.quant.decode_path ("dense"): every row, decoding included,
+    # runs the dense GEMM on a float32 copy of the kernel's weight made on first use.
     dense_decode = False
     dense_cache: Tensor | None = None
+    # Set per server likewise ("all-cores"): kernel calls of this many rows run on every core.
+    all_cores_from_rows: int | None = None
 
     def __init__(self, in_features: int, out_features: int, bias: Tensor | None) -> None:
         super().__init__()
@@ -129,7 +133,7 @@ class LowBitLinear(nn.Module):
         raise NotImplementedError
 
     def _kernel(self, rows: Tensor) -> Tensor:
-        return on_all_cores(self._lowbit, rows)
+        return on_all_cores(self._lowbit, rows, self.all_cores_from_rows)
 
     def forward(self, x: Tensor) -> Tensor:
         rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
