@@ -130,6 +130,11 @@ def test_quantize_writes_exactly_the_layers_sorai_quantizes_in_memory(
     )
     from_dir, _ = load_model(directory, "float32")  # codes straight into the layers
     _assert_same_model(from_dir, in_memory)
+    # The low-bit directory is a source too, read as its float values and quantized again.
+    again, _ = load_model(quantize_model(directory, to, tmp_path / "again.gguf"), "float32")
+    layer, before = again.layers["0"].mlp.up_proj, in_memory.layers["0"].mlp.up_proj
+    step = before.scale.max().item()
+    assert (layer.dequantize() - before.dequantize()).abs().max().item() <= step
     dense, _ = load_model(directory, "float32", quantize="none")
     assert type(dense.layers["0"].mlp.up_proj) is torch.nn.Linear
     assert torch.equal(

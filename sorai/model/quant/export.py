@@ -125,6 +125,13 @@ def write_gguf(
     import gguf
 
     check_target(to, "gguf")
+    from sorai.model.quant.lowbit_dir import is_lowbit_dir
+
+    if is_lowbit_dir(source):  # sorai's own layout: its float values, quantized again
+        with tempfile.TemporaryDirectory(prefix="sorai-quantize-") as scratch:
+            _dense_copy(source, Path(scratch))
+            write_gguf(Path(scratch), to, out, progress)
+        return
     block_type = _BLOCK_TYPE[to]
     if source.is_dir():
         config = ModelConfig.from_file(source / "config.json")
@@ -158,6 +165,15 @@ def write_gguf(
     writer.close()
     kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(counts.items()))
     progress(f"wrote {out} ({kinds} tensors; {out.stat().st_size / 2**20:.1f} MiB)")
+
+
+def _dense_copy(source: Path, target: Path) -> None:
+    from sorai.model.loader import load_model
+    from sorai.model.weights import save_hf_dir
+
+    model, tokenizer = load_model(source, "float32", "cpu", quantize="none")
+    save_hf_dir(model, target)
+    tokenizer.save(target)
 
 
 def gguf_sources(gguf_file: GGUFFile) -> Iterator[SourceTensor]:

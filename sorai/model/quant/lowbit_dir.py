@@ -84,6 +84,8 @@ def save_lowbit_dir(model: Transformer, tokenizer: Tokenizer, path: Path) -> Non
 def load_lowbit_dir(path: Path, dtype: torch.dtype) -> Transformer:
     """The model a save_lowbit_dir directory holds, its low-bit layers as they were saved."""
     config = ModelConfig.from_file(path / "config.json")
+    # The layout note describes this directory, not the model: a dense save of it has none.
+    config.extra.pop("quantization_config", None)
     with torch.device("meta"):
         model = Transformer(config)
     codes: dict[str, dict[str, Tensor]] = defaultdict(dict)
