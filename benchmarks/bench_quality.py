@@ -1,6 +1,10 @@
 """Quality of the low-bit path: perplexity against the dequantized float32 path, same model.
 
     python benchmarks/bench_quality.py [--model smollm2-135m-instruct] [--quantize auto,int8]
+    python benchmarks/bench_quality.py --model out.gguf --reference MODEL --quantize auto
+
+The second form measures a file `sorai quantize MODEL ... -o out.gguf` wrote against the model it
+came from (MODEL's dequantized float32 path as the reference; both need the same tokenizer).
 
 On the held-out English and Japanese texts in benchmarks/data (written for this benchmark, so no
 model has seen them), each `--quantize` path's perplexity is printed beside the dequantized
@@ -43,10 +47,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=hub.DEFAULT_MODEL)
     parser.add_argument("--quantize", default="auto,int8", help="paths to compare with none")
+    parser.add_argument(
+        "--reference", default=None, help="the reference model (default: --model), run dequantized"
+    )
     args = parser.parse_args()
     path = hub.resolve(args.model, progress=print)
-    print(f"model {args.model}; {machine().describe()}")
-    reference, tokenizer = load_model(path, "float32", quantize="none")
+    reference_path = hub.resolve(args.reference or args.model, progress=print)
+    print(f"model {args.model}; reference {args.reference or args.model} dequantized to float32")
+    print(f"{machine().describe()}")
+    reference, tokenizer = load_model(reference_path, "float32", quantize="none")
     texts = {name: tokenizer.encode(file.read_text()) for name, file in TEXTS.items()}
     base = {name: logits_of(reference, ids) for name, ids in texts.items()}
     del reference

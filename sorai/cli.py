@@ -10,6 +10,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, NoReturn
 
 import sorai
@@ -652,7 +653,44 @@ def build_parser() -> argparse.ArgumentParser:
     agent_command.add_parser(verbs)
     eval_command.add_parser(verbs)
     vision_command.add_parsers(verbs)
+    _add_quantize_parser(verbs)
     return parser
+
+
+# --- sorai quantize ---------------------------------------------------------------------------
+def _add_quantize_parser(verbs) -> None:
+    # The choices are checked by sorai.model.quant.export (its error names them), which
+    # imports torch: not at every start of the CLI.
+    quantize = verbs.add_parser(
+        "quantize",
+        help="write a model with low-bit weights (a GGUF llama.cpp runs, or safetensors)",
+    )
+    quantize.add_argument("model", help="a known model name, an HF directory or a .gguf file")
+    quantize.add_argument(
+        "--to",
+        required=True,
+        help="int4 or int8: the layers --quantize builds (stored as Q4_1/Q8_0); q4_0, q4_1 "
+        "or q8_0: llama.cpp's formats, quantized as llama.cpp does",
+    )
+    quantize.add_argument(
+        "--format",
+        default=None,
+        help="gguf, or safetensors in sorai's low-bit layout (default: gguf when -o ends "
+        "in .gguf, else safetensors)",
+    )
+    quantize.add_argument("-o", "--output", required=True, type=Path, help="file or directory")
+    quantize.set_defaults(run=cmd_quantize)
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from sorai.model.quant.export import quantize_model
+
+    source = hub.resolve(args.model, progress=say)
+    quantize_model(source, args.to, args.output, args.format, progress=say)
+    return 0
+
+
+# --- end sorai quantize -----------------------------------------------------------------------
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -27,6 +27,7 @@ from sorai.errors import ContextLengthError, SamplingError, SoraiError
 from sorai.hub import DEFAULT_MODEL
 from sorai.model.fusion import fuse_projections
 from sorai.model.loader import load_pretrained
+from sorai.model.quant import decode_path
 from sorai.model.runtime import describe
 from sorai.model.tokenizer import Tokenizer
 from sorai.model.transformer import Transformer
@@ -52,6 +53,8 @@ class LLMEngine:
             self.threads = (decode, cfg.cpu_prefill_threads or max(decode, cores))
             torch.set_num_threads(decode)
         fuse_projections(model)
+        # Per server, never per step: a row's numbers must not depend on its batch.
+        self.decode_path = decode_path.settle(model, cfg.max_num_seqs)
         self.runtime = describe(model)
         num_kv_heads, head_dim = _kv_geometry(model)
         per_block = PagedKVCache.bytes_per_block(

@@ -196,8 +196,8 @@ class GGUFFile:
             raise ModelFormatError(f"{self.path}: tensor {info.name} runs past the end of the file")
         return raw
 
-    def _dequantize(self, info: TensorInfo) -> Tensor:
-        """One tensor as float32, dequantized by the gguf package."""
+    def as_float(self, info: TensorInfo) -> Tensor:
+        """One tensor as float32 in the file's own layout, dequantized by the gguf package."""
         import gguf
 
         qtype = gguf.GGMLQuantizationType(info.qtype)
@@ -219,7 +219,7 @@ class GGUFFile:
         """Llama 3.1-style GGUFs store rope scaling as per-frequency divisors, not metadata."""
         for info in self.tensor_infos:
             if info.name == "rope_freqs.weight":
-                return self._dequantize(info)
+                return self.as_float(info)
         return None
 
     def entries(self) -> Iterator[tuple[str, TensorInfo]]:
@@ -239,7 +239,7 @@ class GGUFFile:
 
     def dequantized(self, name: str, info: TensorInfo, config: ModelConfig) -> Tensor:
         """One weight as float32 in our layout (Q/K permutation reversed)."""
-        value = self._dequantize(info)
+        value = self.as_float(info)
         if (heads := self.permuted_heads(name, config)) is not None:
             value = unpermute_qk(value, heads)
         return value
@@ -256,6 +256,23 @@ def _our_name(gguf_name: str) -> str | None:
         return f"layers.{layer}.{_BLOCK_NAMES[part]}.{kind}" if part in _BLOCK_NAMES else None
     stem, _, kind = gguf_name.rpartition(".")
     return f"{_TOP_NAMES[stem]}.{kind}" if stem in _TOP_NAMES else None
+
+
+def gguf_name(our_name: str) -> str | None:
+    """The GGUF (llama.cpp) name of one of our parameter names, None for one it has no name for."""
+    blocks = {ours: theirs for theirs, ours in _BLOCK_NAMES.items()}
+    if match := re.match(r"layers\.(\d+)\.(.+)\.(weight|bias)$", our_name):
+        layer, part, kind = match.groups()
+        return f"blk.{layer}.{blocks[part]}.{kind}" if part in blocks else None
+    stem, _, kind = our_name.rpartition(".")
+    top = {ours: theirs for theirs, ours in _TOP_NAMES.items()}
+    return f"{top[stem]}.{kind}" if stem in top else None
+
+
+def permute_qk(weight: Tensor, n_heads: int) -> Tensor:
+    """llama.cpp's row permutation of a Q or K projection (the inverse of unpermute_qk)."""
+    half = weight.shape[0] // n_heads // 2
+    return weight.reshape(n_heads, 2, half, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
 
 
 def unpermute_qk(weight: Tensor, n_heads: int) -> Tensor:

@@ -16,6 +16,7 @@ from sorai.model.config import ModelConfig, check_chat_model
 from sorai.model.gguf import GGUFFile, is_gguf
 from sorai.model.hardware import auto_dtype
 from sorai.model.quant.load import check_quantize, load_gguf_lowbit, quantize_dense
+from sorai.model.quant.lowbit_dir import dequantized, is_lowbit_dir, load_lowbit_dir
 from sorai.model.tokenizer import Tokenizer
 from sorai.model.transformer import Transformer
 from sorai.model.weights import load_gguf, load_hf_dir, parse_dtype
@@ -69,7 +70,13 @@ def load_model(
             raise ModelFormatError(
                 f"{path} is not a Hugging Face model directory: it has no config.json"
             )
-        model, tokenizer = load_hf_dir(path, dtype), Tokenizer.from_dir(path)
+        if is_lowbit_dir(path):  # written by `sorai quantize --format safetensors`
+            model = load_lowbit_dir(path, dtype)
+            if not lowbit or quantize != "auto":
+                model = dequantized(model, dtype, path)
+        else:
+            model = load_hf_dir(path, dtype)
+        tokenizer = Tokenizer.from_dir(path)
         if lowbit and quantize != "auto":
             quantize_dense(model, quantize)
     elif path.suffix == ".gguf" or is_gguf(path):

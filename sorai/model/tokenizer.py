@@ -162,6 +162,26 @@ _BYTE_LEVEL_PRE: dict[str, _ByteLevelPre] = {
 }
 
 
+def gguf_pre_name(spec: dict[str, Any]) -> str:
+    """llama.cpp's name (`tokenizer.ggml.pre`) for the pre-tokenizer of a byte-level BPE
+    tokenizer.json (`spec`, parsed): the first _BYTE_LEVEL_PRE entry that splits text the same
+    way, or "default" (GPT-2's own split) where none does."""
+    pre = spec.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    split = next(
+        (s.get("pattern", {}).get("Regex") for s in steps if s.get("type") == "Split"), None
+    )
+    found = _ByteLevelPre(
+        split=split,
+        individual_digits=any(
+            s.get("type") == "Digits" and s.get("individual_digits") for s in steps
+        ),
+        nfc=(spec.get("normalizer") or {}).get("type") == "NFC",
+        ignore_merges=bool((spec.get("model") or {}).get("ignore_merges")),
+    )
+    return next((name for name, known in _BYTE_LEVEL_PRE.items() if known == found), "default")
+
+
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's byte -> printable character table, in which byte-level vocabularies are spelled."""
     printable = (
@@ -653,6 +673,10 @@ class Tokenizer:
             backend.post_processor = processors.TemplateProcessing(
                 single=single, special_tokens=list(dict.fromkeys(specials))
             )
+
+    def special_token(self, name: str) -> str | None:
+        """A special token by its Hugging Face name (bos_token, unk_token, pad_token, ...)."""
+        return self._special_tokens.get(name)
 
     def token_to_id(self, token: str | None) -> int | None:
         return None if token is None else self.backend.token_to_id(token)

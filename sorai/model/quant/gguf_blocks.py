@@ -3,7 +3,8 @@
 Q4_0, Q4_1 and Q4_K hold 4-bit values with a scale and a minimum per 32 weights: exactly an
 Int4Linear (group 32). Q8_0 holds int8 values with a scale per 32 weights; an Int8Linear has one
 scale per row, so its rows are rescaled (error at most half a step of the row's scale).
-Byte layouts follow ggml (and the gguf package's reference dequantizers).
+Byte layouts follow ggml (and the gguf package's reference dequantizers). The encoders at the
+end go the other way, for writing sorai's own low-bit layers into a GGUF that llama.cpp runs.
 """
 
 from __future__ import annotations
@@ -63,11 +64,48 @@ def int4_groups(raw: np.ndarray, qtype: str, rows: int) -> tuple[Tensor, Tensor,
 
 
 def q8_0_rows(raw: np.ndarray, rows: int) -> tuple[Tensor, Tensor]:
-    """(q int8 [rows, cols], scale float32 [rows]): Q8_0's per-32 scales folded into one per row."""
+    """(q int8 [rows, cols], scale float32 [rows]): Q8_0's per-32 scales folded into one per row.
+
+    A row whose blocks all share one scale (as `q8_0_bytes` writes them) is taken as it is;
+    the others are requantized from their values.
+    """
+    from sorai.model.quant.linear import quantize_rows_int8
+
     d, qs = _split(raw.reshape(-1, 34), 2)
     d = torch.from_numpy(_half(d)).reshape(rows, -1)  # [rows, cols/32]
-    q = torch.from_numpy(qs.copy().view(np.int8)).reshape(rows, d.shape[1], 32)
-    weight = q.to(torch.float32) * d[..., None]  # one tensor at a time, never the model
-    row_scale = (weight.abs().amax(dim=(1, 2)) / 127).clamp(min=1e-10)
-    q_row = (weight / row_scale[:, None, None]).round().clamp(-127, 127).to(torch.int8)
-    return q_row.reshape(rows, -1), row_scale
+    q = torch.from_numpy(qs.copy().view(np.int8)).reshape(rows, -1)
+    q_row, row_scale = quantize_rows_int8(  # one tensor at a time, never the model
+        (q.view(rows, d.shape[1], 32).to(torch.float32) * d[..., None]).view(rows, -1)
+    )
+    shared = (d == d[:, :1]).all(dim=1)
+    q_row[shared], row_scale[shared] = q[shared], d[shared, 0]
+    return q_row, row_scale
+
+
+def fp16_exact(t: Tensor) -> bool:
+    """Whether every value survives a round trip through float16 (a GGUF block's scale type)."""
+    return bool(torch.equal(t.to(torch.float16).to(t.dtype), t))
+
+
+def _fp16_bytes(t: Tensor) -> np.ndarray:
+    return t.detach().to(torch.float16).numpy().view(np.uint8)
+
+
+def q4_1_bytes(q: Tensor, scale: Tensor, minimum: Tensor) -> np.ndarray:
+    """Q4_1 blocks [rows, cols/32 * 20] holding int4 groups of 32: q uint8 [rows, cols] in
+    0..15, scale and minimum [rows, cols/32] (rounded to float16, exact where they are fp16)."""
+    rows, cols = q.shape
+    nibbles = q.to(torch.uint8).numpy().reshape(rows, cols // 32, 2, 16)
+    qs = nibbles[:, :, 0] | (nibbles[:, :, 1] << 4)  # ggml: value j low, value j + 16 high
+    d = _fp16_bytes(scale.reshape(rows, -1, 1))
+    m = _fp16_bytes(minimum.reshape(rows, -1, 1))
+    return np.concatenate((d, m, qs), axis=-1).reshape(rows, -1)
+
+
+def q8_0_bytes(q: Tensor, scale: Tensor) -> np.ndarray:
+    """Q8_0 blocks [rows, cols/32 * 34] of int8 rows (q [rows, cols], one scale per row, rounded
+    to float16): every block of a row carries the row's scale, so q8_0_rows reads it back as is."""
+    rows, cols = q.shape
+    d = _fp16_bytes(scale.reshape(rows, 1, 1).expand(rows, cols // 32, 1).contiguous())
+    qs = q.to(torch.int8).numpy().view(np.uint8).reshape(rows, cols // 32, 32)
+    return np.concatenate((d, qs), axis=-1).reshape(rows, -1)

@@ -23,12 +23,14 @@ the GEMM, and a plain matrix follows the row count.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextvars import ContextVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from sorai.model.hardware import cpu_count
 
 # Rows at and above which a plain matrix input runs the dense GEMM (see the module docstring).
 DENSE_FROM_ROWS = 48
@@ -59,6 +61,29 @@ def kernel_mask(x: Tensor, dense_from_rows: int, marks: bool = True) -> Tensor |
     return rows < dense_from_rows
 
 
+# Rows from which a kernel call runs on every core the process may use, where a server opts in
+# (sorai.model.quant.decode_path, "all-cores"). The int4/int8 kernels split a call's output
+# columns between threads, never a dot product, so their numbers do not depend on the thread
+# count (tests/model/test_decode_path.py checks it): switching by row count keeps a row's result
+# independent of its batch. On 2 quiet cores limited to AVX2, 30 blocks' int4 matmuls for 16
+# sequences took 93.9 ms on one thread and 73.8 on two; on 2 cores shared with other work,
+# 10-30x longer than on one thread (OpenMP threads wait for each other's time slices), which is
+# why the engine decodes on one core less than it has and this is not the default.
+ALL_CORES_FROM_ROWS = 4
+
+
+def on_all_cores(kernel: Callable[[Tensor], Tensor], rows: Tensor, from_rows: int | None) -> Tensor:
+    """kernel(rows), on every core where `from_rows` is set and rows reach it."""
+    threads, cores = torch.get_num_threads(), cpu_count()
+    if from_rows is None or rows.shape[0] < from_rows or threads >= cores:
+        return kernel(rows)
+    torch.set_num_threads(cores)
+    try:
+        return kernel(rows)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def by_rows(rows: Tensor, mask: Tensor | bool, kernel, dense) -> Tensor:
     """kernel(rows) where mask, dense(rows) elsewhere, each on its own rows only."""
     if isinstance(mask, bool):
@@ -83,6 +108,12 @@ class LowBitLinear(nn.Module):
 
     weight_format = "low-bit"
     dense_from_rows = DENSE_FROM_ROWS
+    # Set per server by sorai.model.quant.decode_path ("dense"): every row, decoding included,
+    # runs the dense GEMM on a float32 copy of the kernel's weight made on first use.
+    dense_decode = False
+    dense_cache: Tensor | None = None
+    # Set per server likewise ("all-cores"): kernel calls of this many rows run on every core.
+    all_cores_from_rows: int | None = None
 
     def __init__(self, in_features: int, out_features: int, bias: Tensor | None) -> None:
         super().__init__()
@@ -101,16 +132,25 @@ class LowBitLinear(nn.Module):
     def _lowbit(self, x: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def _kernel(self, rows: Tensor) -> Tensor:
+        return on_all_cores(self._lowbit, rows, self.all_cores_from_rows)
+
     def forward(self, x: Tensor) -> Tensor:
         rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        mask = kernel_mask(x, self.dense_from_rows)
-        out = by_rows(rows, mask, self._lowbit, self._dense).to(x.dtype)
+        mask = False if self.dense_decode else kernel_mask(x, self.dense_from_rows)
+        out = by_rows(rows, mask, self._kernel, self._dense).to(x.dtype)
         if self.bias is not None:
             out = out + self.bias.to(out.dtype)
         return out.view(*x.shape[:-1], self.out_features)
 
     def _dense(self, rows: Tensor) -> Tensor:
-        return F.linear(rows.to(torch.float32), self.kernel_weight()).to(torch.bfloat16)
+        weight = self.dense_cache
+        if weight is None and self.dense_decode:
+            # Column-major, as the loader lays float32 weights (MKL streams it faster).
+            weight = self.dense_cache = self.kernel_weight().t().contiguous().t()
+        if weight is None:
+            weight = self.kernel_weight()
+        return F.linear(rows.to(torch.float32), weight).to(torch.bfloat16)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
@@ -165,7 +205,9 @@ class Int4Linear(LowBitLinear):
             )
         groups = weight.detach().float().reshape(out_features, -1, group_size)
         low, high = groups.amin(-1), groups.amax(-1)
-        scale = ((high - low) / 15).clamp(min=1e-10)
+        # Scale and minimum are kept to float16 values, so the layer is exactly a GGUF Q4_1
+        # tensor (sorai quantize writes it as one, bit for bit).
+        scale, low = _fp16_scale((high - low) / 15), _fp16_values(low)
         q = ((groups - low[..., None]) / scale[..., None]).round().clamp(0, 15)
         return cls(q.reshape(out_features, in_features).to(torch.uint8), scale, low, bias)
 
@@ -267,11 +309,29 @@ class Int8Linear(LowBitLinear):
 
 
 def quantize_rows_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
-    """Symmetric int8 per row: (q int8 [out, in], scale float32 [out])."""
+    """Symmetric int8 per row: (q int8 [out, in], scale float32 [out]).
+
+    The scales are float16 values, so the rows are exactly a GGUF Q8_0 tensor whose blocks
+    share their row's scale (what sorai quantize writes).
+    """
     weight = weight.detach().float()
-    scale = (weight.abs().amax(dim=1) / 127).clamp(min=1e-10)
+    scale = _fp16_scale(weight.abs().amax(dim=1) / 127)
     q = (weight / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
     return q, scale
+
+
+# The smallest positive float16 (a subnormal): the least scale a block can hold.
+_FP16_TINY = 2.0**-24
+
+
+def _fp16_values(t: Tensor) -> Tensor:
+    """t rounded to the nearest float16 value, kept float32."""
+    return t.clamp(-65504.0, 65504.0).to(torch.float16).to(torch.float32)
+
+
+def _fp16_scale(t: Tensor) -> Tensor:
+    """A scale (>= 0) rounded to float16, at least _FP16_TINY so that dividing by it is safe."""
+    return _fp16_values(t).clamp(min=_FP16_TINY)
 
 
 def int4_fits(out_features: int, in_features: int, group_size: int = 32) -> bool:

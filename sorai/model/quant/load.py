@@ -112,7 +112,7 @@ def _is_block_matmul(model: Transformer, name: str) -> bool:
     )
 
 
-def _place(model: Transformer, module: str, layer: nn.Module) -> None:
+def place_layer(model: Transformer, module: str, layer: nn.Module) -> None:
     parent, _, child = module.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, layer)
 
@@ -140,15 +140,15 @@ def load_gguf_lowbit(gguf: GGUFFile, dtype: torch.dtype, scheme: str) -> Transfo
         elif name == "lm_head.weight":
             model.lm_head = Int8Head(*_int8_rows(gguf, name, info, config))
         else:
-            _place(model, _module_name(name), _gguf_layer(gguf, name, info, config, target))
-    _tie_table(model)
-    model = build_model(config, _cast_biases(model, dense, dtype), dtype, gguf.path, model=model)
+            place_layer(model, _module_name(name), _gguf_layer(gguf, name, info, config, target))
+    tie_table(model)
+    model = build_model(config, split_biases(model, dense, dtype), dtype, gguf.path, model=model)
     if (factors := gguf.rope_freq_factors()) is not None:
         model.inv_freq = model.inv_freq / factors
     return model
 
 
-def _tie_table(model: Transformer) -> None:
+def tie_table(model: Transformer) -> None:
     """A tied head reads the int8 embedding's own table (the float tie is a shared Parameter)."""
     if (
         model.config.tie_word_embeddings
@@ -170,7 +170,7 @@ def quantize_dense(model: Transformer, scheme: str) -> Transformer:
             elif target == "int8":
                 layers[name] = Int8Linear.quantize(module.weight, bias=bias)
     for module_name, layer in layers.items():
-        _place(model, module_name, layer)
+        place_layer(model, module_name, layer)
     embed, head = model.embed_tokens, model.lm_head
     tied = isinstance(embed, nn.Embedding) and head is not None and head.weight is embed.weight
     if isinstance(embed, nn.Embedding) and int8_fits(embed.embedding_dim):
@@ -183,7 +183,7 @@ def quantize_dense(model: Transformer, scheme: str) -> Transformer:
     return model
 
 
-def _cast_biases(
+def split_biases(
     model: Transformer, dense: Iterable[tuple[str, Tensor]], dtype: torch.dtype
 ) -> Iterable[tuple[str, Tensor]]:
     """Biases of low-bit layers go onto those layers; everything else is for build_model."""

@@ -82,7 +82,7 @@ class Int8Head(Int8Linear):
         logits = by_rows(
             rows.to(torch.bfloat16),
             mask,
-            self._lowbit,
+            self._kernel,
             lambda r: self._dense_chunks(r.to(torch.float32)),
         )
         if x.dtype != torch.bfloat16 and rows.shape[0] > 0:
