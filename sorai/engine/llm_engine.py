@@ -13,6 +13,7 @@ from collections.abc import Sequence as Seq
 import torch
 from torch import Tensor
 
+from sorai.engine.adapters import AdapterRegistry
 from sorai.engine.block_manager import BlockPool
 from sorai.engine.config import EngineConfig
 from sorai.engine.guided.compile import GrammarCompiler, advance, mask_logits
@@ -68,8 +69,9 @@ class LLMEngine:
             model.device,
         )
         self.pool = BlockPool(num_blocks, cfg.enable_prefix_caching)
-        self.scheduler = Scheduler(cfg, self.pool, cfg.block_size)
-        self.runner = ModelRunner(model, self.cache)
+        self.adapters = AdapterRegistry(model, cfg.max_loras, cfg.max_lora_rank)
+        self.scheduler = Scheduler(cfg, self.pool, cfg.block_size, admit=self._admit)
+        self.runner = ModelRunner(model, self.cache, lambda: self.adapters.lora)
         self.vocab_size = model.config.vocab_size
         # One sequence must fit in the cache on its own, or it could never be scheduled.
         self.context_length = min(
@@ -129,6 +131,8 @@ class LLMEngine:
                 f"{total} were requested ({len(prompt_ids)} in the prompt + {params.max_tokens}"
                 " for the completion); shorten the prompt or lower max_tokens"
             )
+        if params.adapter is not None:
+            self.adapters.check(params.adapter)
         if params.guided is not None:
             self.guided.compile(params.guided)  # cached for add_request, or says why not
         for token, _ in params.logit_bias:
@@ -144,7 +148,21 @@ class LLMEngine:
         if request_id in self.requests:
             raise SoraiError(f"request id {request_id!r} is already in use")
         self.check_request(prompt_ids, params)
-        request = Request.create(
+        adapter = self.adapters.use(params.adapter) if params.adapter is not None else None
+        try:
+            request = self._create(request_id, prompt_ids, params)
+        except BaseException:
+            if adapter is not None:
+                self.adapters.release(adapter, admitted=False)
+            raise
+        if adapter is not None:
+            request.adapter, request.cache_salt = adapter, adapter.cache_salt
+        self.requests[request_id] = request
+        for seq in request.sequences:
+            self.scheduler.add(seq)
+
+    def _create(self, request_id: str, prompt_ids: Seq[int], params: SamplingParams) -> Request:
+        return Request.create(
             request_id,
             list(prompt_ids),
             params,
@@ -156,9 +174,14 @@ class LLMEngine:
             new_matcher=self.guided.matcher,
             new_budget=self.guided.budget,
         )
-        self.requests[request_id] = request
-        for seq in request.sequences:
-            self.scheduler.add(seq)
+
+    def _admit(self, seq: Sequence) -> bool:
+        """Whether a waiting sequence may run now: its adapter, if any, has a slot."""
+        request = seq.request
+        if request.adapter is None or request.adapter_admitted:
+            return True
+        request.adapter_admitted = self.adapters.admit(request.adapter)
+        return request.adapter_admitted
 
     def abort(self, request_id: str) -> None:
         """Cancel a request; its blocks are freed at the start of the next step."""
@@ -236,6 +259,9 @@ class LLMEngine:
         finished = request.finished
         if finished:
             del self.requests[request.request_id]
+            if request.adapter is not None:
+                self.adapters.release(request.adapter, request.adapter_admitted)
+                request.adapter = None
         return RequestOutput(
             request.request_id,
             choices,

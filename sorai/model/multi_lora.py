@@ -1,0 +1,266 @@
+"""Many LoRA adapters over one shared base model, mixed in one batch (the Punica/S-LoRA idea).
+
+The base weights are never touched: a forward hook on each adapted projection (or on the
+fused q/k/v and gate/up modules, sorai.model.fusion) adds, to each row of the step's flat token
+row, the delta x·Aᵀ·Bᵀ·scaling of that row's adapter, computed on the fly. Base rows get none.
+
+Adapters live in `slots` (at most max_loras resident): per hooked module one stacked A
+[slots, parts·max_rank, in] and per part one B [slots, out, max_rank] (scaling folded in,
+float32). Ranks are padded with zeros to max_rank, so adapters of any rank up to it share the
+stacks; a step computes only up to the largest rank it uses. A module an adapter does not
+target stays zero in its slot and is skipped where rows are grouped. Stacks are allocated
+the first time an adapter targets their module, so q/v-only adapters cost no MLP memory.
+
+Two ways to apply the deltas, chosen per step (`rows()`), both plain torch ops:
+- segment: rows come sorted by slot, so each adapter's rows are one contiguous run: two
+  matmuls per run (x·Aᵀ for every part at once, then ·Bᵀ per part into the output's columns);
+- gather: each LoRA row gathers its slot's A and B and two batched matmuls (bmm) do every
+  row at once, whatever the number of adapters.
+Segments cost a few ops per adapter per module; gathering copies each row's adapter weights.
+Measured on a 2-core AVX2 CPU (benchmarks/bench_lora.py --kernels): decode steps over many
+adapters gather faster, prompt chunks (long runs) segment faster; see GATHER_FROM_RUNS.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from sorai.model.fusion import FUSED_ATTRIBUTE, Fused
+from sorai.model.lora import AdapterFile, LoRAError, linear_shapes
+from sorai.model.transformer import Transformer
+
+# A step gathers when its LoRA rows form at least this many runs and are all short (decode
+# rows, one per sequence); else it segments. Measured with bench_lora.py --kernels.
+GATHER_FROM_RUNS = 4
+GATHER_MAX_ROWS = 64
+
+
+@dataclass
+class StepRows:
+    """Which adapter slot each row of a step's flat token row uses (built by rows())."""
+
+    runs: list[tuple[int, int, int]]  # (slot, start, end), contiguous, LoRA rows only
+    gather: bool
+    rank: int  # the largest rank among the slots used
+    rows: Tensor | None = None  # gather: the LoRA rows' indices (None: every row)
+    slots: Tensor | None = None  # gather: each LoRA row's slot
+
+
+class _Target:
+    """One hooked module: a projection, or a fused group whose output holds its parts side by
+    side. Holds the stacked adapter weights for it."""
+
+    def __init__(
+        self, names: Sequence[str], sizes: Sequence[int], in_features: int, owner: MultiLoRA
+    ) -> None:
+        self.names = tuple(names)
+        self.sizes = tuple(sizes)
+        self.starts = [sum(self.sizes[:i]) for i in range(len(self.sizes))]
+        self.in_features = in_features
+        self.owner = owner
+        self.a: Tensor | None = None  # [slots, parts * max_rank, in]
+        self.b: list[Tensor] = []  # per part [slots, out, max_rank]
+        self.present: list[set[int]] = [set() for _ in self.names]  # slots per part
+
+    def _allocate(self) -> None:
+        o = self.owner
+        parts = len(self.names)
+        shape = (o.max_loras, parts * o.max_rank, self.in_features)
+        self.a = torch.zeros(shape, dtype=o.dtype, device=o.device)
+        self.b = [
+            torch.zeros(o.max_loras, size, o.max_rank, dtype=o.dtype, device=o.device)
+            for size in self.sizes
+        ]
+
+    def load(self, slot: int, adapter: AdapterFile) -> None:
+        """Write the adapter's parts for this module into `slot` (zeros where it has none)."""
+        r_max = self.owner.max_rank
+        wanted = [name in adapter.modules for name in self.names]
+        if self.a is None:
+            if not any(wanted):
+                return
+            self._allocate()
+        assert self.a is not None
+        with torch.no_grad():
+            self.a[slot].zero_()
+            for p, name in enumerate(self.names):
+                self.b[p][slot].zero_()
+                self.present[p].discard(slot)
+                if not wanted[p]:
+                    continue
+                module = adapter.modules[name]
+                r = module.r
+                self.a[slot, p * r_max : p * r_max + r] = module.lora_A.to(self.a.dtype)
+                scaled = module.lora_B.float() * adapter.scaling(name)
+                self.b[p][slot, :, :r] = scaled.to(self.a.dtype)
+                self.present[p].add(slot)
+
+    def clear(self, slot: int) -> None:
+        for present in self.present:
+            present.discard(slot)
+
+    def hook(self, module: nn.Module, inputs: tuple[Tensor, ...], out: Tensor) -> Tensor:
+        step = self.owner.step
+        if step is None or self.a is None or not step.runs:
+            return out
+        x = inputs[0]
+        x2 = x.reshape(-1, self.in_features)
+        out2 = out.view(-1, out.shape[-1])
+        if step.gather:
+            self._gather(step, x2, out2)
+        else:
+            self._segment(step, x2, out2)
+        return out
+
+    def _segment(self, step: StepRows, x: Tensor, out: Tensor) -> None:
+        r_max, a = self.owner.max_rank, self.a
+        assert a is not None
+        for slot, start, end in step.runs:
+            parts = [p for p, present in enumerate(self.present) if slot in present]
+            if not parts:
+                continue
+            xs = x[start:end].to(a.dtype)
+            h = torch.mm(xs, a[slot].t())  # [rows, parts * max_rank]
+            for p in parts:
+                col = self.starts[p]
+                r = self.owner.ranks[slot]
+                delta = torch.mm(h[:, p * r_max : p * r_max + r], self.b[p][slot, :, :r].t())
+                out[start:end, col : col + self.sizes[p]] += delta.to(out.dtype)
+
+    def _gather(self, step: StepRows, x: Tensor, out: Tensor) -> None:
+        r_max, r, a = self.owner.max_rank, step.rank, self.a
+        assert a is not None and step.slots is not None
+        parts = len(self.names)
+        xs = x if step.rows is None else x.index_select(0, step.rows)
+        xs = xs.to(a.dtype)
+        stacked = a.view(a.shape[0], parts, r_max, -1)[:, :, :r]
+        a_rows = stacked.index_select(0, step.slots).reshape(len(step.slots), parts * r, -1)
+        h = torch.bmm(a_rows, xs[:, :, None])  # [rows, parts * r, 1]
+        for p in range(parts):
+            if not self.present[p]:
+                continue
+            b_rows = self.b[p][:, :, :r].index_select(0, step.slots)  # [rows, out, r]
+            delta = torch.bmm(b_rows, h[:, p * r : (p + 1) * r])[:, :, 0].to(out.dtype)
+            cols = out[:, self.starts[p] : self.starts[p] + self.sizes[p]]
+            if step.rows is None:
+                cols += delta
+            else:
+                cols.index_add_(0, step.rows, delta)
+
+
+class MultiLoRA:
+    """Adapter slots over a Transformer's block Linears; install() hooks them once.
+
+    load(slot, adapter) writes an adapter (read by sorai.model.lora.read_adapter) into a slot;
+    within `with rows(slot_per_row):` a forward adds each row's adapter delta.
+    """
+
+    def __init__(
+        self, model: Transformer, max_loras: int, max_rank: int, dtype: torch.dtype = torch.float32
+    ) -> None:
+        if max_loras < 1 or max_rank < 1:
+            raise LoRAError(
+                f"max_loras and max_lora_rank must be >= 1, got {max_loras} and {max_rank}"
+            )
+        self.model = model
+        self.max_loras = max_loras
+        self.max_rank = max_rank
+        self.dtype = dtype
+        self.device = model.device
+        self.shapes = linear_shapes(model)
+        self.step: StepRows | None = None
+        self.ranks = [0] * max_loras
+        self.targets: list[_Target] = []
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._install()
+
+    def _install(self) -> None:
+        for block_name, block in self.model.layers.items():
+            prefix = f"layers.{block_name}"
+            groups = (
+                (block.self_attn, "self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
+                (block.mlp, "mlp", ("gate_proj", "up_proj", "down_proj")),
+            )
+            for owner, owner_name, names in groups:
+                fused: Fused | None = owner.__dict__.get(FUSED_ATTRIBUTE)
+                fused_parts = {id(p) for p in fused.parts} if fused is not None else set()
+                if fused is not None:
+                    # The fused module stands for its parts; the parts themselves never run.
+                    part_names = [n for n in names if id(getattr(owner, n)) in fused_parts]
+                    self._hook(fused.module, [f"{prefix}.{owner_name}.{n}" for n in part_names])
+                for name in names:
+                    if id(getattr(owner, name)) not in fused_parts:
+                        self._hook(getattr(owner, name), [f"{prefix}.{owner_name}.{name}"])
+
+    def _hook(self, module: nn.Module, names: list[str]) -> None:
+        sizes = [self.shapes[n][1] for n in names]
+        target = _Target(names, sizes, self.shapes[names[0]][0], self)
+        self.targets.append(target)
+        self._handles.append(module.register_forward_hook(target.hook))
+
+    def remove(self) -> None:
+        """Take the hooks off: the model runs as the plain base again."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def check(self, adapter: AdapterFile) -> None:
+        """LoRAError naming why the adapter cannot take a slot here."""
+        if adapter.rank > self.max_rank:
+            raise LoRAError(
+                f"{adapter.path}: rank {adapter.rank} is above this server's --max-lora-rank "
+                f"{self.max_rank}"
+            )
+
+    def load(self, slot: int, adapter: AdapterFile) -> None:
+        self.check(adapter)
+        for target in self.targets:
+            target.load(slot, adapter)
+        self.ranks[slot] = adapter.rank
+
+    def clear(self, slot: int) -> None:
+        for target in self.targets:
+            target.clear(slot)
+        self.ranks[slot] = 0
+
+    def plan(self, slot_per_row: Sequence[int], gather: bool | None = None) -> StepRows | None:
+        """How a step whose rows use these slots (-1: base) applies its deltas; None when no
+        row uses an adapter. gather forces one way (for measuring), else GATHER_FROM_RUNS."""
+        runs: list[tuple[int, int, int]] = []
+        for i, slot in enumerate(slot_per_row):
+            if slot < 0:
+                continue
+            if runs and runs[-1][0] == slot and runs[-1][2] == i:
+                runs[-1] = (slot, runs[-1][1], i + 1)
+            else:
+                runs.append((slot, i, i + 1))
+        if not runs:
+            return None
+        if gather is None:
+            gather = len(runs) >= GATHER_FROM_RUNS and all(
+                end - start <= GATHER_MAX_ROWS for _, start, end in runs
+            )
+        step = StepRows(runs, gather, max(self.ranks[slot] for slot, _, _ in runs))
+        if gather:
+            device = self.model.device
+            index = [i for _, start, end in runs for i in range(start, end)]
+            if len(index) != len(slot_per_row):
+                step.rows = torch.tensor(index, dtype=torch.long, device=device)
+            slots = [slot for slot, start, end in runs for _ in range(start, end)]
+            step.slots = torch.tensor(slots, dtype=torch.long, device=device)
+        return step
+
+    @contextlib.contextmanager
+    def rows(self, slot_per_row: Sequence[int], gather: bool | None = None) -> Iterator[None]:
+        """Within the block, row i of a forward's flat token row runs adapter slot
+        slot_per_row[i] (-1: the base alone)."""
+        self.step = self.plan(slot_per_row, gather)
+        try:
+            yield
+        finally:
+            self.step = None
