@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from collections.abc import Sequence as Seq
 
 import torch
@@ -28,6 +28,7 @@ from sorai.errors import ContextLengthError, SamplingError, SoraiError
 from sorai.hub import DEFAULT_MODEL
 from sorai.model.fusion import fuse_projections
 from sorai.model.loader import load_pretrained
+from sorai.model.lora import check_adapter_dir
 from sorai.model.runtime import describe
 from sorai.model.tokenizer import Tokenizer
 from sorai.model.transformer import Transformer
@@ -95,13 +96,20 @@ class LLMEngine:
         adapter: str | os.PathLike | None = None,
         progress: Callable[[str], None] | None = None,
         quantize: str = "auto",
+        adapters: Mapping[str, str | os.PathLike] | None = None,
     ) -> LLMEngine:
         """Load a known model name, an HF directory or a .gguf file, with an optional PEFT
-        LoRA adapter merged in (see sorai.model.loader.load_pretrained)."""
+        LoRA adapter merged in (see sorai.model.loader.load_pretrained) and `adapters`
+        ({name: PEFT adapter directory}) served unmerged, each request naming its own."""
+        for path in (adapters or {}).values():
+            check_adapter_dir(path)  # a missing or broken directory fails before the load
         transformer, tokenizer, name = load_pretrained(
             model, dtype, device, adapter, progress, quantize=quantize
         )
-        return cls(transformer, tokenizer, config, name=name)
+        engine = cls(transformer, tokenizer, config, name=name)
+        for adapter_name, path in (adapters or {}).items():
+            engine.adapters.add(adapter_name, path)
+        return engine
 
     @staticmethod
     def kv_bytes_per_token(model: Transformer) -> int:

@@ -82,7 +82,11 @@ class ModelRunner:
             chunks=chunks,
         )
         lora = self.lora()
-        adapters = lora.rows(lora_slots) if lora is not None else contextlib.nullcontext()
+        # Generated tokens gather their adapters' weights, prompt tokens run per adapter
+        # (sorai.model.multi_lora): a token's path never depends on the rest of the batch.
+        adapters = (
+            lora.rows(lora_slots, generated) if lora is not None else contextlib.nullcontext()
+        )
         try:
             # Low-bit layers run generated tokens on their kernel and prompt tokens on a dense
             # GEMM, whatever the batch holds (sorai.model.quant.linear).

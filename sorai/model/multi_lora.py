@@ -11,14 +11,17 @@ stacks; a step computes only up to the largest rank it uses. A module an adapter
 target stays zero in its slot and is skipped where rows are grouped. Stacks are allocated
 the first time an adapter targets their module, so q/v-only adapters cost no MLP memory.
 
-Two ways to apply the deltas, chosen per step (`rows()`), both plain torch ops:
-- segment: rows come sorted by slot, so each adapter's rows are one contiguous run: two
-  matmuls per run (x·Aᵀ for every part at once, then ·Bᵀ per part into the output's columns);
-- gather: each LoRA row gathers its slot's A and B and two batched matmuls (bmm) do every
-  row at once, whatever the number of adapters.
-Segments cost a few ops per adapter per module; gathering copies each row's adapter weights.
-Measured on a 2-core AVX2 CPU (benchmarks/bench_lora.py --kernels): decode steps over many
-adapters gather faster, prompt chunks (long runs) segment faster; see GATHER_FROM_RUNS.
+Two ways to apply the deltas, both plain torch ops:
+- segment: a run of rows of one adapter (a prompt chunk) takes two matmuls (x·Aᵀ for every
+  part at once, then ·Bᵀ per part into the output's columns), a few ops per run per module;
+- gather: each row gathers its slot's A and B and elementwise products summed per row do every
+  row at once,
+  whatever the number of adapters, at the price of copying each row's adapter weights.
+The engine gathers generated tokens (one row per sequence) and segments prompt tokens: a row's
+path depends on its token, never on what else shares the step, so a request's tokens are the
+same alone or in any batch (as the low-bit layers do, sorai.model.quant.linear). Measured on a
+2-core AVX2 CPU (benchmarks/bench_lora.py --kernels), decode steps over 4 or 16 adapters gather
+faster than they segment, and prompt chunks segment faster than they gather.
 """
 
 from __future__ import annotations
@@ -34,21 +37,15 @@ from sorai.model.fusion import FUSED_ATTRIBUTE, Fused
 from sorai.model.lora import AdapterFile, LoRAError, linear_shapes
 from sorai.model.transformer import Transformer
 
-# A step gathers when its LoRA rows form at least this many runs and are all short (decode
-# rows, one per sequence); else it segments. Measured with bench_lora.py --kernels.
-GATHER_FROM_RUNS = 4
-GATHER_MAX_ROWS = 64
-
 
 @dataclass
 class StepRows:
-    """Which adapter slot each row of a step's flat token row uses (built by rows())."""
+    """Which adapter slot each row of a step's flat token row uses (built by plan())."""
 
-    runs: list[tuple[int, int, int]]  # (slot, start, end), contiguous, LoRA rows only
-    gather: bool
+    runs: list[tuple[int, int, int]]  # segmented rows: (slot, start, end), contiguous
     rank: int  # the largest rank among the slots used
-    rows: Tensor | None = None  # gather: the LoRA rows' indices (None: every row)
-    slots: Tensor | None = None  # gather: each LoRA row's slot
+    rows: Tensor | None = None  # gathered rows' indices (None: every row of the step)
+    slots: Tensor | None = None  # each gathered row's slot (None: no row is gathered)
 
 
 class _Target:
@@ -106,14 +103,14 @@ class _Target:
 
     def hook(self, module: nn.Module, inputs: tuple[Tensor, ...], out: Tensor) -> Tensor:
         step = self.owner.step
-        if step is None or self.a is None or not step.runs:
+        if step is None or self.a is None:
             return out
         x = inputs[0]
         x2 = x.reshape(-1, self.in_features)
         out2 = out.view(-1, out.shape[-1])
-        if step.gather:
+        if step.slots is not None:
             self._gather(step, x2, out2)
-        else:
+        if step.runs:
             self._segment(step, x2, out2)
         return out
 
@@ -140,12 +137,14 @@ class _Target:
         xs = xs.to(a.dtype)
         stacked = a.view(a.shape[0], parts, r_max, -1)[:, :, :r]
         a_rows = stacked.index_select(0, step.slots).reshape(len(step.slots), parts * r, -1)
-        h = torch.bmm(a_rows, xs[:, :, None])  # [rows, parts * r, 1]
+        # Products summed row by row rather than bmm: bmm's result for one row changes with
+        # the number of rows beside it (measured: ~6e-7), which could flip a near-tie.
+        h = (a_rows * xs[:, None, :]).sum(-1)  # [rows, parts * r]
         for p in range(parts):
             if not self.present[p]:
                 continue
             b_rows = self.b[p][:, :, :r].index_select(0, step.slots)  # [rows, out, r]
-            delta = torch.bmm(b_rows, h[:, p * r : (p + 1) * r])[:, :, 0].to(out.dtype)
+            delta = (b_rows * h[:, None, p * r : (p + 1) * r]).sum(-1).to(out.dtype)
             cols = out[:, self.starts[p] : self.starts[p] + self.sizes[p]]
             if step.rows is None:
                 cols += delta
@@ -228,38 +227,44 @@ class MultiLoRA:
             target.clear(slot)
         self.ranks[slot] = 0
 
-    def plan(self, slot_per_row: Sequence[int], gather: bool | None = None) -> StepRows | None:
+    def plan(
+        self, slot_per_row: Sequence[int], gathered: bool | Sequence[bool] = False
+    ) -> StepRows | None:
         """How a step whose rows use these slots (-1: base) applies its deltas; None when no
-        row uses an adapter. gather forces one way (for measuring), else GATHER_FROM_RUNS."""
+        row uses an adapter. gathered: per row (or for all), whether it is gathered rather
+        than segmented; the engine gathers its generated tokens (see the module docstring)."""
+        flags = [gathered] * len(slot_per_row) if isinstance(gathered, bool) else gathered
         runs: list[tuple[int, int, int]] = []
-        for i, slot in enumerate(slot_per_row):
+        index: list[int] = []
+        slots: list[int] = []
+        for i, (slot, gather) in enumerate(zip(slot_per_row, flags, strict=True)):
             if slot < 0:
                 continue
-            if runs and runs[-1][0] == slot and runs[-1][2] == i:
+            if gather:
+                index.append(i)
+                slots.append(slot)
+            elif runs and runs[-1][0] == slot and runs[-1][2] == i:
                 runs[-1] = (slot, runs[-1][1], i + 1)
             else:
                 runs.append((slot, i, i + 1))
-        if not runs:
+        used = {slot for slot, _, _ in runs} | set(slots)
+        if not used:
             return None
-        if gather is None:
-            gather = len(runs) >= GATHER_FROM_RUNS and all(
-                end - start <= GATHER_MAX_ROWS for _, start, end in runs
-            )
-        step = StepRows(runs, gather, max(self.ranks[slot] for slot, _, _ in runs))
-        if gather:
+        step = StepRows(runs, max(self.ranks[slot] for slot in used))
+        if slots:
             device = self.model.device
-            index = [i for _, start, end in runs for i in range(start, end)]
+            step.slots = torch.tensor(slots, dtype=torch.long, device=device)
             if len(index) != len(slot_per_row):
                 step.rows = torch.tensor(index, dtype=torch.long, device=device)
-            slots = [slot for slot, start, end in runs for _ in range(start, end)]
-            step.slots = torch.tensor(slots, dtype=torch.long, device=device)
         return step
 
     @contextlib.contextmanager
-    def rows(self, slot_per_row: Sequence[int], gather: bool | None = None) -> Iterator[None]:
+    def rows(
+        self, slot_per_row: Sequence[int], gathered: bool | Sequence[bool] = False
+    ) -> Iterator[None]:
         """Within the block, row i of a forward's flat token row runs adapter slot
-        slot_per_row[i] (-1: the base alone)."""
-        self.step = self.plan(slot_per_row, gather)
+        slot_per_row[i] (-1: the base alone); `gathered` as in plan()."""
+        self.step = self.plan(slot_per_row, gathered)
         try:
             yield
         finally:

@@ -89,6 +89,7 @@ async def create_chat_completion(request: Request) -> Response:
         guided_param = "tools"
     prompt_ids = tools.encode(engine.tokenizer, body.messages)
     params = body.sampling_params(len(prompt_ids), engine.context_length, guided)
+    params = state.with_adapter(params, model)
     reply = _Reply(body, model, params.n, state.token_text, tools)
     generation = Generation(state, [(prompt_ids, params)], reply.id, arrival)
     with checked(guided_param):

@@ -661,10 +661,13 @@ class ModelCard(_Response):
     max_model_len: int | None
     # sorai's extension: how the model runs here (device, dtype, weight formats, machine).
     runtime: dict[str, str] | None = None
+    # A LoRA adapter's card (as vLLM's): the base model it runs on and its directory.
+    parent: str | None = None
+    root: str | None = None
 
     @model_serializer(mode="wrap")
     def _drop_unknown_length(self, handler: Any) -> dict[str, Any]:
-        return _without_none(handler(self), keys=("max_model_len", "runtime"))
+        return _without_none(handler(self), keys=("max_model_len", "runtime", "parent", "root"))
 
 
 class ModelList(_Response):
@@ -698,3 +701,16 @@ class EmbeddingResponse(_Response):
     data: list[Embedding]
     model: str
     usage: EmbeddingUsage
+
+
+# -- LoRA adapters at runtime (vLLM's shapes) ---------------------------------------------------
+
+
+class LoadLoRAAdapterRequest(_Request):
+    lora_name: str
+    lora_path: str
+
+
+class UnloadLoRAAdapterRequest(_Request):
+    lora_name: str
+    lora_path: str | None = None

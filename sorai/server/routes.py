@@ -28,6 +28,12 @@ router = APIRouter()
 async def list_models(request: Request) -> Response:
     state = get_state(request)
     cards = [_chat_card(state, name) for name in state.model_names]
+    if state.adapters is not None:
+        base = state.model_names[0]
+        for name, path in state.adapters.names().items():
+            card = _chat_card(state, f"{base}+{name}")
+            card.parent, card.root = base, str(path)
+            cards.append(card)
     if state.embeddings is not None:
         cards.append(_embedding_card(state))
     return json_response(ModelList(data=cards))

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from starlette.requests import Request
@@ -19,8 +21,10 @@ from sorai.server.metrics import ServerMetrics
 if TYPE_CHECKING:
     import torch
 
+    from sorai.engine.adapters import AdapterRegistry
     from sorai.engine.async_engine import AsyncEngine
     from sorai.engine.embeddings import EmbeddingEngine
+    from sorai.engine.params import SamplingParams
 
 
 @dataclass
@@ -38,6 +42,11 @@ class ServerSettings:
     # loaded on the first embeddings request; None serves none.
     embedding_model: str | None = hub.DEFAULT_EMBEDDING_MODEL
     embedding_device: str | torch.device | None = None  # default: the GPU if any, else the CPU
+    # Every PEFT adapter under this directory is served as BASE+NAME, picked up when it
+    # appears (rescanned every adapter_scan_interval seconds and on a request naming an
+    # unknown adapter).
+    adapter_dir: Path | None = None
+    adapter_scan_interval: float = 10.0
 
 
 class ServerState:
@@ -57,11 +66,36 @@ class ServerState:
         names = list(settings.served_model_names) or [engine.model_name]
         self.model_names: tuple[str, ...] = tuple(dict.fromkeys(names))
         self._accepted = frozenset(self.model_names) | {engine.model_name}
+        # The engine's LoRA adapters (sorai.engine.adapters); None for an engine without.
+        self.adapters: AdapterRegistry | None = getattr(engine, "adapters", None)
+
+    def adapter_of(self, model: str) -> str | None:
+        """The adapter a resolved model name runs (`BASE+NAME`), or None for a base model."""
+        if model in self._accepted or self.adapters is None:
+            return None
+        return model.rpartition("+")[2]
+
+    def with_adapter(self, params: SamplingParams, model: str) -> SamplingParams:
+        """`params` under the adapter the resolved model name runs, if any."""
+        adapter = self.adapter_of(model)
+        return params if adapter is None else dataclasses.replace(params, adapter=adapter)
+
+    def _is_adapter(self, requested: str) -> bool:
+        base, plus, name = requested.rpartition("+")
+        if not plus or base not in self._accepted or self.adapters is None:
+            return False
+        if name not in self.adapters and self.settings.adapter_dir is not None:
+            from sorai.server.adapters import scan_adapter_dir
+
+            scan_adapter_dir(self.adapters, self.settings.adapter_dir)
+        return name in self.adapters
 
     def resolve_model(self, requested: str | None) -> str:
         """The name to answer with; 404 for a model this server does not serve."""
         if not requested:
             return self.model_names[0]
+        if requested not in self._accepted and self._is_adapter(requested):
+            return requested
         if self.embeddings is not None and requested == self.embeddings.name:
             raise APIError(
                 404,
@@ -71,10 +105,11 @@ class ServerState:
                 code="model_not_found",
             )
         if requested not in self._accepted:
+            adapters = [f"{self.model_names[0]}+{n}" for n in (self.adapters or {}).names()]
             raise APIError(
                 404,
                 f"the model {requested!r} does not exist; this server serves "
-                + ", ".join(repr(n) for n in self.model_names),
+                + ", ".join(repr(n) for n in (*self.model_names, *adapters)),
                 param="model",
                 code="model_not_found",
             )

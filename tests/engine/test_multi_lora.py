@@ -46,16 +46,29 @@ def engine_for(llm: LLM, **config: object) -> LLMEngine:
     return LLMEngine(llm.model, llm.tokenizer, EngineConfig(num_blocks=256, **config), name="b")
 
 
-def run(engine: LLMEngine, jobs: list[tuple[list[int], str | None]]) -> list[list[int]]:
-    """Every job (prompt ids, adapter) as one request, all batched; their greedy tokens."""
-    for i, (ids, adapter) in enumerate(jobs):
-        params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, adapter=adapter)
-        engine.add_request(str(i), ids, params)
+def run(
+    engine: LLMEngine, jobs: list[tuple[list[int], str | None]], stagger: bool = False
+) -> list[list[int]]:
+    """Every job (prompt ids, adapter) as one request, all batched; their greedy tokens.
+
+    stagger: one request joins per step, so each prompt is computed in a step of its own
+    (with the others' decodes): a low-bit model's prompt rows run one dense GEMM per step,
+    whose sums follow its row count, so only then are they bit for bit those of the request
+    alone (sorai.model.quant.linear)."""
     tokens: dict[str, list[int]] = {str(i): [] for i in range(len(jobs))}
-    while engine.has_work():
+
+    def step() -> None:
         for out in engine.step():
             for choice in out.choices:
                 tokens[out.request_id] += choice.token_ids
+
+    for i, (ids, adapter) in enumerate(jobs):
+        params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, adapter=adapter)
+        engine.add_request(str(i), ids, params)
+        if stagger:
+            step()
+    while engine.has_work():
+        step()
     assert engine.pool.num_used == 0, "every KV block is free once the requests end"
     return [tokens[str(i)] for i in range(len(jobs))]
 
@@ -76,8 +89,8 @@ def test_eight_adapters_in_one_batch_match_each_merged_alone(dense: LLM, tmp_pat
     for i, path in enumerate(paths):
         engine.adapters.add(f"a{i}", path)
     prompts = [dense.tokenizer.encode(p) for p in PROMPTS]
-    # 8 adapter rows and 3 base rows, interleaved: decode steps gather (many runs), prompt
-    # chunks segment (sorai/model/multi_lora.py).
+    # 8 adapter rows and 3 base rows, interleaved: generated tokens gather, prompt tokens
+    # segment (sorai/model/multi_lora.py).
     jobs = [(prompts[i % len(prompts)], f"a{i}") for i in range(8)]
     jobs[2:2] = [(prompts[0], None)]
     jobs[6:6] = [(prompts[1], None)]
@@ -125,7 +138,7 @@ def test_quantized_base_runs_adapters_in_a_batch_as_alone(default_llm: LLM, tmp_
         engine.adapters.add(f"q{i}", path)
     try:
         prompt = default_llm.tokenizer.encode(PROMPTS[2])
-        mixed = run(engine, [(prompt, "q0"), (prompt, None), (prompt, "q1")])
+        mixed = run(engine, [(prompt, "q0"), (prompt, None), (prompt, "q1")], stagger=True)
         alone = [run(engine, [(prompt, name)])[0] for name in ("q0", None, "q1")]
         assert mixed == alone
         assert mixed[0] != mixed[1]
@@ -163,7 +176,7 @@ def test_peft_adapter_unmerged_gives_peft_logits(tmp_path: Path) -> None:
     lora = MultiLoRA(model, max_loras=3, max_rank=8)
     lora.load(2, read_adapter(tmp_path / "adapter", linear_shapes(model)))
     for gather in (False, True):
-        with torch.inference_mode(), lora.rows([2] * ids.shape[1], gather=gather):
+        with torch.inference_mode(), lora.rows([2] * ids.shape[1], gathered=gather):
             ours = model(ids)[0]
         assert (ours - expected).abs().max() < 1e-4
     assert (expected - plain).abs().max() > 1e-2  # the adapter matters
