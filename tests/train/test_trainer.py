@@ -158,6 +158,9 @@ def test_sorai_train_prints_its_summary_once(
     assert everything.count("trained ") == 1, everything
     assert stdout.startswith("trained 1 step in ")  # and not "1 steps"
     assert f"run directory: {out}" in stdout
+    # The exact command that serves the LoRA export unmerged, as `sorai serve` parses it.
+    serve = f"serve it: sorai serve -m {tiny_model} --adapter run={out / 'adapter'}"
+    assert serve in stdout.splitlines()
 
 
 def test_full_fine_tuning_exports_a_model_that_loads_back(
