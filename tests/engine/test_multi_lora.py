@@ -26,6 +26,7 @@ from tests.engine.lora_files import EIGHT, Spec, write_adapter
 from tests.engine.oracle import oracle_tokens
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+GREEDY_OPTIONS = {"max_tokens": 8, "temperature": 0, "ignore_eos": True}
 PROMPTS = [
     "The history of the city begins",
     "A recipe for bread:",
@@ -235,3 +236,35 @@ def test_adapters_that_do_not_fit_are_refused_naming_why(default_llm: LLM, tmp_p
         engine.adapters.add("a+b", big)
     with pytest.raises(AdapterNotFoundError, match="no adapter named 'nope'"):
         engine.check_request([1, 2], SamplingParams(adapter="nope"))
+
+
+def test_python_api_runs_tools_logprobs_and_streams_under_an_adapter(
+    default_llm: LLM, tmp_path: Path
+) -> None:
+    """llm.chat / generate / generate_stream take adapter=NAME; sorai.load(adapters=...) is
+    this same LLM (LLM.from_model adds each with add_adapter), over the session's weights."""
+    from tests.engine.test_tools import WEATHER
+
+    path = write_adapter(tmp_path / "faq", default_llm.model, EIGHT[4], seed=10, std=0.3)
+    llm = LLM(LLMEngine(default_llm.model, default_llm.tokenizer, EngineConfig(num_blocks=64)))
+    llm.add_adapter("faq", path)
+    try:
+        assert llm.adapters == {"faq": path}
+        ask = [{"role": "user", "content": "What is the weather in Paris?"}]
+        call = llm.chat(
+            ask, tools=[WEATHER], tool_choice="required", adapter="faq", max_tokens=40, seed=0
+        )
+        assert call.finish_reason == "tool_calls" and call.tool_calls
+        assert call.tool_calls[0]["function"]["name"] == "get_weather"
+        tuned = llm.generate(PROMPTS[2], adapter="faq", logprobs=2, **GREEDY_OPTIONS)
+        assert len(tuned.logprobs) == len(tuned.token_ids)
+        assert "".join(llm.generate_stream(PROMPTS[2], adapter="faq", **GREEDY_OPTIONS)) == (
+            tuned.text
+        )
+        assert llm.generate(PROMPTS[2], **GREEDY_OPTIONS).text != tuned.text
+        with pytest.raises(AdapterNotFoundError, match="'nope'"):
+            llm.generate("hi", adapter="nope")
+    finally:
+        llm.engine.adapters.lora.remove()
+    with pytest.raises(LoRAError, match="no such LoRA adapter directory"):
+        sorai.load(default_llm.name, adapters={"x": tmp_path / "missing"})  # before loading
