@@ -99,6 +99,7 @@ def test_adapters_load_serve_and_unload_at_runtime(
     assert greedy(url, BASE) == base_text  # the base is untouched by all of it
 
 
+@pytest.mark.slow  # the fast tier has the Python API's (tests/engine/test_multi_lora.py)
 def test_structured_output_logprobs_n_and_stream_under_an_adapter(
     server: tuple[str, Path],
 ) -> None:
