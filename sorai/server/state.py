@@ -105,7 +105,8 @@ class ServerState:
                 code="model_not_found",
             )
         if requested not in self._accepted:
-            adapters = [f"{self.model_names[0]}+{n}" for n in (self.adapters or {}).names()]
+            loaded = self.adapters.names() if self.adapters is not None else {}
+            adapters = [f"{self.model_names[0]}+{n}" for n in loaded]
             raise APIError(
                 404,
                 f"the model {requested!r} does not exist; this server serves "
