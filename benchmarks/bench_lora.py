@@ -158,13 +158,16 @@ def main() -> None:
     parser.add_argument("--no-peft", action="store_true", help="skip the peft comparison")
     args = parser.parse_args()
     print(cpu_line())
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()} (engine and peft)")
 
     llm = sorai.load(hub.DEFAULT_MODEL)  # the default GGUF, int4 layers
     tmp = Path(tempfile.mkdtemp(prefix="bench-lora-"))
     paths = write_adapters(llm.model, 16, tmp)
     assert all((p / CONFIG_FILE).exists() for p in paths)
-    config = EngineConfig(max_loras=16, max_lora_rank=16, max_num_seqs=REQUESTS)
+    # Every core for the engine, as transformers uses them for peft (the server's default
+    # leaves one to its HTTP thread, which this benchmark has not).
+    cores = len(os.sched_getaffinity(0))
+    config = EngineConfig(max_loras=16, max_lora_rank=16, max_num_seqs=REQUESTS, cpu_threads=cores)
     engine = LLMEngine(llm.model, llm.tokenizer, config, name="bench")
     for i, path in enumerate(paths):
         engine.adapters.add(f"a{i}", path)
