@@ -14,9 +14,9 @@ the first time an adapter targets their module, so q/v-only adapters cost no MLP
 Two ways to apply the deltas, both plain torch ops:
 - segment: a run of rows of one adapter (a prompt chunk) takes two matmuls (x·Aᵀ for every
   part at once, then ·Bᵀ per part into the output's columns), a few ops per run per module;
-- gather: each row gathers its slot's A and B and elementwise products summed per row do every
-  row at once,
-  whatever the number of adapters, at the price of copying each row's adapter weights.
+- gather: each row gathers its slot's A and B (or, for rows of at most BROADCAST_MAX_RUNS
+  adapters, broadcasts them) and elementwise products summed per row, always over max_rank,
+  do every row at once whatever the number of adapters.
 The engine gathers generated tokens (one row per sequence) and segments prompt tokens: a row's
 path depends on its token, never on what else shares the step, so a request's tokens are the
 same alone or in any batch (as the low-bit layers do, sorai.model.quant.linear). Measured on a
@@ -37,6 +37,10 @@ from sorai.model.fusion import FUSED_ATTRIBUTE, Fused
 from sorai.model.lora import AdapterFile, LoRAError, linear_shapes
 from sorai.model.transformer import Transformer
 
+# Gathered rows of at most this many adapters (runs) broadcast each adapter's weights rather
+# than copying them per row: fewer bytes moved, a few more ops per run.
+BROADCAST_MAX_RUNS = 2
+
 
 @dataclass
 class StepRows:
@@ -46,6 +50,9 @@ class StepRows:
     rank: int  # the largest rank among the slots used
     rows: Tensor | None = None  # gathered rows' indices (None: every row of the step)
     slots: Tensor | None = None  # each gathered row's slot (None: no row is gathered)
+    # The gathered rows as (slot, start, end) runs of their list, when there are few: each
+    # run then broadcasts its slot's weights instead of copying them per row.
+    gathered_runs: list[tuple[int, int, int]] | None = None
 
 
 class _Target:
@@ -130,26 +137,37 @@ class _Target:
                 out[start:end, col : col + self.sizes[p]] += delta.to(out.dtype)
 
     def _gather(self, step: StepRows, x: Tensor, out: Tensor) -> None:
-        r_max, r, a = self.owner.max_rank, step.rank, self.a
+        # Always the full max_rank (zero-padded): a row's sums then have the same length
+        # whatever ranks share the step, so its result does not depend on them.
+        r, a = self.owner.max_rank, self.a
         assert a is not None and step.slots is not None
-        parts = len(self.names)
         xs = x if step.rows is None else x.index_select(0, step.rows)
         xs = xs.to(a.dtype)
-        stacked = a.view(a.shape[0], parts, r_max, -1)[:, :, :r]
-        a_rows = stacked.index_select(0, step.slots).reshape(len(step.slots), parts * r, -1)
         # Products summed row by row rather than bmm: bmm's result for one row changes with
-        # the number of rows beside it (measured: ~6e-7), which could flip a near-tie.
-        h = (a_rows * xs[:, None, :]).sum(-1)  # [rows, parts * r]
-        for p in range(parts):
+        # the number of rows beside it, which could flip a near-tie. A run broadcasting one
+        # slot's weights computes the very same products and sums as rows gathering copies.
+        runs = step.gathered_runs
+        if runs is None:
+            h = (a.index_select(0, step.slots) * xs[:, None, :]).sum(-1)  # [rows, parts * r]
+        else:
+            h = xs.new_empty(xs.shape[0], a.shape[1])
+            for slot, start, end in runs:
+                h[start:end] = (a[slot][None] * xs[start:end, None, :]).sum(-1)
+        for p, b in enumerate(self.b):
             if not self.present[p]:
                 continue
-            b_rows = self.b[p][:, :, :r].index_select(0, step.slots)  # [rows, out, r]
-            delta = (b_rows * h[:, None, p * r : (p + 1) * r]).sum(-1).to(out.dtype)
+            hp = h[:, None, p * r : (p + 1) * r]
+            if runs is None:
+                delta = (b.index_select(0, step.slots) * hp).sum(-1)  # [rows, out]
+            else:
+                delta = xs.new_empty(xs.shape[0], b.shape[1])
+                for slot, start, end in runs:
+                    delta[start:end] = (b[slot][None] * hp[start:end]).sum(-1)
             cols = out[:, self.starts[p] : self.starts[p] + self.sizes[p]]
             if step.rows is None:
-                cols += delta
+                cols += delta.to(out.dtype)
             else:
-                cols.index_add_(0, step.rows, delta)
+                cols.index_add_(0, step.rows, delta.to(out.dtype))
 
 
 class MultiLoRA:
@@ -254,6 +272,14 @@ class MultiLoRA:
         if slots:
             device = self.model.device
             step.slots = torch.tensor(slots, dtype=torch.long, device=device)
+            gathered_runs: list[tuple[int, int, int]] = []
+            for i, slot in enumerate(slots):
+                if gathered_runs and gathered_runs[-1][0] == slot:
+                    gathered_runs[-1] = (slot, gathered_runs[-1][1], i + 1)
+                else:
+                    gathered_runs.append((slot, i, i + 1))
+            if len(gathered_runs) <= BROADCAST_MAX_RUNS:
+                step.gathered_runs = gathered_runs
             if len(index) != len(slot_per_row):
                 step.rows = torch.tensor(index, dtype=torch.long, device=device)
         return step
