@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
@@ -36,6 +36,7 @@ def load(
     adapter: str | os.PathLike | None = None,
     config: EngineConfig | None = None,
     quantize: str = "auto",
+    adapters: Mapping[str, str | os.PathLike] | None = None,
 ) -> LLM:
     """Load a known model name (pulled on first use), an HF directory or a .gguf file.
 
@@ -49,6 +50,10 @@ def load(
     LLM's name becomes `<model>+<adapter name>`, the adapter name being its directory's name
     (for `<output_dir>/adapter`, as `sorai train` writes it, output_dir's name). A bad adapter
     raises LoRAError (a SoraiError) naming the path.
+
+    adapters: {name: PEFT adapter directory}, served unmerged over the shared base weights: a
+    request runs one with `adapter=name` (`llm.chat(..., adapter="faq")`), others run the base,
+    and requests of different adapters share one batch (see docs/python-api.md, Adapters).
 
     quantize: "auto" keeps a GGUF's low-bit weights low-bit (int4/int8 layers on PyTorch's own
     low-bit matmuls; a dense checkpoint stays dense), "none" dequantizes everything to `dtype`,
@@ -64,7 +69,14 @@ def load(
     from sorai.engine.llm import LLM
 
     return LLM.from_model(
-        model, dtype, device, adapter=adapter, config=config, progress=progress, quantize=quantize
+        model,
+        dtype,
+        device,
+        adapter=adapter,
+        config=config,
+        progress=progress,
+        quantize=quantize,
+        adapters=adapters,
     )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import difflib
 import math
 import os
@@ -67,12 +68,23 @@ def _add_model_args(parser: argparse.ArgumentParser, repeatable: bool = False) -
         "dense; none: dequantize everything to --dtype; int8/int4: quantize at load",
     )
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: auto)")
+    # LoRA adapters: served unmerged (--adapter), or one folded into the weights.
     parser.add_argument(
         "--adapter",
+        action="append",
+        default=None,
+        metavar="NAME=PATH",
+        help="a LoRA adapter directory in PEFT format (adapter_config.json + "
+        "adapter_model.safetensors) served unmerged over --model as NAME (NAME= may be left "
+        "out: the directory's name, or its parent's for one named 'adapter'); serve: "
+        "repeatable, requests name MODEL+NAME",
+    )
+    parser.add_argument(
+        "--merge-adapter",
         default=None,
         metavar="PATH",
-        help="a LoRA adapter directory in PEFT format (adapter_config.json + "
-        "adapter_model.safetensors) to apply over --model",
+        help="a LoRA adapter directory merged into --model's weights at load (one adapter, "
+        "no per-token cost; the model is then named MODEL+NAME)",
     )
 
 
@@ -125,6 +137,37 @@ def _sampling_options(args: argparse.Namespace) -> dict[str, Any]:
     return {name: getattr(args, name) for name in SAMPLING_FLAGS}
 
 
+def parse_adapters(values: Sequence[str] | None) -> dict[str, str]:
+    """--adapter NAME=PATH (or PATH) values -> {name: path}; SoraiError on a repeated name."""
+    from sorai.model.lora import adapter_name
+
+    adapters: dict[str, str] = {}
+    for value in values or []:
+        name, eq, path = value.partition("=")
+        if not eq or not name or os.sep in name:
+            # A registered name (a training run's, a pulled adapter's) serves under that name.
+            resolved = hub.resolve_adapter(value)
+            name = value if resolved is not value else adapter_name(value)
+            path = os.fspath(resolved)
+        else:
+            path = os.fspath(hub.resolve_adapter(path))
+        if name in adapters:
+            raise SoraiError(f"--adapter: the name {name!r} is given twice ({value!r})")
+        adapters[name] = path
+    return adapters
+
+
+def _one_adapter(args: argparse.Namespace) -> str | None:
+    """chat / generate run one adapter at most: its name, or None."""
+    adapters = parse_adapters(args.adapter)
+    if len(adapters) > 1:
+        raise SoraiError(
+            f"--adapter: chat and generate run one adapter, got {len(adapters)}; "
+            "serve several with `sorai serve --adapter NAME=PATH ...`"
+        )
+    return next(iter(adapters), None)
+
+
 def _load(args: argparse.Namespace):
     started = time.perf_counter()
     llm = sorai.load(
@@ -132,8 +175,9 @@ def _load(args: argparse.Namespace):
         dtype=args.dtype,
         progress=say,
         device=args.device,
-        adapter=args.adapter,
+        adapter=args.merge_adapter,
         quantize=args.quantize,
+        adapters=parse_adapters(args.adapter),
     )
     if args.verbose:
         say(f"loaded {llm.name} in {time.perf_counter() - started:.1f}s")
@@ -170,11 +214,12 @@ def _url_client(args: argparse.Namespace):
     when it serves it, else to the first chat model it lists."""
     from sorai.apps.client import Client, ClientError, first_chat_model
 
-    if args.adapter is not None:
-        raise SoraiError(
-            "--adapter does not apply with --url: the server decides the model "
-            "(start it with `sorai serve --adapter PATH`)"
-        )
+    for flag, value in (("--adapter", args.adapter), ("--merge-adapter", args.merge_adapter)):
+        if value is not None:
+            raise SoraiError(
+                f"{flag} does not apply with --url: the server decides the model "
+                "(start it with `sorai serve --adapter NAME=PATH` and name MODEL+NAME)"
+            )
     key = args.api_key or os.environ.get("SORAI_API_KEY")
     client = Client.connect(args.url, key, args.model, max_retries=0)
     try:
@@ -208,6 +253,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     params = SamplingParams.from_options(_sampling_options(args))  # fail before loading
     if args.url:
         return _generate_at_url(args, prompt, params)
+    params = dataclasses.replace(params, adapter=_one_adapter(args))
     llm = _load(args)
     if args.chat:
         messages = [{"role": "system", "content": args.system}] if args.system else []
@@ -253,8 +299,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
                 return _print_stream(stream, started, args.verbose)
 
         else:
+            params = dataclasses.replace(params, adapter=_one_adapter(args))
             llm = _load(args)
-            model = llm.name  # --model as typed, plus `+<adapter name>` with --adapter
+            # --model as typed, plus `+<adapter name>` with an adapter
+            model = llm.name + (f"+{params.adapter}" if params.adapter else "")
 
             def respond(messages: list[dict[str, str]]) -> str:
                 return _stream(llm, llm.encode_chat(messages), params, args.verbose)
@@ -345,6 +393,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     check_chat_model(args.model)  # a mistyped name or an embedding model (name or path)
     console = console_command.extension(args)  # the web console's flags, checked now
     media = vision_command.media_policy(args)
+    adapters = parse_adapters(args.adapter)
+    adapter_dir = None
+    if args.adapter_dir is not None:
+        adapter_dir = Path(args.adapter_dir).expanduser()
+        if not adapter_dir.is_dir():
+            raise SoraiError(f"--adapter-dir {args.adapter_dir}: no such directory")
     embedding_model = args.embedding_model
     if embedding_model.strip().lower() == "none":
         embedding_model = None
@@ -369,6 +423,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "enable_prefix_caching": False if args.no_prefix_caching else None,
         "kv_cache_gib": args.kv_cache_gib,
         "cpu_threads": args.cpu_threads,
+        "max_loras": args.max_loras,
+        "max_lora_rank": args.max_lora_rank,
     }
     config = EngineConfig(**{k: v for k, v in engine_options.items() if v is not None})
 
@@ -384,8 +440,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         device=args.device,
         config=config,
-        adapter=args.adapter,
+        adapter=args.merge_adapter,
         quantize=args.quantize,
+        adapters=adapters,
     )
     say(f"loaded {engine.model_name} in {time.perf_counter() - started:.1f}s")
     for name in models[1:]:
@@ -396,7 +453,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = ServerSettings(
         models=pool,  # the -m models after the first, and those loaded on demand
         # The engine's name is --model as typed: what a client of `sorai serve --model X` will
-        # naturally send back. With --adapter it is `X+<adapter name>`, so a client asking for
+        # naturally send back. With --merge-adapter it is `X+<adapter name>`, so a client asking for
         # the plain base model gets a 404 rather than the fine-tune.
         served_model_names=tuple(args.served_model_name or [engine.model_name]),
         api_keys=api_keys,
@@ -406,7 +463,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         embedding_model=embedding_model,
         embedding_device=args.device,
         media=media,
+        adapter_dir=adapter_dir,
     )
+    for name in adapters:
+        say(f"adapter: {engine.model_name}+{name} (unmerged)")
     if api_keys.enabled:
         say(f"API keys required ({len(api_keys)} configured)")
     if embedding_model is not None:
@@ -543,7 +603,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="NAME",
         help="name clients use as `model` (repeatable; default: the --model argument; with "
-        "--adapter, MODEL+NAME, NAME being the adapter directory's name, or its parent's for "
+        "--merge-adapter, MODEL+NAME, NAME being the adapter directory's name, or its parent's for "
         "one named 'adapter')",
     )
     serve.add_argument(
@@ -591,6 +651,26 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="torch threads for decode steps on the CPU (default: one less than the cores, "
         "at least 1; steps with 64+ prompt tokens use every core)",
+    )
+    # LoRA adapters served unmerged (docs/serving.md, Adapters).
+    serve.add_argument(
+        "--adapter-dir",
+        default=None,
+        metavar="DIR",
+        help="serve every PEFT adapter under DIR as MODEL+NAME, picked up when it appears",
+    )
+    serve.add_argument(
+        "--max-loras",
+        type=int,
+        default=None,
+        help="adapters resident at once; idle ones are evicted, least recently used first "
+        "(default: 8)",
+    )
+    serve.add_argument(
+        "--max-lora-rank",
+        type=int,
+        default=None,
+        help="largest adapter rank served (default: 16)",
     )
     serve.add_argument(
         "--max-body-bytes",

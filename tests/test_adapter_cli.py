@@ -1,10 +1,11 @@
-"""A LoRA adapter over the real default model: `sorai.load(adapter=...)` and `--adapter`.
+"""A LoRA adapter merged into the real default model: `sorai.load(adapter=...)` and
+`--merge-adapter` (served unmerged with `--adapter`: tests/server/test_adapters_live.py).
 
 One adapter is built per module: LoRA (r=4, every Linear of the blocks) applied to the loaded
 default model, B set to small random values (enough to change a greedy answer), written with
 save_adapter to `<tmp>/faq/adapter`, the layout `sorai train` writes, so the model's name gets
 `+faq`. The model with the adapter merged is loaded once; the CLI runs go through sorai.cli.main
-in this process (the `sorai_main` fixture), `sorai serve --adapter` is a real subprocess.
+in this process (the `sorai_main` fixture), `sorai serve --merge-adapter` is a real subprocess.
 """
 
 from __future__ import annotations
@@ -145,7 +146,7 @@ def test_cli_generate_with_adapter_prints_the_python_api_text(
     built: Built, default_gguf: Path, adapted_completion: Completion, sorai_main
 ) -> None:
     result = sorai_main(
-        "generate", "--adapter", str(built.adapter), "-m", str(default_gguf),
+        "generate", "--merge-adapter", str(built.adapter), "-m", str(default_gguf),
         "--temperature", "0", "-n", "8", PROMPT,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
@@ -163,7 +164,7 @@ def test_corrupt_adapter_weights_are_a_one_line_error(
     built: Built, tmp_path: Path, sorai_main
 ) -> None:
     bad = _corrupt_adapter(built, tmp_path / "bad")
-    line = assert_user_error(sorai_main("generate", "hi", "-v", "--adapter", str(bad)))
+    line = assert_user_error(sorai_main("generate", "hi", "-v", "--merge-adapter", str(bad)))
     assert str(bad / WEIGHTS_FILE) in line
     assert "unreadable safetensors file" in line
 
@@ -181,7 +182,7 @@ def test_remote_chat_rejects_adapter(built: Built, sorai_main) -> None:
 @pytest.fixture(scope="module")
 def server(built: Built) -> Iterator[tuple[str, str]]:
     process = Process(
-        "-m", hub.DEFAULT_MODEL, "--adapter", str(built.adapter), "--port", "0",
+        "-m", hub.DEFAULT_MODEL, "--merge-adapter", str(built.adapter), "--port", "0",
         "--max-num-seqs", "2",
     )  # fmt: skip
     try:
@@ -204,3 +205,17 @@ def test_serve_with_adapter_serves_the_adapted_model(
     # The plain base model is not what this server serves.
     with pytest.raises(openai.NotFoundError, match=re.escape(repr(name))):
         client.completions.create(model=hub.DEFAULT_MODEL, prompt=PROMPT, max_tokens=1)
+
+
+def test_adapter_flag_takes_a_registered_run_name(tmp_path: Path) -> None:
+    """`--adapter NAME` for a run `sorai train` registered serves its export under NAME; a
+    path or NAME=PATH is taken as given."""
+    from sorai.cli import parse_adapters
+
+    export = tmp_path / "faq-run" / "adapter"
+    export.mkdir(parents=True)
+    (export / "adapter_config.json").write_text("{}")
+    hub.register_export(export, export.parent, "smollm2-135m-instruct")
+    assert parse_adapters(["faq-run"]) == {"faq-run": str(export.resolve())}
+    assert parse_adapters([f"other={export}"]) == {"other": str(export)}
+    assert parse_adapters([str(export)]) == {"faq-run": str(export)}

@@ -13,7 +13,7 @@ import logging
 import os
 import queue
 import threading
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -35,6 +35,7 @@ class AsyncEngine:
         self.context_length = engine.context_length
         self.vocab_size = engine.vocab_size
         self.runtime = engine.runtime
+        self.adapters = engine.adapters  # thread-safe: the server registers, the step uses
         self.dead = False
         self._commands: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._wake = threading.Event()
@@ -53,10 +54,17 @@ class AsyncEngine:
         config: EngineConfig | None = None,
         adapter: str | os.PathLike | None = None,
         quantize: str = "auto",
+        adapters: Mapping[str, str | os.PathLike] | None = None,
     ) -> AsyncEngine:
         return cls(
             LLMEngine.from_model(
-                model, dtype=dtype, device=device, config=config, adapter=adapter, quantize=quantize
+                model,
+                dtype=dtype,
+                device=device,
+                config=config,
+                adapter=adapter,
+                quantize=quantize,
+                adapters=adapters,
             )
         )
 

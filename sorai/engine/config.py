@@ -27,9 +27,19 @@ class EngineConfig:
     # matrix products are compute-bound and scale with cores. None: every core.
     cpu_prefill_threads: int | None = None
     prefill_threads_from: int = 64
+    # LoRA adapters served unmerged (sorai.engine.adapters): how many hold a slot at once,
+    # and the largest rank a slot takes (smaller ranks are padded to it).
+    max_loras: int = 8
+    max_lora_rank: int = 16
 
     def __post_init__(self) -> None:
-        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+        for name in (
+            "block_size",
+            "max_num_seqs",
+            "max_num_batched_tokens",
+            "max_loras",
+            "max_lora_rank",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise SoraiError(f"engine {name} must be an integer >= 1, got {value!r}")

@@ -13,7 +13,7 @@ import math
 import os
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ from sorai.engine.tools import ToolSetup
 from sorai.errors import SamplingError, SoraiError
 from sorai.hub import DEFAULT_MODEL
 from sorai.model.loader import load_pretrained
+from sorai.model.lora import check_adapter_dir
 from sorai.model.tokenizer import Tokenizer
 from sorai.model.transformer import Transformer
 from sorai.model.weights import save_hf_dir
@@ -90,14 +91,35 @@ class LLM:
         config: EngineConfig | None = None,
         progress: Callable[[str], None] | None = None,
         quantize: str = "auto",
+        adapters: Mapping[str, str | os.PathLike] | None = None,
     ) -> LLM:
         """Load a model as `sorai.load` documents; `config` tunes the engine underneath."""
+        for path in (adapters or {}).values():
+            check_adapter_dir(path)  # a missing or broken directory fails before the load
         transformer, tokenizer, name = load_pretrained(
             model, dtype, device, adapter, progress, quantize=quantize
         )
         if config is None:
-            config = facade_config(transformer)
-        return cls(LLMEngine(transformer, tokenizer, config, name=name))
+            config = facade_config(transformer, len(adapters or {}))
+        llm = cls(LLMEngine(transformer, tokenizer, config, name=name))
+        for adapter_name, path in (adapters or {}).items():
+            llm.add_adapter(adapter_name, path)
+        return llm
+
+    # -- LoRA adapters --------------------------------------------------------------------
+
+    def add_adapter(self, name: str, path: str | os.PathLike) -> None:
+        """Serve the PEFT adapter at `path` unmerged as `name`: requests pick it with
+        `adapter=name` (generate, chat and their streams); the others run the base model."""
+        self.engine.adapters.add(name, path)
+
+    def remove_adapter(self, name: str) -> None:
+        self.engine.adapters.remove(name)
+
+    @property
+    def adapters(self) -> dict[str, Path]:
+        """{name: directory} of the adapters served unmerged."""
+        return self.engine.adapters.names()
 
     # -- what was loaded ------------------------------------------------------------------
 
@@ -340,7 +362,7 @@ class _Collector:
         )
 
 
-def facade_config(model: Transformer) -> EngineConfig:
+def facade_config(model: Transformer, adapters: int = 0) -> EngineConfig:
     """The engine config for the Python API: a KV cache for one whole context window (capped
     by DEFAULT_KV_CACHE_GIB); threads as the engine sets them (one core left free: measured on
     2 cores, one thread decodes 3x faster than two whenever anything else runs)."""
@@ -348,4 +370,5 @@ def facade_config(model: Transformer) -> EngineConfig:
     wanted = math.ceil(model.config.context_length / block_size)
     per_block = LLMEngine.kv_bytes_per_token(model) * block_size
     affordable = int(DEFAULT_KV_CACHE_GIB * 2**30 // per_block)
-    return EngineConfig(num_blocks=max(2, min(wanted, affordable)))
+    slots = max(adapters, EngineConfig.max_loras)  # every adapter given at load stays resident
+    return EngineConfig(num_blocks=max(2, min(wanted, affordable)), max_loras=slots)

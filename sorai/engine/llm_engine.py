@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from collections.abc import Sequence as Seq
 
 import torch
 from torch import Tensor
 
+from sorai.engine.adapters import AdapterRegistry
 from sorai.engine.block_manager import BlockPool
 from sorai.engine.config import EngineConfig
 from sorai.engine.guided.compile import GrammarCompiler, advance, mask_logits
@@ -27,6 +28,7 @@ from sorai.errors import ContextLengthError, SamplingError, SoraiError
 from sorai.hub import DEFAULT_MODEL
 from sorai.model.fusion import fuse_projections
 from sorai.model.loader import load_pretrained
+from sorai.model.lora import check_adapter_dir
 from sorai.model.quant import decode_path
 from sorai.model.runtime import describe
 from sorai.model.tokenizer import Tokenizer
@@ -71,8 +73,9 @@ class LLMEngine:
             model.device,
         )
         self.pool = BlockPool(num_blocks, cfg.enable_prefix_caching)
-        self.scheduler = Scheduler(cfg, self.pool, cfg.block_size)
-        self.runner = ModelRunner(model, self.cache)
+        self.adapters = AdapterRegistry(model, cfg.max_loras, cfg.max_lora_rank)
+        self.scheduler = Scheduler(cfg, self.pool, cfg.block_size, admit=self._admit)
+        self.runner = ModelRunner(model, self.cache, lambda: self.adapters.lora)
         self.vocab_size = model.config.vocab_size
         # One sequence must fit in the cache on its own, or it could never be scheduled.
         self.context_length = min(
@@ -96,13 +99,20 @@ class LLMEngine:
         adapter: str | os.PathLike | None = None,
         progress: Callable[[str], None] | None = None,
         quantize: str = "auto",
+        adapters: Mapping[str, str | os.PathLike] | None = None,
     ) -> LLMEngine:
         """Load a known model name, an HF directory or a .gguf file, with an optional PEFT
-        LoRA adapter merged in (see sorai.model.loader.load_pretrained)."""
+        LoRA adapter merged in (see sorai.model.loader.load_pretrained) and `adapters`
+        ({name: PEFT adapter directory}) served unmerged, each request naming its own."""
+        for path in (adapters or {}).values():
+            check_adapter_dir(path)  # a missing or broken directory fails before the load
         transformer, tokenizer, name = load_pretrained(
             model, dtype, device, adapter, progress, quantize=quantize
         )
-        return cls(transformer, tokenizer, config, name=name)
+        engine = cls(transformer, tokenizer, config, name=name)
+        for adapter_name, path in (adapters or {}).items():
+            engine.adapters.add(adapter_name, path)
+        return engine
 
     @staticmethod
     def kv_bytes_per_token(model: Transformer) -> int:
@@ -132,6 +142,8 @@ class LLMEngine:
                 f"{total} were requested ({len(prompt_ids)} in the prompt + {params.max_tokens}"
                 " for the completion); shorten the prompt or lower max_tokens"
             )
+        if params.adapter is not None:
+            self.adapters.check(params.adapter)
         if params.guided is not None:
             self.guided.compile(params.guided)  # cached for add_request, or says why not
         for token, _ in params.logit_bias:
@@ -147,7 +159,21 @@ class LLMEngine:
         if request_id in self.requests:
             raise SoraiError(f"request id {request_id!r} is already in use")
         self.check_request(prompt_ids, params)
-        request = Request.create(
+        adapter = self.adapters.use(params.adapter) if params.adapter is not None else None
+        try:
+            request = self._create(request_id, prompt_ids, params)
+        except BaseException:
+            if adapter is not None:
+                self.adapters.release(adapter, admitted=False)
+            raise
+        if adapter is not None:
+            request.adapter, request.cache_salt = adapter, adapter.cache_salt
+        self.requests[request_id] = request
+        for seq in request.sequences:
+            self.scheduler.add(seq)
+
+    def _create(self, request_id: str, prompt_ids: Seq[int], params: SamplingParams) -> Request:
+        return Request.create(
             request_id,
             list(prompt_ids),
             params,
@@ -159,9 +185,14 @@ class LLMEngine:
             new_matcher=self.guided.matcher,
             new_budget=self.guided.budget,
         )
-        self.requests[request_id] = request
-        for seq in request.sequences:
-            self.scheduler.add(seq)
+
+    def _admit(self, seq: Sequence) -> bool:
+        """Whether a waiting sequence may run now: its adapter, if any, has a slot."""
+        request = seq.request
+        if request.adapter is None or request.adapter_admitted:
+            return True
+        request.adapter_admitted = self.adapters.admit(request.adapter)
+        return request.adapter_admitted
 
     def abort(self, request_id: str) -> None:
         """Cancel a request; its blocks are freed at the start of the next step."""
@@ -239,6 +270,9 @@ class LLMEngine:
         finished = request.finished
         if finished:
             del self.requests[request.request_id]
+            if request.adapter is not None:
+                self.adapters.release(request.adapter, request.adapter_admitted)
+                request.adapter = None
         return RequestOutput(
             request.request_id,
             choices,

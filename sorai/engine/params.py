@@ -313,6 +313,8 @@ class SamplingParams:
     # token id -> bias added to its logit before sampling (OpenAI: -100 bans, 100 forces).
     logit_bias: tuple[tuple[int, float], ...] = ()
     guided: GuidedSpec | None = None  # constrained decoding (JSON schema, regex, choice, ...)
+    # The LoRA adapter (a name registered with the engine) the request runs under; None: base.
+    adapter: str | None = None
 
     def __post_init__(self) -> None:
         # Normalise first (frozen, hence object.__setattr__), then validate the normalised values.
@@ -391,6 +393,10 @@ class SamplingParams:
             )
         if self.guided is not None and not isinstance(self.guided, GuidedSpec):
             raise SamplingError(f"guided must be a GuidedSpec, got {self.guided!r:.80}")
+        if self.adapter is not None and (not isinstance(self.adapter, str) or not self.adapter):
+            raise SamplingError(
+                f"adapter must be the name of a loaded LoRA adapter, got {self.adapter!r:.60}"
+            )
         if self.min_tokens > self.max_tokens:
             raise SamplingError(
                 f"min_tokens must be <= max_tokens ({self.max_tokens}), got {self.min_tokens!r}"

@@ -6,6 +6,8 @@ needs none), so the vocabulary projection runs on as few rows as possible.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
 
 import torch
@@ -13,20 +15,27 @@ from torch import Tensor
 
 from sorai.engine.paged_cache import Chunk, PagedKVCache, StepLayout
 from sorai.engine.sequence import Sequence
+from sorai.model.multi_lora import MultiLoRA
 from sorai.model.quant.linear import kernel_rows_of
 from sorai.model.transformer import Transformer
 
 
 class ModelRunner:
-    def __init__(self, model: Transformer, cache: PagedKVCache) -> None:
+    def __init__(
+        self, model: Transformer, cache: PagedKVCache, lora: Callable[[], MultiLoRA | None]
+    ) -> None:
         self.model = model
         self.cache = cache
         self.device = model.device
+        self.lora = lora  # the adapter slots, once any adapter has been loaded
 
     def execute(self, scheduled: Seq[tuple[Sequence, int]]) -> tuple[list[Sequence], Tensor]:
         """Run `num_new` tokens of each sequence; returns the sequences to sample and their
         logits [S, vocab]."""
-        decodes = [(s, n) for s, n in scheduled if n == 1]
+        # Decodes sorted by adapter slot: each adapter's rows are then one contiguous run.
+        decodes = sorted(
+            ((s, n) for s, n in scheduled if n == 1), key=lambda sn: sn[0].request.lora_slot
+        )
         prefills = [(s, n) for s, n in scheduled if n > 1]
         tokens: list[int] = []
         positions: list[int] = []
@@ -34,6 +43,7 @@ class ModelRunner:
         generated: list[bool] = []  # per token: generated (not a prompt token)
         sample_seqs: list[Sequence] = []
         logit_rows: list[int] = []
+        lora_slots: list[int] = []  # per token: its adapter slot, -1 for the base model
         cache = self.cache
         chunks = []
         for seq, n in (*decodes, *prefills):
@@ -46,6 +56,7 @@ class ModelRunner:
                     )
                 chunks.append(Chunk(len(tokens), n, start, context_slots))
             tokens.extend(seq.token_ids[start : start + n])
+            lora_slots.extend([seq.request.lora_slot] * n)
             positions.extend(range(start, start + n))
             generated.extend(p >= seq.num_prompt for p in range(start, start + n))
             slots.extend(cache.slots(seq.blocks, start, start + n))
@@ -70,10 +81,16 @@ class ModelRunner:
             decode_mask=decode_mask,
             chunks=chunks,
         )
+        lora = self.lora()
+        # Generated tokens gather their adapters' weights, prompt tokens run per adapter
+        # (sorai.model.multi_lora): a token's path never depends on the rest of the batch.
+        adapters = (
+            lora.rows(lora_slots, generated) if lora is not None else contextlib.nullcontext()
+        )
         try:
             # Low-bit layers run generated tokens on their kernel and prompt tokens on a dense
             # GEMM, whatever the batch holds (sorai.model.quant.linear).
-            with torch.inference_mode(), kernel_rows_of(generated):
+            with torch.inference_mode(), kernel_rows_of(generated), adapters:
                 logits = self.model(
                     torch.tensor(tokens, device=self.device)[None],
                     torch.tensor(positions, device=self.device),

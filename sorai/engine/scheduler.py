@@ -11,6 +11,7 @@ may well still be in the prefix cache by then).
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from sorai.engine.block_manager import BlockPool, block_hashes
@@ -37,8 +38,17 @@ class SchedulerStats:
 
 
 class Scheduler:
-    def __init__(self, config: EngineConfig, pool: BlockPool, block_size: int) -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        pool: BlockPool,
+        block_size: int,
+        admit: Callable[[Sequence], bool] | None = None,
+    ) -> None:
         self.config = config
+        # Whether a waiting sequence may join now (its LoRA adapter got a slot); one that may
+        # not stays first in line.
+        self.admit = admit
         self.pool = pool
         self.block_size = block_size
         self.waiting: deque[Sequence] = deque()
@@ -79,6 +89,8 @@ class Scheduler:
             and len(self.running) < self.config.max_num_seqs
         ):
             seq = self.waiting[0]
+            if self.admit is not None and not self.admit(seq):
+                break
             if seq.num_computed == 0 and not seq.blocks:
                 self._find_cached_prefix(seq)
             n = min(seq.num_tokens - seq.num_computed, budget)
@@ -101,7 +113,9 @@ class Scheduler:
     def _find_cached_prefix(self, seq: Sequence) -> None:
         if not self.config.enable_prefix_caching:
             return
-        seq.hashes = block_hashes(seq.token_ids, self.block_size, start=seq.hashes)
+        seq.hashes = block_hashes(
+            seq.token_ids, self.block_size, extra=seq.request.cache_salt, start=seq.hashes
+        )
         # At least one token must be computed to get logits, so the last token never comes
         # from the cache (a fully cached prompt recomputes its final block's last token).
         usable = (seq.num_tokens - 1) // self.block_size
@@ -129,7 +143,10 @@ class Scheduler:
             full = (seq.num_computed + n) // self.block_size
             if full > seq.num_registered:
                 seq.hashes = block_hashes(
-                    seq.token_ids[: full * self.block_size], self.block_size, start=seq.hashes
+                    seq.token_ids[: full * self.block_size],
+                    self.block_size,
+                    extra=seq.request.cache_salt,
+                    start=seq.hashes,
                 )
                 for i in range(seq.num_registered, full):
                     self.pool.register(seq.blocks[i], seq.hashes[i])

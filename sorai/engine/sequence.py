@@ -138,6 +138,14 @@ class Request:
     sequences: list[Sequence] = field(default_factory=list)
     cached_tokens: int = 0  # prompt tokens the first scheduled sequence found in the cache
     cache_checked: bool = False
+    adapter: Any = None  # its AdapterEntry (sorai.engine.adapters) under a LoRA adapter
+    adapter_admitted: bool = False  # the adapter holds a slot for it
+    cache_salt: bytes = b""  # keys its KV blocks in the prefix cache (the adapter's)
+
+    @property
+    def lora_slot(self) -> int:
+        """The adapter slot its tokens run with; -1: the base model."""
+        return self.adapter.slot if self.adapter is not None else -1
 
     @classmethod
     def create(

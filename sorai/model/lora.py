@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from sorai.errors import ModelFormatError
+from sorai.model.quant.linear import LowBitLinear
 from sorai.model.transformer import Transformer
 
 ALL_LINEAR = "all-linear"
@@ -404,13 +405,49 @@ def check_adapter_dir(path: str | Path) -> Path:
     return path
 
 
-def load_adapter(model: Transformer, path: Path, dtype: torch.dtype | None = None) -> Adapter:
-    """Apply a PEFT LoRA adapter directory (sorai's or one PEFT wrote) to the model, in place.
+@dataclass(frozen=True)
+class AdapterModule:
+    """One adapted Linear as read from disk: A [r, in], B [out, r] and its scaling."""
+
+    lora_A: Tensor
+    lora_B: Tensor
+    alpha: float
+
+    @property
+    def r(self) -> int:
+        return self.lora_A.shape[0]
+
+
+@dataclass(frozen=True)
+class AdapterFile:
+    """A PEFT LoRA adapter directory read and checked against a model's block Linears."""
+
+    path: Path
+    config: LoRAConfig
+    modules: dict[str, AdapterModule]  # by sorai module name, in model order
+
+    @property
+    def rank(self) -> int:
+        return max(m.r for m in self.modules.values())
+
+    def scaling(self, name: str) -> float:
+        module = self.modules[name]
+        return scaling(module.alpha, module.r, self.config.use_rslora)
+
+    def num_bytes(self) -> int:
+        return sum(
+            m.lora_A.numel() * m.lora_A.element_size() + m.lora_B.numel() * m.lora_B.element_size()
+            for m in self.modules.values()
+        )
+
+
+def read_adapter(path: str | Path, shapes: dict[str, tuple[int, int]]) -> AdapterFile:
+    """Read a PEFT LoRA adapter directory (sorai's or one PEFT wrote) for a model whose block
+    Linears have `shapes` ({sorai name: (in, out)}); LoRAError naming why it does not fit.
 
     The adapted layers come from the weights file's keys; rank and alpha per layer from its
     shapes and the config (incl. rank_pattern / alpha_pattern).
     """
-    _check_fresh(model)
     path = check_adapter_dir(path)
     raw = json.loads((path / CONFIG_FILE).read_text())
     if raw.get("peft_type") != "LORA":
@@ -432,9 +469,8 @@ def load_adapter(model: Transformer, path: Path, dtype: torch.dtype | None = Non
         pairs.setdefault(name, {})[match.group(2)] = tensor
     if not pairs:
         raise LoRAError(f"{weights}: holds no LoRA tensors")
-    linears = _block_linears(model)
     for name, pair in pairs.items():
-        if name not in linears:
+        if name not in shapes:
             raise LoRAError(f"{weights}: {name!r} is not a Linear layer of this model's blocks")
         if set(pair) != {"lora_A", "lora_B"}:
             raise LoRAError(f"{weights}: {name} has {sorted(pair)}, needs lora_A and lora_B")
@@ -447,26 +483,46 @@ def load_adapter(model: Transformer, path: Path, dtype: torch.dtype | None = Non
         use_rslora=use_rslora,
     )
     rank_pattern, alpha_pattern = raw.get("rank_pattern") or {}, raw.get("alpha_pattern") or {}
-    adapter = Adapter(config)
-    model.requires_grad_(False)
-    for name in linears:  # in model order
+    modules = {}
+    for name, (in_features, out_features) in shapes.items():  # in model order
         if name not in pairs:
             continue
         a, b = pairs[name]["lora_A"], pairs[name]["lora_B"]
-        base = linears[name]
         r = a.shape[0]
-        if a.shape != (r, base.in_features) or b.shape != (base.out_features, r):
+        if a.shape != (r, in_features) or b.shape != (out_features, r):
             raise LoRAError(
                 f"{weights}: {name} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}; "
-                f"this model needs ({r}, {base.in_features}) and ({base.out_features}, {r})"
+                f"this model needs ({r}, {in_features}) and ({out_features}, {r})"
             )
         hf_name = _hf_module(name)
         if _pattern_value(rank_pattern, hf_name, r) != r:
             raise LoRAError(f"{weights}: {name} has rank {r}, the config's rank_pattern differs")
-        module_alpha = _pattern_value(alpha_pattern, hf_name, alpha)
-        module = _wrap(model, name, r, module_alpha, config, dtype)
+        modules[name] = AdapterModule(a, b, _pattern_value(alpha_pattern, hf_name, alpha))
+    return AdapterFile(path, config, modules)
+
+
+def linear_shapes(model: Transformer) -> dict[str, tuple[int, int]]:
+    """{name: (in_features, out_features)} of the model's block Linears, in model order."""
+    shapes: dict[str, tuple[int, int]] = {}
+    for name, module in model.layers.named_modules(prefix="layers"):
+        if isinstance(module, nn.Linear | LowBitLinear | LoRALinear) and not any(
+            name.startswith(f"{seen}.") for seen in shapes
+        ):
+            shapes[name] = (int(module.in_features), int(module.out_features))
+    return shapes
+
+
+def load_adapter(model: Transformer, path: Path, dtype: torch.dtype | None = None) -> Adapter:
+    """Apply a PEFT LoRA adapter directory (sorai's or one PEFT wrote) to the model, in place
+    (see read_adapter)."""
+    _check_fresh(model)
+    file = read_adapter(path, linear_shapes(model))
+    adapter = Adapter(file.config)
+    model.requires_grad_(False)
+    for name, read in file.modules.items():
+        module = _wrap(model, name, read.r, read.alpha, file.config, dtype)
         with torch.no_grad():
-            module.lora_A.weight.copy_(a)
-            module.lora_B.weight.copy_(b)
+            module.lora_A.weight.copy_(read.lora_A)
+            module.lora_B.weight.copy_(read.lora_B)
         adapter.modules[name] = module
     return adapter

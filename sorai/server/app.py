@@ -10,7 +10,7 @@ from fastapi import FastAPI
 
 import sorai
 from sorai.engine.embeddings import EmbeddingEngine
-from sorai.server import chat, completions, embeddings, routes, vision
+from sorai.server import adapters, chat, completions, embeddings, routes, vision
 from sorai.server.auth import APIKeyMiddleware
 from sorai.server.body import BodyLimitMiddleware
 from sorai.server.errors import install_error_handlers
@@ -39,9 +39,12 @@ def create_app(engine: AsyncEngine, settings: ServerSettings | None = None) -> F
         await engine.start()
         if models is not None:
             await models.start()
+        watcher = adapters.start_watching(state)
         try:
             yield
         finally:
+            if watcher is not None:
+                watcher.cancel()
             # In-flight requests get shutdown_timeout seconds, then the rest are aborted.
             await engine.stop(timeout=settings.shutdown_timeout)
             if models is not None:
@@ -66,6 +69,7 @@ def create_app(engine: AsyncEngine, settings: ServerSettings | None = None) -> F
     app.include_router(embeddings.router)
     app.include_router(routes.router)
     app.include_router(vision.router)
+    app.include_router(adapters.router)
     # Added last = runs first: a request without a valid key is refused before its body is read.
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
     app.add_middleware(APIKeyMiddleware, keys=settings.api_keys)

@@ -93,6 +93,7 @@ async def create_chat_completion(request: Request) -> Response:
         guided_param = "tools"
     prompt_ids = tools.encode(engine.tokenizer, body.messages)
     params = body.sampling_params(len(prompt_ids), engine.context_length, guided)
+    params = state.with_adapter(params, model)
     reply = _Reply(body, model, params.n, state.token_text, tools)
     reply.marks = marks
     generation = Generation(state, [(prompt_ids, params)], reply.id, arrival)

@@ -102,6 +102,7 @@ async def create_completion(request: Request) -> Response:
     for prompt in body.prompts():
         ids, text = _encode(state, prompt, body.suffix)
         params = body.sampling_params(len(ids), state.engine.context_length, guided)
+        params = state.with_adapter(params, model)
         if fim is not None and fim.end:
             # The middle ends with the convention's own token (CodeLlama's <EOT>), not EOS.
             stop_ids = params.stop_token_ids + fim.end

@@ -261,7 +261,7 @@ async def route(
     leased (loaded on demand) until the response has gone out (ModelLeases releases it)."""
     state = get_state(request)
     pool: ModelPool | None = getattr(state, "models", None)
-    if pool is None or not requested or state.serves(requested):
+    if pool is None or not requested or state.serves(requested) or state.is_adapter(requested):
         return state, state.resolve_model(requested)
     if state.embeddings is not None and requested == state.embeddings.name:
         return state, state.resolve_model(requested)  # its 404 says where to use it
@@ -281,6 +281,7 @@ async def route(
     view = copy.copy(state)
     view.engine = loaded.engine
     view.token_text = loaded.token_text
+    view.adapters = None  # adapters run on the first model's engine only
     return view, requested
 
 

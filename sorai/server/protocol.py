@@ -692,10 +692,14 @@ class ModelCard(_Response):
     runtime: dict[str, str] | None = None
     # sorai's extension: False for a cached model loaded on the first request naming it.
     loaded: bool | None = None
+    # A LoRA adapter's card (as vLLM's): the base model it runs on and its directory.
+    parent: str | None = None
+    root: str | None = None
 
     @model_serializer(mode="wrap")
     def _drop_unknown_length(self, handler: Any) -> dict[str, Any]:
-        return _without_none(handler(self), keys=("max_model_len", "runtime", "loaded"))
+        keys = ("max_model_len", "runtime", "loaded", "parent", "root")
+        return _without_none(handler(self), keys=keys)
 
 
 class ModelList(_Response):
@@ -729,3 +733,16 @@ class EmbeddingResponse(_Response):
     data: list[Embedding]
     model: str
     usage: EmbeddingUsage
+
+
+# -- LoRA adapters at runtime (vLLM's shapes) ---------------------------------------------------
+
+
+class LoadLoRAAdapterRequest(_Request):
+    lora_name: str
+    lora_path: str
+
+
+class UnloadLoRAAdapterRequest(_Request):
+    lora_name: str
+    lora_path: str | None = None

@@ -29,6 +29,12 @@ router = APIRouter()
 async def list_models(request: Request) -> Response:
     state = get_state(request)
     cards = [_chat_card(state, name) for name in state.model_names]
+    if state.adapters is not None:
+        base = state.model_names[0]
+        for name, path in state.adapters.names().items():
+            card = _chat_card(state, f"{base}+{name}")
+            card.parent, card.root = base, str(path)
+            cards.append(card)
     if state.models is not None:  # -m A -m B: the others loaded, then those loadable
         cards += [_chat_card(state, name, m.engine) for name, m in state.models.loaded.items()]
         listed = {card.id for card in cards} | {state.engine.model_name}

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
@@ -20,8 +22,10 @@ from sorai.vision.sources import MediaPolicy
 if TYPE_CHECKING:
     import torch
 
+    from sorai.engine.adapters import AdapterRegistry
     from sorai.engine.async_engine import AsyncEngine
     from sorai.engine.embeddings import EmbeddingEngine
+    from sorai.engine.params import SamplingParams
 
 
 @dataclass
@@ -43,6 +47,11 @@ class ServerSettings:
     embedding_device: str | torch.device | None = None  # default: the GPU if any, else the CPU
     # Where image parts may come from and how large they may be (sorai/vision/sources.py).
     media: MediaPolicy = field(default_factory=MediaPolicy)
+    # Every PEFT adapter under this directory is served as BASE+NAME, picked up when it
+    # appears (rescanned every adapter_scan_interval seconds and on a request naming an
+    # unknown adapter).
+    adapter_dir: Path | None = None
+    adapter_scan_interval: float = 10.0
 
 
 class ServerState:
@@ -63,15 +72,42 @@ class ServerState:
         self.model_names: tuple[str, ...] = tuple(dict.fromkeys(names))
         self._accepted = frozenset(self.model_names) | {engine.model_name}
         self.models = settings.models
+        # The engine's LoRA adapters (sorai.engine.adapters); None for an engine without.
+        self.adapters: AdapterRegistry | None = getattr(engine, "adapters", None)
 
     def serves(self, name: str) -> bool:
         """Whether `name` is one of the names of the first model (ServerState.engine)."""
         return name in self._accepted
 
+    def adapter_of(self, model: str) -> str | None:
+        """The adapter a resolved model name runs (`BASE+NAME`), or None for a base model."""
+        if model in self._accepted or self.adapters is None:
+            return None
+        return model.rpartition("+")[2]
+
+    def with_adapter(self, params: SamplingParams, model: str) -> SamplingParams:
+        """`params` under the adapter the resolved model name runs, if any."""
+        adapter = self.adapter_of(model)
+        return params if adapter is None else dataclasses.replace(params, adapter=adapter)
+
+    def is_adapter(self, requested: str) -> bool:
+        """Whether `requested` is `BASE+NAME` for an adapter of the first model (an unknown
+        NAME rescans --adapter-dir first)."""
+        base, plus, name = requested.rpartition("+")
+        if not plus or base not in self._accepted or self.adapters is None:
+            return False
+        if name not in self.adapters and self.settings.adapter_dir is not None:
+            from sorai.server.adapters import scan_adapter_dir
+
+            scan_adapter_dir(self.adapters, self.settings.adapter_dir)
+        return name in self.adapters
+
     def resolve_model(self, requested: str | None) -> str:
         """The name to answer with; 404 for a model this server does not serve."""
         if not requested:
             return self.model_names[0]
+        if requested not in self._accepted and self.is_adapter(requested):
+            return requested
         if self.embeddings is not None and requested == self.embeddings.name:
             raise APIError(
                 404,
@@ -81,10 +117,12 @@ class ServerState:
                 code="model_not_found",
             )
         if requested not in self._accepted:
+            loaded = self.adapters.names() if self.adapters is not None else {}
+            adapters = [f"{self.model_names[0]}+{n}" for n in loaded]
             raise APIError(
                 404,
                 f"the model {requested!r} does not exist; this server serves "
-                + ", ".join(repr(n) for n in self.model_names),
+                + ", ".join(repr(n) for n in (*self.model_names, *adapters)),
                 param="model",
                 code="model_not_found",
             )

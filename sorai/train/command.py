@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import logging
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -41,6 +42,7 @@ examples:
 Ctrl-C or SIGTERM saves a checkpoint at the end of the step under way, then exits 130 or 143;
 --resume continues from it. A second Ctrl-C stops at once.
   sorai chat --adapter runs/a/adapter             # use the result
+  sorai serve --adapter a=runs/a/adapter          # serve it as MODEL+a (printed at the end)
 """
 
 
@@ -282,5 +284,17 @@ def run(args: argparse.Namespace) -> int:
         from sorai import hub
 
         entry = hub.register_export(result.export, result.run_dir, config.model)
-        print(f"registered as {entry.name}; serve it with: {hub.serve_command(entry)}")
+        # The explicit NAME=PATH form serves the LoRA export unmerged from any directory.
+        serve = serve_command(config.model, result.export) or hub.serve_command(entry)
+        print(f"registered as {entry.name}; serve it with: {serve}")
     return 0
+
+
+def serve_command(model: str, export: Path) -> str | None:
+    """The `sorai serve` line that serves a LoRA export unmerged (None for a full model)."""
+    from sorai.model.lora import CONFIG_FILE, adapter_name
+
+    if not (export / CONFIG_FILE).is_file():
+        return None
+    adapter = f"{adapter_name(export)}={export}"
+    return f"sorai serve -m {shlex.quote(model)} --adapter {shlex.quote(adapter)}"

@@ -158,8 +158,10 @@ def test_sorai_train_prints_its_summary_once(
     assert everything.count("trained ") == 1, everything
     assert stdout.startswith("trained 1 step in ")  # and not "1 steps"
     assert f"run directory: {out}" in stdout
-    # Registered by the run's name (in the session's registry, tests/conftest.py).
-    assert f"registered as run; serve it with: sorai serve -m {tiny_model} --adapter run" in stdout
+    # Registered by the run's name (in the session's registry, tests/conftest.py), with the
+    # exact command that serves the LoRA export unmerged, as `sorai serve` parses it.
+    serve = f"sorai serve -m {tiny_model} --adapter run={out / 'adapter'}"
+    assert f"registered as run; serve it with: {serve}" in stdout.splitlines()
 
 
 def test_full_fine_tuning_exports_a_model_that_loads_back(

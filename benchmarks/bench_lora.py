@@ -1,0 +1,225 @@
+"""Many LoRA adapters in one batch: aggregate output tokens/s at 16 concurrent requests.
+
+The same 16 requests (greedy, ignore_eos, --tokens each) run on one engine over the default
+model (SmolLM2-135M), spread over 1, 4 and 16 unmerged adapters (random, r 8 and 16 in turn, on
+q/k/v/o and gate/up/down), against the base model alone, and against peft's per-adapter
+`generate` (transformers + peft on the same weights, dense float32: one generate per adapter,
+its requests batched, left-padded). Variants run interleaved, --rounds times; medians.
+--kernels adds the two ways of applying deltas (sorai/model/multi_lora.py), gather and segment,
+timed on one forward of 16 decode-like rows and of one 128-row prompt chunk.
+
+    nice -n 10 python benchmarks/bench_lora.py [--tokens 32] [--rounds 3] [--kernels]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import sorai
+from sorai import hub
+from sorai.engine.config import EngineConfig
+from sorai.engine.llm_engine import LLMEngine
+from sorai.engine.params import SamplingParams
+from sorai.model.lora import CONFIG_FILE, LoRAConfig, apply_lora, lora_modules, save_adapter
+from sorai.model.transformer import Transformer
+
+REQUESTS = 16
+PROMPTS = [
+    "Write a short story about a lighthouse keeper.",
+    "Explain how a bicycle gear works.",
+    "List some facts about the ocean.",
+    "Describe a busy market in the morning.",
+]
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def cpu_line() -> str:
+    flags: set[str] = set()
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    wanted = sorted(f for f in flags if f == "avx2" or f.startswith(("avx512", "amx")))
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    return f"cpu flags: {' '.join(wanted) or 'none'}; cores {os.cpu_count()}; load {load}"
+
+
+def write_adapters(model: Transformer, count: int, root: Path) -> list[Path]:
+    """`count` random adapters (r 8 and 16 in turn, B non-zero) in PEFT format."""
+    paths = []
+    for i in range(count):
+        dense = _dense_copy(model)
+        torch.manual_seed(i)
+        apply_lora(dense, LoRAConfig(r=8 if i % 2 == 0 else 16, alpha=16, target_modules=TARGETS))
+        for module in lora_modules(dense).values():
+            torch.nn.init.normal_(module.lora_B.weight, std=0.01)
+        save_adapter(dense, root / f"a{i}")
+        paths.append(root / f"a{i}")
+    return paths
+
+
+_DENSE: dict[int, Transformer] = {}
+
+
+def _dense_copy(model: Transformer) -> Transformer:
+    # The adapters are written over the dense model (LoRA wraps float layers); shapes match.
+    if id(model) not in _DENSE:
+        _DENSE[id(model)] = sorai.load(hub.DEFAULT_MODEL, quantize="none").model
+    import copy
+
+    return copy.deepcopy(_DENSE[id(model)])
+
+
+def run_engine(engine: LLMEngine, prompts: list[list[int]], adapters: list[str | None], n: int):
+    """Tokens out per second for the requests, all added at once."""
+    started = time.perf_counter()
+    for i, (ids, adapter) in enumerate(zip(prompts, adapters, strict=True)):
+        params = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True, adapter=adapter)
+        engine.add_request(f"r{i}-{started}", ids, params)
+    tokens = 0
+    while engine.has_work():
+        for out in engine.step():
+            tokens += sum(len(c.token_ids) for c in out.choices)
+    return tokens / (time.perf_counter() - started)
+
+
+def run_peft(peft_model, tokenizer, prompts, adapters: list[str], n: int) -> float:
+    """peft: one generate per adapter, its requests batched (left padding)."""
+    started = time.perf_counter()
+    tokens = 0
+    for name in dict.fromkeys(adapters):
+        mine = [p for p, a in zip(prompts, adapters, strict=True) if a == name]
+        peft_model.set_adapter(name)
+        width = max(len(p) for p in mine)
+        pad = tokenizer.pad_token_id or 0
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in mine])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in mine])
+        with torch.inference_mode():
+            out = peft_model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                pad_token_id=pad,
+            )
+        tokens += (out.shape[1] - width) * len(mine)
+    return tokens / (time.perf_counter() - started)
+
+
+def kernels(llm, paths: list[Path], rounds: int) -> None:
+    """gather vs segment on one forward (no cache): 16 decode-like rows, one prompt chunk."""
+    engine = LLMEngine(llm.model, llm.tokenizer, EngineConfig(max_loras=16, num_blocks=64))
+    for i, path in enumerate(paths):
+        engine.adapters.add(f"a{i}", path)
+        engine.adapters.admit(engine.adapters.use(f"a{i}"))
+    lora = engine.adapters.lora
+    model = llm.model
+    cases = {
+        "decode 16 rows, 1 adapter": ([0] * 16, 16),
+        "decode 16 rows, 4 adapters": (sorted(i % 4 for i in range(16)), 16),
+        "decode 16 rows, 16 adapters": (list(range(16)), 16),
+        "prompt chunk 128 rows, 1 adapter": ([0] * 128, 128),
+    }
+    for label, (slots, rows) in cases.items():
+        ids = torch.randint(0, 1000, (1, rows))
+        times: dict[str, list[float]] = {"base": [], "gather": [], "segment": []}
+        for _ in range(rounds):
+            for way in times:
+                started = time.perf_counter()
+                with torch.inference_mode():
+                    if way == "base":
+                        model(ids)
+                    else:
+                        with lora.rows(slots, gathered=way == "gather"):
+                            model(ids)
+                times[way].append(time.perf_counter() - started)
+        med = {k: statistics.median(v) * 1000 for k, v in times.items()}
+        print(
+            f"  {label}: base {med['base']:.1f} ms, gather {med['gather']:.1f} ms, "
+            f"segment {med['segment']:.1f} ms"
+        )
+    lora.remove()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=32, help="output tokens per request")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--kernels", action="store_true", help="also time gather vs segment")
+    parser.add_argument("--no-peft", action="store_true", help="skip the peft comparison")
+    args = parser.parse_args()
+    print(cpu_line())
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()} (engine and peft)")
+
+    llm = sorai.load(hub.DEFAULT_MODEL)  # the default GGUF, int4 layers
+    tmp = Path(tempfile.mkdtemp(prefix="bench-lora-"))
+    paths = write_adapters(llm.model, 16, tmp)
+    assert all((p / CONFIG_FILE).exists() for p in paths)
+    # Every core for the engine, as transformers uses them for peft (the server's default
+    # leaves one to its HTTP thread, which this benchmark has not).
+    cores = len(os.sched_getaffinity(0))
+    config = EngineConfig(max_loras=16, max_lora_rank=16, max_num_seqs=REQUESTS, cpu_threads=cores)
+    engine = LLMEngine(llm.model, llm.tokenizer, config, name="bench")
+    for i, path in enumerate(paths):
+        engine.adapters.add(f"a{i}", path)
+    chat = [llm.tokenizer.encode_chat([{"role": "user", "content": p}]) for p in PROMPTS]
+    prompts = [chat[i % len(chat)] for i in range(REQUESTS)]
+    spreads: dict[str, list[str | None]] = {
+        "base": [None] * REQUESTS,
+        "1 adapter": ["a0"] * REQUESTS,
+        "4 adapters": [f"a{i % 4}" for i in range(REQUESTS)],
+        "16 adapters": [f"a{i}" for i in range(REQUESTS)],
+    }
+    engine.config.enable_prefix_caching = False  # every variant computes its prompts
+    engine.pool.enable_prefix_caching = False
+    run_engine(engine, prompts[:2], [None, "a0"], 2)  # warm-up
+    rates: dict[str, list[float]] = {k: [] for k in spreads}
+
+    peft_model = hf_tokenizer = None
+    if not args.no_peft:
+        from peft import PeftModel
+
+        from sorai.model.weights import save_hf_dir
+
+        base_dir = tmp / "base"
+        save_hf_dir(_DENSE[id(llm.model)], base_dir)
+        import transformers
+
+        reference = transformers.AutoModelForCausalLM.from_pretrained(base_dir).eval()
+        peft_model = PeftModel.from_pretrained(reference, paths[0], adapter_name="a0")
+        for i, path in enumerate(paths[1:], start=1):
+            peft_model.load_adapter(path, adapter_name=f"a{i}")
+        hf_tokenizer = type("Pad", (), {"pad_token_id": llm.tokenizer.eos_token_ids[0]})()
+        rates["peft, 16 adapters"] = []
+
+    for _ in range(args.rounds):
+        for label, adapters in spreads.items():
+            rates[label].append(run_engine(engine, prompts, adapters, args.tokens))
+        if peft_model is not None:
+            rate = run_peft(peft_model, hf_tokenizer, prompts, spreads["16 adapters"], args.tokens)
+            rates["peft, 16 adapters"].append(rate)
+
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    print(f"{REQUESTS} concurrent requests x {args.tokens} tokens, medians of {args.rounds}:")
+    for label, rate in med.items():
+        print(f"  {label:18s} {rate:8.1f} tok/s  ({rate / med['base']:.2f}x base)")
+    if "peft, 16 adapters" in med:
+        ratio = med["16 adapters"] / med["peft, 16 adapters"]
+        print(f"  16 adapters vs peft per-adapter generate: {ratio:.1f}x")
+    print(cpu_line())
+    if args.kernels:
+        print("delta kernels, one forward without cache (medians):")
+        kernels(llm, paths, args.rounds)
+
+
+if __name__ == "__main__":
+    main()
