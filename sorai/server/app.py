@@ -15,6 +15,7 @@ from sorai.server.auth import APIKeyMiddleware
 from sorai.server.body import BodyLimitMiddleware
 from sorai.server.errors import install_error_handlers
 from sorai.server.models import ModelLeases, ModelPool
+from sorai.server.responses_api import routes as responses_api_routes
 from sorai.server.state import ServerSettings, ServerState
 
 if TYPE_CHECKING:
@@ -65,6 +66,8 @@ def create_app(engine: AsyncEngine, settings: ServerSettings | None = None) -> F
     app.include_router(completions.router)
     app.include_router(embeddings.router)
     app.include_router(routes.router)
+    # The platform APIs beyond chat (their stores open on first use, under settings.data_dir).
+    app.include_router(responses_api_routes.router)
     # Added last = runs first: a request without a valid key is refused before its body is read.
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
     app.add_middleware(APIKeyMiddleware, keys=settings.api_keys)

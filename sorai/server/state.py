@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
@@ -40,6 +41,11 @@ class ServerSettings:
     # loaded on the first embeddings request; None serves none.
     embedding_model: str | None = hub.DEFAULT_EMBEDDING_MODEL
     embedding_device: str | torch.device | None = None  # default: the GPU if any, else the CPU
+    # Where stored responses, uploaded files and batches are kept; None: $SORAI_HOME/server.
+    data_dir: Path | None = None
+
+    def data_path(self) -> Path:
+        return self.data_dir if self.data_dir is not None else hub.sorai_home() / "server"
 
 
 class ServerState:
