@@ -10,6 +10,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, NoReturn
 
 import sorai
@@ -402,6 +403,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         request_timeout=args.request_timeout,
         embedding_model=embedding_model,
         embedding_device=args.device,
+        data_dir=args.data_dir,  # stored responses, files, batches
     )
     if api_keys.enabled:
         say(f"API keys required ({len(api_keys)} configured)")
@@ -587,6 +589,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="torch threads for decode steps on the CPU (default: one less than the cores, "
         "at least 1; steps with 64+ prompt tokens use every core)",
+    )
+    serve.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="where stored responses, uploaded files and batches are kept "
+        "(default: $SORAI_HOME/server)",
     )
     serve.add_argument(
         "--max-body-bytes",

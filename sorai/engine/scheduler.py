@@ -6,6 +6,8 @@ Running sequences come first, oldest first; waiting ones join while budget, sequ
 and KV blocks last. When blocks run out, the newest running sequence is preempted: its blocks
 are freed and it goes back to the front of the queue, to be recomputed later (its prefix
 may well still be in the prefix cache by then).
+Priorities (SamplingParams.priority, lower first) order all of this: interactive requests
+run, join and wait ahead of batch jobs, and batch jobs are preempted first.
 """
 
 from __future__ import annotations
@@ -46,7 +48,13 @@ class Scheduler:
         self.stats = SchedulerStats()
 
     def add(self, seq: Sequence) -> None:
-        self.waiting.append(seq)
+        """Queue `seq` behind every waiting sequence of its priority or a better one."""
+        rank = _priority(seq)
+        at = next((i for i, w in enumerate(self.waiting) if _priority(w) > rank), None)
+        if at is None:
+            self.waiting.append(seq)
+        else:
+            self.waiting.insert(at, seq)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -54,14 +62,14 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
-        for seq in list(self.running):
+        for seq in sorted(self.running, key=_priority):
             if budget == 0:
                 break
             if seq.status is not Status.RUNNING:
                 continue  # preempted earlier in this loop
             n = min(seq.num_tokens - seq.num_computed, budget)
             while not self._reserve(seq, n):
-                victim = self.running[-1]
+                victim = _victim(self.running)
                 self._preempt(victim)
                 out.preempted.append(victim)
                 if victim is seq:
@@ -141,7 +149,13 @@ class Scheduler:
         self.free(seq)
         seq.status = Status.WAITING
         seq.num_computed = 0
-        self.waiting.appendleft(seq)
+        # First in line again, but only among its own priority.
+        rank = _priority(seq)
+        at = next((i for i, w in enumerate(self.waiting) if _priority(w) >= rank), None)
+        if at is None:
+            self.waiting.append(seq)
+        else:
+            self.waiting.insert(at, seq)
         self.stats.preemptions += 1
 
     def free(self, seq: Sequence) -> None:
@@ -162,3 +176,13 @@ class Scheduler:
         """The forward ran: the scheduled tokens now have keys and values."""
         for seq, n in out.scheduled:
             seq.num_computed += n
+
+
+def _priority(seq: Sequence) -> int:
+    return seq.request.params.priority
+
+
+def _victim(running: list[Sequence]) -> Sequence:
+    """The newest running sequence of the worst priority."""
+    worst = max(_priority(s) for s in running)
+    return next(s for s in reversed(running) if _priority(s) == worst)

@@ -10,7 +10,7 @@ from fastapi import FastAPI
 
 import sorai
 from sorai.engine.embeddings import EmbeddingEngine
-from sorai.server import chat, completions, embeddings, routes
+from sorai.server import batches, chat, completions, embeddings, files, routes
 from sorai.server.auth import APIKeyMiddleware
 from sorai.server.body import BodyLimitMiddleware
 from sorai.server.errors import install_error_handlers
@@ -40,9 +40,13 @@ def create_app(engine: AsyncEngine, settings: ServerSettings | None = None) -> F
         await engine.start()
         if models is not None:
             await models.start()
+        await batches.resume_batches(app)
         try:
             yield
         finally:
+            runner = getattr(app.state, "batch_runner", None)
+            if runner is not None:  # unfinished batches stay on disk for the next start
+                await runner.stop()
             # In-flight requests get shutdown_timeout seconds, then the rest are aborted.
             await engine.stop(timeout=settings.shutdown_timeout)
             if models is not None:
@@ -68,8 +72,12 @@ def create_app(engine: AsyncEngine, settings: ServerSettings | None = None) -> F
     app.include_router(routes.router)
     # The platform APIs beyond chat (their stores open on first use, under settings.data_dir).
     app.include_router(responses_api_routes.router)
+    app.include_router(files.router)
+    app.include_router(batches.router)
     # Added last = runs first: a request without a valid key is refused before its body is read.
-    app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
+    app.add_middleware(
+        BodyLimitMiddleware, limit=settings.max_body_bytes, upload_limit=settings.max_file_bytes
+    )
     app.add_middleware(APIKeyMiddleware, keys=settings.api_keys)
     if models is not None:
         app.add_middleware(ModelLeases, pool=models)  # outermost: sees every response end
