@@ -16,6 +16,7 @@ from typing import Any, NoReturn
 import sorai
 from sorai import catalog, hub
 from sorai.apps.agent import command as agent_command
+from sorai.apps.batch import command as batch_command
 from sorai.apps.command import say
 from sorai.apps.eval import command as eval_command
 from sorai.apps.rag import command as index_command
@@ -656,6 +657,7 @@ def build_parser() -> argparse.ArgumentParser:
     skills_command.add_parsers(verbs)
     agent_command.add_parser(verbs)
     eval_command.add_parser(verbs)
+    batch_command.add_parser(verbs)  # sorai batch submit|status|cancel|results
     return parser
 
 

@@ -160,6 +160,24 @@ def test_batch_errors(client: openai.OpenAI) -> None:
         )
 
 
+def test_the_batch_command(served: Served, client: openai.OpenAI, sorai_main, tmp_path: Path):
+    requests = tmp_path / "requests.jsonl"
+    requests.write_bytes(jsonl([chat_line(0, max_tokens=2)]))
+    url = ["--url", served.url + "/v1", "--api-key", API_KEY]
+    submitted = sorai_main("batch", "submit", str(requests), *url)
+    assert submitted.returncode == 0, submitted.stderr
+    batch_id = submitted.stdout.strip()
+    wait(client, batch_id)
+    status = sorai_main("batch", "status", batch_id, *url)
+    assert status.stdout.strip() == f"{batch_id}: completed, 1/1 lines done"
+    output = sorai_main("batch", "results", batch_id, *url)
+    assert json.loads(output.stdout)["custom_id"] == "chat-0"
+    errors = sorai_main("batch", "results", batch_id, "--errors", *url)
+    assert errors.returncode == 1 and "no error file" in errors.stderr
+    cancel = sorai_main("batch", "cancel", batch_id, *url)
+    assert cancel.returncode == 1 and "409" in cancel.stderr
+
+
 @pytest.mark.slow
 def test_a_200_line_batch(client: openai.OpenAI) -> None:
     lines = [chat_line(i) if i % 2 else embedding_line(i) for i in range(200)]
