@@ -173,9 +173,9 @@ def test_the_batch_command(served: Served, client: openai.OpenAI, sorai_main, tm
     output = sorai_main("batch", "results", batch_id, *url)
     assert json.loads(output.stdout)["custom_id"] == "chat-0"
     errors = sorai_main("batch", "results", batch_id, "--errors", *url)
-    assert errors.returncode == 1 and "no error file" in errors.stderr
+    assert errors.returncode != 0 and "no error file" in errors.stderr
     cancel = sorai_main("batch", "cancel", batch_id, *url)
-    assert cancel.returncode == 1 and "409" in cancel.stderr
+    assert cancel.returncode != 0 and "409" in cancel.stderr
 
 
 @pytest.mark.slow
@@ -253,8 +253,8 @@ def test_a_batch_killed_mid_way_resumes_and_answers_every_line_once(tmp_path: Pa
     output = results_of(tmp_path / "data", done.output_file_id)
     ids = [r["custom_id"] for r in output]
     assert sorted(ids) == sorted(x["custom_id"] for x in lines)  # each exactly once
-    entries = (tmp_path / "data" / "batches" / f"{batch.id}.jsonl").read_text().split()
-    assert len([e for e in entries if e]) == 40  # no line ran to the end twice
+    entries = (tmp_path / "data" / "batches" / f"{batch.id}.jsonl").read_text().splitlines()
+    assert len([e for e in entries if e.strip()]) == 40  # no line ran to the end twice
 
 
 def results_of(data_dir: Path, file_id: str) -> list[dict]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Mapping
 from typing import Any
 
 from sorai.server.errors import bad_request
@@ -139,18 +140,24 @@ def chat_messages(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return messages
 
 
-def chat_tools(tools: Any) -> list[dict[str, Any]] | None:
-    """The request's function tools in chat-completions form ({"type", "function": {...}})."""
+def chat_tools(tools: Any, hosted: Mapping[str, Any] | None = None) -> list[dict[str, Any]] | None:
+    """The request's tools in chat-completions form ({"type", "function": {...}}); a hosted
+    tool (`hosted`: kind -> HostedTool) as the function the model calls it by."""
     if tools is None:
         return None
     if not isinstance(tools, list):
         raise bad_request(f"tools must be a list, got {_short(tools)}", param="tools")
+    hosted = hosted or {}
     converted = []
     for i, tool in enumerate(tools):
         kind = tool.get("type") if isinstance(tool, dict) else None
+        if kind in hosted:
+            converted.append({"type": "function", "function": hosted[kind].function(tool)})
+            continue
         if kind != "function":
+            kinds = ", ".join(["function", *sorted(hosted)])
             raise bad_request(
-                f"tools[{i}] has type {kind!r}; this server runs function tools",
+                f"tools[{i}] has type {kind!r}; this server runs these tool types: {kinds}",
                 param=f"tools[{i}].type",
             )
         function = {
@@ -162,9 +169,12 @@ def chat_tools(tools: Any) -> list[dict[str, Any]] | None:
     return converted
 
 
-def chat_tool_choice(choice: Any) -> Any:
+def chat_tool_choice(choice: Any, hosted: Mapping[str, Any] | None = None) -> Any:
     if isinstance(choice, dict) and choice.get("type") == "function":
         return {"type": "function", "function": {"name": choice.get("name")}}
+    if isinstance(choice, dict) and choice.get("type") in (hosted or {}):
+        # {"type": "file_search"}: a call to that hosted tool's function
+        return {"type": "function", "function": {"name": choice["type"]}}
     return choice
 
 
@@ -181,13 +191,16 @@ def response_format(text: Any) -> Any:
     return fmt
 
 
-def message_item(text: str, item_id: str | None = None) -> dict[str, Any]:
+def message_item(
+    text: str, item_id: str | None = None, annotations: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    part = {"type": "output_text", "text": text, "annotations": annotations or [], "logprobs": []}
     return {
         "type": "message",
         "id": item_id or new_item_id("msg"),
         "status": "completed",
         "role": "assistant",
-        "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}],
+        "content": [part],
     }
 
 

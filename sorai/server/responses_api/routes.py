@@ -23,9 +23,10 @@ from sorai.server.body import read_json
 from sorai.server.errors import APIError, bad_request, describe_validation_error
 from sorai.server.guided import checked, failed
 from sorai.server.models import route
-from sorai.server.protocol import ChatCompletionRequest, _Request
+from sorai.server.protocol import ChatCompletionRequest, Usage, _Request, make_usage
 from sorai.server.responses import EventStream, UsageTally, error_event
 from sorai.server.responses_api import items as it
+from sorai.server.responses_api.hosted import hosted_tools
 from sorai.server.responses_api.store import ResponseStore, StoredResponse
 from sorai.server.runner import Generation, unless_disconnected
 from sorai.server.state import get_state
@@ -76,13 +77,22 @@ class _Turn:
         self.status = "in_progress"
         self.incomplete: dict[str, str] | None = None
         self.usage: dict[str, Any] | None = None
+        self.conversation = self.id  # the first response's id, through previous_response_id
 
-    def finish(self, finish_reason: str | None, tally: UsageTally) -> None:
+    def add_answer(
+        self, content: str | None, calls: list | None, annotations: list | None = None
+    ) -> None:
+        if content:
+            self.output.append(it.message_item(content, annotations=annotations))
+        for call in calls or []:
+            function = call.function
+            self.output.append(it.function_call_item(call.id, function.name, function.arguments))
+
+    def finish(self, finish_reason: str | None, usage: Usage) -> None:
         self.status = "completed"
         if finish_reason == "length":
             self.status = "incomplete"
             self.incomplete = {"reason": "max_output_tokens"}
-        usage = tally.usage()
         self.usage = {
             "input_tokens": usage.prompt_tokens,
             "input_tokens_details": {"cached_tokens": usage.prompt_tokens_details.cached_tokens},
@@ -117,6 +127,7 @@ class _Turn:
             "usage": self.usage,
             "user": body.user,
             "metadata": body.metadata or {},
+            "conversation": {"id": self.conversation},
         }
 
     def save(self, store: ResponseStore) -> None:
@@ -130,9 +141,11 @@ class _Turn:
 async def create_response(request: Request) -> Response:
     arrival = time.perf_counter()
     store = response_store(request)
+    hosted = hosted_tools(request.app)
     body = await read_json(request, ResponseRequest)
     items = it.input_items(body.input)
     history: list[dict[str, Any]] = []
+    conversation = None
     if body.previous_response_id is not None:
         previous = store.get(body.previous_response_id)
         if previous is None:
@@ -144,8 +157,44 @@ async def create_response(request: Request) -> Response:
                 code="response_not_found",
             )
         history = previous.history
-    chat = _chat_request(body, history, items)
+        conversation = (previous.response.get("conversation") or {}).get("id")
+    fields = _chat_fields(body, history, items, hosted)
+    chat = _validated(fields)
     state, model = await route(request, chat.model)
+    turn = _Turn(body, model, items, history)
+    turn.conversation = conversation or turn.id
+    specs = {t["type"]: t for t in body.tools or [] if t.get("type") in hosted}
+    if specs:
+        for kind, spec in specs.items():
+            hosted[kind].check(spec, request.app)
+        await unless_disconnected(
+            request, _hosted_rounds(request, state, fields, turn, specs, arrival)
+        )
+        turn.save(store)
+        if body.stream:
+            return EventStream(_replay(turn), on_close=_nothing)
+        return JSONResponse(turn.object())
+    tools, generation = _generation(state, chat, turn.id, arrival)
+    await unless_disconnected(request, generation.start())
+    if body.stream:
+        events = _guarded(_stream(turn, tools, generation, store))
+        return EventStream(events, on_close=generation.close)
+    try:
+        content, calls, reason, tally = await unless_disconnected(
+            request, _collect(tools, generation)
+        )
+    finally:
+        await generation.close()
+    turn.add_answer(content, calls)
+    turn.finish(reason, tally.usage())
+    turn.save(store)
+    return JSONResponse(turn.object())
+
+
+def _generation(
+    state: Any, chat: ChatCompletionRequest, request_id: str, arrival: float
+) -> tuple[ToolSetup, Generation]:
+    """The request's tools and its engine request, checked (not started)."""
     engine = state.engine
     tools = ToolSetup.from_request(chat.tools, chat.tool_choice, chat.parallel_tool_calls)
     guided, guided_param = chat.guided()
@@ -156,25 +205,104 @@ async def create_response(request: Request) -> Response:
         guided_param = "tools"
     prompt_ids = tools.encode(engine.tokenizer, chat.messages)
     params = chat.sampling_params(len(prompt_ids), engine.context_length, guided)
-    turn = _Turn(body, model, items, history)
-    generation = Generation(state, [(prompt_ids, params)], turn.id, arrival)
+    generation = Generation(state, [(prompt_ids, params)], request_id, arrival)
     with checked(guided_param):
         generation.check()
-    await unless_disconnected(request, generation.start())
-    if body.stream:
-        events = _guarded(_stream(turn, tools, generation, store))
-        return EventStream(events, on_close=generation.close)
-    try:
-        await unless_disconnected(request, _collect(turn, tools, generation))
-    finally:
-        await generation.close()
-    turn.save(store)
-    return JSONResponse(turn.object())
+    return tools, generation
 
 
-def _chat_request(
-    body: ResponseRequest, history: list[dict[str, Any]], items: list[dict[str, Any]]
-) -> ChatCompletionRequest:
+# Model turns one response may take around hosted tool calls (each call, then an answer).
+MAX_HOSTED_ROUNDS = 4
+
+
+async def _hosted_rounds(
+    request: Request,
+    state: Any,
+    fields: dict[str, Any],
+    turn: _Turn,
+    specs: dict[str, dict[str, Any]],
+    arrival: float,
+) -> None:
+    """Generate; run the hosted tools the answer calls and generate again with their results,
+    until an answer calls none (or MAX_HOSTED_ROUNDS): the response's output is every call's
+    item, then the final answer, cited."""
+    hosted = hosted_tools(request.app)
+    messages = list(fields["messages"])
+    annotations: list[dict[str, Any]] = []
+    prompt = completion = cached = 0
+    reason: str | None = None
+    for round_number in range(MAX_HOSTED_ROUNDS):
+        chat = _validated({**fields, "messages": messages})
+        tools, generation = _generation(state, chat, f"{turn.id}-{round_number}", arrival)
+        try:
+            await generation.start()
+            content, calls, reason, tally = await _collect(tools, generation)
+        finally:
+            await generation.close()
+        usage = tally.usage()
+        prompt += usage.prompt_tokens
+        completion += usage.completion_tokens
+        cached += usage.prompt_tokens_details.cached_tokens
+        own = [c for c in calls or [] if c.function.name in specs]
+        if not own or round_number == MAX_HOSTED_ROUNDS - 1:
+            turn.add_answer(content, [c for c in calls or [] if c not in own], annotations)
+            break
+        for call in own:
+            try:
+                arguments = json.loads(call.function.arguments or "{}")
+            except json.JSONDecodeError:
+                arguments = {}
+            if not isinstance(arguments, dict):
+                arguments = {}
+            tool = hosted[call.function.name]
+            spec = specs[call.function.name]
+            result = await tool.run(spec, arguments, turn.conversation, request.app)
+            turn.output.append(result.item)
+            annotations += result.annotations
+            messages.append(
+                {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [
+                        {"id": call.id, "type": "function", "function": call.function.model_dump()}
+                    ],
+                }
+            )
+            messages.append({"role": "tool", "tool_call_id": call.id, "content": result.output})
+        # After the tools ran, the model answers from their results rather than calling again.
+        fields = {**fields, "tool_choice": "none"}
+    turn.finish(reason, make_usage(prompt, completion, cached))
+
+
+async def _replay(turn: _Turn) -> AsyncIterator[str]:
+    """A finished response as the events of a stream (hosted tools run before it is sent)."""
+    event = _Events()
+    done = turn.object()
+    yield event("response.created", response={**done, "status": "in_progress", "output": []})
+    for index, item in enumerate(turn.output):
+        yield event("response.output_item.added", output_index=index, item=item)
+        if item["type"] == "message":
+            part = item["content"][0]
+            common = {"item_id": item["id"], "output_index": index, "content_index": 0}
+            yield event("response.content_part.added", part={**part, "text": ""}, **common)
+            yield event("response.output_text.delta", delta=part["text"], logprobs=[], **common)
+            yield event("response.output_text.done", text=part["text"], logprobs=[], **common)
+            yield event("response.content_part.done", part=part, **common)
+        yield event("response.output_item.done", output_index=index, item=item)
+    kind = "response.incomplete" if turn.status == "incomplete" else "response.completed"
+    yield event(kind, response=done)
+
+
+async def _nothing() -> None:
+    return None
+
+
+def _chat_fields(
+    body: ResponseRequest,
+    history: list[dict[str, Any]],
+    items: list[dict[str, Any]],
+    hosted: dict[str, Any],
+) -> dict[str, Any]:
     """The chat request this response is made as: instructions (never inherited from the
     previous response, as in OpenAI's API), the stored conversation, the new items."""
     messages = list(history)
@@ -188,22 +316,27 @@ def _chat_request(
         "temperature": body.temperature,
         "top_p": body.top_p,
         "seed": body.seed,
-        "tools": it.chat_tools(body.tools),
-        "tool_choice": it.chat_tool_choice(body.tool_choice),
+        "tools": it.chat_tools(body.tools, hosted),
+        "tool_choice": it.chat_tool_choice(body.tool_choice, hosted),
         "parallel_tool_calls": body.parallel_tool_calls,
         "response_format": it.response_format(body.text),
     }
+    return {k: v for k, v in fields.items() if v is not None}
+
+
+def _validated(fields: dict[str, Any]) -> ChatCompletionRequest:
     try:
-        chat = ChatCompletionRequest.model_validate(
-            {k: v for k, v in fields.items() if v is not None}
-        )
+        chat = ChatCompletionRequest.model_validate(fields)
     except ValidationError as exc:
         raise describe_validation_error(exc) from None
     chat.check()
     return chat
 
 
-async def _collect(turn: _Turn, tools: ToolSetup, generation: Generation) -> None:
+async def _collect(
+    tools: ToolSetup, generation: Generation
+) -> tuple[str | None, list | None, str | None, UsageTally]:
+    """The whole answer: (content, tool calls, finish_reason, usage)."""
     texts: list[str] = []
     finish: str | None = None
     tally = UsageTally(1)
@@ -217,13 +350,7 @@ async def _collect(turn: _Turn, tools: ToolSetup, generation: Generation) -> Non
     if finish in (None, "abort"):
         raise generation.aborted()
     content, calls, reason = tools.answer("".join(texts), finish)
-    if content:
-        turn.output.append(it.message_item(content))
-    for call in calls or []:
-        turn.output.append(
-            it.function_call_item(call.id, call.function.name, call.function.arguments)
-        )
-    turn.finish(reason, tally)
+    return content, calls, reason, tally
 
 
 class _Events:
@@ -274,7 +401,7 @@ async def _stream(
                         yield piece
     for piece in writer.close():
         yield piece
-    turn.finish(finish, tally)
+    turn.finish(finish, tally.usage())
     turn.save(store)
     kind = "response.incomplete" if turn.status == "incomplete" else "response.completed"
     yield event(kind, response=turn.object())
