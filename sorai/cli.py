@@ -423,8 +423,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
         port=args.port,
         log_level=args.log_level,
         sock=sock,
-        extend=console,
+        extend=_with_hosted_tools(console),
     )
+
+
+def _with_hosted_tools(console: Any) -> Any:
+    """The app's extension: the Responses API's hosted tools, then the console (if any)."""
+
+    def extend(app: Any) -> object:
+        from sorai import hosted_tools
+
+        hosted_tools.install(app)
+        return console(app) if console is not None else app
+
+    return extend
 
 
 def cmd_pull(args: argparse.Namespace) -> int:

@@ -12,6 +12,17 @@ from fastapi import FastAPI
 
 
 @dataclass
+class HostedContext:
+    """Where a call runs: the app, the conversation (its first response's id; a workspace is
+    kept per conversation) and the user's latest message (file_search searches for it too:
+    a small model's own query can be poor)."""
+
+    app: FastAPI
+    conversation: str
+    question: str
+
+
+@dataclass
 class HostedCall:
     """One run of a hosted tool: the output item the response lists (a file_search_call, a
     code_interpreter_call), the text the model reads as the tool's result, and annotations
@@ -32,9 +43,9 @@ class HostedTool(Protocol):
         """The function the model calls it as: {"name", "description", "parameters"}."""
 
     async def run(
-        self, spec: dict[str, Any], arguments: dict[str, Any], conversation: str, app: FastAPI
+        self, spec: dict[str, Any], arguments: dict[str, Any], context: HostedContext
     ) -> HostedCall:
-        """Run one call; `conversation` names the conversation (its workspace, say)."""
+        """Run one call."""
 
 
 def register(app: FastAPI, tool: HostedTool) -> None:

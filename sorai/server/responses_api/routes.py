@@ -26,7 +26,7 @@ from sorai.server.models import route
 from sorai.server.protocol import ChatCompletionRequest, Usage, _Request, make_usage
 from sorai.server.responses import EventStream, UsageTally, error_event
 from sorai.server.responses_api import items as it
-from sorai.server.responses_api.hosted import hosted_tools
+from sorai.server.responses_api.hosted import HostedContext, hosted_tools
 from sorai.server.responses_api.store import ResponseStore, StoredResponse
 from sorai.server.runner import Generation, unless_disconnected
 from sorai.server.state import get_state
@@ -256,7 +256,8 @@ async def _hosted_rounds(
                 arguments = {}
             tool = hosted[call.function.name]
             spec = specs[call.function.name]
-            result = await tool.run(spec, arguments, turn.conversation, request.app)
+            context = HostedContext(request.app, turn.conversation, _last_user_text(messages))
+            result = await tool.run(spec, arguments, context)
             turn.output.append(result.item)
             annotations += result.annotations
             messages.append(
@@ -272,6 +273,13 @@ async def _hosted_rounds(
         # After the tools ran, the model answers from their results rather than calling again.
         fields = {**fields, "tool_choice": "none"}
     turn.finish(reason, make_usage(prompt, completion, cached))
+
+
+def _last_user_text(messages: list[dict[str, Any]]) -> str:
+    for message in reversed(messages):
+        if message.get("role") == "user" and isinstance(message.get("content"), str):
+            return message["content"]
+    return ""
 
 
 async def _replay(turn: _Turn) -> AsyncIterator[str]:
