@@ -79,6 +79,7 @@ def test_file_search_cites_the_file_that_answers(client: openai.OpenAI) -> None:
         )
 
 
+@pytest.mark.slow  # the sandbox's fast-tier case is the workspace test below
 def test_code_interpreter_runs_the_models_code(served: Served, client: openai.OpenAI) -> None:
     response = client.responses.create(
         model=hub.DEFAULT_MODEL,
