@@ -7,7 +7,8 @@ and KV blocks last. When blocks run out, the newest running sequence is preempte
 are freed and it goes back to the front of the queue, to be recomputed later (its prefix
 may well still be in the prefix cache by then).
 Priorities (SamplingParams.priority, lower first) order all of this: interactive requests
-run, join and wait ahead of batch jobs, and batch jobs are preempted first.
+run, join and wait ahead of batch jobs, batch jobs are preempted first, and a step that
+computes an interactive prompt leaves batch jobs out.
 """
 
 from __future__ import annotations
@@ -60,6 +61,31 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> SchedulerOutput:
+        # A prompt of the best priority in line runs without worse-priority sequences beside
+        # it: a batch's decodes pause for that step, and an interactive request's first token
+        # comes as fast as when the engine is otherwise idle.
+        urgent = self._urgent_priority()
+        if urgent is not None:
+            out = self._schedule(urgent)
+            if out.scheduled or out.preempted:
+                return out
+        return self._schedule(None)
+
+    def _urgent_priority(self) -> int | None:
+        """The priority of the best prompt waiting to be computed (running in chunks, or first
+        in line with a free slot), when some sequence of a worse priority could share its
+        steps; else None."""
+        prefilling = [s for s in self.running if s.num_computed < s.num_prompt]
+        if self.waiting and len(self.running) < self.config.max_num_seqs:
+            prefilling.append(self.waiting[0])
+        if not prefilling:
+            return None
+        best = min(_priority(s) for s in prefilling)
+        others = [*self.running, *self.waiting]
+        return best if any(_priority(s) > best for s in others) else None
+
+    def _schedule(self, worst: int | None) -> SchedulerOutput:
+        """One step's sequences; worst: leave out those of a priority above it."""
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
         for seq in sorted(self.running, key=_priority):
@@ -67,6 +93,8 @@ class Scheduler:
                 break
             if seq.status is not Status.RUNNING:
                 continue  # preempted earlier in this loop
+            if worst is not None and _priority(seq) > worst:
+                break  # sorted: the rest are worse too
             n = min(seq.num_tokens - seq.num_computed, budget)
             while not self._reserve(seq, n):
                 victim = _victim(self.running)
@@ -87,6 +115,8 @@ class Scheduler:
             and len(self.running) < self.config.max_num_seqs
         ):
             seq = self.waiting[0]
+            if worst is not None and _priority(seq) > worst:
+                break
             if seq.num_computed == 0 and not seq.blocks:
                 self._find_cached_prefix(seq)
             n = min(seq.num_tokens - seq.num_computed, budget)
