@@ -88,16 +88,23 @@ class BatchRunner:
 
         async def one(line: int, job: dict[str, Any]) -> None:
             async with gate:
-                if self._stopping(batch_id) or time.time() > expires_at:
+                if self._stopping(batch_id) or self._shutting_down() or time.time() > expires_at:
                     return
                 kind, record = await self._call(job)
+                if kind == "error" and self._shutting_down():
+                    return  # ended by the shutdown, not by its request: it runs after a restart
                 self.batches.record(batch_id, line, kind, record)
                 done[line] = (kind, record)
                 self._count(batch_id, total, done)
 
         pending = [one(line, job) for line, job in jobs.items() if line not in done]
         await asyncio.gather(*pending)
+        if len(done) < total and self._shutting_down():
+            return  # unfinished on disk: the next start resumes it
         self._finish(batch_id, total, done, jobs)
+
+    def _shutting_down(self) -> bool:
+        return self.app.state.sorai.running.stopping
 
     def _stopping(self, batch_id: str) -> bool:
         batch = self.batches.get(batch_id)
