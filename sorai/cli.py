@@ -17,6 +17,7 @@ from typing import Any, NoReturn
 import sorai
 from sorai import catalog, hub
 from sorai.apps.agent import command as agent_command
+from sorai.apps.batch import command as batch_command
 from sorai.apps.command import say
 from sorai.apps.eval import command as eval_command
 from sorai.apps.rag import command as index_command
@@ -464,6 +465,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         embedding_device=args.device,
         media=media,
         adapter_dir=adapter_dir,
+        data_dir=args.data_dir,  # stored responses, files, batches
     )
     for name in adapters:
         say(f"adapter: {engine.model_name}+{name} (unmerged)")
@@ -484,8 +486,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
         port=args.port,
         log_level=args.log_level,
         sock=sock,
-        extend=console,
+        extend=_with_hosted_tools(console),
     )
+
+
+def _with_hosted_tools(console: Any) -> Any:
+    """The app's extension: the Responses API's hosted tools, then the console (if any)."""
+
+    def extend(app: Any) -> object:
+        from sorai import hosted_tools
+
+        hosted_tools.install(app)
+        return console(app) if console is not None else app
+
+    return extend
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
@@ -673,6 +687,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="largest adapter rank served (default: 16)",
     )
     serve.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="where stored responses, uploaded files and batches are kept "
+        "(default: $SORAI_HOME/server)",
+    )
+    serve.add_argument(
         "--max-body-bytes",
         type=int,
         default=4 * 1024 * 1024,
@@ -734,6 +755,7 @@ def build_parser() -> argparse.ArgumentParser:
     eval_command.add_parser(verbs)
     vision_command.add_parsers(verbs)
     _add_quantize_parser(verbs)
+    batch_command.add_parser(verbs)  # sorai batch submit|status|cancel|results
     return parser
 
 

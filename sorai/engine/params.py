@@ -315,6 +315,8 @@ class SamplingParams:
     guided: GuidedSpec | None = None  # constrained decoding (JSON schema, regex, choice, ...)
     # The LoRA adapter (a name registered with the engine) the request runs under; None: base.
     adapter: str | None = None
+    # Scheduling class, not sampling: lower runs first (0: interactive, 1: batch jobs).
+    priority: int = 0
 
     def __post_init__(self) -> None:
         # Normalise first (frozen, hence object.__setattr__), then validate the normalised values.
@@ -350,6 +352,8 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             self._check_real(name)
 
+        if not _is_int(self.priority) or self.priority < 0:
+            raise SamplingError(f"priority must be an integer >= 0, got {self.priority!r}")
         if not _is_int(self.max_tokens) or self.max_tokens < 1:
             raise SamplingError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
         if not 0 <= self.temperature <= MAX_TEMPERATURE:

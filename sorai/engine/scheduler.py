@@ -6,6 +6,9 @@ Running sequences come first, oldest first; waiting ones join while budget, sequ
 and KV blocks last. When blocks run out, the newest running sequence is preempted: its blocks
 are freed and it goes back to the front of the queue, to be recomputed later (its prefix
 may well still be in the prefix cache by then).
+Priorities (SamplingParams.priority, lower first) order all of this: interactive requests
+run, join and wait ahead of batch jobs, batch jobs are preempted first, and a step that
+computes an interactive prompt leaves batch jobs out.
 """
 
 from __future__ import annotations
@@ -56,22 +59,55 @@ class Scheduler:
         self.stats = SchedulerStats()
 
     def add(self, seq: Sequence) -> None:
-        self.waiting.append(seq)
+        """Queue `seq` behind every waiting sequence of its priority or a better one."""
+        rank = _priority(seq)
+        at = next((i for i, w in enumerate(self.waiting) if _priority(w) > rank), None)
+        if at is None:
+            self.waiting.append(seq)
+        else:
+            self.waiting.insert(at, seq)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> SchedulerOutput:
+        # A prompt of the best priority in line runs without worse-priority sequences beside
+        # it: a batch's decodes pause for that step, and an interactive request's first token
+        # comes as fast as when the engine is otherwise idle.
+        urgent = self._urgent_priority()
+        if urgent is not None:
+            out = self._schedule(urgent)
+            if out.scheduled or out.preempted:
+                return out
+        return self._schedule(None)
+
+    def _urgent_priority(self) -> int | None:
+        """The priority of the best prompt waiting to be computed (running in chunks, or first
+        in line with a free slot), when some sequence of a worse priority could share its
+        steps; else None."""
+        prefilling = [s for s in self.running if s.num_computed < s.num_prompt]
+        if self.waiting and len(self.running) < self.config.max_num_seqs:
+            prefilling.append(self.waiting[0])
+        if not prefilling:
+            return None
+        best = min(_priority(s) for s in prefilling)
+        others = [*self.running, *self.waiting]
+        return best if any(_priority(s) > best for s in others) else None
+
+    def _schedule(self, worst: int | None) -> SchedulerOutput:
+        """One step's sequences; worst: leave out those of a priority above it."""
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
-        for seq in list(self.running):
+        for seq in sorted(self.running, key=_priority):
             if budget == 0:
                 break
             if seq.status is not Status.RUNNING:
                 continue  # preempted earlier in this loop
+            if worst is not None and _priority(seq) > worst:
+                break  # sorted: the rest are worse too
             n = min(seq.num_tokens - seq.num_computed, budget)
             while not self._reserve(seq, n):
-                victim = self.running[-1]
+                victim = _victim(self.running)
                 self._preempt(victim)
                 out.preempted.append(victim)
                 if victim is seq:
@@ -89,6 +125,8 @@ class Scheduler:
             and len(self.running) < self.config.max_num_seqs
         ):
             seq = self.waiting[0]
+            if worst is not None and _priority(seq) > worst:
+                break
             if self.admit is not None and not self.admit(seq):
                 break
             if seq.num_computed == 0 and not seq.blocks:
@@ -158,7 +196,13 @@ class Scheduler:
         self.free(seq)
         seq.status = Status.WAITING
         seq.num_computed = 0
-        self.waiting.appendleft(seq)
+        # First in line again, but only among its own priority.
+        rank = _priority(seq)
+        at = next((i for i, w in enumerate(self.waiting) if _priority(w) >= rank), None)
+        if at is None:
+            self.waiting.append(seq)
+        else:
+            self.waiting.insert(at, seq)
         self.stats.preemptions += 1
 
     def free(self, seq: Sequence) -> None:
@@ -179,3 +223,13 @@ class Scheduler:
         """The forward ran: the scheduled tokens now have keys and values."""
         for seq, n in out.scheduled:
             seq.num_computed += n
+
+
+def _priority(seq: Sequence) -> int:
+    return seq.request.params.priority
+
+
+def _victim(running: list[Sequence]) -> Sequence:
+    """The newest running sequence of the worst priority."""
+    worst = max(_priority(s) for s in running)
+    return next(s for s in reversed(running) if _priority(s) == worst)

@@ -10,11 +10,21 @@ from fastapi import FastAPI
 
 import sorai
 from sorai.engine.embeddings import EmbeddingEngine
-from sorai.server import adapters, chat, completions, embeddings, routes, vision
+from sorai.server import (
+    adapters,
+    batches,
+    chat,
+    completions,
+    embeddings,
+    files,
+    routes,
+    vision,
+)
 from sorai.server.auth import APIKeyMiddleware
 from sorai.server.body import BodyLimitMiddleware
 from sorai.server.errors import install_error_handlers
 from sorai.server.models import ModelLeases, ModelPool
+from sorai.server.responses_api import routes as responses_api_routes
 from sorai.server.state import ServerSettings, ServerState
 
 if TYPE_CHECKING:
@@ -40,11 +50,15 @@ def create_app(engine: AsyncEngine, settings: ServerSettings | None = None) -> F
         if models is not None:
             await models.start()
         watcher = adapters.start_watching(state)
+        await batches.resume_batches(app)
         try:
             yield
         finally:
             if watcher is not None:
                 watcher.cancel()
+            runner = getattr(app.state, "batch_runner", None)
+            if runner is not None:  # unfinished batches stay on disk for the next start
+                await runner.stop()
             # In-flight requests get shutdown_timeout seconds, then the rest are aborted.
             await engine.stop(timeout=settings.shutdown_timeout)
             if models is not None:
@@ -70,8 +84,14 @@ def create_app(engine: AsyncEngine, settings: ServerSettings | None = None) -> F
     app.include_router(routes.router)
     app.include_router(vision.router)
     app.include_router(adapters.router)
+    # The platform APIs beyond chat (their stores open on first use, under settings.data_dir).
+    app.include_router(responses_api_routes.router)
+    app.include_router(files.router)
+    app.include_router(batches.router)
     # Added last = runs first: a request without a valid key is refused before its body is read.
-    app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
+    app.add_middleware(
+        BodyLimitMiddleware, limit=settings.max_body_bytes, upload_limit=settings.max_file_bytes
+    )
     app.add_middleware(APIKeyMiddleware, keys=settings.api_keys)
     if models is not None:
         app.add_middleware(ModelLeases, pool=models)  # outermost: sees every response end

@@ -13,6 +13,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from sorai.server.errors import APIError, bad_request, describe_validation_error
 
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
+UPLOAD_PATH = "/v1/files"
+DEFAULT_MAX_FILE_BYTES = 64 * 1024 * 1024
 
 # A JSON escape of a UTF-16 surrogate: only then can the parsed body hold a lone one.
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
@@ -36,20 +38,30 @@ class BodyLimitMiddleware:
     client's disconnect.
     """
 
-    def __init__(self, app: ASGIApp, limit: int = DEFAULT_MAX_BODY_BYTES) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        limit: int = DEFAULT_MAX_BODY_BYTES,
+        upload_limit: int | None = None,
+    ) -> None:
         self.app = app
         self.limit = limit
+        # File uploads (POST /v1/files) have a limit of their own.
+        self.upload_limit = upload_limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self.limit
+        if self.upload_limit is not None and scope["path"] == UPLOAD_PATH:
+            limit = self.upload_limit
         declared = _content_length(scope)
         if declared == -1:
             await bad_request("malformed Content-Length header").response()(scope, receive, send)
             return
-        if declared is not None and declared > self.limit:
-            await _too_large(self.limit).response()(scope, receive, send)
+        if declared is not None and declared > limit:
+            await _too_large(limit).response()(scope, receive, send)
             return
 
         chunks: list[bytes] = []
@@ -60,8 +72,8 @@ class BodyLimitMiddleware:
                 return
             chunk = message.get("body", b"")
             size += len(chunk)
-            if size > self.limit:
-                await _too_large(self.limit).response()(scope, receive, send)
+            if size > limit:
+                await _too_large(limit).response()(scope, receive, send)
                 return
             chunks.append(chunk)
             if not message.get("more_body", False):

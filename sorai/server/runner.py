@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Awaitable
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -27,6 +29,10 @@ T = TypeVar("T")
 
 Job = tuple[list[int], SamplingParams]
 
+# The scheduling priority of the engine requests made in this context: 0 for clients, higher
+# for a batch's lines (server/batch_runner.py sets it around each in-process request).
+PRIORITY: contextvars.ContextVar[int] = contextvars.ContextVar("sorai_priority", default=0)
+
 
 class Generation:
     """Runs `jobs` (prompt ids, params) as engine requests `<request_id>-<i>`.
@@ -41,6 +47,9 @@ class Generation:
         self._state = state
         self._engine = state.engine
         self._arrival = arrival
+        priority = PRIORITY.get()
+        if priority:
+            jobs = [(ids, dataclasses.replace(params, priority=priority)) for ids, params in jobs]
         self._jobs = jobs
         self._request_ids = [f"{request_id}-{i}" for i in range(len(jobs))]
         self._trackers = [state.metrics.tracker(arrival, params.n) for _, params in jobs]

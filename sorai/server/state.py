@@ -12,7 +12,7 @@ from starlette.requests import Request
 
 from sorai import hub
 from sorai.server.auth import APIKeys
-from sorai.server.body import DEFAULT_MAX_BODY_BYTES
+from sorai.server.body import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_FILE_BYTES
 from sorai.server.errors import APIError
 from sorai.server.lifecycle import Running
 from sorai.server.logprobs import TokenText
@@ -52,6 +52,15 @@ class ServerSettings:
     # unknown adapter).
     adapter_dir: Path | None = None
     adapter_scan_interval: float = 10.0
+    # Where stored responses, uploaded files and batches are kept; None: $SORAI_HOME/server.
+    data_dir: Path | None = None
+    # POST /v1/files' body limit, and how many lines of one batch run at once (few: they run
+    # at batch priority, but each running line still takes a slot and compute from others).
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
+    batch_concurrency: int = 4
+
+    def data_path(self) -> Path:
+        return self.data_dir if self.data_dir is not None else hub.sorai_home() / "server"
 
 
 class ServerState:

@@ -1,0 +1,175 @@
+"""Interactive latency while a batch runs: TTFT of streamed chat requests alone vs while a
+/v1/batches job runs in the same engine (goal: at most 20% worse).
+
+    python benchmarks/bench_batch.py [--rounds 5] [--probes 6] [--batch-lines 64]
+        [--batch-max-tokens 48] [--max-tokens 8] [--json out.json]
+
+One server in this process (the default model), driven by the official openai client. Rounds
+interleave three variants, A B C A B C ...: "alone" (no batch), "batch" (a batch running at its
+priority, the shipped behaviour) and "batch-p0" (the same batch at interactive priority: what
+the priority buys). In a batch variant a batch of --batch-lines chat lines is submitted, the
+probes wait until it has lines running, then --probes interactive requests are sent one after
+another (each: a short chat prompt, streamed; TTFT = request sent -> first content chunk); the
+batch is then cancelled and drained before the next variant. The report prints the CPU's flags,
+the load average, per-variant medians and the ratios against "alone".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import openai
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import sorai  # noqa: E402
+from sorai import hub  # noqa: E402
+from sorai.server import batch_runner  # noqa: E402
+from sorai.server.app import create_app  # noqa: E402
+from sorai.server.local import ServerThread  # noqa: E402
+from sorai.server.state import ServerSettings  # noqa: E402
+
+GOAL = 1.20
+
+
+def cpu_flags() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown"
+    flags = next(
+        (line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")),
+        [],
+    )
+    wanted = [f for f in flags if f == "avx2" or f.startswith(("avx512", "amx"))]
+    model = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in text.splitlines()
+            if line.startswith("model name")
+        ),
+        "?",
+    )
+    return f"{model}; {' '.join(wanted) or 'no avx2/avx512/amx'}; {os.cpu_count()} cores"
+
+
+def ttft(client: openai.OpenAI, prompt: str, max_tokens: int) -> float:
+    started = time.perf_counter()
+    stream = client.chat.completions.create(
+        model=hub.DEFAULT_MODEL,
+        messages=[{"role": "user", "content": prompt}],
+        max_tokens=max_tokens,
+        temperature=0,
+        stream=True,
+    )
+    first = None
+    for chunk in stream:
+        if first is None and chunk.choices and chunk.choices[0].delta.content:
+            first = time.perf_counter() - started
+    return first if first is not None else time.perf_counter() - started
+
+
+def batch_file(client: openai.OpenAI, lines: int, max_tokens: int) -> str:
+    rows = [
+        {
+            "custom_id": f"line-{i}",
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {
+                "model": hub.DEFAULT_MODEL,
+                "messages": [{"role": "user", "content": f"Write a long story about #{i}."}],
+                "max_tokens": max_tokens,
+                "temperature": 0,
+                "ignore_eos": True,
+            },
+        }
+        for i in range(lines)
+    ]
+    data = "".join(json.dumps(r) + "\n" for r in rows).encode()
+    return client.files.create(file=("bench.jsonl", data), purpose="batch").id
+
+
+def run_variant(client, variant: str, file_id: str, args) -> list[float]:
+    batch = None
+    if variant != "alone":
+        batch_runner.BATCH_PRIORITY = 0 if variant == "batch-p0" else 1
+        batch = client.batches.create(
+            input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
+        # Lines are running once the engine has sequences beyond the probes'.
+        while client.batches.retrieve(batch.id).status == "validating":
+            time.sleep(0.05)
+        time.sleep(1.0)
+    times = []
+    for i in range(args.probes):
+        times.append(ttft(client, f"Question {i}: what is the capital of France?", args.max_tokens))
+    if batch is not None:
+        client.batches.cancel(batch.id)
+        while client.batches.retrieve(batch.id).status not in ("cancelled", "completed"):
+            time.sleep(0.1)
+        remaining = client.batches.retrieve(batch.id).request_counts
+        if remaining.completed >= args.batch_lines:
+            print(f"  note: the batch finished before the probes did ({variant})")
+    return times
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--probes", type=int, default=6)
+    parser.add_argument("--batch-lines", type=int, default=64)
+    parser.add_argument("--batch-max-tokens", type=int, default=48)
+    parser.add_argument("--max-tokens", type=int, default=8)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+
+    print(f"cpu: {cpu_flags()}")
+    print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    llm = sorai.load(hub.DEFAULT_MODEL)
+    from sorai.engine.async_engine import AsyncEngine
+    from sorai.engine.llm_engine import LLMEngine
+
+    engine = AsyncEngine(LLMEngine(llm.model, llm.tokenizer, name=hub.DEFAULT_MODEL))
+    with tempfile.TemporaryDirectory() as data_dir:
+        settings = ServerSettings(embedding_model=None, data_dir=Path(data_dir))
+        server = ServerThread(create_app(engine, settings)).start()
+        try:
+            client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+            file_id = batch_file(client, args.batch_lines, args.batch_max_tokens)
+            ttft(client, "warm up", 2)
+            variants = ("alone", "batch", "batch-p0")
+            samples: dict[str, list[float]] = {v: [] for v in variants}
+            for r in range(args.rounds):
+                for variant in variants:
+                    times = run_variant(client, variant, file_id, args)
+                    samples[variant] += times
+                    median = statistics.median(times) * 1e3
+                    print(f"round {r + 1} {variant:9s} median TTFT {median:7.1f} ms")
+        finally:
+            server.stop()
+    print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    medians = {v: statistics.median(t) for v, t in samples.items()}
+    print(f"\n{'variant':10s} {'median TTFT':>12s} {'p90':>9s} {'vs alone':>9s}")
+    report = {"cpu": cpu_flags(), "medians_ms": {}, "ratios": {}}
+    for variant, times in samples.items():
+        p90 = statistics.quantiles(times, n=10)[-1] if len(times) >= 2 else times[0]
+        ratio = medians[variant] / medians["alone"]
+        print(f"{variant:10s} {medians[variant] * 1e3:10.1f}ms {p90 * 1e3:7.1f}ms {ratio:8.2f}x")
+        report["medians_ms"][variant] = medians[variant] * 1e3
+        report["ratios"][variant] = ratio
+    verdict = "met" if report["ratios"]["batch"] <= GOAL else "NOT met"
+    print(f"goal: TTFT while a batch runs <= {GOAL:.2f}x alone: {verdict}")
+    if args.json is not None:
+        args.json.write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

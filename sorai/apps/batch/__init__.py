@@ -1,0 +1,1 @@
+"""`sorai batch`: submit, follow, cancel and read batches on a running server."""

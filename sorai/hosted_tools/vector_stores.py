@@ -1,0 +1,252 @@
+"""/v1/vector_stores: a vector store is a `sorai index` file built from uploaded files (under
+<data dir>/vector_stores/), embedded by the server's own embedding model; file_search reads it.
+
+Each attached file is copied to <store>/<file id>/<its filename>, so an index hit's path names
+its file id and name. Building is synchronous: a store is answered "completed"."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, FastAPI
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from sorai.apps.rag.ingest import add_files
+from sorai.apps.rag.store import Index
+from sorai.server.body import read_json
+from sorai.server.errors import APIError
+from sorai.server.files import file_store, known_file
+from sorai.server.protocol import _Request
+
+router = APIRouter()
+
+
+class _ServerEmbedder:
+    """The index's Embedder over the server's embedding engine (called from worker threads,
+    so each call is handed to the event loop the engine's futures live on)."""
+
+    def __init__(self, app: FastAPI, loop: asyncio.AbstractEventLoop) -> None:
+        engine = app.state.sorai.embeddings
+        if engine is None:
+            raise APIError(
+                400,
+                "vector stores need an embedding model: this server was started with "
+                "--embedding-model none",
+                code="embeddings_unavailable",
+            )
+        self.engine = engine
+        self.loop = loop
+        self.embedding_model = engine.name
+
+    def embed(self, texts: list[str]) -> list[list[float]]:
+        future = asyncio.run_coroutine_threadsafe(self._embed(texts), self.loop)
+        return future.result()
+
+    async def _embed(self, texts: list[str]) -> list[list[float]]:
+        await self.engine.load()
+        return (await self.engine.embed(texts)).vectors.tolist()
+
+    def context_length(self, model: str) -> int | None:
+        return self.engine.max_seq_length
+
+
+class VectorStores:
+    def __init__(self, app: FastAPI, loop: asyncio.AbstractEventLoop) -> None:
+        self.root = app.state.sorai.settings.data_path() / "vector_stores"
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.app = app
+        self.loop = loop
+        self._embedder: _ServerEmbedder | None = None
+
+    @property
+    def embedder(self) -> _ServerEmbedder:
+        if self._embedder is None:
+            self._embedder = _ServerEmbedder(self.app, self.loop)
+        return self._embedder
+
+    def get(self, store_id: str) -> dict[str, Any] | None:
+        path = self.root / f"{store_id}.json"
+        if "/" in store_id or not path.exists():
+            return None
+        return json.loads(path.read_text())
+
+    def put(self, store: dict[str, Any]) -> None:
+        path = self.root / f"{store['id']}.json"
+        partial = path.with_suffix(".part")
+        partial.write_text(json.dumps(store))
+        partial.replace(path)
+
+    def list(self) -> list[dict[str, Any]]:
+        stores = [json.loads(p.read_text()) for p in self.root.glob("*.json")]
+        return sorted(stores, key=lambda s: s["created_at"], reverse=True)
+
+    def index(self, store_id: str) -> Index:
+        return Index(self.root / f"{store_id}.sqlite")
+
+    def file_of(self, path: str) -> tuple[str, str]:
+        """(file id, filename) of an index hit's path."""
+        where = Path(path)
+        return where.parent.name, where.name
+
+    def attach(self, store_id: str, file_id: str, filename: str, data: bytes) -> str | None:
+        """Index one file (in a worker thread); None, or why it could not be read."""
+        folder = self.root / store_id / file_id
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / Path(filename).name).write_bytes(data)
+        index = self.index(store_id)
+        try:
+            report = add_files(index, [folder], self.embedder)
+        finally:
+            index.close()
+        return "; ".join(why for _, why in report.failures) or None
+
+    def delete(self, store_id: str) -> bool:
+        if self.get(store_id) is None:
+            return False
+        (self.root / f"{store_id}.json").unlink()
+        (self.root / f"{store_id}.sqlite").unlink(missing_ok=True)
+        shutil.rmtree(self.root / store_id, ignore_errors=True)
+        return True
+
+
+def vector_stores(app: FastAPI) -> VectorStores:
+    stores = getattr(app.state, "vector_stores", None)
+    if stores is None:
+        stores = app.state.vector_stores = VectorStores(app, asyncio.get_running_loop())
+    return stores
+
+
+class CreateVectorStore(_Request):
+    name: str | None = None
+    file_ids: list[str] | None = None
+    metadata: dict[str, str] | None = None
+
+
+class AttachFile(_Request):
+    file_id: str
+
+
+@router.post("/v1/vector_stores")
+async def create_vector_store(request: Request) -> Response:
+    body = await read_json(request, CreateVectorStore)
+    for file_id in body.file_ids or []:
+        known_file(request, file_id, param="file_ids")
+    stores = vector_stores(request.app)
+    store = {
+        "id": f"vs_{uuid.uuid4().hex}",
+        "object": "vector_store",
+        "created_at": int(time.time()),
+        "name": body.name,
+        "status": "completed",
+        "usage_bytes": 0,
+        "file_counts": {"in_progress": 0, "completed": 0, "failed": 0, "cancelled": 0, "total": 0},
+        "metadata": body.metadata or {},
+        "expires_at": None,
+        "expires_after": None,
+        "last_active_at": None,
+        "file_ids": [],
+    }
+    stores.put(store)
+    for file_id in body.file_ids or []:
+        await _attach(request, store["id"], file_id)
+    return JSONResponse(_public(stores.get(store["id"])))
+
+
+@router.get("/v1/vector_stores")
+async def list_vector_stores(request: Request) -> Response:
+    data = [_public(s) for s in vector_stores(request.app).list()]
+    return JSONResponse(
+        {
+            "object": "list",
+            "data": data,
+            "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None,
+            "has_more": False,
+        }
+    )
+
+
+@router.get("/v1/vector_stores/{store_id}")
+async def retrieve_vector_store(request: Request, store_id: str) -> Response:
+    return JSONResponse(_public(_known(request, store_id)))
+
+
+@router.delete("/v1/vector_stores/{store_id}")
+async def delete_vector_store(request: Request, store_id: str) -> Response:
+    if not vector_stores(request.app).delete(store_id):
+        raise _not_found(store_id)
+    return JSONResponse({"id": store_id, "object": "vector_store.deleted", "deleted": True})
+
+
+@router.post("/v1/vector_stores/{store_id}/files")
+async def attach_file(request: Request, store_id: str) -> Response:
+    _known(request, store_id)
+    body = await read_json(request, AttachFile)
+    known_file(request, body.file_id)
+    return JSONResponse(await _attach(request, store_id, body.file_id))
+
+
+@router.get("/v1/vector_stores/{store_id}/files")
+async def list_files(request: Request, store_id: str) -> Response:
+    store = _known(request, store_id)
+    data = store.get("files", [])
+    return JSONResponse(
+        {
+            "object": "list",
+            "data": data,
+            "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None,
+            "has_more": False,
+        }
+    )
+
+
+async def _attach(request: Request, store_id: str, file_id: str) -> dict[str, Any]:
+    stores = vector_stores(request.app)
+    record = known_file(request, file_id)
+    data = file_store(request).content(file_id)
+    error = await asyncio.to_thread(stores.attach, store_id, file_id, record["filename"], data)
+    store = stores.get(store_id)
+    assert store is not None
+    entry = {
+        "id": file_id,
+        "object": "vector_store.file",
+        "created_at": int(time.time()),
+        "vector_store_id": store_id,
+        "status": "failed" if error else "completed",
+        "usage_bytes": len(data),
+        "last_error": {"code": "unsupported_file", "message": error} if error else None,
+    }
+    store["files"] = [f for f in store.get("files", []) if f["id"] != file_id] + [entry]
+    counts = store["file_counts"]
+    counts["total"] = len(store["files"])
+    counts["completed"] = sum(f["status"] == "completed" for f in store["files"])
+    counts["failed"] = sum(f["status"] == "failed" for f in store["files"])
+    store["usage_bytes"] = sum(f["usage_bytes"] for f in store["files"])
+    stores.put(store)
+    return entry
+
+
+def _public(store: dict[str, Any] | None) -> dict[str, Any]:
+    assert store is not None
+    return {k: v for k, v in store.items() if k not in ("files", "file_ids")}
+
+
+def _known(request: Request, store_id: str) -> dict[str, Any]:
+    store = vector_stores(request.app).get(store_id)
+    if store is None:
+        raise _not_found(store_id)
+    return store
+
+
+def _not_found(store_id: str) -> APIError:
+    return APIError(
+        404, f"no vector store has the id {store_id!r}", param="vector_store_id", code="not_found"
+    )

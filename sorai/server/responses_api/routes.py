@@ -1,0 +1,586 @@
+"""POST /v1/responses, GET/DELETE /v1/responses/{id}, GET /v1/responses/{id}/input_items.
+
+A request becomes a chat request (items.py) and runs on the chat machinery: the one chat
+renderer, tools (server/tools.py: forced calls and the auto constraint) and guided decoding
+(text.format json_schema as response_format). Stored responses (store: true, the default) keep
+the conversation as chat messages, so previous_response_id continues it after a restart.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter
+from pydantic import ValidationError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from sorai.errors import SoraiError
+from sorai.server.body import read_json
+from sorai.server.errors import APIError, bad_request, describe_validation_error
+from sorai.server.guided import checked, failed
+from sorai.server.models import route
+from sorai.server.protocol import ChatCompletionRequest, Usage, _Request, make_usage
+from sorai.server.responses import EventStream, UsageTally, error_event
+from sorai.server.responses_api import items as it
+from sorai.server.responses_api.hosted import HostedContext, hosted_tools
+from sorai.server.responses_api.store import ResponseStore, StoredResponse
+from sorai.server.runner import Generation, unless_disconnected
+from sorai.server.state import get_state
+from sorai.server.tools import ToolSetup, ToolStream, api_errors
+
+router = APIRouter()
+
+
+class ResponseRequest(_Request):
+    model: str | None = None
+    input: Any = None
+    instructions: str | None = None
+    max_output_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    text: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
+    previous_response_id: str | None = None
+    store: bool | None = True
+    stream: bool | None = False
+    metadata: dict[str, str] | None = None
+    user: str | None = None
+    seed: int | None = None  # sorai's extra, as in chat completions
+
+
+def response_store(request: Request) -> ResponseStore:
+    """The app's store, opened on first use (a server that never stores writes no file)."""
+    store = getattr(request.app.state, "response_store", None)
+    if store is None:
+        path = get_state(request).settings.data_path() / "responses.sqlite"
+        store = request.app.state.response_store = ResponseStore(path)
+    return store
+
+
+class _Turn:
+    """One response being made: its request, the conversation before it, and its output."""
+
+    def __init__(self, body: ResponseRequest, model: str, items: list, history: list) -> None:
+        self.id = it.new_item_id("resp")
+        self.created_at = int(time.time())
+        self.body = body
+        self.model = model
+        self.input_items = items
+        self.history = history
+        self.output: list[dict[str, Any]] = []
+        self.status = "in_progress"
+        self.incomplete: dict[str, str] | None = None
+        self.usage: dict[str, Any] | None = None
+        self.conversation = self.id  # the first response's id, through previous_response_id
+
+    def add_answer(
+        self, content: str | None, calls: list | None, annotations: list | None = None
+    ) -> None:
+        if content:
+            self.output.append(it.message_item(content, annotations=annotations))
+        for call in calls or []:
+            function = call.function
+            self.output.append(it.function_call_item(call.id, function.name, function.arguments))
+
+    def finish(self, finish_reason: str | None, usage: Usage) -> None:
+        self.status = "completed"
+        if finish_reason == "length":
+            self.status = "incomplete"
+            self.incomplete = {"reason": "max_output_tokens"}
+        self.usage = {
+            "input_tokens": usage.prompt_tokens,
+            "input_tokens_details": {"cached_tokens": usage.prompt_tokens_details.cached_tokens},
+            "output_tokens": usage.completion_tokens,
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": usage.total_tokens,
+        }
+
+    def object(self) -> dict[str, Any]:
+        body = self.body
+        return {
+            "id": self.id,
+            "object": "response",
+            "created_at": self.created_at,
+            "status": self.status,
+            "error": None,
+            "incomplete_details": self.incomplete,
+            "instructions": body.instructions,
+            "max_output_tokens": body.max_output_tokens,
+            "model": self.model,
+            "output": self.output,
+            "parallel_tool_calls": body.parallel_tool_calls is not False,
+            "previous_response_id": body.previous_response_id,
+            "reasoning": None,
+            "store": body.store is not False,
+            "temperature": 1.0 if body.temperature is None else body.temperature,
+            "text": body.text or {"format": {"type": "text"}},
+            "tool_choice": body.tool_choice or "auto",
+            "tools": body.tools or [],
+            "top_p": 1.0 if body.top_p is None else body.top_p,
+            "truncation": "disabled",
+            "usage": self.usage,
+            "user": body.user,
+            "metadata": body.metadata or {},
+            "conversation": {"id": self.conversation},
+        }
+
+    def save(self, store: ResponseStore) -> None:
+        if self.body.store is False:
+            return
+        history = self.history + it.chat_messages(self.input_items + self.output)
+        store.put(StoredResponse(self.object(), self.input_items, history))
+
+
+@router.post("/v1/responses")
+async def create_response(request: Request) -> Response:
+    arrival = time.perf_counter()
+    store = response_store(request)
+    hosted = hosted_tools(request.app)
+    body = await read_json(request, ResponseRequest)
+    items = it.input_items(body.input)
+    history: list[dict[str, Any]] = []
+    conversation = None
+    if body.previous_response_id is not None:
+        previous = store.get(body.previous_response_id)
+        if previous is None:
+            raise APIError(
+                404,
+                f"no stored response has the id {body.previous_response_id!r} (responses made "
+                "with store: false are not kept)",
+                param="previous_response_id",
+                code="response_not_found",
+            )
+        history = previous.history
+        conversation = (previous.response.get("conversation") or {}).get("id")
+    fields = _chat_fields(body, history, items, hosted)
+    chat = _validated(fields)
+    state, model = await route(request, chat.model)
+    turn = _Turn(body, model, items, history)
+    turn.conversation = conversation or turn.id
+    specs = {t["type"]: t for t in body.tools or [] if t.get("type") in hosted}
+    if specs:
+        for kind, spec in specs.items():
+            hosted[kind].check(spec, request.app)
+        await unless_disconnected(
+            request, _hosted_rounds(request, state, fields, turn, specs, arrival)
+        )
+        turn.save(store)
+        if body.stream:
+            return EventStream(_replay(turn), on_close=_nothing)
+        return JSONResponse(turn.object())
+    tools, generation = _generation(state, chat, turn.id, arrival)
+    await unless_disconnected(request, generation.start())
+    if body.stream:
+        events = _guarded(_stream(turn, tools, generation, store))
+        return EventStream(events, on_close=generation.close)
+    try:
+        content, calls, reason, tally = await unless_disconnected(
+            request, _collect(tools, generation)
+        )
+    finally:
+        await generation.close()
+    turn.add_answer(content, calls)
+    turn.finish(reason, tally.usage())
+    turn.save(store)
+    return JSONResponse(turn.object())
+
+
+def _generation(
+    state: Any, chat: ChatCompletionRequest, request_id: str, arrival: float
+) -> tuple[ToolSetup, Generation]:
+    """The request's tools and its engine request, checked (not started)."""
+    engine = state.engine
+    tools = ToolSetup.from_request(chat.tools, chat.tool_choice, chat.parallel_tool_calls)
+    guided, guided_param = chat.guided()
+    guided_param = "text.format" if guided_param else None
+    with api_errors():
+        guided = tools.constrain(guided, guided_param)
+    if tools.forced:
+        guided_param = "tools"
+    prompt_ids = tools.encode(engine.tokenizer, chat.messages)
+    params = chat.sampling_params(len(prompt_ids), engine.context_length, guided)
+    generation = Generation(state, [(prompt_ids, params)], request_id, arrival)
+    with checked(guided_param):
+        generation.check()
+    return tools, generation
+
+
+# Model turns one response may take around hosted tool calls (each call, then an answer).
+MAX_HOSTED_ROUNDS = 4
+
+
+async def _hosted_rounds(
+    request: Request,
+    state: Any,
+    fields: dict[str, Any],
+    turn: _Turn,
+    specs: dict[str, dict[str, Any]],
+    arrival: float,
+) -> None:
+    """Generate; run the hosted tools the answer calls and generate again with their results,
+    until an answer calls none (or MAX_HOSTED_ROUNDS): the response's output is every call's
+    item, then the final answer, cited."""
+    hosted = hosted_tools(request.app)
+    messages = list(fields["messages"])
+    annotations: list[dict[str, Any]] = []
+    prompt = completion = cached = 0
+    reason: str | None = None
+    for round_number in range(MAX_HOSTED_ROUNDS):
+        chat = _validated({**fields, "messages": messages})
+        tools, generation = _generation(state, chat, f"{turn.id}-{round_number}", arrival)
+        try:
+            await generation.start()
+            content, calls, reason, tally = await _collect(tools, generation)
+        finally:
+            await generation.close()
+        usage = tally.usage()
+        prompt += usage.prompt_tokens
+        completion += usage.completion_tokens
+        cached += usage.prompt_tokens_details.cached_tokens
+        own = [c for c in calls or [] if c.function.name in specs]
+        if not own or round_number == MAX_HOSTED_ROUNDS - 1:
+            turn.add_answer(content, [c for c in calls or [] if c not in own], annotations)
+            break
+        for call in own:
+            try:
+                arguments = json.loads(call.function.arguments or "{}")
+            except json.JSONDecodeError:
+                arguments = {}
+            if not isinstance(arguments, dict):
+                arguments = {}
+            tool = hosted[call.function.name]
+            spec = specs[call.function.name]
+            context = HostedContext(request.app, turn.conversation, _last_user_text(messages))
+            result = await tool.run(spec, arguments, context)
+            turn.output.append(result.item)
+            annotations += result.annotations
+            messages.append(
+                {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [
+                        {"id": call.id, "type": "function", "function": call.function.model_dump()}
+                    ],
+                }
+            )
+            messages.append({"role": "tool", "tool_call_id": call.id, "content": result.output})
+        # After the tools ran, the model answers from their results rather than calling again.
+        fields = {**fields, "tool_choice": "none"}
+    turn.finish(reason, make_usage(prompt, completion, cached))
+
+
+def _last_user_text(messages: list[dict[str, Any]]) -> str:
+    for message in reversed(messages):
+        if message.get("role") == "user" and isinstance(message.get("content"), str):
+            return message["content"]
+    return ""
+
+
+async def _replay(turn: _Turn) -> AsyncIterator[str]:
+    """A finished response as the events of a stream (hosted tools run before it is sent)."""
+    event = _Events()
+    done = turn.object()
+    yield event("response.created", response={**done, "status": "in_progress", "output": []})
+    for index, item in enumerate(turn.output):
+        yield event("response.output_item.added", output_index=index, item=item)
+        if item["type"] == "message":
+            part = item["content"][0]
+            common = {"item_id": item["id"], "output_index": index, "content_index": 0}
+            yield event("response.content_part.added", part={**part, "text": ""}, **common)
+            yield event("response.output_text.delta", delta=part["text"], logprobs=[], **common)
+            yield event("response.output_text.done", text=part["text"], logprobs=[], **common)
+            yield event("response.content_part.done", part=part, **common)
+        yield event("response.output_item.done", output_index=index, item=item)
+    kind = "response.incomplete" if turn.status == "incomplete" else "response.completed"
+    yield event(kind, response=done)
+
+
+async def _nothing() -> None:
+    return None
+
+
+def _chat_fields(
+    body: ResponseRequest,
+    history: list[dict[str, Any]],
+    items: list[dict[str, Any]],
+    hosted: dict[str, Any],
+) -> dict[str, Any]:
+    """The chat request this response is made as: instructions (never inherited from the
+    previous response, as in OpenAI's API), the stored conversation, the new items."""
+    messages = list(history)
+    if body.instructions:
+        messages.insert(0, {"role": "system", "content": body.instructions})
+    messages += it.chat_messages(items)
+    fields = {
+        "model": body.model,
+        "messages": messages,
+        "max_completion_tokens": body.max_output_tokens,
+        "temperature": body.temperature,
+        "top_p": body.top_p,
+        "seed": body.seed,
+        "tools": it.chat_tools(body.tools, hosted),
+        "tool_choice": it.chat_tool_choice(body.tool_choice, hosted),
+        "parallel_tool_calls": body.parallel_tool_calls,
+        "response_format": it.response_format(body.text),
+    }
+    return {k: v for k, v in fields.items() if v is not None}
+
+
+def _validated(fields: dict[str, Any]) -> ChatCompletionRequest:
+    try:
+        chat = ChatCompletionRequest.model_validate(fields)
+    except ValidationError as exc:
+        raise describe_validation_error(exc) from None
+    chat.check()
+    return chat
+
+
+async def _collect(
+    tools: ToolSetup, generation: Generation
+) -> tuple[str | None, list | None, str | None, UsageTally]:
+    """The whole answer: (content, tool calls, finish_reason, usage)."""
+    texts: list[str] = []
+    finish: str | None = None
+    tally = UsageTally(1)
+    async for i, output in generation.outputs():
+        tally.add(i, output)
+        for delta in output.choices:
+            failed(delta)
+            texts.append(delta.text)
+            if delta.finish_reason is not None:
+                finish = delta.finish_reason
+    if finish in (None, "abort"):
+        raise generation.aborted()
+    content, calls, reason = tools.answer("".join(texts), finish)
+    return content, calls, reason, tally
+
+
+class _Events:
+    """The typed SSE events of one streamed response, numbered in order."""
+
+    def __init__(self) -> None:
+        self.sequence = 0
+
+    def __call__(self, kind: str, **fields: Any) -> str:
+        data = {"type": kind, "sequence_number": self.sequence, **fields}
+        self.sequence += 1
+        return f"event: {kind}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+async def _stream(
+    turn: _Turn, tools: ToolSetup, generation: Generation, store: ResponseStore
+) -> AsyncIterator[str]:
+    event = _Events()
+    yield event("response.created", response=turn.object())
+    yield event("response.in_progress", response=turn.object())
+    writer = _OutputWriter(turn, event)
+    tool_stream: ToolStream | None = tools.stream() if tools.active else None
+    tally = UsageTally(1)
+    finish: str | None = None
+    async for i, output in generation.outputs():
+        tally.add(i, output)
+        for delta in output.choices:
+            if delta.finish_reason == "abort":
+                raise generation.aborted()
+            failed(delta)
+            if tool_stream is None:
+                if delta.text:
+                    for piece in writer.text(delta.text):
+                        yield piece
+                if delta.finish_reason is not None:
+                    finish = delta.finish_reason
+                continue
+            messages = tool_stream.feed(delta.text) if delta.text else []
+            if delta.finish_reason is not None:
+                more, finish = tool_stream.finish(delta.finish_reason)
+                messages += more
+            for message in messages:
+                if message.content:
+                    for piece in writer.text(message.content):
+                        yield piece
+                for call in message.tool_calls or []:
+                    for piece in writer.call(call):
+                        yield piece
+    for piece in writer.close():
+        yield piece
+    turn.finish(finish, tally.usage())
+    turn.save(store)
+    kind = "response.incomplete" if turn.status == "incomplete" else "response.completed"
+    yield event(kind, response=turn.object())
+
+
+class _OutputWriter:
+    """Output items as they stream: an assistant message (opened on its first text) and one
+    function_call item per tool call, each added, filled by deltas and closed by done events."""
+
+    def __init__(self, turn: _Turn, event: _Events) -> None:
+        self.turn = turn
+        self.event = event
+        self.message: dict[str, Any] | None = None
+        self.calls: dict[int, dict[str, Any]] = {}  # the tool call's index -> its item
+        self.open: list[dict[str, Any]] = []
+
+    def _add(self, item: dict[str, Any]) -> str:
+        self.turn.output.append(item)
+        self.open.append(item)
+        return self.event(
+            "response.output_item.added",
+            output_index=len(self.turn.output) - 1,
+            item={**item, "status": "in_progress"},
+        )
+
+    def text(self, piece: str) -> list[str]:
+        events = []
+        if self.message is None:
+            self.message = it.message_item("")
+            self.message["content"] = []
+            events.append(self._add(self.message))
+            part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+            self.message["content"].append(part)
+            events.append(
+                self.event(
+                    "response.content_part.added",
+                    item_id=self.message["id"],
+                    output_index=self._index(self.message),
+                    content_index=0,
+                    part=dict(part),
+                )
+            )
+        self.message["content"][0]["text"] += piece
+        events.append(
+            self.event(
+                "response.output_text.delta",
+                item_id=self.message["id"],
+                output_index=self._index(self.message),
+                content_index=0,
+                delta=piece,
+                logprobs=[],
+            )
+        )
+        return events
+
+    def call(self, delta: Any) -> list[str]:
+        events = []
+        item = self.calls.get(delta.index)
+        if item is None:
+            name = delta.function.name if delta.function else ""
+            item = it.function_call_item(delta.id or "", name or "", "")
+            self.calls[delta.index] = item
+            events.append(self._add(item))
+        fragment = delta.function.arguments if delta.function else None
+        if fragment:
+            item["arguments"] += fragment
+            events.append(
+                self.event(
+                    "response.function_call_arguments.delta",
+                    item_id=item["id"],
+                    output_index=self._index(item),
+                    delta=fragment,
+                )
+            )
+        return events
+
+    def close(self) -> list[str]:
+        events = []
+        for item in self.open:
+            index = self._index(item)
+            if item is self.message:
+                part = item["content"][0]
+                common = {"item_id": item["id"], "output_index": index, "content_index": 0}
+                events.append(
+                    self.event(
+                        "response.output_text.done", text=part["text"], logprobs=[], **common
+                    )
+                )
+                events.append(self.event("response.content_part.done", part=part, **common))
+            else:
+                events.append(
+                    self.event(
+                        "response.function_call_arguments.done",
+                        item_id=item["id"],
+                        output_index=index,
+                        name=item["name"],
+                        arguments=item["arguments"],
+                    )
+                )
+            events.append(self.event("response.output_item.done", output_index=index, item=item))
+        self.open = []
+        return events
+
+    def _index(self, item: dict[str, Any]) -> int:
+        return next(i for i, other in enumerate(self.turn.output) if other is item)
+
+
+async def _guarded(events: AsyncIterator[str]) -> AsyncIterator[str]:
+    """A failure after the 200: an `error` event, which the openai client raises."""
+    try:
+        async for piece in events:
+            yield piece
+    except (SoraiError, APIError) as exc:
+        yield "event: error\n" + error_event(exc)
+
+
+@router.get("/v1/responses/{response_id}")
+async def get_response(request: Request, response_id: str) -> Response:
+    return JSONResponse(_stored(request, response_id).response)
+
+
+@router.delete("/v1/responses/{response_id}")
+async def delete_response(request: Request, response_id: str) -> Response:
+    if not response_store(request).delete(response_id):
+        raise _not_found(response_id)
+    return JSONResponse({"id": response_id, "object": "response.deleted", "deleted": True})
+
+
+@router.get("/v1/responses/{response_id}/input_items")
+async def list_input_items(
+    request: Request,
+    response_id: str,
+    order: str = "desc",
+    limit: int = 20,
+    after: str | None = None,
+) -> Response:
+    if order not in ("asc", "desc"):
+        raise bad_request(f"order must be 'asc' or 'desc', got {order!r}", param="order")
+    if not 1 <= limit <= 100:
+        raise bad_request(f"limit must be in [1, 100], got {limit}", param="limit")
+    data = list(_stored(request, response_id).input_items)
+    if order == "desc":
+        data.reverse()
+    if after is not None:
+        ids = [item["id"] for item in data]
+        if after not in ids:
+            raise bad_request(f"after: no input item has the id {after!r}", param="after")
+        data = data[ids.index(after) + 1 :]
+    page = data[:limit]
+    return JSONResponse(
+        {
+            "object": "list",
+            "data": page,
+            "first_id": page[0]["id"] if page else None,
+            "last_id": page[-1]["id"] if page else None,
+            "has_more": len(data) > limit,
+        }
+    )
+
+
+def _stored(request: Request, response_id: str) -> StoredResponse:
+    stored = response_store(request).get(response_id)
+    if stored is None:
+        raise _not_found(response_id)
+    return stored
+
+
+def _not_found(response_id: str) -> APIError:
+    return APIError(
+        404,
+        f"no stored response has the id {response_id!r}",
+        param="response_id",
+        code="response_not_found",
+    )
