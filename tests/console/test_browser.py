@@ -11,6 +11,7 @@ import json
 import pytest
 
 from tests.console.conftest import API_KEY
+from tests.engine.lora_files import EIGHT, write_adapter
 
 # A MutationObserver keeps every distinct text the first choice showed: a streamed reply
 # shows several (a prefix, then more), a reply sent in one piece only its final text.
@@ -254,6 +255,30 @@ def test_models_and_an_agent_run(console, browser):
     browser.screenshot("agents")
     traces = list((console.root / "traces").glob("*.json"))
     assert len(traces) == 1  # the run's trace, saved where the server was told
+    assert not browser.errors, browser.errors
+
+
+@pytest.mark.slow
+def test_an_adapter_loaded_and_unloaded_from_the_models_page(
+    console, browser, default_llm, tmp_path
+):
+    adapter = write_adapter(tmp_path / "faq", default_llm.model, EIGHT[1], seed=0)
+    _unlock(browser, console)
+    _open(browser, console, "models")
+    browser.type("#adapter-name", "faq")
+    browser.type("#adapter-path", str(tmp_path / "nowhere"))
+    browser.click("#adapter-submit")
+    browser.wait("document.querySelector('#adapter-note[role=alert]') !== null")
+    assert "nowhere" in browser.text("#adapter-note")  # the server's 400 names the path
+    browser.type("#adapter-path", str(adapter))
+    browser.click("#adapter-submit")
+    browser.wait("document.querySelector('[data-adapter=faq]') !== null")
+    assert "smollm2-135m-instruct+faq" in browser.eval(
+        "[...document.querySelectorAll('.model-card')].map(c => c.innerText).join(' ')"
+    )
+    browser.screenshot("models-adapter")
+    browser.click("[data-adapter=faq]")
+    browser.wait("document.querySelector('[data-adapter=faq]') === null")
     assert not browser.errors, browser.errors
 
 

@@ -80,7 +80,7 @@ function App() {
       ${getKey() && html`<button class="plain" onClick=${() => { setKey(""); check(); }}>Forget key</button>`}
     </header>
     <main id=${"page-" + where.page}>
-      <${Page} models=${state.models} args=${where.args} />
+      <${Page} models=${state.models} args=${where.args} refresh=${() => check()} />
     </main>`;
 }
 
