@@ -19,6 +19,7 @@ from sorai.server.errors import APIError, bad_request
 from sorai.server.files import file_store, known_file
 from sorai.server.files_store import FileStore
 from sorai.server.protocol import _Request
+from sorai.server.responses import list_page
 from sorai.server.state import get_state
 
 router = APIRouter()
@@ -100,22 +101,7 @@ async def create_batch(request: Request) -> Response:
 
 @router.get("/v1/batches")
 async def list_batches(request: Request, limit: int = 20, after: str | None = None) -> Response:
-    if not 1 <= limit <= 100:
-        raise bad_request(f"limit must be in [1, 100], got {limit}", param="limit")
-    data = batch_runner(request).batches.list()
-    if after is not None:
-        ids = [b["id"] for b in data]
-        data = data[ids.index(after) + 1 :] if after in ids else []
-    page = data[:limit]
-    return JSONResponse(
-        {
-            "object": "list",
-            "data": page,
-            "first_id": page[0]["id"] if page else None,
-            "last_id": page[-1]["id"] if page else None,
-            "has_more": len(data) > limit,
-        }
-    )
+    return list_page(batch_runner(request).batches.list(), limit, after, "batch")
 
 
 @router.get("/v1/batches/{batch_id}")

@@ -12,6 +12,7 @@ from starlette.responses import JSONResponse, Response
 
 from sorai.server.errors import APIError, bad_request
 from sorai.server.files_store import UPLOAD_PURPOSES, FileStore
+from sorai.server.responses import list_page
 from sorai.server.state import get_state
 
 router = APIRouter()
@@ -73,24 +74,10 @@ async def list_files(
 ) -> Response:
     if order not in ("asc", "desc"):
         raise bad_request(f"order must be 'asc' or 'desc', got {order!r}", param="order")
-    if not 1 <= limit <= 10000:
-        raise bad_request(f"limit must be in [1, 10000], got {limit}", param="limit")
     data = file_store(request).list(purpose)
     if order == "asc":
         data.reverse()
-    if after is not None:
-        ids = [f["id"] for f in data]
-        data = data[ids.index(after) + 1 :] if after in ids else []
-    page = data[:limit]
-    return JSONResponse(
-        {
-            "object": "list",
-            "data": page,
-            "first_id": page[0]["id"] if page else None,
-            "last_id": page[-1]["id"] if page else None,
-            "has_more": len(data) > limit,
-        }
-    )
+    return list_page(data, limit, after, "file", max_limit=10000)
 
 
 @router.get("/v1/files/{file_id}")

@@ -1,4 +1,4 @@
-"""What chat and completions share: Server-Sent Events, usage counting, JSON responses."""
+"""What the endpoints share: Server-Sent Events, usage counting, JSON responses, list pages."""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import anyio
 from pydantic import BaseModel
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from sorai.engine.outputs import RequestOutput
 from sorai.errors import SoraiError
-from sorai.server.errors import APIError, engine_unavailable, from_sorai_error
+from sorai.server.errors import APIError, bad_request, engine_unavailable, from_sorai_error
 from sorai.server.protocol import Usage, make_usage
 
 DONE = "data: [DONE]\n\n"
@@ -25,6 +25,29 @@ def new_id(prefix: str) -> str:
 
 def json_response(body: BaseModel) -> Response:
     return Response(body.model_dump_json(), media_type="application/json")
+
+
+def list_page(
+    items: list[dict], limit: int, after: str | None, what: str, max_limit: int = 100
+) -> Response:
+    """OpenAI's cursor-paged list object: up to `limit` of `items` (in the order given) after
+    the one whose id is `after`; a 400 for a limit out of [1, max_limit] or an unknown `after`."""
+    if not 1 <= limit <= max_limit:
+        raise bad_request(f"limit must be in [1, {max_limit}], got {limit}", param="limit")
+    if after is not None:
+        ids = [item["id"] for item in items]
+        if after not in ids:
+            raise bad_request(f"after: no {what} has the id {after!r}", param="after")
+        items = items[ids.index(after) + 1 :]
+    page = items[:limit]
+    body = {
+        "object": "list",
+        "data": page,
+        "first_id": page[0]["id"] if page else None,
+        "last_id": page[-1]["id"] if page else None,
+        "has_more": len(items) > limit,
+    }
+    return JSONResponse(body)
 
 
 def sse(body: BaseModel, exclude: set[str] | None = None) -> str:

@@ -114,6 +114,21 @@ def test_files_upload_list_retrieve_content_delete(client: openai.OpenAI) -> Non
     assert big.value.status_code == 413
 
 
+def test_file_lists_page_by_cursor(client: openai.OpenAI) -> None:
+    """limit/after as OpenAI's cursor pages (newest first); an unknown cursor is a 400."""
+    made = [client.files.create(file=(f"p{i}.txt", b"x"), purpose="user_data") for i in range(3)]
+    first = client.files.list(purpose="user_data", limit=2)
+    assert [f.id for f in first.data] == [made[2].id, made[1].id] and first.has_more
+    rest = client.files.list(purpose="user_data", limit=2, after=made[1].id)
+    assert made[0].id in [f.id for f in rest.data]
+    with pytest.raises(openai.BadRequestError, match="no file has the id"):
+        client.files.list(after="file-nope")
+    with pytest.raises(openai.BadRequestError, match="limit"):
+        client.files.list(limit=0)
+    for f in made:
+        client.files.delete(f.id)
+
+
 def test_a_batch_mixing_chat_and_embeddings(client: openai.OpenAI) -> None:
     lines: list = [chat_line(i) for i in range(5)] + [embedding_line(i) for i in range(4)]
     lines.insert(3, "{not json")  # line 4

@@ -196,3 +196,27 @@ def test_serve_flag_errors_come_before_anything_loads(sorai_main) -> None:
     assert "unknown model 'x/y'" in few.stderr  # every -m is checked first
     two = sorai_main("serve", "-m", hub.DEFAULT_MODEL, "-m", "hf:org/later", "--max-models", "1")
     assert two.returncode == 2 and "--max-models 1 is fewer than the 2 -m models" in two.stderr
+
+
+def test_an_adapter_of_the_first_model_runs_on_its_engine_beside_the_pool(
+    served: Served, cache: Cache, tmp_path: Path
+) -> None:
+    """`tiny-a+faq` (an adapter loaded at runtime on the server's own model) is not a model of
+    the pool: it answers as tiny-a with that adapter does in the Python API."""
+    import httpx
+
+    from tests.engine.lora_files import EIGHT, write_adapter
+
+    alone = sorai.load(cache.paths["tiny-a"], quantize="none")
+    path = write_adapter(tmp_path / "faq", alone.model, EIGHT[1], seed=3, std=0.3)
+    url = str(served.client.base_url).rstrip("/")
+    loaded = httpx.post(
+        f"{url}/load_lora_adapter", json={"lora_name": "faq", "lora_path": str(path)}
+    )
+    assert loaded.status_code == 200, loaded.text
+    alone.add_adapter("faq", path)
+    expected = alone.generate(
+        "The sea is", max_tokens=6, temperature=0, ignore_eos=True, adapter="faq"
+    ).text
+    assert answer(served.client, "tiny-a+faq") == ("tiny-a+faq", expected)
+    assert answer(served.client, "tiny-b")[0] == "tiny-b"  # the pool still routes the others

@@ -24,7 +24,7 @@ from sorai.server.errors import APIError, bad_request, describe_validation_error
 from sorai.server.guided import checked, failed
 from sorai.server.models import route
 from sorai.server.protocol import ChatCompletionRequest, Usage, _Request, make_usage
-from sorai.server.responses import EventStream, UsageTally, error_event
+from sorai.server.responses import EventStream, UsageTally, error_event, list_page
 from sorai.server.responses_api import items as it
 from sorai.server.responses_api.hosted import HostedContext, hosted_tools
 from sorai.server.responses_api.store import ResponseStore, StoredResponse
@@ -548,26 +548,10 @@ async def list_input_items(
 ) -> Response:
     if order not in ("asc", "desc"):
         raise bad_request(f"order must be 'asc' or 'desc', got {order!r}", param="order")
-    if not 1 <= limit <= 100:
-        raise bad_request(f"limit must be in [1, 100], got {limit}", param="limit")
     data = list(_stored(request, response_id).input_items)
     if order == "desc":
         data.reverse()
-    if after is not None:
-        ids = [item["id"] for item in data]
-        if after not in ids:
-            raise bad_request(f"after: no input item has the id {after!r}", param="after")
-        data = data[ids.index(after) + 1 :]
-    page = data[:limit]
-    return JSONResponse(
-        {
-            "object": "list",
-            "data": page,
-            "first_id": page[0]["id"] if page else None,
-            "last_id": page[-1]["id"] if page else None,
-            "has_more": len(data) > limit,
-        }
-    )
+    return list_page(data, limit, after, "input item")
 
 
 def _stored(request: Request, response_id: str) -> StoredResponse:
