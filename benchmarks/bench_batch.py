@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import sorai  # noqa: E402
 from sorai import hub  # noqa: E402
+from sorai.model.hardware import machine  # noqa: E402
 from sorai.server import batch_runner  # noqa: E402
 from sorai.server.app import create_app  # noqa: E402
 from sorai.server.local import ServerThread  # noqa: E402
@@ -40,24 +41,7 @@ GOAL = 1.20
 
 
 def cpu_flags() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "unknown"
-    flags = next(
-        (line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")),
-        [],
-    )
-    wanted = [f for f in flags if f == "avx2" or f.startswith(("avx512", "amx"))]
-    model = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in text.splitlines()
-            if line.startswith("model name")
-        ),
-        "?",
-    )
-    return f"{model}; {' '.join(wanted) or 'no avx2/avx512/amx'}; {os.cpu_count()} cores"
+    return machine().describe()
 
 
 def ttft(client: openai.OpenAI, prompt: str, max_tokens: int) -> float:

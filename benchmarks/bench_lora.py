@@ -27,6 +27,7 @@ from sorai import hub
 from sorai.engine.config import EngineConfig
 from sorai.engine.llm_engine import LLMEngine
 from sorai.engine.params import SamplingParams
+from sorai.model.hardware import machine
 from sorai.model.lora import CONFIG_FILE, LoRAConfig, apply_lora, lora_modules, save_adapter
 from sorai.model.transformer import Transformer
 
@@ -41,15 +42,8 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 
 def cpu_line() -> str:
-    flags: set[str] = set()
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    wanted = sorted(f for f in flags if f == "avx2" or f.startswith(("avx512", "amx")))
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    return f"cpu flags: {' '.join(wanted) or 'none'}; cores {os.cpu_count()}; load {load}"
+    return f"{machine().describe()}; load {load}"
 
 
 def write_adapters(model: Transformer, count: int, root: Path) -> list[Path]:

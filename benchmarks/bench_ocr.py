@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from rapidocr import RapidOCR  # noqa: E402
 
+from sorai.model.hardware import machine  # noqa: E402
 from sorai.vision.decode import decode_image  # noqa: E402
 from sorai.vision.ocr import read_text  # noqa: E402
 from sorai.vision.quality import character_error_rate  # noqa: E402
@@ -22,14 +23,7 @@ from tests.vision.rendered import ocr_cases, png, text_page  # noqa: E402
 
 
 def cpu_line() -> str:
-    flags: set[str] = set()
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    shown = sorted(f for f in flags if f == "avx2" or f.startswith(("avx512", "amx")))
-    return f"cpus {os.cpu_count()}, flags {' '.join(shown) or '-'}, load {os.getloadavg()}"
+    return f"{machine().describe()}; load {os.getloadavg()}"
 
 
 def main() -> int:
