@@ -4,7 +4,6 @@ in the table after the scripts ran, and a screenshot is saved for a person to lo
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -15,22 +14,12 @@ from sorai.apps.eval.registry import Context, resolve
 from sorai.apps.eval.report import histogram, render_html, write_run
 from sorai.apps.eval.runner import Runner
 from sorai.apps.eval.summary import summarize
+from tests.console.browser import CHROMIUM, HEADLESS
 
 from .conftest import write_jsonl
 from .doubles import NumberJudge, warranty_rows
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts"
-FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 
 
 def make_report(tmp_path: Path) -> tuple[Path, int]:
@@ -88,7 +77,7 @@ def test_report_opens_in_headless_chromium_with_every_row(tmp_path):
     def chromium(*args: str) -> subprocess.CompletedProcess:
         profile = tmp_path / f"profile-{len(list(tmp_path.glob('profile-*')))}"
         return subprocess.run(
-            [CHROMIUM, *FLAGS, f"--user-data-dir={profile}", *args, url],
+            [CHROMIUM, *HEADLESS, f"--user-data-dir={profile}", *args, url],
             capture_output=True,
             text=True,
             timeout=90,
@@ -144,7 +133,7 @@ def test_report_with_1200_rows_and_hostile_text_in_chromium(tmp_path):
     dom = subprocess.run(
         [
             CHROMIUM,
-            *FLAGS,
+            *HEADLESS,
             f"--user-data-dir={profile}",
             "--dump-dom",
             (run_dir / "report.html").as_uri(),
