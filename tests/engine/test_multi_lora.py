@@ -148,9 +148,9 @@ def test_quantized_base_runs_adapters_in_a_batch_as_alone(default_llm: LLM, tmp_
 
 
 def test_peft_adapter_unmerged_gives_peft_logits(tmp_path: Path) -> None:
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
 
-    from tests.model.reference import load_reference, write_hf_checkpoint
+    from tests.model.reference import load_reference, peft_reference, write_hf_checkpoint
 
     checkpoint = write_hf_checkpoint(tmp_path / "tiny", "llama", tie_word_embeddings=False)
     config = LoraConfig(
@@ -161,12 +161,7 @@ def test_peft_adapter_unmerged_gives_peft_logits(tmp_path: Path) -> None:
         alpha_pattern={"v_proj": 4},
         task_type="CAUSAL_LM",
     )
-    reference = get_peft_model(load_reference(checkpoint), config)
-    with torch.no_grad():
-        generator = torch.Generator().manual_seed(3)
-        for name, param in reference.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+    reference = peft_reference(checkpoint, config)
     reference.save_pretrained(tmp_path / "adapter")
     ids = torch.randint(0, 512, (1, 24), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():

@@ -45,6 +45,20 @@ def load_reference(path: Path, dtype: torch.dtype = torch.float32, gguf_file: st
     return model.eval()
 
 
+def peft_reference(checkpoint: Path, config, seed: int = 3, std: float = 0.05):
+    """transformers + peft over `checkpoint` with the LoraConfig `config`, every lora_B drawn
+    at random (peft starts B at zero, which would make the adapter change nothing)."""
+    from peft import get_peft_model
+
+    reference = get_peft_model(load_reference(checkpoint), config)
+    with torch.no_grad():
+        generator = torch.Generator().manual_seed(seed)
+        for name, param in reference.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * std)
+    return reference
+
+
 def reference_greedy(reference, prompt: torch.Tensor, n: int) -> list[int]:
     with torch.inference_mode():
         out = reference.generate(
