@@ -18,6 +18,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from sorai.engine.outputs import ChoiceDelta
+from sorai.engine.params import SamplingParams
 from sorai.server.body import read_json
 from sorai.server.guided import checked, failed
 from sorai.server.logprobs import TokenText, chat_logprobs
@@ -42,7 +43,7 @@ from sorai.server.responses import (
     sse,
 )
 from sorai.server.runner import Generation, unless_disconnected
-from sorai.server.state import get_state
+from sorai.server.state import ServerState, get_state
 from sorai.server.tools import ToolSetup, ToolStream, api_errors
 from sorai.server.vision import MarkTable, render_images
 
@@ -76,6 +77,26 @@ class _Reply:
         return ChatLogprobs(content=chat_logprobs(entries or [], self.token_text))
 
 
+def prepare(
+    state: ServerState, body: ChatCompletionRequest, model: str, format_param: str | None = None
+) -> tuple[ToolSetup, list[int], SamplingParams, str | None]:
+    """What a chat-shaped request runs on `state`'s engine: its tools, prompt ids and sampling
+    (under the adapter the resolved `model` names), and the field a grammar error is blamed on.
+    `format_param` names the response format's field where it is not response_format (the
+    Responses API's text.format)."""
+    tools = ToolSetup.from_request(body.tools, body.tool_choice, body.parallel_tool_calls)
+    guided, guided_param = body.guided()
+    if guided_param and format_param:
+        guided_param = format_param
+    with api_errors():
+        guided = tools.constrain(guided, guided_param)
+    if tools.forced:
+        guided_param = "tools"
+    prompt_ids = tools.encode(state.engine.tokenizer, body.messages)
+    params = body.sampling_params(len(prompt_ids), state.engine.context_length, guided)
+    return tools, prompt_ids, state.with_adapter(params, model), guided_param
+
+
 @router.post("/v1/chat/completions")
 async def create_chat_completion(request: Request) -> Response:
     arrival = time.perf_counter()
@@ -83,17 +104,8 @@ async def create_chat_completion(request: Request) -> Response:
     body = await read_json(request, ChatCompletionRequest)
     body.check()
     state, model = await route(request, body.model, body.keep_alive)  # -m A -m B: A or B
-    engine = state.engine
     marks = await render_images(state.settings.media, body.messages, bool(body.set_of_marks))
-    tools = ToolSetup.from_request(body.tools, body.tool_choice, body.parallel_tool_calls)
-    guided, guided_param = body.guided()
-    with api_errors():
-        guided = tools.constrain(guided, guided_param)
-    if tools.forced:
-        guided_param = "tools"
-    prompt_ids = tools.encode(engine.tokenizer, body.messages)
-    params = body.sampling_params(len(prompt_ids), engine.context_length, guided)
-    params = state.with_adapter(params, model)
+    tools, prompt_ids, params, guided_param = prepare(state, body, model)
     reply = _Reply(body, model, params.n, state.token_text, tools)
     reply.marks = marks
     generation = Generation(state, [(prompt_ids, params)], reply.id, arrival)

@@ -99,6 +99,26 @@ def test_adapters_load_serve_and_unload_at_runtime(
     assert greedy(url, BASE) == base_text  # the base is untouched by all of it
 
 
+def test_the_responses_api_runs_under_the_adapter_it_names(server: tuple[str, Path]) -> None:
+    """/v1/responses prepares its request as chat does: `BASE+faq` runs the adapter."""
+    url, _ = server
+    messages = [{"role": "user", "content": PROMPT}]
+
+    def chat(model: str) -> str:
+        reply = client(url).chat.completions.create(
+            model=model, messages=messages, max_tokens=8, temperature=0
+        )
+        return reply.choices[0].message.content
+
+    def respond(model: str) -> str:
+        reply = client(url).responses.create(
+            model=model, input=PROMPT, max_output_tokens=8, temperature=0, store=False
+        )
+        return reply.output_text
+
+    assert respond(f"{BASE}+faq") == chat(f"{BASE}+faq") != chat(BASE) == respond(BASE)
+
+
 @pytest.mark.slow  # the fast tier has the Python API's (tests/engine/test_multi_lora.py)
 def test_structured_output_logprobs_n_and_stream_under_an_adapter(
     server: tuple[str, Path],

@@ -20,6 +20,7 @@ from starlette.responses import JSONResponse, Response
 
 from sorai.errors import SoraiError
 from sorai.server.body import read_json
+from sorai.server.chat import prepare
 from sorai.server.errors import APIError, bad_request, describe_validation_error
 from sorai.server.guided import checked, failed
 from sorai.server.models import route
@@ -30,7 +31,7 @@ from sorai.server.responses_api.hosted import HostedContext, hosted_tools
 from sorai.server.responses_api.store import ResponseStore, StoredResponse
 from sorai.server.runner import Generation, unless_disconnected
 from sorai.server.state import get_state
-from sorai.server.tools import ToolSetup, ToolStream, api_errors
+from sorai.server.tools import ToolSetup, ToolStream
 
 router = APIRouter()
 
@@ -174,7 +175,7 @@ async def create_response(request: Request) -> Response:
         if body.stream:
             return EventStream(_replay(turn), on_close=_nothing)
         return JSONResponse(turn.object())
-    tools, generation = _generation(state, chat, turn.id, arrival)
+    tools, generation = _generation(state, chat, turn.model, turn.id, arrival)
     await unless_disconnected(request, generation.start())
     if body.stream:
         events = _guarded(_stream(turn, tools, generation, store))
@@ -192,19 +193,10 @@ async def create_response(request: Request) -> Response:
 
 
 def _generation(
-    state: Any, chat: ChatCompletionRequest, request_id: str, arrival: float
+    state: Any, chat: ChatCompletionRequest, model: str, request_id: str, arrival: float
 ) -> tuple[ToolSetup, Generation]:
     """The request's tools and its engine request, checked (not started)."""
-    engine = state.engine
-    tools = ToolSetup.from_request(chat.tools, chat.tool_choice, chat.parallel_tool_calls)
-    guided, guided_param = chat.guided()
-    guided_param = "text.format" if guided_param else None
-    with api_errors():
-        guided = tools.constrain(guided, guided_param)
-    if tools.forced:
-        guided_param = "tools"
-    prompt_ids = tools.encode(engine.tokenizer, chat.messages)
-    params = chat.sampling_params(len(prompt_ids), engine.context_length, guided)
+    tools, prompt_ids, params, guided_param = prepare(state, chat, model, "text.format")
     generation = Generation(state, [(prompt_ids, params)], request_id, arrival)
     with checked(guided_param):
         generation.check()
@@ -233,7 +225,9 @@ async def _hosted_rounds(
     reason: str | None = None
     for round_number in range(MAX_HOSTED_ROUNDS):
         chat = _validated({**fields, "messages": messages})
-        tools, generation = _generation(state, chat, f"{turn.id}-{round_number}", arrival)
+        tools, generation = _generation(
+            state, chat, turn.model, f"{turn.id}-{round_number}", arrival
+        )
         try:
             await generation.start()
             content, calls, reason, tally = await _collect(tools, generation)
