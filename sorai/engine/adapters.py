@@ -49,10 +49,7 @@ class AdapterEntry:
 
 class AdapterRegistry:
     def __init__(self, model: Transformer, max_loras: int, max_lora_rank: int) -> None:
-        if max_loras < 1 or max_lora_rank < 1:
-            raise SoraiError(
-                f"max_loras and max_lora_rank must be >= 1, got {max_loras} and {max_lora_rank}"
-            )
+        # Both bounds are checked by EngineConfig, the one place they come from.
         self.model = model
         self.max_loras = max_loras
         self.max_lora_rank = max_lora_rank
