@@ -4,14 +4,16 @@ with checked names), on public data: ACLSum (PyPI `aclsum`, ACL papers with refe
 summaries written by annotators).
 
     python benchmarks/bench_summarize.py [--articles 50] [--styles paragraph,bullets,one-line]
-        [--topics] [--url http://127.0.0.1:8000]
+        [--workers 4] [--topics] [--url http://127.0.0.1:8000]
 
 Articles: each paper's introduction and conclusion; reference: its challenge, approach and
 outcome summaries joined. Reported per style and method: loops (a run of 4 words said twice),
 summaries with a number the article does not hold, bullets style obeyed, ROUGE-L F1 (LCS over
 lowercased words) against the reference, the extractive fallback's share, median seconds.
---topics: topic names over 5 corpora of ACLSum texts (the challenge, approach and outcome
-summaries, titles, abstracts' first sentences): names empty or a refusal, before vs after.
+--workers: articles summarized at once (the engine batches them; seconds are then per summary
+under that concurrency). --topics: topic names over 5 corpora of ACLSum texts (the
+challenge, approach and outcome summaries, titles, abstracts' first sentences): names empty
+or a refusal, before vs after.
 The sdist is fetched once with pip into ~/.cache/sorai/bench/aclsum.
 """
 
@@ -26,12 +28,14 @@ import subprocess
 import sys
 import tarfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from sorai.apps.client import Client
 from sorai.apps.skills import summarize as summarize_module
 from sorai.apps.skills.summary_checks import has_loop, is_refusal, numbers
 from sorai.apps.text import truncate_words
+from sorai.model.hardware import machine
 
 CACHE = Path.home() / ".cache" / "sorai" / "bench" / "aclsum"
 PACKAGE = "aclsum==0.1.2"
@@ -104,29 +108,45 @@ def bullets_ok(text: str) -> bool:
     return bool(lines) and all(line.startswith("- ") for line in lines)
 
 
-def bench_summaries(client: Client, count: int, styles: list[str], max_words: int) -> dict:
+def summarize_article(client: Client, n: int, text: str, style: str, max_words: int) -> dict:
+    """Both methods on one article: {method: (summary, fallback, seconds)}."""
+    out = {}
+    # Interleaved, so that a load change on a shared machine hits both alike.
+    for method in ("before", "after") if n % 2 == 0 else ("after", "before"):
+        start = time.perf_counter()
+        if method == "before":
+            summary, fallback = before(client, text, style, max_words), False
+        else:
+            summary, fallback = after(client, text, style, max_words)
+        out[method] = (summary, fallback, time.perf_counter() - start)
+    return out
+
+
+def bench_summaries(
+    client: Client, count: int, styles: list[str], max_words: int, workers: int = 1
+) -> dict:
     rows = articles(count)
     report = {}
     for style in styles:
         stats = {m: {"loops": 0, "bad_numbers": 0, "style_ok": 0, "rouge": [], "seconds": [],
                      "fallback": 0} for m in ("before", "after")}  # fmt: skip
-        for n, (text, reference) in enumerate(rows):
-            have = numbers(text)
-            # Interleaved, so that a load change on a shared machine hits both alike.
-            for method in ("before", "after") if n % 2 == 0 else ("after", "before"):
-                start = time.perf_counter()
-                if method == "before":
-                    out, fallback = before(client, text, style, max_words), False
-                else:
-                    out, fallback = after(client, text, style, max_words)
-                s = stats[method]
-                s["seconds"].append(time.perf_counter() - start)
-                s["loops"] += has_loop(out)
-                s["bad_numbers"] += any(x not in have for x in numbers(out))
-                s["style_ok"] += bullets_ok(out) if style == "bullets" else "\n" not in out.strip()
-                s["rouge"].append(rouge_l(out, reference))
-                s["fallback"] += fallback
-            print(f"  {style} {n + 1}/{len(rows)}", file=sys.stderr, flush=True)
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            futures = [
+                pool.submit(summarize_article, client, n, text, style, max_words)
+                for n, (text, _) in enumerate(rows)
+            ]
+            for n, ((text, reference), future) in enumerate(zip(rows, futures, strict=True)):
+                have = numbers(text)
+                for method, (out, fallback, seconds) in future.result().items():
+                    s = stats[method]
+                    s["seconds"].append(seconds)
+                    s["loops"] += has_loop(out)
+                    s["bad_numbers"] += any(x not in have for x in numbers(out))
+                    ok = bullets_ok(out) if style == "bullets" else "\n" not in out.strip()
+                    s["style_ok"] += ok
+                    s["rouge"].append(rouge_l(out, reference))
+                    s["fallback"] += fallback
+                print(f"  {style} {n + 1}/{len(rows)}", file=sys.stderr, flush=True)
         report[style] = {
             m: {
                 "articles": len(rows),
@@ -186,18 +206,6 @@ def bench_topics(client: Client, k: int) -> dict:
     return report
 
 
-def cpu_flags() -> list[str]:
-    try:
-        flags = next(
-            line.split(":", 1)[1].split()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("flags")
-        )
-    except (OSError, StopIteration):
-        return []
-    return sorted(f for f in flags if f == "avx2" or f.startswith(("avx512", "amx")))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--articles", type=int, default=50)
@@ -206,16 +214,18 @@ def main() -> None:
     parser.add_argument("--topics", action="store_true", help="also topic names (5 corpora)")
     parser.add_argument("--topics-only", action="store_true")
     parser.add_argument("--k", type=int, default=6, help="topics per corpus")
+    parser.add_argument("--workers", type=int, default=1, help="articles at once")
     parser.add_argument("--url", default=None)
     args = parser.parse_args()
-    print(json.dumps({"cpu_flags": cpu_flags(), "loadavg": os.getloadavg(),
-                      "cores": os.cpu_count()}), flush=True)  # fmt: skip
+    print(json.dumps({"machine": machine().describe(), "loadavg": os.getloadavg()}), flush=True)
     client = Client.connect(args.url) if args.url else Client.local()
     result = {}
     try:
         if not args.topics_only:
             styles = [s for s in args.styles.split(",") if s]
-            result["summaries"] = bench_summaries(client, args.articles, styles, args.max_words)
+            result["summaries"] = bench_summaries(
+                client, args.articles, styles, args.max_words, args.workers
+            )
         if args.topics or args.topics_only:
             result["topics"] = bench_topics(client, args.k)
     finally:
