@@ -186,9 +186,12 @@ def profile_ops(engine, batch: int, steps: int) -> None:
         print(f"    {cat:<24}{groups[cat]:7.2f} ms  {counts[cat]:5d} op calls")
     print(f"    {'outside ops (Python)':<24}{wall - ops:7.2f} ms")
     top = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:12]
-    print("    top ops: " + ", ".join(
-        f"{e.key} {e.self_cpu_time_total / 1e3 / steps:.2f}ms/{e.count // steps}" for e in top
-    ))
+    print(
+        "    top ops: "
+        + ", ".join(
+            f"{e.key} {e.self_cpu_time_total / 1e3 / steps:.2f}ms/{e.count // steps}" for e in top
+        )
+    )
 
 
 def main() -> None:
@@ -200,7 +203,8 @@ def main() -> None:
 
     import sorai
 
-    print(f"CPU flags: {cpu_flags()}; cores {len(os.sched_getaffinity(0))}; torch {torch.__version__}")
+    cores = len(os.sched_getaffinity(0))
+    print(f"CPU flags: {cpu_flags()}; cores {cores}; torch {torch.__version__}")
     print(f"load average: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f}")
     llm = sorai.load()
     engine = llm.engine
