@@ -130,7 +130,9 @@ def set_threads(engine, n: int) -> None:
     torch.set_num_threads(n)
 
 
-def measure(engine, tokenizer, batch: int, steps: int, threads: list[int]) -> None:
+def measure(
+    engine, tokenizer, batch: int, steps: int, threads: list[int], ops: bool = True
+) -> None:
     forward = Timed(engine.model.forward)
     sampler = Timed(engine._sample)
     engine.model.forward, engine._sample = forward, sampler
@@ -157,7 +159,8 @@ def measure(engine, tokenizer, batch: int, steps: int, threads: list[int]) -> No
                 f"  ({batch * 1e3 / w['step']:.1f} tok/s)"
             )
         set_threads(engine, threads[0])
-        profile_ops(engine, batch, min(steps, 10))
+        if ops:
+            profile_ops(engine, batch, min(steps, 10))
     finally:
         del engine.model.forward, engine._sample
         engine.__dict__.pop("_sample", None)
@@ -199,6 +202,7 @@ def main() -> None:
     parser.add_argument("--batch", default="1,16")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--threads", default="1,2")
+    parser.add_argument("--no-profile", action="store_true", help="wall-clock parts only")
     args = parser.parse_args()
 
     import sorai
@@ -212,7 +216,7 @@ def main() -> None:
     threads = [int(t) for t in args.threads.split(",")]
     for batch in (int(b) for b in args.batch.split(",")):
         print(f"\nbatch {batch}:")
-        measure(engine, llm.tokenizer, batch, args.steps, threads)
+        measure(engine, llm.tokenizer, batch, args.steps, threads, not args.no_profile)
     print(f"\nload average after: {os.getloadavg()[0]:.2f}")
 
 
