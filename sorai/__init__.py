@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
+
+# OpenMP threads that sleep between parallel regions instead of spinning: read once, when torch
+# loads its OpenMP runtime, so it is set here, before sorai imports torch (see
+# sorai.model.hardware.decode_threads for what it changes). A value the user set is kept.
+if "torch" not in sys.modules:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 if TYPE_CHECKING:
     import torch

@@ -1,5 +1,10 @@
 """Machine detection and the dtype `--dtype auto` picks from it."""
 
+import functools
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -33,3 +38,26 @@ def test_auto_dtype_is_the_loaders_default(default_gguf) -> None:
 
     model, _ = load_model(default_gguf)
     assert model.dtype == hardware.auto_dtype(torch.device("cpu"))[0]
+
+
+def test_import_sorai_makes_openmp_idle_threads_sleep_unless_the_user_chose() -> None:
+    script = "import os, sorai, torch; print(os.environ['OMP_WAIT_POLICY'])"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    run = functools.partial(subprocess.run, capture_output=True, text=True, check=True)
+    assert run([sys.executable, "-c", script], env=env).stdout.strip() == "PASSIVE"
+    chosen = {**env, "OMP_WAIT_POLICY": "ACTIVE"}
+    assert run([sys.executable, "-c", script], env=chosen).stdout.strip() == "ACTIVE"
+
+
+@pytest.mark.parametrize(
+    "policy, threads", [("PASSIVE", 2), ("passive", 2), ("ACTIVE", 1), (None, 1)]
+)
+def test_decode_uses_every_core_only_where_idle_openmp_threads_sleep(
+    monkeypatch: pytest.MonkeyPatch, policy: str | None, threads: int
+) -> None:
+    if policy is None:
+        monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    else:
+        monkeypatch.setenv("OMP_WAIT_POLICY", policy)
+    assert hardware.decode_threads(2) == threads
+    assert hardware.decode_threads(1) == 1
