@@ -22,7 +22,11 @@ import statistics
 import time
 from collections import defaultdict
 
-import torch
+# As `import sorai` does, before torch loads OpenMP (sorai.model.hardware.decode_threads); run
+# with OMP_WAIT_POLICY=ACTIVE to see libgomp's spinning default.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
 
 CATEGORIES = {
     "matmul": ("int4pack", "int8pack", "aten::mm", "aten::addmm", "aten::linear", "einsum", "bmm"),
@@ -210,6 +214,7 @@ def main() -> None:
     cores = len(os.sched_getaffinity(0))
     print(f"CPU flags: {cpu_flags()}; cores {cores}; torch {torch.__version__}")
     print(f"load average: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f}")
+    print(f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
     llm = sorai.load()
     engine = llm.engine
     print(f"decode path: {engine.decode_path[0]}; engine threads {engine.threads}")
