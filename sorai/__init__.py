@@ -12,8 +12,10 @@ __version__ = "0.1.0"
 # OpenMP threads that sleep between parallel regions instead of spinning: read once, when torch
 # loads its OpenMP runtime, so it is set here, before sorai imports torch (see
 # sorai.model.hardware.decode_threads for what it changes). A value the user set is kept.
-if "torch" not in sys.modules:
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# True when sorai set it (a benchmark starts llama.cpp's peers without it).
+OMP_WAIT_POLICY_SET_BY_SORAI = "torch" not in sys.modules and "OMP_WAIT_POLICY" not in os.environ
+if OMP_WAIT_POLICY_SET_BY_SORAI:
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 
 if TYPE_CHECKING:
     import torch
