@@ -663,8 +663,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--cpu-threads",
         type=int,
         default=None,
-        help="torch threads for decode steps on the CPU (default: every core, one less where "
-        "OMP_WAIT_POLICY is not PASSIVE; steps with 64+ prompt tokens use every core)",
+        help="torch threads for decode steps on the CPU (default: one less than the cores, "
+        "at least 1; steps with 64+ prompt tokens use every core)",
     )
     # LoRA adapters served unmerged (docs/serving.md, Adapters).
     serve.add_argument(

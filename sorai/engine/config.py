@@ -18,10 +18,10 @@ class EngineConfig:
     max_waiting: int = 256  # queued requests beyond which new ones are refused
     enable_prefix_caching: bool = True
     max_model_len: int | None = None  # None: the model's context window
-    # Torch threads on the CPU for decode steps; None: every core this process may use where
-    # OpenMP's idle threads sleep (OMP_WAIT_POLICY=PASSIVE, set by `import sorai`), else one
-    # less (sorai.model.hardware.decode_threads: spinning idle threads made two decode slower
-    # than one on 2 cores).
+    # Torch threads on the CPU for decode steps; None: one less than the cores this process may
+    # use, leaving a core to the HTTP server (measured on 2 cores under a server: 1 thread
+    # decodes a batch of 16 twice as fast as 2, whose small matrix products stall whenever the
+    # server's thread takes a core from one of them).
     cpu_threads: int | None = None
     # Threads for steps that compute at least `prefill_threads_from` prompt tokens: their large
     # matrix products are compute-bound and scale with cores. None: every core.

@@ -27,7 +27,6 @@ from sorai.engine.sequence import Request, Sequence, Status
 from sorai.errors import ContextLengthError, SamplingError, SoraiError
 from sorai.hub import DEFAULT_MODEL
 from sorai.model.fusion import fuse_projections
-from sorai.model.hardware import decode_threads
 from sorai.model.loader import load_pretrained
 from sorai.model.lora import check_adapter_dir
 from sorai.model.quant import decode_path
@@ -52,7 +51,7 @@ class LLMEngine:
         self.threads: tuple[int, int] | None = None  # (decode, prompt) steps, on the CPU
         if model.device.type == "cpu":
             cores = len(os.sched_getaffinity(0))
-            decode = cfg.cpu_threads or decode_threads(cores)
+            decode = cfg.cpu_threads or max(1, cores - 1)
             self.threads = (decode, cfg.cpu_prefill_threads or max(decode, cores))
             torch.set_num_threads(decode)
         fuse_projections(model)

@@ -72,23 +72,6 @@ def cpu_count() -> int:
         return os.cpu_count() or 1
 
 
-def decode_threads(cores: int | None = None) -> int:
-    """Torch threads for decode steps: every core where OpenMP's idle threads sleep
-    (OMP_WAIT_POLICY=PASSIVE, which `import sorai` sets before torch loads), else one less.
-
-    With libgomp's default wait policy a thread spins for a while after each parallel region,
-    and a decode step is thousands of small ops between its matrix products: on 2 cores shared
-    with other work the spinning thread took the core the step's own thread needed, and two
-    threads decoded 5-10x slower than one. With idle threads asleep two beat one (measured in
-    one process each, steps alternating, benchmarks/bench_decode_step.py: 1 vs 2 threads at
-    1 / 16 sequences, default policy 1189 / 1632 vs 13197 / 8755 ms, passive 218 / 1004 vs
-    53 / 604 ms, on a 2-core AVX2 EPYC at load average 17).
-    """
-    cores = cores or cpu_count()
-    passive = os.environ.get("OMP_WAIT_POLICY", "").strip().upper() == "PASSIVE"
-    return cores if passive else max(1, cores - 1)
-
-
 @dataclass(frozen=True)
 class Machine:
     cpu: str

@@ -47,17 +47,3 @@ def test_import_sorai_makes_openmp_idle_threads_sleep_unless_the_user_chose() ->
     assert run([sys.executable, "-c", script], env=env).stdout.strip() == "PASSIVE"
     chosen = {**env, "OMP_WAIT_POLICY": "ACTIVE"}
     assert run([sys.executable, "-c", script], env=chosen).stdout.strip() == "ACTIVE"
-
-
-@pytest.mark.parametrize(
-    "policy, threads", [("PASSIVE", 2), ("passive", 2), ("ACTIVE", 1), (None, 1)]
-)
-def test_decode_uses_every_core_only_where_idle_openmp_threads_sleep(
-    monkeypatch: pytest.MonkeyPatch, policy: str | None, threads: int
-) -> None:
-    if policy is None:
-        monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
-    else:
-        monkeypatch.setenv("OMP_WAIT_POLICY", policy)
-    assert hardware.decode_threads(2) == threads
-    assert hardware.decode_threads(1) == 1

@@ -75,8 +75,8 @@ def kernel_mask(x: Tensor, dense_from_rows: int, marks: bool = True) -> Tensor |
 # independent of its batch. On 2 quiet cores limited to AVX2, 30 blocks' int4 matmuls for 16
 # sequences took 93.9 ms on one thread and 73.8 on two; on 2 cores shared with other work,
 # 10-30x longer than on one thread with libgomp's idle threads spinning (they take the time
-# slices the working thread needs). Where they sleep (OMP_WAIT_POLICY=PASSIVE, set by `import
-# sorai`) the engine decodes on every core anyway (sorai.model.hardware.decode_threads).
+# slices the working thread needs; `import sorai` makes them sleep), which is why the engine
+# decodes on one core less than it has and this is not the default.
 ALL_CORES_FROM_ROWS = 4
 
 
