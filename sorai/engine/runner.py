@@ -67,12 +67,15 @@ class ModelRunner:
         decode_slots = decode_mask = None
         if decodes:
             bs = cache.block_size
-            lengths = torch.tensor([s.num_computed + 1 for s, _ in decodes])
+            lengths = [s.num_computed + 1 for s, _ in decodes]
             width = max(len(s.blocks) for s, _ in decodes)
             tables = torch.tensor([s.blocks + [0] * (width - len(s.blocks)) for s, _ in decodes])
-            span = torch.arange(int(lengths.max()))
+            span = torch.arange(max(lengths))
             decode_slots = (tables[:, span // bs] * bs + span % bs).to(self.device)
-            decode_mask = (span[None, :] < lengths[:, None])[:, None, None].to(self.device)
+            if min(lengths) < max(lengths):
+                # Padding to mask; with none (one sequence, or equal lengths) SDPA runs unmasked.
+                column = torch.tensor(lengths)[:, None]
+                decode_mask = (span[None, :] < column)[:, None, None].to(self.device)
 
         cache.layout = StepLayout(
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
