@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +16,7 @@ from sorai.errors import DeviceError, ModelFormatError
 from sorai.model.config import ModelConfig, check_chat_model
 from sorai.model.gguf import GGUFFile, is_gguf
 from sorai.model.hardware import auto_dtype
+from sorai.model.llava import is_llava_dir, load_llava_decoder
 from sorai.model.quant.load import check_quantize, load_gguf_lowbit, quantize_dense
 from sorai.model.quant.lowbit_dir import dequantized, is_lowbit_dir, load_lowbit_dir
 from sorai.model.tokenizer import Tokenizer
@@ -70,7 +72,9 @@ def load_model(
             raise ModelFormatError(
                 f"{path} is not a Hugging Face model directory: it has no config.json"
             )
-        if is_lowbit_dir(path):  # written by `sorai quantize --format safetensors`
+        if is_llava_dir(path):  # a vision-language checkpoint: its decoder + image encoder
+            model = load_llava_decoder(path, dtype)
+        elif is_lowbit_dir(path):  # written by `sorai quantize --format safetensors`
             model = load_lowbit_dir(path, dtype)
             if not lowbit or quantize != "auto":
                 model = dequantized(model, dtype, path)
@@ -88,6 +92,9 @@ def load_model(
             f"{path}: not a model; expected a Hugging Face directory or a .gguf file"
         )
     model = model.to(device)
+    encoder = getattr(model, "image_encoder", None)
+    if encoder is not None:
+        encoder.to(device)
     if device.type == "cpu" and dtype == torch.float32:
         use_column_major_weights(model)
     release_free_memory()
@@ -109,6 +116,9 @@ def read_config(path: Path) -> ModelConfig:
             raise ModelFormatError(
                 f"{path} is not a Hugging Face model directory: it has no config.json"
             )
+        if is_llava_dir(path):
+            raw = json.loads((path / "config.json").read_text())
+            return ModelConfig.from_hf_dict(raw["text_config"])
         return ModelConfig.from_file(path / "config.json")
     if path.suffix == ".gguf" or is_gguf(path):
         return GGUFFile(path).config()

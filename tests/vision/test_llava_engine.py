@@ -1,0 +1,90 @@
+"""A LLaVA checkpoint served through the engine (paged KV, scheduler, chunked prefill): batched
+greedy tokens equal llava.py's own for each request alone, and the prefix cache shares blocks
+covering an image only between requests with the same image."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sorai.engine.config import EngineConfig
+from sorai.engine.images import PromptImage, expand_image_tokens
+from sorai.engine.llm_engine import LLMEngine
+from sorai.engine.params import SamplingParams
+from sorai.errors import SoraiError
+from sorai.model.gguf import GGUFFile
+from sorai.model.llava import load_llava
+from sorai.model.tokenizer import Tokenizer
+from tests.vision import tiny_llava
+
+NEW_TOKENS = 6
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, default_gguf: Path) -> Path:
+    tokenizer = Tokenizer.from_gguf_metadata(GGUFFile(default_gguf).metadata)
+    return tiny_llava.write(tmp_path_factory.mktemp("tiny-llava"), tokenizer)
+
+
+@pytest.fixture(scope="module")
+def engine(checkpoint: Path) -> LLMEngine:
+    # Blocks of 4 tokens and 24-token steps: a 16-token image span crosses both boundaries.
+    config = EngineConfig(block_size=4, num_blocks=128, max_num_batched_tokens=24)
+    return LLMEngine.from_model(checkpoint, dtype="float32", config=config)
+
+
+def _prompt(engine: LLMEngine, text: str) -> list[int]:
+    encoder = engine.image_encoder
+    ids = engine.tokenizer.encode(text)
+    return expand_image_tokens(ids, encoder.image_token_index, encoder.tokens_per_image)
+
+
+def _run(engine: LLMEngine, jobs: dict[str, tuple[list[int], tuple[PromptImage, ...]]]) -> dict:
+    for request_id, (ids, images) in jobs.items():
+        params = SamplingParams(
+            max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True, images=images
+        )
+        engine.add_request(request_id, ids, params)
+    tokens: dict[str, list[int]] = {k: [] for k in jobs}
+    while engine.has_work():
+        for output in engine.step():
+            for choice in output.choices:
+                tokens[output.request_id] += choice.token_ids
+    return tokens
+
+
+def test_batched_requests_with_images_match_llava_alone(engine: LLMEngine, checkpoint) -> None:
+    reference = load_llava(checkpoint)
+    encoder = engine.image_encoder
+    images = [PromptImage.from_pixels(encoder.preprocess(tiny_llava.picture(s))) for s in (1, 2)]
+    ids_a = _prompt(engine, "Look: <filename> what is it?")
+    ids_b = _prompt(engine, "Two words first, then <filename> and a question")
+    got = _run(engine, {"a": (ids_a, (images[0],)), "b": (ids_b, (images[1],))})
+    want_a = reference.greedy(ids_a, images[0].pixels[None], NEW_TOKENS)
+    want_b = reference.greedy(ids_b, images[1].pixels[None], NEW_TOKENS)
+    assert got == {"a": want_a, "b": want_b}
+    # The image matters: the same text with the other image answers otherwise.
+    assert reference.greedy(ids_a, images[1].pixels[None], NEW_TOKENS) != want_a
+
+    # Prefix cache: the same image and text again reuses every block but the last; another
+    # image at the same positions reuses only the blocks before the image.
+    image_start = ids_a.index(encoder.image_token_index)
+    before = engine.stats().prefix_cache_hits
+    again = _run(engine, {"a2": (ids_a, (images[0],))})
+    hits_same = engine.stats().prefix_cache_hits - before
+    assert again["a2"] == want_a
+    assert hits_same == (len(ids_a) - 1) // 4 * 4
+    before = engine.stats().prefix_cache_hits
+    other = _run(engine, {"a3": (ids_a, (images[1],))})
+    hits_other = engine.stats().prefix_cache_hits - before
+    assert hits_other == image_start // 4 * 4
+    assert other["a3"] == reference.greedy(ids_a, images[1].pixels[None], NEW_TOKENS)
+
+
+def test_image_tokens_must_match_the_images(engine: LLMEngine) -> None:
+    ids = _prompt(engine, "no image token here")
+    encoder = engine.image_encoder
+    image = PromptImage.from_pixels(encoder.preprocess(tiny_llava.picture(3)))
+    with pytest.raises(SoraiError, match="image tokens"):
+        engine.check_request(ids, SamplingParams(images=(image,)))
