@@ -1,11 +1,16 @@
 """A LLaVA checkpoint served through the engine (paged KV, scheduler, chunked prefill): batched
-greedy tokens equal llava.py's own for each request alone, and the prefix cache shares blocks
-covering an image only between requests with the same image."""
+greedy tokens equal llava.py's own for each request alone, the prefix cache shares blocks
+covering an image only between requests with the same image, and `sorai serve`'s chat API
+sends a data: URL image to the vision tower."""
 
 from __future__ import annotations
 
+import base64
+import io
+from collections.abc import Iterator
 from pathlib import Path
 
+import openai
 import pytest
 
 from sorai.engine.config import EngineConfig
@@ -14,9 +19,17 @@ from sorai.engine.llm_engine import LLMEngine
 from sorai.engine.params import SamplingParams
 from sorai.errors import SoraiError
 from sorai.model.gguf import GGUFFile
-from sorai.model.llava import load_llava
+from sorai.model.llava import load_llava, preprocess
 from sorai.model.tokenizer import Tokenizer
+from sorai.server.app import create_app
+from sorai.server.state import ServerSettings
+from tests.server.harness import ServerThread
 from tests.vision import tiny_llava
+
+
+def image_part(url: str) -> dict:
+    return {"type": "image_url", "image_url": {"url": url}}
+
 
 NEW_TOKENS = 6
 
@@ -88,3 +101,52 @@ def test_image_tokens_must_match_the_images(engine: LLMEngine) -> None:
     image = PromptImage.from_pixels(encoder.preprocess(tiny_llava.picture(3)))
     with pytest.raises(SoraiError, match="image tokens"):
         engine.check_request(ids, SamplingParams(images=(image,)))
+
+
+@pytest.fixture(scope="module")
+def served(checkpoint: Path) -> Iterator[ServerThread]:
+    from sorai.engine.async_engine import AsyncEngine
+
+    engine = AsyncEngine(LLMEngine.from_model(checkpoint, dtype="float32", config=EngineConfig()))
+    settings = ServerSettings(served_model_names=("tiny-llava",), embedding_model=None)
+    thread = ServerThread(create_app(engine, settings)).start()
+    yield thread
+    thread.stop()
+
+
+def test_the_server_sends_a_data_url_image_to_the_vision_tower(served, checkpoint) -> None:
+    client = openai.OpenAI(base_url=served.url + "/v1", api_key="none", max_retries=0)
+    card = client.models.retrieve("tiny-llava")
+    assert card.model_extra["input_modalities"] == ["text", "image"]
+    png = io.BytesIO()
+    tiny_llava.picture(4).save(png, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()
+    content = [{"type": "text", "text": "What is this?"}, image_part(url)]
+    reply = client.chat.completions.create(
+        model="tiny-llava",
+        messages=[{"role": "user", "content": content}],
+        max_tokens=NEW_TOKENS,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
+    # The reference: the same rendered prompt (the image part is its image token, one per
+    # patch) through llava.py on the same pixels.
+    reference = load_llava(checkpoint)
+    tokenizer = Tokenizer.from_dir(checkpoint)
+    messages = [{"role": "user", "content": f"What is this?\n{tiny_llava.IMAGE_TEXT}"}]
+    ids = expand_image_tokens(
+        tokenizer.encode_chat(messages), tokenizer.token_to_id(tiny_llava.IMAGE_TEXT), 16
+    )
+    pixels = preprocess(tiny_llava.picture(4), tiny_llava.IMAGE_SIZE)[None]
+    want = reference.greedy(ids, pixels, NEW_TOKENS)
+    assert reply.usage.prompt_tokens == len(ids)
+    assert reply.choices[0].message.content == tokenizer.decode(want)
+    # A broken image is a 400 naming the part, as for a text-only model.
+    content[1] = image_part(
+        "data:image/png;base64," + base64.b64encode(png.getvalue()[:60]).decode()
+    )
+    with pytest.raises(openai.BadRequestError) as error:
+        client.chat.completions.create(
+            model="tiny-llava", messages=[{"role": "user", "content": content}], max_tokens=2
+        )
+    assert error.value.body["param"] == "messages.0.content.1.image_url.url"
