@@ -108,6 +108,7 @@ class _Engine:
 
     def _load(self) -> Any:
         try:
+            import onnxruntime  # noqa: F401  (rapidocr imports it only when a model loads)
             from rapidocr import RapidOCR
         except ImportError:
             raise SoraiError(INSTALL_HINT) from None
@@ -151,6 +152,7 @@ _engine = _Engine()
 def available() -> bool:
     """Whether the OCR engine can be imported (the vision extra is installed)."""
     try:
+        import onnxruntime  # noqa: F401
         import rapidocr  # noqa: F401
     except ImportError:
         return False
