@@ -233,14 +233,6 @@ class ImageEncoder:
         return self
 
 
-def is_llava_dir(path: Path) -> bool:
-    """Whether `path` is a Hugging Face directory whose config names model_type llava."""
-    try:
-        return json.loads((Path(path) / "config.json").read_text()).get("model_type") == "llava"
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
 def load_llava_decoder(path: str | Path, dtype: torch.dtype = torch.float32) -> Transformer:
     """The checkpoint's decoder, for the engine, with its ImageEncoder as `image_encoder`."""
     llava = load_llava(path, dtype)

@@ -16,7 +16,6 @@ from sorai.errors import DeviceError, ModelFormatError
 from sorai.model.config import ModelConfig, check_chat_model
 from sorai.model.gguf import GGUFFile, is_gguf
 from sorai.model.hardware import auto_dtype
-from sorai.model.llava import is_llava_dir, load_llava_decoder
 from sorai.model.quant.load import check_quantize, load_gguf_lowbit, quantize_dense
 from sorai.model.quant.lowbit_dir import dequantized, is_lowbit_dir, load_lowbit_dir
 from sorai.model.tokenizer import Tokenizer
@@ -72,7 +71,9 @@ def load_model(
             raise ModelFormatError(
                 f"{path} is not a Hugging Face model directory: it has no config.json"
             )
-        if is_llava_dir(path):  # a vision-language checkpoint: its decoder + image encoder
+        if _is_llava_dir(path):  # a vision-language checkpoint: its decoder + image encoder
+            from sorai.model.llava import load_llava_decoder
+
             model = load_llava_decoder(path, dtype)
         elif is_lowbit_dir(path):  # written by `sorai quantize --format safetensors`
             model = load_lowbit_dir(path, dtype)
@@ -116,7 +117,7 @@ def read_config(path: Path) -> ModelConfig:
             raise ModelFormatError(
                 f"{path} is not a Hugging Face model directory: it has no config.json"
             )
-        if is_llava_dir(path):
+        if _is_llava_dir(path):
             raw = json.loads((path / "config.json").read_text())
             return ModelConfig.from_hf_dict(raw["text_config"])
         return ModelConfig.from_file(path / "config.json")
@@ -125,6 +126,15 @@ def read_config(path: Path) -> ModelConfig:
     raise ModelFormatError(
         f"{path}: not a model; expected a Hugging Face directory or a .gguf file"
     )
+
+
+def _is_llava_dir(path: Path) -> bool:
+    """Whether a model directory is a LLaVA checkpoint (sorai/model/llava.py, imported only
+    then: it brings Pillow and the vision tower's code)."""
+    try:
+        return json.loads((path / "config.json").read_text()).get("model_type") == "llava"
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def use_column_major_weights(model: Transformer) -> None:

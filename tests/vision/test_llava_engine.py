@@ -15,6 +15,7 @@ import pytest
 
 from sorai.engine.config import EngineConfig
 from sorai.engine.images import PromptImage, expand_image_tokens
+from sorai.engine.llm import LLM
 from sorai.engine.llm_engine import LLMEngine
 from sorai.engine.params import SamplingParams
 from sorai.errors import SoraiError
@@ -150,3 +151,21 @@ def test_the_server_sends_a_data_url_image_to_the_vision_tower(served, checkpoin
             model="tiny-llava", messages=[{"role": "user", "content": content}], max_tokens=2
         )
     assert error.value.body["param"] == "messages.0.content.1.image_url.url"
+
+
+def test_llm_chat_takes_pil_images(engine: LLMEngine, checkpoint: Path) -> None:
+    llm = LLM(engine)  # sorai.load's facade, over this module's engine
+    picture = tiny_llava.picture(5)
+    content = [{"type": "text", "text": "What is this?"}, {"type": "image", "image": picture}]
+    got = llm.chat(
+        [{"role": "user", "content": content}],
+        max_tokens=NEW_TOKENS,
+        temperature=0,
+        ignore_eos=True,
+    )
+    messages = [{"role": "user", "content": f"What is this?\n{tiny_llava.IMAGE_TEXT}"}]
+    ids = expand_image_tokens(llm.encode_chat(messages), engine.image_encoder.image_token_index, 16)
+    pixels = preprocess(picture, tiny_llava.IMAGE_SIZE)[None]
+    want = load_llava(checkpoint).greedy(ids, pixels, NEW_TOKENS)
+    assert got.token_ids == want
+    assert got.prompt_tokens == len(ids)
