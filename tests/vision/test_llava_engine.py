@@ -43,8 +43,8 @@ def checkpoint(tmp_path_factory, default_gguf: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def engine(checkpoint: Path) -> LLMEngine:
-    # Blocks of 4 tokens and 24-token steps: a 16-token image span crosses both boundaries.
-    config = EngineConfig(block_size=4, num_blocks=128, max_num_batched_tokens=24)
+    # Blocks of 4 tokens and 12-token steps: every 16-token image span crosses both.
+    config = EngineConfig(block_size=4, num_blocks=128, max_num_batched_tokens=12)
     return LLMEngine.from_model(checkpoint, dtype="float32", config=config)
 
 
