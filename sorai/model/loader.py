@@ -82,6 +82,9 @@ def load_model(
         else:
             model = load_hf_dir(path, dtype)
         tokenizer = Tokenizer.from_dir(path)
+        encoder = getattr(model, "image_encoder", None)
+        if encoder is not None:
+            tokenizer.image_text = tokenizer.id_to_token(encoder.image_token_index)
         if lowbit and quantize != "auto":
             quantize_dense(model, quantize)
     elif path.suffix == ".gguf" or is_gguf(path):

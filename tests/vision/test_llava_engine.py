@@ -169,3 +169,33 @@ def test_llm_chat_takes_pil_images(engine: LLMEngine, checkpoint: Path) -> None:
     want = load_llava(checkpoint).greedy(ids, pixels, NEW_TOKENS)
     assert got.token_ids == want
     assert got.prompt_tokens == len(ids)
+
+
+# llava-hf/llava-1.5-*-hf's template: it loops over typed content parts (images first, then
+# texts) and renders a plain string content as nothing.
+LLAVA_15_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}"
+    "{{ message['role'].upper() + ': '}}{% endif %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<filename>\\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{{ content['text'] + ' '}}{% endfor %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+
+def test_a_template_over_typed_parts_renders_text_and_images(checkpoint: Path, tmp_path) -> None:
+    for name in ("tokenizer.json", "tokenizer_config.json", "config.json"):
+        (tmp_path / name).write_bytes((checkpoint / name).read_bytes())
+    (tmp_path / "chat_template.jinja").write_text(LLAVA_15_TEMPLATE)
+    tokenizer = Tokenizer.from_dir(tmp_path)
+    tokenizer.image_text = tiny_llava.IMAGE_TEXT  # as the loader sets it for a LLaVA
+    messages = [
+        {"role": "user", "content": f"What is this?\n{tiny_llava.IMAGE_TEXT}"},
+        {"role": "assistant", "content": "A cat."},
+        {"role": "user", "content": "And its colour?"},
+    ]
+    rendered = tokenizer.apply_chat_template(messages)
+    assert rendered == (
+        "USER: <filename>\nWhat is this? ASSISTANT: A cat. USER: And its colour? ASSISTANT:"
+    )
