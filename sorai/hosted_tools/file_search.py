@@ -17,6 +17,8 @@ from sorai.server.responses_api.hosted import HostedCall, HostedContext
 
 DEFAULT_RESULTS = 5
 RRF_K = 60  # reciprocal rank fusion's constant, as the index's own hybrid search
+# How long a search waits for a store whose files are still being indexed.
+READY_TIMEOUT = 300.0
 
 
 class FileSearch:
@@ -62,6 +64,10 @@ class FileSearch:
         queries = list(dict.fromkeys(q for q in (context.question.strip(), query) if q))
         limit = spec.get("max_num_results") or DEFAULT_RESULTS
         stores = vector_stores(context.app)
+        for store_id in spec["vector_store_ids"]:
+            if not await stores.ready(store_id, READY_TIMEOUT):
+                item = {**self.pending(context.item_id, arguments), "status": "incomplete"}
+                return HostedCall(item={**item, "queries": queries, "results": []})
         fused: dict[tuple[str, str], float] = {}
         found: dict[tuple[str, str], dict[str, Any]] = {}
         for text in queries:
@@ -101,6 +107,11 @@ class FileSearch:
         queries = item.get("queries") or []
         # The model's own query is the last one (the user's words come first).
         arguments = {"query": str(queries[-1]) if queries else ""}
+        if item.get("status") == "incomplete":
+            return arguments, (
+                f"the search did not run: its vector store was still being indexed after "
+                f"{READY_TIMEOUT:.0f} s (a store can be searched once its status is completed)"
+            )
         passages = [
             f"[{i + 1}] {hit['filename']}: {hit['text']}"
             for i, hit in enumerate(item.get("results") or [])

@@ -289,7 +289,7 @@ async def _run_hosted(
         arguments = {}
     if not isinstance(arguments, dict):
         arguments = {}
-    item = tool.pending(it.new_item_id(tool.kind[:2]), arguments)
+    item = tool.pending("", arguments)  # the tool names its item (fs_..., ci_...)
     index = len(turn.output)
     turn.output.append(item)
     common = {"item_id": item["id"], "output_index": index}
