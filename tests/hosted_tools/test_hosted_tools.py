@@ -207,16 +207,26 @@ def test_a_code_interpreter_call_replays_as_its_code_and_logs() -> None:
 
 @pytest.mark.slow  # the sandbox's fast-tier case is the workspace test below
 def test_code_interpreter_runs_the_models_code(served: Served, client: openai.OpenAI) -> None:
-    response = client.responses.create(
+    with client.responses.stream(
         model=hub.DEFAULT_MODEL,
         input="Use python to print the result of 1234 * 5678.",
         tools=[{"type": "code_interpreter", "container": {"type": "auto"}}],
         tool_choice={"type": "code_interpreter"},  # type: ignore[typeddict-item]
         max_output_tokens=40,
         temperature=0,
-    )
+    ) as stream:
+        events = list(stream)
+    response = events[-1].response
     call = next(item for item in response.output if item.type == "code_interpreter_call")
     assert call.code and call.container_id == response.id
+    kinds = [e.type for e in events if getattr(e, "item_id", None) == call.id]
+    assert kinds == [
+        "response.code_interpreter_call.in_progress",
+        "response.code_interpreter_call_code.delta",
+        "response.code_interpreter_call_code.done",
+        "response.code_interpreter_call.interpreting",
+        "response.code_interpreter_call.completed",
+    ]
     # What the model wrote ran in the sandbox: running it again prints the same.
     tool = CodeInterpreter()
     app = served.thread.server.config.app
