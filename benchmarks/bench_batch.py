@@ -2,20 +2,22 @@
 /v1/batches job runs in the same engine (goal: at most 20% worse).
 
     python benchmarks/bench_batch.py [--rounds 5] [--probes 6] [--batch-lines 64]
-        [--batch-max-tokens 48] [--max-tokens 8] [--variants alone,batch,...] [--trace]
-        [--json out.json]
+        [--batch-max-tokens 48] [--batch-prompt-words 0] [--max-tokens 8]
+        [--variants alone,batch,...] [--trace] [--json out.json]
 
 One server in this process (the default model), driven by the official openai client. Rounds
 interleave the variants, A B C D A B C D ...: "alone" (no batch), "batch" (a batch running at
-its priority, the shipped behaviour: new lines wait for a quiet spell in client traffic),
-"batch-eager" (the same, but lines start at once: the runner's yielding off) and "batch-p0"
-(lines at interactive priority, starting at once: what the priority buys). In a batch variant
-a batch of --batch-lines chat lines is submitted, the probes wait until it has lines running,
-then --probes interactive requests are sent one after another (each: a short chat prompt,
-streamed; TTFT = request sent -> first content chunk); the batch is then cancelled and drained
-before the next variant. The report prints the CPU's flags, the load average, per-variant
-medians, the ratios against "alone" and the batch's own pace while the probes ran (lines
-finished per second); --trace adds where the TTFT goes.
+its priority, the shipped behaviour: new lines wait for a quiet spell in client traffic, batch
+prompts go in batch_prefill_chunk pieces), "batch-eager" (the same, but lines start at once:
+the runner's yielding off), "batch-whole" (yielding off and batch prompts computed whole: the
+behaviour before both; the chunks matter with long prompts, --batch-prompt-words) and
+"batch-p0" (lines at interactive priority, starting at once: what the priority buys). In a
+batch variant a batch of --batch-lines chat lines is submitted, the probes wait until it has
+lines running, then --probes interactive requests are sent one after another (each: a short
+chat prompt, streamed; TTFT = request sent -> first content chunk); the batch is then
+cancelled and drained before the next variant. The report prints the CPU's flags, the load
+average, per-variant medians, the ratios against "alone" and the batch's own pace while the
+probes ran (lines finished per second); --trace adds where the TTFT goes.
 """
 
 from __future__ import annotations
@@ -155,7 +157,9 @@ TRACE_SAMPLES: dict[str, list[dict[str, float]]] = {}
 VARIANT = ["alone"]
 
 
-def batch_file(client: openai.OpenAI, lines: int, max_tokens: int) -> str:
+def batch_file(client: openai.OpenAI, lines: int, max_tokens: int, words: int) -> str:
+    # Each line's own number first: lines share no cached prefix beyond the template's.
+    text = " ".join(["the quick brown fox jumps over the lazy dog"] * (words // 9))
     rows = [
         {
             "custom_id": f"line-{i}",
@@ -163,7 +167,9 @@ def batch_file(client: openai.OpenAI, lines: int, max_tokens: int) -> str:
             "url": "/v1/chat/completions",
             "body": {
                 "model": hub.DEFAULT_MODEL,
-                "messages": [{"role": "user", "content": f"Write a long story about #{i}."}],
+                "messages": [
+                    {"role": "user", "content": f"#{i}: {text}\nWrite a long story about it."}
+                ],
                 "max_tokens": max_tokens,
                 "temperature": 0,
                 "ignore_eos": True,
@@ -175,8 +181,10 @@ def batch_file(client: openai.OpenAI, lines: int, max_tokens: int) -> str:
     return client.files.create(file=("bench.jsonl", data), purpose="batch").id
 
 
-VARIANTS = ("alone", "batch", "batch-eager", "batch-p0")
+VARIANTS = ("alone", "batch", "batch-eager", "batch-whole", "batch-p0")
 YIELD_MAX_S = batch_runner.YIELD_MAX_S
+CONFIG: list = []  # the engine's EngineConfig, once made
+CHUNK: list[int] = []  # its batch_prefill_chunk as shipped
 
 
 def run_variant(client, variant: str, file_id: str, args) -> tuple[list[float], float | None]:
@@ -185,7 +193,11 @@ def run_variant(client, variant: str, file_id: str, args) -> tuple[list[float], 
     VARIANT[0] = variant
     if variant != "alone":
         batch_runner.BATCH_PRIORITY = 0 if variant == "batch-p0" else 1
-        batch_runner.YIELD_MAX_S = YIELD_MAX_S if variant == "batch" else 0.0
+        eager = variant in ("batch-eager", "batch-whole", "batch-p0")
+        batch_runner.YIELD_MAX_S = 0.0 if eager else YIELD_MAX_S
+        config = CONFIG[0]
+        whole = variant == "batch-whole"
+        config.batch_prefill_chunk = config.max_num_batched_tokens if whole else CHUNK[0]
         batch = client.batches.create(
             input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h"
         )
@@ -218,6 +230,12 @@ def main() -> int:
     parser.add_argument("--batch-lines", type=int, default=64)
     parser.add_argument("--batch-max-tokens", type=int, default=48)
     parser.add_argument("--max-tokens", type=int, default=8)
+    parser.add_argument(
+        "--batch-prompt-words",
+        type=int,
+        default=0,
+        help="words of text in each batch line's prompt (long prompts: chunked prefill)",
+    )
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument(
         "--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}"
@@ -238,12 +256,16 @@ def main() -> int:
     from sorai.engine.llm_engine import LLMEngine
 
     engine = AsyncEngine(LLMEngine(llm.model, llm.tokenizer, name=hub.DEFAULT_MODEL))
+    CONFIG.append(engine.engine.config)
+    CHUNK.append(engine.engine.config.batch_prefill_chunk)
     with tempfile.TemporaryDirectory() as data_dir:
         settings = ServerSettings(embedding_model=None, data_dir=Path(data_dir))
         server = ServerThread(create_app(engine, settings)).start()
         try:
             client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
-            file_id = batch_file(client, args.batch_lines, args.batch_max_tokens)
+            file_id = batch_file(
+                client, args.batch_lines, args.batch_max_tokens, args.batch_prompt_words
+            )
             ttft(client, "warm up", 2)
             variants = ["alone", *(v for v in args.variants.split(",") if v != "alone")]
             unknown = set(variants) - set(VARIANTS)

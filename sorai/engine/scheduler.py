@@ -8,7 +8,9 @@ are freed and it goes back to the front of the queue, to be recomputed later (it
 may well still be in the prefix cache by then).
 Priorities (SamplingParams.priority, lower first) order all of this: interactive requests
 run, join and wait ahead of batch jobs, batch jobs are preempted first, and a step that
-computes an interactive prompt leaves batch jobs out.
+computes an interactive prompt leaves batch jobs out. A batch job's prompt goes in chunks of
+at most batch_prefill_chunk tokens, so that the step an interactive request arrives during
+ends soon.
 """
 
 from __future__ import annotations
@@ -105,7 +107,7 @@ class Scheduler:
                 continue  # preempted earlier in this loop
             if worst is not None and _priority(seq) > worst:
                 break  # sorted: the rest are worse too
-            n = min(seq.num_tokens - seq.num_computed, budget)
+            n = self._chunk(seq, budget)
             while not self._reserve(seq, n):
                 victim = _victim(self.running)
                 self._preempt(victim)
@@ -131,7 +133,7 @@ class Scheduler:
                 break
             if seq.num_computed == 0 and not seq.blocks:
                 self._find_cached_prefix(seq)
-            n = min(seq.num_tokens - seq.num_computed, budget)
+            n = self._chunk(seq, budget)
             if not self._reserve(seq, n):
                 # It stays first in line, holding nothing: a waiting sequence that kept its
                 # cache hits could starve the running ones it waits for.
@@ -147,6 +149,14 @@ class Scheduler:
             n for s, n in out.scheduled if s.num_computed < s.num_prompt
         )
         return out
+
+    def _chunk(self, seq: Sequence, budget: int) -> int:
+        """Tokens `seq` computes in this step: what it has left, within the budget and, for a
+        batch job, batch_prefill_chunk (a decode's one token is never cut)."""
+        n = min(seq.num_tokens - seq.num_computed, budget)
+        if _priority(seq) > 0:
+            n = min(n, self.config.batch_prefill_chunk)
+        return n
 
     def _find_cached_prefix(self, seq: Sequence) -> None:
         if not self.config.enable_prefix_caching:
