@@ -31,9 +31,9 @@ class EngineConfig:
     # and the largest rank a slot takes (smaller ranks are padded to it).
     max_loras: int = 8
     max_lora_rank: int = 16
-    # Prompt tokens a batch-priority sequence (priority > 0) computes in one step at most: an
-    # interactive request arriving meanwhile waits for the step in flight, so batch prompts go
-    # in chunks this small (interactive ones take the whole max_num_batched_tokens).
+    # Prompt tokens that batch-priority sequences (priority > 0) compute in one step at most,
+    # together: an interactive request arriving meanwhile waits for the step in flight, so
+    # batch prompts go in chunks this small (interactive ones take max_num_batched_tokens).
     batch_prefill_chunk: int = 128
 
     def __post_init__(self) -> None:

@@ -71,3 +71,19 @@ def test_a_batch_prompt_goes_in_small_chunks_an_interactive_one_whole(default_ll
     engine.add_request("chat", chat_prompt, SamplingParams(max_tokens=2))
     out = engine.scheduler.schedule()
     assert [(seq.request.request_id, n) for seq, n in out.scheduled] == [("chat", 300)]
+
+
+def test_batch_prompts_share_one_chunk_a_step(default_llm: LLM) -> None:
+    config = EngineConfig()
+    config.batch_prefill_chunk = 64
+    engine = LLMEngine(default_llm.model, default_llm.tokenizer, config, name="test")
+    words = ("one two three", "four five six", "seven eight nine")
+    for i, text in enumerate(words):
+        prompt = default_llm.tokenizer.encode(f"{text} " * 40)[:100]
+        engine.add_request(f"batch-{i}", prompt, SamplingParams(max_tokens=2, priority=1))
+    steps = []
+    for _ in range(5):
+        out = engine.scheduler.schedule()
+        steps.append(sum(n for _, n in out.scheduled))
+        engine.scheduler.after_step(out)
+    assert steps == [64, 64, 64, 64, 44]  # 300 prompt tokens, 64 a step whoever they are
