@@ -140,15 +140,20 @@ class VectorStores:
 
     async def _index(self, store_id: str, file_id: str) -> None:
         async with self._locks.setdefault(store_id, asyncio.Lock()):
+            if self.get(store_id) is None:
+                return  # deleted while the file waited its turn
             try:
                 error = await asyncio.to_thread(self._add, store_id, file_id)
             except Exception as exc:  # the file fails, saying why; the store stays usable
                 logger.exception("indexing %s into %s failed", file_id, store_id)
                 error = f"{type(exc).__name__}: {exc}"
         store = self.get(store_id)
-        entry = next((f for f in (store or {}).get("files", []) if f["id"] == file_id), None)
+        if store is None:  # deleted while the file was indexed: its index goes too
+            (self.root / f"{store_id}.sqlite").unlink(missing_ok=True)
+            return
+        entry = next((f for f in store.get("files", []) if f["id"] == file_id), None)
         if entry is None:
-            return  # the store, or the file, was deleted meanwhile
+            return
         entry["status"] = "failed" if error else "completed"
         entry["last_error"] = {"code": "unsupported_file", "message": error} if error else None
         self._set_file(store_id, entry)
