@@ -285,7 +285,10 @@ def main() -> int:
                     if pace is not None:
                         paces[variant].append(pace)
                     median = statistics.median(times) * 1e3
-                    print(f"round {r + 1} {variant:11s} median TTFT {median:7.1f} ms")
+                    each = " ".join(f"{t * 1e3:.0f}" for t in times)
+                    print(
+                        f"round {r + 1} {variant:11s} median TTFT {median:7.1f} ms (each: {each})"
+                    )
         finally:
             server.stop()
     print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
