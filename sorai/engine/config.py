@@ -31,6 +31,10 @@ class EngineConfig:
     # and the largest rank a slot takes (smaller ranks are padded to it).
     max_loras: int = 8
     max_lora_rank: int = 16
+    # Prompt tokens that batch-priority sequences (priority > 0) compute in one step at most,
+    # together: an interactive request arriving meanwhile waits for the step in flight, so
+    # batch prompts go in chunks this small (interactive ones take max_num_batched_tokens).
+    batch_prefill_chunk: int = 128
 
     def __post_init__(self) -> None:
         for name in (
@@ -39,6 +43,7 @@ class EngineConfig:
             "max_num_batched_tokens",
             "max_loras",
             "max_lora_rank",
+            "batch_prefill_chunk",
         ):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:

@@ -8,7 +8,9 @@ are freed and it goes back to the front of the queue, to be recomputed later (it
 may well still be in the prefix cache by then).
 Priorities (SamplingParams.priority, lower first) order all of this: interactive requests
 run, join and wait ahead of batch jobs, batch jobs are preempted first, and a step that
-computes an interactive prompt leaves batch jobs out.
+computes an interactive prompt leaves batch jobs out. Batch jobs' prompts share at most
+batch_prefill_chunk tokens a step (their decodes are not counted), so that the step an
+interactive request arrives during ends soon.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.stats = SchedulerStats()
+        self._batch_prompt_left = 0  # batch prompt tokens the step being scheduled may add
 
     def add(self, seq: Sequence) -> None:
         """Queue `seq` behind every waiting sequence of its priority or a better one."""
@@ -98,6 +101,7 @@ class Scheduler:
         """One step's sequences; worst: leave out those of a priority above it."""
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
+        self._batch_prompt_left = self.config.batch_prefill_chunk
         for seq in sorted(self.running, key=_priority):
             if budget == 0:
                 break
@@ -105,7 +109,9 @@ class Scheduler:
                 continue  # preempted earlier in this loop
             if worst is not None and _priority(seq) > worst:
                 break  # sorted: the rest are worse too
-            n = min(seq.num_tokens - seq.num_computed, budget)
+            n = self._chunk(seq, budget)
+            if n is None:
+                continue  # a batch prompt, this step's share for them spent
             while not self._reserve(seq, n):
                 victim = _victim(self.running)
                 self._preempt(victim)
@@ -131,7 +137,9 @@ class Scheduler:
                 break
             if seq.num_computed == 0 and not seq.blocks:
                 self._find_cached_prefix(seq)
-            n = min(seq.num_tokens - seq.num_computed, budget)
+            n = self._chunk(seq, budget)
+            if n is None:
+                break
             if not self._reserve(seq, n):
                 # It stays first in line, holding nothing: a waiting sequence that kept its
                 # cache hits could starve the running ones it waits for.
@@ -147,6 +155,19 @@ class Scheduler:
             n for s, n in out.scheduled if s.num_computed < s.num_prompt
         )
         return out
+
+    def _chunk(self, seq: Sequence, budget: int) -> int | None:
+        """Tokens `seq` computes in this step: what it has left, within the budget and, for a
+        batch job's prompt, within what is left of the batch prompts' share of the step (a
+        decode's one token is never cut); None: a batch prompt with no share left."""
+        left = seq.num_tokens - seq.num_computed
+        n = min(left, budget)
+        if _priority(seq) > 0 and left > 1:
+            if self._batch_prompt_left == 0:
+                return None
+            n = min(n, self._batch_prompt_left)
+            self._batch_prompt_left -= n
+        return n
 
     def _find_cached_prefix(self, seq: Sequence) -> None:
         if not self.config.enable_prefix_caching:

@@ -13,6 +13,7 @@ from fastapi import FastAPI
 
 from sorai.apps.agent.files import Workspace
 from sorai.apps.agent.python_tool import run_python
+from sorai.apps.agent.tools import MAX_OBSERVATION
 from sorai.server.responses_api.hosted import HostedCall, HostedContext
 
 _SAFE = re.compile(r"[^A-Za-z0-9_-]")
@@ -25,6 +26,7 @@ def workspace_dir(app: FastAPI, conversation: str) -> Path:
 
 class CodeInterpreter:
     kind = "code_interpreter"
+    phase = "interpreting"
 
     def check(self, spec: dict[str, Any], app: FastAPI) -> None:
         return None  # any container spec: each conversation gets its own workspace
@@ -52,11 +54,29 @@ class CodeInterpreter:
         result = await asyncio.to_thread(run_python, code, Workspace(folder))
         logs = result.stdout + result.stderr
         item = {
-            "type": "code_interpreter_call",
-            "id": f"ci_{uuid.uuid4().hex}",
+            **self.pending(context.item_id, arguments),
             "status": "completed" if result.returncode == 0 else "failed",
-            "code": code,
             "container_id": conversation,
             "outputs": [{"type": "logs", "logs": logs}],
         }
-        return HostedCall(item=item, output=result.observation())
+        return HostedCall(item=item)
+
+    def pending(self, item_id: str, arguments: dict[str, Any]) -> dict[str, Any]:
+        code = arguments.get("code")
+        return {
+            "type": "code_interpreter_call",
+            "id": item_id or f"ci_{uuid.uuid4().hex}",
+            "status": "in_progress",
+            "code": code if isinstance(code, str) else "",
+            "container_id": "",
+            "outputs": None,
+        }
+
+    def replay(self, item: dict[str, Any]) -> tuple[dict[str, Any], str]:
+        logs = "".join(o["logs"] for o in item.get("outputs") or [] if o.get("type") == "logs")
+        # A traceback ends the logs: the end is what a long output keeps.
+        text = logs if len(logs) <= MAX_OBSERVATION else "…" + logs[-MAX_OBSERVATION:]
+        text = text or "(no output)"
+        if item.get("status") == "failed":
+            text = f"the code failed:\n{text}"
+        return {"code": str(item.get("code") or "")}, text

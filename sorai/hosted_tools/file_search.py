@@ -17,10 +17,13 @@ from sorai.server.responses_api.hosted import HostedCall, HostedContext
 
 DEFAULT_RESULTS = 5
 RRF_K = 60  # reciprocal rank fusion's constant, as the index's own hybrid search
+# How long a search waits for a store whose files are still being indexed.
+READY_TIMEOUT = 300.0
 
 
 class FileSearch:
     kind = "file_search"
+    phase = "searching"
 
     def check(self, spec: dict[str, Any], app: FastAPI) -> None:
         ids = spec.get("vector_store_ids")
@@ -61,6 +64,10 @@ class FileSearch:
         queries = list(dict.fromkeys(q for q in (context.question.strip(), query) if q))
         limit = spec.get("max_num_results") or DEFAULT_RESULTS
         stores = vector_stores(context.app)
+        for store_id in spec["vector_store_ids"]:
+            if not await stores.ready(store_id, READY_TIMEOUT):
+                item = {**self.pending(context.item_id, arguments), "status": "incomplete"}
+                return HostedCall(item={**item, "queries": queries, "results": []})
         fused: dict[tuple[str, str], float] = {}
         found: dict[tuple[str, str], dict[str, Any]] = {}
         for text in queries:
@@ -73,24 +80,43 @@ class FileSearch:
         ranked = sorted(fused, key=lambda key: fused[key], reverse=True)[:limit]
         results = [{**found[key], "score": round(fused[key], 6)} for key in ranked]
         item = {
-            "type": "file_search_call",
-            "id": f"fs_{uuid.uuid4().hex}",
+            **self.pending(context.item_id, arguments),
             "status": "completed",
             "queries": queries,
             "results": results,
         }
-        passages = [f"[{i + 1}] {hit['filename']}: {hit['text']}" for i, hit in enumerate(results)]
         cited: dict[str, dict[str, Any]] = {}
         for hit in results:
             cited.setdefault(
                 hit["file_id"],
                 {"type": "file_citation", "file_id": hit["file_id"], "filename": hit["filename"]},
             )
-        return HostedCall(
-            item=item,
-            output="\n\n".join(passages) or "no passage matches the query",
-            annotations=list(cited.values()),
-        )
+        return HostedCall(item=item, annotations=list(cited.values()))
+
+    def pending(self, item_id: str, arguments: dict[str, Any]) -> dict[str, Any]:
+        query = arguments.get("query")
+        return {
+            "type": "file_search_call",
+            "id": item_id or f"fs_{uuid.uuid4().hex}",
+            "status": "in_progress",
+            "queries": [query] if isinstance(query, str) and query else [],
+            "results": None,
+        }
+
+    def replay(self, item: dict[str, Any]) -> tuple[dict[str, Any], str]:
+        queries = item.get("queries") or []
+        # The model's own query is the last one (the user's words come first).
+        arguments = {"query": str(queries[-1]) if queries else ""}
+        if item.get("status") == "incomplete":
+            return arguments, (
+                f"the search did not run: its vector store was still being indexed after "
+                f"{READY_TIMEOUT:.0f} s (a store can be searched once its status is completed)"
+            )
+        passages = [
+            f"[{i + 1}] {hit['filename']}: {hit['text']}"
+            for i, hit in enumerate(item.get("results") or [])
+        ]
+        return arguments, "\n\n".join(passages) or "no passage matches the query"
 
 
 def _search(stores: VectorStores, store_id: str, query: str, limit: int) -> list[dict]:

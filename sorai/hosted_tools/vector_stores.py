@@ -2,12 +2,15 @@
 <data dir>/vector_stores/), embedded by the server's own embedding model; file_search reads it.
 
 Each attached file is copied to <store>/<file id>/<its filename>, so an index hit's path names
-its file id and name. Building is synchronous: a store is answered "completed"."""
+its file id and name. Files are indexed in the background, one at a time per store, as in
+OpenAI's API: a store and its files are answered "in_progress" at once and turn "completed"
+(or the file "failed") when indexed; a restarted server indexes the ones it left unfinished."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import shutil
 import time
 import uuid
@@ -26,6 +29,7 @@ from sorai.server.files import file_store, known_file
 from sorai.server.protocol import _Request
 
 router = APIRouter()
+logger = logging.getLogger("sorai.server")
 
 
 class _ServerEmbedder:
@@ -64,6 +68,12 @@ class VectorStores:
         self.app = app
         self.loop = loop
         self._embedder: _ServerEmbedder | None = None
+        self._builds: dict[str, set[asyncio.Task[None]]] = {}  # store id -> its files' tasks
+        self._locks: dict[str, asyncio.Lock] = {}  # one file indexed at a time per store
+        for store in self.list():
+            for entry in store.get("files", []):
+                if entry["status"] == "in_progress":  # a stopped server's unfinished file
+                    self._build(store["id"], entry["id"])
 
     @property
     def embedder(self) -> _ServerEmbedder:
@@ -95,17 +105,82 @@ class VectorStores:
         where = Path(path)
         return where.parent.name, where.name
 
-    def attach(self, store_id: str, file_id: str, filename: str, data: bytes) -> str | None:
-        """Index one file (in a worker thread); None, or why it could not be read."""
+    def attach(self, store_id: str, file_id: str, filename: str, data: bytes) -> dict[str, Any]:
+        """Copy a file into the store and start indexing it; its entry, in_progress."""
         folder = self.root / store_id / file_id
         folder.mkdir(parents=True, exist_ok=True)
         (folder / Path(filename).name).write_bytes(data)
+        entry = {
+            "id": file_id,
+            "object": "vector_store.file",
+            "created_at": int(time.time()),
+            "vector_store_id": store_id,
+            "status": "in_progress",
+            "usage_bytes": len(data),
+            "last_error": None,
+        }
+        self._set_file(store_id, entry)
+        self._build(store_id, file_id)
+        return entry
+
+    async def ready(self, store_id: str, timeout: float) -> bool:
+        """Wait until the store's files are indexed; False if some still are not after
+        `timeout` seconds."""
+        tasks = self._builds.get(store_id)
+        if not tasks:
+            return True
+        _, pending = await asyncio.wait(set(tasks), timeout=timeout)
+        return not pending
+
+    def _build(self, store_id: str, file_id: str) -> None:
+        task = self.loop.create_task(self._index(store_id, file_id), name=f"index {file_id}")
+        tasks = self._builds.setdefault(store_id, set())
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    async def _index(self, store_id: str, file_id: str) -> None:
+        async with self._locks.setdefault(store_id, asyncio.Lock()):
+            if self.get(store_id) is None:
+                return  # deleted while the file waited its turn
+            try:
+                error = await asyncio.to_thread(self._add, store_id, file_id)
+            except Exception as exc:  # the file fails, saying why; the store stays usable
+                logger.exception("indexing %s into %s failed", file_id, store_id)
+                error = f"{type(exc).__name__}: {exc}"
+        store = self.get(store_id)
+        if store is None:  # deleted while the file was indexed: its index goes too
+            (self.root / f"{store_id}.sqlite").unlink(missing_ok=True)
+            return
+        entry = next((f for f in store.get("files", []) if f["id"] == file_id), None)
+        if entry is None:
+            return
+        entry["status"] = "failed" if error else "completed"
+        entry["last_error"] = {"code": "unsupported_file", "message": error} if error else None
+        self._set_file(store_id, entry)
+
+    def _add(self, store_id: str, file_id: str) -> str | None:
+        """Index one copied file (in a worker thread); None, or why it could not be read."""
         index = self.index(store_id)
         try:
-            report = add_files(index, [folder], self.embedder)
+            report = add_files(index, [self.root / store_id / file_id], self.embedder)
         finally:
             index.close()
         return "; ".join(why for _, why in report.failures) or None
+
+    def _set_file(self, store_id: str, entry: dict[str, Any]) -> None:
+        """Put a file's entry in its store, with the store's counts and status."""
+        store = self.get(store_id)
+        if store is None:
+            return
+        files = [f for f in store.get("files", []) if f["id"] != entry["id"]] + [entry]
+        store["files"] = files
+        counts = store["file_counts"]
+        for status in ("in_progress", "completed", "failed", "cancelled"):
+            counts[status] = sum(f["status"] == status for f in files)
+        counts["total"] = len(files)
+        store["usage_bytes"] = sum(f["usage_bytes"] for f in files)
+        store["status"] = "in_progress" if counts["in_progress"] else "completed"
+        self.put(store)
 
     def delete(self, store_id: str) -> bool:
         if self.get(store_id) is None:
@@ -155,7 +230,7 @@ async def create_vector_store(request: Request) -> Response:
     }
     stores.put(store)
     for file_id in body.file_ids or []:
-        await _attach(request, store["id"], file_id)
+        _attach(request, store["id"], file_id)
     return JSONResponse(_public(stores.get(store["id"])))
 
 
@@ -190,7 +265,7 @@ async def attach_file(request: Request, store_id: str) -> Response:
     _known(request, store_id)
     body = await read_json(request, AttachFile)
     known_file(request, body.file_id)
-    return JSONResponse(await _attach(request, store_id, body.file_id))
+    return JSONResponse(_attach(request, store_id, body.file_id))
 
 
 @router.get("/v1/vector_stores/{store_id}/files")
@@ -208,30 +283,24 @@ async def list_files(request: Request, store_id: str) -> Response:
     )
 
 
-async def _attach(request: Request, store_id: str, file_id: str) -> dict[str, Any]:
-    stores = vector_stores(request.app)
+@router.get("/v1/vector_stores/{store_id}/files/{file_id}")
+async def retrieve_file(request: Request, store_id: str, file_id: str) -> Response:
+    store = _known(request, store_id)
+    entry = next((f for f in store.get("files", []) if f["id"] == file_id), None)
+    if entry is None:
+        raise APIError(
+            404,
+            f"vector store {store_id!r} has no file {file_id!r}",
+            param="file_id",
+            code="not_found",
+        )
+    return JSONResponse(entry)
+
+
+def _attach(request: Request, store_id: str, file_id: str) -> dict[str, Any]:
     record = known_file(request, file_id)
     data = file_store(request).content(file_id)
-    error = await asyncio.to_thread(stores.attach, store_id, file_id, record["filename"], data)
-    store = stores.get(store_id)
-    assert store is not None
-    entry = {
-        "id": file_id,
-        "object": "vector_store.file",
-        "created_at": int(time.time()),
-        "vector_store_id": store_id,
-        "status": "failed" if error else "completed",
-        "usage_bytes": len(data),
-        "last_error": {"code": "unsupported_file", "message": error} if error else None,
-    }
-    store["files"] = [f for f in store.get("files", []) if f["id"] != file_id] + [entry]
-    counts = store["file_counts"]
-    counts["total"] = len(store["files"])
-    counts["completed"] = sum(f["status"] == "completed" for f in store["files"])
-    counts["failed"] = sum(f["status"] == "failed" for f in store["files"])
-    store["usage_bytes"] = sum(f["usage_bytes"] for f in store["files"])
-    stores.put(store)
-    return entry
+    return vector_stores(request.app).attach(store_id, file_id, record["filename"], data)
 
 
 def _public(store: dict[str, Any] | None) -> dict[str, Any]:

@@ -1,7 +1,12 @@
 """Runs batches: each line of the input file is sent to this app's own endpoint in-process,
 at batch priority (interactive requests run first in the same engine), a few at a time; each
 finished line is on disk at once (batch_store.py), so a restart resumes where it stopped.
-At the end the output and error files are written in OpenAI's format."""
+At the end the output and error files are written in OpenAI's format.
+
+A line starts only when client requests have been quiet for YIELD_QUIET_S (or it has waited
+YIELD_MAX_S): starting one is CPU work on the server's own cores (the request's parsing, its
+prompt's rendering and tokenizing, its prompt's prefill steps), which a client's first token
+would otherwise wait behind. Lines already running go on, behind the clients' in the engine."""
 
 from __future__ import annotations
 
@@ -26,6 +31,11 @@ logger = logging.getLogger("sorai.server")
 
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses")
 BATCH_PRIORITY = 1
+# A new line waits for client requests to have been quiet this long, but never longer than
+# YIELD_MAX_S: steady client traffic slows a batch, it never stops it.
+YIELD_QUIET_S = 0.25
+YIELD_MAX_S = 2.0
+YIELD_POLL_S = 0.02
 
 
 class BatchRunner:
@@ -88,6 +98,7 @@ class BatchRunner:
 
         async def one(line: int, job: dict[str, Any]) -> None:
             async with gate:
+                await self._yield_to_clients()
                 if self._stopping(batch_id) or self._shutting_down() or time.time() > expires_at:
                     return
                 kind, record = await self._call(job)
@@ -102,6 +113,18 @@ class BatchRunner:
         if len(done) < total and self._shutting_down():
             return  # unfinished on disk: the next start resumes it
         self._finish(batch_id, total, done, jobs)
+
+    async def _yield_to_clients(self) -> None:
+        """Wait while client requests run or ended within YIELD_QUIET_S, for at most
+        YIELD_MAX_S."""
+        running = self.app.state.sorai.running
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + YIELD_MAX_S
+        while loop.time() < deadline and not running.stopping:
+            quiet = time.monotonic() - running.interactive_ended
+            if not running.interactive() and quiet >= YIELD_QUIET_S:
+                return
+            await asyncio.sleep(YIELD_POLL_S)
 
     def _shutting_down(self) -> bool:
         return self.app.state.sorai.running.stopping

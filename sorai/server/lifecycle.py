@@ -13,6 +13,8 @@ from sorai.server.errors import APIError, engine_unavailable
 class Stoppable(Protocol):
     """A running API request (sorai/server/runner.py's Generation)."""
 
+    priority: int  # its engine priority: 0 for clients, higher for a batch's lines
+
     def expire(self, error: APIError) -> None: ...
 
 
@@ -30,6 +32,13 @@ class Running:
         self.generations: set[Stoppable] = set()
         self.stopping = False
         self.refusal: APIError | None = None  # for requests that arrive after the grace period
+        # time.monotonic() when the latest client request (priority 0) ended: a batch starts
+        # no new line until client traffic has been quiet a while (server/batch_runner.py).
+        self.interactive_ended = float("-inf")
+
+    def interactive(self) -> bool:
+        """Whether a client request (not a batch's line) is running now."""
+        return any(g.priority == 0 for g in self.generations)
 
     def begin_shutdown(self, grace: float) -> None:
         """The server stops: requests still running after `grace` seconds end with an error.

@@ -47,7 +47,7 @@ class Generation:
         self._state = state
         self._engine = state.engine
         self._arrival = arrival
-        priority = PRIORITY.get()
+        priority = self.priority = PRIORITY.get()
         if priority:
             jobs = [(ids, dataclasses.replace(params, priority=priority)) for ids, params in jobs]
         self._jobs = jobs
@@ -183,6 +183,8 @@ class Generation:
         if self._timer is not None:
             self._timer.cancel()
         self._state.running.generations.discard(self)
+        if not self.priority:
+            self._state.running.interactive_ended = time.monotonic()
         # Shielded: this runs while a disconnected client's task is being cancelled, and an
         # interrupted cleanup would leave engine requests holding KV blocks.
         with anyio.CancelScope(shield=True):

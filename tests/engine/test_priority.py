@@ -52,3 +52,38 @@ def test_an_interactive_prompt_runs_without_batch_jobs_beside_it(default_llm: LL
     # Once the chat prompt is computed, both decode together again.
     both = engine.scheduler.schedule()
     assert sorted(seq.request.request_id for seq, _ in both.scheduled) == ["batch", "chat"]
+
+
+def test_a_batch_prompt_goes_in_small_chunks_an_interactive_one_whole(default_llm: LLM) -> None:
+    config = EngineConfig()
+    config.batch_prefill_chunk = 64  # set after construction: an older engine ignores it
+    engine = LLMEngine(default_llm.model, default_llm.tokenizer, config, name="test")
+    tokenizer = default_llm.tokenizer
+    batch_prompt = tokenizer.encode("one two three four " * 100)[:300]
+    chat_prompt = tokenizer.encode("five six seven eight " * 100)[:300]
+    engine.add_request("batch", batch_prompt, SamplingParams(max_tokens=2, priority=1))
+    chunks = []
+    for _ in range(5):  # scheduling only: chunk sizes need no forward
+        out = engine.scheduler.schedule()
+        chunks += [n for _, n in out.scheduled]
+        engine.scheduler.after_step(out)
+    assert chunks == [64, 64, 64, 64, 44]
+    engine.add_request("chat", chat_prompt, SamplingParams(max_tokens=2))
+    out = engine.scheduler.schedule()
+    assert [(seq.request.request_id, n) for seq, n in out.scheduled] == [("chat", 300)]
+
+
+def test_batch_prompts_share_one_chunk_a_step(default_llm: LLM) -> None:
+    config = EngineConfig()
+    config.batch_prefill_chunk = 64
+    engine = LLMEngine(default_llm.model, default_llm.tokenizer, config, name="test")
+    words = ("one two three", "four five six", "seven eight nine")
+    for i, text in enumerate(words):
+        prompt = default_llm.tokenizer.encode(f"{text} " * 40)[:100]
+        engine.add_request(f"batch-{i}", prompt, SamplingParams(max_tokens=2, priority=1))
+    steps = []
+    for _ in range(5):
+        out = engine.scheduler.schedule()
+        steps.append(sum(n for _, n in out.scheduled))
+        engine.scheduler.after_step(out)
+    assert steps == [64, 64, 64, 64, 44]  # 300 prompt tokens, 64 a step whoever they are

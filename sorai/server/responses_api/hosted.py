@@ -14,27 +14,37 @@ from fastapi import FastAPI
 @dataclass
 class HostedContext:
     """Where a call runs: the app, the conversation (its first response's id; a workspace is
-    kept per conversation) and the user's latest message (file_search searches for it too:
-    a small model's own query can be poor)."""
+    kept per conversation), the user's latest message (file_search searches for it too:
+    a small model's own query can be poor) and the id its output item gets (streamed events
+    name the item before it has run)."""
 
     app: FastAPI
     conversation: str
     question: str
+    item_id: str = ""
 
 
 @dataclass
 class HostedCall:
     """One run of a hosted tool: the output item the response lists (a file_search_call, a
-    code_interpreter_call), the text the model reads as the tool's result, and annotations
-    for the message that follows (file citations)."""
+    code_interpreter_call) and annotations for the message that follows (file citations).
+    What the model reads as the call's result is the tool's replay(item), now and whenever
+    a later turn replays the conversation."""
 
     item: dict[str, Any]
-    output: str
     annotations: list[dict[str, Any]] = field(default_factory=list)
 
 
 class HostedTool(Protocol):
-    kind: str  # the tool's type in a request ("file_search")
+    kind: str  # the tool's type in a request ("file_search"); its items' type is kind_call
+    phase: str  # its item's status while it works ("searching"), a streamed event's name too
+
+    def pending(self, item_id: str, arguments: dict[str, Any]) -> dict[str, Any]:
+        """The call's output item before it has run (status in_progress)."""
+
+    def replay(self, item: dict[str, Any]) -> tuple[dict[str, Any], str]:
+        """(the call's arguments, the result text the model reads) of one of its output
+        items; raises KeyError, TypeError or ValueError for an item it cannot read."""
 
     def check(self, spec: dict[str, Any], app: FastAPI) -> None:
         """Raise an APIError for a spec this tool cannot serve (an unknown vector store)."""

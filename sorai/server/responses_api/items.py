@@ -1,9 +1,10 @@
 """Responses API items <-> chat messages.
 
 Input items (a string, messages with input_text parts, function_call and function_call_output
-items) become the OpenAI-shaped chat messages sorai/model/chat.py renders; a request's tools,
-tool_choice and text.format become their chat-completions spellings; an answer (content and
-tool calls) becomes output items.
+items, the hosted tools' file_search_call and code_interpreter_call items) become the
+OpenAI-shaped chat messages sorai/model/chat.py renders; a request's tools, tool_choice and
+text.format become their chat-completions spellings; an answer (content and tool calls)
+becomes output items.
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ def new_item_id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex}"
 
 
-def input_items(value: Any) -> list[dict[str, Any]]:
-    """The request's `input` as a list of items, each with an id (for input_items.list)."""
+def input_items(value: Any, hosted: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+    """The request's `input` as a list of items, each with an id (for input_items.list);
+    `hosted` (kind -> HostedTool) reads the items of its tools' calls."""
+    calls = {f"{kind}_call": tool for kind, tool in (hosted or {}).items()}
     if isinstance(value, str):
         value = [{"role": "user", "content": value}]
     if not isinstance(value, list) or not value:
@@ -66,10 +69,19 @@ def input_items(value: Any) -> list[dict[str, Any]]:
                     "status": "completed",
                 }
             )
+        elif kind in calls:
+            try:
+                calls[kind].replay(item)
+            except (KeyError, TypeError, ValueError, AttributeError):
+                raise bad_request(
+                    f"input[{i}] is a {kind} item this server cannot read: {_short(item)}",
+                    param=f"input[{i}]",
+                ) from None
+            items.append({**item, "id": item.get("id") or new_item_id(kind[:2])})
         else:
+            kinds = ", ".join(["message", "function_call", "function_call_output", *calls])
             raise bad_request(
-                f"input[{i}] has type {kind!r}; this server takes message, function_call and "
-                "function_call_output items",
+                f"input[{i}] has type {kind!r}; this server takes these items: {kinds}",
                 param=f"input[{i}].type",
             )
     return items
@@ -113,9 +125,14 @@ def _message_item(i: int, item: dict[str, Any]) -> dict[str, Any]:
     return message
 
 
-def chat_messages(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def chat_messages(
+    items: list[dict[str, Any]], hosted: Mapping[str, Any] | None = None
+) -> list[dict[str, Any]]:
     """Input or output items -> chat messages; consecutive function calls are one assistant
-    turn with several tool calls."""
+    turn with several tool calls. A hosted tool's call item (`hosted`: kind -> HostedTool)
+    is the call the model made by the tool's function name and a tool message with the
+    result it read, so a later turn shows the model both."""
+    calls = {f"{kind}_call": (kind, tool) for kind, tool in (hosted or {}).items()}
     messages: list[dict[str, Any]] = []
     for item in items:
         kind = item["type"]
@@ -123,21 +140,26 @@ def chat_messages(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
             text = "\n".join(part["text"] for part in item["content"])
             messages.append({"role": item["role"], "content": text})
         elif kind == "function_call":
-            call = {
-                "id": item["call_id"],
-                "type": "function",
-                "function": {"name": item["name"], "arguments": item["arguments"]},
-            }
-            last = messages[-1] if messages else None
-            if last is not None and last["role"] == "assistant" and last.get("tool_calls"):
-                last["tool_calls"].append(call)
-            else:
-                messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+            _add_call(messages, item["call_id"], item["name"], item["arguments"])
+        elif kind in calls:
+            name, tool = calls[kind]
+            arguments, result = tool.replay(item)
+            _add_call(messages, item["id"], name, json.dumps(arguments, ensure_ascii=False))
+            messages.append({"role": "tool", "tool_call_id": item["id"], "content": result})
         elif kind == "function_call_output":
             messages.append(
                 {"role": "tool", "tool_call_id": item["call_id"], "content": item["output"]}
             )
     return messages
+
+
+def _add_call(messages: list[dict[str, Any]], call_id: str, name: str, arguments: str) -> None:
+    call = {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
+    last = messages[-1] if messages else None
+    if last is not None and last["role"] == "assistant" and last.get("tool_calls"):
+        last["tool_calls"].append(call)
+    else:
+        messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
 
 
 def chat_tools(tools: Any, hosted: Mapping[str, Any] | None = None) -> list[dict[str, Any]] | None:

@@ -67,7 +67,15 @@ def response_store(request: Request) -> ResponseStore:
 class _Turn:
     """One response being made: its request, the conversation before it, and its output."""
 
-    def __init__(self, body: ResponseRequest, model: str, items: list, history: list) -> None:
+    def __init__(
+        self,
+        body: ResponseRequest,
+        model: str,
+        items: list,
+        history: list,
+        hosted: dict[str, Any] | None = None,
+    ) -> None:
+        self.hosted = hosted or {}  # the app's hosted tools, which read their own items
         self.id = it.new_item_id("resp")
         self.created_at = int(time.time())
         self.body = body
@@ -134,7 +142,7 @@ class _Turn:
     def save(self, store: ResponseStore) -> None:
         if self.body.store is False:
             return
-        history = self.history + it.chat_messages(self.input_items + self.output)
+        history = self.history + it.chat_messages(self.input_items + self.output, self.hosted)
         store.put(StoredResponse(self.object(), self.input_items, history))
 
 
@@ -144,7 +152,7 @@ async def create_response(request: Request) -> Response:
     store = response_store(request)
     hosted = hosted_tools(request.app)
     body = await read_json(request, ResponseRequest)
-    items = it.input_items(body.input)
+    items = it.input_items(body.input, hosted)
     history: list[dict[str, Any]] = []
     conversation = None
     if body.previous_response_id is not None:
@@ -162,18 +170,19 @@ async def create_response(request: Request) -> Response:
     fields = _chat_fields(body, history, items, hosted)
     chat = _validated(fields)
     state, model = await route(request, chat.model)
-    turn = _Turn(body, model, items, history)
+    turn = _Turn(body, model, items, history, hosted)
     turn.conversation = conversation or turn.id
     specs = {t["type"]: t for t in body.tools or [] if t.get("type") in hosted}
     if specs:
         for kind, spec in specs.items():
             hosted[kind].check(spec, request.app)
-        await unless_disconnected(
-            request, _hosted_rounds(request, state, fields, turn, specs, arrival)
-        )
-        turn.save(store)
+        event = _Events()
+        rounds = _hosted_rounds(request, state, fields, turn, specs, arrival, event)
         if body.stream:
-            return EventStream(_replay(turn), on_close=_nothing)
+            stream = _guarded(_hosted_stream(turn, rounds, event, store))
+            return EventStream(stream, on_close=_nothing)
+        await unless_disconnected(request, _drain(rounds))
+        turn.save(store)
         return JSONResponse(turn.object())
     tools, generation = _generation(state, chat, turn.model, turn.id, arrival)
     await unless_disconnected(request, generation.start())
@@ -214,12 +223,15 @@ async def _hosted_rounds(
     turn: _Turn,
     specs: dict[str, dict[str, Any]],
     arrival: float,
-) -> None:
+    event: _Events,
+) -> AsyncIterator[str]:
     """Generate; run the hosted tools the answer calls and generate again with their results,
     until an answer calls none (or MAX_HOSTED_ROUNDS): the response's output is every call's
-    item, then the final answer, cited."""
+    item, then the final answer, cited. Yields the stream's events as they happen: text as it
+    is generated, each call's item and its progress events around its run."""
     hosted = hosted_tools(request.app)
     messages = list(fields["messages"])
+    question = _last_user_text(messages)
     annotations: list[dict[str, Any]] = []
     prompt = completion = cached = 0
     reason: str | None = None
@@ -228,45 +240,72 @@ async def _hosted_rounds(
         tools, generation = _generation(
             state, chat, turn.model, f"{turn.id}-{round_number}", arrival
         )
+        writer = _OutputWriter(turn, event, held=set(specs))
         try:
             await generation.start()
-            content, calls, reason, tally = await _collect(tools, generation)
+            async for piece in _write(tools, generation, writer):
+                yield piece
         finally:
             await generation.close()
-        usage = tally.usage()
+        reason = writer.finish
+        usage = writer.tally.usage()
         prompt += usage.prompt_tokens
         completion += usage.completion_tokens
         cached += usage.prompt_tokens_details.cached_tokens
-        own = [c for c in calls or [] if c.function.name in specs]
+        own = list(writer.held_calls.values())
         if not own or round_number == MAX_HOSTED_ROUNDS - 1:
-            turn.add_answer(content, [c for c in calls or [] if c not in own], annotations)
+            for piece in writer.close(annotations):
+                yield piece
             break
-        for call in own:
-            try:
-                arguments = json.loads(call.function.arguments or "{}")
-            except json.JSONDecodeError:
-                arguments = {}
-            if not isinstance(arguments, dict):
-                arguments = {}
-            tool = hosted[call.function.name]
-            spec = specs[call.function.name]
-            context = HostedContext(request.app, turn.conversation, _last_user_text(messages))
-            result = await tool.run(spec, arguments, context)
-            turn.output.append(result.item)
-            annotations += result.annotations
-            messages.append(
-                {
-                    "role": "assistant",
-                    "content": None,
-                    "tool_calls": [
-                        {"id": call.id, "type": "function", "function": call.function.model_dump()}
-                    ],
-                }
-            )
-            messages.append({"role": "tool", "tool_call_id": call.id, "content": result.output})
+        for piece in writer.close():
+            yield piece
+        for name, raw in own:
+            tool, spec = hosted[name], specs[name]
+            call = _run_hosted(request, turn, tool, spec, raw, question, annotations, event)
+            async for piece in call:
+                yield piece
+            messages += it.chat_messages([turn.output[-1]], hosted)
         # After the tools ran, the model answers from their results rather than calling again.
         fields = {**fields, "tool_choice": "none"}
     turn.finish(reason, make_usage(prompt, completion, cached))
+
+
+async def _run_hosted(
+    request: Request,
+    turn: _Turn,
+    tool: Any,
+    spec: dict[str, Any],
+    raw_arguments: str,
+    question: str,
+    annotations: list[dict[str, Any]],
+    event: _Events,
+) -> AsyncIterator[str]:
+    """One hosted call: its item added (in progress), the tool's progress events, its run,
+    the finished item in its place (last in the output) and its annotations added to
+    `annotations`."""
+    try:
+        arguments = json.loads(raw_arguments or "{}")
+    except json.JSONDecodeError:
+        arguments = {}
+    if not isinstance(arguments, dict):
+        arguments = {}
+    item = tool.pending("", arguments)  # the tool names its item (fs_..., ci_...)
+    index = len(turn.output)
+    turn.output.append(item)
+    common = {"item_id": item["id"], "output_index": index}
+    kind = f"response.{tool.kind}_call"
+    yield event("response.output_item.added", output_index=index, item=item)
+    yield event(f"{kind}.in_progress", **common)
+    if item.get("code"):  # code_interpreter streams its code before it runs it
+        yield event("response.code_interpreter_call_code.delta", delta=item["code"], **common)
+        yield event("response.code_interpreter_call_code.done", code=item["code"], **common)
+    yield event(f"{kind}.{tool.phase}", **common)
+    context = HostedContext(request.app, turn.conversation, question, item["id"])
+    result = await tool.run(spec, arguments, context)
+    turn.output[index] = result.item
+    annotations += result.annotations
+    yield event(f"{kind}.completed", **common)
+    yield event("response.output_item.done", output_index=index, item=result.item)
 
 
 def _last_user_text(messages: list[dict[str, Any]]) -> str:
@@ -276,23 +315,21 @@ def _last_user_text(messages: list[dict[str, Any]]) -> str:
     return ""
 
 
-async def _replay(turn: _Turn) -> AsyncIterator[str]:
-    """A finished response as the events of a stream (hosted tools run before it is sent)."""
-    event = _Events()
-    done = turn.object()
-    yield event("response.created", response={**done, "status": "in_progress", "output": []})
-    for index, item in enumerate(turn.output):
-        yield event("response.output_item.added", output_index=index, item=item)
-        if item["type"] == "message":
-            part = item["content"][0]
-            common = {"item_id": item["id"], "output_index": index, "content_index": 0}
-            yield event("response.content_part.added", part={**part, "text": ""}, **common)
-            yield event("response.output_text.delta", delta=part["text"], logprobs=[], **common)
-            yield event("response.output_text.done", text=part["text"], logprobs=[], **common)
-            yield event("response.content_part.done", part=part, **common)
-        yield event("response.output_item.done", output_index=index, item=item)
+async def _hosted_stream(
+    turn: _Turn, rounds: AsyncIterator[str], event: _Events, store: ResponseStore
+) -> AsyncIterator[str]:
+    yield event("response.created", response=turn.object())
+    yield event("response.in_progress", response=turn.object())
+    async for piece in rounds:
+        yield piece
+    turn.save(store)
     kind = "response.incomplete" if turn.status == "incomplete" else "response.completed"
-    yield event(kind, response=done)
+    yield event(kind, response=turn.object())
+
+
+async def _drain(events: AsyncIterator[str]) -> None:
+    async for _ in events:
+        pass
 
 
 async def _nothing() -> None:
@@ -310,7 +347,7 @@ def _chat_fields(
     messages = list(history)
     if body.instructions:
         messages.insert(0, {"role": "system", "content": body.instructions})
-    messages += it.chat_messages(items)
+    messages += it.chat_messages(items, hosted)
     fields = {
         "model": body.model,
         "messages": messages,
@@ -374,11 +411,24 @@ async def _stream(
     yield event("response.created", response=turn.object())
     yield event("response.in_progress", response=turn.object())
     writer = _OutputWriter(turn, event)
+    async for piece in _write(tools, generation, writer):
+        yield piece
+    for piece in writer.close():
+        yield piece
+    turn.finish(writer.finish, writer.tally.usage())
+    turn.save(store)
+    kind = "response.incomplete" if turn.status == "incomplete" else "response.completed"
+    yield event(kind, response=turn.object())
+
+
+async def _write(
+    tools: ToolSetup, generation: Generation, writer: _OutputWriter
+) -> AsyncIterator[str]:
+    """One generation's text and tool calls into `writer`, as events while they stream; the
+    writer keeps its finish_reason and usage."""
     tool_stream: ToolStream | None = tools.stream() if tools.active else None
-    tally = UsageTally(1)
-    finish: str | None = None
     async for i, output in generation.outputs():
-        tally.add(i, output)
+        writer.tally.add(i, output)
         for delta in output.choices:
             if delta.finish_reason == "abort":
                 raise generation.aborted()
@@ -388,11 +438,11 @@ async def _stream(
                     for piece in writer.text(delta.text):
                         yield piece
                 if delta.finish_reason is not None:
-                    finish = delta.finish_reason
+                    writer.finish = delta.finish_reason
                 continue
             messages = tool_stream.feed(delta.text) if delta.text else []
             if delta.finish_reason is not None:
-                more, finish = tool_stream.finish(delta.finish_reason)
+                more, writer.finish = tool_stream.finish(delta.finish_reason)
                 messages += more
             for message in messages:
                 if message.content:
@@ -401,24 +451,24 @@ async def _stream(
                 for call in message.tool_calls or []:
                     for piece in writer.call(call):
                         yield piece
-    for piece in writer.close():
-        yield piece
-    turn.finish(finish, tally.usage())
-    turn.save(store)
-    kind = "response.incomplete" if turn.status == "incomplete" else "response.completed"
-    yield event(kind, response=turn.object())
 
 
 class _OutputWriter:
     """Output items as they stream: an assistant message (opened on its first text) and one
-    function_call item per tool call, each added, filled by deltas and closed by done events."""
+    function_call item per tool call, each added, filled by deltas and closed by done events.
+    Calls of the functions in `held` (hosted tools) are kept in held_calls instead: the
+    server runs them."""
 
-    def __init__(self, turn: _Turn, event: _Events) -> None:
+    def __init__(self, turn: _Turn, event: _Events, held: set[str] | None = None) -> None:
         self.turn = turn
         self.event = event
         self.message: dict[str, Any] | None = None
         self.calls: dict[int, dict[str, Any]] = {}  # the tool call's index -> its item
         self.open: list[dict[str, Any]] = []
+        self.held = held or set()
+        self.held_calls: dict[int, tuple[str, str]] = {}  # index -> (name, arguments)
+        self.finish: str | None = None
+        self.tally = UsageTally(1)
 
     def _add(self, item: dict[str, Any]) -> str:
         self.turn.output.append(item)
@@ -460,14 +510,18 @@ class _OutputWriter:
         return events
 
     def call(self, delta: Any) -> list[str]:
+        name = delta.function.name if delta.function else None
+        fragment = delta.function.arguments if delta.function else None
+        if delta.index in self.held_calls or (delta.index not in self.calls and name in self.held):
+            held_name, arguments = self.held_calls.get(delta.index, (name or "", ""))
+            self.held_calls[delta.index] = (held_name, arguments + (fragment or ""))
+            return []
         events = []
         item = self.calls.get(delta.index)
         if item is None:
-            name = delta.function.name if delta.function else ""
             item = it.function_call_item(delta.id or "", name or "", "")
             self.calls[delta.index] = item
             events.append(self._add(item))
-        fragment = delta.function.arguments if delta.function else None
         if fragment:
             item["arguments"] += fragment
             events.append(
@@ -480,12 +534,14 @@ class _OutputWriter:
             )
         return events
 
-    def close(self) -> list[str]:
+    def close(self, annotations: list[dict[str, Any]] | None = None) -> list[str]:
+        """Done events for every item still open; `annotations` cite in the message."""
         events = []
         for item in self.open:
             index = self._index(item)
             if item is self.message:
                 part = item["content"][0]
+                part["annotations"] = list(annotations or [])
                 common = {"item_id": item["id"], "output_index": index, "content_index": 0}
                 events.append(
                     self.event(
