@@ -8,6 +8,7 @@ and one of its unused special tokens as the image token.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -45,11 +46,20 @@ def write(path: Path, tokenizer: Tokenizer, seed: int = 0) -> Path:
     image_token = tokenizer.token_to_id(IMAGE_TEXT)
     assert image_token is not None
     raw = config(image_token, tokenizer.vocab_size)
-    torch.manual_seed(seed)
     model = Llava(raw)
-    with torch.no_grad():  # default init leaves norms at one and biases at zero
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
+    # Every value drawn from this generator, not torch's global one: an engine thread left
+    # running by an earlier test of the same process may draw from that one meanwhile, and
+    # then the weights (and whether two images give different tokens) changed from run to run.
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=generator)
+            if p.ndim >= 2:  # scaled by fan-in, as the default init is
+                p.copy_(noise / math.sqrt(p[0].numel()))
+            elif name.endswith("bias"):
+                p.copy_(noise * 0.05)
+            else:  # norms' scales near one
+                p.copy_(1 + noise * 0.05)
     state = {}
     for key, value in model.state_dict().items():
         if key.startswith("language_model.lm_head."):
