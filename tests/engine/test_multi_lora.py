@@ -267,31 +267,39 @@ def test_python_api_runs_tools_logprobs_and_streams_under_an_adapter(
 
 def test_a_gathered_row_is_the_same_whatever_shares_its_step(tmp_path: Path) -> None:
     """A generated token's delta, bit for bit, alone or beside rows of other adapters (other
-    ranks) and whether its adapter's weights are gathered per row or broadcast to a run."""
-    from sorai.model import multi_lora
+    ranks), whichever way its batch reads the weights: a view of adjacent slots (with zero
+    items between), a copy of scattered slots, one slot shared by a run, rounds of runs."""
     from tests.model.reference import write_hf_checkpoint
 
     checkpoint = write_hf_checkpoint(tmp_path / "tiny", "llama", tie_word_embeddings=False)
     model = load_hf_dir(checkpoint, torch.float32)
-    lora = MultiLoRA(model, max_loras=3, max_rank=16)
-    for slot, spec in enumerate((EIGHT[4], EIGHT[0], EIGHT[1])):  # ranks 12, 4, 16
+    lora = MultiLoRA(model, max_loras=6, max_rank=16)
+    for slot, spec in ((0, EIGHT[4]), (1, EIGHT[0]), (2, EIGHT[1]), (5, EIGHT[2])):  # r 12 4 16 8
         path = write_adapter(tmp_path / f"a{slot}", model, spec, seed=slot, std=0.3)
         lora.load(slot, read_adapter(path, linear_shapes(model)))
     generator = torch.Generator().manual_seed(0)
 
     def delta(target, slots: list[int], x: torch.Tensor) -> torch.Tensor:
         out = torch.zeros(x.shape[0], sum(target.sizes))
-        target._gather(lora.plan(slots, gathered=True), x, out)
-        return out[0]
+        for batch in lora.plan(slots, gathered=True).batches:
+            target._gather(batch, x, out)
+        return out[slots.index(0)]
 
+    cases = (
+        [0, 0, 0],  # one slot, expanded
+        [0, 1],  # adjacent slots, a view
+        [1, 0, 2],  # unsorted
+        [0, 2],  # a gap: a view with a zero item
+        [5, 0],  # scattered: a copy
+        [-1, 0, 0, 1, 1, 2, 2, 5],  # runs of two, in rounds
+        [0, 0, 0, 1, 1, 1],  # long runs, one batch each
+        [0, 1, 0, 1],  # a slot's rows apart
+    )
     with torch.inference_mode():
         for target in lora.targets:
-            x = torch.randn(7, target.in_features, generator=generator)
-            alone = delta(target, [0], x[:1])
-            for slots in ([0, 0, 0], [0, 1], [0, 1, 2], [0, 0, 1, 1, 2, 2, -1]):
-                for broadcast in (0, 8):
-                    multi_lora.BROADCAST_MAX_RUNS = broadcast
-                    try:
-                        assert torch.equal(delta(target, slots, x[: len(slots)]), alone)
-                    finally:
-                        multi_lora.BROADCAST_MAX_RUNS = 2
+            x = torch.randn(9, target.in_features, generator=generator)
+            for slots in cases:
+                rows = x[: len(slots)].clone()
+                rows[slots.index(0)] = x[8]
+                alone = delta(target, [0], x[8:9])
+                assert torch.equal(delta(target, slots, rows), alone), slots
