@@ -254,12 +254,14 @@ class AdapterRegistry:
 
 def same_model(a: str, b: str) -> bool:
     """Whether two model names (a known name, hf:ORG/REPO[@rev], an HF repository id, a path,
-    a GGUF file) name the same model: their last components, less a quantization suffix."""
+    a GGUF file) name the same model: their last components, less a quantization suffix (a
+    heuristic: it errs towards the same, since the shapes were checked already)."""
     return _model_key(a) == _model_key(b)
 
 
 def _model_key(name: str) -> str:
-    text = name.strip().removeprefix("hf:").split("@", 1)[0].rstrip("/\\")
+    # A served name may carry a merged adapter (MODEL+NAME): its base is MODEL.
+    text = name.strip().removeprefix("hf:").split("@", 1)[0].split("+", 1)[0].rstrip("/\\")
     last = re.split(r"[/\\]", text)[-1].lower().removesuffix(".gguf")
     return _QUANT_SUFFIX.sub("", last)
 
