@@ -268,7 +268,7 @@ def test_python_api_runs_tools_logprobs_and_streams_under_an_adapter(
 def test_a_gathered_row_is_the_same_whatever_shares_its_step(tmp_path: Path) -> None:
     """A generated token's delta, bit for bit, alone or beside rows of other adapters (other
     ranks), whichever way its batch reads the weights: a view of adjacent slots (with zero
-    items between), a copy of scattered slots, one slot shared by a run, rounds of runs."""
+    items between), a copy of scattered slots, one slot shared by every row, a copy per row."""
     from tests.model.reference import write_hf_checkpoint
 
     checkpoint = write_hf_checkpoint(tmp_path / "tiny", "llama", tie_word_embeddings=False)
@@ -291,8 +291,7 @@ def test_a_gathered_row_is_the_same_whatever_shares_its_step(tmp_path: Path) -> 
         [1, 0, 2],  # unsorted
         [0, 2],  # a gap: a view with a zero item
         [5, 0],  # scattered: a copy
-        [-1, 0, 0, 1, 1, 2, 2, 5],  # runs of two, in rounds
-        [0, 0, 0, 1, 1, 1],  # long runs, one batch each
+        [-1, 0, 0, 1, 1, 2, 2, 5],  # slots repeated: a copy per row
         [0, 1, 0, 1],  # a slot's rows apart
     )
     with torch.inference_mode():
