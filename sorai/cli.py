@@ -158,6 +158,15 @@ def parse_adapters(values: Sequence[str] | None) -> dict[str, str]:
     return adapters
 
 
+def _lora_bytes(text: str | None) -> int | None:
+    """--max-lora-bytes SIZE as bytes (None: not given)."""
+    if text is None:
+        return None
+    from sorai.train.config import parse_bytes
+
+    return parse_bytes(text, "--max-lora-bytes")
+
+
 def _one_adapter(args: argparse.Namespace) -> str | None:
     """chat / generate run one adapter at most: its name, or None."""
     adapters = parse_adapters(args.adapter)
@@ -426,6 +435,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "cpu_threads": args.cpu_threads,
         "max_loras": args.max_loras,
         "max_lora_rank": args.max_lora_rank,
+        "max_lora_bytes": _lora_bytes(args.max_lora_bytes),
     }
     config = EngineConfig(**{k: v for k, v in engine_options.items() if v is not None})
 
@@ -685,6 +695,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="largest adapter rank served (default: 16)",
+    )
+    serve.add_argument(
+        "--max-lora-bytes",
+        default=None,
+        metavar="SIZE",
+        help="memory the resident adapters may take (float32, rank padded to --max-lora-rank), "
+        "e.g. 512MiB or 2GiB; idle ones are evicted, least recently used first, to make room "
+        "(default: no limit beyond --max-loras)",
     )
     serve.add_argument(
         "--data-dir",

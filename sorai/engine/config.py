@@ -35,6 +35,8 @@ class EngineConfig:
     # together: an interactive request arriving meanwhile waits for the step in flight, so
     # batch prompts go in chunks this small (interactive ones take max_num_batched_tokens).
     batch_prefill_chunk: int = 128
+    # Bytes the resident adapters may take in their slots (None: only max_loras bounds them).
+    max_lora_bytes: int | None = None
 
     def __post_init__(self) -> None:
         for name in (
@@ -56,5 +58,12 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise SoraiError(f"engine {name} must be an integer >= 1, got {value!r}")
+        if self.max_lora_bytes is not None and (
+            not isinstance(self.max_lora_bytes, int) or self.max_lora_bytes < 1
+        ):
+            raise SoraiError(
+                f"engine max_lora_bytes must be an integer >= 1 or None, got "
+                f"{self.max_lora_bytes!r}"
+            )
         if self.max_waiting < 0:
             raise SoraiError(f"engine max_waiting must be >= 0, got {self.max_waiting!r}")

@@ -75,7 +75,9 @@ class LLMEngine:
             model.device,
         )
         self.pool = BlockPool(num_blocks, cfg.enable_prefix_caching)
-        self.adapters = AdapterRegistry(model, cfg.max_loras, cfg.max_lora_rank)
+        self.adapters = AdapterRegistry(
+            model, cfg.max_loras, cfg.max_lora_rank, cfg.max_lora_bytes, base_name=name
+        )
         self.scheduler = Scheduler(cfg, self.pool, cfg.block_size, admit=self._admit)
         self.runner = ModelRunner(model, self.cache, lambda: self.adapters.lora)
         self.vocab_size = model.config.vocab_size

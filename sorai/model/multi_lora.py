@@ -5,30 +5,34 @@ fused q/k/v and gate/up modules, sorai.model.fusion) adds, to each row of the st
 row, the delta x·Aᵀ·Bᵀ·scaling of that row's adapter, computed on the fly. Base rows get none.
 
 Adapters live in `slots` (at most max_loras resident): per hooked module one stacked A
-[slots, parts·max_rank, in] and per part one B [slots, out, max_rank] (scaling folded in,
+[slots, in, parts·max_rank] and per part one B [slots, max_rank, out] (scaling folded in,
 float32). Ranks are padded with zeros to max_rank, so adapters of any rank up to it share the
-stacks; a step computes only up to the largest rank it uses. A module an adapter does not
-target stays zero in its slot and is skipped where rows are grouped. Stacks are allocated
-the first time an adapter targets their module, so q/v-only adapters cost no MLP memory.
+stacks. A module an adapter does not target stays zero in its slot and is skipped where rows
+are grouped. Stacks are allocated the first time an adapter targets their module, and hold
+only as many slots as the highest one loaded so far (slots are taken lowest first), so
+q/v-only adapters cost no MLP memory and a few adapters cost a few slots.
 
 Two ways to apply the deltas, both plain torch ops:
 - segment: a run of rows of one adapter (a prompt chunk) takes two matmuls (x·Aᵀ for every
-  part at once, then ·Bᵀ per part into the output's columns), a few ops per run per module;
-- gather: each row gathers its slot's A and B (or, for rows of at most BROADCAST_MAX_RUNS
-  adapters, broadcasts them) and elementwise products summed per row, always over max_rank,
-  do every row at once whatever the number of adapters.
-The engine gathers generated tokens (one row per sequence) and segments prompt tokens: a row's
-path depends on its token, never on what else shares the step, so a request's tokens are the
-same alone or in any batch (as the low-bit layers do, sorai.model.quant.linear). Measured on a
-2-core AVX2 CPU (benchmarks/bench_lora.py --kernels), decode steps over 4 or 16 adapters gather
-faster than they segment, and prompt chunks segment faster than they gather.
+  part at once, then ·Bᵀ per part into the output's columns), over the adapter's own rank;
+- gather: every row is an item of one batched matmul (bmm) with its slot's weights, over the
+  full max_rank: rows of distinct slots read them as one view of the stacks (rows of adjacent
+  slots), rows of one slot share its weights (expanded), other mixes copy each row's (see
+  _batches); one bmm per module and part, whatever the number of adapters.
+The engine gathers generated tokens (one row per sequence) and segments prompt tokens. Every
+gathered row is an item of its own (one row, the same shapes, whatever shares the step), and
+MKL's batched matmul computes one-row items bit for bit alike whatever the batch size (checked
+by tests/engine/test_multi_lora.py), so a request's tokens are the same alone or in any batch
+(as the low-bit layers do, sorai.model.quant.linear). Measured on a 2-core AVX2 CPU, a decode
+step's deltas over 1 to 16 adapters take 0.4-0.5x the time of the former per-row weight copies
+with elementwise products (benchmarks/README.md); prompt chunks segment (bench_lora --kernels).
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -37,9 +41,22 @@ from sorai.model.fusion import FUSED_ATTRIBUTE, Fused
 from sorai.model.lora import AdapterFile, LoRAError, linear_shapes
 from sorai.model.transformer import Transformer
 
-# Gathered rows of at most this many adapters (runs) broadcast each adapter's weights rather
-# than copying them per row: fewer bytes moved, a few more ops per run.
-BROADCAST_MAX_RUNS = 2
+# A batch of rows of distinct slots reads the stacks' slots lo..hi as one view (rows of the
+# slots in between no row uses are zero items) while at most this many times as many slots
+# as rows; beyond, it copies the slots it uses.
+PAD_MAX_RATIO = 2
+
+
+@dataclass
+class _Batch:
+    """Gathered rows whose deltas one bmm per module computes, each row one item."""
+
+    rows: slice | Tensor  # the rows of the step, in item order
+    # The items' weights: slots lo..hi of the stacks (a view), one slot (shared by every
+    # item, expanded), or each item's slot gathered (a copy).
+    weights: slice | int | Tensor
+    size: int  # items
+    items: Tensor | None = None  # with zero items among them: each row's item
 
 
 @dataclass
@@ -47,12 +64,13 @@ class StepRows:
     """Which adapter slot each row of a step's flat token row uses (built by plan())."""
 
     runs: list[tuple[int, int, int]]  # segmented rows: (slot, start, end), contiguous
-    rank: int  # the largest rank among the slots used
-    rows: Tensor | None = None  # gathered rows' indices (None: every row of the step)
-    slots: Tensor | None = None  # each gathered row's slot (None: no row is gathered)
-    # The gathered rows as (slot, start, end) runs of their list, when there are few: each
-    # run then broadcasts its slot's weights instead of copying them per row.
-    gathered_runs: list[tuple[int, int, int]] | None = None
+    batches: list[_Batch] = field(default_factory=list)  # gathered rows
+
+
+def slot_bytes(adapter: AdapterFile, shapes: dict[str, tuple[int, int]], max_rank: int) -> int:
+    """Bytes an adapter's slot holds: float32 A and B of each module it adapts, its rank
+    padded to max_rank (what a memory budget in bytes counts)."""
+    return sum((shapes[name][0] + shapes[name][1]) * max_rank * 4 for name in adapter.modules)
 
 
 class _Target:
@@ -67,19 +85,24 @@ class _Target:
         self.starts = [sum(self.sizes[:i]) for i in range(len(self.sizes))]
         self.in_features = in_features
         self.owner = owner
-        self.a: Tensor | None = None  # [slots, parts * max_rank, in]
-        self.b: list[Tensor] = []  # per part [slots, out, max_rank]
+        self.a: Tensor | None = None  # [slots, in, parts * max_rank]
+        self.b: list[Tensor] = []  # per part [slots, max_rank, out]
         self.present: list[set[int]] = [set() for _ in self.names]  # slots per part
 
-    def _allocate(self) -> None:
+    def grow(self, capacity: int) -> None:
+        """Hold `capacity` slots (the new ones zero); nothing before the first adapter."""
         o = self.owner
-        parts = len(self.names)
-        shape = (o.max_loras, parts * o.max_rank, self.in_features)
-        self.a = torch.zeros(shape, dtype=o.dtype, device=o.device)
-        self.b = [
-            torch.zeros(o.max_loras, size, o.max_rank, dtype=o.dtype, device=o.device)
-            for size in self.sizes
-        ]
+        if self.a is None:
+            shape = (0, self.in_features, len(self.names) * o.max_rank)
+            self.a = torch.zeros(shape, dtype=o.dtype, device=o.device)
+            self.b = [
+                torch.zeros(0, o.max_rank, size, dtype=o.dtype, device=o.device)
+                for size in self.sizes
+            ]
+        more = capacity - self.a.shape[0]
+        if more > 0:
+            self.a = torch.cat([self.a, self.a.new_zeros(more, *self.a.shape[1:])])
+            self.b = [torch.cat([b, b.new_zeros(more, *b.shape[1:])]) for b in self.b]
 
     def load(self, slot: int, adapter: AdapterFile) -> None:
         """Write the adapter's parts for this module into `slot` (zeros where it has none)."""
@@ -88,7 +111,7 @@ class _Target:
         if self.a is None:
             if not any(wanted):
                 return
-            self._allocate()
+            self.grow(self.owner.capacity)
         assert self.a is not None
         with torch.no_grad():
             self.a[slot].zero_()
@@ -99,9 +122,9 @@ class _Target:
                     continue
                 module = adapter.modules[name]
                 r = module.r
-                self.a[slot, p * r_max : p * r_max + r] = module.lora_A.to(self.a.dtype)
+                self.a[slot, :, p * r_max : p * r_max + r] = module.lora_A.t().to(self.a.dtype)
                 scaled = module.lora_B.float() * adapter.scaling(name)
-                self.b[p][slot, :, :r] = scaled.to(self.a.dtype)
+                self.b[p][slot, :r] = scaled.t().to(self.a.dtype)
                 self.present[p].add(slot)
 
     def clear(self, slot: int) -> None:
@@ -115,8 +138,8 @@ class _Target:
         x = inputs[0]
         x2 = x.reshape(-1, self.in_features)
         out2 = out.view(-1, out.shape[-1])
-        if step.slots is not None:
-            self._gather(step, x2, out2)
+        for batch in step.batches:
+            self._gather(batch, x2, out2)
         if step.runs:
             self._segment(step, x2, out2)
         return out
@@ -129,45 +152,82 @@ class _Target:
             if not parts:
                 continue
             xs = x[start:end].to(a.dtype)
-            h = torch.mm(xs, a[slot].t())  # [rows, parts * max_rank]
+            h = torch.mm(xs, a[slot])  # [rows, parts * max_rank]
+            r = self.owner.ranks[slot]
             for p in parts:
                 col = self.starts[p]
-                r = self.owner.ranks[slot]
-                delta = torch.mm(h[:, p * r_max : p * r_max + r], self.b[p][slot, :, :r].t())
+                delta = torch.mm(h[:, p * r_max : p * r_max + r], self.b[p][slot, :r])
                 out[start:end, col : col + self.sizes[p]] += delta.to(out.dtype)
 
-    def _gather(self, step: StepRows, x: Tensor, out: Tensor) -> None:
-        # Always the full max_rank (zero-padded): a row's sums then have the same length
-        # whatever ranks share the step, so its result does not depend on them.
+    def _gather(self, batch: _Batch, x: Tensor, out: Tensor) -> None:
+        # Always the full max_rank (zero-padded) and one row per item: a row's products and
+        # sums are then the same whatever shares the step (see the module docstring).
         r, a = self.owner.max_rank, self.a
-        assert a is not None and step.slots is not None
-        xs = x if step.rows is None else x.index_select(0, step.rows)
-        xs = xs.to(a.dtype)
-        # Products summed row by row rather than bmm: bmm's result for one row changes with
-        # the number of rows beside it, which could flip a near-tie. A run broadcasting one
-        # slot's weights computes the very same products and sums as rows gathering copies.
-        runs = step.gathered_runs
-        if runs is None:
-            h = (a.index_select(0, step.slots) * xs[:, None, :]).sum(-1)  # [rows, parts * r]
-        else:
-            h = xs.new_empty(xs.shape[0], a.shape[1])
-            for slot, start, end in runs:
-                h[start:end] = (a[slot][None] * xs[start:end, None, :]).sum(-1)
+        assert a is not None
+        xs = x[batch.rows].to(a.dtype)
+        if batch.items is not None:
+            padded = xs.new_zeros(batch.size, xs.shape[1])
+            padded[batch.items] = xs
+            xs = padded
+        h = torch.bmm(xs[:, None, :], _select(a, batch))  # [items, 1, parts * r]
         for p, b in enumerate(self.b):
             if not self.present[p]:
                 continue
-            hp = h[:, None, p * r : (p + 1) * r]
-            if runs is None:
-                delta = (b.index_select(0, step.slots) * hp).sum(-1)  # [rows, out]
-            else:
-                delta = xs.new_empty(xs.shape[0], b.shape[1])
-                for slot, start, end in runs:
-                    delta[start:end] = (b[slot][None] * hp[start:end]).sum(-1)
+            hp = h[:, :, p * r : (p + 1) * r].contiguous()
+            delta = torch.bmm(hp, _select(b, batch))[:, 0]  # [items, out]
+            if batch.items is not None:
+                delta = delta[batch.items]
             cols = out[:, self.starts[p] : self.starts[p] + self.sizes[p]]
-            if step.rows is None:
-                cols += delta.to(out.dtype)
+            if isinstance(batch.rows, slice):
+                cols[batch.rows] += delta.to(out.dtype)
             else:
-                cols.index_add_(0, step.rows, delta.to(out.dtype))
+                cols.index_add_(0, batch.rows, delta.to(out.dtype))
+
+
+def _select(stack: Tensor, batch: _Batch) -> Tensor:
+    """The batch's items' weights from a stack [slots, ...]."""
+    if isinstance(batch.weights, int):
+        return stack[batch.weights].expand(batch.size, *stack.shape[1:])
+    if isinstance(batch.weights, slice):
+        return stack[batch.weights]
+    return stack.index_select(0, batch.weights)
+
+
+def _batches(rows: list[int], slots: list[int], device: torch.device) -> list[_Batch]:
+    """The bmm batch of gathered rows (their step rows and slots, as they come): one, since
+    the ops per batch cost more than copying weights (measured: 16 rows over 4 adapters in
+    one batch of copies took 0.64x the time of 4 batches of one adapter's weights expanded).
+
+    Rows all of one slot share its weights (expanded); rows of distinct slots read a view of
+    the stacks where they can (_distinct); other mixes gather a copy of each row's slot.
+    """
+    if len(set(slots)) == 1:
+        return [_Batch(_rows(rows, device), slots[0], len(rows))]
+    if len(set(slots)) == len(slots):
+        return [_distinct(rows, slots, device)]
+    weights = torch.tensor(slots, dtype=torch.long, device=device)
+    return [_Batch(_rows(rows, device), weights, len(slots))]
+
+
+def _distinct(rows: list[int], slots: list[int], device: torch.device) -> _Batch:
+    """One batch of rows of distinct slots."""
+    order = sorted(range(len(slots)), key=slots.__getitem__)
+    rows = [rows[i] for i in order]
+    slots = [slots[i] for i in order]
+    lo, span = slots[0], slots[-1] - slots[0] + 1
+    if span == len(slots):
+        return _Batch(_rows(rows, device), slice(lo, lo + span), span)
+    if span <= PAD_MAX_RATIO * len(slots):
+        items = torch.tensor([s - lo for s in slots], dtype=torch.long, device=device)
+        return _Batch(_rows(rows, device), slice(lo, lo + span), span, items)
+    weights = torch.tensor(slots, dtype=torch.long, device=device)
+    return _Batch(_rows(rows, device), weights, len(slots))
+
+
+def _rows(rows: list[int], device: torch.device) -> slice | Tensor:
+    if rows == list(range(rows[0], rows[0] + len(rows))):
+        return slice(rows[0], rows[0] + len(rows))
+    return torch.tensor(rows, dtype=torch.long, device=device)
 
 
 class MultiLoRA:
@@ -191,6 +251,7 @@ class MultiLoRA:
         self.device = model.device
         self.shapes = linear_shapes(model)
         self.step: StepRows | None = None
+        self.capacity = 0  # slots the stacks hold: up to the highest loaded so far
         self.ranks = [0] * max_loras
         self.targets: list[_Target] = []
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
@@ -236,6 +297,13 @@ class MultiLoRA:
 
     def load(self, slot: int, adapter: AdapterFile) -> None:
         self.check(adapter)
+        if not 0 <= slot < self.max_loras:
+            raise LoRAError(f"slot {slot} is not one of this model's {self.max_loras} slots")
+        if slot >= self.capacity:
+            self.capacity = slot + 1
+            for target in self.targets:
+                if target.a is not None:
+                    target.grow(self.capacity)
         for target in self.targets:
             target.load(slot, adapter)
         self.ranks[slot] = adapter.rank
@@ -265,23 +333,11 @@ class MultiLoRA:
                 runs[-1] = (slot, runs[-1][1], i + 1)
             else:
                 runs.append((slot, i, i + 1))
-        used = {slot for slot, _, _ in runs} | set(slots)
-        if not used:
+        if not runs and not slots:
             return None
-        step = StepRows(runs, max(self.ranks[slot] for slot in used))
+        step = StepRows(runs)
         if slots:
-            device = self.model.device
-            step.slots = torch.tensor(slots, dtype=torch.long, device=device)
-            gathered_runs: list[tuple[int, int, int]] = []
-            for i, slot in enumerate(slots):
-                if gathered_runs and gathered_runs[-1][0] == slot:
-                    gathered_runs[-1] = (slot, gathered_runs[-1][1], i + 1)
-                else:
-                    gathered_runs.append((slot, i, i + 1))
-            if len(gathered_runs) <= BROADCAST_MAX_RUNS:
-                step.gathered_runs = gathered_runs
-            if len(index) != len(slot_per_row):
-                step.rows = torch.tensor(index, dtype=torch.long, device=device)
+            step.batches = _batches(index, slots, self.model.device)
         return step
 
     @contextlib.contextmanager

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -18,7 +19,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 
 from sorai.errors import SoraiError
-from sorai.model.lora import CONFIG_FILE, adapter_name
+from sorai.model.lora import CONFIG_FILE, WEIGHTS_FILE, adapter_name
 from sorai.server.body import read_json
 from sorai.server.errors import APIError, bad_request
 from sorai.server.protocol import LoadLoRAAdapterRequest, UnloadLoRAAdapterRequest
@@ -29,6 +30,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("sorai.server")
 router = APIRouter()
+# Per registry, the --adapter-dir adapters refused, by their files' (mtime, size): a refused one
+# is logged once, not at every rescan, and tried again once its files change.
+_refused: weakref.WeakKeyDictionary[AdapterRegistry, dict[Path, tuple]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def _registry(request: Request) -> AdapterRegistry:
@@ -70,8 +76,10 @@ async def unload_lora_adapter(request: Request) -> Response:
 
 def scan_adapter_dir(registry: AdapterRegistry, directory: Path) -> list[str]:
     """Register every PEFT adapter under `directory` not known yet (by path); returns the
-    names added. One that does not fit this model is logged and skipped, not fatal."""
+    names added. One that does not fit this model is logged and skipped, not fatal (and not
+    logged again until its files change)."""
     known = {path.resolve() for path in registry.names().values()}
+    refused = _refused.setdefault(registry, {})
     added = []
     for config in sorted(directory.rglob(CONFIG_FILE)):
         path = config.parent
@@ -80,13 +88,31 @@ def scan_adapter_dir(registry: AdapterRegistry, directory: Path) -> list[str]:
         name = adapter_name(path)
         if name in registry:
             continue
+        files = _files_state(path)
+        if refused.get(path.resolve()) == files:
+            continue
         try:
             registry.add(name, path)
         except SoraiError as exc:
+            refused[path.resolve()] = files
             log.warning("skipping adapter %s: %s", path, exc)
             continue
+        refused.pop(path.resolve(), None)
         added.append(name)
     return added
+
+
+def _files_state(path: Path) -> tuple:
+    """(mtime, size) of an adapter directory's two files: what tells that they changed."""
+    state = []
+    for file in (path / CONFIG_FILE, path / WEIGHTS_FILE):
+        try:
+            stat = file.stat()
+        except OSError:
+            state.append(None)
+        else:
+            state.append((stat.st_mtime_ns, stat.st_size))
+    return tuple(state)
 
 
 async def watch_adapter_dir(registry: AdapterRegistry, directory: Path, interval: float) -> None:

@@ -267,31 +267,103 @@ def test_python_api_runs_tools_logprobs_and_streams_under_an_adapter(
 
 def test_a_gathered_row_is_the_same_whatever_shares_its_step(tmp_path: Path) -> None:
     """A generated token's delta, bit for bit, alone or beside rows of other adapters (other
-    ranks) and whether its adapter's weights are gathered per row or broadcast to a run."""
-    from sorai.model import multi_lora
+    ranks), whichever way its batch reads the weights: a view of adjacent slots (with zero
+    items between), a copy of scattered slots, one slot shared by every row, a copy per row."""
     from tests.model.reference import write_hf_checkpoint
 
     checkpoint = write_hf_checkpoint(tmp_path / "tiny", "llama", tie_word_embeddings=False)
     model = load_hf_dir(checkpoint, torch.float32)
-    lora = MultiLoRA(model, max_loras=3, max_rank=16)
-    for slot, spec in enumerate((EIGHT[4], EIGHT[0], EIGHT[1])):  # ranks 12, 4, 16
+    lora = MultiLoRA(model, max_loras=6, max_rank=16)
+    for slot, spec in ((0, EIGHT[4]), (1, EIGHT[0]), (2, EIGHT[1]), (5, EIGHT[2])):  # r 12 4 16 8
         path = write_adapter(tmp_path / f"a{slot}", model, spec, seed=slot, std=0.3)
         lora.load(slot, read_adapter(path, linear_shapes(model)))
     generator = torch.Generator().manual_seed(0)
 
     def delta(target, slots: list[int], x: torch.Tensor) -> torch.Tensor:
         out = torch.zeros(x.shape[0], sum(target.sizes))
-        target._gather(lora.plan(slots, gathered=True), x, out)
-        return out[0]
+        for batch in lora.plan(slots, gathered=True).batches:
+            target._gather(batch, x, out)
+        return out[slots.index(0)]
 
+    cases = (
+        [0, 0, 0],  # one slot, expanded
+        [0, 1],  # adjacent slots, a view
+        [1, 0, 2],  # unsorted
+        [0, 2],  # a gap: a view with a zero item
+        [5, 0],  # scattered: a copy
+        [-1, 0, 0, 1, 1, 2, 2, 5],  # slots repeated: a copy per row
+        [0, 1, 0, 1],  # a slot's rows apart
+    )
     with torch.inference_mode():
         for target in lora.targets:
-            x = torch.randn(7, target.in_features, generator=generator)
-            alone = delta(target, [0], x[:1])
-            for slots in ([0, 0, 0], [0, 1], [0, 1, 2], [0, 0, 1, 1, 2, 2, -1]):
-                for broadcast in (0, 8):
-                    multi_lora.BROADCAST_MAX_RUNS = broadcast
-                    try:
-                        assert torch.equal(delta(target, slots, x[: len(slots)]), alone)
-                    finally:
-                        multi_lora.BROADCAST_MAX_RUNS = 2
+            x = torch.randn(9, target.in_features, generator=generator)
+            for slots in cases:
+                rows = x[: len(slots)].clone()
+                rows[slots.index(0)] = x[8]
+                alone = delta(target, [0], x[8:9])
+                assert torch.equal(delta(target, slots, rows), alone), slots
+
+
+def _tiny(tmp_path: Path):
+    from tests.model.reference import write_hf_checkpoint
+
+    return load_hf_dir(write_hf_checkpoint(tmp_path / "tiny", "llama"), torch.float32)
+
+
+def test_a_byte_budget_fills_slots_and_evicts_idle_adapters_by_bytes(tmp_path: Path) -> None:
+    from sorai.engine.adapters import AdapterRegistry
+
+    model = _tiny(tmp_path)
+    everything = Spec(8, 16, EIGHT[4].targets)  # all-linear, as `sorai train` makes
+    paths = {
+        "big1": write_adapter(tmp_path / "big1", model, everything, seed=1),
+        "big2": write_adapter(tmp_path / "big2", model, everything, seed=2),
+        "small": write_adapter(tmp_path / "small", model, Spec(4, 8, ("q_proj", "v_proj")), seed=3),
+    }
+    probe = AdapterRegistry(model, max_loras=4, max_lora_rank=8)
+    big, small = (probe.slot_bytes(probe.read(paths[n])) for n in ("big1", "small"))
+    assert big > small > 0
+    registry = AdapterRegistry(model, max_loras=4, max_lora_rank=8, max_lora_bytes=big + small)
+    with pytest.raises(LoRAError, match="above the adapter memory budget"):
+        AdapterRegistry(model, 4, 8, max_lora_bytes=big - 1).add("big1", paths["big1"])
+    entries = {}
+    for name, path in paths.items():
+        registry.add(name, path)
+        entries[name] = registry.use(name)
+    assert registry.admit(entries["big1"]) and registry.admit(entries["small"])
+    # Both busy: big2's bytes do not fit and nothing is evicted; a free slot is not enough.
+    assert not registry.admit(entries["big2"])
+    registry.release(entries["small"], admitted=True)
+    assert not registry.admit(entries["big2"]), "evicting the idle small one frees too little"
+    assert registry.resident() == {"big1": 0, "small": 1}
+    registry.release(entries["big1"], admitted=True)
+    assert registry.admit(entries["big2"])  # the idle big1 goes, least recently used first
+    assert registry.resident() == {"big2": 0, "small": 1}
+    assert registry.resident_bytes() == big + small
+    assert registry.lora.capacity == 2, "the stacks hold the slots used, not max_loras"
+    registry.lora.remove()
+
+
+def test_an_adapter_trained_on_another_base_model_is_refused_naming_both(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import json
+
+    from sorai.engine.adapters import AdapterRegistry
+
+    model = _tiny(tmp_path)
+    registry = AdapterRegistry(model, 2, 16, base_name="org/tiny")
+    path = write_adapter(tmp_path / "a", model, EIGHT[0], seed=0)
+
+    def trained_on(base: str) -> Path:
+        config = json.loads((path / "adapter_config.json").read_text())
+        config["base_model_name_or_path"] = base
+        (path / "adapter_config.json").write_text(json.dumps(config))
+        return path
+
+    with pytest.raises(LoRAError, match="trained on 'org/other'.*serves 'org/tiny'"):
+        registry.read(trained_on("org/other"))
+    registry.read(trained_on("hf:org/tiny@main"))  # the same model named otherwise
+    with caplog.at_level("WARNING", logger="sorai.engine"):
+        registry.read(trained_on(str(tmp_path / "merged-copy")))  # a local path: shapes fit
+    assert "a local path" in caplog.text and "org/tiny" in caplog.text
