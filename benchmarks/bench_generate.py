@@ -32,9 +32,10 @@ from pathlib import Path
 # No progress bar from transformers' GGUF conversion in the report (tqdm reads this on import).
 os.environ.setdefault("TQDM_DISABLE", "1")
 
+# sorai before torch: it sets OpenMP's wait policy, which torch reads as it loads.
+import sorai  # noqa: E402, I001
 import torch  # noqa: E402
-
-import sorai  # noqa: E402
+from common import peer_environment  # noqa: E402
 from sorai import hub  # noqa: E402
 
 PROMPT = [{"role": "user", "content": "Write a long story about a lighthouse keeper and a cat."}]
@@ -108,7 +109,8 @@ def llama_bench(path: Path, n: int, prompt_tokens: int, threads: int, reps: int)
     command = [str(built.bench), "-m", str(path), "-p", str(prompt_tokens), "-n", str(n)]
     command += ["-t", str(threads), "-r", str(reps), "-o", "json"]
     print(f"running {' '.join(command)}", flush=True)
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    env = peer_environment()
+    done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
     if done.returncode != 0:
         raise RuntimeError(f"llama-bench exit {done.returncode}: {done.stderr.strip()[-300:]}")
     rows = json.loads(done.stdout)  # one row per test: pp (n_gen 0), then tg (n_prompt 0)

@@ -64,6 +64,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from common import (  # benchmarks/common.py: the script's folder is on sys.path
+    peer_environment,
     without_nan,
 )
 from llama_cpp_peer import busy_warning, cores, ensure_llama_cpp
@@ -540,7 +541,7 @@ class Server:
             stderr=subprocess.STDOUT,
             start_new_session=True,
             # The client sends no API key, so the server must not ask for one.
-            env={k: v for k, v in os.environ.items() if k != "SORAI_API_KEY"},
+            env={k: v for k, v in peer_environment().items() if k != "SORAI_API_KEY"},
         )
         started = time.monotonic()
         while time.monotonic() - started < timeout:

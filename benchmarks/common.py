@@ -9,6 +9,18 @@ from collections.abc import Callable, Mapping
 from typing import IO, Any
 
 
+def peer_environment() -> dict[str, str]:
+    """os.environ for a peer's process (llama.cpp), without the OpenMP wait policy that
+    `import sorai` sets for its own threads: each side runs with its own defaults."""
+    import sys
+
+    sorai = sys.modules.get("sorai")
+    env = dict(os.environ)
+    if getattr(sorai, "OMP_WAIT_POLICY_SET_BY_SORAI", False):
+        env.pop("OMP_WAIT_POLICY", None)
+    return env
+
+
 def without_nan(value: Any) -> Any:
     """`value` with NaN floats as None, so the JSON file is standard JSON."""
     if isinstance(value, float) and value != value:

@@ -35,6 +35,7 @@ class AsyncEngine:
         self.context_length = engine.context_length
         self.vocab_size = engine.vocab_size
         self.runtime = engine.runtime
+        self.image_encoder = engine.image_encoder  # None for a text-only model
         self.adapters = engine.adapters  # thread-safe: the server registers, the step uses
         self.dead = False
         self._commands: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from sorai.engine.config import EngineConfig
+from sorai.engine.images import PromptImage, expand_image_tokens
 from sorai.engine.llm_engine import LLMEngine
 from sorai.engine.outputs import ChoiceDelta, RequestOutput, TokenLogprob
 from sorai.engine.params import GUIDED_FIELDS, GuidedSpec, SamplingParams
@@ -209,13 +210,68 @@ class LLM:
         forced = setup.constrain(params.guided, _constraint_source(options))
         if forced is not params.guided:
             params = dataclasses.replace(params, guided=forced)
-        completion = self._run([setup.encode(self.tokenizer, messages)], params)[0]
+        messages, images = self._take_images(messages)
+        ids, params = self._image_prompt(setup.encode(self.tokenizer, messages), params, images)
+        completion = self._run([ids], params)[0]
         if setup.active:
             content, calls, reason = setup.answer(completion.text, completion.finish_reason)
             completion.text = content or ""
             completion.tool_calls = calls
             completion.finish_reason = reason or completion.finish_reason
         return completion
+
+    # -- images, for a vision-language checkpoint (docs/vision.md) -------------------------
+
+    def _take_images(self, messages: Messages) -> tuple[Messages, list[Any]]:
+        """`messages` with each {"type": "image", "image": PIL image} part replaced by the
+        model's image token, and the images in order. A text-only model refuses them."""
+        encoder = self.engine.image_encoder
+        images: list[Any] = []
+        out = []
+        for message in messages:
+            content = message.get("content") if isinstance(message, Mapping) else None
+            if not isinstance(content, list) or not any(
+                isinstance(p, Mapping) and p.get("type") == "image" for p in content
+            ):
+                out.append(message)
+                continue
+            if encoder is None:
+                raise SoraiError(
+                    f"model {self.name!r} takes no images (it has no vision tower); "
+                    "read them with sorai.vision.ocr.read_text"
+                )
+            token = self.tokenizer.id_to_token(encoder.image_token_index) or ""
+            parts = []
+            for part in content:
+                if isinstance(part, Mapping) and part.get("type") == "image":
+                    images.append(part.get("image"))
+                    parts.append({"type": "text", "text": token})
+                else:
+                    parts.append(part)
+            out.append({**message, "content": parts})
+        return out, images
+
+    def _image_prompt(
+        self, ids: list[int], params: SamplingParams, images: list[Any]
+    ) -> tuple[list[int], SamplingParams]:
+        """A vision model's prompt with one image token per patch, and `params` carrying the
+        images, preprocessed; unchanged for a text-only model."""
+        encoder = self.engine.image_encoder
+        if encoder is None:
+            return ids, params
+        ids = expand_image_tokens(ids, encoder.image_token_index, encoder.tokens_per_image)
+        if not images:
+            return ids, params
+        from PIL import Image
+
+        prepared = []
+        for k, image in enumerate(images, start=1):
+            if not isinstance(image, Image.Image):
+                raise SoraiError(
+                    f"image part {k}: 'image' must be a PIL image, got {type(image).__name__}"
+                )
+            prepared.append(PromptImage.from_pixels(encoder.preprocess(image)))
+        return ids, dataclasses.replace(params, images=tuple(prepared))
 
     # -- streams --------------------------------------------------------------------------
 
@@ -226,7 +282,8 @@ class LLM:
 
     def chat_stream(self, messages: Messages, **options: Any) -> Iterator[str]:
         """The answer to `messages` as text pieces, as they are generated."""
-        ids, params = self.encode_chat(messages), self.params(**options)
+        messages, images = self._take_images(messages)
+        ids, params = self._image_prompt(self.encode_chat(messages), self.params(**options), images)
         return (d.text for d in self.stream_deltas(ids, params) if d.text)
 
     def stream_deltas(

@@ -9,6 +9,7 @@ import os
 import time
 from collections.abc import Callable, Mapping
 from collections.abc import Sequence as Seq
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -17,6 +18,7 @@ from sorai.engine.adapters import AdapterRegistry
 from sorai.engine.block_manager import BlockPool
 from sorai.engine.config import EngineConfig
 from sorai.engine.guided.compile import GrammarCompiler, advance, mask_logits
+from sorai.engine.images import ImageSpan, hash_ids, image_spans
 from sorai.engine.outputs import EngineStats, RequestOutput, TokenLogprob
 from sorai.engine.paged_cache import PagedKVCache
 from sorai.engine.params import SamplingParams
@@ -145,6 +147,7 @@ class LLMEngine:
             )
         if params.adapter is not None:
             self.adapters.check(params.adapter)
+        self._check_images(prompt_ids, params)
         if params.guided is not None:
             self.guided.compile(params.guided)  # cached for add_request, or says why not
         for token, _ in params.logit_bias:
@@ -173,7 +176,35 @@ class LLMEngine:
         for seq in request.sequences:
             self.scheduler.add(seq)
 
+    # -- images (a vision-language checkpoint: sorai/engine/images.py) ----------------------
+
+    @property
+    def image_encoder(self) -> Any:
+        """The model's image encoder (sorai.model.llava.ImageEncoder), or None: text only."""
+        return self.runner.image_encoder
+
+    def _check_images(self, prompt_ids: Seq[int], params: SamplingParams) -> list[ImageSpan]:
+        encoder = self.image_encoder
+        if encoder is None:
+            if params.images:
+                raise SoraiError(
+                    f"model {self.model_name!r} takes no images (it has no vision tower)"
+                )
+            return []
+        return image_spans(
+            prompt_ids, params.images, encoder.image_token_index, encoder.tokens_per_image
+        )
+
     def _create(self, request_id: str, prompt_ids: Seq[int], params: SamplingParams) -> Request:
+        request = self._create_request(request_id, prompt_ids, params)
+        spans = self._check_images(prompt_ids, params)
+        if spans:
+            request.image_spans, request.hash_prompt = spans, hash_ids(prompt_ids, spans)
+        return request
+
+    def _create_request(
+        self, request_id: str, prompt_ids: Seq[int], params: SamplingParams
+    ) -> Request:
         return Request.create(
             request_id,
             list(prompt_ids),

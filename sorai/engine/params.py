@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from sorai.engine.guided.schema import close_objects
@@ -317,6 +317,9 @@ class SamplingParams:
     adapter: str | None = None
     # Scheduling class, not sampling: lower runs first (0: interactive, 1: batch jobs).
     priority: int = 0
+    # Prompt input, not sampling: the prompt's images (sorai.engine.images.PromptImage), in
+    # the order of their image tokens, for a model with an image encoder.
+    images: tuple[Any, ...] = field(default=(), compare=False, repr=False)
 
     def __post_init__(self) -> None:
         # Normalise first (frozen, hence object.__setattr__), then validate the normalised values.

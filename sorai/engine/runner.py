@@ -13,6 +13,7 @@ from collections.abc import Sequence as Seq
 import torch
 from torch import Tensor
 
+from sorai.engine.images import splice_rows
 from sorai.engine.paged_cache import Chunk, PagedKVCache, StepLayout
 from sorai.engine.sequence import Sequence
 from sorai.model.multi_lora import MultiLoRA
@@ -28,6 +29,8 @@ class ModelRunner:
         self.cache = cache
         self.device = model.device
         self.lora = lora  # the adapter slots, once any adapter has been loaded
+        # A vision-language checkpoint's image encoder (sorai/model/llava.py), or None.
+        self.image_encoder = getattr(model, "image_encoder", None)
 
     def execute(self, scheduled: Seq[tuple[Sequence, int]]) -> tuple[list[Sequence], Tensor]:
         """Run `num_new` tokens of each sequence; returns the sequences to sample and their
@@ -46,8 +49,12 @@ class ModelRunner:
         lora_slots: list[int] = []  # per token: its adapter slot, -1 for the base model
         cache = self.cache
         chunks = []
+        image_pieces = []  # (first row, first position, count, spans) of requests with images
         for seq, n in (*decodes, *prefills):
             start = seq.num_computed
+            spans = seq.request.image_spans
+            if spans and any(sp.start < start + n and start < sp.end for sp in spans):
+                image_pieces.append((len(tokens), start, n, spans))
             if n > 1:
                 context_slots = None
                 if start:
@@ -67,12 +74,15 @@ class ModelRunner:
         decode_slots = decode_mask = None
         if decodes:
             bs = cache.block_size
-            lengths = torch.tensor([s.num_computed + 1 for s, _ in decodes])
+            lengths = [s.num_computed + 1 for s, _ in decodes]
             width = max(len(s.blocks) for s, _ in decodes)
             tables = torch.tensor([s.blocks + [0] * (width - len(s.blocks)) for s, _ in decodes])
-            span = torch.arange(int(lengths.max()))
+            span = torch.arange(max(lengths))
             decode_slots = (tables[:, span // bs] * bs + span % bs).to(self.device)
-            decode_mask = (span[None, :] < lengths[:, None])[:, None, None].to(self.device)
+            if min(lengths) < max(lengths):
+                # Padding to mask; with none (one sequence, or equal lengths) SDPA runs unmasked.
+                column = torch.tensor(lengths)[:, None]
+                decode_mask = (span[None, :] < column)[:, None, None].to(self.device)
 
         cache.layout = StepLayout(
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
@@ -91,8 +101,13 @@ class ModelRunner:
             # Low-bit layers run generated tokens on their kernel and prompt tokens on a dense
             # GEMM, whatever the batch holds (sorai.model.quant.linear).
             with torch.inference_mode(), kernel_rows_of(generated), adapters:
+                inputs = torch.tensor(tokens, device=self.device)[None]
+                if image_pieces:
+                    return sample_seqs, self._run_with_images(
+                        inputs, positions, logit_rows, image_pieces
+                    )
                 logits = self.model(
-                    torch.tensor(tokens, device=self.device)[None],
+                    inputs,
                     torch.tensor(positions, device=self.device),
                     cache,
                     logit_indices=torch.tensor(logit_rows, dtype=torch.long, device=self.device),
@@ -100,3 +115,27 @@ class ModelRunner:
         finally:
             cache.layout = None
         return sample_seqs, logits[0]
+
+    def _run_with_images(
+        self, inputs: Tensor, positions: list[int], logit_rows: list[int], pieces: list
+    ) -> Tensor:
+        """The forward of a step whose tokens include image tokens: their embeddings are
+        replaced by the images' rows (sorai/engine/images.py), and the decoder runs on the
+        embeddings (without its embedding layer, it takes hidden states)."""
+        model = self.model
+        embed = model.embed_tokens
+        assert embed is not None and self.image_encoder is not None
+        # Image tokens share one placeholder id; its embedding is overwritten below.
+        embeds = embed(inputs)
+        splice_rows(embeds[0], pieces, self.image_encoder)
+        model.embed_tokens = None
+        try:
+            logits = model(
+                embeds,
+                torch.tensor(positions, device=self.device),
+                self.cache,
+                logit_indices=torch.tensor(logit_rows, dtype=torch.long, device=self.device),
+            )
+        finally:
+            model.embed_tokens = embed
+        return logits[0]

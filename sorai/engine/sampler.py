@@ -114,7 +114,8 @@ def _on_rows(logits: Tensor, rows: list[int], fn: Callable[[Tensor, list[int]], 
 def process_logits(logits: Tensor, states: Sequence[SequenceState]) -> Tensor:
     """Apply penalties, min_tokens, temperature, top_k, top_p and min_p to logits [B, V].
 
-    Returns new float32 logits (the input is left untouched); masked tokens are -inf. Row i
+    Returns new float32 logits (the input is left untouched), or float32 input itself where
+    no stage applies to any row; masked tokens are -inf. Row i
     uses states[i]. Greedy rows get penalties and min_tokens only, since the warpers never
     change the argmax. Each stage runs only on the rows that need it, and not at all when
     none do, so the common B=1 request pays only for what it asked for.
@@ -124,6 +125,10 @@ def process_logits(logits: Tensor, states: Sequence[SequenceState]) -> Tensor:
             f"logits must be [B, V] with B == len(states) ({len(states)}), "
             f"got shape {tuple(logits.shape)}"
         )
+    if logits.dtype == torch.float32 and not any(map(_changes_logits, states)):
+        # Plain greedy rows (and sampling at temperature 1 with no filter): nothing to change,
+        # so no copy of the whole [B, V] block on every decode step.
+        return logits
     device = logits.device
     # One copy up front: every later stage may then work in place.
     logits = logits.to(torch.float32, copy=True)
@@ -192,6 +197,18 @@ def process_logits(logits: Tensor, states: Sequence[SequenceState]) -> Tensor:
         logits = _on_rows(logits, rows, min_p)
 
     return logits
+
+
+def _changes_logits(state: SequenceState) -> bool:
+    """Whether any stage of process_logits applies to this row."""
+    p = state.params
+    if p.logit_bias or p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
+        return True
+    if state.min_tokens_pending:
+        return True
+    return not p.greedy and (
+        p.temperature != 1.0 or bool(p.top_k) or p.top_p < 1.0 or p.min_p > 0.0
+    )
 
 
 def _stack(states: Sequence[SequenceState], rows: list[int], name: str) -> Tensor:

@@ -152,7 +152,7 @@ class Scheduler:
         if not self.config.enable_prefix_caching:
             return
         seq.hashes = block_hashes(
-            seq.token_ids, self.block_size, extra=seq.request.cache_salt, start=seq.hashes
+            seq.hash_tokens, self.block_size, extra=seq.request.cache_salt, start=seq.hashes
         )
         # At least one token must be computed to get logits, so the last token never comes
         # from the cache (a fully cached prompt recomputes its final block's last token).
@@ -181,7 +181,7 @@ class Scheduler:
             full = (seq.num_computed + n) // self.block_size
             if full > seq.num_registered:
                 seq.hashes = block_hashes(
-                    seq.token_ids[: full * self.block_size],
+                    seq.hash_tokens[: full * self.block_size],
                     self.block_size,
                     extra=seq.request.cache_salt,
                     start=seq.hashes,

@@ -52,6 +52,12 @@ class Sequence:
         return len(self.token_ids)
 
     @property
+    def hash_tokens(self) -> list[int]:
+        """What the prefix cache hashes: the tokens, image tokens keyed by their image."""
+        keys = self.request.hash_prompt
+        return self.token_ids if keys is None else keys + self.token_ids[len(keys) :]
+
+    @property
     def num_prompt(self) -> int:
         return len(self.request.prompt_ids)
 
@@ -141,6 +147,10 @@ class Request:
     adapter: Any = None  # its AdapterEntry (sorai.engine.adapters) under a LoRA adapter
     adapter_admitted: bool = False  # the adapter holds a slot for it
     cache_salt: bytes = b""  # keys its KV blocks in the prefix cache (the adapter's)
+    # Its images' places in the prompt (sorai.engine.images.ImageSpan), and the prompt as the
+    # prefix cache hashes it (None: the prompt itself, when there are no images).
+    image_spans: list[Any] = field(default_factory=list)
+    hash_prompt: list[int] | None = None
 
     @property
     def lora_slot(self) -> int:

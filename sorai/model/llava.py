@@ -6,6 +6,10 @@ scaled to [0, 1], normalised); the tower's features from `vision_feature_layer` 
 without the class token, are projected to the decoder's width and take the places of the
 prompt's image tokens (`image_token_index`: one per patch). Read from a Hugging Face
 LlavaForConditionalGeneration directory (config.json + safetensors, either key layout).
+
+To serve one, load_llava_decoder returns the decoder (a plain Transformer, as every other
+checkpoint) with an ImageEncoder attached as `image_encoder`: the engine runs it on each
+image and puts its rows at the image tokens' places (sorai/engine/images.py).
 """
 
 from __future__ import annotations
@@ -194,6 +198,47 @@ class Llava(nn.Module):
             logits = self(torch.tensor([out]), pixels)
             out.append(int(logits[0, -1].argmax()))
         return out[len(ids) :]
+
+
+class ImageEncoder:
+    """A LLaVA's vision tower and projector, apart from its decoder: an image in, one row of
+    decoder input per image token out. A plain object, not a module, so that attaching it to
+    the decoder adds nothing to the decoder's parameters."""
+
+    def __init__(self, llava: Llava) -> None:
+        self.tower = llava.vision_tower
+        self.projector = llava.multi_modal_projector
+        self.feature_layer = llava.feature_layer
+        self.image_token_index = llava.image_token_index
+        self.image_size = llava.vision_config.image_size
+        self.tokens_per_image = llava.vision_config.patches
+
+    def preprocess(self, image: Image.Image) -> Tensor:
+        """[3, S, S] pixels, as the checkpoint's CLIPImageProcessor makes them."""
+        return preprocess(image, self.image_size)
+
+    @torch.no_grad()
+    def __call__(self, pixels: Tensor) -> Tensor:
+        """[3, S, S] (or [N, 3, S, S]) pixels -> [N * tokens_per_image, text hidden] rows."""
+        device = self.projector.linear_1.weight.device
+        pixels = pixels.to(device)
+        if pixels.dim() == 3:
+            pixels = pixels[None]
+        states = self.tower(pixels)[self.feature_layer][:, 1:]
+        return self.projector(states).flatten(0, 1)
+
+    def to(self, device: torch.device | str) -> ImageEncoder:
+        self.tower.to(device)
+        self.projector.to(device)
+        return self
+
+
+def load_llava_decoder(path: str | Path, dtype: torch.dtype = torch.float32) -> Transformer:
+    """The checkpoint's decoder, for the engine, with its ImageEncoder as `image_encoder`."""
+    llava = load_llava(path, dtype)
+    decoder = llava.language_model
+    decoder.image_encoder = ImageEncoder(llava)  # a plain attribute: see ImageEncoder
+    return decoder
 
 
 def preprocess(image: Image.Image, size: int) -> Tensor:

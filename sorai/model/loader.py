@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -69,13 +70,20 @@ def load_model(
             raise ModelFormatError(
                 f"{path} is not a Hugging Face model directory: it has no config.json"
             )
-        if is_lowbit_dir(path):  # written by `sorai quantize --format safetensors`
+        if _is_llava_dir(path):  # a vision-language checkpoint: its decoder + image encoder
+            from sorai.model.llava import load_llava_decoder
+
+            model = load_llava_decoder(path, dtype)
+        elif is_lowbit_dir(path):  # written by `sorai quantize --format safetensors`
             model = load_lowbit_dir(path, dtype)
             if not lowbit or quantize != "auto":
                 model = dequantized(model, dtype, path)
         else:
             model = load_hf_dir(path, dtype)
         tokenizer = Tokenizer.from_dir(path)
+        encoder = getattr(model, "image_encoder", None)
+        if encoder is not None:
+            tokenizer.image_text = tokenizer.id_to_token(encoder.image_token_index)
         if lowbit and quantize != "auto":
             quantize_dense(model, quantize)
     elif path.suffix == ".gguf" or is_gguf(path):
@@ -87,6 +95,9 @@ def load_model(
             f"{path}: not a model; expected a Hugging Face directory or a .gguf file"
         )
     model = model.to(device)
+    encoder = getattr(model, "image_encoder", None)
+    if encoder is not None:
+        encoder.to(device)
     if device.type == "cpu" and dtype == torch.float32:
         use_column_major_weights(model)
     release_free_memory()
@@ -101,12 +112,24 @@ def read_config(path: Path) -> ModelConfig:
             raise ModelFormatError(
                 f"{path} is not a Hugging Face model directory: it has no config.json"
             )
+        if _is_llava_dir(path):
+            raw = json.loads((path / "config.json").read_text())
+            return ModelConfig.from_hf_dict(raw["text_config"])
         return ModelConfig.from_file(path / "config.json")
     if path.suffix == ".gguf" or is_gguf(path):
         return GGUFFile(path).config()
     raise ModelFormatError(
         f"{path}: not a model; expected a Hugging Face directory or a .gguf file"
     )
+
+
+def _is_llava_dir(path: Path) -> bool:
+    """Whether a model directory is a LLaVA checkpoint (sorai/model/llava.py, imported only
+    then: it brings Pillow and the vision tower's code)."""
+    try:
+        return json.loads((path / "config.json").read_text()).get("model_type") == "llava"
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def use_column_major_weights(model: Transformer) -> None:

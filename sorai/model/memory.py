@@ -22,4 +22,3 @@ def release_free_memory() -> None:
     if libc is not None:
         with contextlib.suppress(AttributeError):
             libc.malloc_trim(0)
-

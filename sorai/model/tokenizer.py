@@ -11,7 +11,7 @@ import functools
 import json
 import numbers
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -326,6 +326,39 @@ def _parse_merges(raw: Sequence[str]) -> list[tuple[str, str]]:
     return merges
 
 
+class TextParts(str):
+    """A message's content string that iterates as OpenAI-style typed parts: a template that
+    prints the content sees the text, one that loops over its parts (llava-hf's processor
+    templates: images first, then texts; a plain string renders as nothing there) sees
+    [{"type": "text", "text"}, {"type": "image"}, ...]."""
+
+    parts: tuple[dict[str, str], ...] = ()
+
+    def __new__(cls, text: str, parts: Sequence[dict[str, str]]) -> TextParts:
+        self = super().__new__(cls, text)
+        self.parts = tuple(parts)
+        return self
+
+    def __iter__(self) -> Iterator[dict[str, str]]:  # type: ignore[override]
+        return iter(self.parts)
+
+
+def _with_typed_parts(message: Any, image_text: str) -> Any:
+    """`message` with its string content as TextParts: each `image_text` an image part, the
+    text between (less the newlines that joined the parts) text parts."""
+    content = message.get("content") if isinstance(message, dict) else None
+    if not isinstance(content, str) or isinstance(content, TextParts):
+        return message
+    parts: list[dict[str, str]] = []
+    for k, piece in enumerate(content.split(image_text)):
+        if k:
+            parts.append({"type": "image"})
+        piece = piece.strip("\n")
+        if piece:
+            parts.append({"type": "text", "text": piece})
+    return {**message, "content": TextParts(content, parts)}
+
+
 class Tokenizer:
     """A model's tokenizer: the Rust `tokenizers` backend plus special tokens and chat template."""
 
@@ -353,6 +386,9 @@ class Tokenizer:
         self._chat_templates = dict(chat_templates or {})
         self.chat_template: str | None = self._chat_templates.get("default")
         self._compiled: dict[str, jinja2.Template] = {}
+        # A vision-language model's image token text (set by the loader; sorai/model/llava.py):
+        # message contents then also read as typed parts, as its template may expect.
+        self.image_text: str | None = None
 
         eos: list[int] = []
         for tid in (self.token_to_id(self.eos_token), *eos_token_ids, *self._end_of_turn_ids()):
@@ -779,6 +815,8 @@ class Tokenizer:
                 f"got {messages!r:.60}"
             )
         template = self._template_for(tools)
+        if self.image_text:
+            messages = [_with_typed_parts(m, self.image_text) for m in messages]
         variables: dict[str, Any] = dict(self._special_tokens)
         variables.update(
             messages=messages,

@@ -27,6 +27,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            # One op with the scale folded in: the same numbers as the two below in float32,
+            # and 120 fewer ops per decode step of a 30-block model.
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         # Normalise in float32 whatever the weights' dtype, then scale in the weights' dtype,
         # as the reference does; the fused op keeps decoding's per-token op count down.
         normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)

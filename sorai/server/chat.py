@@ -10,6 +10,7 @@ each choice's text goes through the request's ToolSetup (whole answers) or a Too
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import AsyncIterator
 
@@ -17,6 +18,7 @@ from fastapi import APIRouter
 from starlette.requests import Request
 from starlette.responses import Response
 
+from sorai.engine.images import PromptImage, expand_image_tokens
 from sorai.engine.outputs import ChoiceDelta
 from sorai.engine.params import SamplingParams
 from sorai.server.body import read_json
@@ -45,7 +47,7 @@ from sorai.server.responses import (
 from sorai.server.runner import Generation, unless_disconnected
 from sorai.server.state import ServerState, get_state
 from sorai.server.tools import ToolSetup, ToolStream, api_errors
-from sorai.server.vision import MarkTable, render_images
+from sorai.server.vision import MarkTable, image_inputs, render_images
 
 router = APIRouter()
 
@@ -93,6 +95,11 @@ def prepare(
     if tools.forced:
         guided_param = "tools"
     prompt_ids = tools.encode(state.engine.tokenizer, body.messages)
+    encoder = getattr(state.engine, "image_encoder", None)
+    if encoder is not None:  # a vision model: one image token per patch
+        prompt_ids = expand_image_tokens(
+            prompt_ids, encoder.image_token_index, encoder.tokens_per_image
+        )
     params = body.sampling_params(len(prompt_ids), state.engine.context_length, guided)
     return tools, prompt_ids, state.with_adapter(params, model), guided_param
 
@@ -104,8 +111,17 @@ async def create_chat_completion(request: Request) -> Response:
     body = await read_json(request, ChatCompletionRequest)
     body.check()
     state, model = await route(request, body.model, body.keep_alive)  # -m A -m B: A or B
-    marks = await render_images(state.settings.media, body.messages, bool(body.set_of_marks))
+    encoder = getattr(state.engine, "image_encoder", None)
+    images: tuple[PromptImage, ...] = ()
+    if encoder is not None and not body.set_of_marks:  # the images go to the vision tower
+        image_text = state.engine.tokenizer.id_to_token(encoder.image_token_index) or ""
+        images = await image_inputs(state.settings.media, body.messages, encoder, image_text)
+        marks = None
+    else:
+        marks = await render_images(state.settings.media, body.messages, bool(body.set_of_marks))
     tools, prompt_ids, params, guided_param = prepare(state, body, model)
+    if images:
+        params = dataclasses.replace(params, images=images)
     reply = _Reply(body, model, params.n, state.token_text, tools)
     reply.marks = marks
     generation = Generation(state, [(prompt_ids, params)], reply.id, arrival)

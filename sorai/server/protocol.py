@@ -695,10 +695,12 @@ class ModelCard(_Response):
     # A LoRA adapter's card (as vLLM's): the base model it runs on and its directory.
     parent: str | None = None
     root: str | None = None
+    # sorai's extension: ["text", "image"] for a model with a vision tower (left out: text).
+    input_modalities: list[str] | None = None
 
     @model_serializer(mode="wrap")
     def _drop_unknown_length(self, handler: Any) -> dict[str, Any]:
-        keys = ("max_model_len", "runtime", "loaded", "parent", "root")
+        keys = ("max_model_len", "runtime", "loaded", "parent", "root", "input_modalities")
         return _without_none(handler(self), keys=keys)
 
 

@@ -65,6 +65,9 @@ def _chat_card(state: ServerState, name: str, engine=None) -> ModelCard:
         created=state.created,
         max_model_len=engine.context_length,
         runtime=engine.runtime.as_dict(),
+        input_modalities=(
+            ["text", "image"] if getattr(engine, "image_encoder", None) is not None else None
+        ),
     )
 
 

@@ -1,8 +1,10 @@
-"""Images in requests: image_url parts of /v1/chat/completions read through OCR, and POST /v1/ocr.
+"""Images in requests: image_url parts of /v1/chat/completions, and POST /v1/ocr.
 
-The served models read text only, so each image part becomes a text part: the image's OCR
-rendering (sorai/vision/render.py documents it), and the request's system message gains
-render.SYSTEM_NOTE. Sources and sizes follow the server's MediaPolicy (`sorai serve
+A text-only model reads each image part as a text part: the image's OCR rendering
+(sorai/vision/render.py documents it), and the request's system message gains
+render.SYSTEM_NOTE. A model with a vision tower (a LLaVA checkpoint) takes the image itself:
+the part becomes its image token, and the image goes to the engine (image_inputs).
+Sources and sizes follow the server's MediaPolicy (`sorai serve
 --allowed-media-dir`, `--allow-image-fetch`); a refused or undecodable image is a 400 naming
 the part. Decoding and OCR run in a worker thread, so the event loop keeps serving.
 """
@@ -19,6 +21,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from sorai.engine.images import PromptImage
 from sorai.errors import ImageError, SoraiError
 from sorai.server.body import read_json
 from sorai.server.errors import APIError, bad_request
@@ -89,21 +92,10 @@ async def render_images(
     """Every image part of `messages` replaced, in place, by its OCR rendering (with `marks`:
     its numbered regions, returned in the MarkTable); the system message gains the note
     saying so. APIError 400 for a refused image or too many."""
-    found = [
-        (i, j, part)
-        for i, message in enumerate(messages)
-        if isinstance(message.content, list)
-        for j, part in enumerate(message.content)
-        if part.type == "image_url"
-    ]
+    found = _image_parts(messages, policy)
     table = MarkTable() if marks else None
     if not found:
         return table
-    if len(found) > policy.max_images:
-        raise bad_request(
-            f"the request holds {len(found)} images; at most {policy.max_images} are accepted",
-            param="messages",
-        )
     for number, (i, j, part) in enumerate(found, start=1):
         assert part.image_url is not None
         param = f"messages.{i}.content.{j}.image_url.url"
@@ -123,6 +115,52 @@ async def render_images(
         message.content[j] = ContentPart(type="text", text=text)
     _add_system_note(messages)
     return table
+
+
+def _prompt_image(url: str, policy: MediaPolicy, name: str, encoder: Any) -> PromptImage:
+    image = decode_image(read_source(url, policy, name), name, policy.limits)
+    return PromptImage.from_pixels(encoder.preprocess(image))
+
+
+async def image_inputs(
+    policy: MediaPolicy, messages: list[ChatMessage], encoder: Any, image_text: str
+) -> tuple[PromptImage, ...]:
+    """For a model with an image encoder: every image part of `messages` replaced, in place,
+    by `image_text` (its image token, which the prompt expands to one per patch), and the
+    images, decoded and preprocessed, in order. APIError 400 for a refused image or too many."""
+    found = _image_parts(messages, policy)
+    images = []
+    for number, (i, j, part) in enumerate(found, start=1):
+        assert part.image_url is not None
+        param = f"messages.{i}.content.{j}.image_url.url"
+        try:
+            image = await run_in_threadpool(
+                _prompt_image, part.image_url.url, policy, f"image {number}", encoder
+            )
+        except SoraiError as exc:
+            raise _api_error(exc, param) from None
+        images.append(image)
+        messages[i].content[j] = ContentPart(type="text", text=image_text)
+    return tuple(images)
+
+
+def _image_parts(
+    messages: list[ChatMessage], policy: MediaPolicy
+) -> list[tuple[int, int, ContentPart]]:
+    """(message index, part index, part) of every image part; a 400 past the policy's limit."""
+    found = [
+        (i, j, part)
+        for i, message in enumerate(messages)
+        if isinstance(message.content, list)
+        for j, part in enumerate(message.content)
+        if part.type == "image_url"
+    ]
+    if len(found) > policy.max_images:
+        raise bad_request(
+            f"the request holds {len(found)} images; at most {policy.max_images} are accepted",
+            param="messages",
+        )
+    return found
 
 
 def _add_system_note(messages: list[ChatMessage]) -> None:

@@ -56,6 +56,8 @@ def cmd_ocr(args: argparse.Namespace) -> int:
         else:
             if len(args.images) > 1:
                 print(f"== {path}")
+            if result.orientation:
+                print(f"({path}: upside down, read turned 180 degrees)", file=sys.stderr)
             print(result.text())
     if args.json:
         json.dump(results if len(results) > 1 else results[0], sys.stdout, ensure_ascii=False)

@@ -18,7 +18,7 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from sorai.vision.ocr import Box, OCRResult
+from sorai.vision.ocr import Box, OCRResult, upright
 
 MAX_MARKS = 60
 MIN_REGION_FRACTION = 0.002  # of the image's area: smaller blobs are specks, not objects
@@ -114,7 +114,9 @@ def object_regions(image: Image.Image, text_boxes: list[Box], limit: int = MAX_M
 
 
 def mark(image: Image.Image, result: OCRResult, limit: int = MAX_MARKS) -> MarkedImage:
-    """`image` with numbered marks on its text lines, then on its other regions."""
+    """`image` with numbered marks on its text lines, then on its other regions; an image the
+    OCR read upside down is turned first, as its boxes are."""
+    image = upright(image, result)
     marks = [
         Mark(n, line.box, "text", line.text) for n, line in enumerate(result.lines[:limit], start=1)
     ]

@@ -176,6 +176,15 @@ def test_process_logits_leaves_input_untouched():
     assert torch.equal(logits, before)
 
 
+def test_plain_greedy_rows_are_not_copied():
+    # Nothing to change: the decode step's [B, V] logits go to argmax as they are.
+    logits = random_logits(rows=3)
+    states = [state(SamplingParams(temperature=0)) for _ in range(3)]
+    assert process_logits(logits, states) is logits
+    bias = [state(SamplingParams(temperature=0, logit_bias={1: 5.0}))]
+    assert process_logits(logits[:1], bias) is not logits
+
+
 def test_process_logits_returns_float32_for_half_input():
     out = process_logits(random_logits().half(), [state(SamplingParams(top_p=0.9))])
     assert out.dtype == torch.float32

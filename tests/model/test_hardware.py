@@ -1,5 +1,10 @@
 """Machine detection and the dtype `--dtype auto` picks from it."""
 
+import functools
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -33,3 +38,12 @@ def test_auto_dtype_is_the_loaders_default(default_gguf) -> None:
 
     model, _ = load_model(default_gguf)
     assert model.dtype == hardware.auto_dtype(torch.device("cpu"))[0]
+
+
+def test_import_sorai_makes_openmp_idle_threads_sleep_unless_the_user_chose() -> None:
+    script = "import os, sorai, torch; print(os.environ['OMP_WAIT_POLICY'])"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    run = functools.partial(subprocess.run, capture_output=True, text=True, check=True)
+    assert run([sys.executable, "-c", script], env=env).stdout.strip() == "PASSIVE"
+    chosen = {**env, "OMP_WAIT_POLICY": "ACTIVE"}
+    assert run([sys.executable, "-c", script], env=chosen).stdout.strip() == "ACTIVE"

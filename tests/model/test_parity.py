@@ -101,6 +101,9 @@ def test_sharded_save_writes_an_index_and_loads_back(tmp_path: Path) -> None:
         assert (load_reference(tmp_path / "sharded")(ids).logits - expected).abs().max() < 1e-5
 
 
+# The default model against transformers: the fast tier keeps the logits; greedy tokens, the
+# saved directory and the inference layout are slow (transformers' GGUF load alone is ~30 s),
+# and the tiny checkpoints above check those paths in the fast tier.
 @pytest.fixture(scope="module")
 def default_pair(default_gguf: Path) -> tuple[Transformer, torch.nn.Module]:
     ours = load_gguf(GGUFFile(default_gguf), torch.float32)
@@ -116,12 +119,14 @@ def test_default_model_last_logits_match_transformers(default_pair) -> None:
     assert diff < 1e-4
 
 
+@pytest.mark.slow
 def test_default_model_greedy_tokens_match_transformers(default_pair) -> None:
     ours, reference = default_pair
     ids = prompt(64, vocab=49152)
     assert sorai_greedy(ours, ids, 32) == reference_greedy(reference, ids, 32)
 
 
+@pytest.mark.slow
 def test_default_model_saved_as_hf_directory_matches_transformers(default_pair, tmp_path) -> None:
     ours, _ = default_pair
     save_hf_dir(ours, tmp_path)
@@ -131,6 +136,7 @@ def test_default_model_saved_as_hf_directory_matches_transformers(default_pair, 
     assert diff < 1e-4
 
 
+@pytest.mark.slow
 def test_inference_layout_from_load_model_keeps_the_logits(default_pair, default_gguf) -> None:
     from sorai.model.loader import load_model
 

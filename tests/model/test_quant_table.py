@@ -49,6 +49,15 @@ def test_the_heads_top_logits_are_exact_float32_at_every_batch_size() -> None:
     assert torch.equal(alone.topk(8).indices, together.topk(8).indices)
 
 
+def test_the_heads_logits_of_a_row_do_not_depend_on_the_rows_sampled_beside_it() -> None:
+    # The engine hands the head [1, S, hidden]: S sampled rows must run the kernel as one row
+    # does (up to dense_from_rows), not the dense GEMM, whose sums differ in the last bits.
+    head = Int8Head.tied_to(Int8Embedding.quantize(_table()))
+    x = torch.randn(16, 64)
+    alone = torch.cat([head(row[None, None])[0] for row in x])
+    assert torch.equal(head(x[None])[0], alone)
+
+
 def test_a_bfloat16_head_returns_the_kernels_logits() -> None:
     head = Int8Head(*Int8Linear.quantize(_table()).state_dict().values())
     x = torch.randn(2, 64, dtype=torch.bfloat16)

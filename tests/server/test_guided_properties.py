@@ -267,8 +267,8 @@ def check_budget(live: Served, schema: dict, max_tokens: int, seed: int) -> None
 BUDGETS = st.integers(min_value=8, max_value=200)
 
 
-@settings(SETTINGS, max_examples=4)
-@given(schema=FREE_SCHEMAS, max_tokens=BUDGETS, seed=SEEDS)
+@settings(SETTINGS, max_examples=3)
+@given(schema=FREE_SCHEMAS, max_tokens=st.integers(min_value=8, max_value=120), seed=SEEDS)
 def test_any_budget_gives_a_valid_answer(
     live: Served, schema: dict, max_tokens: int, seed: int
 ) -> None:

@@ -93,6 +93,7 @@ def test_ocr_endpoint_reads_lines_and_needs_the_key(live: Served) -> None:
     assert texts[:2] == ["Name:", dict(FORM)["Name"]]
     first = result["lines"][0]
     assert first["confidence"] > 0.9 and len(first["box"]) == 4
+    assert result["orientation"] == 0  # upright: read as it is
     assert result["text"].splitlines()[0] == "Name:  " + dict(FORM)["Name"]
     # Set-of-Mark: one mark per line (a form has no other regions), and the marked image.
     assert [m["text"] for m in result["marks"]] == texts

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from sorai.cli import build_parser, main
 from sorai.errors import SoraiError
@@ -27,6 +28,16 @@ def test_ocr_and_som_at_the_command_line(tmp_path: Path, capsys) -> None:
     assert record["marks"][1]["text"] == dict(FORM)["Name"]
     assert [m["mark"] for m in record["references"]] == [4]
     assert record["references"][0]["text"] == dict(FORM)["Email"]
+
+
+def test_an_upside_down_form_is_marked_turned(tmp_path: Path, capsys) -> None:
+    form().rotate(180).save(tmp_path / "form.png")
+    assert main(["som", str(tmp_path / "form.png"), "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["marks"][1]["text"] == dict(FORM)["Name"]  # marks on the turned page
+    # The boxes are on the turned page, where the first row is at the top.
+    height = Image.open(tmp_path / "form_marks.png").height
+    assert record["marks"][0]["box"][3] < height / 3
 
 
 def test_errors_are_one_line_and_exit_2(tmp_path: Path, capsys) -> None:

@@ -15,7 +15,8 @@ request's tokens depend on its batch: seeded sampling among other requests drew 
 than alone (tests/engine/test_engine.py). The kernels' results depend on neither the batch nor
 the thread count, so the default stays on them, on the engine's decode threads (one core less
 than the machine has: on 2 cores shared with other work, two OpenMP threads per kernel call ran
-10-30x slower than one). Two opt-ins, SORAI_LOWBIT_DECODE=...:
+10-30x slower than one while libgomp's idle threads spun; `import sorai` now makes them sleep,
+and two are then level with one there). Two opt-ins, SORAI_LOWBIT_DECODE=...:
   all-cores  the kernels on every core from ALL_CORES_FROM_ROWS rows (the same numbers; for a
              machine the server has to itself: 93.9 -> 73.8 ms at 16 sequences above)
   dense      a float32 copy of each layer's kernel weight (expanded once, on first use: ~405 MB

@@ -35,14 +35,21 @@ from sorai.model.hardware import cpu_count
 
 # Rows at and above which a plain matrix input runs the dense GEMM (see the module docstring).
 DENSE_FROM_ROWS = 48
-_KERNEL_ROWS: ContextVar[Tensor | None] = ContextVar("sorai_kernel_rows", default=None)
+# (rows, mask): the step's row count and which rows run the kernel, one bool for all alike.
+_KERNEL_ROWS: ContextVar[tuple[int, Tensor | bool] | None] = ContextVar(
+    "sorai_kernel_rows", default=None
+)
 
 
 @contextlib.contextmanager
 def kernel_rows_of(generated: Sequence[bool]) -> Iterator[None]:
     """Within the block, the rows of a step's flat token row whose token is a generated one
     run the low-bit kernel, the prompt tokens' rows the dense GEMM (the module docstring)."""
-    token = _KERNEL_ROWS.set(torch.tensor(generated, dtype=torch.bool))
+    # Settled once per step: every low-bit layer asks (over a hundred per decode step), and
+    # a tensor's all()/any() is two ops and two host reads each time.
+    kernel = all(generated)
+    mask = kernel if kernel or not any(generated) else torch.tensor(generated, dtype=torch.bool)
+    token = _KERNEL_ROWS.set((len(generated), mask))
     try:
         yield
     finally:
@@ -51,12 +58,12 @@ def kernel_rows_of(generated: Sequence[bool]) -> Iterator[None]:
 
 def kernel_mask(x: Tensor, dense_from_rows: int, marks: bool = True) -> Tensor | bool:
     """Which rows of `x` run the low-bit kernel: a bool per row, or one bool for all."""
-    rows = x.numel() // x.shape[-1]
     if x.device.type != "cpu":
         return False
+    rows = x.numel() // x.shape[-1]
     marked = _KERNEL_ROWS.get() if marks else None
-    if marked is not None and marked.numel() == rows:
-        return bool(marked.all()) if marked.all() or not marked.any() else marked
+    if marked is not None and marked[0] == rows:
+        return marked[1]
     if x.dim() >= 3:
         return x.shape[-2] == 1
     return rows < dense_from_rows
@@ -68,15 +75,18 @@ def kernel_mask(x: Tensor, dense_from_rows: int, marks: bool = True) -> Tensor |
 # count (tests/model/test_decode_path.py checks it): switching by row count keeps a row's result
 # independent of its batch. On 2 quiet cores limited to AVX2, 30 blocks' int4 matmuls for 16
 # sequences took 93.9 ms on one thread and 73.8 on two; on 2 cores shared with other work,
-# 10-30x longer than on one thread (OpenMP threads wait for each other's time slices), which is
-# why the engine decodes on one core less than it has and this is not the default.
+# 10-30x longer than on one thread with libgomp's idle threads spinning (they take the time
+# slices the working thread needs; `import sorai` makes them sleep), which is why the engine
+# decodes on one core less than it has and this is not the default.
 ALL_CORES_FROM_ROWS = 4
 
 
 def on_all_cores(kernel: Callable[[Tensor], Tensor], rows: Tensor, from_rows: int | None) -> Tensor:
     """kernel(rows), on every core where `from_rows` is set and rows reach it."""
+    if from_rows is None or rows.shape[0] < from_rows:
+        return kernel(rows)  # the default, asked per kernel call: no system call on the way
     threads, cores = torch.get_num_threads(), cpu_count()
-    if from_rows is None or rows.shape[0] < from_rows or threads >= cores:
+    if threads >= cores:
         return kernel(rows)
     torch.set_num_threads(cores)
     try:

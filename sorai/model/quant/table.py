@@ -76,9 +76,12 @@ class Int8Head(Int8Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         rows = x.reshape(-1, self.in_features)
-        # The engine's marks name rows of the whole step; the head sees only the rows it
-        # samples, and its top logits are recomputed exactly anyway.
-        mask = kernel_mask(x, self.dense_from_rows, marks=False)
+        # By its row count, never by x's shape: the engine hands the head [1, S, hidden], the
+        # S rows it samples, and treating that as a prompt sent every batch of two or more
+        # through the dense GEMM (a float32 copy of the table expanded every step: at 16
+        # rows ~2.5x the kernel's time, and a row's logits then depended on its batch). The
+        # engine's marks name rows of the whole step, not these.
+        mask = kernel_mask(rows, self.dense_from_rows, marks=False)
         logits = by_rows(
             rows.to(torch.bfloat16),
             mask,
@@ -103,5 +106,7 @@ class Int8Head(Int8Linear):
 
     def _exact_top(self, rows: Tensor, logits: Tensor) -> Tensor:
         top = logits.topk(min(self.exact_top, self.out_features), dim=-1).indices
-        exact = torch.einsum("mkd,md->mk", self.q[top].to(torch.float32), rows.float())
+        # A multiply and a sum over each row, not einsum: its batched matmul sums in an order
+        # that follows the row count, so a row's top logits would depend on its batch.
+        exact = (self.q[top].to(torch.float32) * rows.float()[:, None, :]).sum(-1)
         return logits.scatter_(-1, top, exact * self.scale[top])

@@ -1,0 +1,229 @@
+"""Where one engine decode step's time goes: matmuls, attention, norms/RoPE, sampling, Python.
+
+    python benchmarks/bench_decode_step.py [--batch 1,16] [--steps 20] [--threads 1,2]
+
+Runs the default model through the real engine (LLM facade): B requests, one prefill step,
+then decode steps. Two views per batch size and thread count:
+  wall    perf_counter around the engine step's parts: the model forward, the sampler, and
+          everything else (scheduling, the runner's step layout, outputs, detokenizing)
+  ops     torch.profiler self CPU time of the step's ATen ops, grouped (matmul kernels,
+          attention incl. the paged KV writes and gathers, norms/RoPE/elementwise, casts and
+          copies, sampler ops, other); "outside ops" is the step's wall time the profiler did
+          not attribute to any op (Python, dispatch, bookkeeping)
+Thread counts alternate step by step in one process (A, B, A, B ...), medians printed, with the
+CPU flags and the load average so that numbers from a shared machine can be judged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from collections import defaultdict
+
+# As `import sorai` does, before torch loads OpenMP (sorai.model.hardware.decode_threads); run
+# with OMP_WAIT_POLICY=ACTIVE to see libgomp's spinning default.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+
+CATEGORIES = {
+    "matmul": ("int4pack", "int8pack", "aten::mm", "aten::addmm", "aten::linear", "einsum", "bmm"),
+    "attention": ("attention", "index_copy", "index_select", "_softmax", "baddbmm"),
+    "norm/rope/elementwise": (
+        "rms_norm",
+        "aten::mul",
+        "aten::add",
+        "aten::sub",
+        "aten::roll",
+        "aten::cat",
+        "silu",
+        "aten::neg",
+        "aten::cos",
+        "aten::sin",
+        "rsqrt",
+        "aten::pow",
+        "aten::mean",
+    ),
+    "cast/copy/view": (
+        "aten::to",
+        "_to_copy",
+        "aten::copy_",
+        "aten::clone",
+        "contiguous",
+        "aten::view",
+        "reshape",
+        "transpose",
+        "permute",
+        "aten::slice",
+        "aten::split",
+        "narrow",
+        "aten::select",
+        "as_strided",
+        "unsqueeze",
+        "aten::empty",
+        "aten::t",
+        "expand",
+        "aten::detach",
+        "_unsafe_view",
+        "aten::alias",
+    ),
+    "sampler": ("argmax", "topk", "exponential", "log_softmax", "aten::sort", "aten::gather"),
+}
+
+
+def category(name: str) -> str:
+    for cat, keys in CATEGORIES.items():
+        if any(k in name for k in keys):
+            return cat
+    return "other ops"
+
+
+def cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = line.split(":", 1)[1].split()
+                    keep = [f for f in flags if f == "avx2" or f.startswith(("avx512", "amx"))]
+                    return " ".join(sorted(keep)) or "(no avx2)"
+    except OSError:
+        pass
+    return "(unknown)"
+
+
+class Timed:
+    """Wraps a callable, summing its perf_counter time into `total`."""
+
+    def __init__(self, fn) -> None:
+        self.fn, self.total = fn, 0.0
+
+    def __call__(self, *args, **kwargs):
+        started = time.perf_counter()
+        try:
+            return self.fn(*args, **kwargs)
+        finally:
+            self.total += time.perf_counter() - started
+
+
+def start_batch(engine, tokenizer, batch: int, max_tokens: int, tag: str) -> list[str]:
+    from sorai.engine.params import SamplingParams
+
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    ids = []
+    for i in range(batch):
+        # Distinct prompts, so that the prefix cache does not fold them into one.
+        prompt = tokenizer.encode_chat(
+            [{"role": "user", "content": f"Story {tag} {i}: tell me a long tale about a fox."}]
+        )
+        engine.add_request(f"{tag}-{i}", prompt, params)
+        ids.append(f"{tag}-{i}")
+    while any(not r.sequences[0].num_computed >= r.sequences[0].num_prompt for r in _reqs(engine)):
+        engine.step()
+    engine.step()
+    return ids
+
+
+def _reqs(engine):
+    return list(engine.requests.values())
+
+
+def set_threads(engine, n: int) -> None:
+    engine.threads = (n, max(n, engine.threads[1] if engine.threads else n))
+    torch.set_num_threads(n)
+
+
+def measure(
+    engine, tokenizer, batch: int, steps: int, threads: list[int], ops: bool = True
+) -> None:
+    forward = Timed(engine.model.forward)
+    sampler = Timed(engine._sample)
+    engine.model.forward, engine._sample = forward, sampler
+    walls: dict[int, dict[str, list[float]]] = {t: defaultdict(list) for t in threads}
+    ids = start_batch(engine, tokenizer, batch, 2 * steps * len(threads) + 16, f"b{batch}")
+    try:
+        for _ in range(steps):
+            for t in threads:
+                set_threads(engine, t)
+                forward.total = sampler.total = 0.0
+                started = time.perf_counter()
+                engine.step()
+                wall = time.perf_counter() - started
+                w = walls[t]
+                w["step"].append(wall * 1e3)
+                w["forward"].append(forward.total * 1e3)
+                w["sampler"].append(sampler.total * 1e3)
+                w["rest"].append((wall - forward.total - sampler.total) * 1e3)
+        for t in threads:
+            w = {k: statistics.median(v) for k, v in walls[t].items()}
+            print(
+                f"  wall, {t} thread(s): step {w['step']:.1f} ms = forward {w['forward']:.1f} "
+                f"+ sampler {w['sampler']:.1f} + engine/scheduler/runner/output {w['rest']:.1f}"
+                f"  ({batch * 1e3 / w['step']:.1f} tok/s)"
+            )
+        set_threads(engine, threads[0])
+        if ops:
+            profile_ops(engine, batch, min(steps, 10))
+    finally:
+        del engine.model.forward, engine._sample
+        engine.__dict__.pop("_sample", None)
+        for request_id in ids:
+            engine.abort(request_id)
+        engine.step()
+
+
+def profile_ops(engine, batch: int, steps: int) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        started = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        wall = (time.perf_counter() - started) * 1e3 / steps
+    groups: dict[str, float] = defaultdict(float)
+    counts: dict[str, int] = defaultdict(int)
+    for event in prof.key_averages():
+        cat = category(event.key)
+        groups[cat] += event.self_cpu_time_total / 1e3 / steps
+        counts[cat] += event.count // steps
+    ops = sum(groups.values())
+    print(f"  ops, {torch.get_num_threads()} thread(s), per step (profiled: {wall:.1f} ms wall):")
+    for cat in (*CATEGORIES, "other ops"):
+        print(f"    {cat:<24}{groups[cat]:7.2f} ms  {counts[cat]:5d} op calls")
+    print(f"    {'outside ops (Python)':<24}{wall - ops:7.2f} ms")
+    top = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:12]
+    print(
+        "    top ops: "
+        + ", ".join(
+            f"{e.key} {e.self_cpu_time_total / 1e3 / steps:.2f}ms/{e.count // steps}" for e in top
+        )
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--batch", default="1,16")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--threads", default="1,2")
+    parser.add_argument("--no-profile", action="store_true", help="wall-clock parts only")
+    args = parser.parse_args()
+
+    import sorai
+
+    cores = len(os.sched_getaffinity(0))
+    print(f"CPU flags: {cpu_flags()}; cores {cores}; torch {torch.__version__}")
+    print(f"load average: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f}")
+    print(f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
+    llm = sorai.load()
+    engine = llm.engine
+    print(f"decode path: {engine.decode_path[0]}; engine threads {engine.threads}")
+    threads = [int(t) for t in args.threads.split(",")]
+    for batch in (int(b) for b in args.batch.split(",")):
+        print(f"\nbatch {batch}:")
+        measure(engine, llm.tokenizer, batch, args.steps, threads, not args.no_profile)
+    print(f"\nload average after: {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
