@@ -415,7 +415,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     # Imported here: the server stack is only needed by this verb.
     from sorai.engine.async_engine import AsyncEngine
-    from sorai.engine.config import EngineConfig
+    from sorai.engine.config import DEFAULT_KV_CACHE_GIB, EngineConfig
     from sorai.engine.embeddings import check_embedding_model
     from sorai.server.serve import bind, serve
     from sorai.server.state import ServerSettings
@@ -444,7 +444,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             name, dtype=args.dtype, device=args.device, config=config, quantize=args.quantize
         )
 
-    pool = model_flags.pool(args, models, load, int(config.kv_cache_gib * 2**30))
+    kv_gib = config.kv_cache_gib or DEFAULT_KV_CACHE_GIB  # the most a model's cache takes
+    pool = model_flags.pool(args, models, load, int(kv_gib * 2**30))
     started = time.perf_counter()
     engine = AsyncEngine.from_model(
         args.model,
@@ -461,6 +462,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         pool.add(name, load(name))
         say(f"loaded {name} in {time.perf_counter() - started:.1f}s")
     say(f"running {engine.runtime.line()}")
+    say(f"KV cache: {engine.engine.cache.describe()} (--kv-cache-gib)")
     settings = ServerSettings(
         models=pool,  # the -m models after the first, and those loaded on demand
         # The engine's name is --model as typed: what a client of `sorai serve --model X` will
@@ -667,7 +669,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-prefix-caching", action="store_true", help="do not reuse KV of shared prefixes"
     )
     serve.add_argument(
-        "--kv-cache-gib", type=float, default=None, help="memory for the KV cache (default: 1)"
+        "--kv-cache-gib",
+        type=float,
+        default=None,
+        help="memory for the KV cache (default: one whole context window, at most 1 GiB)",
     )
     serve.add_argument(
         "--cpu-threads",

@@ -6,13 +6,21 @@ from dataclasses import dataclass
 
 from sorai.errors import SoraiError
 
+# The KV cache's size when none is given is one whole context window, at most this much.
+DEFAULT_KV_CACHE_GIB = 1.0
+
 
 @dataclass
 class EngineConfig:
     block_size: int = 16  # tokens per KV block
     # KV blocks to allocate; None sizes the cache from kv_cache_gib.
     num_blocks: int | None = None
-    kv_cache_gib: float = 1.0
+    # The KV cache's memory; None: room for one sequence of the whole context window (the
+    # model's, or max_model_len), at most DEFAULT_KV_CACHE_GIB. Its pages are committed as
+    # blocks are first written, and the prefix cache keeps every block it has written, so
+    # under traffic a server's RSS grows by this much: a fixed 1 GiB took the default model's
+    # server from ~0.5 to ~1.6 GB, where its 8192-token context needs 360 MiB.
+    kv_cache_gib: float | None = None
     max_num_seqs: int = 32  # sequences in the running batch at once
     max_num_batched_tokens: int = 512  # tokens (prefill + decode) in one forward
     max_waiting: int = 256  # queued requests beyond which new ones are refused
@@ -52,7 +60,7 @@ class EngineConfig:
                 raise SoraiError(f"engine {name} must be an integer >= 1, got {value!r}")
         if self.num_blocks is not None and self.num_blocks < 2:
             raise SoraiError(f"engine num_blocks must be >= 2, got {self.num_blocks!r}")
-        if self.kv_cache_gib <= 0:
+        if self.kv_cache_gib is not None and not self.kv_cache_gib > 0:
             raise SoraiError(f"engine kv_cache_gib must be > 0, got {self.kv_cache_gib!r}")
         for name in ("cpu_threads", "cpu_prefill_threads"):
             value = getattr(self, name)
@@ -67,3 +75,13 @@ class EngineConfig:
             )
         if self.max_waiting < 0:
             raise SoraiError(f"engine max_waiting must be >= 0, got {self.max_waiting!r}")
+
+    def kv_blocks(self, bytes_per_block: int, context_length: int) -> int:
+        """KV blocks to allocate: num_blocks, else as many as kv_cache_gib holds, else those
+        of one `context_length`-token sequence within DEFAULT_KV_CACHE_GIB."""
+        if self.num_blocks is not None:
+            return self.num_blocks
+        if self.kv_cache_gib is not None:
+            return max(2, int(self.kv_cache_gib * 2**30 // bytes_per_block))
+        whole = -(-context_length // self.block_size)
+        return max(2, min(whole, int(DEFAULT_KV_CACHE_GIB * 2**30 // bytes_per_block)))

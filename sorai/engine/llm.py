@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import math
 import os
 import time
 from collections import deque
@@ -36,11 +35,6 @@ from sorai.model.weights import save_hf_dir
 
 Messages = Sequence[dict[str, Any]]
 Prompt = str | Sequence[int]
-
-# Without an EngineConfig the facade sizes its KV cache for one whole context window (so any
-# prompt the model takes fits), but never past this many GiB: a 128k-token window of a large
-# model would otherwise claim tens of GiB up front. Past it, the context is what fits.
-DEFAULT_KV_CACHE_GIB = 1.0
 
 
 @dataclass
@@ -420,12 +414,10 @@ class _Collector:
 
 
 def facade_config(model: Transformer, adapters: int = 0) -> EngineConfig:
-    """The engine config for the Python API: a KV cache for one whole context window (capped
-    by DEFAULT_KV_CACHE_GIB); threads as the engine sets them (one core left free: measured on
-    2 cores, one thread decodes 3x faster than two whenever anything else runs)."""
-    block_size = EngineConfig.block_size
-    wanted = math.ceil(model.config.context_length / block_size)
-    per_block = LLMEngine.kv_bytes_per_token(model) * block_size
-    affordable = int(DEFAULT_KV_CACHE_GIB * 2**30 // per_block)
+    """The engine config for the Python API: EngineConfig's KV cache for one whole context
+    window (so any prompt the model takes fits, capped by DEFAULT_KV_CACHE_GIB: a 128k-token
+    window of a large model would otherwise claim tens of GiB); threads as the engine sets them
+    (one core left free: measured on 2 cores, one thread decodes 3x faster than two whenever
+    anything else runs)."""
     slots = max(adapters, EngineConfig.max_loras)  # every adapter given at load stays resident
-    return EngineConfig(num_blocks=max(2, min(wanted, affordable)), max_loras=slots)
+    return EngineConfig(max_loras=slots)

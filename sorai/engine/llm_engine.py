@@ -64,7 +64,8 @@ class LLMEngine:
         per_block = PagedKVCache.bytes_per_block(
             len(model.layers), cfg.block_size, num_kv_heads, head_dim, model.dtype
         )
-        num_blocks = cfg.num_blocks or max(2, int(cfg.kv_cache_gib * 2**30 // per_block))
+        window = model.config.context_length
+        num_blocks = cfg.kv_blocks(per_block, min(cfg.max_model_len or window, window))
         self.cache = PagedKVCache(
             [int(i) for i in model.layers],
             num_blocks,

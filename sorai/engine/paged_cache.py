@@ -78,7 +78,18 @@ class PagedKVCache:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.device = device
+        self.nbytes, self.dtype = storage.nbytes, dtype
         self.layout: StepLayout | None = None
+
+    def describe(self) -> str:
+        """Its size for a banner: tokens, blocks, MiB and dtype."""
+        tokens, dtype = self.num_blocks * self.block_size, str(self.dtype).removeprefix("torch.")
+        lazily = torch.device(self.device).type == "cpu"
+        return (
+            f"{tokens} tokens ({self.num_blocks} blocks of {self.block_size}), "
+            f"{self.nbytes / 2**20:.0f} MiB {dtype}"
+            + (", committed as blocks are first written" if lazily else "")
+        )
 
     @staticmethod
     def bytes_per_block(

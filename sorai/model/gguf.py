@@ -14,7 +14,6 @@ import os
 import re
 from collections.abc import Iterator
 from dataclasses import astuple, dataclass
-from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -185,14 +184,18 @@ class GGUFFile:
             )
         return ModelConfig.from_hf_dict(raw)
 
-    @cached_property
-    def _data(self) -> np.memmap:
-        return np.memmap(self.path, dtype=np.uint8, mode="r")
-
     def raw(self, info: TensorInfo) -> np.ndarray:
-        """A tensor's encoded bytes, read from the mapped file."""
-        raw = self._data[info.offset : info.offset + info.nbytes]
-        if raw.size != info.nbytes:
+        """A tensor's encoded bytes, read from the file into memory of their own.
+
+        Read, not mapped: the pages of a mapped file that a load has read stay in the process's
+        RSS while the mapping lives (the default model's whole 98 MB file at the load's peak),
+        while a tensor's own copy goes as soon as its layer is built.
+        """
+        raw = np.empty(info.nbytes, dtype=np.uint8)
+        with open(self.path, "rb") as f:
+            f.seek(info.offset)
+            got = f.readinto(memoryview(raw))
+        if got != info.nbytes:
             raise ModelFormatError(f"{self.path}: tensor {info.name} runs past the end of the file")
         return raw
 
@@ -211,8 +214,6 @@ class GGUFFile:
                 f"{self.path}: tensor {info.name} has unsupported type {qtype.name}"
             ) from e
         array = np.ascontiguousarray(array, dtype=np.float32)
-        if not array.flags.writeable:  # F32 tensors come straight from the read-only mmap
-            array = array.copy()
         return torch.from_numpy(array).reshape(info.shape)
 
     def rope_freq_factors(self) -> Tensor | None:

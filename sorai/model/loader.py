@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import json
 import os
 from collections.abc import Callable
@@ -16,6 +14,7 @@ from sorai.errors import DeviceError, ModelFormatError
 from sorai.model.config import ModelConfig, check_chat_model
 from sorai.model.gguf import GGUFFile, is_gguf
 from sorai.model.hardware import auto_dtype
+from sorai.model.memory import release_free_memory
 from sorai.model.quant.load import check_quantize, load_gguf_lowbit, quantize_dense
 from sorai.model.quant.lowbit_dir import dequantized, is_lowbit_dir, load_lowbit_dir
 from sorai.model.tokenizer import Tokenizer
@@ -103,13 +102,6 @@ def load_model(
         use_column_major_weights(model)
     release_free_memory()
     return model, tokenizer
-
-
-def release_free_memory() -> None:
-    """Hand the allocator's free pages back to the OS (glibc keeps them after a load's
-    temporaries are freed: measured 590 -> 420 MB RSS for the default model)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def read_config(path: Path) -> ModelConfig:

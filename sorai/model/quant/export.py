@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from torch import Tensor
 
 from sorai.errors import ModelFormatError
@@ -251,8 +250,7 @@ def _int4(tensor: SourceTensor) -> Encoded:
         q, scale, minimum = int4_groups(tensor.raw().reshape(-1), "Q4_K", tensor.shape[0])
         return Encoded("Q4_1", q4_1_bytes(q, scale, minimum))
     layer = Int4Linear.quantize(tensor.values())
-    q = torch.stack((layer.nibbles & 15, layer.nibbles >> 4), dim=-1).view(tensor.shape)
-    return Encoded("Q4_1", q4_1_bytes(q, layer.scale, layer.minimum))
+    return Encoded("Q4_1", q4_1_bytes(layer.codes(), layer.scale, layer.minimum))
 
 
 def _int8_rows(tensor: SourceTensor) -> Encoded:

@@ -23,6 +23,7 @@ the GEMM, and a plain matrix follows the row count.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator, Sequence
 from contextvars import ContextVar
 
@@ -191,9 +192,13 @@ class Int4Linear(LowBitLinear):
         self.group_size = in_features // scale.shape[1]
         self.weight_format = f"int4 (group {self.group_size})"
         q = q.to(torch.uint8)
-        self.register_buffer("nibbles", q[:, 0::2] | (q[:, 1::2] << 4))
-        self.register_buffer("scale", scale.float().contiguous())
-        self.register_buffer("minimum", minimum.float().contiguous())
+        if packed_row_block(out_features) is None:
+            # Codes only the kernel's packing holds are read back from it (codes()); a build
+            # whose packing is not known keeps its own copy.
+            self.register_buffer("nibbles", q[:, 0::2] | (q[:, 1::2] << 4))
+        # float16 where that is exact (GGUF's Q4_0/Q4_1 scales, and quantize()'s): half the bytes.
+        self.register_buffer("scale", _compact(scale))
+        self.register_buffer("minimum", _compact(minimum))
         # The kernel computes (q - 8) * scale + zero.
         zero = minimum.float() + 8 * scale.float()
         scales_zeros = torch.stack((scale.float(), zero), dim=-1).transpose(0, 1)
@@ -221,14 +226,30 @@ class Int4Linear(LowBitLinear):
         q = ((groups - low[..., None]) / scale[..., None]).round().clamp(0, 15)
         return cls(q.reshape(out_features, in_features).to(torch.uint8), scale, low, bias)
 
+    def codes(self) -> Tensor:
+        """The 4-bit codes q, uint8 [out, in] (values 0..15)."""
+        nibbles = self._buffers.get("nibbles")
+        if nibbles is None:
+            return unpack_int4(self.packed, self.out_features, self.in_features)
+        return torch.stack((nibbles & 15, nibbles >> 4), dim=-1).view(self.out_features, -1)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:  # noqa: ANN001
+        # Saved layers keep the portable form: nibbles, float32 scale and minimum.
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if "nibbles" not in self._buffers:
+            q = self.codes()
+            destination[prefix + "nibbles"] = q[:, 0::2] | (q[:, 1::2] << 4)
+        for name in ("scale", "minimum"):
+            destination[prefix + name] = destination[prefix + name].float()
+
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
-        q = torch.stack((self.nibbles & 15, self.nibbles >> 4), dim=-1)
-        groups = q.view(self.out_features, -1, self.group_size).to(torch.float32)
-        weight = groups * self.scale[..., None] + self.minimum[..., None]
+        groups = self.codes().view(self.out_features, -1, self.group_size).to(torch.float32)
+        scale, minimum = self.scale.float(), self.minimum.float()
+        weight = groups * scale[..., None] + minimum[..., None]
         return weight.view(self.out_features, self.in_features).to(dtype)
 
     def kernel_weight(self) -> Tensor:
-        q = torch.stack((self.nibbles & 15, self.nibbles >> 4), dim=-1)
+        q = self.codes()
         groups = q.view(self.out_features, -1, self.group_size).to(torch.float32) - 8
         scale, zero = self.scales_zeros.to(torch.float32).transpose(0, 1).unbind(-1)
         weight = groups * scale[..., None] + zero[..., None]
@@ -252,13 +273,9 @@ class Int4Linear(LowBitLinear):
         LowBitLinear.__init__(joined, parts[0].in_features, width, None)
         joined.group_size = parts[0].group_size
         joined.weight_format = parts[0].weight_format
-        for name, dim in (
-            ("nibbles", 0),
-            ("scale", 0),
-            ("minimum", 0),
-            ("scales_zeros", 1),
-            ("packed", 0),
-        ):
+        stored = [(name, 0) for name in ("nibbles",) if name in parts[0]._buffers]
+        stored += [("scale", 0), ("minimum", 0), ("scales_zeros", 1), ("packed", 0)]
+        for name, dim in stored:
             whole = torch.cat([getattr(p, name) for p in parts], dim=dim)
             joined.register_buffer(name, whole)
             start = 0
@@ -342,6 +359,57 @@ def _fp16_values(t: Tensor) -> Tensor:
 def _fp16_scale(t: Tensor) -> Tensor:
     """A scale (>= 0) rounded to float16, at least _FP16_TINY so that dividing by it is safe."""
     return _fp16_values(t).clamp(min=_FP16_TINY)
+
+
+def _compact(t: Tensor) -> Tensor:
+    """t as float16 where every value is one, else float32."""
+    t = t.float().contiguous()
+    half = t.to(torch.float16)
+    return half if torch.equal(half.float(), t) else t
+
+
+def unpack_int4(packed: Tensor, out_features: int, in_features: int) -> Tensor:
+    """The codes uint8 [out, in] that _convert_weight_to_int4pack_for_cpu packed.
+
+    The packing (this torch build, this CPU's kernels) cuts the rows in blocks of B (32 on
+    AVX2, 64 on AVX-512) and stores each block as [in, B/2] bytes whose low nibble is row j,
+    high nibble row j + B/2; packed_row_block() checks B on this machine once.
+    """
+    block = packed_row_block(out_features)
+    if block is None:
+        raise ValueError(f"no known int4 packing for {out_features} rows on this machine")
+    return _unpack(packed, out_features, in_features, block)
+
+
+def _unpack(packed: Tensor, out_features: int, in_features: int, block: int) -> Tensor:
+    # Transposing the bytes first moves half as much memory as transposing the codes.
+    rows = packed.reshape(out_features // block, in_features, block // 2).transpose(1, 2)
+    rows = rows.contiguous()  # [blocks, B/2, in]
+    return torch.cat((rows & 15, rows >> 4), dim=1).view(out_features, in_features)
+
+
+def packed_row_block(out_features: int) -> int | None:
+    """The row block of the CPU int4 packing when it is known and divides `out_features`."""
+    block = _packing_block()
+    return block if block is not None and out_features % block == 0 else None
+
+
+@functools.cache
+def _packing_block() -> int | None:
+    """B for unpack_int4 on this machine, found by packing random codes and reading them back;
+    None when neither known layout reads them back (then layers keep their own codes)."""
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randint(0, 16, (128, 64), generator=generator, dtype=torch.int32)
+    try:
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+    except RuntimeError:
+        return None
+    if packed.numel() * 2 != q.numel():
+        return None
+    for block in (32, 64):
+        if torch.equal(_unpack(packed, 128, 64, block).to(torch.int32), q):
+            return block
+    return None
 
 
 def int4_fits(out_features: int, in_features: int, group_size: int = 32) -> bool:
