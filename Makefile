@@ -42,9 +42,13 @@ format: install-test
 # or real-server case here), in under 10 minutes on 2 cores. Two worker processes, each file on
 # one worker (its module fixtures, such as a live server, start once): much of a case's time is
 # waiting on a server or a subprocess, which the other worker fills. TEST_WORKERS=0 runs serially.
+# The files of the longest cases (torchrun layouts, training faults) are handed out first, so
+# that neither worker is left with one of them at the end while the other idles.
 TEST_WORKERS ?= 2
+FIRST_TESTS = tests/train/test_parallel.py tests/train/test_faults.py
 test: lint
-	$(BIN)/python -m pytest -m "not slow" -q --durations=25 -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/python -m pytest -m "not slow" -q --durations=40 -n $(TEST_WORKERS) --dist loadfile \
+		$(FIRST_TESTS) tests
 
 # Everything: also the slow tier (the long real-model runs, every parallel layout, the property
 # tests), about half an hour on 2 cores.

@@ -258,6 +258,8 @@ def test_long_prompt_first_token_matches_a_plain_forward(
     assert long_greedy.token_ids[0] == expected
 
 
+# tests/engine/test_engine.py's chunked-prefill case covers this in the fast tier.
+@pytest.mark.slow
 def test_prefill_chunk_size_does_not_change_the_output(
     llm: LLM, long_prompt: list[int], long_greedy: Completion
 ) -> None:

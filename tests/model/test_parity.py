@@ -101,9 +101,9 @@ def test_sharded_save_writes_an_index_and_loads_back(tmp_path: Path) -> None:
         assert (load_reference(tmp_path / "sharded")(ids).logits - expected).abs().max() < 1e-5
 
 
-# The default model against transformers: the fast tier keeps the logits; greedy tokens, the
-# saved directory and the inference layout are slow (transformers' GGUF load alone is ~30 s),
-# and the tiny checkpoints above check those paths in the fast tier.
+# The default model against transformers is the slow tier's (transformers' GGUF load alone is
+# ~30 s); the tiny checkpoints above check logits, greedy tokens and saving in the fast tier,
+# and tests/model/test_gguf.py the GGUF reader against them.
 @pytest.fixture(scope="module")
 def default_pair(default_gguf: Path) -> tuple[Transformer, torch.nn.Module]:
     ours = load_gguf(GGUFFile(default_gguf), torch.float32)
@@ -111,6 +111,7 @@ def default_pair(default_gguf: Path) -> tuple[Transformer, torch.nn.Module]:
     return ours, reference
 
 
+@pytest.mark.slow
 def test_default_model_last_logits_match_transformers(default_pair) -> None:
     ours, reference = default_pair
     ids = prompt(64, vocab=49152)[None]

@@ -67,7 +67,7 @@ class Process:
 def server(default_gguf: Path, default_encoder_dir: Path) -> Iterator[tuple[Process, str, str]]:
     process = Process(
         "--port", "0", "--api-key", KEY, "--served-model-name", "my-model", "--max-num-seqs", "4",
-        "--shutdown-timeout", "20",
+        "--shutdown-timeout", "10",
     )  # fmt: skip
     try:
         match = process.wait_for(URL_LINE)
@@ -157,7 +157,7 @@ def test_serve_and_remote_chat(server: tuple[Process, str, str], sorai_main) -> 
 
 
 def test_sigterm_finishes_in_flight_then_exits_0(server: tuple[Process, str, str]) -> None:
-    """A stream that fits the grace period (--shutdown-timeout 20) finishes; one that does not
+    """A stream that fits the grace period (--shutdown-timeout 10) finishes; one that does not
     gets a final error event before its connection closes (was: a bare close)."""
     process, _, url = server
     client = openai.OpenAI(base_url=url, api_key=KEY, max_retries=0)
