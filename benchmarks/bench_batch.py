@@ -92,9 +92,11 @@ class Trace:
             )
             started = time.perf_counter()
             outputs = step(engine)
-            if probe is not None and "prefill" not in trace.marks[probe]:
-                trace.marks[probe]["step start"] = started
-                trace.marks[probe]["prefill"] = time.perf_counter()
+            # The client thread may have finished with the probe meanwhile.
+            marks = trace.marks.get(probe) if probe is not None else None
+            if marks is not None and "prefill" not in marks:
+                marks["step start"] = started
+                marks["prefill"] = time.perf_counter()
             return outputs
 
         def a_deliver(engine, outputs):
