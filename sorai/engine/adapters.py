@@ -113,12 +113,13 @@ class AdapterRegistry:
             return
         if same_model(base, self.base_name):
             return
-        if _is_local_path(base):
-            # Trained over a local copy (a merged or converted model, say): its name cannot
-            # tell whether it is the served model, and the shapes fit.
+        if _is_local_path(base) or _is_local_path(self.base_name):
+            # Trained over a local copy (a merged or converted model, say), or served from one
+            # (`sorai serve -m /models/llama`): a path's name cannot tell whether it is the
+            # other model, and the shapes fit.
             log.warning(
-                "LoRA adapter %s was trained on %s (a local path), this server serves %s; "
-                "its shapes fit, so it is served",
+                "LoRA adapter %s was trained on %s, this server serves %s (a local path on one "
+                "side); its shapes fit, so it is served",
                 file.path,
                 base,
                 self.base_name,

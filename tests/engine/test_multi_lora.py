@@ -367,3 +367,10 @@ def test_an_adapter_trained_on_another_base_model_is_refused_naming_both(
     with caplog.at_level("WARNING", logger="sorai.engine"):
         registry.read(trained_on(str(tmp_path / "merged-copy")))  # a local path: shapes fit
     assert "a local path" in caplog.text and "org/tiny" in caplog.text
+    # Served from a directory (sorai serve -m /models/tiny): its name says nothing of the
+    # model either, so an adapter naming a Hub repository is served with a warning.
+    caplog.clear()
+    served_from_path = AdapterRegistry(model, 2, 16, base_name=str(tmp_path / "models" / "x"))
+    with caplog.at_level("WARNING", logger="sorai.engine"):
+        served_from_path.read(trained_on("org/other"))
+    assert "a local path" in caplog.text and "org/other" in caplog.text
