@@ -248,3 +248,18 @@ def test_a_conversation_keeps_its_workspace(served: Served) -> None:
 
     same, other = asyncio.run(two_runs())
     assert same.strip() == "42" and other.strip() == "False"
+
+
+def test_a_streamed_response_with_hosted_tools_refuses_a_too_long_input_with_its_status(
+    client: openai.OpenAI, searched: Searched
+) -> None:
+    # The first round starts before the stream's first byte: the 400 is the request's status,
+    # not an error event after a 200 (as it was).
+    with pytest.raises(openai.BadRequestError, match="context|tokens"):
+        client.responses.create(
+            model=hub.DEFAULT_MODEL,
+            input="word " * 20000,
+            tools=[{"type": "file_search", "vector_store_ids": [searched.store.id]}],
+            stream=True,
+        )
+    assert client.models.list().data  # the server keeps serving

@@ -177,10 +177,15 @@ async def create_response(request: Request) -> Response:
         for kind, spec in specs.items():
             hosted[kind].check(spec, request.app)
         event = _Events()
-        rounds = _hosted_rounds(request, state, fields, turn, specs, arrival, event)
+        # The first round starts here, before any answer goes out: a prompt too long, a full
+        # server or a stopped engine is then the request's own status (400/429/503), not an
+        # error event after a 200.
+        first = _generation(state, chat, turn.model, f"{turn.id}-0", arrival)
+        await unless_disconnected(request, first[1].start())
+        rounds = _hosted_rounds(request, state, fields, turn, specs, arrival, event, first)
         if body.stream:
             stream = _guarded(_hosted_stream(turn, rounds, event, store))
-            return EventStream(stream, on_close=_nothing)
+            return EventStream(stream, on_close=first[1].close)
         await unless_disconnected(request, _drain(rounds))
         turn.save(store)
         return JSONResponse(turn.object())
@@ -224,11 +229,13 @@ async def _hosted_rounds(
     specs: dict[str, dict[str, Any]],
     arrival: float,
     event: _Events,
+    first: tuple[ToolSetup, Generation],
 ) -> AsyncIterator[str]:
     """Generate; run the hosted tools the answer calls and generate again with their results,
     until an answer calls none (or MAX_HOSTED_ROUNDS): the response's output is every call's
     item, then the final answer, cited. Yields the stream's events as they happen: text as it
-    is generated, each call's item and its progress events around its run."""
+    is generated, each call's item and its progress events around its run. `first`: the first
+    round's (tools, generation), already started by the caller."""
     hosted = hosted_tools(request.app)
     messages = list(fields["messages"])
     question = _last_user_text(messages)
@@ -236,13 +243,17 @@ async def _hosted_rounds(
     prompt = completion = cached = 0
     reason: str | None = None
     for round_number in range(MAX_HOSTED_ROUNDS):
-        chat = _validated({**fields, "messages": messages})
-        tools, generation = _generation(
-            state, chat, turn.model, f"{turn.id}-{round_number}", arrival
-        )
+        if round_number == 0:
+            tools, generation = first
+        else:
+            chat = _validated({**fields, "messages": messages})
+            tools, generation = _generation(
+                state, chat, turn.model, f"{turn.id}-{round_number}", arrival
+            )
         writer = _OutputWriter(turn, event, held=set(specs))
         try:
-            await generation.start()
+            if round_number:
+                await generation.start()
             async for piece in _write(tools, generation, writer):
                 yield piece
         finally:
@@ -330,10 +341,6 @@ async def _hosted_stream(
 async def _drain(events: AsyncIterator[str]) -> None:
     async for _ in events:
         pass
-
-
-async def _nothing() -> None:
-    return None
 
 
 def _chat_fields(
