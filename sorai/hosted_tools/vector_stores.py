@@ -105,11 +105,14 @@ class VectorStores:
         where = Path(path)
         return where.parent.name, where.name
 
-    def attach(self, store_id: str, file_id: str, filename: str, data: bytes) -> dict[str, Any]:
+    async def attach(
+        self, store_id: str, file_id: str, filename: str, data: bytes
+    ) -> dict[str, Any]:
         """Copy a file into the store and start indexing it; its entry, in_progress."""
         folder = self.root / store_id / file_id
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / Path(filename).name).write_bytes(data)
+        # A worker thread writes the copy: a file of hundreds of MB would otherwise hold up
+        # every stream the event loop serves. The task below must start on the loop.
+        await asyncio.to_thread(_write_file, folder / Path(filename).name, data)
         entry = {
             "id": file_id,
             "object": "vector_store.file",
@@ -230,7 +233,7 @@ async def create_vector_store(request: Request) -> Response:
     }
     stores.put(store)
     for file_id in body.file_ids or []:
-        _attach(request, store["id"], file_id)
+        await _attach(request, store["id"], file_id)
     return JSONResponse(_public(stores.get(store["id"])))
 
 
@@ -265,7 +268,7 @@ async def attach_file(request: Request, store_id: str) -> Response:
     _known(request, store_id)
     body = await read_json(request, AttachFile)
     known_file(request, body.file_id)
-    return JSONResponse(_attach(request, store_id, body.file_id))
+    return JSONResponse(await _attach(request, store_id, body.file_id))
 
 
 @router.get("/v1/vector_stores/{store_id}/files")
@@ -297,10 +300,15 @@ async def retrieve_file(request: Request, store_id: str, file_id: str) -> Respon
     return JSONResponse(entry)
 
 
-def _attach(request: Request, store_id: str, file_id: str) -> dict[str, Any]:
+async def _attach(request: Request, store_id: str, file_id: str) -> dict[str, Any]:
     record = known_file(request, file_id)
-    data = file_store(request).content(file_id)
-    return vector_stores(request.app).attach(store_id, file_id, record["filename"], data)
+    data = await asyncio.to_thread(file_store(request).content, file_id)
+    return await vector_stores(request.app).attach(store_id, file_id, record["filename"], data)
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
 
 
 def _public(store: dict[str, Any] | None) -> dict[str, Any]:
