@@ -205,6 +205,21 @@ def test_a_code_interpreter_call_replays_as_its_code_and_logs() -> None:
         items.input_items([{**item, "outputs": "not a list"}], hosted)
 
 
+def test_text_before_a_call_replays_as_one_assistant_turn() -> None:
+    # A round that said something and then called a tool: one assistant message holding the
+    # text and the call (was: two assistant messages in a row, which strict templates refuse).
+    said = {"type": "message", "role": "assistant", "content": [{"text": "Let me run it."}]}
+    call = {
+        "type": "code_interpreter_call", "id": "ci_2", "status": "completed", "code": "1+1",
+        "container_id": "resp_2", "outputs": [{"type": "logs", "logs": "2\n"}],
+    }  # fmt: skip
+    hosted = {"code_interpreter": CodeInterpreter()}
+    messages = items.chat_messages([said, call], hosted)
+    assert [m["role"] for m in messages] == ["assistant", "tool"]
+    assert messages[0]["content"] == "Let me run it."
+    assert messages[0]["tool_calls"][0]["id"] == "ci_2"
+
+
 @pytest.mark.slow  # the sandbox's fast-tier case is the workspace test below
 def test_code_interpreter_runs_the_models_code(served: Served, client: openai.OpenAI) -> None:
     with client.responses.stream(

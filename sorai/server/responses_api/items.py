@@ -158,6 +158,10 @@ def _add_call(messages: list[dict[str, Any]], call_id: str, name: str, arguments
     last = messages[-1] if messages else None
     if last is not None and last["role"] == "assistant" and last.get("tool_calls"):
         last["tool_calls"].append(call)
+    elif last is not None and last["role"] == "assistant" and "tool_calls" not in last:
+        # The text the model said before its call (a message item, then the call's item):
+        # one assistant turn, as chat completions put it, not two in a row.
+        last["tool_calls"] = [call]
     else:
         messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
 

@@ -243,6 +243,7 @@ async def _hosted_rounds(
     prompt = completion = cached = 0
     reason: str | None = None
     for round_number in range(MAX_HOSTED_ROUNDS):
+        start = len(turn.output)  # this round's items begin here
         if round_number == 0:
             tools, generation = first
         else:
@@ -275,7 +276,12 @@ async def _hosted_rounds(
             call = _run_hosted(request, turn, tool, spec, raw, question, annotations, event)
             async for piece in call:
                 yield piece
-            messages += it.chat_messages([turn.output[-1]], hosted)
+        if writer.calls:
+            # It also called the client's own functions: the response ends with those calls
+            # for the client to answer (with previous_response_id), as without hosted tools.
+            break
+        # The round's text, if any, and its calls with their results, as one assistant turn.
+        messages += it.chat_messages(turn.output[start:], hosted)
         # After the tools ran, the model answers from their results rather than calling again.
         fields = {**fields, "tool_choice": "none"}
     turn.finish(reason, make_usage(prompt, completion, cached))
