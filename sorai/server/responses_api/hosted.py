@@ -37,7 +37,7 @@ class HostedCall:
 
 class HostedTool(Protocol):
     kind: str  # the tool's type in a request ("file_search"); its items' type is kind_call
-    phase: str  # its item's status while it works ("searching"), a streamed event's name too
+    phase: str  # the streamed event while it works (response.file_search_call.searching)
 
     def pending(self, item_id: str, arguments: dict[str, Any]) -> dict[str, Any]:
         """The call's output item before it has run (status in_progress)."""

@@ -77,7 +77,9 @@ def input_items(value: Any, hosted: Mapping[str, Any] | None = None) -> list[dic
                     f"input[{i}] is a {kind} item this server cannot read: {_short(item)}",
                     param=f"input[{i}]",
                 ) from None
-            items.append({**item, "id": item.get("id") or new_item_id(kind[:2])})
+            # An id the client left out, in the tool's own form (fs_..., ci_...).
+            prefix = "".join(word[0] for word in kind.split("_")[:2])
+            items.append({**item, "id": item.get("id") or new_item_id(prefix)})
         else:
             kinds = ", ".join(["message", "function_call", "function_call_output", *calls])
             raise bad_request(
