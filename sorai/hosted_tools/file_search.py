@@ -64,8 +64,11 @@ class FileSearch:
         queries = list(dict.fromkeys(q for q in (context.question.strip(), query) if q))
         limit = spec.get("max_num_results") or DEFAULT_RESULTS
         stores = vector_stores(context.app)
+        # One deadline for all the stores: READY_TIMEOUT in all, not for each.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + READY_TIMEOUT
         for store_id in spec["vector_store_ids"]:
-            if not await stores.ready(store_id, READY_TIMEOUT):
+            if not await stores.ready(store_id, max(0.0, deadline - loop.time())):
                 item = {**self.pending(context.item_id, arguments), "status": "incomplete"}
                 return HostedCall(item={**item, "queries": queries, "results": []})
         fused: dict[tuple[str, str], float] = {}
