@@ -53,6 +53,12 @@ class CodeInterpreter:
         folder.mkdir(parents=True, exist_ok=True)
         result = await asyncio.to_thread(run_python, code, Workspace(folder))
         logs = result.stdout + result.stderr
+        # The logs are all the item carries (OpenAI's shape): they also say how the run ended,
+        # so the model (replay) and the client can tell a time-out from an error.
+        if result.timed_out:
+            logs += f"\n[killed: the code ran past its time limit ({result.seconds:.1f} s)]"
+        elif result.returncode:
+            logs += f"\n[exit code {result.returncode}]"
         item = {
             **self.pending(context.item_id, arguments),
             "status": "completed" if result.returncode == 0 else "failed",

@@ -255,14 +255,18 @@ def test_a_conversation_keeps_its_workspace(served: Served) -> None:
 
     a, b = HostedContext(app, "conv-a", ""), HostedContext(app, "conv-b", "")
 
-    async def two_runs() -> tuple[str, str]:
+    async def runs() -> tuple[str, str, dict]:
         await tool.run({}, {"code": "open('n.txt', 'w').write(str(6 * 7))"}, a)
         same = await tool.run({}, {"code": "print(open('n.txt').read())"}, a)
         other = await tool.run({}, {"code": "import os; print(os.path.exists('n.txt'))"}, b)
-        return same.item["outputs"][0]["logs"], other.item["outputs"][0]["logs"]
+        failed = await tool.run({}, {"code": "import sys; sys.exit(3)"}, b)
+        return same.item["outputs"][0]["logs"], other.item["outputs"][0]["logs"], failed.item
 
-    same, other = asyncio.run(two_runs())
+    same, other, failed = asyncio.run(runs())
     assert same.strip() == "42" and other.strip() == "False"
+    # How a run ended is in its logs, for the client and for the model's next round.
+    assert failed["status"] == "failed" and "[exit code 3]" in failed["outputs"][0]["logs"]
+    assert "exit code 3" in tool.replay(failed)[1]
 
 
 def test_a_streamed_response_with_hosted_tools_refuses_a_too_long_input_with_its_status(
