@@ -8,6 +8,7 @@ the conversation as chat messages, so previous_response_id continues it after a 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator
@@ -581,10 +582,13 @@ class _OutputWriter:
 
 
 async def _guarded(events: AsyncIterator[str]) -> AsyncIterator[str]:
-    """A failure after the 200: an `error` event, which the openai client raises."""
+    """A failure after the 200: an `error` event, which the openai client raises. The inner
+    stream is closed when this one is (a client gone), so its generations' cleanup runs then
+    rather than whenever the garbage collector gets to it."""
     try:
-        async for piece in events:
-            yield piece
+        async with contextlib.aclosing(events) as inner:
+            async for piece in inner:
+                yield piece
     except (SoraiError, APIError) as exc:
         yield "event: error\n" + error_event(exc)
 
