@@ -5,10 +5,11 @@ redoing (or losing) a line."""
 from __future__ import annotations
 
 import json
-import sqlite3
 import threading
 from pathlib import Path
 from typing import Any
+
+from sorai.server.sqlite_db import connect
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS batches (
@@ -27,11 +28,7 @@ class BatchStore:
         self.lines_dir = root / "batches"
         self.lines_dir.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(
-            root / "batches.sqlite", check_same_thread=False, isolation_level=None
-        )
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute(_SCHEMA)
+        self._db = connect(root / "batches.sqlite", _SCHEMA)
 
     @staticmethod
     def exists(root: Path) -> bool:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
-import sqlite3
 import threading
 import time
 import uuid
 from pathlib import Path
 from typing import Any
+
+from sorai.server.sqlite_db import connect
 
 # What clients upload (OpenAI's purposes this server has a use for) and what it writes itself.
 UPLOAD_PURPOSES = ("batch", "assistants", "user_data")
@@ -31,11 +32,7 @@ class FileStore:
         self.blobs = root / "files"
         self.blobs.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(
-            root / "files.sqlite", check_same_thread=False, isolation_level=None
-        )
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute(_SCHEMA)
+        self._db = connect(root / "files.sqlite", _SCHEMA)
 
     def add(self, data: bytes, filename: str, purpose: str) -> dict[str, Any]:
         file_id = f"file-{uuid.uuid4().hex}"

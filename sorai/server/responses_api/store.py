@@ -4,11 +4,12 @@ previous_response_id and GET /v1/responses/{id} survive a restart."""
 from __future__ import annotations
 
 import json
-import sqlite3
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from sorai.server.sqlite_db import connect
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS responses (
@@ -36,9 +37,7 @@ class ResponseStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute(_SCHEMA)
+        self._db = connect(path, _SCHEMA)
 
     def put(self, stored: StoredResponse) -> None:
         response = stored.response
