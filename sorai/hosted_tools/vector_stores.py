@@ -27,6 +27,7 @@ from sorai.server.body import read_json
 from sorai.server.errors import APIError
 from sorai.server.files import file_store, known_file
 from sorai.server.protocol import _Request
+from sorai.server.responses import list_page
 
 router = APIRouter()
 logger = logging.getLogger("sorai.server")
@@ -237,18 +238,16 @@ async def create_vector_store(request: Request) -> Response:
     return JSONResponse(_public(stores.get(store["id"])))
 
 
+# OpenAI's cursor paging (limit, after); by default the whole list, as before it took them.
+LIST_LIMIT = 10000
+
+
 @router.get("/v1/vector_stores")
-async def list_vector_stores(request: Request) -> Response:
+async def list_vector_stores(
+    request: Request, limit: int = LIST_LIMIT, after: str | None = None
+) -> Response:
     data = [_public(s) for s in vector_stores(request.app).list()]
-    return JSONResponse(
-        {
-            "object": "list",
-            "data": data,
-            "first_id": data[0]["id"] if data else None,
-            "last_id": data[-1]["id"] if data else None,
-            "has_more": False,
-        }
-    )
+    return list_page(data, limit, after, "vector store", max_limit=LIST_LIMIT)
 
 
 @router.get("/v1/vector_stores/{store_id}")
@@ -272,18 +271,11 @@ async def attach_file(request: Request, store_id: str) -> Response:
 
 
 @router.get("/v1/vector_stores/{store_id}/files")
-async def list_files(request: Request, store_id: str) -> Response:
-    store = _known(request, store_id)
-    data = store.get("files", [])
-    return JSONResponse(
-        {
-            "object": "list",
-            "data": data,
-            "first_id": data[0]["id"] if data else None,
-            "last_id": data[-1]["id"] if data else None,
-            "has_more": False,
-        }
-    )
+async def list_files(
+    request: Request, store_id: str, limit: int = LIST_LIMIT, after: str | None = None
+) -> Response:
+    files = _known(request, store_id).get("files", [])
+    return list_page(files, limit, after, "file of this store", max_limit=LIST_LIMIT)
 
 
 @router.get("/v1/vector_stores/{store_id}/files/{file_id}")

@@ -100,6 +100,18 @@ def test_vector_store_is_built_in_the_background(client: openai.OpenAI, searched
     )
 
 
+def test_stores_and_their_files_list_in_openai_pages(
+    client: openai.OpenAI, searched: Searched
+) -> None:
+    assert searched.store.id in [s.id for s in client.vector_stores.list()]
+    files = client.vector_stores.files.list(vector_store_id=searched.store.id)
+    assert sorted(f.id for f in files) == sorted([searched.cars, searched.tea])
+    first = client.vector_stores.files.list(vector_store_id=searched.store.id, limit=1)
+    assert len(first.data) == 1 and first.has_more
+    with pytest.raises(openai.BadRequestError, match="after"):
+        client.vector_stores.list(after="vs_nope")
+
+
 def test_file_search_cites_the_file_that_answers(client: openai.OpenAI, searched: Searched) -> None:
     response = searched.response
     search = next(item for item in response.output if item.type == "file_search_call")
