@@ -15,11 +15,10 @@ import pytest
 from sorai import hub
 from sorai.console.app import install
 from sorai.console.settings import ConsoleSettings
-from sorai.server.app import create_app
 from sorai.server.auth import APIKeys
-from sorai.server.local import ServerThread
 from sorai.server.state import ServerSettings
 from tests.console.browser import Browser, available
+from tests.server.conftest import serve_default
 
 API_KEY = "sk-console-test-42"
 
@@ -82,8 +81,6 @@ def write_training_run(run: Path) -> None:
 
 @pytest.fixture(scope="module")
 def console(default_llm, default_encoder_dir, tmp_path_factory) -> Iterator[Console]:
-    from sorai.engine.async_engine import AsyncEngine
-    from sorai.engine.llm_engine import LLMEngine
 
     root = tmp_path_factory.mktemp("console")
     for name in ("evals", "runs", "traces"):
@@ -97,15 +94,12 @@ def console(default_llm, default_encoder_dir, tmp_path_factory) -> Iterator[Cons
         runs_dir=root / "runs",
         trace_dir=root / "traces",
     )
-    engine = AsyncEngine(
-        LLMEngine(default_llm.model, default_llm.tokenizer, name=hub.DEFAULT_MODEL)
-    )
     server = ServerSettings(
         api_keys=APIKeys([API_KEY]), embedding_model=hub.DEFAULT_EMBEDDING_MODEL
     )
-    thread = ServerThread(install(create_app(engine, server), settings)).start()
-    yield Console(thread.url, root, settings)
-    thread.stop()
+    served = serve_default(default_llm, server, lambda app: install(app, settings))
+    yield Console(served.thread.url, root, settings)
+    served.thread.stop()
 
 
 @pytest.fixture(scope="module")

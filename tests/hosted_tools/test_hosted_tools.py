@@ -17,14 +17,12 @@ import pytest
 from sorai import hosted_tools, hub
 from sorai.engine.llm import LLM
 from sorai.hosted_tools.code_interpreter import CodeInterpreter
-from sorai.server.app import create_app
 from sorai.server.auth import APIKeys
 from sorai.server.errors import APIError
 from sorai.server.responses_api import items
 from sorai.server.responses_api.hosted import HostedContext
 from sorai.server.state import ServerSettings
-from tests.server.conftest import API_KEY, Served
-from tests.server.harness import ServerThread
+from tests.server.conftest import API_KEY, Served, serve_default
 
 CARS = "The Zephyr 9 is an electric car. The Zephyr 9 has a top speed of 240 km/h.\n"
 TEA = "Sencha is a Japanese green tea. Most sencha is grown in Shizuoka prefecture.\n"
@@ -34,21 +32,14 @@ TEA = "Sencha is a Japanese green tea. Most sencha is grown in Shizuoka prefectu
 def served(
     default_llm: LLM, default_encoder_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Served]:
-    from sorai.engine.async_engine import AsyncEngine
-    from sorai.engine.llm_engine import LLMEngine
-
-    engine = AsyncEngine(
-        LLMEngine(default_llm.model, default_llm.tokenizer, name=hub.DEFAULT_MODEL)
-    )
     settings = ServerSettings(
         api_keys=APIKeys([API_KEY]),
         embedding_model=hub.DEFAULT_EMBEDDING_MODEL,
         data_dir=tmp_path_factory.mktemp("server-data"),
     )
-    app = hosted_tools.install(create_app(engine, settings))
-    thread = ServerThread(app).start()
-    yield Served(engine, thread)
-    thread.stop()
+    served = serve_default(default_llm, settings, hosted_tools.install)
+    yield served
+    served.thread.stop()
 
 
 @pytest.fixture(scope="module")

@@ -7,11 +7,12 @@ session's loaded weights), and the default embedding model next to it;
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import openai
 import pytest
+from fastapi import FastAPI
 
 from sorai import hub
 from sorai.engine.llm import LLM
@@ -80,15 +81,24 @@ def fake_engine(fake: Served) -> Iterator[FakeEngine]:
 def live(default_llm: LLM, default_encoder_dir: Path) -> Iterator[Served]:
     """The default chat model (the session's weights, tests/conftest.py, under its own engine
     and its name) and, loaded on the first embeddings request, the default embedding model."""
-    from sorai.engine.async_engine import AsyncEngine
-    from sorai.engine.llm_engine import LLMEngine
-
-    engine = AsyncEngine(
-        LLMEngine(default_llm.model, default_llm.tokenizer, name=hub.DEFAULT_MODEL)
-    )
     settings = ServerSettings(
         api_keys=APIKeys([API_KEY]), embedding_model=hub.DEFAULT_EMBEDDING_MODEL
     )
-    thread = ServerThread(create_app(engine, settings)).start()
-    yield Served(engine, thread)
-    thread.stop()
+    served = serve_default(default_llm, settings)
+    yield served
+    served.thread.stop()
+
+
+def serve_default(
+    llm: LLM, settings: ServerSettings, extend: Callable[[FastAPI], FastAPI] | None = None
+) -> Served:
+    """A server on 127.0.0.1 of the default model's loaded weights (`llm`) under an engine of
+    its own, named as the hub names it; `extend` adds routes from above the server (the hosted
+    tools, the console). The caller stops its thread."""
+    from sorai.engine.async_engine import AsyncEngine
+    from sorai.engine.llm_engine import LLMEngine
+
+    engine = AsyncEngine(LLMEngine(llm.model, llm.tokenizer, name=hub.DEFAULT_MODEL))
+    app = create_app(engine, settings)
+    thread = ServerThread(extend(app) if extend is not None else app).start()
+    return Served(engine, thread)

@@ -18,11 +18,9 @@ import pytest
 
 from sorai import hub
 from sorai.engine.llm import LLM
-from sorai.server.app import create_app
 from sorai.server.auth import APIKeys
 from sorai.server.state import ServerSettings
-from tests.server.conftest import API_KEY, Served
-from tests.server.harness import ServerThread
+from tests.server.conftest import API_KEY, Served, serve_default
 
 DONE = ("completed", "failed", "expired", "cancelled")
 
@@ -75,21 +73,15 @@ def results(client: openai.OpenAI, file_id: str | None) -> list[dict]:
 def served(
     default_llm: LLM, default_encoder_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Served]:
-    from sorai.engine.async_engine import AsyncEngine
-    from sorai.engine.llm_engine import LLMEngine
-
-    engine = AsyncEngine(
-        LLMEngine(default_llm.model, default_llm.tokenizer, name=hub.DEFAULT_MODEL)
-    )
     settings = ServerSettings(
         api_keys=APIKeys([API_KEY]),
         embedding_model=hub.DEFAULT_EMBEDDING_MODEL,
         data_dir=tmp_path_factory.mktemp("server-data"),
         max_file_bytes=1024 * 1024,
     )
-    thread = ServerThread(create_app(engine, settings)).start()
-    yield Served(engine, thread)
-    thread.stop()
+    served = serve_default(default_llm, settings)
+    yield served
+    served.thread.stop()
 
 
 @pytest.fixture(scope="module")
