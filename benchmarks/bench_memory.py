@@ -111,29 +111,20 @@ def child(records: str, serve_args: list[str]) -> int:
 
     record("server stack imports")
 
-    load_pretrained = llm_engine.load_pretrained
+    def after(owner: Any, name: str, stage: str) -> None:
+        """owner.name records `stage` each time it returns."""
+        inner = getattr(owner, name)
 
-    def loading(*args: Any, **kwargs: Any) -> Any:
-        loaded = load_pretrained(*args, **kwargs)
-        record("model loaded")
-        return loaded
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            out = inner(*args, **kwargs)
+            record(stage)
+            return out
 
-    llm_engine.load_pretrained = loading
-    engine_init = llm_engine.LLMEngine.__init__
+        setattr(owner, name, wrapped)
 
-    def building(self: Any, *args: Any, **kwargs: Any) -> None:
-        engine_init(self, *args, **kwargs)
-        record("engine built (KV cache, grammar compiler)")
-
-    llm_engine.LLMEngine.__init__ = building  # type: ignore[method-assign]
-    create_app = serve_module.create_app
-
-    def creating(*args: Any, **kwargs: Any) -> Any:
-        app = create_app(*args, **kwargs)
-        record("app created")
-        return app
-
-    serve_module.create_app = creating
+    after(llm_engine, "load_pretrained", "model loaded")
+    after(llm_engine.LLMEngine, "__init__", "engine built (KV cache, grammar compiler)")
+    after(serve_module, "create_app", "app created")
     startup = serve_module._Server.startup
 
     async def starting(self: Any, *args: Any, **kwargs: Any) -> None:
