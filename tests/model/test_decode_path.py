@@ -1,5 +1,6 @@
-"""The low-bit decode path: the kernels by default (batch- and thread-invariant), on every core
-or as a float32 copy only where a server opts in, computing the same products."""
+"""The low-bit decode path: fbgemm's float16 GEMM by default where this torch has it, else the
+kernels (both batch- and thread-invariant); the kernels on every core or a float32 copy only
+where a server opts in, computing the same products."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch
 from torch import nn
 
 from sorai.errors import SoraiError
-from sorai.model.quant import Int4Linear, Int8Linear, decode_path
+from sorai.model.quant import Int4Linear, Int8Linear, decode_path, fp16_gemm
 from sorai.model.quant.linear import ALL_CORES_FROM_ROWS, on_all_cores
 
 
@@ -41,9 +42,28 @@ def test_a_kernel_rows_numbers_depend_on_neither_its_batch_nor_the_threads(kind)
     assert torch.get_num_threads() == threads  # put back after the call
 
 
-def test_the_kernels_unless_a_server_opts_into_the_float32_copy(monkeypatch) -> None:
+def test_fp16_where_it_is_here_and_fits_else_the_kernels(monkeypatch) -> None:
     model = _model()
     monkeypatch.delenv(decode_path.ENVIRONMENT, raising=False)
+    path, why = decode_path.choose(model, 32)
+    assert (path == "fp16") == fp16_gemm.supported()
+    if path == "fp16":
+        assert "MiB float16 copy" in why
+    monkeypatch.setattr(decode_path, "_available_bytes", lambda: 1000)  # a machine without room
+    path, why = decode_path.choose(model, 32)
+    assert path == "kernel"
+    monkeypatch.setenv(decode_path.ENVIRONMENT, "fp16")
+    path, why = decode_path.choose(model, 32)
+    assert path == "kernel" and why.startswith("SORAI_LOWBIT_DECODE=fp16, but")
+    monkeypatch.setattr(fp16_gemm, "supported", lambda: False)  # a torch without fbgemm
+    monkeypatch.setattr(decode_path, "_available_bytes", lambda: 2**40)
+    path, why = decode_path.choose(model, 32)
+    assert path == "kernel" and "no batch-invariant fp16 GEMM" in why
+
+
+def test_the_kernels_unless_a_server_opts_into_the_float32_copy(monkeypatch) -> None:
+    model = _model()
+    monkeypatch.setenv(decode_path.ENVIRONMENT, "kernel")
     assert decode_path.choose(model, 32)[0] == "kernel"
     monkeypatch.setenv(decode_path.ENVIRONMENT, "all-cores")
     assert decode_path.choose(model, 32)[0] == "all-cores"
