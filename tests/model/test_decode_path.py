@@ -107,3 +107,19 @@ def test_the_first_engine_settles_the_path_of_a_shared_model(monkeypatch) -> Non
     monkeypatch.delenv(decode_path.ENVIRONMENT)
     assert decode_path.settle(model, 4)[0] == "dense"  # a second engine over the same model
     assert model[1].dense_decode
+
+
+def test_a_second_engine_keeps_the_path_on_every_running_layer(monkeypatch, default_gguf) -> None:
+    """Seen failing: a second engine re-fused q/k/v and gate/up into new modules left on the
+    kernels while the rest of the model ran the settled path."""
+    from sorai.model.fusion import fuse_projections, fused
+    from sorai.model.loader import load_model
+
+    model, _ = load_model(default_gguf)
+    monkeypatch.setenv(decode_path.ENVIRONMENT, "dense")
+    for _ in range(2):  # what each LLMEngine.__init__ does
+        fuse_projections(model)
+        decode_path.settle(model, 4)
+    attn = model.layers["0"].self_attn
+    qkv = fused(attn, (attn.q_proj, attn.k_proj, attn.v_proj)).module
+    assert qkv.dense_decode and attn.o_proj.dense_decode

@@ -141,8 +141,8 @@ def settle(model: nn.Module, max_num_seqs: int) -> tuple[str, str]:
     settled = model.__dict__.get(_SETTLED)
     if settled is None:
         settled = choose(model, max_num_seqs)
-        use(model, settled[0])
         model.__dict__[_SETTLED] = settled
+    use(model, settled[0])  # again for layers fused or replaced since (copies already made stay)
     return settled
 
 
