@@ -153,11 +153,12 @@ def use(model: nn.Module, path: str) -> None:
         layer.fp16_decode = path == "fp16"
         if path != "fp16":
             layer.fp16_weight = None
+        base = layer.weight_format.split(" + ")[0]
+        layer.weight_format = base + (" + float16 GEMM copy" if path == "fp16" else "")
         if isinstance(layer, Int8Head):
             continue  # its kernel runs every batch; its top logits are recomputed anyway
         layer.dense_decode = path == "dense"
         if path != "dense":
             layer.dense_cache = None
-        base = layer.weight_format.split(";")[0]
-        copy = {"dense": "; float32 decode copy", "fp16": "; float16 GEMM copy"}.get(path, "")
-        layer.weight_format = base + copy
+        if path == "dense":
+            layer.weight_format = base + " + float32 decode copy"

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import bisect
 import functools
+import threading
 import warnings
 from typing import Any
 
@@ -30,6 +31,8 @@ from torch import Tensor
 CHECKED_ROWS = 256
 # The rows per call a reference computes with (the widest AVX2 micro-kernel).
 REFERENCE_ROWS = 6
+# Padded calls up to this many rows (decode steps) reuse a buffer per shape instead of a new one.
+SCRATCH_ROWS = 64
 
 
 def supported() -> bool:
@@ -65,9 +68,25 @@ def linear(rows: Tensor, packed: Any, out_features: int) -> Tensor:
     padded = padded_rows(n)
     if padded == n:
         return torch.ops.quantized.linear_dynamic_fp16(rows, packed)
-    full = rows.new_zeros(padded, rows.shape[1])
+    full = _scratch(padded, rows.shape[1]) if padded <= SCRATCH_ROWS else None
+    if full is None:
+        full = rows.new_zeros(padded, rows.shape[1])
     full[:n] = rows
     return torch.ops.quantized.linear_dynamic_fp16(full, packed)[:n]
+
+
+_SCRATCH = threading.local()
+
+
+def _scratch(rows: int, width: int) -> Tensor:
+    """A float32 [rows, width] buffer for padded calls, one per shape and thread (engines of
+    several models may step at once). Its pad rows hold whatever an earlier call left: a row's
+    result depends on its own values only, so they need no zeroing."""
+    buffers = _SCRATCH.__dict__.setdefault("buffers", {})
+    buffer = buffers.get((rows, width))
+    if buffer is None:
+        buffer = buffers[(rows, width)] = torch.zeros(rows, width)
+    return buffer
 
 
 def padded_rows(n: int) -> int:
