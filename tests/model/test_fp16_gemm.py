@@ -52,9 +52,8 @@ def test_low_bit_layers_on_the_path_compute_their_dequantized_weights() -> None:
             (x @ model[0].dequantize().T + model[0].bias).transpose(1, 2)
         )
         decode_path.use(model, "fp16")
-        assert model[0].fp16_weight is None  # packed on first use only
+        assert model[0].fp16_weight is not None  # packed by the server, before any request
         out = model(x)
-        assert model[0].fp16_weight is not None
         assert "float16 GEMM copy" in model[0].weight_format
         torch.testing.assert_close(out, expected.transpose(1, 2), rtol=2e-3, atol=2e-3)
         # Prompt rows and generated rows take the same path: a row's numbers are its own.
@@ -77,3 +76,25 @@ def test_the_head_recomputes_its_top_logits_from_the_int8_rows() -> None:
     torch.testing.assert_close(fp16.gather(1, top), exact.gather(1, top), rtol=1e-5, atol=1e-5)
     assert torch.equal(fp16.argmax(-1), kernel.argmax(-1))
     torch.testing.assert_close(fp16, exact, rtol=5e-3, atol=5e-3)
+
+
+def test_the_server_packs_the_layers_that_run_and_the_head_in_slices(default_gguf) -> None:
+    from sorai.model.fusion import fuse_projections, fused
+    from sorai.model.loader import load_model
+
+    model, tokenizer = load_model(default_gguf)
+    tokens = torch.tensor([tokenizer.encode("Packed once, in slices")])
+    fuse_projections(model)
+    decode_path.use(model, "fp16")
+    attn = model.layers["0"].self_attn
+    qkv = fused(attn, (attn.q_proj, attn.k_proj, attn.v_proj)).module
+    assert qkv.fp16_weight is not None and attn.o_proj.fp16_weight is not None
+    assert attn.q_proj.fp16_weight is None  # runs inside the fused layer: no copy of its own
+    pieces = model.lm_head.fp16_weight
+    assert [rows for _, rows in pieces] == [8192] * 6  # 49152 rows, 8192 at a time
+    with torch.inference_mode():
+        sliced = model(tokens)
+        # The head as one pack gives the same logits.
+        model.lm_head.fp16_weight = [(fp16_gemm.pack(model.lm_head.dequantize()), 49152)]
+        whole = model(tokens)
+    assert torch.equal(sliced, whole)

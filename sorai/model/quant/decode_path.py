@@ -10,7 +10,8 @@ EPYC, one thread (benchmarks/bench_decode_path.py: 30 blocks plus the head, ms p
 16 sequences): int4 kernels + int8 head 21.5 / 112, float16 GEMM 15.0 / 49 (one row is run as
 three: fbgemm's 1- and 2-row micro-kernels sum in another order), float32 GEMM 16.7 / 67; a
 512-row prompt chunk as fast as float32 MKL. Its cost is memory: a float16 copy of each layer
-that runs (270 MB more than int4 for the default model). The earlier measurements of the
+that runs, its inputs padded to blocks of 512 (416 MiB for the default model, whose 576-wide
+layers take 1024; the model's own low-bit weights are ~108 MB). The earlier measurements of the
 kernels against float32 (a quiet 2-core Xeon; 1 / 4 / 8 / 16 sequences):
   torch limited to AVX2   int4 14.6 / 26.1 / 50.5 / 93.9   fp32 33.3 / 66.8 / 83.4 / 92.3
   its AVX-512 kernels     int4  8.7 / 14.5 / 29.2 / 55.1   fp32 29.6 / 42.0 / 66.0 / 67.6
@@ -43,6 +44,7 @@ from torch import nn
 
 from sorai.errors import SoraiError
 from sorai.model.hardware import machine
+from sorai.model.memory import release_free_memory
 from sorai.model.quant import fp16_gemm
 from sorai.model.quant.linear import ALL_CORES_FROM_ROWS, LowBitLinear
 from sorai.model.quant.table import Int8Head
@@ -111,7 +113,7 @@ def _fp16_or_kernel(layers: list[LowBitLinear], wanted: str) -> tuple[str, str]:
     asked = f"{ENVIRONMENT}=fp16, but " if wanted == "fp16" else ""
     if not fp16_gemm.supported():
         return "kernel", f"{asked}the low-bit kernels: this torch has no batch-invariant fp16 GEMM"
-    need = sum(m.in_features * m.out_features * 2 for m in layers)
+    need = sum(fp16_gemm.packed_bytes(m.out_features, m.in_features) for m in layers)
     fits = _fits(need)
     if fits is not None:
         return "kernel", f"{asked}the low-bit kernels: {fits}"
@@ -147,8 +149,11 @@ def settle(model: nn.Module, max_num_seqs: int) -> tuple[str, str]:
 
 
 def use(model: nn.Module, path: str) -> None:
-    """Set every running low-bit layer of `model` to decode on `path`."""
-    for layer in _decoding_layers(model):
+    """Set every running low-bit layer of `model` to decode on `path`; for fp16, make the
+    float16 copies of the layers that run now, so that a server's memory is what it will be
+    when it reports healthy, and hand the temporaries' pages back."""
+    layers = _decoding_layers(model)
+    for layer in layers:
         layer.all_cores_from_rows = ALL_CORES_FROM_ROWS if path == "all-cores" else None
         layer.fp16_decode = path == "fp16"
         if path != "fp16":
@@ -162,3 +167,23 @@ def use(model: nn.Module, path: str) -> None:
             layer.dense_cache = None
         if path == "dense":
             layer.weight_format = base + " + float32 decode copy"
+    if path == "fp16":
+        joined = _fused_parts(model)
+        for layer in layers:
+            if id(layer) not in joined:
+                layer.pack_fp16()
+        release_free_memory()
+
+
+def _fused_parts(model: nn.Module) -> set[int]:
+    """ids of the layers that run inside a fused module, not by themselves."""
+    from sorai.model.fusion import FUSED_ATTRIBUTE
+
+    parts: set[int] = set()
+    for module in model.modules():
+        found = module.__dict__.get(FUSED_ATTRIBUTE)
+        children = {id(child) for child in module.children()}
+        # Still the owner's projections: a part since wrapped (e.g. by LoRA) runs on its own.
+        if found is not None and all(id(p) in children for p in found.parts):
+            parts.update(id(p) for p in found.parts)
+    return parts

@@ -37,6 +37,9 @@ from sorai.model.quant import fp16_gemm
 
 # Rows at and above which a plain matrix input runs the dense GEMM (see the module docstring).
 DENSE_FROM_ROWS = 48
+# Weight rows dequantized and packed at a time for the float16 path (an 18 MB float32 slice
+# of the default model's 49152 x 576 head, not all 113 MB).
+FP16_PACK_ROWS = 8192
 # (rows, mask): the step's row count and which rows run the kernel, one bool for all alike.
 _KERNEL_ROWS: ContextVar[tuple[int, Tensor | bool] | None] = ContextVar(
     "sorai_kernel_rows", default=None
@@ -128,10 +131,10 @@ class LowBitLinear(nn.Module):
     # Set per server likewise ("all-cores"): kernel calls of this many rows run on every core.
     all_cores_from_rows: int | None = None
     # Set per server likewise ("fp16"): every row, prompt or generated, runs fbgemm's float16
-    # GEMM (sorai.model.quant.fp16_gemm) on a float16 copy of the weight packed on first use,
-    # so only the layers that run (fused ones, not their parts) hold one.
+    # GEMM (sorai.model.quant.fp16_gemm) on a float16 copy of the weight, packed by the server
+    # for the layers that run (fused ones, not their parts), or else on first use.
     fp16_decode = False
-    fp16_weight: Any = None
+    fp16_weight: list[tuple[Any, int]] | None = None  # (pack, rows) per slice of rows
 
     def __init__(self, in_features: int, out_features: int, bias: Tensor | None) -> None:
         super().__init__()
@@ -164,10 +167,27 @@ class LowBitLinear(nn.Module):
             out = out + self.bias.to(out.dtype)
         return out.view(*x.shape[:-1], self.out_features)
 
-    def _fp16(self, rows: Tensor) -> Tensor:
+    def pack_fp16(self) -> None:
+        """Make the float16 copy, if not made yet, FP16_PACK_ROWS rows at a time: a large table
+        (the head) never has its whole float32 weight in memory at once."""
         if self.fp16_weight is None:
-            self.fp16_weight = fp16_gemm.pack(self.dequantize())
-        return fp16_gemm.linear(rows.contiguous(), self.fp16_weight, self.out_features)
+            pieces = []
+            for start in range(0, self.out_features, FP16_PACK_ROWS):
+                end = min(start + FP16_PACK_ROWS, self.out_features)
+                pieces.append((fp16_gemm.pack(self.dequantize_rows(start, end)), end - start))
+            self.fp16_weight = pieces
+
+    def dequantize_rows(self, start: int, end: int) -> Tensor:
+        """Rows [start, end) of dequantize()."""
+        return self.dequantize()[start:end]
+
+    def _fp16(self, rows: Tensor) -> Tensor:
+        self.pack_fp16()
+        assert self.fp16_weight is not None
+        rows = rows.contiguous()
+        if len(self.fp16_weight) == 1:
+            return fp16_gemm.linear(rows, *self.fp16_weight[0])
+        return torch.cat([fp16_gemm.linear(rows, *piece) for piece in self.fp16_weight], dim=1)
 
     def _dense(self, rows: Tensor) -> Tensor:
         weight = self.dense_cache
@@ -328,6 +348,9 @@ class Int8Linear(LowBitLinear):
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
         return (self.q.to(torch.float32) * self.scale[:, None]).to(dtype)
+
+    def dequantize_rows(self, start: int, end: int) -> Tensor:
+        return self.q[start:end].to(torch.float32) * self.scale[start:end, None]
 
     def kernel_weight(self) -> Tensor:
         return self.q.to(torch.float32) * self.scale_bf16.to(torch.float32)[:, None]
