@@ -98,3 +98,13 @@ def test_the_server_packs_the_layers_that_run_and_the_head_in_slices(default_ggu
         model.lm_head.fp16_weight = [(fp16_gemm.pack(model.lm_head.dequantize()), 49152)]
         whole = model(tokens)
     assert torch.equal(sliced, whole)
+
+
+def test_padded_calls_work_in_and_out_of_inference_mode() -> None:
+    """Seen failing: a pad buffer made under inference mode (an engine step) could not be
+    written by a later plain forward."""
+    packed = fp16_gemm.pack(torch.randn(32, 48))
+    x = torch.randn(1, 48)  # one row: padded
+    with torch.inference_mode():
+        inside = fp16_gemm.linear(x, packed, 32)
+    assert torch.equal(fp16_gemm.linear(x, packed, 32), inside)

@@ -94,7 +94,10 @@ def _scratch(rows: int, width: int) -> Tensor:
     buffers = _SCRATCH.__dict__.setdefault("buffers", {})
     buffer = buffers.get((rows, width))
     if buffer is None:
-        buffer = buffers[(rows, width)] = torch.zeros(rows, width)
+        # A normal tensor, writable in and out of inference mode (an engine steps in it, a
+        # caller's plain forward may not).
+        with torch.inference_mode(False):
+            buffer = buffers[(rows, width)] = torch.zeros(rows, width)
     return buffer
 
 

@@ -10,6 +10,7 @@ import pytest
 
 from sorai import cli
 from tests.apps.agent.scripted import Calls, ScriptedModel
+from tests.apps.agent.test_real_model import PRODUCT, QUESTION
 
 
 @pytest.mark.parametrize(
@@ -37,7 +38,7 @@ def test_bad_options_are_one_line_errors(argv, message, capsys, monkeypatch):
 def test_agent_verb_against_an_endpoint(client, tmp_path, capsys):
     argv = [
         "agent",
-        "What is 1234 * 5678? Use the calculator.",
+        QUESTION,
         "--tools", "calculator",
         "--url", str(client.openai.base_url),
         "--api-key", client.openai.api_key,
@@ -48,7 +49,7 @@ def test_agent_verb_against_an_endpoint(client, tmp_path, capsys):
     out, err = capsys.readouterr()
     trace = json.loads(out)
     assert trace["steps"][0]["tool"] == "calculator"
-    assert "7006652" in trace["answer"]
+    assert PRODUCT in trace["answer"]
     assert "Action: calculator" in err and "trace:" in err  # the live steps, on stderr
     assert len(list(tmp_path.glob("*.json"))) == 1
 

@@ -11,15 +11,21 @@ import pytest
 
 from sorai.apps.agent import Agent
 
+# A fixed case whose greedy picks are no near ties on any low-bit path: after "1234" in
+# "1234 * 5678" the model's "*" and "." nearly tie, and the float16 GEMM path wrote 1234.5678
+# where the dequantized float32 model and the int4 kernels write 1234*5678. How often the agent
+# gets fresh numbers right is the slow test below.
+QUESTION, PRODUCT = "What is 12 * 34? Use the calculator.", "408"
+
 
 def test_calculator_with_the_default_model(client, tmp_path):
     agent = Agent(client, tools=["calculator"], strategy="tools", trace_dir=tmp_path)
-    trace = agent.run("What is 1234 * 5678? Use the calculator.")
+    trace = agent.run(QUESTION)
     calls = trace.tool_calls
     assert calls and calls[0].tool == "calculator" and calls[0].ok
     assert set(calls[0].arguments) == {"expression"}
-    assert calls[0].observation == "7006652"
-    assert "7006652" in trace.answer.replace(",", "")
+    assert calls[0].observation == PRODUCT
+    assert PRODUCT in trace.answer.replace(",", "")
     with open(trace.path) as f:
         data = json.load(f)
     assert data["model"] == client.model and data["prompt_tokens"] > 0
