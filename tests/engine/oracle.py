@@ -23,12 +23,14 @@ def oracle_tokens(
     params: SamplingParams,
     eos_token_ids: Sequence[int] = (),
     prefill_chunk: int = 512,
+    kv_dtype: torch.dtype | None = None,
 ) -> list[int]:
     """The tokens generated after `prompt_ids` until a stop token or max_tokens (the stop
     token itself not included, as the engine reports it). Stop strings and grammars are the
-    engine's output handling, checked by their own tests."""
+    engine's output handling, checked by their own tests. kv_dtype: how the cache stores keys
+    and values (None: the model's dtype), to check an engine storing them narrower."""
     assert not params.stop and params.guided is None, "the oracle handles stop ids only"
-    cache = ContiguousKVCache.for_model(model, len(prompt_ids) + params.max_tokens)
+    cache = ContiguousKVCache.for_model(model, len(prompt_ids) + params.max_tokens, dtype=kv_dtype)
     state = SequenceState(
         params,
         prompt_ids,

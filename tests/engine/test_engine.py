@@ -110,6 +110,22 @@ def test_joining_mid_stream_does_not_change_running_requests(llm: LLM, reference
     assert results["late"][0][1] == reference[QUESTIONS[1]]
 
 
+def test_a_float16_kv_cache_matches_an_oracle_that_rounds_the_same(llm: LLM) -> None:
+    # Batched decodes gather keys and values written as float16 and must see them rounded
+    # exactly as the oracle's float16 cache does (prefill chunks that read the cache back:
+    # tests/engine/test_paged_cache.py; the chunked path's own fp32 differences flip the France
+    # answer's first token, a 0.013 logit tie under float16).
+    engine = make_engine(llm, num_blocks=64, kv_cache_dtype="float16")
+    assert engine.cache.keys[0].dtype == torch.float16 and "float16" in engine.cache.describe()
+    questions = QUESTIONS
+    results = run(engine, {q: (chat_ids(llm, q), GREEDY) for q in questions})
+    for q in questions:
+        expected = oracle_tokens(
+            llm.model, chat_ids(llm, q), GREEDY, llm.tokenizer.eos_token_ids, kv_dtype=torch.float16
+        )
+        assert results[q][0][1] == expected, q
+
+
 def test_shared_prefix_is_served_from_the_cache(llm: LLM) -> None:
     engine = make_engine(llm, num_blocks=128)
     prefix = llm.tokenizer.encode(" ".join(f"Fact {i}: sorai runs on CPUs." for i in range(30)))
