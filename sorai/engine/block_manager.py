@@ -5,6 +5,12 @@ and values, such as an adapter id), so two sequences that start alike share bloc
 whose last user leaves goes to the back of an LRU free queue but keeps its contents and its
 name: a later request with the same prefix takes it back instead of recomputing it. Allocation
 takes the least recently freed block and forgets its name.
+
+Blocks never written are taken only when no written block is free: on the CPU the cache's pages
+are committed as blocks are first written (sorai/engine/paged_cache.py), so the memory a server
+holds follows the most blocks its traffic has had in use at once, not the whole cache. The prefix
+cache then keeps what that leaves free, the most recently freed blocks longest; a freed block
+with no name (a sequence's partial last block) is reused before any named one.
 """
 
 from __future__ import annotations
@@ -39,16 +45,24 @@ class BlockPool:
         self.ref_counts = [0] * num_blocks
         self.block_hash: list[bytes | None] = [None] * num_blocks
         self.cached: dict[bytes, int] = {}
-        # Unused blocks, least recently freed first; cached ones may still be claimed back.
-        self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        # Unused blocks once written, next to reuse first (nameless, then least recently
+        # freed); cached ones may still be claimed back.
+        self.free: OrderedDict[int, None] = OrderedDict()
+        # Blocks never written, lowest last (popped first): taken when `free` is empty.
+        self.fresh = list(range(num_blocks - 1, -1, -1))
 
     @property
     def num_free(self) -> int:
-        return len(self.free)
+        return len(self.free) + len(self.fresh)
 
     @property
     def num_used(self) -> int:
-        return self.num_blocks - len(self.free)
+        return self.num_blocks - self.num_free
+
+    @property
+    def num_written(self) -> int:
+        """Blocks ever handed out: those whose memory the cache has committed."""
+        return self.num_blocks - len(self.fresh)
 
     def lookup(self, hashes: Sequence[bytes]) -> list[int]:
         """The longest run of leading blocks already cached (not yet claimed)."""
@@ -71,10 +85,15 @@ class BlockPool:
 
     def allocate(self, n: int) -> list[int] | None:
         """n fresh blocks, or None (and nothing taken) when fewer than n are free."""
-        if n > len(self.free):
+        if n > self.num_free:
             return None
         out = []
         for _ in range(n):
+            if not self.free:
+                block = self.fresh.pop()
+                self.ref_counts[block] = 1
+                out.append(block)
+                continue
             block, _ = self.free.popitem(last=False)
             name = self.block_hash[block]
             if name is not None:
@@ -92,6 +111,9 @@ class BlockPool:
             self.ref_counts[b] -= 1
             if self.ref_counts[b] == 0:
                 self.free[b] = None
+                if self.block_hash[b] is None:
+                    # Holds nothing a later request could find: the first to reuse.
+                    self.free.move_to_end(b, last=False)
 
     def register(self, block: int, name: bytes) -> None:
         """Name a block whose tokens are now all written (or about to be, in this step)."""

@@ -1,4 +1,5 @@
-"""Block pool: reference counts, LRU reuse of freed blocks, and prefix-cache names."""
+"""Block pool: reference counts, LRU reuse of freed blocks (written ones before fresh ones), and
+prefix-cache names."""
 
 from __future__ import annotations
 
@@ -62,3 +63,25 @@ def test_release_puts_tail_blocks_first_in_line_for_eviction() -> None:
     (taken,) = pool.allocate(1)
     assert taken == blocks[-1]  # the prefix's head survives longest
     assert pool.lookup(names) == blocks[:2]
+
+
+def test_written_blocks_are_reused_before_never_written_ones() -> None:
+    # A never-written block costs memory when first written (the cache's pages are committed
+    # lazily), so a pool serving one request at a time keeps reusing the same blocks.
+    pool = BlockPool(8)
+    first = pool.allocate(2)
+    pool.release(first)
+    assert sorted(pool.allocate(2)) == sorted(first) and pool.num_written == 2
+    assert pool.num_free == 6
+    assert pool.allocate(6) is not None and pool.num_written == 8 and pool.num_free == 0
+
+
+def test_a_nameless_freed_block_goes_before_named_ones() -> None:
+    pool = BlockPool(8)
+    names = block_hashes(list(range(4)), 4)
+    named, partial = pool.allocate(2)
+    pool.register(named, names[0])
+    pool.release([named, partial])
+    assert pool.allocate(1) == [partial]
+    assert pool.lookup(names) == [named]  # the prefix is still found
+    assert pool.allocate(1) == [named] and pool.lookup(names) == []
