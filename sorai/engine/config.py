@@ -35,6 +35,11 @@ class EngineConfig:
     # answer differently, "What is the capital of France?" no longer with Paris (a 0.057 logit
     # margin; benchmarks/bench_kv_cache_dtype.py), so it stays a choice.
     kv_cache_dtype: str = "auto"
+    # Tokens of freed prefix-cache blocks kept findable even where reusing them would spare
+    # touching a never-written block (which commits memory on the CPU): beyond this many, the
+    # least recently freed are reused first (sorai/engine/block_manager.py), so RSS follows the
+    # traffic's working set plus this much.
+    prefix_cache_keep_tokens: int = 1024
     max_num_seqs: int = 32  # sequences in the running batch at once
     max_num_batched_tokens: int = 512  # tokens (prefill + decode) in one forward
     max_waiting: int = 256  # queued requests beyond which new ones are refused
@@ -91,6 +96,11 @@ class EngineConfig:
             raise SoraiError(
                 f"engine kv_cache_dtype must be auto or one of {', '.join(KV_CACHE_DTYPES)}, "
                 f"got {self.kv_cache_dtype!r}"
+            )
+        if not isinstance(self.prefix_cache_keep_tokens, int) or self.prefix_cache_keep_tokens < 0:
+            raise SoraiError(
+                f"engine prefix_cache_keep_tokens must be an integer >= 0, got "
+                f"{self.prefix_cache_keep_tokens!r}"
             )
         if self.max_waiting < 0:
             raise SoraiError(f"engine max_waiting must be >= 0, got {self.max_waiting!r}")

@@ -76,7 +76,8 @@ class LLMEngine:
             kv_dtype,
             model.device,
         )
-        self.pool = BlockPool(num_blocks, cfg.enable_prefix_caching)
+        keep = -(-cfg.prefix_cache_keep_tokens // cfg.block_size)
+        self.pool = BlockPool(num_blocks, cfg.enable_prefix_caching, keep_cached=keep)
         self.adapters = AdapterRegistry(
             model, cfg.max_loras, cfg.max_lora_rank, cfg.max_lora_bytes, base_name=name
         )

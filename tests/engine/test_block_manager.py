@@ -3,7 +3,11 @@ prefix-cache names."""
 
 from __future__ import annotations
 
+import pytest
+
 from sorai.engine.block_manager import BlockPool, block_hashes
+from sorai.engine.config import EngineConfig
+from sorai.errors import SoraiError
 
 
 def test_hash_chain_names_a_block_by_everything_before_it() -> None:
@@ -85,3 +89,26 @@ def test_a_nameless_freed_block_goes_before_named_ones() -> None:
     assert pool.allocate(1) == [partial]
     assert pool.lookup(names) == [named]  # the prefix is still found
     assert pool.allocate(1) == [named] and pool.lookup(names) == []
+
+
+def test_the_most_recently_freed_named_blocks_are_kept_over_fresh_ones() -> None:
+    pool = BlockPool(8, keep_cached=1)
+    names = block_hashes(list(range(8)), 4)
+    old, recent = pool.allocate(1), pool.allocate(1)
+    pool.register(old[0], names[0])
+    pool.register(recent[0], names[1])
+    pool.release(old)
+    # One named block free, one kept: a never-written block is taken instead.
+    taken = pool.allocate(1)
+    assert taken not in (old, recent) and pool.lookup(names[:1]) == old
+    pool.release(recent)
+    # Two free, one kept: the least recently freed goes.
+    assert pool.allocate(1) == old and pool.num_written == 3
+    assert pool.lookup(names[1:]) == recent
+    pool.reset_prefix_cache()
+    assert pool.num_cached_free == 0 and pool.allocate(1) == recent
+
+
+def test_prefix_cache_keep_tokens_is_checked() -> None:
+    with pytest.raises(SoraiError, match="prefix_cache_keep_tokens must be an integer >= 0"):
+        EngineConfig(prefix_cache_keep_tokens=-1)
