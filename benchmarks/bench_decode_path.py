@@ -12,6 +12,8 @@ them; the int8 head is the same in every path and left out):
   fp32/8    the float32 copy in fixed 8-row tiles (the last one padded), an attempt at a batch-
             invariant GEMM (it is not on every CPU: MKL's edge tiles)
   int8      Int8Linear's kernel on the weights requantized per row (different values)
+  fp16      fbgemm's float16 GEMM on a float16 copy of the int4 weights, rows padded to counts
+            whose micro-kernels sum alike (SORAI_LOWBIT_DECODE=fp16, the default where it fits)
 For each path the table says whether a row's output is bit-for-bit the same alone and within
 16 rows (batch invariance, which the engine's tests check). Paths alternate within each round
 (A, B, C, A, B, C ...) and medians are printed with ratios to int4, the CPU flags and the load
@@ -19,8 +21,8 @@ average. `--threads` defaults to the engine's decode threads (one less than the 
 
 `--engine` then times whole engine decode steps of the default model (sampling, attention and
 all) with M sequences decoding, switching step by step between the kernels on the decode
-threads (the default), on every core from 4 rows and the float32 copy (the two opt-ins), and
-says which path a server picks.
+threads, on every core from 4 rows, the float32 copy and fbgemm's float16 GEMM, and says which
+path a server picks.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from sorai.model.quant.linear import ALL_CORES_FROM_ROWS, on_all_cores
 
 HIDDEN, KV, FFN, BLOCKS = 576, 192, 1536, 30
 FUSED = [(HIDDEN, HIDDEN + 2 * KV), (HIDDEN, HIDDEN), (HIDDEN, 2 * FFN), (FFN, HIDDEN)]
-PATHS = ("int4", "int4/all", "fp32", "fp32/8", "int8")
+PATHS = ("int4", "int4/all", "fp32", "fp32/8", "int8", "fp16")
 TILE = 8
 
 
@@ -63,6 +65,9 @@ def make_layer(path: str, n_in: int, n_out: int) -> Callable[[Tensor], Tensor]:
             x.to(torch.bfloat16), layer8.q, layer8.scale_bf16
         ).float()
     layer = Int4Linear.quantize(weight)
+    if path == "fp16":
+        layer.fp16_decode = True
+        return layer
     if path == "int4":
         return lambda x: layer._lowbit(x.to(torch.bfloat16)).float()
     if path == "int4/all":
@@ -142,6 +147,7 @@ def engine_steps(rows: list[int], rounds: int) -> None:
     print(f"\nthis server decodes on: {chosen} ({why})")
     variants = {"int4 decode threads": "kernel", "int4 all cores": "all-cores"}
     variants["fp32 copy"] = "dense"
+    variants["fp16 GEMM"] = "fp16"
     print("ms per engine decode step, default model (ratio to int4 on the decode threads)")
     print(f"{'rows':>5}" + "".join(f"{v:>26}" for v in variants))
     prompt = tokenizer.encode_chat([{"role": "user", "content": "Tell me a long story."}])

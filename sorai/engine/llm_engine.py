@@ -59,7 +59,7 @@ class LLMEngine:
         fuse_projections(model)
         # Per server, never per step: a row's numbers must not depend on its batch.
         self.decode_path = decode_path.settle(model, cfg.max_num_seqs)
-        self.runtime = describe(model)
+        self.runtime = describe(model, self.decode_path)
         num_kv_heads, head_dim = _kv_geometry(model)
         kv_dtype = cfg.kv_dtype(model.dtype)
         per_block = PagedKVCache.bytes_per_block(

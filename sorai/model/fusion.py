@@ -83,6 +83,10 @@ def concat_linears(parts: Sequence[nn.Module]) -> nn.Module | None:
 def fuse(owner: nn.Module, names: Sequence[str]) -> bool:
     """Fuse owner's projections `names` (e.g. q_proj, k_proj, v_proj); False if they cannot."""
     parts = tuple(getattr(owner, name) for name in names)
+    if fused(owner, parts) is not None:
+        # Already fused (a second engine over the same model): joining again would make a
+        # new module without the settings the first engine gave the old one (its decode path).
+        return True
     module = concat_linears(parts)
     if module is None:
         return False

@@ -20,9 +20,13 @@ class Runtime:
     dtype: str  # of activations, norms and the KV cache
     weights: str  # the matmul weights' formats, e.g. "210 int4 (group 32), 1 int8"
     machine: str
+    decode_path: str = ""  # which path low-bit layers run and why (sorai.model.quant.decode_path)
 
     def line(self) -> str:
-        return f"{self.dtype} on {self.device}; weights: {self.weights}; machine: {self.machine}"
+        path = f"; low-bit path: {self.decode_path}" if self.decode_path else ""
+        return (
+            f"{self.dtype} on {self.device}; weights: {self.weights}{path}; machine: {self.machine}"
+        )
 
     def as_dict(self) -> dict[str, str]:
         return asdict(self)
@@ -38,7 +42,7 @@ def weight_format(module: nn.Module) -> str | None:
     return None
 
 
-def describe(model: nn.Module) -> Runtime:
+def describe(model: nn.Module, decode_path: tuple[str, str] | None = None) -> Runtime:
     counts: Counter[str] = Counter()
     for module in model.modules():
         if (fmt := weight_format(module)) is not None:
@@ -46,4 +50,5 @@ def describe(model: nn.Module) -> Runtime:
     weights = ", ".join(f"{n} {fmt}" for fmt, n in counts.most_common()) or "none"
     param = next(model.parameters())
     dtype = str(param.dtype).removeprefix("torch.")
-    return Runtime(str(param.device), dtype, weights, machine().describe())
+    path = f"{decode_path[0]} ({decode_path[1]})" if decode_path else ""
+    return Runtime(str(param.device), dtype, weights, machine().describe(), path)

@@ -57,3 +57,15 @@ def oracle_tokens(
             logits = model(token.view(1, 1), positions, cache)[:, -1]
             position += 1
     return generated
+
+
+def top_two_gap(model: Transformer, ids: Sequence[int]) -> float:
+    """The gap between the two highest logits after `ids`: how near a tie the next greedy
+    pick is."""
+    cache = ContiguousKVCache.for_model(model, len(ids))
+    with torch.inference_mode():
+        positions = torch.arange(len(ids), device=model.device)
+        tokens = torch.tensor(list(ids), device=model.device)[None]
+        logits = model(tokens, positions, cache, last_only=True)[0, -1].float()
+    top = logits.topk(2).values
+    return float(top[0] - top[1])

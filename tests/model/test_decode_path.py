@@ -1,5 +1,6 @@
-"""The low-bit decode path: the kernels by default (batch- and thread-invariant), on every core
-or as a float32 copy only where a server opts in, computing the same products."""
+"""The low-bit decode path: fbgemm's float16 GEMM by default where this torch has it, else the
+kernels (both batch- and thread-invariant); the kernels on every core or a float32 copy only
+where a server opts in, computing the same products."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch
 from torch import nn
 
 from sorai.errors import SoraiError
-from sorai.model.quant import Int4Linear, Int8Linear, decode_path
+from sorai.model.quant import Int4Linear, Int8Linear, decode_path, fp16_gemm
 from sorai.model.quant.linear import ALL_CORES_FROM_ROWS, on_all_cores
 
 
@@ -41,9 +42,28 @@ def test_a_kernel_rows_numbers_depend_on_neither_its_batch_nor_the_threads(kind)
     assert torch.get_num_threads() == threads  # put back after the call
 
 
-def test_the_kernels_unless_a_server_opts_into_the_float32_copy(monkeypatch) -> None:
+def test_fp16_where_it_is_here_and_fits_else_the_kernels(monkeypatch) -> None:
     model = _model()
     monkeypatch.delenv(decode_path.ENVIRONMENT, raising=False)
+    path, why = decode_path.choose(model, 32)
+    assert (path == "fp16") == fp16_gemm.supported()
+    if path == "fp16":
+        assert "MiB float16 copy" in why
+    monkeypatch.setattr(decode_path, "_available_bytes", lambda: 1000)  # a machine without room
+    path, why = decode_path.choose(model, 32)
+    assert path == "kernel"
+    monkeypatch.setenv(decode_path.ENVIRONMENT, "fp16")
+    path, why = decode_path.choose(model, 32)
+    assert path == "kernel" and why.startswith("SORAI_LOWBIT_DECODE=fp16, but")
+    monkeypatch.setattr(fp16_gemm, "supported", lambda: False)  # a torch without fbgemm
+    monkeypatch.setattr(decode_path, "_available_bytes", lambda: 2**40)
+    path, why = decode_path.choose(model, 32)
+    assert path == "kernel" and "no batch-invariant fp16 GEMM" in why
+
+
+def test_the_kernels_unless_a_server_opts_into_the_float32_copy(monkeypatch) -> None:
+    model = _model()
+    monkeypatch.setenv(decode_path.ENVIRONMENT, "kernel")
     assert decode_path.choose(model, 32)[0] == "kernel"
     monkeypatch.setenv(decode_path.ENVIRONMENT, "all-cores")
     assert decode_path.choose(model, 32)[0] == "all-cores"
@@ -87,3 +107,19 @@ def test_the_first_engine_settles_the_path_of_a_shared_model(monkeypatch) -> Non
     monkeypatch.delenv(decode_path.ENVIRONMENT)
     assert decode_path.settle(model, 4)[0] == "dense"  # a second engine over the same model
     assert model[1].dense_decode
+
+
+def test_a_second_engine_keeps_the_path_on_every_running_layer(monkeypatch, default_gguf) -> None:
+    """Seen failing: a second engine re-fused q/k/v and gate/up into new modules left on the
+    kernels while the rest of the model ran the settled path."""
+    from sorai.model.fusion import fuse_projections, fused
+    from sorai.model.loader import load_model
+
+    model, _ = load_model(default_gguf)
+    monkeypatch.setenv(decode_path.ENVIRONMENT, "dense")
+    for _ in range(2):  # what each LLMEngine.__init__ does
+        fuse_projections(model)
+        decode_path.settle(model, 4)
+    attn = model.layers["0"].self_attn
+    qkv = fused(attn, (attn.q_proj, attn.k_proj, attn.v_proj)).module
+    assert qkv.dense_decode and attn.o_proj.dense_decode

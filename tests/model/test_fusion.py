@@ -74,3 +74,7 @@ def test_low_bit_layers_fuse_into_one_with_the_same_outputs(default_gguf) -> Non
     assert mlp.up_proj.packed.untyped_storage().data_ptr() == (
         joined.packed.untyped_storage().data_ptr()
     )
+    # A second engine over the same model fuses nothing anew: the joined layer (and whatever
+    # its decode path gave it) stays.
+    assert fuse_projections(model) == 2 * len(model.layers)
+    assert fused(mlp, (mlp.gate_proj, mlp.up_proj)).module is joined

@@ -140,6 +140,10 @@ def test_models_lists_the_embedding_model(live: Served) -> None:
     runtime = client.models.retrieve(live.model).runtime
     assert runtime["device"] == "cpu" and runtime["dtype"] in ("float32", "bfloat16")
     assert "cores" in runtime["machine"] and runtime["weights"]
+    # ... and which path its low-bit layers run, with why.
+    assert (
+        runtime["decode_path"].split(" ")[0] in ("fp16", "kernel") and "(" in runtime["decode_path"]
+    )
 
 
 def test_chat_runs_while_an_embeddings_request_is_encoding(

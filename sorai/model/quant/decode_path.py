@@ -1,27 +1,37 @@
-"""Which path a server's low-bit layers decode on: the kernels (default, or on every core) or a
-float32 copy of their weights.
+"""Which path a server's low-bit layers run on: fbgemm's float16 GEMM (the default where this
+torch has it), PyTorch's int4/int8 kernels (default elsewhere, or on every core), or a float32
+copy of their weights.
 
 PyTorch's int4/int8 weight-only kernels expand the weights again for every few rows, so their
-cost grows with the rows of a step; a float32 GEMM reads four times the bytes but handles large
-batches better on an AVX2-only CPU. Measured in one process on 2 cores of a quiet Xeon
-(benchmarks/bench_decode_path.py: the default model's 30 blocks, ms per decode step at 1 / 4 /
-8 / 16 sequences, one thread):
+cost grows with the rows of a step, and prompt chunks expanded each layer's weight to float32
+for every call. fbgemm's float16 GEMM (sorai.model.quant.fp16_gemm) reads half of float32's
+bytes, runs every row count well and needs no expansion per call. Measured on a 2-core AVX2 AMD
+EPYC, one thread (benchmarks/bench_decode_path.py: 30 blocks plus the head, ms per step at 1 /
+16 sequences): int4 kernels + int8 head 21.5 / 112, float16 GEMM 15.0 / 49 (one row is run as
+three: fbgemm's 1- and 2-row micro-kernels sum in another order), float32 GEMM 16.7 / 67; a
+512-row prompt chunk as fast as float32 MKL. Its cost is memory: a float16 copy of each layer
+that runs (270 MB more than int4 for the default model). The earlier measurements of the
+kernels against float32 (a quiet 2-core Xeon; 1 / 4 / 8 / 16 sequences):
   torch limited to AVX2   int4 14.6 / 26.1 / 50.5 / 93.9   fp32 33.3 / 66.8 / 83.4 / 92.3
   its AVX-512 kernels     int4  8.7 / 14.5 / 29.2 / 55.1   fp32 29.6 / 42.0 / 66.0 / 67.6
-(a 2-core AVX2 AMD EPYC: a whole engine step at 16 sequences ~170 ms int4, ~100 ms float32).
-But MKL's float32 GEMM sums a row in an order that depends on the row count (a row alone and
-the same row among 16 differ in the last bits, on both machines), so decoding on it makes a
-request's tokens depend on its batch: seeded sampling among other requests drew other tokens
-than alone (tests/engine/test_engine.py). The kernels' results depend on neither the batch nor
-the thread count, so the default stays on them, on the engine's decode threads (one core less
-than the machine has: on 2 cores shared with other work, two OpenMP threads per kernel call ran
-10-30x slower than one while libgomp's idle threads spun; `import sorai` now makes them sleep,
-and two are then level with one there). Two opt-ins, SORAI_LOWBIT_DECODE=...:
+MKL's float32 GEMM sums a row in an order that depends on the row count (a row alone and the
+same row among 16 differ in the last bits), so decoding on it makes a request's tokens depend on
+its batch: seeded sampling among other requests drew other tokens than alone
+(tests/engine/test_engine.py). The float16 GEMM (padded to row counts that sum alike) and the
+int4/int8 kernels depend on neither the batch nor the thread count. The kernels run on the
+engine's decode threads (one core less than the machine has: on 2 cores shared with other work,
+two OpenMP threads per kernel call ran 10-30x slower than one while libgomp's idle threads spun;
+`import sorai` makes them sleep, and two are then level with one there).
+SORAI_LOWBIT_DECODE=... chooses:
+  auto       fp16 where fbgemm's float16 GEMM is here and its copy fits in half the available
+             memory, else kernel
+  fp16       fbgemm's float16 GEMM for every row (the float16 copy packed on a layer's first use)
+  kernel     the int4/int8 kernels for generated tokens, float32 GEMMs for prompt chunks: the
+             least memory (the model's own low-bit bytes only)
   all-cores  the kernels on every core from ALL_CORES_FROM_ROWS rows (the same numbers; for a
              machine the server has to itself: 93.9 -> 73.8 ms at 16 sequences above)
   dense      a float32 copy of each layer's kernel weight (expanded once, on first use: ~405 MB
-             for the default model, where it fits in half the available memory), for large
-             batches on AVX2-only CPUs, at the cost of that invariance
+             for the default model), at the cost of the batch invariance
 chosen once per loaded model, never per step.
 """
 
@@ -33,12 +43,13 @@ from torch import nn
 
 from sorai.errors import SoraiError
 from sorai.model.hardware import machine
+from sorai.model.quant import fp16_gemm
 from sorai.model.quant.linear import ALL_CORES_FROM_ROWS, LowBitLinear
 from sorai.model.quant.table import Int8Head
 
 # The float32 copies may take at most this share of the memory available at start.
 MEMORY_SHARE = 0.5
-PATHS = ("auto", "kernel", "all-cores", "dense")
+PATHS = ("auto", "fp16", "kernel", "all-cores", "dense")
 ENVIRONMENT = "SORAI_LOWBIT_DECODE"
 
 
@@ -67,14 +78,14 @@ def _available_bytes() -> int | None:
 
 
 def choose(model: nn.Module, max_num_seqs: int, wanted: str | None = None) -> tuple[str, str]:
-    """('kernel' or 'dense', why) for a server of `model` batching up to `max_num_seqs`."""
+    """(path, why) for a server of `model` batching up to `max_num_seqs`."""
     wanted = wanted or os.environ.get(ENVIRONMENT) or "auto"
     if wanted not in PATHS:
         raise SoraiError(
             f"{ENVIRONMENT}={wanted!r} is not a decode path; choose one of {', '.join(PATHS)}"
         )
-    layers = [m for m in model.modules() if isinstance(m, LowBitLinear)]
-    layers = [m for m in layers if not isinstance(m, Int8Head)]
+    every = [m for m in model.modules() if isinstance(m, LowBitLinear)]
+    layers = [m for m in every if not isinstance(m, Int8Head)]
     if not layers:
         return "kernel", "no low-bit layers"
     if wanted == "all-cores":
@@ -82,19 +93,43 @@ def choose(model: nn.Module, max_num_seqs: int, wanted: str | None = None) -> tu
             f"{ENVIRONMENT}=all-cores: the low-bit kernels on every core from "
             f"{ALL_CORES_FROM_ROWS} rows"
         )
-    if wanted != "dense":
+    if wanted == "kernel":
         return "kernel", "the low-bit kernels: a row's numbers do not depend on its batch"
+    if wanted in ("auto", "fp16"):
+        return _fp16_or_kernel(every, wanted)
     need = sum(m.in_features * m.out_features * 4 for m in layers)  # parts, not fused twice
-    available = _available_bytes()
-    if available is not None and need > MEMORY_SHARE * available:
-        return "kernel", (
-            f"{ENVIRONMENT}=dense, but a float32 copy ({need / 2**20:.0f} MiB) would not fit in "
-            f"half of the {available / 2**20:.0f} MiB available"
-        )
+    fits = _fits(need)
+    if fits is not None:
+        return "kernel", f"{ENVIRONMENT}=dense, but {fits}"
     return "dense", (
         f"{ENVIRONMENT}=dense: float32 GEMMs on a {need / 2**20:.0f} MiB copy of the weights "
         f"for batches up to {max_num_seqs} sequences on {machine().isa} kernels"
     )
+
+
+def _fp16_or_kernel(layers: list[LowBitLinear], wanted: str) -> tuple[str, str]:
+    asked = f"{ENVIRONMENT}=fp16, but " if wanted == "fp16" else ""
+    if not fp16_gemm.supported():
+        return "kernel", f"{asked}the low-bit kernels: this torch has no batch-invariant fp16 GEMM"
+    need = sum(m.in_features * m.out_features * 2 for m in layers)
+    fits = _fits(need)
+    if fits is not None:
+        return "kernel", f"{asked}the low-bit kernels: {fits}"
+    return "fp16", (
+        f"fbgemm's float16 GEMM on a {need / 2**20:.0f} MiB float16 copy of the low-bit "
+        f"weights ({machine().isa})"
+    )
+
+
+def _fits(need: int) -> str | None:
+    """None where `need` bytes fit in MEMORY_SHARE of the memory available, else why not."""
+    available = _available_bytes()
+    if available is not None and need > MEMORY_SHARE * available:
+        return (
+            f"a copy of {need / 2**20:.0f} MiB would not fit in half of the "
+            f"{available / 2**20:.0f} MiB available"
+        )
+    return None
 
 
 _SETTLED = "_sorai_decode_path"
@@ -106,8 +141,8 @@ def settle(model: nn.Module, max_num_seqs: int) -> tuple[str, str]:
     settled = model.__dict__.get(_SETTLED)
     if settled is None:
         settled = choose(model, max_num_seqs)
-        use(model, settled[0])
         model.__dict__[_SETTLED] = settled
+    use(model, settled[0])  # again for layers fused or replaced since (copies already made stay)
     return settled
 
 
@@ -115,10 +150,15 @@ def use(model: nn.Module, path: str) -> None:
     """Set every running low-bit layer of `model` to decode on `path`."""
     for layer in _decoding_layers(model):
         layer.all_cores_from_rows = ALL_CORES_FROM_ROWS if path == "all-cores" else None
+        layer.fp16_decode = path == "fp16"
+        if path != "fp16":
+            layer.fp16_weight = None
+        base = layer.weight_format.split(" + ")[0]
+        layer.weight_format = base + (" + float16 GEMM copy" if path == "fp16" else "")
         if isinstance(layer, Int8Head):
             continue  # its kernel runs every batch; its top logits are recomputed anyway
         layer.dense_decode = path == "dense"
         if path != "dense":
             layer.dense_cache = None
-        base = layer.weight_format.split(";")[0]
-        layer.weight_format = f"{base}; float32 decode copy" if path == "dense" else base
+        if path == "dense":
+            layer.weight_format = base + " + float32 decode copy"

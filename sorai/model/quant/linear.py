@@ -26,12 +26,14 @@ import contextlib
 import functools
 from collections.abc import Callable, Iterator, Sequence
 from contextvars import ContextVar
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sorai.model.hardware import cpu_count
+from sorai.model.quant import fp16_gemm
 
 # Rows at and above which a plain matrix input runs the dense GEMM (see the module docstring).
 DENSE_FROM_ROWS = 48
@@ -125,6 +127,11 @@ class LowBitLinear(nn.Module):
     dense_cache: Tensor | None = None
     # Set per server likewise ("all-cores"): kernel calls of this many rows run on every core.
     all_cores_from_rows: int | None = None
+    # Set per server likewise ("fp16"): every row, prompt or generated, runs fbgemm's float16
+    # GEMM (sorai.model.quant.fp16_gemm) on a float16 copy of the weight packed on first use,
+    # so only the layers that run (fused ones, not their parts) hold one.
+    fp16_decode = False
+    fp16_weight: Any = None
 
     def __init__(self, in_features: int, out_features: int, bias: Tensor | None) -> None:
         super().__init__()
@@ -147,12 +154,20 @@ class LowBitLinear(nn.Module):
         return on_all_cores(self._lowbit, rows, self.all_cores_from_rows)
 
     def forward(self, x: Tensor) -> Tensor:
-        rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        mask = False if self.dense_decode else kernel_mask(x, self.dense_from_rows)
-        out = by_rows(rows, mask, self._kernel, self._dense).to(x.dtype)
+        if self.fp16_decode:
+            out = self._fp16(x.reshape(-1, self.in_features).to(torch.float32)).to(x.dtype)
+        else:
+            rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
+            mask = False if self.dense_decode else kernel_mask(x, self.dense_from_rows)
+            out = by_rows(rows, mask, self._kernel, self._dense).to(x.dtype)
         if self.bias is not None:
             out = out + self.bias.to(out.dtype)
         return out.view(*x.shape[:-1], self.out_features)
+
+    def _fp16(self, rows: Tensor) -> Tensor:
+        if self.fp16_weight is None:
+            self.fp16_weight = fp16_gemm.pack(self.dequantize())
+        return fp16_gemm.linear(rows.contiguous(), self.fp16_weight, self.out_features)
 
     def _dense(self, rows: Tensor) -> Tensor:
         weight = self.dense_cache

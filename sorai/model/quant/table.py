@@ -76,6 +76,8 @@ class Int8Head(Int8Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         rows = x.reshape(-1, self.in_features)
+        if self.fp16_decode:
+            return self._finish(x, rows, self._fp16(rows.to(torch.float32)))
         # By its row count, never by x's shape: the engine hands the head [1, S, hidden], the
         # S rows it samples, and treating that as a prompt sent every batch of two or more
         # through the dense GEMM (a float32 copy of the table expanded every step: at 16
@@ -88,6 +90,9 @@ class Int8Head(Int8Linear):
             self._kernel,
             lambda r: self._dense_chunks(r.to(torch.float32)),
         )
+        return self._finish(x, rows, logits)
+
+    def _finish(self, x: Tensor, rows: Tensor, logits: Tensor) -> Tensor:
         if x.dtype != torch.bfloat16 and rows.shape[0] > 0:
             logits = self._exact_top(rows, logits.to(torch.float32))
         if self.bias is not None:
