@@ -23,10 +23,10 @@ class EngineConfig:
     # KV blocks to allocate; None sizes the cache from kv_cache_gib.
     num_blocks: int | None = None
     # The KV cache's memory; None: room for one sequence of the whole context window (the
-    # model's, or max_model_len), at most DEFAULT_KV_CACHE_GIB. Its pages are committed as
-    # blocks are first written, and the prefix cache keeps every block it has written, so
-    # under traffic a server's RSS grows by this much: a fixed 1 GiB took the default model's
-    # server from ~0.5 to ~1.6 GB, where its 8192-token context needs 360 MiB.
+    # model's, or max_model_len), at most DEFAULT_KV_CACHE_GIB (a fixed 1 GiB took the default
+    # model's server from ~0.5 to ~1.6 GB, where its 8192-token context needs 360 MiB). Its
+    # pages are committed as blocks are first written, and written blocks are reused first
+    # (prefix_cache_keep_tokens), so RSS grows with the traffic's working set up to this much.
     kv_cache_gib: float | None = None
     # How keys and values are stored ("auto" or a KV_CACHE_DTYPES name); attention reads them
     # back in the model's dtype. auto: the model's dtype. float16 (llama.cpp's default) halves a
