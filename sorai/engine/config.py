@@ -31,9 +31,9 @@ class EngineConfig:
     # How keys and values are stored ("auto" or a KV_CACHE_DTYPES name); attention reads them
     # back in the model's dtype. auto: the model's dtype. float16 (llama.cpp's default) halves a
     # float32 model's cache at the same perplexity (+-0.1% on the held-out texts) and decode
-    # speed, but flips near-tie greedy tokens: on the default model 3 of the tests' 12 prompts
-    # answer differently, "What is the capital of France?" no longer with Paris (a 0.057 logit
-    # margin; benchmarks/bench_kv_cache_dtype.py), so it stays a choice.
+    # speed, but moves near-tie greedy picks: with the int4 decode kernels 3 of the tests' 12
+    # prompts answered differently, "What is the capital of France?" no longer with Paris (a
+    # 0.057 logit margin), with the float16 decode path none (benchmarks/bench_kv_cache_dtype.py).
     kv_cache_dtype: str = "auto"
     # Tokens of freed prefix-cache blocks kept findable even where reusing them would spare
     # touching a never-written block (which commits memory on the CPU): beyond this many, the
