@@ -1,6 +1,7 @@
 """Where one engine decode step's time goes: matmuls, attention, norms/RoPE, sampling, Python.
 
     python benchmarks/bench_decode_step.py [--batch 1,16] [--steps 20] [--threads 1,2]
+        [--kv-cache-dtype auto,float16]
 
 Runs the default model through the real engine (LLM facade): B requests, one prefill step,
 then decode steps. Two views per batch size and thread count:
@@ -10,8 +11,9 @@ then decode steps. Two views per batch size and thread count:
           attention incl. the paged KV writes and gathers, norms/RoPE/elementwise, casts and
           copies, sampler ops, other); "outside ops" is the step's wall time the profiler did
           not attribute to any op (Python, dispatch, bookkeeping)
-Thread counts alternate step by step in one process (A, B, A, B ...), medians printed, with the
-CPU flags and the load average so that numbers from a shared machine can be judged.
+Thread counts and KV-cache storage dtypes (one engine each, sharing the model) alternate step by
+step in one process (A, B, A, B ...), medians printed, with the CPU flags and the load average so
+that numbers from a shared machine can be judged.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import os
 import statistics
 import time
 from collections import defaultdict
+from typing import Any
 
 # As `import sorai` does, before torch loads OpenMP (sorai.model.hardware.decode_threads); run
 # with OMP_WAIT_POLICY=ACTIVE to see libgomp's spinning default.
@@ -135,42 +138,58 @@ def set_threads(engine, n: int) -> None:
 
 
 def measure(
-    engine, tokenizer, batch: int, steps: int, threads: list[int], ops: bool = True
+    engines: dict[str, Any], tokenizer, batch: int, steps: int, threads: list[int], ops: bool = True
 ) -> None:
-    forward = Timed(engine.model.forward)
-    sampler = Timed(engine._sample)
-    engine.model.forward, engine._sample = forward, sampler
-    walls: dict[int, dict[str, list[float]]] = {t: defaultdict(list) for t in threads}
-    ids = start_batch(engine, tokenizer, batch, 2 * steps * len(threads) + 16, f"b{batch}")
+    """Every (engine, thread count) variant in turn, step by step; `engines` by KV dtype."""
+    variants = [(kv, engine, t) for kv, engine in engines.items() for t in threads]
+    timers = {}
+    ids = {}
+    for kv, engine in engines.items():
+        timers[kv] = Timed(engine.model.forward), Timed(engine._sample)
+        engine._sample = timers[kv][1]
+        max_tokens = 2 * steps * len(variants) + 16
+        ids[kv] = start_batch(engine, tokenizer, batch, max_tokens, f"b{batch}{kv}")
+    walls: dict[tuple[str, int], dict[str, list[float]]] = {
+        (kv, t): defaultdict(list) for kv, _, t in variants
+    }
     try:
         for _ in range(steps):
-            for t in threads:
+            for kv, engine, t in variants:
+                forward, sampler = timers[kv]
+                engine.model.forward = forward  # the model is shared: time this engine's use
                 set_threads(engine, t)
                 forward.total = sampler.total = 0.0
                 started = time.perf_counter()
                 engine.step()
                 wall = time.perf_counter() - started
-                w = walls[t]
+                w = walls[kv, t]
                 w["step"].append(wall * 1e3)
                 w["forward"].append(forward.total * 1e3)
                 w["sampler"].append(sampler.total * 1e3)
                 w["rest"].append((wall - forward.total - sampler.total) * 1e3)
-        for t in threads:
-            w = {k: statistics.median(v) for k, v in walls[t].items()}
+        first = None
+        for kv, _, t in variants:
+            w = {k: statistics.median(v) for k, v in walls[kv, t].items()}
+            first = first or w["step"]
             print(
-                f"  wall, {t} thread(s): step {w['step']:.1f} ms = forward {w['forward']:.1f} "
-                f"+ sampler {w['sampler']:.1f} + engine/scheduler/runner/output {w['rest']:.1f}"
-                f"  ({batch * 1e3 / w['step']:.1f} tok/s)"
+                f"  wall, kv {kv}, {t} thread(s): step {w['step']:.1f} ms = forward "
+                f"{w['forward']:.1f} + sampler {w['sampler']:.1f} + engine/scheduler/runner/output "
+                f"{w['rest']:.1f}  ({batch * 1e3 / w['step']:.1f} tok/s; "
+                f"{w['step'] / first:.3f}x the first)"
             )
-        set_threads(engine, threads[0])
         if ops:
-            profile_ops(engine, batch, min(steps, 10))
+            for kv, engine in engines.items():
+                engine.model.__dict__.pop("forward", None)
+                set_threads(engine, threads[0])
+                print(f"  kv {kv}:")
+                profile_ops(engine, batch, min(steps, 10))
     finally:
-        del engine.model.forward, engine._sample
-        engine.__dict__.pop("_sample", None)
-        for request_id in ids:
-            engine.abort(request_id)
-        engine.step()
+        for kv, engine in engines.items():
+            engine.model.__dict__.pop("forward", None)
+            engine.__dict__.pop("_sample", None)
+            for request_id in ids[kv]:
+                engine.abort(request_id)
+            engine.step()
 
 
 def profile_ops(engine, batch: int, steps: int) -> None:
@@ -206,6 +225,11 @@ def main() -> None:
     parser.add_argument("--batch", default="1,16")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--threads", default="1,2")
+    parser.add_argument(
+        "--kv-cache-dtype",
+        default="auto",
+        help="KV storage dtypes to alternate, e.g. float32,float16",
+    )
     parser.add_argument("--no-profile", action="store_true", help="wall-clock parts only")
     args = parser.parse_args()
 
@@ -215,13 +239,20 @@ def main() -> None:
     print(f"CPU flags: {cpu_flags()}; cores {cores}; torch {torch.__version__}")
     print(f"load average: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f}")
     print(f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
+    from sorai.engine import EngineConfig, LLMEngine
+
     llm = sorai.load()
     engine = llm.engine
     print(f"decode path: {engine.decode_path[0]}; engine threads {engine.threads}")
+    engines = {}
+    for kv in args.kv_cache_dtype.split(","):
+        config = EngineConfig(kv_cache_dtype=kv)
+        engines[kv] = LLMEngine(llm.model, llm.tokenizer, config, name=engine.model_name)
+        print(f"kv {kv}: {engines[kv].cache.describe()}")
     threads = [int(t) for t in args.threads.split(",")]
     for batch in (int(b) for b in args.batch.split(",")):
         print(f"\nbatch {batch}:")
-        measure(engine, llm.tokenizer, batch, args.steps, threads, not args.no_profile)
+        measure(engines, llm.tokenizer, batch, args.steps, threads, not args.no_profile)
     print(f"\nload average after: {os.getloadavg()[0]:.2f}")
 
 

@@ -432,6 +432,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "max_model_len": args.max_model_len,
         "enable_prefix_caching": False if args.no_prefix_caching else None,
         "kv_cache_gib": args.kv_cache_gib,
+        "kv_cache_dtype": args.kv_cache_dtype,
         "cpu_threads": args.cpu_threads,
         "max_loras": args.max_loras,
         "max_lora_rank": args.max_lora_rank,
@@ -462,7 +463,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         pool.add(name, load(name))
         say(f"loaded {name} in {time.perf_counter() - started:.1f}s")
     say(f"running {engine.runtime.line()}")
-    say(f"KV cache: {engine.engine.cache.describe()} (--kv-cache-gib)")
+    say(f"KV cache: {engine.engine.cache.describe()} (--kv-cache-gib, --kv-cache-dtype)")
     settings = ServerSettings(
         models=pool,  # the -m models after the first, and those loaded on demand
         # The engine's name is --model as typed: what a client of `sorai serve --model X` will
@@ -673,6 +674,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=None,
         help="memory for the KV cache (default: one whole context window, at most 1 GiB)",
+    )
+    serve.add_argument(
+        "--kv-cache-dtype",
+        default=None,
+        metavar="{auto,float32,float16,bfloat16}",
+        help="how the KV cache stores keys and values; attention computes in the model's dtype "
+        "(default auto: the model's dtype; float16 halves a float32 model's cache)",
     )
     serve.add_argument(
         "--cpu-threads",

@@ -61,8 +61,9 @@ class LLMEngine:
         self.decode_path = decode_path.settle(model, cfg.max_num_seqs)
         self.runtime = describe(model, self.decode_path)
         num_kv_heads, head_dim = _kv_geometry(model)
+        kv_dtype = cfg.kv_dtype(model.dtype)
         per_block = PagedKVCache.bytes_per_block(
-            len(model.layers), cfg.block_size, num_kv_heads, head_dim, model.dtype
+            len(model.layers), cfg.block_size, num_kv_heads, head_dim, kv_dtype
         )
         window = model.config.context_length
         num_blocks = cfg.kv_blocks(per_block, min(cfg.max_model_len or window, window))
@@ -72,10 +73,11 @@ class LLMEngine:
             cfg.block_size,
             num_kv_heads,
             head_dim,
-            model.dtype,
+            kv_dtype,
             model.device,
         )
-        self.pool = BlockPool(num_blocks, cfg.enable_prefix_caching)
+        keep = -(-cfg.prefix_cache_keep_tokens // cfg.block_size)
+        self.pool = BlockPool(num_blocks, cfg.enable_prefix_caching, keep_cached=keep)
         self.adapters = AdapterRegistry(
             model, cfg.max_loras, cfg.max_lora_rank, cfg.max_lora_bytes, base_name=name
         )
@@ -120,12 +122,11 @@ class LLMEngine:
         return engine
 
     @staticmethod
-    def kv_bytes_per_token(model: Transformer) -> int:
+    def kv_bytes_per_token(model: Transformer, config: EngineConfig | None = None) -> int:
         """Bytes of keys and values one token takes in the cache, over every layer."""
         num_kv_heads, head_dim = _kv_geometry(model)
-        return PagedKVCache.bytes_per_block(
-            len(model.layers), 1, num_kv_heads, head_dim, model.dtype
-        )
+        kv_dtype = (config or EngineConfig()).kv_dtype(model.dtype)
+        return PagedKVCache.bytes_per_block(len(model.layers), 1, num_kv_heads, head_dim, kv_dtype)
 
     # -- requests -------------------------------------------------------------------------
 

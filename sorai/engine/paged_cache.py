@@ -7,6 +7,12 @@ prefix-cache hits on blocks still being computed stay correct).
 
 Attention runs in groups: all one-token queries together (gathered through the block tables,
 padded to the longest context and masked), then each multi-token chunk on its own.
+
+Keys and values may be stored in a narrower dtype than the model computes in (float16 for a
+float32 model halves the cache): they are rounded once as they are written, and every attention,
+a prefill chunk's over its own fresh keys included, reads them as stored, cast back to the
+model's dtype once per layer on the gathered rows. A token's numbers then never depend on
+whether its prefix came from the prefix cache or was computed in the same step.
 """
 
 from __future__ import annotations
@@ -59,7 +65,8 @@ class StepLayout:
 
 
 class PagedKVCache:
-    """num_blocks * block_size slots of [n_kv_heads, head_dim] keys and values per layer."""
+    """num_blocks * block_size slots of [n_kv_heads, head_dim] keys and values per layer,
+    stored in `dtype` (attention computes in the queries' dtype)."""
 
     def __init__(
         self,
@@ -111,6 +118,9 @@ class PagedKVCache:
         layout = self.layout
         assert layout is not None
         key_cache, value_cache = self.keys[layer], self.values[layer]
+        if k.dtype != self.dtype:
+            # Rounded as stored, and fresh keys are attended to as stored too (docstring).
+            k, v = k.to(self.dtype), v.to(self.dtype)
         # [1, heads, N, d] -> [N, heads, d], the slot layout.
         new_k, new_v = k[0].transpose(0, 1), v[0].transpose(0, 1)
         key_cache.index_copy_(0, layout.slot_mapping, new_k)
@@ -123,10 +133,12 @@ class PagedKVCache:
         for chunk in layout.chunks:
             s, e = chunk.start, chunk.start + chunk.length
             if chunk.slots is None:
-                out = causal_attention(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e])
+                keys, values = k[:, :, s:e].to(q.dtype), v[:, :, s:e].to(q.dtype)
+                out = causal_attention(q[:, :, s:e], keys, values)
             else:
-                keys = key_cache.index_select(0, chunk.slots).transpose(0, 1)[None]
-                values = value_cache.index_select(0, chunk.slots).transpose(0, 1)[None]
+                keys = key_cache.index_select(0, chunk.slots).to(q.dtype).transpose(0, 1)[None]
+                values = value_cache.index_select(0, chunk.slots).to(q.dtype)
+                values = values.transpose(0, 1)[None]
                 query_pos = torch.arange(chunk.context, chunk.context + chunk.length)
                 key_pos = torch.arange(chunk.context + chunk.length)
                 mask = (key_pos[None, :] <= query_pos[:, None]).to(q.device)
@@ -141,8 +153,10 @@ class PagedKVCache:
         heads, num, dim = q.shape
         # index_select on the flat slot list is a plain row gather, cheaper than indexing.
         slots = layout.decode_slots
-        keys = key_cache.index_select(0, slots.view(-1)).view(*slots.shape, *key_cache.shape[1:])
-        values = value_cache.index_select(0, slots.view(-1)).view(keys.shape)
+        # One cast per layer on the gathered rows (a no-op when stored in q's dtype).
+        keys = key_cache.index_select(0, slots.view(-1)).to(q.dtype)
+        keys = keys.view(*slots.shape, *key_cache.shape[1:])
+        values = value_cache.index_select(0, slots.view(-1)).to(q.dtype).view(keys.shape)
         kv = keys.shape[2]
         # The heads sharing a KV head become that head's queries: SDPA then needs no
         # repeated keys (GQA for free) and a one-token query has no causal structure.

@@ -44,6 +44,8 @@ class ContiguousKVCache:
 
     Call `begin(positions)` before each forward; `positions` are the absolute positions of the
     step's tokens, shared across the batch (single-stream generation and equal-length batches).
+    Keys and values are stored in `dtype` and read back in the step's own dtype, so a narrower
+    storage dtype rounds them exactly as the serving engine's paged cache does.
     """
 
     def __init__(
@@ -77,8 +79,10 @@ class ContiguousKVCache:
         max_len: int,
         batch_size: int = 1,
         initial_len: int | None = None,
+        dtype: torch.dtype | None = None,
     ) -> ContiguousKVCache:
-        """A cache shaped for `model` (a Transformer, whole or a tensor/pipeline shard)."""
+        """A cache shaped for `model` (a Transformer, whole or a tensor/pipeline shard), storing
+        keys and values in `dtype` (None: the model's)."""
         blocks = model.layers
         attention = next(iter(blocks.values())).self_attn
         return cls(
@@ -87,7 +91,7 @@ class ContiguousKVCache:
             attention.num_local_kv_heads,
             attention.head_dim,
             max_len,
-            dtype=model.dtype,
+            dtype=dtype or model.dtype,
             device=model.device,
             initial_len=initial_len,
         )
@@ -127,8 +131,8 @@ class ContiguousKVCache:
         self.keys[layer][:, :, self._start : self._end] = k
         self.values[layer][:, :, self._start : self._end] = v
         return (
-            self.keys[layer][:, :, : self._end],
-            self.values[layer][:, :, : self._end],
+            self.keys[layer][:, :, : self._end].to(k.dtype),
+            self.values[layer][:, :, : self._end].to(v.dtype),
             self._mask,
         )
 

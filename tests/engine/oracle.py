@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
+from sorai.engine.config import EngineConfig
 from sorai.engine.params import SamplingParams
 from sorai.engine.sampler import SequenceState, process_logits, sample
 from sorai.model.kv_cache import ContiguousKVCache
@@ -23,12 +24,16 @@ def oracle_tokens(
     params: SamplingParams,
     eos_token_ids: Sequence[int] = (),
     prefill_chunk: int = 512,
+    kv_dtype: torch.dtype | None = None,
 ) -> list[int]:
     """The tokens generated after `prompt_ids` until a stop token or max_tokens (the stop
     token itself not included, as the engine reports it). Stop strings and grammars are the
-    engine's output handling, checked by their own tests."""
+    engine's output handling, checked by their own tests. kv_dtype: how the cache stores keys
+    and values, rounding them as the engine's cache does (None: as a default engine stores
+    them, EngineConfig's kv_cache_dtype "auto")."""
     assert not params.stop and params.guided is None, "the oracle handles stop ids only"
-    cache = ContiguousKVCache.for_model(model, len(prompt_ids) + params.max_tokens)
+    kv_dtype = kv_dtype or EngineConfig().kv_dtype(model.dtype)
+    cache = ContiguousKVCache.for_model(model, len(prompt_ids) + params.max_tokens, dtype=kv_dtype)
     state = SequenceState(
         params,
         prompt_ids,
@@ -60,7 +65,7 @@ def oracle_tokens(
 def top_two_gap(model: Transformer, ids: Sequence[int]) -> float:
     """The gap between the two highest logits after `ids`: how near a tie the next greedy
     pick is."""
-    cache = ContiguousKVCache.for_model(model, len(ids))
+    cache = ContiguousKVCache.for_model(model, len(ids), dtype=EngineConfig().kv_dtype(model.dtype))
     with torch.inference_mode():
         positions = torch.arange(len(ids), device=model.device)
         tokens = torch.tensor(list(ids), device=model.device)[None]

@@ -1,8 +1,13 @@
-"""Block pool: reference counts, LRU reuse of freed blocks, and prefix-cache names."""
+"""Block pool: reference counts, LRU reuse of freed blocks (written ones before fresh ones), and
+prefix-cache names."""
 
 from __future__ import annotations
 
+import pytest
+
 from sorai.engine.block_manager import BlockPool, block_hashes
+from sorai.engine.config import EngineConfig
+from sorai.errors import SoraiError
 
 
 def test_hash_chain_names_a_block_by_everything_before_it() -> None:
@@ -62,3 +67,48 @@ def test_release_puts_tail_blocks_first_in_line_for_eviction() -> None:
     (taken,) = pool.allocate(1)
     assert taken == blocks[-1]  # the prefix's head survives longest
     assert pool.lookup(names) == blocks[:2]
+
+
+def test_written_blocks_are_reused_before_never_written_ones() -> None:
+    # A never-written block costs memory when first written (the cache's pages are committed
+    # lazily), so a pool serving one request at a time keeps reusing the same blocks.
+    pool = BlockPool(8)
+    first = pool.allocate(2)
+    pool.release(first)
+    assert sorted(pool.allocate(2)) == sorted(first) and pool.num_written == 2
+    assert pool.num_free == 6
+    assert pool.allocate(6) is not None and pool.num_written == 8 and pool.num_free == 0
+
+
+def test_a_nameless_freed_block_goes_before_named_ones() -> None:
+    pool = BlockPool(8)
+    names = block_hashes(list(range(4)), 4)
+    named, partial = pool.allocate(2)
+    pool.register(named, names[0])
+    pool.release([named, partial])
+    assert pool.allocate(1) == [partial]
+    assert pool.lookup(names) == [named]  # the prefix is still found
+    assert pool.allocate(1) == [named] and pool.lookup(names) == []
+
+
+def test_the_most_recently_freed_named_blocks_are_kept_over_fresh_ones() -> None:
+    pool = BlockPool(8, keep_cached=1)
+    names = block_hashes(list(range(8)), 4)
+    old, recent = pool.allocate(1), pool.allocate(1)
+    pool.register(old[0], names[0])
+    pool.register(recent[0], names[1])
+    pool.release(old)
+    # One named block free, one kept: a never-written block is taken instead.
+    taken = pool.allocate(1)
+    assert taken not in (old, recent) and pool.lookup(names[:1]) == old
+    pool.release(recent)
+    # Two free, one kept: the least recently freed goes.
+    assert pool.allocate(1) == old and pool.num_written == 3
+    assert pool.lookup(names[1:]) == recent
+    pool.reset_prefix_cache()
+    assert pool.num_cached_free == 0 and pool.allocate(1) == recent
+
+
+def test_prefix_cache_keep_tokens_is_checked() -> None:
+    with pytest.raises(SoraiError, match="prefix_cache_keep_tokens must be an integer >= 0"):
+        EngineConfig(prefix_cache_keep_tokens=-1)

@@ -129,6 +129,24 @@ def test_joining_mid_stream_does_not_change_running_requests(llm: LLM, reference
     assert results["late"][0][1] == reference[QUESTIONS[1]]
 
 
+def test_a_float16_kv_cache_matches_an_oracle_that_rounds_the_same(llm: LLM) -> None:
+    # End to end on the real model: the engine storing float16 (batched decodes gathering
+    # through block tables) gives the greedy tokens of the oracle storing float16. Each prompt
+    # is prefilled whole, as the oracle does: a prefix-cache hit sums attention rows in another
+    # order (test_batched_greedy_matches_single_stream). That each attention reads keys and
+    # values exactly as stored is checked on its own in tests/engine/test_paged_cache.py (here
+    # the picks' margins do not always expose it).
+    engine = make_engine(llm, num_blocks=64, kv_cache_dtype="float16", enable_prefix_caching=False)
+    assert engine.cache.keys[0].dtype == torch.float16 and "float16" in engine.cache.describe()
+    questions = QUESTIONS[:3]
+    results = run(engine, {q: (chat_ids(llm, q), GREEDY) for q in questions})
+    for q in questions:
+        expected = oracle_tokens(
+            llm.model, chat_ids(llm, q), GREEDY, llm.tokenizer.eos_token_ids, kv_dtype=torch.float16
+        )
+        assert results[q][0][1] == expected, q
+
+
 def test_shared_prefix_is_served_from_the_cache(llm: LLM) -> None:
     engine = make_engine(llm, num_blocks=128)
     prefix = llm.tokenizer.encode(" ".join(f"Fact {i}: sorai runs on CPUs." for i in range(30)))

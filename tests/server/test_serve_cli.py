@@ -98,6 +98,8 @@ def test_bad_flags_fail_before_loading(tmp_path: Path, serve_in_process) -> None
     assert "--request-timeout must be a number of seconds > 0" in line
     line = assert_user_error(serve_in_process("--shutdown-timeout", "nan"))
     assert "--shutdown-timeout" in line
+    line = assert_user_error(serve_in_process("--kv-cache-dtype", "fp8"))
+    assert "kv_cache_dtype must be auto or one of float32, float16, bfloat16, got 'fp8'" in line
 
 
 def test_a_port_in_use_fails_before_loading(serve_in_process) -> None:
@@ -123,8 +125,10 @@ def test_bad_embedding_models_fail_before_loading(tmp_path: Path, serve_in_proce
 
 
 def test_serve_and_remote_chat(server: tuple[Process, str, str], sorai_main) -> None:
-    _, name, url = server
+    process, name, url = server
     assert name == "my-model"
+    # The banner names the cache's storage dtype: auto stores a float32 model's keys as float32.
+    assert any(line.startswith("KV cache: ") and "MiB float32" in line for line in process.seen)
     client = openai.OpenAI(base_url=url, api_key=KEY, max_retries=0)
     # The default embedding model is served too (loaded on its first request).
     assert [m.id for m in client.models.list().data] == ["my-model", "all-minilm-l6-v2"]
