@@ -432,6 +432,11 @@ def worker_peer(args: argparse.Namespace, work: Path, prep: dict) -> dict[str, A
 
 def worker_main(args: argparse.Namespace) -> None:
     work = Path(args.work)
+    if args.worker == "sorai":
+        # The wait policy `sorai train` runs with, chosen before torch loads (sorai/openmp.py).
+        from sorai import openmp
+
+        openmp.choose(openmp.TRAIN)
     if args.worker == "prepare":
         result = worker_prepare(args, work)
     else:

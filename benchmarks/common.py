@@ -14,11 +14,8 @@ def peer_environment() -> dict[str, str]:
     `import sorai` sets for its own threads: each side runs with its own defaults."""
     import sys
 
-    sorai = sys.modules.get("sorai")
-    env = dict(os.environ)
-    if getattr(sorai, "OMP_WAIT_POLICY_SET_BY_SORAI", False):
-        env.pop("OMP_WAIT_POLICY", None)
-    return env
+    openmp = sys.modules.get("sorai.openmp")
+    return openmp.peer_environment(os.environ) if openmp else dict(os.environ)
 
 
 def without_nan(value: Any) -> Any:

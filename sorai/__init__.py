@@ -3,21 +3,17 @@
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
-# OpenMP threads that sleep between parallel regions instead of spinning: with libgomp's default
-# a thread spins after each region, and on 2 cores shared with other work two threads then ran
-# a decode step 5-10x slower than one (benchmarks/README.md, bench_decode_step.py). Read once,
-# as torch loads its OpenMP runtime, so it is set here, before sorai imports torch; a value the
-# user set is kept.
-# True when sorai set it (a benchmark starts llama.cpp's peers without it).
-OMP_WAIT_POLICY_SET_BY_SORAI = "torch" not in sys.modules and "OMP_WAIT_POLICY" not in os.environ
-if OMP_WAIT_POLICY_SET_BY_SORAI:
-    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+# OpenMP's wait policy is read once, as torch loads, so it is chosen here, before sorai imports
+# torch: PASSIVE (idle threads sleep) for serving and the Python engine; `sorai train` switches
+# its training process to ACTIVE (sorai/openmp.py). A value the user set is kept.
+from sorai import openmp as _openmp  # noqa: E402
+
+_openmp.choose(_openmp.SERVE)
 
 if TYPE_CHECKING:
     import torch

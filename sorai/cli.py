@@ -463,6 +463,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         pool.add(name, load(name))
         say(f"loaded {name} in {time.perf_counter() - started:.1f}s")
     say(f"running {engine.runtime.line()}")
+    say(f"OpenMP: {sorai.openmp.describe()}")
     say(f"KV cache: {engine.engine.cache.describe()} (--kv-cache-gib, --kv-cache-dtype)")
     settings = ServerSettings(
         models=pool,  # the -m models after the first, and those loaded on demand

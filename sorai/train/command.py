@@ -13,6 +13,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from sorai import openmp
 from sorai.model.config import ModelConfig
 from sorai.train.config import ConfigError, TrainConfig, add_flags, flag_values, resolve
 from sorai.train.interrupt import SIGNALS, exit_code, signal_name
@@ -38,6 +39,9 @@ examples:
   sorai train config.yaml --estimate              # memory per device, then exit
   sorai train config.yaml --resume                # continue from the latest checkpoint
   sorai train config.yaml --resume-fallback       # ... or the newest whole one before it
+
+The training process runs OpenMP with OMP_WAIT_POLICY=ACTIVE (idle threads spin, ~9% faster on
+a machine the run has to itself) unless OMP_WAIT_POLICY is set: set PASSIVE on a shared machine.
 
 Ctrl-C or SIGTERM saves a checkpoint at the end of the step under way, then exits 130 or 143;
 --resume continues from it. A second Ctrl-C stops at once.
@@ -245,14 +249,23 @@ def _relay_signals(command: list[str], env: dict[str, str]) -> int:
     return exit_code(received[0]) if received else code
 
 
+def _launches(args: argparse.Namespace) -> bool:
+    """Whether this process starts torchrun (`--nproc`) rather than training itself."""
+    return args.nproc is not None and "TORCHELASTIC_RUN_ID" not in os.environ
+
+
 def run(args: argparse.Namespace) -> int:
     if args.resume_fallback and not args.resume:
         args.resume = True
+    if not args.estimate and not _launches(args):
+        # This process trains: OpenMP's idle threads spin between the step's parallel regions
+        # (unless the user chose), decided before anything here loads torch.
+        openmp.choose(openmp.TRAIN)
     config = _config(args)
     if args.estimate:
         print(_estimate(config, args.nproc))
         return 0
-    if args.nproc is not None and "TORCHELASTIC_RUN_ID" not in os.environ:
+    if _launches(args):
         return launch(config, args.nproc, args.resume, args.quiet, args.resume_fallback)
     from sorai.train.trainer import Trainer
 

@@ -33,7 +33,7 @@ from torch import Tensor
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
-from sorai import hub
+from sorai import hub, openmp
 from sorai.errors import SoraiError
 from sorai.model.hardware import machine
 from sorai.model.loader import load_model, read_config, resolve_device
@@ -658,6 +658,7 @@ class Trainer:
                 "es" if self.dims.world_size > 1 else "",
             )
             log.info("machine: %s", machine().describe())
+            log.info("OpenMP: %s", openmp.describe())
             lowered = ""
             if self.lowered_weights:
                 dtype = str(self.autocast).removeprefix("torch.")

@@ -124,6 +124,12 @@ def test_bad_embedding_models_fail_before_loading(tmp_path: Path, serve_in_proce
     assert "serve it with `sorai serve --embedding-model all-minilm-l6-v2`" in line
 
 
+def test_the_banner_says_the_servers_openmp_threads_sleep(server) -> None:
+    process, _, _ = server
+    line = "OpenMP: OMP_WAIT_POLICY=PASSIVE (sorai's choice for serving"
+    assert any(seen.startswith(line) for seen in process.seen), process.seen
+
+
 def test_serve_and_remote_chat(server: tuple[Process, str, str], sorai_main) -> None:
     process, name, url = server
     assert name == "my-model"

@@ -196,6 +196,8 @@ def test_layout_trains_like_one_process(
     result = train_parallel(base_config(model4, data4, method, val4), nproc, run, *flags)
     assert result.returncode == 0, result.stderr[-3000:]
     assert_parity(reference(method), run, method)
+    # The workers spin between parallel regions, as one process does (the launcher waits).
+    assert "OpenMP: OMP_WAIT_POLICY=ACTIVE (sorai's choice for training" in result.stderr
     if name in ZERO_STAGE:
         assert_state_bytes_match_the_estimate(run, model4, ZERO_STAGE[name])
 
