@@ -49,6 +49,13 @@ def test_fp16_where_it_is_here_and_fits_else_the_kernels(monkeypatch) -> None:
     assert (path == "fp16") == fp16_gemm.supported()
     if path == "fp16":
         assert "MiB float16 copy" in why
+    if path == "fp16":
+        # Room for the copy in half the memory but not in an eighth: asked for, not by default.
+        need = fp16_gemm.packed_bytes(128, 64) + fp16_gemm.packed_bytes(64, 128)
+        monkeypatch.setattr(decode_path, "_available_bytes", lambda: 4 * need)
+        path, why = decode_path.choose(model, 32)
+        assert path == "kernel" and "more than 1/8 of" in why
+        assert decode_path.choose(model, 32, "fp16")[0] == "fp16"
     monkeypatch.setattr(decode_path, "_available_bytes", lambda: 1000)  # a machine without room
     path, why = decode_path.choose(model, 32)
     assert path == "kernel"
