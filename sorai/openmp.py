@@ -23,6 +23,13 @@ SERVE = "PASSIVE"
 # itself runs its steps ~10% faster (the many short regions of a step start without a wake-up).
 TRAIN = "ACTIVE"
 
+# With TRAIN, idle threads spin only this long (libgomp iterations, tens of microseconds) before
+# sleeping, unless the user set GOMP_SPINCOUNT: on a quiet 2-core EPYC as fast as ACTIVE's
+# unbounded spin (LoRA 133.7 vs 129.2 tok/s, PASSIVE 101.0), and with other jobs on the cores
+# 1.40x PASSIVE where the unbounded spin fell to 0.56x (bench_omp_policy.py).
+TRAIN_SPINCOUNT = "10000"
+SPIN_MARK = "SORAI_CHOSE_GOMP_SPINCOUNT"
+
 # Set beside OMP_WAIT_POLICY to the value sorai chose, so that a child process (torchrun's
 # workers, a `sorai train` started from a script that imported sorai) inherits it as sorai's
 # choice, to make its own, and not as the user's.
@@ -44,7 +51,19 @@ def choose(policy: str) -> str | None:
     if _USER is None and not _LOADED_BEFORE and "torch" not in sys.modules:
         os.environ[VARIABLE] = os.environ[MARK] = policy
         _chosen = policy
+        _choose_spincount(policy)
     return in_effect()
+
+
+def _choose_spincount(policy: str) -> None:
+    found = os.environ.get(SPINCOUNT)
+    if found is not None and found != os.environ.get(SPIN_MARK):
+        return  # the user's own
+    if policy == TRAIN:
+        os.environ[SPINCOUNT] = os.environ[SPIN_MARK] = TRAIN_SPINCOUNT
+    else:  # not a training parent's choice inherited
+        os.environ.pop(SPINCOUNT, None)
+        os.environ.pop(SPIN_MARK, None)
 
 
 def in_effect() -> str | None:
@@ -57,8 +76,10 @@ def in_effect() -> str | None:
 def peer_environment(env: Mapping[str, str]) -> dict[str, str]:
     """`env` for another program's process (llama.cpp), which runs with its own defaults:
     without the OMP_WAIT_POLICY sorai chose (the user's own value stays)."""
-    mark = env.get(MARK)
-    child = {k: v for k, v in env.items() if k != MARK}
+    mark, spin_mark = env.get(MARK), env.get(SPIN_MARK)
+    child = {k: v for k, v in env.items() if k not in (MARK, SPIN_MARK)}
+    if spin_mark is not None and child.get(SPINCOUNT) == spin_mark:
+        del child[SPINCOUNT]
     if mark is not None and child.get(VARIABLE) == mark:
         del child[VARIABLE]
     return child

@@ -70,3 +70,27 @@ def test_the_policy_follows_the_process_purpose_and_what_the_user_set() -> None:
     assert run(unset, "torch") == ["PASSIVE", "ACTIVE", "ACTIVE", "0"]
     assert run(_environment(None)) == ["PASSIVE", "ACTIVE", "ACTIVE", "0"]
     assert run(_environment("PASSIVE")) == ["PASSIVE", "PASSIVE", "PASSIVE", "1"]
+
+
+def test_training_spins_briefly_unless_the_user_set_a_spin_count() -> None:
+    script = (
+        "import os, sorai\n"
+        "from sorai import openmp\n"
+        "openmp.choose(openmp.TRAIN)\n"
+        "peer = openmp.peer_environment(os.environ)\n"
+        "print(os.environ.get('GOMP_SPINCOUNT'), peer.get('GOMP_SPINCOUNT'))\n"
+    )
+    unset = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in (openmp.VARIABLE, openmp.MARK, openmp.SPINCOUNT, openmp.SPIN_MARK)
+    }
+
+    def run(env: dict[str, str]) -> list[str]:
+        command = [sys.executable, "-c", script]
+        return subprocess.run(command, capture_output=True, text=True, env=env).stdout.split()
+
+    # sorai's spin count for training; a llama.cpp peer does not inherit it.
+    assert run(unset) == [openmp.TRAIN_SPINCOUNT, "None"]
+    # The user's own count stays, for training and for the peer.
+    assert run({**unset, openmp.SPINCOUNT: "5"}) == ["5", "5"]
