@@ -25,8 +25,8 @@ TRAIN = "ACTIVE"
 
 # With TRAIN, idle threads spin only this long (libgomp iterations, tens of microseconds) before
 # sleeping, unless the user set GOMP_SPINCOUNT: on a quiet 2-core EPYC as fast as ACTIVE's
-# unbounded spin (LoRA 133.7 vs 129.2 tok/s, PASSIVE 101.0), and with other jobs on the cores
-# 1.40x PASSIVE where the unbounded spin fell to 0.56x (bench_omp_policy.py).
+# unbounded spin (LoRA 134.6 tok/s both, PASSIVE 132.6), and with other jobs on the cores 1.40x
+# PASSIVE where the unbounded spin fell to 0.56x (bench_omp_policy.py).
 TRAIN_SPINCOUNT = "10000"
 SPIN_MARK = "SORAI_CHOSE_GOMP_SPINCOUNT"
 
