@@ -20,7 +20,8 @@ SPINCOUNT = "GOMP_SPINCOUNT"
 # a server's decode step ran 5-10x slower (benchmarks/README.md, bench_omp_policy.py).
 SERVE = "PASSIVE"
 # Idle threads spin until the next parallel region: a training run that has the machine to
-# itself runs its steps ~10% faster (the many short regions of a step start without a wake-up).
+# itself runs its steps up to ~2% faster (measured quiet: the many short regions of a step start
+# without a wake-up).
 TRAIN = "ACTIVE"
 
 # With TRAIN, idle threads spin only this long (libgomp iterations, tens of microseconds) before
