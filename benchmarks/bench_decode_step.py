@@ -30,9 +30,19 @@ from typing import Any
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
+from common import cpu_flags  # noqa: E402  (benchmarks/common.py: the script's folder is on sys.path)
 
 CATEGORIES = {
-    "matmul": ("int4pack", "int8pack", "aten::mm", "aten::addmm", "aten::linear", "einsum", "bmm"),
+    "matmul": (
+        "int4pack",
+        "int8pack",
+        "linear_dynamic",
+        "aten::mm",
+        "aten::addmm",
+        "aten::linear",
+        "einsum",
+        "bmm",
+    ),
     "attention": ("attention", "index_copy", "index_select", "_softmax", "baddbmm"),
     "norm/rope/elementwise": (
         "rms_norm",
@@ -81,19 +91,6 @@ def category(name: str) -> str:
         if any(k in name for k in keys):
             return cat
     return "other ops"
-
-
-def cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = line.split(":", 1)[1].split()
-                    keep = [f for f in flags if f == "avx2" or f.startswith(("avx512", "amx"))]
-                    return " ".join(sorted(keep)) or "(no avx2)"
-    except OSError:
-        pass
-    return "(unknown)"
 
 
 class Timed:

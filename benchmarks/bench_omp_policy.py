@@ -30,24 +30,12 @@ import time
 from pathlib import Path
 
 import bench_train  # benchmarks/bench_train.py: the script's folder is on sys.path
+from common import cpu_flags
 
 HERE = Path(__file__).resolve().parent
 POLICY_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 DECODE_LINE = re.compile(r"wall, (\d+) thread\(s\): step ([\d.]+) ms")
 BATCH_LINE = re.compile(r"^batch (\d+):")
-
-
-def cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = line.split(":", 1)[1].split()
-                    keep = [f for f in flags if f == "avx2" or f.startswith(("avx512", "amx"))]
-                    return " ".join(sorted(keep)) or "(no avx2)"
-    except OSError:
-        pass
-    return "(unknown)"
 
 
 def variants(spincounts: list[int]) -> dict[str, dict[str, str]]:

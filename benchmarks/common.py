@@ -66,3 +66,17 @@ def run_logged(
             process.terminate()
             process.wait()
     return process.returncode == 0
+
+
+def cpu_flags() -> str:
+    """The CPU's vector flags that matter for the figures (avx2, avx512*, amx*), from /proc."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = line.split(":", 1)[1].split()
+                    keep = [f for f in flags if f == "avx2" or f.startswith(("avx512", "amx"))]
+                    return " ".join(sorted(keep)) or "(no avx2)"
+    except OSError:
+        pass
+    return "(unknown)"
