@@ -174,10 +174,9 @@ def use(model: nn.Module, path: str) -> None:
             layer.weight_format = base + " + float32 decode copy"
     if path == "fp16":
         joined = _fused_parts(model)
-        for layer in layers:
-            if id(layer) not in joined:
-                layer.pack_fp16()
-        release_free_memory()
+        made = [layer.pack_fp16() for layer in layers if id(layer) not in joined]
+        if any(made):  # a later engine over the same model finds them made
+            release_free_memory()
 
 
 def _fused_parts(model: nn.Module) -> set[int]:

@@ -167,19 +167,22 @@ class LowBitLinear(nn.Module):
             out = out + self.bias.to(out.dtype)
         return out.view(*x.shape[:-1], self.out_features)
 
-    def pack_fp16(self) -> None:
-        """Make the float16 copy, if not made yet, FP16_PACK_ROWS rows at a time: a large table
-        (the head) never has its whole float32 weight in memory at once."""
-        if self.fp16_weight is None:
-            pieces = []
-            for start in range(0, self.out_features, FP16_PACK_ROWS):
-                end = min(start + FP16_PACK_ROWS, self.out_features)
-                pieces.append((fp16_gemm.pack(self.dequantize_rows(start, end)), end - start))
-            self.fp16_weight = pieces
+    def pack_fp16(self) -> bool:
+        """Make the float16 copy, FP16_PACK_ROWS rows at a time, unless made already (then
+        False): a large table (the head) never has its whole float32 weight in memory at once."""
+        if self.fp16_weight is not None:
+            return False
+        pieces = [
+            (fp16_gemm.pack(rows), rows.shape[0])
+            for rows in self.dequantized_slices(FP16_PACK_ROWS)
+        ]
+        self.fp16_weight = pieces
+        return True
 
-    def dequantize_rows(self, start: int, end: int) -> Tensor:
-        """Rows [start, end) of dequantize()."""
-        return self.dequantize()[start:end]
+    def dequantized_slices(self, rows: int) -> Iterator[Tensor]:
+        """dequantize() `rows` rows at a time (from one dequantization here; layers that can
+        dequantize a slice alone do so)."""
+        yield from self.dequantize().split(rows)
 
     def _fp16(self, rows: Tensor) -> Tensor:
         self.pack_fp16()
@@ -349,8 +352,10 @@ class Int8Linear(LowBitLinear):
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
         return (self.q.to(torch.float32) * self.scale[:, None]).to(dtype)
 
-    def dequantize_rows(self, start: int, end: int) -> Tensor:
-        return self.q[start:end].to(torch.float32) * self.scale[start:end, None]
+    def dequantized_slices(self, rows: int) -> Iterator[Tensor]:
+        for start in range(0, self.out_features, rows):
+            end = min(start + rows, self.out_features)
+            yield self.q[start:end].to(torch.float32) * self.scale[start:end, None]
 
     def kernel_weight(self) -> Tensor:
         return self.q.to(torch.float32) * self.scale_bf16.to(torch.float32)[:, None]
