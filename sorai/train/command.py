@@ -40,8 +40,8 @@ examples:
   sorai train config.yaml --resume                # continue from the latest checkpoint
   sorai train config.yaml --resume-fallback       # ... or the newest whole one before it
 
-The training process runs OpenMP with OMP_WAIT_POLICY=ACTIVE (idle threads spin, ~9% faster on
-a machine the run has to itself) unless OMP_WAIT_POLICY is set: set PASSIVE on a shared machine.
+The training process runs OpenMP with OMP_WAIT_POLICY=ACTIVE and GOMP_SPINCOUNT=10000 (idle
+threads spin briefly, then sleep) unless you set them; a value you set wins.
 
 Ctrl-C or SIGTERM saves a checkpoint at the end of the step under way, then exits 130 or 143;
 --resume continues from it. A second Ctrl-C stops at once.
