@@ -10,7 +10,7 @@ by LoRA) stops using its fused module: forward checks that the parts are still t
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -30,8 +30,22 @@ class Fused:
             a is b for a, b in zip(parts, self.parts, strict=True)
         )
 
+    def still_used_by(self, owner: nn.Module) -> bool:
+        """Whether the parts are still the owner's own (a part since wrapped, e.g. by LoRA,
+        runs by itself and the fused module not at all)."""
+        children = {id(child) for child in owner.children()}
+        return all(id(p) in children for p in self.parts)
+
     def __call__(self, x: Tensor) -> tuple[Tensor, ...]:
         return self.module(x).split(self.sizes, dim=-1)
+
+
+def fusions(model: nn.Module) -> Iterator[tuple[nn.Module, Fused]]:
+    """(owner, its fused module) for every module of `model` that has one."""
+    for owner in model.modules():
+        found = owner.__dict__.get(FUSED_ATTRIBUTE)
+        if found is not None:
+            yield owner, found
 
 
 def fused(owner: nn.Module, parts: Sequence[nn.Module]) -> Fused | None:

@@ -61,15 +61,12 @@ ENVIRONMENT = "SORAI_LOWBIT_DECODE"
 
 
 def _decoding_layers(model: nn.Module) -> list[LowBitLinear]:
-    """The low-bit layers that run (fused ones included)."""
-    from sorai.model.fusion import FUSED_ATTRIBUTE
+    """The low-bit layers of `model` and its fused modules (parts included: one may run by
+    itself again, e.g. once a LoRA wrapper is removed)."""
+    from sorai.model.fusion import fusions
 
-    layers: list[LowBitLinear] = []
-    for module in model.modules():
-        found = module.__dict__.get(FUSED_ATTRIBUTE)
-        for candidate in (module, getattr(found, "module", None)):
-            if isinstance(candidate, LowBitLinear):
-                layers.append(candidate)
+    layers = [m for m in model.modules() if isinstance(m, LowBitLinear)]
+    layers += [f.module for _, f in fusions(model) if isinstance(f.module, LowBitLinear)]
     return layers
 
 
@@ -181,13 +178,6 @@ def use(model: nn.Module, path: str) -> None:
 
 def _fused_parts(model: nn.Module) -> set[int]:
     """ids of the layers that run inside a fused module, not by themselves."""
-    from sorai.model.fusion import FUSED_ATTRIBUTE
+    from sorai.model.fusion import fusions
 
-    parts: set[int] = set()
-    for module in model.modules():
-        found = module.__dict__.get(FUSED_ATTRIBUTE)
-        children = {id(child) for child in module.children()}
-        # Still the owner's projections: a part since wrapped (e.g. by LoRA) runs on its own.
-        if found is not None and all(id(p) in children for p in found.parts):
-            parts.update(id(p) for p in found.parts)
-    return parts
+    return {id(p) for owner, f in fusions(model) if f.still_used_by(owner) for p in f.parts}
