@@ -14,6 +14,12 @@ then decode steps. Two views per batch size and thread count:
 Thread counts and KV-cache storage dtypes (one engine each, sharing the model) alternate step by
 step in one process (A, B, A, B ...), medians printed, with the CPU flags and the load average so
 that numbers from a shared machine can be judged.
+
+`--budget` adds a third view, by removal: steps alternate between the real step, the step with
+the low-bit layers' forwards (the matmuls, their padding and casts) answering zeros at once, the
+step with the paged attention (KV writes, gathers, SDPA) answering its queries back, and both.
+The differences are what those parts cost in a real step, free of the profiler's own overhead;
+what is left is the rest (norms, RoPE, residuals, the embedding, sampling, scheduling, Python).
 """
 
 from __future__ import annotations
@@ -189,6 +195,64 @@ def measure(
             engine.step()
 
 
+def budget(engine, tokenizer, batch: int, steps: int) -> None:
+    """The step's cost by part, by removing parts (module docstring, --budget)."""
+    from sorai.engine.paged_cache import PagedKVCache
+    from sorai.model.quant.linear import LowBitLinear
+    from sorai.model.quant.table import Int8Head
+
+    zeros: dict[tuple[int, ...], torch.Tensor] = {}
+
+    def no_matmul(self, x):
+        shape = (*x.shape[:-1], self.out_features)
+        found = zeros.get(shape)
+        if found is None:
+            found = zeros[shape] = torch.zeros(shape, dtype=x.dtype)
+        return found
+
+    def no_attention(self, layer, q, k, v):
+        return q
+
+    real = {
+        LowBitLinear: LowBitLinear.forward,
+        Int8Head: Int8Head.forward,
+        PagedKVCache: PagedKVCache.attend,
+    }
+    modes = ("real", "no matmul", "no attention", "neither")
+    times: dict[str, list[float]] = {m: [] for m in modes}
+    ids = start_batch(engine, tokenizer, batch, 4 * steps + 16, f"budget{batch}")
+    try:
+        for i in range(4 * steps):
+            mode = modes[i % 4]
+            skip_mm = mode in ("no matmul", "neither")
+            skip_attn = mode in ("no attention", "neither")
+            LowBitLinear.forward = no_matmul if skip_mm else real[LowBitLinear]
+            Int8Head.forward = no_matmul if skip_mm else real[Int8Head]
+            PagedKVCache.attend = no_attention if skip_attn else real[PagedKVCache]
+            started = time.perf_counter()
+            engine.step()
+            times[mode].append((time.perf_counter() - started) * 1e3)
+    finally:
+        LowBitLinear.forward = real[LowBitLinear]
+        Int8Head.forward = real[Int8Head]
+        PagedKVCache.attend = real[PagedKVCache]
+        for request_id in ids:
+            engine.abort(request_id)
+        engine.step()
+    m = {k: statistics.median(v) for k, v in times.items()}
+    step = m["real"]
+    parts = {
+        "low-bit matmuls": step - m["no matmul"],
+        "paged attention": step - m["no attention"],
+        "the rest": m["neither"],
+    }
+    print(f"  budget by removal, {torch.get_num_threads()} thread(s): step {step:.1f} ms =")
+    for name, ms in parts.items():
+        print(f"    {name:<18}{ms:7.1f} ms  {100 * ms / step:4.0f}%")
+    interplay = step - sum(parts.values())
+    print(f"    {'(interplay)':<18}{interplay:7.1f} ms  (parts do not add up exactly)")
+
+
 def profile_ops(engine, batch: int, steps: int) -> None:
     from torch.profiler import ProfilerActivity, profile
 
@@ -228,6 +292,9 @@ def main() -> None:
         help="KV storage dtypes to alternate, e.g. float32,float16",
     )
     parser.add_argument("--no-profile", action="store_true", help="wall-clock parts only")
+    parser.add_argument(
+        "--budget", action="store_true", help="also the step's cost by part, by removal"
+    )
     args = parser.parse_args()
 
     import sorai
@@ -250,6 +317,9 @@ def main() -> None:
     for batch in (int(b) for b in args.batch.split(",")):
         print(f"\nbatch {batch}:")
         measure(engines, llm.tokenizer, batch, args.steps, threads, not args.no_profile)
+        if args.budget:
+            set_threads(engine, threads[0])
+            budget(engine, llm.tokenizer, batch, args.steps)
     print(f"\nload average after: {os.getloadavg()[0]:.2f}")
 
 
