@@ -174,12 +174,7 @@ def measure(
         for kv, _, t in variants:
             w = {k: statistics.median(v) for k, v in walls[kv, t].items()}
             first = first or w["step"]
-            print(
-                f"  wall, kv {kv}, {t} thread(s): step {w['step']:.1f} ms = forward "
-                f"{w['forward']:.1f} + sampler {w['sampler']:.1f} + engine/scheduler/runner/output "
-                f"{w['rest']:.1f}  ({batch * 1e3 / w['step']:.1f} tok/s; "
-                f"{w['step'] / first:.3f}x the first)"
-            )
+            print(wall_line(kv, t, w, batch, first))
         if ops:
             for kv, engine in engines.items():
                 engine.model.__dict__.pop("forward", None)
@@ -193,6 +188,16 @@ def measure(
             for request_id in ids[kv]:
                 engine.abort(request_id)
             engine.step()
+
+
+def wall_line(kv: str, threads: int, w: dict[str, float], batch: int, first: float) -> str:
+    """One variant's wall-clock line (bench_omp_policy.py reads it: keep them in step)."""
+    return (
+        f"  wall, kv {kv}, {threads} thread(s): step {w['step']:.1f} ms = forward "
+        f"{w['forward']:.1f} + sampler {w['sampler']:.1f} + engine/scheduler/runner/output "
+        f"{w['rest']:.1f}  ({batch * 1e3 / w['step']:.1f} tok/s; "
+        f"{w['step'] / first:.3f}x the first)"
+    )
 
 
 def budget(engine, tokenizer, batch: int, steps: int) -> None:

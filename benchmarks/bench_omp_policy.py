@@ -34,7 +34,8 @@ from common import cpu_flags
 
 HERE = Path(__file__).resolve().parent
 POLICY_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
-DECODE_LINE = re.compile(r"wall, (\d+) thread\(s\): step ([\d.]+) ms")
+# bench_decode_step.wall_line(): "wall, kv auto, 1 thread(s): step 41.0 ms = ...".
+DECODE_LINE = re.compile(r"wall, (?:kv [^,]+, )?(\d+) thread\(s\): step ([\d.]+) ms")
 BATCH_LINE = re.compile(r"^batch (\d+):")
 
 
@@ -90,8 +91,13 @@ def run_decode(steps: int, env: dict[str, str]) -> dict[tuple[int, int], float]:
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"bench_decode_step.py failed:\n{done.stderr[-3000:]}")
+    return parse_decode(done.stdout)
+
+
+def parse_decode(stdout: str) -> dict[tuple[int, int], float]:
+    """{(batch, threads): ms per step} from bench_decode_step.py's printed lines."""
     found, batch = {}, 0
-    for line in done.stdout.splitlines():
+    for line in stdout.splitlines():
         if m := BATCH_LINE.match(line):
             batch = int(m.group(1))
         elif m := DECODE_LINE.search(line):
