@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sorai.errors import ModelFormatError
+from sorai.model import rms_norm
 from sorai.model.config import ModelConfig
 from sorai.model.fusion import fused
 from sorai.model.kv_cache import KVCache, causal_attention
@@ -28,6 +29,10 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            # Inference on the CPU: a C kernel (sorai/model/rms_norm.py), where one is built.
+            out = rms_norm.normalize(x, self.weight, self.eps)
+            if out is not None:
+                return out
             # One op with the scale folded in: the same numbers as the two below in float32,
             # and 120 fewer ops per decode step of a 30-block model.
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)

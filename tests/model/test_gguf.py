@@ -134,7 +134,14 @@ def test_quantized_gguf_matches_transformers(checkpoint: Path, tmp_path: Path, q
     path = write_gguf(checkpoint, tmp_path / f"model-{qtype.name}.gguf", qtype)
     ours = load_gguf(GGUFFile(path), torch.float32)
     reference = load_reference(tmp_path, gguf_file=path.name)
-    assert (logits(ours, IDS) - logits(reference, IDS)).abs().max() < 1e-4
+    # Against the reference run in float64, no further off than the float32 reference itself
+    # (this random model's logits reach ~580, where float32's spacing is 6e-5): summing a norm in
+    # another order (sorai/model/rms_norm.c) moves float32 logits by up to ~1e-3 here, about as
+    # far from float64's as the reference's own (Q6_K: 8.8e-4 ours, 9.6e-4 the reference's).
+    single = logits(reference, IDS)
+    exact = logits(reference.double(), IDS)  # in place: after the float32 run
+    reference_error = (single - exact).abs().max()
+    assert (logits(ours, IDS) - exact).abs().max() <= 1.5 * reference_error + 1e-5
 
 
 def test_unpermute_inverts_llama_cpp_permutation() -> None:

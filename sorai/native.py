@@ -1,0 +1,96 @@
+"""Small C kernels built on the user's machine: compiled once per machine with the system's C
+compiler (`-O3 -march=native`) into SORAI_HOME/kernels and loaded with ctypes.
+
+A kernel's Python side asks `load(source)` for its library and falls back to PyTorch's ops
+where it gets None: no compiler, a failed build, or SORAI_NATIVE=off (which turns every such
+kernel off, for comparing numbers against PyTorch's own).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from sorai.errors import SoraiError
+
+ENVIRONMENT = "SORAI_NATIVE"
+CHOICES = ("auto", "off")
+FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-shared", "-fPIC")
+
+log = logging.getLogger(__name__)
+
+
+def enabled() -> bool:
+    """Whether SORAI_NATIVE lets native kernels run (auto, the default) or not (off)."""
+    value = os.environ.get(ENVIRONMENT, "auto").strip().lower() or "auto"
+    if value not in CHOICES:
+        raise SoraiError(f"{ENVIRONMENT} must be one of {', '.join(CHOICES)}, got {value!r}")
+    return value == "auto"
+
+
+def compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
+def machine_key(source: Path, compiler: str) -> str:
+    """What a built library depends on: the source, flags, compiler and CPU (-march=native)."""
+    digest = hashlib.sha256(source.read_bytes())
+    digest.update(" ".join((compiler, *FLAGS, platform.machine())).encode())
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30)
+    digest.update(version.stdout.encode())
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        lines = cpuinfo.read_text(errors="replace").splitlines()
+        digest.update(
+            "".join(sorted({x for x in lines if x.startswith(("flags", "model name"))})).encode()
+        )
+    return digest.hexdigest()[:16]
+
+
+def build(source: Path) -> Path:
+    """The shared library built from `source` for this machine (built now unless cached);
+    SoraiError naming the problem where it cannot be built."""
+    from sorai.hub import sorai_home
+
+    cc = compiler()
+    if not cc:
+        raise SoraiError(f"no C compiler found (cc, gcc or $CC) to build {source.name}")
+    folder = sorai_home() / "kernels"
+    library = folder / f"{source.stem}-{machine_key(source, cc)}.so"
+    if library.exists():
+        return library
+    folder.mkdir(parents=True, exist_ok=True)
+    # Built beside its final name and renamed: processes starting together never load half a file.
+    fd, partial = tempfile.mkstemp(dir=folder, suffix=".so.partial")
+    os.close(fd)
+    try:
+        run = subprocess.run(
+            [cc, *FLAGS, "-o", partial, str(source)], capture_output=True, text=True, timeout=120
+        )
+        if run.returncode:
+            raise SoraiError(f"{cc} could not build {source.name}: {run.stderr.strip()[-2000:]}")
+        os.replace(partial, library)
+    finally:
+        Path(partial).unlink(missing_ok=True)
+    return library
+
+
+@functools.cache
+def load(source: Path) -> ctypes.CDLL | None:
+    """The library built from `source`, or None (logged once) where SORAI_NATIVE=off or it
+    cannot be built: the caller then runs PyTorch's ops."""
+    if not enabled():
+        return None
+    try:
+        return ctypes.CDLL(str(build(source)))
+    except (OSError, subprocess.SubprocessError, SoraiError) as error:
+        log.warning("%s is not used, PyTorch's ops run instead: %s", source.name, error)
+        return None
