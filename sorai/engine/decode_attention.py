@@ -1,0 +1,169 @@
+"""Decode attention read in place from the paged KV cache: a small C kernel, built once per
+machine with the system's C compiler and cached, with PyTorch's SDPA where it cannot be used.
+
+The gather-then-SDPA path copies every decode's keys and values out of the cache each layer,
+pads them to the longest context and runs a flash kernel made for long query blocks on one
+query per head; the kernel (decode_attention.c) reads each sequence's slots where they lie and
+sums in a fixed order, so a row's numbers do not depend on the rest of its step.
+
+SORAI_DECODE_ATTENTION=... chooses, once per process:
+  auto    the kernel where a C compiler builds it, else SDPA (the default)
+  kernel  the kernel, or an error saying why it cannot be built
+  sdpa    always gather and run SDPA
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from sorai.errors import SoraiError
+
+ENVIRONMENT = "SORAI_DECODE_ATTENTION"
+CHOICES = ("auto", "kernel", "sdpa")
+SOURCE = Path(__file__).with_name("decode_attention.c")
+FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-shared", "-fPIC")
+# The storage dtypes the kernel reads, by the suffix of its entry point.
+ENTRY_POINTS = {torch.float32: "float", torch.float16: "half", torch.bfloat16: "bf16"}
+
+log = logging.getLogger(__name__)
+
+
+def choice() -> str:
+    value = os.environ.get(ENVIRONMENT, "auto").strip().lower() or "auto"
+    if value not in CHOICES:
+        raise SoraiError(f"{ENVIRONMENT} must be one of {', '.join(CHOICES)}, got {value!r}")
+    return value
+
+
+def _machine_key(compiler: str) -> str:
+    """What the built library depends on: the source, flags, compiler and CPU (-march=native)."""
+    digest = hashlib.sha256(SOURCE.read_bytes())
+    digest.update(" ".join((compiler, *FLAGS, platform.machine())).encode())
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30)
+    digest.update(version.stdout.encode())
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        lines = cpuinfo.read_text(errors="replace").splitlines()
+        digest.update(
+            "".join(sorted({x for x in lines if x.startswith(("flags", "model name"))})).encode()
+        )
+    return digest.hexdigest()[:16]
+
+
+def _build() -> Path:
+    from sorai.hub import sorai_home
+
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not compiler:
+        raise SoraiError(
+            "no C compiler found (cc, gcc or $CC) to build the decode attention kernel"
+        )
+    folder = sorai_home() / "kernels"
+    library = folder / f"decode_attention-{_machine_key(compiler)}.so"
+    if library.exists():
+        return library
+    folder.mkdir(parents=True, exist_ok=True)
+    # Built beside its final name and renamed: processes starting together never load half a file.
+    fd, partial = tempfile.mkstemp(dir=folder, suffix=".so.partial")
+    os.close(fd)
+    try:
+        run = subprocess.run(
+            [compiler, *FLAGS, "-o", partial, str(SOURCE)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        if run.returncode:
+            raise SoraiError(
+                f"{compiler} could not build {SOURCE.name}: {run.stderr.strip()[-2000:]}"
+            )
+        os.replace(partial, library)
+    finally:
+        Path(partial).unlink(missing_ok=True)
+    return library
+
+
+@functools.cache
+def kernel() -> DecodeKernel | None:
+    """The built kernel, or None where SORAI_DECODE_ATTENTION or the machine rules it out."""
+    wanted = choice()
+    if wanted == "sdpa":
+        return None
+    try:
+        return DecodeKernel(ctypes.CDLL(str(_build())))
+    except (OSError, subprocess.SubprocessError, SoraiError) as error:
+        if wanted == "kernel":
+            raise SoraiError(
+                f"{ENVIRONMENT}=kernel, but the kernel is unavailable: {error}"
+            ) from error
+        log.warning("decode attention falls back to SDPA: %s", error)
+        return None
+
+
+class DecodeKernel:
+    """The loaded library's entry points, one per KV storage dtype."""
+
+    def __init__(self, library: ctypes.CDLL) -> None:
+        self.entries = {}
+        for dtype, suffix in ENTRY_POINTS.items():
+            entry = getattr(library, f"paged_decode_{suffix}")
+            entry.restype = ctypes.c_int
+            entry.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
+            entry.argtypes += [ctypes.c_void_p] * 3 + [ctypes.c_int64] + [ctypes.c_void_p] * 2
+            entry.argtypes += [ctypes.c_int64] * 4 + [ctypes.c_float]
+            self.entries[dtype] = entry
+
+    def supports(self, q: Tensor, key_cache: Tensor) -> bool:
+        """Float32 queries over a CPU cache of a dtype it reads, with a head size of 16s."""
+        heads, kv_heads, dim = q.shape[0], key_cache.shape[1], q.shape[-1]
+        return (
+            q.dtype == torch.float32
+            and q.device.type == "cpu"
+            and key_cache.dtype in self.entries
+            and dim % 16 == 0
+            and heads % kv_heads == 0
+        )
+
+    def __call__(
+        self, q: Tensor, key_cache: Tensor, value_cache: Tensor, slots: Tensor, lengths: Tensor
+    ) -> Tensor:
+        """q [H, D, d] -> out [H, D, d]: sequence s's query over the first lengths[s] of its
+        slots[s] in key_cache/value_cache [slots, n_kv_heads, d]."""
+        heads, num, dim = q.shape
+        if q.stride(-1) != 1:
+            q = q.contiguous()
+        assert key_cache.is_contiguous() and value_cache.is_contiguous()
+        assert slots.dtype == lengths.dtype == torch.int64 and slots.stride(-1) == 1
+        lengths = lengths.contiguous()
+        out = torch.empty(num, heads, dim, dtype=q.dtype)
+        failed = self.entries[key_cache.dtype](
+            q.data_ptr(),
+            q.stride(1),
+            q.stride(0),
+            key_cache.data_ptr(),
+            value_cache.data_ptr(),
+            slots.data_ptr(),
+            slots.stride(0),
+            lengths.data_ptr(),
+            out.data_ptr(),
+            num,
+            heads,
+            key_cache.shape[1],
+            dim,
+            dim**-0.5,
+        )
+        if failed:
+            raise MemoryError("decode attention: no memory for the score rows")
+        return out.permute(1, 0, 2)
