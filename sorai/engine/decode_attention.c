@@ -65,45 +65,55 @@ static inline v8 vexp(v8 x) {
     return (v8)((v8i)(y * (v8)((t + 127) << 23)) & ~negligible);
 }
 
-/* The first KV head's pass fetches whole slot rows (every KV head's part) AHEAD rows early:
- * one stream through each block instead of a strided one per head, and the other heads then
- * find their parts in cache. */
-#define AHEAD 8
-#define PREFETCH(base, row)                                                                 \
-    if (prefetch && (row) < n) {                                                            \
-        const char* line = (const char*)(base + slots[row] * stride);                       \
-        for (int64_t b = 0; b < prefetch * (int64_t)sizeof *base; b += 64)                 \
-            __builtin_prefetch(line + b);                                                   \
+/* The next sequence's slot rows, one cache line per call, fetched while this one computes:
+ * compute and memory overlap instead of taking turns. */
+typedef struct {
+    const char *keys, *values;
+    const int64_t* slots;
+    int64_t n, row_bytes, row, line, in_values;
+} stream;
+
+static inline void ahead(stream* s) {
+    if (s->row >= s->n) return;
+    const char* base = s->in_values ? s->values : s->keys;
+    __builtin_prefetch(base + s->slots[s->row] * s->row_bytes + s->line);
+    s->line += 64;
+    if (s->line >= s->row_bytes) {
+        s->line = 0;
+        s->row += s->in_values;
+        s->in_values ^= 1;
     }
+}
 
 /* Q query heads sharing one KV head (Q a constant, so the accumulators stay in registers):
- * scores, softmax (sums in position order) and the weighted sum of values. */
-#define GROUP(KT, LD, Q)                                                                    \
+ * scores, softmax (sums in position order) and the weighted sum of values. R key rows at a
+ * time share each query chunk's load, and V value vectors per pass over the rows: enough
+ * independent sums to keep the FMA units busy, few enough to stay in 16 registers (for 3
+ * query heads, 2 and 2 measured best). */
+#define GROUP(KT, LD, Q, R, V)                                                              \
     static void group_##KT##_##Q(const float* q, int64_t q_head, const KT* keys,            \
                                  const KT* values, const int64_t* slots, int64_t n,         \
                                  int64_t stride, int64_t d, float scale, float* scores,     \
                                  int64_t padded, float* out, int64_t out_head,              \
-                                 int64_t prefetch) {                                        \
+                                 stream* next) {                                            \
         int64_t l = 0;                                                                      \
-        /* Two rows at a time: each query chunk loaded once for both. */                    \
-        for (; l + 1 < n; l += 2) {                                                         \
-            const KT* k0 = keys + slots[l] * stride;                                        \
-            const KT* k1 = keys + slots[l + 1] * stride;                                    \
-            PREFETCH(keys, l + 2 * AHEAD);                                                  \
-            PREFETCH(keys, l + 2 * AHEAD + 1);                                              \
-            v8 a[Q] = {0}, b[Q] = {0};                                                      \
+        for (; l + R <= n; l += R) {                                                        \
+            const KT* k[R];                                                                 \
+            for (int r = 0; r < R; r++) k[r] = keys + slots[l + r] * stride;                \
+            for (int i = 0; i < 4 * R; i++) ahead(next);                                    \
+            v8 a[Q][R];                                                                     \
+            for (int t = 0; t < Q; t++)                                                     \
+                for (int r = 0; r < R; r++) a[t][r] = (v8){0};                              \
             for (int64_t c = 0; c < d; c += 8) {                                            \
-                v8 x0 = LD(k0 + c), x1 = LD(k1 + c);                                        \
+                v8 x[R];                                                                    \
+                for (int r = 0; r < R; r++) x[r] = LD(k[r] + c);                            \
                 for (int t = 0; t < Q; t++) {                                               \
                     v8 qt = ld_f32(q + t * q_head + c);                                     \
-                    a[t] += qt * x0;                                                        \
-                    b[t] += qt * x1;                                                        \
+                    for (int r = 0; r < R; r++) a[t][r] += qt * x[r];                       \
                 }                                                                           \
             }                                                                               \
-            for (int t = 0; t < Q; t++) {                                                   \
-                scores[t * padded + l] = hsum(a[t]) * scale;                                \
-                scores[t * padded + l + 1] = hsum(b[t]) * scale;                            \
-            }                                                                               \
+            for (int t = 0; t < Q; t++)                                                     \
+                for (int r = 0; r < R; r++) scores[t * padded + l + r] = hsum(a[t][r]) * scale; \
         }                                                                                   \
         for (; l < n; l++) {                                                                \
             const KT* k = keys + slots[l] * stride;                                         \
@@ -125,11 +135,27 @@ static inline v8 vexp(v8 x) {
             for (int64_t l = 0; l < n; l++) sum += row[l];                                  \
             inv[t] = 1.0f / sum;                                                            \
         }                                                                                   \
-        for (int64_t c = 0; c < d; c += 16) {                                               \
+        int64_t c = 0;                                                                      \
+        for (; c + 8 * V <= d; c += 8 * V) {                                                \
+            v8 a[Q][V];                                                                     \
+            for (int t = 0; t < Q; t++)                                                     \
+                for (int u = 0; u < V; u++) a[t][u] = (v8){0};                              \
+            for (int64_t l = 0; l < n; l++) {                                               \
+                const KT* v = values + slots[l] * stride + c;                               \
+                ahead(next);                                                                \
+                for (int t = 0; t < Q; t++) {                                               \
+                    float p = scores[t * padded + l];                                       \
+                    for (int u = 0; u < V; u++) a[t][u] += p * LD(v + 8 * u);               \
+                }                                                                           \
+            }                                                                               \
+            for (int t = 0; t < Q; t++)                                                     \
+                for (int u = 0; u < V; u++)                                                 \
+                    st_f32(out + t * out_head + c + 8 * u, a[t][u] * inv[t]);               \
+        }                                                                                   \
+        for (; c < d; c += 16) {                                                            \
             v8 a0[Q] = {0}, a1[Q] = {0};                                                    \
             for (int64_t l = 0; l < n; l++) {                                               \
                 const KT* v = values + slots[l] * stride + c;                               \
-                if (c == 0) PREFETCH(values, l + AHEAD);                                    \
                 v8 v0 = LD(v), v1 = LD(v + 8);                                              \
                 for (int t = 0; t < Q; t++) {                                               \
                     float p = scores[t * padded + l];                                       \
@@ -148,7 +174,7 @@ static inline v8 vexp(v8 x) {
  * [D, >= lengths[s]] with row stride slot_stride, out [D, H, d] contiguous; d % 16 == 0.
  * Returns 0, or -1 when out of memory. */
 #define DEFINE(KT, LD)                                                                      \
-    GROUP(KT, LD, 1) GROUP(KT, LD, 2) GROUP(KT, LD, 3) GROUP(KT, LD, 4)                     \
+    GROUP(KT, LD, 1, 4, 4) GROUP(KT, LD, 2, 4, 2) GROUP(KT, LD, 3, 2, 2) GROUP(KT, LD, 4, 2, 2)                     \
     int paged_decode_##KT(const float* q, int64_t q_seq, int64_t q_head, const KT* keys,    \
                           const KT* values, const int64_t* slots, int64_t slot_stride,      \
                           const int64_t* lengths, float* out, int64_t D, int64_t H,         \
@@ -160,6 +186,9 @@ static inline v8 vexp(v8 x) {
         if (!scores) return -1;                                                             \
         for (int64_t s = 0; s < D; s++) {                                                   \
             const int64_t* sl = slots + s * slot_stride;                                    \
+            int64_t nn = s + 1 < D ? lengths[s + 1] : 0;                                    \
+            stream next = {(const char*)keys, (const char*)values, sl + slot_stride, nn,     \
+                           KV * d * (int64_t)sizeof(KT), 0, 0, 0};                          \
             for (int64_t h = 0; h < KV; h++) {                                              \
                 const KT* k = keys + h * d;                                                 \
                 const KT* v = values + h * d;                                               \
@@ -169,16 +198,16 @@ static inline v8 vexp(v8 x) {
                     float* o = out + (s * H + head) * d;                                    \
                     if (rest >= 4)                                                          \
                         group_##KT##_4(qh, q_head, k, v, sl, n, KV * d, d, scale, scores,   \
-                                       padded, o, d, h == 0 ? KV * d : 0);                                       \
+                                       padded, o, d, &next);                                       \
                     else if (rest == 3)                                                     \
                         group_##KT##_3(qh, q_head, k, v, sl, n, KV * d, d, scale, scores,   \
-                                       padded, o, d, h == 0 ? KV * d : 0);                                       \
+                                       padded, o, d, &next);                                       \
                     else if (rest == 2)                                                     \
                         group_##KT##_2(qh, q_head, k, v, sl, n, KV * d, d, scale, scores,   \
-                                       padded, o, d, h == 0 ? KV * d : 0);                                       \
+                                       padded, o, d, &next);                                       \
                     else                                                                    \
                         group_##KT##_1(qh, q_head, k, v, sl, n, KV * d, d, scale, scores,   \
-                                       padded, o, d, h == 0 ? KV * d : 0);                                       \
+                                       padded, o, d, &next);                                       \
                 }                                                                           \
             }                                                                               \
         }                                                                                   \

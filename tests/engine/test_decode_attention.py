@@ -18,10 +18,12 @@ from tests.engine.oracle import oracle_tokens
 pytestmark = pytest.mark.skipif(da.kernel() is None, reason="the decode kernel is not built here")
 
 
-def _step(kv_heads: int, group: int, lengths: list[int], dtype: torch.dtype, seed: int = 0):
+def _step(
+    kv_heads: int, group: int, lengths: list[int], dtype: torch.dtype, seed: int = 0, dim: int = 64
+):
     """A cache of random keys and values, sequences on shuffled blocks, one query each."""
     torch.manual_seed(seed)
-    block, dim = 16, 64
+    block = 16
     blocks = sum(-(-n // block) for n in lengths) + 2
     cache = PagedKVCache([0], blocks, block, kv_heads, dim, dtype, torch.device("cpu"))
     cache.keys[0].copy_(torch.randn(cache.keys[0].shape))
@@ -58,12 +60,12 @@ def _kernel(cache: PagedKVCache, q: torch.Tensor, slots: list[list[int]]) -> tor
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("group", [1, 3, 4, 7])
-def test_the_kernel_computes_sdpa_over_each_sequences_own_slots(dtype, group) -> None:
+@pytest.mark.parametrize(("group", "dim"), [(1, 64), (1, 80), (2, 128), (3, 64), (4, 64), (7, 64)])
+def test_the_kernel_computes_sdpa_over_each_sequences_own_slots(dtype, group, dim) -> None:
     """Groups of 1-4 query heads per KV head, and 7 (= 4 + 3), over keys stored as float32,
-    float16 or bfloat16."""
+    float16 or bfloat16; a head size of 80 runs the value sums' narrower tail pass."""
     lengths = [1, 5, 16, 17, 130]
-    cache, q, slots = _step(2, group, lengths, dtype)
+    cache, q, slots = _step(2, group, lengths, dtype, dim=dim)
     out = _kernel(cache, q, slots)
     assert out.shape == q.shape and out.dtype == torch.float32
     torch.testing.assert_close(out, _sdpa(cache, q, slots), atol=2e-6, rtol=1e-5)
