@@ -1,11 +1,12 @@
 """Decode attention alone, on one real engine step's inputs: the C kernel against gather + SDPA.
 
     python benchmarks/bench_decode_attention.py [--batch 1,16] [--context 200] [--reps 30]
+        [--threads 1]
 
 Runs the default model through the engine (B requests of about `context` prompt tokens, a few
 decode steps), captures every layer's decode attention inputs of one step (queries, the layer's
 paged keys and values, slots, mask), then times both paths over the 30 layers, interleaved
-(kernel, SDPA, kernel, SDPA ...) in this process, on one thread, and prints the medians per
+(kernel, SDPA, kernel, SDPA ...) in this process, on --threads threads, and prints the medians per
 step, their ratio, the largest difference between the two outputs, the CPU flags and the load.
 """
 
@@ -50,6 +51,7 @@ def main() -> None:
     parser.add_argument("--batch", default="1,16")
     parser.add_argument("--context", type=int, default=200)
     parser.add_argument("--reps", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads for both paths")
     args = parser.parse_args()
 
     import sorai
@@ -67,6 +69,7 @@ def main() -> None:
         raise SystemExit("the decode attention kernel is unavailable here")
     for batch in (int(b) for b in args.batch.split(",")):
         layers = capture(engine, llm.tokenizer, batch, args.context)
+        torch.set_num_threads(args.threads)
         cache = engine.cache
         lengths = layers[0][3].decode_slots.shape[1]
         times: dict[str, list[float]] = {"kernel": [], "sdpa": []}
@@ -89,7 +92,8 @@ def main() -> None:
                 worst = max(worst, (a - b).abs().max().item())
         k, s = (statistics.median(times[n]) for n in ("kernel", "sdpa"))
         print(
-            f"batch {batch}, longest context {lengths}, {len(layers)} layers: kernel {k:.2f} ms, "
+            f"batch {batch}, {args.threads} thread(s), longest context {lengths}, "
+            f"{len(layers)} layers: kernel {k:.2f} ms, "
             f"gather+SDPA {s:.2f} ms per step ({s / k:.2f}x); largest difference {worst:.2e}"
         )
     print(f"load average after: {os.getloadavg()[0]:.2f}")

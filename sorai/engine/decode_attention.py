@@ -23,6 +23,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -36,6 +37,9 @@ SOURCE = Path(__file__).with_name("decode_attention.c")
 FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-shared", "-fPIC")
 # The storage dtypes the kernel reads, by the suffix of its entry point.
 ENTRY_POINTS = {torch.float32: "float", torch.float16: "half", torch.bfloat16: "bf16"}
+# A step's sequences are split over torch's thread count only into parts of at least this many
+# context tokens: a smaller part costs more to hand to a thread than it saves.
+TOKENS_PER_THREAD = 1024
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +152,9 @@ class DecodeKernel:
     def run(
         self, q: Tensor, key_cache: Tensor, value_cache: Tensor, slots: Tensor, lengths: Tensor
     ) -> Tensor:
-        """The call itself, out [D, H, d]."""
+        """The call itself, out [D, H, d], on torch's thread count where the step is long
+        enough (parts(); each sequence is computed alike in any part, so the numbers do not
+        depend on the threads)."""
         heads, num, dim = q.shape
         if q.stride(-1) != 1:
             q = q.contiguous()
@@ -156,25 +162,55 @@ class DecodeKernel:
         assert slots.dtype == lengths.dtype == torch.int64 and slots.stride(-1) == 1
         lengths = lengths.contiguous()
         out = torch.empty(num, heads, dim, dtype=q.dtype)
-        failed = self.entries[key_cache.dtype](
-            q.data_ptr(),
-            q.stride(1),
-            q.stride(0),
-            key_cache.data_ptr(),
-            value_cache.data_ptr(),
-            slots.data_ptr(),
-            slots.stride(0),
-            lengths.data_ptr(),
-            out.data_ptr(),
-            num,
-            heads,
-            key_cache.shape[1],
-            dim,
-            dim**-0.5,
-        )
-        if failed:
+        entry = self.entries[key_cache.dtype]
+        ptr = key_cache.data_ptr(), value_cache.data_ptr()
+        q_size, out_row = q.element_size(), heads * dim * out.element_size()
+
+        def call(start: int, end: int) -> int:
+            return entry(
+                q.data_ptr() + start * q.stride(1) * q_size,
+                q.stride(1),
+                q.stride(0),
+                *ptr,
+                slots.data_ptr() + start * slots.stride(0) * 8,
+                slots.stride(0),
+                lengths.data_ptr() + start * 8,
+                out.data_ptr() + start * out_row,
+                end - start,
+                heads,
+                key_cache.shape[1],
+                dim,
+                dim**-0.5,
+            )
+
+        threads = torch.get_num_threads()
+        ranges = parts(lengths.tolist(), threads) if threads > 1 and num > 1 else [(0, num)]
+        futures = [_pool().submit(call, *r) for r in ranges[1:]]
+        failed = [call(*ranges[0]), *(f.result() for f in futures)]
+        if any(failed):
             raise MemoryError("decode attention: no memory for the score rows")
         return out
+
+
+def parts(lengths: list[int], threads: int) -> list[tuple[int, int]]:
+    """Consecutive ranges of sequences with about equal context tokens each, at most `threads`
+    of them and none under TOKENS_PER_THREAD tokens (one range where the step is short)."""
+    total = sum(lengths)
+    count = max(1, min(threads, len(lengths), total // TOKENS_PER_THREAD))
+    ranges, start, seen = [], 0, 0
+    for i, n in enumerate(lengths):
+        seen += n
+        if len(ranges) < count - 1 and seen * count >= total * (len(ranges) + 1):
+            ranges.append((start, i + 1))
+            start = i + 1
+    ranges.append((start, len(lengths)))
+    return [r for r in ranges if r[0] < r[1]]
+
+
+@functools.cache
+def _pool() -> ThreadPoolExecutor:
+    # ctypes releases the GIL for the call: the parts run on cores at once.
+    return ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="decode-attn")
 
 
 # An operator, not a bare call: the profiler names it, and torch.compile treats it as one

@@ -84,6 +84,26 @@ def test_a_rows_numbers_are_the_same_alone_and_beside_any_lengths() -> None:
         assert torch.equal(alone[:, 0], reverse[:, s]), lengths[s]
 
 
+def test_a_long_step_is_split_over_threads_with_the_same_numbers(monkeypatch) -> None:
+    """torch's thread count splits a step's sequences into parts of similar context; each
+    sequence is computed alike in any part."""
+    assert da.parts([240] * 16, 2) == [(0, 8), (8, 16)]
+    assert da.parts([3000, 10, 10], 4) == [(0, 1), (1, 3)]  # 3020 tokens: 2 parts, not 3
+    assert da.parts([100] * 5, 8) == [(0, 5)]  # too short to split
+    monkeypatch.setattr(da, "TOKENS_PER_THREAD", 64)
+    cache, q, slots = _step(3, 3, [300, 1, 7, 64, 65, 2, 130], torch.float32, seed=3)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _kernel(cache, q, slots)
+        torch.set_num_threads(3)
+        assert len(da.parts([len(r) for r in slots], 3)) == 3
+        three = _kernel(cache, q, slots)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, three)
+
+
 def test_the_paged_cache_decodes_through_the_kernel_with_lengths_from_the_mask() -> None:
     lengths = [40, 3]
     cache, q, slots = _step(3, 3, lengths, torch.float32, seed=2)
