@@ -13,7 +13,8 @@ the longest context and masked for SDPA; the path is chosen once per cache, neve
 Keys and values may be stored in a narrower dtype than the model computes in (float16 for a
 float32 model halves the cache): they are rounded once as they are written, and every attention,
 a prefill chunk's over its own fresh keys included, reads them as stored, cast back to the
-model's dtype once per layer on the gathered rows. A token's numbers then never depend on
+model's dtype once per layer on the gathered rows (by the decode kernel, as it loads them). A
+token's numbers then never depend on
 whether its prefix came from the prefix cache or was computed in the same step.
 """
 
