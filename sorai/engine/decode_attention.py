@@ -213,6 +213,10 @@ def _pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="decode-attn")
 
 
+# A forked child has none of the parent's pool threads: it starts a pool of its own.
+os.register_at_fork(after_in_child=_pool.cache_clear)
+
+
 # An operator, not a bare call: the profiler names it, and torch.compile treats it as one
 # opaque op (shapes from the fake below) instead of breaking its graph at a ctypes call.
 _library = torch.library.Library("sorai", "FRAGMENT")
