@@ -34,7 +34,7 @@ from sorai.errors import SoraiError
 ENVIRONMENT = "SORAI_DECODE_ATTENTION"
 CHOICES = ("auto", "kernel", "sdpa")
 SOURCE = Path(__file__).with_name("decode_attention.c")
-FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-shared", "-fPIC")
+FLAGS = ("-O3", "-funroll-loops", "-march=native", "-ffp-contract=fast", "-shared", "-fPIC")
 # The storage dtypes the kernel reads, by the suffix of its entry point.
 ENTRY_POINTS = {torch.float32: "float", torch.float16: "half", torch.bfloat16: "bf16"}
 # A step's sequences are split over torch's thread count only into parts of at least this many
@@ -96,6 +96,11 @@ def _build() -> Path:
         os.replace(partial, library)
     finally:
         Path(partial).unlink(missing_ok=True)
+    # Builds of other sources, flags or CPUs are stale (a process still running one keeps its
+    # mapping: on Linux the file goes when the last user unmaps it).
+    for old in folder.glob("decode_attention-*.so"):
+        if old != library:
+            old.unlink(missing_ok=True)
     return library
 
 
