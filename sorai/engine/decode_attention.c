@@ -187,6 +187,11 @@ static inline void ahead(stream* s) {
         for (int64_t s = 0; s < D; s++) {                                                   \
             const int64_t* sl = slots + s * slot_stride;                                    \
             int64_t nn = s + 1 < D ? lengths[s + 1] : 0;                                    \
+            if (s == 0) { /* nothing computes before the first: fetch it at once */         \
+                stream first = {(const char*)keys, (const char*)values, sl, lengths[0],      \
+                                KV * d * (int64_t)sizeof(KT), 0, 0, 0};                     \
+                while (first.row < first.n) ahead(&first);                                  \
+            }                                                                               \
             stream next = {(const char*)keys, (const char*)values, sl + slot_stride, nn,     \
                            KV * d * (int64_t)sizeof(KT), 0, 0, 0};                          \
             for (int64_t h = 0; h < KV; h++) {                                              \
