@@ -1,7 +1,7 @@
 """Where one engine decode step's time goes: matmuls, attention, norms/RoPE, sampling, Python.
 
     python benchmarks/bench_decode_step.py [--batch 1,16] [--steps 20] [--threads 1,2]
-        [--kv-cache-dtype auto,float16]
+        [--kv-cache-dtype auto,float16] [--decode-attention kernel,sdpa] [--context 200]
 
 Runs the default model through the real engine (LLM facade): B requests, one prefill step,
 then decode steps. Two views per batch size and thread count:
@@ -11,9 +11,9 @@ then decode steps. Two views per batch size and thread count:
           attention incl. the paged KV writes and gathers, norms/RoPE/elementwise, casts and
           copies, sampler ops, other); "outside ops" is the step's wall time the profiler did
           not attribute to any op (Python, dispatch, bookkeeping)
-Thread counts and KV-cache storage dtypes (one engine each, sharing the model) alternate step by
-step in one process (A, B, A, B ...), medians printed, with the CPU flags and the load average so
-that numbers from a shared machine can be judged.
+Thread counts, KV-cache storage dtypes and decode attention paths (one engine each, sharing the
+model) alternate step by step in one process (A, B, A, B ...), medians printed, with the CPU
+flags and the load average so that numbers from a shared machine can be judged.
 
 `--budget` adds a third view, by removal: steps alternate between the real step, the step with
 the low-bit layers' forwards (the matmuls, their padding and casts) answering zeros at once, the
@@ -113,16 +113,20 @@ class Timed:
             self.total += time.perf_counter() - started
 
 
-def start_batch(engine, tokenizer, batch: int, max_tokens: int, tag: str) -> list[str]:
+def start_batch(
+    engine, tokenizer, batch: int, max_tokens: int, tag: str, context: int = 0
+) -> list[str]:
     from sorai.engine.params import SamplingParams
 
     params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
     ids = []
     for i in range(batch):
-        # Distinct prompts, so that the prefix cache does not fold them into one.
-        prompt = tokenizer.encode_chat(
-            [{"role": "user", "content": f"Story {tag} {i}: tell me a long tale about a fox."}]
-        )
+        # Distinct prompts, so that the prefix cache does not fold them into one; lengthened
+        # with filler to `context` tokens, so that attention reads contexts of that size.
+        text = f"Story {tag} {i}: tell me a long tale about a fox."
+        while len(tokenizer.encode(text)) < context:
+            text += " The fox ran through the quiet forest at night."
+        prompt = tokenizer.encode_chat([{"role": "user", "content": text}])
         engine.add_request(f"{tag}-{i}", prompt, params)
         ids.append(f"{tag}-{i}")
     while any(not r.sequences[0].num_computed >= r.sequences[0].num_prompt for r in _reqs(engine)):
@@ -141,9 +145,16 @@ def set_threads(engine, n: int) -> None:
 
 
 def measure(
-    engines: dict[str, Any], tokenizer, batch: int, steps: int, threads: list[int], ops: bool = True
+    engines: dict[str, Any],
+    tokenizer,
+    batch: int,
+    steps: int,
+    threads: list[int],
+    ops: bool = True,
+    context: int = 0,
 ) -> None:
-    """Every (engine, thread count) variant in turn, step by step; `engines` by KV dtype."""
+    """Every (engine, thread count) variant in turn, step by step; `engines` by KV dtype and
+    decode attention path."""
     variants = [(kv, engine, t) for kv, engine in engines.items() for t in threads]
     timers = {}
     ids = {}
@@ -151,7 +162,7 @@ def measure(
         timers[kv] = Timed(engine.model.forward), Timed(engine._sample)
         engine._sample = timers[kv][1]
         max_tokens = 2 * steps * len(variants) + 16
-        ids[kv] = start_batch(engine, tokenizer, batch, max_tokens, f"b{batch}{kv}")
+        ids[kv] = start_batch(engine, tokenizer, batch, max_tokens, f"b{batch}{kv}", context)
     walls: dict[tuple[str, int], dict[str, list[float]]] = {
         (kv, t): defaultdict(list) for kv, _, t in variants
     }
@@ -296,6 +307,14 @@ def main() -> None:
         default="auto",
         help="KV storage dtypes to alternate, e.g. float32,float16",
     )
+    parser.add_argument(
+        "--decode-attention",
+        default="auto",
+        help="decode attention paths to alternate: auto, kernel (the C kernel), sdpa",
+    )
+    parser.add_argument(
+        "--context", type=int, default=0, help="prompt tokens per sequence (filler added)"
+    )
     parser.add_argument("--no-profile", action="store_true", help="wall-clock parts only")
     parser.add_argument(
         "--budget", action="store_true", help="also the step's cost by part, by removal"
@@ -315,13 +334,21 @@ def main() -> None:
     print(f"decode path: {engine.decode_path[0]}; engine threads {engine.threads}")
     engines = {}
     for kv in args.kv_cache_dtype.split(","):
-        config = EngineConfig(kv_cache_dtype=kv)
-        engines[kv] = LLMEngine(llm.model, llm.tokenizer, config, name=engine.model_name)
-        print(f"kv {kv}: {engines[kv].cache.describe()}")
+        for attention in args.decode_attention.split(","):
+            config = EngineConfig(kv_cache_dtype=kv)
+            name = kv if attention == "auto" else f"{kv}/{attention}"
+            engines[name] = LLMEngine(llm.model, llm.tokenizer, config, name=engine.model_name)
+            if attention == "sdpa":
+                engines[name].cache.decode_kernel = None  # the gather-and-SDPA path
+            elif attention == "kernel" and engines[name].cache.decode_kernel is None:
+                raise SystemExit("the decode attention kernel is unavailable here")
+            print(f"kv {name}: {engines[name].cache.describe()}")
     threads = [int(t) for t in args.threads.split(",")]
     for batch in (int(b) for b in args.batch.split(",")):
         print(f"\nbatch {batch}:")
-        measure(engines, llm.tokenizer, batch, args.steps, threads, not args.no_profile)
+        measure(
+            engines, llm.tokenizer, batch, args.steps, threads, not args.no_profile, args.context
+        )
         if args.budget:
             set_threads(engine, threads[0])
             budget(engine, llm.tokenizer, batch, args.steps)

@@ -23,7 +23,7 @@ from sorai.errors import SoraiError
 
 ENVIRONMENT = "SORAI_NATIVE"
 CHOICES = ("auto", "off")
-FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-shared", "-fPIC")
+FLAGS = ("-O3", "-funroll-loops", "-march=native", "-ffp-contract=fast", "-shared", "-fPIC")
 
 log = logging.getLogger(__name__)
 

@@ -5,13 +5,16 @@ chunks. Each layer writes the step's keys and values into their slots first and 
 second, so a sequence may read blocks another sequence writes in the same step (that is how
 prefix-cache hits on blocks still being computed stay correct).
 
-Attention runs in groups: all one-token queries together (gathered through the block tables,
-padded to the longest context and masked), then each multi-token chunk on its own.
+Attention runs in groups: all one-token queries together, then each multi-token chunk on its
+own. The one-token queries read their slots in place through a C kernel where one is built
+(sorai/engine/decode_attention.py), else they are gathered through the block tables, padded to
+the longest context and masked for SDPA; the path is chosen once per cache, never per step.
 
 Keys and values may be stored in a narrower dtype than the model computes in (float16 for a
 float32 model halves the cache): they are rounded once as they are written, and every attention,
 a prefill chunk's over its own fresh keys included, reads them as stored, cast back to the
-model's dtype once per layer on the gathered rows. A token's numbers then never depend on
+model's dtype once per layer on the gathered rows (by the decode kernel, as it loads them). A
+token's numbers then never depend on
 whether its prefix came from the prefix cache or was computed in the same step.
 """
 
@@ -23,6 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from sorai.engine import decode_attention
 from sorai.model.kv_cache import causal_attention
 
 
@@ -62,6 +66,8 @@ class StepLayout:
     decode_slots: Tensor | None  # [D, L] slots each decode reads (padded)
     decode_mask: Tensor | None  # [D, 1, 1, L] True where a slot is real
     chunks: list[Chunk]
+    # [D] slots each decode reads; None: counted from decode_mask on the step's first layer.
+    decode_lengths: Tensor | None = None
 
 
 class PagedKVCache:
@@ -87,6 +93,8 @@ class PagedKVCache:
         self.device = device
         self.nbytes, self.dtype = storage.nbytes, dtype
         self.layout: StepLayout | None = None
+        cpu = torch.device(device).type == "cpu"
+        self.decode_kernel = decode_attention.kernel() if cpu else None
 
     def describe(self) -> str:
         """Its size for a banner: tokens, blocks, MiB and dtype."""
@@ -96,6 +104,7 @@ class PagedKVCache:
             f"{tokens} tokens ({self.num_blocks} blocks of {self.block_size}), "
             f"{self.nbytes / 2**20:.0f} MiB {dtype}"
             + (", committed as blocks are first written" if lazily else "")
+            + f"; decode attention: {'C kernel' if self.decode_kernel else 'SDPA'}"
         )
 
     @staticmethod
@@ -147,12 +156,24 @@ class PagedKVCache:
         out = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
         return out[None]
 
-    @staticmethod
-    def _decode(q: Tensor, key_cache: Tensor, value_cache: Tensor, layout: StepLayout) -> Tensor:
+    def _decode(
+        self, q: Tensor, key_cache: Tensor, value_cache: Tensor, layout: StepLayout
+    ) -> Tensor:
         """q [H, D, d] -> out [H, D, d]: each of D sequences' one query over its own blocks."""
+        slots = layout.decode_slots
+        assert slots is not None
+        kernel = self.decode_kernel
+        if kernel is not None and kernel.supports(q, key_cache):
+            if layout.decode_lengths is None:
+                mask = layout.decode_mask
+                layout.decode_lengths = (
+                    mask.view(slots.shape).sum(-1)
+                    if mask is not None
+                    else torch.full(slots.shape[:1], slots.shape[1])
+                )
+            return kernel(q, key_cache, value_cache, slots, layout.decode_lengths)
         heads, num, dim = q.shape
         # index_select on the flat slot list is a plain row gather, cheaper than indexing.
-        slots = layout.decode_slots
         # One cast per layer on the gathered rows (a no-op when stored in q's dtype).
         keys = key_cache.index_select(0, slots.view(-1)).to(q.dtype)
         keys = keys.view(*slots.shape, *key_cache.shape[1:])
