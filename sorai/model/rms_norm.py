@@ -20,6 +20,7 @@ from torch import Tensor
 from sorai import native
 
 SOURCE = Path(__file__).with_name("rms_norm.c")
+_PLAIN = (Tensor, torch.nn.Parameter)
 
 
 @functools.cache
@@ -36,9 +37,14 @@ def _entry() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
 
 def normalize(x: Tensor, weight: Tensor, eps: float) -> Tensor | None:
     """x normalized over its last dimension and scaled by `weight`, by the C kernel; None where
-    it does not apply (a gradient wanted, not float32 on the CPU, no kernel built)."""
+    it does not apply (a gradient wanted, a tensor subclass, not float32 on the CPU, no kernel
+    built)."""
     if (
-        x.device.type != "cpu"
+        # Plain tensors only: a tensor subclass (a DTensor under tensor or sequence
+        # parallelism) has no memory of its own at data_ptr().
+        type(x) is not Tensor
+        or type(weight) not in _PLAIN
+        or x.device.type != "cpu"
         or x.dtype != torch.float32
         or weight.dtype != torch.float32
         or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))

@@ -71,3 +71,17 @@ def test_a_bad_sorai_native_value_is_named() -> None:
         patch.setenv("SORAI_NATIVE", "fast")
         with pytest.raises(Exception, match="SORAI_NATIVE must be one of auto, off, got 'fast'"):
             native.enabled()
+
+
+def test_tensor_subclasses_keep_pytorchs_op() -> None:
+    # A DTensor (tensor/sequence parallel training's evaluation) has no memory of its own at
+    # data_ptr(): the kernel read garbage and torchrun's workers died (SIGSEGV) before this
+    # check; tests/train/test_parallel.py's tp2-sp layout covers the DTensor itself.
+    class Wrapped(torch.Tensor):
+        pass
+
+    x = torch.randn(1, 2, 64).as_subclass(Wrapped)
+    weight = torch.randn(64)
+    with torch.inference_mode():
+        assert rms_norm.normalize(x, weight, 1e-5) is None
+        assert rms_norm.normalize(torch.randn(1, 2, 64), weight.as_subclass(Wrapped), 1e-5) is None
