@@ -434,10 +434,9 @@ def encoder_dtype(device: torch.device) -> torch.dtype:
     """The dtype the encoder's matmuls run fastest in on `device` (bf16 keeps MiniLM's vectors
     within 0.9999 cosine of float32 ones): bf16 on a GPU that has it (else fp16), bf16 on a CPU
     with AVX-512 BF16 or AMX, float32 on other CPUs (on AVX2 alone bf16 is several times
-    slower than float32)."""
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if hardware.cpu_has_fast_bf16() else torch.float32
+    slower than float32): the LLM's own `--dtype auto` choice (hardware.auto_dtype, which also
+    says why)."""
+    return hardware.auto_dtype(device)[0]
 
 
 def length_batches(
