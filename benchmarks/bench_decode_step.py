@@ -20,6 +20,7 @@ the low-bit layers' forwards (the matmuls, their padding and casts) answering ze
 step with the paged attention (KV writes, gathers, SDPA) answering its queries back, and both.
 The differences are what those parts cost in a real step, free of the profiler's own overhead;
 what is left is the rest (norms, RoPE, residuals, the embedding, sampling, scheduling, Python).
+A fifth kind of step runs RMSNorm on PyTorch's op instead of its C kernel, for that kernel's gain.
 """
 
 from __future__ import annotations
@@ -214,6 +215,7 @@ def wall_line(kv: str, threads: int, w: dict[str, float], batch: int, first: flo
 def budget(engine, tokenizer, batch: int, steps: int) -> None:
     """The step's cost by part, by removing parts (module docstring, --budget)."""
     from sorai.engine.paged_cache import PagedKVCache
+    from sorai.model import rms_norm
     from sorai.model.quant.linear import LowBitLinear
     from sorai.model.quant.table import Int8Head
 
@@ -233,18 +235,21 @@ def budget(engine, tokenizer, batch: int, steps: int) -> None:
         LowBitLinear: LowBitLinear.forward,
         Int8Head: Int8Head.forward,
         PagedKVCache: PagedKVCache.attend,
+        rms_norm: rms_norm.normalize,
     }
-    modes = ("real", "no matmul", "no attention", "neither")
+    # "pytorch norm": RMSNorm on PyTorch's op instead of its C kernel (sorai/model/rms_norm.py).
+    modes = ("real", "no matmul", "no attention", "neither", "pytorch norm")
     times: dict[str, list[float]] = {m: [] for m in modes}
-    ids = start_batch(engine, tokenizer, batch, 4 * steps + 16, f"budget{batch}")
+    ids = start_batch(engine, tokenizer, batch, len(modes) * steps + 16, f"budget{batch}")
     try:
-        for i in range(4 * steps):
-            mode = modes[i % 4]
+        for i in range(len(modes) * steps):
+            mode = modes[i % len(modes)]
             skip_mm = mode in ("no matmul", "neither")
             skip_attn = mode in ("no attention", "neither")
             LowBitLinear.forward = no_matmul if skip_mm else real[LowBitLinear]
             Int8Head.forward = no_matmul if skip_mm else real[Int8Head]
             PagedKVCache.attend = no_attention if skip_attn else real[PagedKVCache]
+            rms_norm.normalize = (lambda *_: None) if mode == "pytorch norm" else real[rms_norm]
             started = time.perf_counter()
             engine.step()
             times[mode].append((time.perf_counter() - started) * 1e3)
@@ -252,6 +257,7 @@ def budget(engine, tokenizer, batch: int, steps: int) -> None:
         LowBitLinear.forward = real[LowBitLinear]
         Int8Head.forward = real[Int8Head]
         PagedKVCache.attend = real[PagedKVCache]
+        rms_norm.normalize = real[rms_norm]
         for request_id in ids:
             engine.abort(request_id)
         engine.step()
@@ -267,6 +273,10 @@ def budget(engine, tokenizer, batch: int, steps: int) -> None:
         print(f"    {name:<18}{ms:7.1f} ms  {100 * ms / step:4.0f}%")
     interplay = step - sum(parts.values())
     print(f"    {'(interplay)':<18}{interplay:7.1f} ms  (parts do not add up exactly)")
+    print(
+        f"  RMSNorm on PyTorch's op instead of the C kernel: step {m['pytorch norm']:.1f} ms "
+        f"({m['pytorch norm'] / step:.3f}x)"
+    )
 
 
 def profile_ops(engine, batch: int, steps: int) -> None:
