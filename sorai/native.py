@@ -80,6 +80,11 @@ def build(source: Path) -> Path:
         os.replace(partial, library)
     finally:
         Path(partial).unlink(missing_ok=True)
+    # Builds of this source's other versions, flags or CPUs are stale (a process still running
+    # one keeps its mapping: on Linux the file goes when the last user unmaps it).
+    for old in folder.glob(f"{source.stem}-*.so"):
+        if old != library:
+            old.unlink(missing_ok=True)
     return library
 
 

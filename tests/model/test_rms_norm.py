@@ -85,3 +85,17 @@ def test_tensor_subclasses_keep_pytorchs_op() -> None:
     with torch.inference_mode():
         assert rms_norm.normalize(x, weight, 1e-5) is None
         assert rms_norm.normalize(torch.randn(1, 2, 64), weight.as_subclass(Wrapped), 1e-5) is None
+
+
+def test_a_new_build_replaces_the_stale_ones(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("SORAI_HOME", str(tmp_path))
+    folder = tmp_path / "kernels"
+    folder.mkdir()
+    stale = folder / "rms_norm-0123456789abcdef.so"
+    stale.write_bytes(b"an older build")
+    other = folder / "decode_attention-0123456789abcdef.so"
+    other.write_bytes(b"another kernel's build")
+    built = native.build(rms_norm.SOURCE)
+    assert built.exists() and built.parent == folder
+    assert not stale.exists() and other.exists()
+    assert native.build(rms_norm.SOURCE) == built  # cached: the same file, not rebuilt
