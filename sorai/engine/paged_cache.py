@@ -14,8 +14,8 @@ Keys and values may be stored in a narrower dtype than the model computes in (fl
 float32 model halves the cache): they are rounded once as they are written, and every attention,
 a prefill chunk's over its own fresh keys included, reads them as stored, cast back to the
 model's dtype once per layer on the gathered rows (by the decode kernel, as it loads them). A
-token's numbers then never depend on
-whether its prefix came from the prefix cache or was computed in the same step.
+token's numbers then never depend on whether its prefix came from the prefix cache or was
+computed in the same step.
 """
 
 from __future__ import annotations
