@@ -28,12 +28,22 @@ FLAGS = ("-O3", "-funroll-loops", "-march=native", "-ffp-contract=fast", "-share
 log = logging.getLogger(__name__)
 
 
+# What a failed build or load raises: no compiler, a compiler error, an unloadable library.
+FAILURES = (OSError, subprocess.SubprocessError, SoraiError)
+
+
+def choice(variable: str, choices: tuple[str, ...]) -> str:
+    """The environment variable's value among `choices` (the first when unset or empty); a
+    SoraiError naming the variable and the choices for anything else."""
+    value = os.environ.get(variable, choices[0]).strip().lower() or choices[0]
+    if value not in choices:
+        raise SoraiError(f"{variable} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
 def enabled() -> bool:
     """Whether SORAI_NATIVE lets native kernels run (auto, the default) or not (off)."""
-    value = os.environ.get(ENVIRONMENT, "auto").strip().lower() or "auto"
-    if value not in CHOICES:
-        raise SoraiError(f"{ENVIRONMENT} must be one of {', '.join(CHOICES)}, got {value!r}")
-    return value == "auto"
+    return choice(ENVIRONMENT, CHOICES) == "auto"
 
 
 def compiler() -> str | None:
@@ -43,16 +53,20 @@ def compiler() -> str | None:
 def machine_key(source: Path, compiler: str) -> str:
     """What a built library depends on: the source, flags, compiler and CPU (-march=native)."""
     digest = hashlib.sha256(source.read_bytes())
-    digest.update(" ".join((compiler, *FLAGS, platform.machine())).encode())
+    digest.update(_machine(compiler).encode())
+    return digest.hexdigest()[:16]
+
+
+@functools.cache
+def _machine(compiler: str) -> str:
+    """The flags, the compiler's version and the CPU: asked once per process, not per kernel."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30)
-    digest.update(version.stdout.encode())
+    described = " ".join((compiler, *FLAGS, platform.machine())) + version.stdout
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists():
         lines = cpuinfo.read_text(errors="replace").splitlines()
-        digest.update(
-            "".join(sorted({x for x in lines if x.startswith(("flags", "model name"))})).encode()
-        )
-    return digest.hexdigest()[:16]
+        described += "".join(sorted({x for x in lines if x.startswith(("flags", "model name"))}))
+    return described
 
 
 def build(source: Path) -> Path:
@@ -96,6 +110,6 @@ def load(source: Path) -> ctypes.CDLL | None:
         return None
     try:
         return ctypes.CDLL(str(build(source)))
-    except (OSError, subprocess.SubprocessError, SoraiError) as error:
+    except FAILURES as error:
         log.warning("%s is not used, PyTorch's ops run instead: %s", source.name, error)
         return None

@@ -20,7 +20,6 @@ import ctypes
 import functools
 import logging
 import os
-import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -43,10 +42,7 @@ log = logging.getLogger(__name__)
 
 
 def choice() -> str:
-    value = os.environ.get(ENVIRONMENT, "auto").strip().lower() or "auto"
-    if value not in CHOICES:
-        raise SoraiError(f"{ENVIRONMENT} must be one of {', '.join(CHOICES)}, got {value!r}")
-    return value
+    return native.choice(ENVIRONMENT, CHOICES)
 
 
 @functools.cache
@@ -57,7 +53,7 @@ def kernel() -> DecodeKernel | None:
         return None
     try:
         return DecodeKernel(ctypes.CDLL(str(native.build(SOURCE))))
-    except (OSError, subprocess.SubprocessError, SoraiError) as error:
+    except native.FAILURES as error:
         if wanted == "kernel":
             raise SoraiError(
                 f"{ENVIRONMENT}=kernel, but the kernel is unavailable: {error}"
