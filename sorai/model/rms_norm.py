@@ -1,11 +1,11 @@
 """RMSNorm's inference path in a small C kernel (sorai/model/rms_norm.c).
 
 PyTorch's fused rms_norm costs ~15 us for one 576-wide row on a 2-core AVX2 EPYC, most of it
-dispatch, and a decode step runs it twice per block: in the engine's steps the C kernel took
-38.3 -> 35.6 ms per one-sequence step (86.5 -> 85.9 at 16; benchmarks/bench_decode_step.py,
-alternated). It runs where no gradient is wanted (inference; training keeps PyTorch's op for its
-backward) on float32 CPU rows; elsewhere, or where no compiler builds it (sorai/native.py),
-`normalize` returns None and the caller runs PyTorch's op.
+dispatch, and a decode step runs it twice per block: with the C kernel the engine's decode steps
+took 41.5 -> 38.8 ms at one sequence and 89.1 -> 84.4 ms at 16 (`benchmarks/bench_decode_step.py
+--budget`, alternated with PyTorch's op). It runs where no gradient is wanted (inference;
+training keeps PyTorch's op for its backward) on float32 CPU rows; elsewhere, or where no
+compiler builds it (sorai/native.py), `normalize` returns None and the caller runs PyTorch's op.
 """
 
 from __future__ import annotations
